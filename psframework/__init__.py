@@ -1,0 +1,1 @@
+"""psframework: a parameter server for distributed PyTorch training."""
