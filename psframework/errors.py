@@ -70,4 +70,22 @@ __all__ = [
     "PeerLostError",
     "ProtocolError",
     "RegistrationError",
+    "error_from_reply",
 ]
+
+
+_KINDS = {
+    "bad_request": BadRequestError,
+    "registration": RegistrationError,
+    "peer_lost": PeerLostError,
+    "timeout": PSTimeoutError,
+    "protocol": ProtocolError,
+    "config": ConfigError,
+    "checkpoint": CheckpointError,
+}
+
+
+def error_from_reply(reply: dict) -> PSError:
+    """Turn an ERROR message from another node back into the matching exception."""
+    kind = _KINDS.get(reply.get("kind"), PSError)
+    return kind(str(reply.get("message", "unknown error from a peer")))

@@ -1,0 +1,234 @@
+"""Configuration: frozen dataclasses, and the one place that reads ``PS_*`` environment variables.
+
+Configuration flows one way: click options or ``PS_*`` variables -> these dataclasses ->
+constructors. Every variable is listed in ``ENV_VARS`` (and in the README).
+
+>>> cfg = SchedulerConfig(num_workers=2, num_servers=1, mode="ssp", staleness=1)
+>>> cfg.mode
+'ssp'
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from .errors import ConfigError
+
+MODES = ("sync", "async", "ssp")
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+ENV_VARS = {
+    "PS_SCHEDULER": "scheduler address, tcp://HOST:PORT (set by ps-launch for every process)",
+    "PS_ROLE": "role of this process: scheduler, server or worker (set by ps-launch)",
+    "PS_RANK": "rank of this process within its role (set by ps-launch)",
+    "PS_NUM_WORKERS": "number of workers in the job",
+    "PS_NUM_SERVERS": "number of servers in the job",
+    "PS_MODE": "update mode: sync, async or ssp",
+    "PS_STALENESS": "ssp staleness bound k (default 2)",
+    "PS_SERVER_DEVICE": "device of the servers' shards: cpu, cuda, cuda:N (default cuda if available)",
+    "PS_BIND": "address to bind and advertise (default 127.0.0.1 on a single host)",
+    "PS_HOST": "name of this host in error messages (default: socket.gethostname())",
+    "PS_CHUNK_BYTES": "tensors larger than this are split across servers (default 4 MiB)",
+    "PS_HEARTBEAT_INTERVAL": "seconds between heartbeats (default 0.5)",
+    "PS_HEARTBEAT_TIMEOUT": "seconds without heartbeat before a node is declared dead (default 4)",
+    "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
+    "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
+    "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
+}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Liveness settings; the scheduler's values are sent to every node in its welcome."""
+
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 4.0
+    start_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.heartbeat_interval > 0, f"heartbeat interval must be > 0 s, got {self.heartbeat_interval}")
+        _check(
+            self.heartbeat_timeout > 2 * self.heartbeat_interval,
+            f"heartbeat timeout ({self.heartbeat_timeout} s) must exceed twice the interval "
+            f"({self.heartbeat_interval} s)",
+        )
+        _check(self.start_timeout > 0, f"start timeout must be > 0 s, got {self.start_timeout}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_workers: int
+    num_servers: int
+    mode: str = "sync"
+    staleness: int = 2
+    bind_host: str = "127.0.0.1"
+    port: int = 0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    server_device: Optional[str] = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
+        _check(self.num_servers >= 1, f"need at least 1 server, got {self.num_servers}")
+        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        _check(self.staleness >= 0, f"staleness must be >= 0, got {self.staleness}")
+        _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
+        _check(self.max_message_bytes >= 1024, f"max message size too small: {self.max_message_bytes}")
+        if self.server_device is not None:
+            check_device(self.server_device)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a server or worker process needs to join a job."""
+
+    scheduler: str
+    rank: Optional[int] = None
+    bind_host: str = "127.0.0.1"
+    host: str = field(default_factory=socket.gethostname)
+    device: Optional[str] = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    start_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_address(self.scheduler)
+        _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def check_address(address: str) -> str:
+    _check(
+        address.startswith(("tcp://", "ipc://", "inproc://", "mem://")),
+        f"scheduler address must look like tcp://HOST:PORT, got {address!r}",
+    )
+    if address.startswith("tcp://"):
+        port = address.rsplit(":", 1)[-1]
+        _check(port.isdigit(), f"scheduler address {address!r} has no port; use tcp://HOST:PORT")
+    return address
+
+
+def check_device(device: str) -> str:
+    kind, _, index = device.partition(":")
+    _check(
+        kind in ("cpu", "cuda") and (not index or index.isdigit()) and not (kind == "cpu" and index),
+        f"device must be cpu, cuda or cuda:N; got {device!r}",
+    )
+    return device
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _typed(name: str, raw: str, kind: type):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _env(environ: Mapping[str, str], name: str, kind: type = str, default=None):
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return _typed(name, raw, kind)
+
+
+def timing_from_env(environ: Optional[Mapping[str, str]] = None) -> Timing:
+    env = os.environ if environ is None else environ
+    base = Timing()
+    return Timing(
+        heartbeat_interval=_env(env, "PS_HEARTBEAT_INTERVAL", float, base.heartbeat_interval),
+        heartbeat_timeout=_env(env, "PS_HEARTBEAT_TIMEOUT", float, base.heartbeat_timeout),
+        start_timeout=_env(env, "PS_START_TIMEOUT", float, base.start_timeout),
+    )
+
+
+def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides) -> SchedulerConfig:
+    env = os.environ if environ is None else environ
+    values = dict(
+        num_workers=_env(env, "PS_NUM_WORKERS", int, 1),
+        num_servers=_env(env, "PS_NUM_SERVERS", int, 1),
+        mode=_env(env, "PS_MODE", str, "sync"),
+        staleness=_env(env, "PS_STALENESS", int, 2),
+        bind_host=_env(env, "PS_BIND", str, "127.0.0.1"),
+        chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, DEFAULT_CHUNK_BYTES),
+        server_device=_env(env, "PS_SERVER_DEVICE", str, None),
+        max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
+        timing=timing_from_env(env),
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SchedulerConfig(**values)
+
+
+def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides) -> NodeConfig:
+    """A server's or worker's config from ``PS_*`` variables; keyword overrides win when not None."""
+    env = os.environ if environ is None else environ
+    values = dict(
+        scheduler=_env(env, "PS_SCHEDULER", str, None),
+        rank=_env(env, "PS_RANK", int, None),
+        bind_host=_env(env, "PS_BIND", str, "127.0.0.1"),
+        host=_env(env, "PS_HOST", str, None),
+        device=_env(env, "PS_SERVER_DEVICE", str, None),
+        max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
+        start_timeout=_env(env, "PS_START_TIMEOUT", float, 60.0),
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["scheduler"] is None:
+        raise ConfigError(
+            "no scheduler address: run under ps-launch, set PS_SCHEDULER=tcp://HOST:PORT, "
+            "or pass scheduler= to ps.init()"
+        )
+    if values["host"] is None:
+        del values["host"]
+    return NodeConfig(**values)
+
+
+def log_level_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
+    env = os.environ if environ is None else environ
+    return _env(env, "PS_LOG_LEVEL", str, "INFO").upper()
+
+
+def config_to_env(config: SchedulerConfig) -> dict[str, str]:
+    """The PS_* variables that describe a job, for child processes."""
+    env = {
+        "PS_NUM_WORKERS": str(config.num_workers),
+        "PS_NUM_SERVERS": str(config.num_servers),
+        "PS_MODE": config.mode,
+        "PS_STALENESS": str(config.staleness),
+        "PS_CHUNK_BYTES": str(config.chunk_bytes),
+        "PS_MAX_MESSAGE_BYTES": str(config.max_message_bytes),
+        "PS_HEARTBEAT_INTERVAL": str(config.timing.heartbeat_interval),
+        "PS_HEARTBEAT_TIMEOUT": str(config.timing.heartbeat_timeout),
+        "PS_START_TIMEOUT": str(config.timing.start_timeout),
+    }
+    if config.server_device:
+        env["PS_SERVER_DEVICE"] = config.server_device
+    return env
+
+
+__all__ = [
+    "ENV_VARS",
+    "MODES",
+    "NodeConfig",
+    "SchedulerConfig",
+    "Timing",
+    "config_to_env",
+    "node_config_from_env",
+    "scheduler_config_from_env",
+    "timing_from_env",
+]

@@ -1,0 +1,251 @@
+"""Membership shared by servers and workers: joining the job, heartbeats, liveness.
+
+``join_cluster`` says hello to the scheduler and waits (with a deadline) for its welcome. The
+returned ``Membership`` owns a heartbeat thread with its own socket; the scheduler's answers to
+heartbeats carry the nodes that died or left, and ``check()`` turns those into a ``PeerLostError``
+that names the node, so no wait in the system can hang on a dead peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+from . import protocol as P
+from .config import NodeConfig
+from .errors import ClosedError, PeerLostError, ProtocolError, PSError, PSTimeoutError, error_from_reply
+from .transport import Socket, Transport
+
+log = logging.getLogger("psframework.node")
+
+POLL_SLICE = 0.1  # longest a blocking wait goes without checking liveness
+
+
+def describe(node: dict) -> str:
+    return f"{node.get('role', '?')} {node.get('rank', '?')} on host {node.get('host', '?')} (pid {node.get('pid', '?')})"
+
+
+class RateLimitedLog:
+    """Logs the first few events of a kind, then one in a thousand, so a flood cannot fill disks."""
+
+    def __init__(self, logger: logging.Logger, first: int = 20, every: int = 1000):
+        self._logger, self._first, self._every, self._count = logger, first, every, 0
+
+    def warning(self, message: str, *args) -> None:
+        self._count += 1
+        if self._count <= self._first or self._count % self._every == 0:
+            self._logger.warning(message + f" [{self._count} so far]", *args)
+
+
+class _Heartbeat(threading.Thread):
+    """Sends heartbeats on a socket of its own and records what the scheduler answers."""
+
+    def __init__(self, membership: "Membership"):
+        super().__init__(name=f"ps-heartbeat-{membership.role}-{membership.rank}", daemon=True)
+        self._m = membership
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        m = self._m
+        sock = m.transport.connect(m.scheduler)
+        try:
+            beat = {"op": P.HEARTBEAT, "role": m.role, "rank": m.rank}
+            while not self._stop_event.is_set():
+                sock.send([P.pack_header({**beat, "stats": m.stats})])
+                deadline = time.monotonic() + m.interval
+                while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
+                    if m.transport.poll([sock], min(left, POLL_SLICE)):
+                        self._receive(sock)
+        except Exception as exc:  # a dying heartbeat must surface as a liveness failure, not vanish
+            m.record_failure(f"heartbeat thread failed: {exc!r}")
+        finally:
+            sock.close()
+
+    def _receive(self, sock: Socket) -> None:
+        _, head = sock.recv_header()
+        sock.skip_rest()
+        try:
+            header = P.unpack_header(head)
+        except ProtocolError:
+            return
+        if header["op"] == P.HEARTBEAT_ACK:
+            self._m.record_ack(header)
+
+
+class Membership:
+    """This node's place in the job, and the liveness of every other node."""
+
+    def __init__(self, transport: Transport, socket: Socket, config: NodeConfig, role: str, welcome: dict):
+        self.transport = transport
+        self.socket = socket
+        self.scheduler = config.scheduler
+        self.host = config.host
+        self.role = role
+        self.welcome = welcome
+        self.rank: int = welcome["rank"]
+        self.num_workers: int = welcome["num_workers"]
+        self.num_servers: int = welcome["num_servers"]
+        self.mode: str = welcome["mode"]
+        self.staleness: int = welcome["staleness"]
+        self.servers: list[str] = welcome["servers"]
+        self.interval: float = welcome["heartbeat_interval"]
+        self.timeout: float = welcome["heartbeat_timeout"]
+        self.stats: dict = {}
+        self._lock = threading.Lock()
+        self._last_ack = time.monotonic()
+        self._dead: list[dict] = []
+        self._left: set[int] = set()
+        self._shutdown = False
+        self._failure: Optional[str] = None
+        self._changed = False
+        self._closed = False
+        self._heartbeat = _Heartbeat(self)
+        self._heartbeat.start()
+
+    # -- what the heartbeat thread records --------------------------------------------------
+
+    def record_ack(self, header: dict) -> None:
+        with self._lock:
+            self._last_ack = time.monotonic()
+            dead = header.get("dead", [])
+            left = set(header.get("left", []))
+            if len(dead) != len(self._dead) or left != self._left:
+                self._changed = True
+            self._dead, self._left = dead, left
+            self._shutdown = bool(header.get("shutdown"))
+
+    def record_failure(self, reason: str) -> None:
+        with self._lock:
+            self._failure = reason
+
+    # -- what the owner thread reads ---------------------------------------------------------
+
+    @property
+    def peers_changed(self) -> bool:
+        with self._lock:
+            changed, self._changed = self._changed, False
+            return changed
+
+    @property
+    def shutdown_requested(self) -> bool:
+        with self._lock:
+            return self._shutdown
+
+    @property
+    def dead_workers(self) -> set[int]:
+        with self._lock:
+            return {d["rank"] for d in self._dead if d["role"] == "worker"}
+
+    @property
+    def left_workers(self) -> set[int]:
+        with self._lock:
+            return set(self._left)
+
+    def gone_workers(self) -> dict[int, str]:
+        with self._lock:
+            gone = {r: f"worker {r} closed" for r in self._left}
+            gone.update({d["rank"]: f"{describe(d)} died ({d.get('reason', 'no heartbeat')})"
+                         for d in self._dead if d["role"] == "worker"})
+            return gone
+
+    def check(self, peers: bool = True) -> None:
+        """Raise PeerLostError if the scheduler (or, with ``peers``, any node of the job) is gone."""
+        if self._closed:
+            raise ClosedError(f"{self.role} {self.rank} is closed")
+        with self._lock:
+            silent = time.monotonic() - self._last_ack
+            dead = list(self._dead)
+            failure = self._failure
+        if failure:
+            raise PeerLostError(f"{self.role} {self.rank} lost the scheduler at {self.scheduler}: {failure}",
+                                role="scheduler", rank=0)
+        if dead and peers:
+            d = dead[0]
+            raise PeerLostError(
+                f"{describe(d)} is dead ({d.get('reason', 'no heartbeat')}); the job cannot continue. "
+                "Check that process's output for the root cause.",
+                role=d["role"], rank=d["rank"], host=d.get("host", ""),
+            )
+        if silent > self.timeout:
+            raise PeerLostError(
+                f"the scheduler at {self.scheduler} has not answered heartbeats for {silent:.1f} s "
+                f"(timeout {self.timeout} s); it has probably died", role="scheduler", rank=0)
+
+    # -- control requests from the owner thread ----------------------------------------------
+
+    def send(self, header: dict) -> None:
+        self.socket.send([P.pack_header(header)], check=self.check)
+
+    def request(self, header: dict, expect: str, timeout: Optional[float] = None) -> dict:
+        """Send a control request to the scheduler and wait for its answer, checking liveness."""
+        self.send(header)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.check()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PSTimeoutError(f"{header['op']} got no answer from the scheduler within {timeout} s")
+            if not self.transport.poll([self.socket], POLL_SLICE):
+                continue
+            for reply in self.receive():
+                if reply["op"] == P.ERROR:
+                    raise error_from_reply(reply)
+                if reply["op"] == expect:
+                    return reply
+                log.debug("ignoring %s while waiting for %s", reply["op"], expect)
+
+    def receive(self) -> list[dict]:
+        headers = []
+        while self.transport.poll([self.socket], 0):
+            _, head = self.socket.recv_header()
+            self.socket.skip_rest()
+            try:
+                headers.append(P.unpack_header(head))
+            except ProtocolError as exc:
+                log.warning("dropped malformed message from the scheduler: %s", exc)
+        return headers
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._heartbeat.stop()
+        self._heartbeat.join(timeout=5)
+        self.socket.close()
+
+
+def join_cluster(transport: Transport, config: NodeConfig, role: str, address: str = "",
+                 wait: Optional[Callable[[], None]] = None) -> Membership:
+    """Say hello to the scheduler and wait for the welcome (within ``config.start_timeout``)."""
+    sock = transport.connect(config.scheduler, max_message_bytes=config.max_message_bytes)
+    hello = {"op": P.HELLO, "role": role, "rank": config.rank, "host": config.host,
+             "pid": os.getpid(), "address": address}
+    try:
+        sock.send([P.pack_header(hello)])
+        deadline = time.monotonic() + config.start_timeout
+        while time.monotonic() < deadline:
+            if wait is not None:
+                wait()
+            if not transport.poll([sock], POLL_SLICE):
+                continue
+            _, head = sock.recv_header()
+            sock.skip_rest()
+            reply = P.unpack_header(head)
+            if reply["op"] == P.WELCOME:
+                return Membership(transport, sock, config, role, reply)
+            if reply["op"] == P.ERROR:
+                raise error_from_reply(reply)
+        raise PSTimeoutError(
+            f"{role} on {config.host} got no welcome from the scheduler at {config.scheduler} within "
+            f"{config.start_timeout} s: is the scheduler running, and did every server and worker start?")
+    except BaseException:
+        sock.close()
+        raise
+
+
+__all__ = ["Membership", "POLL_SLICE", "PSError", "RateLimitedLog", "describe", "join_cluster"]

@@ -1,0 +1,369 @@
+"""The server role: owns shards on its device, applies pushes, answers pulls.
+
+A server joins the job through the scheduler, receives its blocks of the shard map, and then
+serves workers directly. Update semantics per block:
+
+- ``sync``: a step's update is applied once every worker pushed that step (the mean gradient);
+  a worker's pull is answered once all of its own pushes are applied.
+- ``async``: every push is applied as it arrives; pulls answer at once.
+- ``ssp``: like async, but a worker's pull waits until it is at most ``staleness`` pushes ahead
+  of the slowest live worker.
+
+Run one with ``python -m psframework server`` (ps-launch does this for you).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import protocol as P
+from .config import NodeConfig, default_device
+from .errors import PSError, ProtocolError
+from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
+from .optim import ShardOptimizer, optimizer_from_wire
+from .protocol import byte_view, dtype_from_name
+from .sharding import Block, ShardMap
+from .transport import Socket, Transport, ZmqTransport
+
+log = logging.getLogger("psframework.server")
+
+
+class _Rejected(Exception):
+    """A request that is answered with an error and otherwise ignored."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class _Pending:
+    peer: bytes
+    req: int
+    rank: int
+    segs: list[int]
+    need_version: int
+
+
+@dataclass
+class _Accum:
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+
+
+@dataclass
+class _BlockState:
+    block: Block
+    params: list[torch.Tensor]
+    first_param: int
+    recv: list[torch.Tensor]
+    recv_views: list[memoryview]
+    clocks: list[int]
+    version: int = 0
+    accums: dict[int, _Accum] = field(default_factory=dict)
+    pulls: list[_Pending] = field(default_factory=list)
+    trackers: list = field(default_factory=list)
+
+    def wait_sends(self) -> None:
+        # a zero-copy reply may still be reading this block's memory
+        for tracker in self.trackers:
+            tracker.wait()
+        self.trackers.clear()
+
+
+class Server:
+    def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
+        self.config = config
+        self._own_transport = transport is None
+        self.transport = transport or ZmqTransport()
+        self.data: Optional[Socket] = None
+        self.membership: Optional[Membership] = None
+        self.blocks: dict[int, _BlockState] = {}
+        self.optimizer: Optional[ShardOptimizer] = None
+        self.device = torch.device("cpu")
+        self.applied_updates = 0
+        self.received_pushes = 0
+        self._garbage_log = RateLimitedLog(log)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Join the job and serve until the scheduler says stop. Returns the exit code."""
+        try:
+            self.data = self.transport.listen(
+                self.config.bind_host, 0, max_message_bytes=self.config.max_message_bytes
+            )
+            self.membership = join_cluster(
+                self.transport, self.config, role="server", address=self.data.address
+            )
+            self.device = torch.device(self.membership.welcome.get("server_device") or self.config.device
+                                       or default_device())
+            log.info("server %d serving on %s, shards on %s", self.membership.rank,
+                     self.data.address, self.device)
+            return self._loop()
+        except PSError as exc:
+            log.error("server stopping: %s", exc)
+            return 1
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for state in self.blocks.values():
+            state.trackers.clear()
+        if self.membership is not None:
+            self.membership.close()
+            self.membership = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        if self._own_transport:
+            self.transport.close()
+            self._own_transport = False
+
+    def _loop(self) -> int:
+        membership = self.membership
+        while True:
+            ready = self.transport.poll([self.data, membership.socket], POLL_SLICE)
+            if membership.socket in ready:
+                for header in membership.receive():
+                    if header["op"] == P.SETUP:
+                        self._setup(header)
+            if self.data in ready:
+                self._drain_data()
+            if membership.shutdown_requested:
+                log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
+                return 0
+            if membership.peers_changed:
+                self._fail_impossible_waits()
+            membership.check(peers=False)
+            membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
+
+    def _drain_data(self) -> None:
+        # bounded so heartbeats keep flowing under a flood of requests
+        for _ in range(256):
+            if not self.transport.poll([self.data], 0):
+                return
+            self._handle_one()
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _setup(self, header: dict) -> None:
+        shard_map = ShardMap.from_wire(header["shard_map"])
+        spec = optimizer_from_wire(header["optimizer"])
+        rank = self.membership.rank
+        num_workers = self.membership.num_workers
+        pin = self.device.type == "cuda"
+        params: list[torch.Tensor] = []
+        self.blocks.clear()
+        for block in shard_map.blocks_of_server(rank):
+            dtype = dtype_from_name(block.dtype)
+            seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
+            recv = [torch.empty(s.numel, dtype=dtype, pin_memory=pin) for s in block.segments]
+            self.blocks[block.block_id] = _BlockState(
+                block=block, params=seg_params, first_param=len(params), recv=recv,
+                recv_views=[byte_view(t) for t in recv], clocks=[0] * num_workers,
+            )
+            params.extend(seg_params)
+        self.optimizer = ShardOptimizer(spec, params)
+        self.membership.send({"op": P.SETUP_DONE, "blocks": len(self.blocks)})
+        log.info("server %d holds %d blocks, %.1f MiB", rank, len(self.blocks),
+                 sum(b.block.nbytes for b in self.blocks.values()) / 2**20)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _handle_one(self) -> None:
+        peer, head = None, b""
+        try:
+            peer, head = self.data.recv_header()
+            header = P.unpack_header(head)
+        except ProtocolError as exc:
+            self._garbage_log.warning("dropped malformed message from peer %r: %s", peer, exc)
+            self.data.skip_rest()
+            return
+        req = header.get("req")
+        try:
+            self._dispatch(peer, header)
+        except _Rejected as exc:
+            self.data.skip_rest()
+            self._garbage_log.warning("rejected %s from %r: %s", header.get("op"), peer, exc)
+            self.data.send([P.pack_header(P.error_header(exc.kind, str(exc), req=req))], peer=peer)
+
+    def _dispatch(self, peer: bytes, header: dict) -> None:
+        op = header["op"]
+        if op == P.STATS:
+            self.data.skip_rest()
+            reply = {"op": P.STATS, "req": header.get("req"), "applied": self.applied_updates,
+                     "pushes": self.received_pushes, "blocks": len(self.blocks)}
+            self.data.send([P.pack_header(reply)], peer=peer)
+            return
+        if op not in (P.PUSH, P.PULL, P.PUSH_PULL, P.INIT):
+            raise _Rejected(P.PROTOCOL, f"unknown op {op!r}")
+        state, segs, rank, req = self._validate(header)
+        if op == P.INIT:
+            self._receive_frames(state, segs)
+            state.wait_sends()
+            for i in segs:
+                state.params[i].copy_(state.recv[i])
+            self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
+            return
+        if op in (P.PUSH, P.PUSH_PULL):
+            self._receive_frames(state, segs)
+            self._push(state, segs, rank)
+        else:
+            self.data.skip_rest()
+        if op == P.PUSH:
+            self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
+        else:
+            need = state.clocks[rank]
+            state.pulls.append(_Pending(peer, req, rank, segs, need))
+        self._answer_pulls(state)
+
+    def _validate(self, header: dict) -> tuple[_BlockState, list[int], int, int]:
+        if self.optimizer is None:
+            raise _Rejected(P.BAD_REQUEST, "this server has no tensors yet: call register() first")
+        req, block_id, rank = header.get("req"), header.get("block"), header.get("rank")
+        if not isinstance(req, int):
+            raise _Rejected(P.PROTOCOL, "request without integer 'req'")
+        state = self.blocks.get(block_id) if isinstance(block_id, int) else None
+        if state is None:
+            raise _Rejected(P.BAD_REQUEST, f"block {block_id!r} is not held by server {self.membership.rank}")
+        if not isinstance(rank, int) or not 0 <= rank < len(state.clocks):
+            raise _Rejected(P.BAD_REQUEST, f"bad worker rank {rank!r}")
+        segs = header.get("segs")
+        n = len(state.block.segments)
+        if segs is None:
+            segs = list(range(n))
+        if (not isinstance(segs, list) or not all(isinstance(i, int) and 0 <= i < n for i in segs)
+                or len(set(segs)) != len(segs)):
+            raise _Rejected(P.BAD_REQUEST, f"bad segment list for block {block_id}")
+        dtype = header.get("dtype", state.block.dtype)
+        if dtype != state.block.dtype:
+            keys = ", ".join(state.block.segments[i].key for i in segs)
+            raise _Rejected(P.BAD_REQUEST, f"dtype {dtype} does not match {state.block.dtype} of {keys}")
+        return state, segs, rank, req
+
+    def _receive_frames(self, state: _BlockState, segs: list[int]) -> None:
+        for i in segs:
+            if not self.data.more():
+                raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, fewer sent")
+            expected = len(state.recv_views[i])
+            got = self.data.recv_into(state.recv_views[i])
+            if got != expected:
+                seg = state.block.segments[i]
+                raise _Rejected(
+                    P.BAD_REQUEST,
+                    f"frame for {seg.key!r} (elements {seg.offset}..{seg.offset + seg.numel}) has "
+                    f"{got} bytes, expected {expected}",
+                )
+        if self.data.more():
+            raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
+
+    # -- update semantics ----------------------------------------------------------------
+
+    def _push(self, state: _BlockState, segs: list[int], rank: int) -> None:
+        self.received_pushes += 1
+        step = state.clocks[rank]
+        state.clocks[rank] += 1
+        if self.membership.mode != "sync":
+            self._apply(state, {i: state.recv[i] for i in segs}, scale=1.0)
+            return
+        accum = state.accums.setdefault(step, _Accum())
+        for i in segs:
+            grad = state.recv[i]
+            held = accum.tensors.get(i)
+            if held is None:
+                accum.tensors[i] = grad.to(self.device, copy=True, non_blocking=True)
+            else:
+                held.add_(grad.to(self.device, non_blocking=True))
+        accum.count += 1
+        while (ready := state.accums.get(state.version)) is not None and ready.count >= len(state.clocks):
+            del state.accums[state.version]
+            self._apply(state, ready.tensors, scale=1.0 / len(state.clocks), bump_version=False)
+            state.version += 1
+
+    def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
+               bump_version: bool = True) -> None:
+        state.wait_sends()
+        on_device = {i: g.to(self.device, non_blocking=True) for i, g in grads.items()}
+        if scale != 1.0:
+            torch._foreach_mul_(list(on_device.values()), scale)
+        self.optimizer.step({state.first_param + i: g for i, g in on_device.items()})
+        self.applied_updates += 1
+        if bump_version:
+            state.version += 1
+
+    def _pull_ready(self, state: _BlockState, pending: _Pending) -> bool:
+        if state.version < pending.need_version and self.membership.mode == "sync":
+            return False
+        if self.membership.mode == "ssp":
+            live = [c for w, c in enumerate(state.clocks) if w not in self.membership.left_workers]
+            slowest = min(live) if live else pending.need_version
+            return pending.need_version - slowest <= self.membership.staleness
+        return True
+
+    def _answer_pulls(self, state: _BlockState) -> None:
+        waiting = []
+        for pending in state.pulls:
+            if self._pull_ready(state, pending):
+                self._send_values(state, pending)
+            else:
+                waiting.append(pending)
+        state.pulls = waiting
+
+    def _send_values(self, state: _BlockState, pending: _Pending) -> None:
+        header = {"op": P.VALUES, "req": pending.req, "version": state.version,
+                  "min_clock": min(state.clocks)}
+        frames = [P.pack_header(header)] + [self._host_view(state, i) for i in pending.segs]
+        tracker = self.data.send(frames, peer=pending.peer, track=True)
+        if tracker is not None and not tracker.done:
+            state.trackers.append(tracker)
+
+    def _host_view(self, state: _BlockState, i: int) -> memoryview:
+        param = state.params[i]
+        if param.device.type == "cpu":
+            return byte_view(param)
+        # the receive buffer is free once a request is handled, so it doubles as the staging area
+        state.recv[i].copy_(param)
+        return state.recv_views[i]
+
+    def _fail_impossible_waits(self) -> None:
+        """Answer waits that can never be satisfied because a worker left or died."""
+        gone = self.membership.gone_workers()
+        for state in self.blocks.values():
+            still = []
+            for pending in state.pulls:
+                reason = self._impossible(state, pending, gone)
+                if reason is None:
+                    still.append(pending)
+                    continue
+                error = P.error_header(P.PEER_LOST, reason, req=pending.req)
+                self.data.send([P.pack_header(error)], peer=pending.peer)
+            state.pulls = still
+            self._answer_pulls(state)
+
+    def _impossible(self, state: _BlockState, pending: _Pending, gone: dict[int, str]) -> Optional[str]:
+        mode = self.membership.mode
+        if mode == "async":
+            return None
+        needed = pending.need_version - (self.membership.staleness if mode == "ssp" else 0)
+        for worker, why in gone.items():
+            if mode == "ssp" and worker in self.membership.left_workers:
+                continue  # a finished worker no longer holds the others back
+            if state.clocks[worker] < needed:
+                return (f"{why} after {state.clocks[worker]} pushes to block {state.block.block_id}, so "
+                        f"this worker's wait for clock {pending.need_version} can never be satisfied")
+        return None
+
+
+def main(config: NodeConfig) -> int:
+    return Server(config).serve()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m psframework server` is the entry point
+    raise SystemExit(os.EX_USAGE)

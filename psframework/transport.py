@@ -1,0 +1,290 @@
+"""The transport seam: ZeroMQ for real, an in-process fake for unit tests.
+
+A listening socket (ZeroMQ ROUTER) talks to many peers and names the peer of each message; a
+connected socket (ZeroMQ DEALER) talks to one listener. Receiving is streamed so that tensor
+payloads land directly in preallocated memory::
+
+    peer, header = sock.recv_header()      # the header frame, after poll() said ready
+    while sock.more():
+        sock.recv_into(buffer_for_next_frame)
+
+>>> t = MemoryTransport()
+>>> server = t.listen("127.0.0.1")
+>>> client = t.connect(server.address)
+>>> client.send([b"hello"])
+>>> peer, head = server.recv_header(); head
+b'hello'
+>>> t.close()
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional, Sequence
+
+import zmq
+
+from .errors import ClosedError, ProtocolError
+
+Frames = Sequence[object]  # bytes, bytearray or memoryview
+LivenessCheck = Optional[Callable[[], None]]
+
+
+class Socket:
+    """Interface shared by both transports."""
+
+    address: str
+
+    def send(self, frames: Frames, *, peer: Optional[bytes] = None, track: bool = False,
+             check: LivenessCheck = None):
+        raise NotImplementedError
+
+    def recv_header(self) -> tuple[Optional[bytes], bytes]:
+        raise NotImplementedError
+
+    def more(self) -> bool:
+        raise NotImplementedError
+
+    def recv_frame(self) -> bytes:
+        raise NotImplementedError
+
+    def recv_into(self, buffer: memoryview) -> int:
+        raise NotImplementedError
+
+    def skip_rest(self) -> int:
+        skipped = 0
+        while self.more():
+            self.recv_frame()
+            skipped += 1
+        return skipped
+
+    def recv_all(self) -> list[bytes]:
+        frames = []
+        while self.more():
+            frames.append(self.recv_frame())
+        return frames
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Transport:
+    def listen(self, host: str, port: int = 0, max_message_bytes: int = -1) -> Socket:
+        raise NotImplementedError
+
+    def connect(self, address: str, max_message_bytes: int = -1) -> Socket:
+        raise NotImplementedError
+
+    def poll(self, sockets: Sequence[Socket], timeout: float) -> list[Socket]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- ZeroMQ
+
+_COPY_THRESHOLD = 64 << 10  # below this pyzmq's copying send is cheaper than zero-copy bookkeeping
+
+
+def _tcp_url(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class ZmqSocket(Socket):
+    def __init__(self, sock: zmq.Socket, address: str, is_router: bool):
+        self._sock = sock
+        self.address = address
+        self._is_router = is_router
+
+    def send(self, frames, *, peer=None, track=False, check=None):
+        parts = ([peer] if self._is_router else []) + list(frames)
+        last = len(parts) - 1
+        tracker = None
+        for i, part in enumerate(parts):
+            flags = zmq.SNDMORE if i < last else 0
+            big = len(memoryview(part)) >= _COPY_THRESHOLD
+            result = self._send_part(part, flags, copy=not big, track=track and big, check=check)
+            if result is not None:
+                tracker = result
+        return tracker
+
+    def _send_part(self, part, flags, copy, track, check):
+        while True:
+            try:
+                return self._sock.send(part, flags | zmq.NOBLOCK, copy=copy, track=track)
+            except zmq.Again:
+                # the peer is slow or gone: wait for room, but keep asking whether it still lives
+                if check is not None:
+                    check()
+                self._sock.poll(100, zmq.POLLOUT)
+
+    def recv_header(self):
+        peer = self._sock.recv() if self._is_router else None
+        if self._is_router and not self._sock.getsockopt(zmq.RCVMORE):
+            raise ProtocolError("message with no frame after the peer identity")
+        return peer, self._sock.recv()
+
+    def more(self):
+        return bool(self._sock.getsockopt(zmq.RCVMORE))
+
+    def recv_frame(self):
+        return self._sock.recv()
+
+    def recv_into(self, buffer):
+        return self._sock.recv_into(buffer)
+
+    def fileno_socket(self) -> zmq.Socket:
+        return self._sock
+
+    def close(self):
+        self._sock.close(linger=0)
+
+
+class ZmqTransport(Transport):
+    """Real sockets. One zmq context per transport, closed with it."""
+
+    def __init__(self, io_threads: int = 1):
+        self._context = zmq.Context(io_threads=io_threads)
+        self._lock = threading.Lock()
+
+    def _socket(self, kind: int, max_message_bytes: int) -> zmq.Socket:
+        with self._lock:
+            sock = self._context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if max_message_bytes > 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        return sock
+
+    def listen(self, host, port=0, max_message_bytes=-1):
+        sock = self._socket(zmq.ROUTER, max_message_bytes)
+        try:
+            if port:
+                sock.bind(_tcp_url(host, port))
+            else:
+                port = sock.bind_to_random_port(_tcp_url(host, 0).rsplit(":", 1)[0])
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"cannot bind {_tcp_url(host, port)}: {exc}") from None
+        return ZmqSocket(sock, _tcp_url(host, port), is_router=True)
+
+    def connect(self, address, max_message_bytes=-1):
+        sock = self._socket(zmq.DEALER, max_message_bytes)
+        sock.connect(address)
+        return ZmqSocket(sock, address, is_router=False)
+
+    def poll(self, sockets, timeout):
+        poller = zmq.Poller()
+        by_zmq = {}
+        for s in sockets:
+            zs = s.fileno_socket()
+            by_zmq[zs] = s
+            poller.register(zs, zmq.POLLIN)
+        ready = dict(poller.poll(max(0, int(timeout * 1000))))
+        return [by_zmq[zs] for zs in ready]
+
+    def close(self):
+        self._context.term()
+
+
+# ----------------------------------------------------------------------------- in-process fake
+
+
+class _DoneTracker:
+    done = True
+
+    def wait(self, timeout=None):
+        return None
+
+
+class _MemorySocket(Socket):
+    def __init__(self, hub: "MemoryTransport", address: str, is_router: bool, identity: bytes):
+        self._hub = hub
+        self.address = address
+        self._is_router = is_router
+        self.identity = identity
+        self.inbox: deque[tuple[bytes, list[bytes]]] = deque()
+        self._current: deque[bytes] = deque()
+        self.remote: Optional[_MemorySocket] = None
+        self.closed = False
+
+    def send(self, frames, *, peer=None, track=False, check=None):
+        copied = [bytes(memoryview(f)) for f in frames]
+        with self._hub.cond:
+            if self.closed:
+                raise ClosedError(f"socket {self.address} is closed")
+            target = self._hub.peers.get(peer) if self._is_router else self._hub.listeners.get(self.address)
+            if target is not None and not target.closed:
+                target.inbox.append((self.identity, copied))
+                self._hub.cond.notify_all()
+        return _DoneTracker() if track else None
+
+    def recv_header(self):
+        with self._hub.cond:
+            identity, frames = self.inbox.popleft()
+        self._current = deque(frames)
+        return (identity if self._is_router else None), self._current.popleft()
+
+    def more(self):
+        return bool(self._current)
+
+    def recv_frame(self):
+        return self._current.popleft()
+
+    def recv_into(self, buffer):
+        frame = self._current.popleft()
+        view = memoryview(buffer).cast("B")
+        n = min(len(frame), len(view))
+        view[:n] = frame[:n]
+        return len(frame)
+
+    def close(self):
+        with self._hub.cond:
+            self.closed = True
+            self._hub.listeners.pop(self.address, None) if self._is_router else None
+
+
+class MemoryTransport(Transport):
+    """An in-process stand-in with the same semantics, for fast unit tests of node logic."""
+
+    _ports = itertools.count(1)
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.listeners: dict[str, _MemorySocket] = {}
+        self.peers: dict[bytes, _MemorySocket] = {}
+        self._ids = itertools.count()
+
+    def listen(self, host, port=0, max_message_bytes=-1):
+        address = f"mem://{host}:{port or next(self._ports)}"
+        sock = _MemorySocket(self, address, True, b"")
+        with self.cond:
+            self.listeners[address] = sock
+        return sock
+
+    def connect(self, address, max_message_bytes=-1):
+        identity = b"peer-%d" % next(self._ids)
+        sock = _MemorySocket(self, address, False, identity)
+        with self.cond:
+            self.peers[identity] = sock
+        return sock
+
+    def poll(self, sockets, timeout):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                ready = [s for s in sockets if s.inbox]
+                remaining = deadline - time.monotonic()
+                if ready or remaining <= 0:
+                    return ready
+                self.cond.wait(remaining)
+
+    def close(self):
+        with self.cond:
+            self.listeners.clear()
+            self.peers.clear()

@@ -1,0 +1,371 @@
+"""The worker role: the client that a training loop uses to push gradients and pull weights.
+
+>>> import psframework as ps                                     # doctest: +SKIP
+>>> with ps.init() as worker:                                     # doctest: +SKIP
+...     worker.register(model.named_parameters(), optimizer=ps.optim.SGD(lr=0.1))
+...     loss.backward()
+...     worker.push_pull({n: p.grad for n, p in model.named_parameters()},
+...                      into=dict(model.named_parameters())).wait()
+
+Workers talk to the servers directly: every request is sent to all servers it concerns before
+any answer is awaited. Tensor frames are zero-copy slices of the caller's tensors, and pulled
+values are received straight into the caller's tensors. A Worker is used from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from . import protocol as P
+from .config import NodeConfig, node_config_from_env
+from .errors import (BadRequestError, ClosedError, ConfigError, PSError, PSTimeoutError, ProtocolError,
+                     RegistrationError, error_from_reply)
+from .node import POLL_SLICE, Membership, join_cluster
+from .optim import OptimizerSpec
+from .protocol import byte_view, dtype_name
+from .sharding import Block, Segment, ShardMap, TensorSpec
+from .transport import Socket, Transport, ZmqTransport
+
+log = logging.getLogger("psframework.worker")
+
+TensorsLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def _as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    result: dict[str, torch.Tensor] = {}
+    for item in items:
+        try:
+            name, tensor = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be a mapping or (name, tensor) pairs; got item {item!r}") from None
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{what}: expected (str, Tensor), got ({type(name).__name__}, {type(tensor).__name__})")
+        if name in result:
+            raise ConfigError(f"{what}: name {name!r} appears twice")
+        result[name] = tensor
+    return result
+
+
+@dataclass
+class _Request:
+    future: "Future"
+    dest: list[memoryview] = field(default_factory=list)
+    keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
+
+
+class Future:
+    """The pending result of push, pull or push_pull. ``wait()`` returns once every server answered."""
+
+    def __init__(self, worker: "Worker"):
+        self._worker = worker
+        self._outstanding = 0
+        self._error: Optional[PSError] = None
+        self._finalizers: list[Callable[[], None]] = []
+
+    def done(self) -> bool:
+        return self._outstanding == 0
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until complete; raises the first error any server reported, or PeerLostError."""
+        self._worker._wait_for(self, timeout)
+        finalizers, self._finalizers = self._finalizers, []
+        if self._error is not None:
+            raise self._error
+        for finalize in finalizers:
+            finalize()
+
+    def _resolve(self, error: Optional[PSError] = None) -> None:
+        self._outstanding -= 1
+        if error is not None and self._error is None:
+            self._error = error
+
+
+class Worker:
+    """A member of the job that trains. Create it with ``ps.init()``."""
+
+    def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
+        self.config = config
+        self._own_transport = transport is None
+        self.transport = transport or ZmqTransport()
+        self._closed = False
+        self.membership: Optional[Membership] = None
+        self._servers: list[Socket] = []
+        try:
+            self.membership = join_cluster(self.transport, config, role="worker")
+            self._servers = [self.transport.connect(a, max_message_bytes=config.max_message_bytes)
+                             for a in self.membership.servers]
+        except BaseException:
+            self.close()
+            raise
+        self._req_ids = itertools.count(1)
+        self._pending: dict[int, _Request] = {}
+        self._barrier_seq = 0
+        self.shard_map: Optional[ShardMap] = None
+        self._specs: dict[str, TensorSpec] = {}
+        self._layout: dict[str, list[tuple[Block, int, Segment]]] = {}
+
+    # -- identity ------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.membership.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self.membership.num_workers
+
+    @property
+    def num_servers(self) -> int:
+        return self.membership.num_servers
+
+    @property
+    def mode(self) -> str:
+        return self.membership.mode
+
+    @property
+    def staleness(self) -> int:
+        return self.membership.staleness
+
+    def __repr__(self) -> str:
+        if self.membership is None:
+            return "<Worker (not joined)>"
+        return f"<Worker rank={self.rank}/{self.num_workers} mode={self.mode}>"
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(self, params: TensorsLike, optimizer: Optional[OptimizerSpec] = None) -> None:
+        """Collective: every worker registers the same tensors; afterwards all hold rank 0's values."""
+        self._check_open()
+        if self.shard_map is not None:
+            raise RegistrationError("register() was already called on this worker; it may be called once")
+        if not isinstance(optimizer, OptimizerSpec):
+            raise ConfigError("register() needs optimizer=, e.g. ps.optim.SGD(lr=0.1)")
+        tensors = _as_dict(params, "register()")
+        if not tensors:
+            raise ConfigError("register() got no tensors")
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                raise ConfigError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}; only floating tensors can be "
+                                  "registered (server optimizers need them)")
+        specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+        reply = self.membership.request(
+            {"op": P.REGISTER, "role": "worker", "rank": self.rank,
+             "tensors": [s.to_wire() for s in specs], "optimizer": optimizer.to_wire()},
+            expect=P.REGISTERED)
+        self.shard_map = ShardMap.from_wire(reply["shard_map"])
+        self._specs = {s.name: s for s in specs}
+        self._layout = {s.name: [] for s in specs}
+        for block in self.shard_map.blocks:
+            for i, seg in enumerate(block.segments):
+                self._layout[seg.key].append((block, i, seg))
+        if self.rank == 0:
+            self._send(P.INIT, tensors, None).wait()
+        self.barrier()
+        self.pull(tensors).wait()
+
+    # -- data path -----------------------------------------------------------------------
+
+    def push(self, grads: TensorsLike) -> Future:
+        """Send gradients; the servers apply them by the job's mode. Returns a Future."""
+        return self._send(P.PUSH, _as_dict(grads, "push()"), None)
+
+    def pull(self, tensors: TensorsLike) -> Future:
+        """Copy the current values into these tensors (once the mode allows). Returns a Future."""
+        return self._send(P.PULL, None, _as_dict(tensors, "pull()"))
+
+    def push_pull(self, grads: TensorsLike, into: TensorsLike) -> Future:
+        """Push gradients, then receive the updated values into ``into`` (same names)."""
+        grads = _as_dict(grads, "push_pull()")
+        dest = _as_dict(into, "push_pull(into=)")
+        missing = [k for k in grads if k not in dest]
+        if missing:
+            raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
+        return self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads})
+
+    def _check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
+        spec = self._specs.get(name)
+        if spec is None:
+            known = ", ".join(list(self._specs)[:8])
+            raise BadRequestError(f"{what}: unknown key {name!r}; registered keys include: {known}")
+        if tuple(tensor.shape) != spec.shape:
+            raise BadRequestError(f"{what}: key {name!r} has shape {tuple(tensor.shape)} but was registered "
+                                  f"with shape {spec.shape}")
+        if dtype_name(tensor.dtype) != spec.dtype:
+            raise BadRequestError(f"{what}: key {name!r} has dtype {dtype_name(tensor.dtype)} but was registered "
+                                  f"with dtype {spec.dtype}")
+
+    def _send(self, op: str, sources: Optional[dict], dests: Optional[dict]) -> Future:
+        self._check_open()
+        if self.shard_map is None:
+            raise ConfigError(f"{op}: call register() first")
+        names = list(sources if sources is not None else dests)
+        for name in names:
+            if sources is not None:
+                self._check_tensor(name, sources[name], op)
+            if dests is not None:
+                self._check_tensor(name, dests[name], f"{op} destination")
+        future = Future(self)
+        flat_src = {n: _flat_source(sources[n]) for n in names} if sources is not None else {}
+        flat_dst = {n: _flat_dest(dests[n], future) for n in names} if dests is not None else {}
+        by_block: dict[int, tuple[Block, list[tuple[int, Segment, str]]]] = {}
+        for name in names:
+            for block, i, seg in self._layout[name]:
+                by_block.setdefault(block.block_id, (block, []))[1].append((i, seg, name))
+        for block, parts in by_block.values():
+            parts.sort(key=lambda p: p[0])
+            self._send_block(op, block, parts, flat_src, flat_dst, future)
+        return future
+
+    def _send_block(self, op, block, parts, flat_src, flat_dst, future) -> None:
+        req = next(self._req_ids)
+        segs = [i for i, _, _ in parts]
+        header = {"op": op, "req": req, "block": block.block_id, "rank": self.rank, "dtype": block.dtype,
+                  "segs": None if len(segs) == len(block.segments) else segs}
+        request = _Request(future)
+        frames = [P.pack_header(header)]
+        for _, seg, name in parts:
+            if flat_src:
+                piece = flat_src[name][seg.offset:seg.offset + seg.numel]
+                frames.append(byte_view(piece))
+                request.keep.append(piece)
+            if flat_dst:
+                piece = flat_dst[name][seg.offset:seg.offset + seg.numel]
+                request.dest.append(byte_view(piece))
+                request.keep.append(piece)
+        self._pending[req] = request
+        future._outstanding += 1
+        self._servers[block.server].send(frames, check=self.membership.check)
+
+    def _wait_for(self, future: Future, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            self.membership.check()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PSTimeoutError(f"worker {self.rank}: request not answered within {timeout} s")
+            for sock in self.transport.poll(self._servers, POLL_SLICE):
+                self._drain(sock)
+
+    def _drain(self, sock: Socket) -> None:
+        while self.transport.poll([sock], 0):
+            self._receive_reply(sock)
+
+    def _receive_reply(self, sock: Socket) -> None:
+        _, head = sock.recv_header()
+        try:
+            header = P.unpack_header(head)
+        except ProtocolError as exc:
+            sock.skip_rest()
+            log.warning("worker %d dropped a malformed reply from %s: %s", self.rank, sock.address, exc)
+            return
+        request = self._pending.pop(header.get("req"), None)
+        if request is None:
+            sock.skip_rest()
+            return
+        if header["op"] == P.ERROR:
+            sock.skip_rest()
+            request.future._resolve(error_from_reply(header))
+            return
+        error = None
+        if header["op"] == P.VALUES:
+            for view in request.dest:
+                got = sock.recv_into(view) if sock.more() else -1
+                if got != len(view):
+                    error = ProtocolError(f"reply from {sock.address} had a frame of {got} bytes, expected {len(view)}")
+        sock.skip_rest()
+        request.future._resolve(error)
+
+    def barrier(self, timeout: Optional[float] = None) -> None:
+        """Block until every live worker reached the same barrier."""
+        self._check_open()
+        self._barrier_seq += 1
+        self.membership.request({"op": P.BARRIER, "role": "worker", "rank": self.rank,
+                                 "seq": self._barrier_seq}, expect=P.BARRIER_DONE, timeout=timeout)
+
+    def server_stats(self) -> list[dict]:
+        """Counters of every server (applied updates, pushes received)."""
+        self._check_open()
+        stats = []
+        for sock in self._servers:
+            req = next(self._req_ids)
+            future = Future(self)
+            future._outstanding = 1
+            self._pending[req] = _Request(future)
+            sock.send([P.pack_header({"op": P.STATS, "req": req})], check=self.membership.check)
+            while not future.done():
+                self.membership.check()
+                if self.transport.poll([sock], POLL_SLICE):
+                    _, head = sock.recv_header()
+                    sock.skip_rest()
+                    header = P.unpack_header(head)
+                    if header.get("req") == req:
+                        self._pending.pop(req, None)
+                        future._resolve()
+                        stats.append(header)
+        return stats
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this worker is closed; create a new one with ps.init()")
+
+    def close(self) -> None:
+        """Leave the job: tell the scheduler this worker is done, then release every socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.membership is not None:
+                self.membership.request({"op": P.BYE, "role": "worker", "rank": self.rank},
+                                        expect=P.BYE_ACK, timeout=5.0)
+        except PSError as exc:
+            log.debug("worker close: %s", exc)
+        finally:
+            for sock in self._servers:
+                sock.close()
+            self._servers = []
+            if self.membership is not None:
+                self.membership.close()
+            if self._own_transport:
+                self.transport.close()
+                self._own_transport = False
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _flat_source(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous().reshape(-1)
+
+
+def _flat_dest(tensor: torch.Tensor, future: Future) -> torch.Tensor:
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        return tensor.detach().reshape(-1)
+    staging = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+    target = tensor.detach()
+    future._finalizers.append(lambda: target.copy_(staging.view(target.shape), non_blocking=False))
+    return staging
+
+
+def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,
+         transport: Optional[Transport] = None) -> Worker:
+    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables.
+
+    >>> worker = ps.init(scheduler="tcp://127.0.0.1:9091")   # doctest: +SKIP
+    """
+    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout)
+    return Worker(config, transport=transport)
