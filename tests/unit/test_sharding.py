@@ -170,7 +170,8 @@ def test_wire_round_trip(model: tuple) -> None:
     back = ShardMap.from_wire(msgpack.unpackb(msgpack.packb(m.to_wire())))
     assert back == m
     check_map(back, specs)
-    assert [TensorSpec.from_wire(msgpack.unpackb(msgpack.packb(s.to_wire()))) for s in specs] == specs
+    wired = [msgpack.unpackb(msgpack.packb(s.to_wire())) for s in specs]
+    assert [TensorSpec.from_wire(w) for w in wired] == specs
 
 
 def test_from_wire_rejects_garbage() -> None:
