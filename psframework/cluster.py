@@ -1,0 +1,108 @@
+"""``LocalCluster``: a scheduler and servers as child processes on this host.
+
+>>> with ps.LocalCluster(num_servers=2, num_workers=2, mode="sync") as cluster:   # doctest: +SKIP
+...     worker = ps.init(scheduler=cluster.scheduler)
+
+The workers are yours to start (threads, processes, or ps.init() here); ``cluster.env()`` gives
+the ``PS_*`` variables a worker process needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import MODES, SchedulerConfig, Timing, config_to_env
+from .errors import ConfigError, PSError, PSTimeoutError
+from .procs import exit_description, python_module, spawn, stop_all
+
+
+class LocalCluster:
+    def __init__(self, num_servers: int = 1, num_workers: int = 1, mode: str = "sync", staleness: int = 2,
+                 server_device: Optional[str] = "cpu", chunk_bytes: Optional[int] = None,
+                 timing: Optional[Timing] = None, start_timeout: float = 30.0):
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+        self.config = SchedulerConfig(num_workers=num_workers, num_servers=num_servers, mode=mode,
+                                      staleness=staleness, server_device=server_device,
+                                      timing=timing or Timing(), **extra)
+        self.start_timeout = start_timeout
+        self.scheduler: str = ""
+        self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))
+        self._procs: list[tuple[str, subprocess.Popen]] = []
+        self._logs: list = []
+
+    def start(self) -> "LocalCluster":
+        try:
+            address_file = self.log_dir / "scheduler.address"
+            self._start("scheduler", python_module("psframework", "scheduler", "--address-file", str(address_file)))
+            self.scheduler = self._wait_for_address(address_file)
+            for rank in range(self.config.num_servers):
+                self._start(f"server-{rank}", python_module("psframework", "server", "--rank", str(rank)))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def env(self) -> dict[str, str]:
+        """The PS_* variables for a worker process of this cluster."""
+        return {**config_to_env(self.config), "PS_SCHEDULER": self.scheduler}
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        self._logs.append(log)
+        env = config_to_env(self.config)
+        if self.scheduler:
+            env["PS_SCHEDULER"] = self.scheduler
+        self._procs.append((name, spawn(argv, env, stdout=log, stderr=subprocess.STDOUT)))
+
+    def _wait_for_address(self, path: Path) -> str:
+        deadline = time.monotonic() + self.start_timeout
+        name, proc = self._procs[0]
+        while time.monotonic() < deadline:
+            if path.exists():
+                return path.read_text().strip()
+            if proc.poll() is not None:
+                raise PSError(f"the scheduler exited ({exit_description(proc.returncode)}) before listening:\n"
+                              f"{self.output(name)}")
+            time.sleep(0.02)
+        raise PSTimeoutError(f"the scheduler did not start listening within {self.start_timeout} s")
+
+    def output(self, name: str, lines: int = 30) -> str:
+        """The last lines a child printed (name: 'scheduler' or 'server-N')."""
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def processes(self) -> dict[str, subprocess.Popen]:
+        return dict(self._procs)
+
+    def wait(self, timeout: float = 30.0) -> dict[str, int]:
+        """Wait for every child to exit by itself (after all workers closed); returns exit codes."""
+        deadline = time.monotonic() + timeout
+        for name, proc in self._procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise PSTimeoutError(f"{name} did not exit within {timeout} s:\n{self.output(name)}") from None
+        return {name: proc.returncode for name, proc in self._procs}
+
+    def stop(self) -> None:
+        stop_all([p for _, p in self._procs])
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
