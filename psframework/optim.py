@@ -1,0 +1,273 @@
+"""Server-side update rules.
+
+A server keeps its shards as flat 1-D tensors ("blocks"). The user picks an update rule with a
+small frozen spec; the spec travels to the servers as a msgpack-safe dict, and each server runs a
+real ``torch.optim`` optimizer over its blocks, so the math is exactly torch's. Every rule here
+is elementwise, which is why cutting parameters into arbitrary blocks does not change the result::
+
+    import psframework as ps
+
+    spec = ps.optim.SGD(lr=0.1, momentum=0.9)
+    wire = spec.to_wire()                       # {"name": "sgd", "lr": 0.1, "momentum": 0.9, ...}
+    assert ps.optim.optimizer_from_wire(wire) == spec
+
+    blocks = [torch.zeros(1000), torch.zeros(24)]
+    opt = ps.optim.ShardOptimizer(spec, blocks)
+    opt.step({1: torch.ones(24)})               # only block 1 moves
+    assert opt.steps_of(1) == 1 and opt.steps_of(0) == 0
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from psframework.errors import BadRequestError, ConfigError
+
+__all__ = ["SGD", "Adagrad", "Adam", "OptimizerSpec", "ShardOptimizer", "optimizer_from_wire"]
+
+
+def _number(
+    spec: OptimizerSpec, field: str, *, low: float = 0.0, below: float | None = None
+) -> None:
+    value = getattr(spec, field)
+    allowed = f">= {low}" if below is None else f"in [{low}, {below})"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (below is not None and value >= below):
+        raise ConfigError(
+            f"{type(spec).__name__}: {field} must be a finite number {allowed}, got {value!r}"
+        )
+    object.__setattr__(spec, field, float(value))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A server-side update rule: what travels on the wire, and how to build it over blocks."""
+
+    name: ClassVar[str]
+    torch_class: ClassVar[type[torch.optim.Optimizer]]
+    # torch.optim.SGD keeps no per-parameter step count, so ShardOptimizer keeps one for it.
+    torch_counts_steps: ClassVar[bool] = True
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-safe dict: ``{"name": ..., field: value, ...}``, tuples as lists."""
+        wire: dict[str, Any] = {"name": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            wire[f.name] = list(value) if isinstance(value, tuple) else value
+        return wire
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def build(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """A torch optimizer over ``params`` (leaf tensors on one device): fused on accelerators
+        where torch has a fused kernel for every dtype present, else foreach."""
+        hp = self.hyperparameters()
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ConfigError(
+                f"the blocks of one optimizer must share a device, got {sorted(map(str, devices))}"
+            )
+        device = next(iter(devices), torch.device("cpu"))
+        if device.type != "cpu" and all(
+            _fused_works(self, device, dtype) for dtype in {p.dtype for p in params}
+        ):
+            return self.torch_class(params, **hp, fused=True)
+        return self.torch_class(params, **hp, foreach=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_works(spec: OptimizerSpec, device: torch.device, dtype: torch.dtype) -> bool:
+    # torch checks fused support lazily, at the first step, so probe with a throwaway step.
+    try:
+        probe = torch.zeros(2, device=device, dtype=dtype)
+        probe.grad = torch.zeros_like(probe)
+        spec.torch_class([probe], **spec.hyperparameters(), fused=True).step()
+        return True
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
+
+
+@dataclass(frozen=True)
+class SGD(OptimizerSpec):
+    """Stochastic gradient descent, as ``torch.optim.SGD``."""
+
+    name: ClassVar[str] = "sgd"
+    torch_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.SGD
+    torch_counts_steps: ClassVar[bool] = False
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "momentum", "dampening", "weight_decay"):
+            _number(self, field)
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(f"SGD: nesterov must be a bool, got {self.nesterov!r}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ConfigError(
+                "SGD: nesterov=True requires momentum > 0 and dampening == 0, "
+                f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Adam(OptimizerSpec):
+    """Adam with L2 weight decay, as ``torch.optim.Adam``."""
+
+    name: ClassVar[str] = "adam"
+    torch_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adam
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "eps", "weight_decay"):
+            _number(self, field)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ConfigError(f"Adam: betas must be a pair of numbers in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            ok = isinstance(beta, (int, float)) and not isinstance(beta, bool)
+            if not ok or not 0.0 <= beta < 1.0:
+                raise ConfigError(f"Adam: betas[{i}] must be a number in [0, 1), got {beta!r}")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+
+
+@dataclass(frozen=True)
+class Adagrad(OptimizerSpec):
+    """Adagrad, as ``torch.optim.Adagrad`` with no lr decay or weight decay."""
+
+    name: ClassVar[str] = "adagrad"
+    torch_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adagrad
+
+    lr: float = 1e-2
+    eps: float = 1e-10
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "eps"):
+            _number(self, field)
+
+
+_SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad)}
+
+
+def optimizer_from_wire(d: Mapping[str, Any]) -> OptimizerSpec:
+    """The spec that ``to_wire`` produced ``d`` from; ``ConfigError`` if ``d`` names no known rule
+    or has unknown, missing or bad fields."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"an optimizer must be a dict with a 'name', got {type(d).__name__}")
+    name = d.get("name")
+    cls = _SPECS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown optimizer name {name!r}; known: {sorted(_SPECS)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields) - {"name"}, key=str)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [n for n in required if n not in d]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing required field(s) {missing}")
+    return cls(**{k: v for k, v in d.items() if k != "name"})
+
+
+class ShardOptimizer:
+    """Applies one update rule to a server's blocks; only the blocks given grads are stepped."""
+
+    def __init__(self, spec: OptimizerSpec, params: Sequence[torch.Tensor]) -> None:
+        self.spec = spec
+        self.params = list(params)
+        for i, p in enumerate(self.params):
+            if p.dim() != 1:
+                raise ConfigError(
+                    f"block {i} must be a flat 1-D tensor, got shape {tuple(p.shape)}"
+                )
+        self.opt = spec.build(self.params) if self.params else None
+
+    def step(self, grads: Mapping[int, torch.Tensor]) -> None:
+        """Apply one update to exactly the blocks in ``grads`` (block index -> gradient)."""
+        if not grads:
+            return
+        stepped: list[torch.Tensor] = []
+        copied_from_pinned = False
+        try:
+            for index, grad in grads.items():
+                if not 0 <= index < len(self.params):
+                    raise BadRequestError(f"no block {index}: this server holds {len(self.params)}")
+                p = self.params[index]
+                if grad.shape != p.shape:
+                    raise BadRequestError(f"grad for block {index} has shape "
+                                          f"{tuple(grad.shape)}, expected {tuple(p.shape)}")
+                if grad.device != p.device or grad.dtype != p.dtype:
+                    # A non-blocking copy into host memory may not have landed when the CPU
+                    # optimizer reads it, so only copies onto an accelerator are asynchronous.
+                    async_copy = p.device.type != "cpu"
+                    copied_from_pinned |= async_copy and grad.is_pinned()
+                    grad = grad.to(device=p.device, dtype=p.dtype, non_blocking=async_copy)
+                p.grad = grad
+                stepped.append(p)
+            copied = torch.cuda.Event() if copied_from_pinned and stepped[0].is_cuda else None
+            if copied is not None:
+                copied.record()
+            assert self.opt is not None
+            self.opt.step()
+        finally:
+            for p in stepped:
+                p.grad = None
+        if not self.spec.torch_counts_steps:
+            for p in stepped:
+                state = self.opt.state[p]
+                state["step"] = state.get("step", 0) + 1
+        if copied is not None:
+            # A pinned source is copied asynchronously; the caller may reuse it once we return.
+            copied.synchronize()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimizer's state_dict (block indices stand for the params)."""
+        if self.opt is None:
+            return {"state": {}, "param_groups": []}
+        return self.opt.state_dict()
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore state saved by ``state_dict``, possibly from another device or implementation."""
+        if self.opt is None:
+            return
+        # torch.optim keeps the given state tensors as they are when device and dtype already
+        # match, so without a copy two optimizers loaded from one dict would share buffers.
+        d = copy.deepcopy(dict(d))
+        ours = self.opt.param_groups
+        impl = ("fused", "foreach", "capturable", "differentiable")
+        groups = [
+            {**g, **{k: mine[k] for k in impl if k in mine}}
+            for g, mine in zip(d["param_groups"], ours)
+        ]
+        self.opt.load_state_dict({"state": d["state"], "param_groups": groups})
+        for group in self.opt.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                step = self.opt.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    want = p.device if on_device else torch.device("cpu")
+                    if step.device != want:
+                        self.opt.state[p]["step"] = step.to(want)
+
+    def steps_of(self, index: int) -> int:
+        """How many updates block ``index`` has received."""
+        if self.opt is None:
+            raise BadRequestError(f"no block {index}: this server holds none")
+        step = self.opt.state.get(self.params[index], {}).get("step", 0)
+        return int(step)

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+from psframework import optim
+from psframework.errors import BadRequestError, ConfigError
+
+SPECS = {
+    "sgd-plain": optim.SGD(lr=0.1),
+    "sgd-momentum": optim.SGD(lr=0.05, momentum=0.9),
+    "sgd-nesterov": optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+    "sgd-weight-decay": optim.SGD(lr=0.1, weight_decay=0.01),
+    "sgd-dampening": optim.SGD(lr=0.1, momentum=0.8, dampening=0.3, weight_decay=0.02),
+    "adam": optim.Adam(lr=0.01),
+    "adam-weight-decay": optim.Adam(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    "adagrad": optim.Adagrad(lr=0.1, eps=1e-8),
+}
+SHAPES = [(), (1,), (4, 3), (7,), (2, 5)]
+SPLIT = [5, 16, 10]  # 31 elements in all, cut across tensor boundaries
+STEPS = 5
+
+
+def model_params(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def to_blocks(tensors: list[torch.Tensor], device: str = "cpu") -> list[torch.Tensor]:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    assert flat.numel() == sum(SPLIT)
+    return [b.clone().to(device) for b in flat.split(SPLIT)]
+
+
+def random_grads(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def all_grads(grads: list[torch.Tensor], device: str = "cpu") -> dict[int, torch.Tensor]:
+    return dict(enumerate(to_blocks(grads, device)))
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_matches_torch_optim_step_by_step(spec: optim.OptimizerSpec) -> None:
+    reference = [p.clone().requires_grad_() for p in model_params()]
+    ref_opt = spec.torch_class(reference, **spec.hyperparameters())
+    shard = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    for step in range(STEPS):
+        grads = random_grads(step)
+        for p, g in zip(reference, grads):
+            p.grad = g.clone()
+        ref_opt.step()
+        shard.step(all_grads(grads))
+        expected = torch.cat([p.detach().reshape(-1) for p in reference])
+        torch.testing.assert_close(torch.cat(shard.params), expected)
+        assert all(shard.steps_of(i) == step + 1 for i in range(len(SPLIT)))
+    assert all(p.grad is None for p in shard.params)
+
+
+def pick(*names: str):
+    return pytest.mark.parametrize("spec", [SPECS[n] for n in names], ids=names)
+
+
+@pick("sgd-momentum", "adam", "adagrad")
+def test_partial_steps_leave_other_blocks_alone(spec: optim.OptimizerSpec) -> None:
+    shard = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    before = [b.clone() for b in shard.params]
+    grads = all_grads(random_grads(0))
+    shard.step({1: grads[1]})
+    shard.step({1: grads[1], 2: grads[2]})
+    assert torch.equal(shard.params[0], before[0])
+    assert not torch.equal(shard.params[1], before[1])
+    assert [shard.steps_of(i) for i in range(3)] == [0, 2, 1]
+    shard.step({})
+    assert [shard.steps_of(i) for i in range(3)] == [0, 2, 1]
+
+
+def test_partial_steps_match_a_separate_optimizer_per_block() -> None:
+    spec = SPECS["adam-weight-decay"]
+    shard = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    alone = optim.ShardOptimizer(spec, to_blocks(model_params())[2:])
+    for step in range(STEPS):
+        grad = all_grads(random_grads(step))[2]
+        shard.step({2: grad})
+        alone.step({0: grad})
+        torch.testing.assert_close(shard.params[2], alone.params[0])
+
+
+def test_grads_are_not_kept_after_step() -> None:
+    shard = optim.ShardOptimizer(SPECS["sgd-momentum"], to_blocks(model_params()))
+    buffer = torch.ones(sum(SPLIT))
+    shard.step(dict(enumerate(buffer.split(SPLIT))))
+    after_one = [b.clone() for b in shard.params]
+    buffer.fill_(1e6)  # the receive buffer is reused; the momentum must not alias it
+    assert all(torch.equal(a, b) for a, b in zip(after_one, shard.params))
+    assert all(p.grad is None for p in shard.params)
+
+
+def test_grad_of_another_dtype_is_cast() -> None:
+    shard = optim.ShardOptimizer(optim.SGD(lr=1.0), [torch.zeros(4)])
+    shard.step({0: torch.ones(4, dtype=torch.float64)})
+    assert torch.equal(shard.params[0], -torch.ones(4))
+
+
+def test_bad_grads_are_refused() -> None:
+    shard = optim.ShardOptimizer(optim.SGD(lr=1.0), [torch.zeros(4), torch.zeros(2)])
+    with pytest.raises(BadRequestError, match="block 5"):
+        shard.step({5: torch.ones(4)})
+    with pytest.raises(BadRequestError, match="shape"):
+        shard.step({0: torch.ones(2)})
+    assert all(p.grad is None for p in shard.params)
+    assert [shard.steps_of(0), shard.steps_of(1)] == [0, 0]
+
+
+def test_blocks_must_be_flat() -> None:
+    with pytest.raises(ConfigError, match="1-D"):
+        optim.ShardOptimizer(optim.SGD(lr=1.0), [torch.zeros(2, 2)])
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_wire_round_trip(spec: optim.OptimizerSpec) -> None:
+    wire = spec.to_wire()
+    assert wire["name"] == spec.name
+    assert optim.optimizer_from_wire(wire) == spec
+    packed = msgpack.unpackb(msgpack.packb(wire), raw=False)
+    assert optim.optimizer_from_wire(packed) == spec
+
+
+def test_wire_accepts_defaults_and_ints() -> None:
+    assert optim.optimizer_from_wire({"name": "adam"}) == optim.Adam()
+    assert optim.optimizer_from_wire({"name": "sgd", "lr": 1}) == optim.SGD(lr=1.0)
+    assert optim.SGD(lr=1).to_wire()["lr"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("wire", "names"),
+    [
+        ({"name": "rmsprop", "lr": 0.1}, "rmsprop"),
+        ({"lr": 0.1}, "name"),
+        ({"name": "sgd"}, "lr"),
+        ({"name": "sgd", "lr": 0.1, "momentun": 0.9}, "momentun"),
+        ({"name": "adam", "betas": [0.9]}, "betas"),
+        ({"name": "adam", "betas": [0.9, 1.0]}, r"betas\[1\]"),
+        ({"name": "adagrad", "eps": "small"}, "eps"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": 1}, "nesterov"),
+    ],
+)
+def test_bad_wire_is_refused(wire: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        optim.optimizer_from_wire(wire)
+
+
+def test_wire_must_be_a_dict() -> None:
+    with pytest.raises(ConfigError, match="dict"):
+        optim.optimizer_from_wire(["sgd"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: optim.SGD(lr=-0.1), "lr"),
+        (lambda: optim.SGD(lr=math.inf), "lr"),
+        (lambda: optim.SGD(lr=math.nan), "lr"),
+        (lambda: optim.SGD(lr=True), "lr"),
+        (lambda: optim.SGD(lr=0.1, momentum=-1), "momentum"),
+        (lambda: optim.SGD(lr=0.1, dampening=-0.5), "dampening"),
+        (lambda: optim.SGD(lr=0.1, weight_decay=-1e-4), "weight_decay"),
+        (lambda: optim.SGD(lr=0.1, nesterov=True), "nesterov"),
+        (lambda: optim.SGD(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "nesterov"),
+        (lambda: optim.Adam(lr=-1), "lr"),
+        (lambda: optim.Adam(betas=(1.0, 0.999)), r"betas\[0\]"),
+        (lambda: optim.Adam(betas=(0.9, -0.1)), r"betas\[1\]"),
+        (lambda: optim.Adam(betas=(0.9, 0.99, 0.9)), "betas"),  # type: ignore[arg-type]
+        (lambda: optim.Adam(eps=-1e-8), "eps"),
+        (lambda: optim.Adam(weight_decay=-0.1), "weight_decay"),
+        (lambda: optim.Adagrad(lr=-0.01), "lr"),
+        (lambda: optim.Adagrad(eps=-1.0), "eps"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(make, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        make()
+
+
+def test_sgd_needs_lr() -> None:
+    with pytest.raises(TypeError):
+        optim.SGD()  # type: ignore[call-arg]
+
+
+def test_specs_are_frozen_and_hashable() -> None:
+    spec = optim.Adam(betas=[0.5, 0.6])  # type: ignore[arg-type]
+    assert spec.betas == (0.5, 0.6)
+    assert hash(spec) == hash(optim.Adam(betas=(0.5, 0.6)))
+    with pytest.raises(AttributeError):
+        spec.lr = 1.0  # type: ignore[misc]
+
+
+@pick("sgd-momentum", "sgd-plain", "adam", "adagrad")
+def test_state_dict_round_trip(spec: optim.OptimizerSpec) -> None:
+    first = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    for step in range(2):
+        first.step({0: all_grads(random_grads(step))[0], 2: all_grads(random_grads(step))[2]})
+    second = optim.ShardOptimizer(spec, [b.clone() for b in first.params])
+    second.load_state_dict(first.state_dict())
+    assert [second.steps_of(i) for i in range(3)] == [2, 0, 2]
+    for step in range(2, STEPS):
+        grads = all_grads(random_grads(step))
+        first.step(grads)
+        second.step(grads)
+        for a, b in zip(first.params, second.params):
+            assert torch.equal(a, b)
+    assert [second.steps_of(i) for i in range(3)] == [5, 3, 5]
+
+
+def test_no_blocks() -> None:
+    shard = optim.ShardOptimizer(optim.Adam(), [])
+    shard.step({})
+    shard.load_state_dict(shard.state_dict())
+
+
+def test_cpu_uses_foreach() -> None:
+    opt = optim.Adam().build([torch.zeros(3)])
+    assert opt.param_groups[0]["foreach"] is True
+    assert not opt.param_groups[0]["fused"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pick("sgd-momentum", "adam-weight-decay", "adagrad")
+def test_cuda_matches_cpu(spec: optim.OptimizerSpec) -> None:
+    cpu = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    gpu = optim.ShardOptimizer(spec, to_blocks(model_params(), "cuda"))
+    assert gpu.opt is not None
+    if not isinstance(spec, optim.Adagrad):
+        assert gpu.opt.param_groups[0]["fused"] is True
+    for step in range(STEPS):
+        grads = random_grads(step)
+        cpu.step(all_grads(grads))
+        gpu_grads = all_grads(grads, "cuda") if step % 2 else {
+            i: g.pin_memory() for i, g in all_grads(grads).items()
+        }
+        gpu.step(gpu_grads)
+        for a, b in zip(cpu.params, gpu.params):
+            torch.testing.assert_close(b.cpu(), a)
+        assert gpu.steps_of(0) == step + 1
+    restored = optim.ShardOptimizer(spec, [b.cpu() for b in gpu.params])
+    restored.load_state_dict(gpu.state_dict())
+    grads = all_grads(random_grads(STEPS))
+    restored.step(grads)
+    gpu.step(grads)
+    for a, b in zip(restored.params, gpu.params):
+        torch.testing.assert_close(b.cpu(), a)
