@@ -62,8 +62,8 @@ class _BlockState:
     block: Block
     params: list[torch.Tensor]
     first_param: int
-    recv: list[torch.Tensor]
-    recv_views: list[memoryview]
+    nbytes: list[int]  # of each segment
+    staging: list[torch.Tensor]  # pinned host buffers, only for shards on an accelerator
     clocks: list[int]
     version: int = 0
     accums: dict[int, _Accum] = field(default_factory=dict)
@@ -158,16 +158,18 @@ class Server:
         spec = optimizer_from_wire(header["optimizer"])
         rank = self.membership.rank
         num_workers = self.membership.num_workers
-        pin = self.device.type == "cuda"
+        on_host = self.device.type == "cpu"
         params: list[torch.Tensor] = []
         self.blocks.clear()
         for block in shard_map.blocks_of_server(rank):
             dtype = dtype_from_name(block.dtype)
             seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
-            recv = [torch.empty(s.numel, dtype=dtype, pin_memory=pin) for s in block.segments]
+            staging = [] if on_host else [torch.empty(s.numel, dtype=dtype, pin_memory=True)
+                                          for s in block.segments]
             self.blocks[block.block_id] = _BlockState(
-                block=block, params=seg_params, first_param=len(params), recv=recv,
-                recv_views=[byte_view(t) for t in recv], clocks=[0] * num_workers,
+                block=block, params=seg_params, first_param=len(params),
+                nbytes=[p.numel() * p.element_size() for p in seg_params], staging=staging,
+                clocks=[0] * num_workers,
             )
             params.extend(seg_params)
         self.optimizer = ShardOptimizer(spec, params)
@@ -206,15 +208,14 @@ class Server:
             raise _Rejected(P.PROTOCOL, f"unknown op {op!r}")
         state, segs, rank, req = self._validate(header)
         if op == P.INIT:
-            self._receive_frames(state, segs)
+            values = self._receive_frames(state, segs)
             state.wait_sends()
-            for i in segs:
-                state.params[i].copy_(state.recv[i])
+            for i, value in values.items():
+                state.params[i].copy_(value)
             self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
             return
         if op in (P.PUSH, P.PUSH_PULL):
-            self._receive_frames(state, segs)
-            self._push(state, segs, rank)
+            self._push(state, self._receive_frames(state, segs), rank)
         else:
             self.data.skip_rest()
         if op == P.PUSH:
@@ -248,12 +249,27 @@ class Server:
             raise _Rejected(P.BAD_REQUEST, f"dtype {dtype} does not match {state.block.dtype} of {keys}")
         return state, segs, rank, req
 
-    def _receive_frames(self, state: _BlockState, segs: list[int]) -> None:
+    def _receive_frames(self, state: _BlockState, segs: list[int]) -> dict[int, torch.Tensor]:
+        """One frame per segment, as host tensors that this server owns until it drops them.
+
+        For shards in host memory the tensors are the received messages themselves: copying
+        each into a preallocated buffer took a third of the server's CPU time per round trip
+        (benchmarks/pushpull.py). Shards on an accelerator receive into pinned staging buffers
+        so that the copy to the device can be asynchronous.
+        """
+        tensors: dict[int, torch.Tensor] = {}
         for i in segs:
             if not self.data.more():
                 raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, fewer sent")
-            expected = len(state.recv_views[i])
-            got = self.data.recv_into(state.recv_views[i])
+            expected = state.nbytes[i]
+            if state.staging:
+                got = self.data.recv_into(byte_view(state.staging[i]))
+                tensors[i] = state.staging[i]
+            else:
+                frame = self.data.recv_buffer()
+                got = len(memoryview(frame))
+                if got == expected:
+                    tensors[i] = _host_tensor(frame, state.params[i].dtype)
             if got != expected:
                 seg = state.block.segments[i]
                 raise _Rejected(
@@ -263,22 +279,23 @@ class Server:
                 )
         if self.data.more():
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
+        return tensors
 
     # -- update semantics ----------------------------------------------------------------
 
-    def _push(self, state: _BlockState, segs: list[int], rank: int) -> None:
+    def _push(self, state: _BlockState, grads: dict[int, torch.Tensor], rank: int) -> None:
         self.received_pushes += 1
         step = state.clocks[rank]
         state.clocks[rank] += 1
         if self.membership.mode != "sync":
-            self._apply(state, {i: state.recv[i] for i in segs}, scale=1.0)
+            self._apply(state, grads, scale=1.0)
             return
         accum = state.accums.setdefault(step, _Accum())
-        for i in segs:
-            grad = state.recv[i]
+        for i, grad in grads.items():
             held = accum.tensors.get(i)
             if held is None:
-                accum.tensors[i] = grad.to(self.device, copy=True, non_blocking=True)
+                # a received message is ours to keep and sum into; a staging buffer is reused
+                accum.tensors[i] = grad.to(self.device, copy=bool(state.staging), non_blocking=True)
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
         accum.count += 1
@@ -328,9 +345,9 @@ class Server:
         param = state.params[i]
         if param.device.type == "cpu":
             return byte_view(param)
-        # the receive buffer is free once a request is handled, so it doubles as the staging area
-        state.recv[i].copy_(param)
-        return state.recv_views[i]
+        # the staging buffer is free once a request is handled, so it serves replies too
+        state.staging[i].copy_(param)
+        return byte_view(state.staging[i])
 
     def _fail_impossible_waits(self) -> None:
         """Answer waits that can never be satisfied because a worker left or died."""
@@ -359,6 +376,15 @@ class Server:
                 return (f"{why} after {state.clocks[worker]} pushes to block {state.block.block_id}, so "
                         f"this worker's wait for clock {pending.need_version} can never be satisfied")
         return None
+
+
+def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
+    """A received frame as a flat tensor, without a copy where its memory is aligned."""
+    if not len(memoryview(frame)):
+        return torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(frame, dtype=dtype)
+    # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
+    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
 
 
 def main(config: NodeConfig) -> int:

@@ -54,6 +54,10 @@ class Socket:
     def recv_into(self, buffer: memoryview) -> int:
         raise NotImplementedError
 
+    def recv_buffer(self) -> object:
+        """The next frame as a writable buffer owned by the caller, received without a copy."""
+        raise NotImplementedError
+
     def skip_rest(self) -> int:
         skipped = 0
         while self.more():
@@ -136,6 +140,9 @@ class ZmqSocket(Socket):
 
     def recv_into(self, buffer):
         return self._sock.recv_into(buffer)
+
+    def recv_buffer(self):
+        return self._sock.recv(copy=False)  # a zmq.Frame: writable, freed when the last view goes
 
     def fileno_socket(self) -> zmq.Socket:
         return self._sock
@@ -242,6 +249,9 @@ class _MemorySocket(Socket):
         n = min(len(frame), len(view))
         view[:n] = frame[:n]
         return len(frame)
+
+    def recv_buffer(self):
+        return bytearray(self._current.popleft())
 
     def close(self):
         with self._hub.cond:
