@@ -27,7 +27,7 @@ from .config import NodeConfig, default_device
 from .errors import PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
-from .protocol import byte_view, dtype_from_name
+from .buffers import byte_view, dtype_from_name
 from .sharding import Block, ShardMap
 from .transport import Socket, Transport, ZmqTransport
 

@@ -29,7 +29,7 @@ from .errors import (BadRequestError, ClosedError, ConfigError, PSError, PSTimeo
                      RegistrationError, error_from_reply)
 from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
-from .protocol import byte_view, dtype_name
+from .buffers import byte_view, dtype_name
 from .sharding import Block, Segment, ShardMap, TensorSpec
 from .transport import Socket, Transport, ZmqTransport
 

@@ -1,0 +1,76 @@
+"""Worker programs for multi-process tests: ``python -m tests.integration.worker_tasks TASK OUT JSON``.
+
+Each runs under the PS_* variables of a LocalCluster and saves its result to OUT with torch.save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+import psframework as ps
+from tests.integration import models
+
+
+def sync_train(out: str, optimizer: str, steps: int, seed: int = 0) -> None:
+    with ps.init() as worker:
+        # every worker starts from different values: register must replace them with rank 0's
+        params = models.make_params(seed + 17 * worker.rank)
+        worker.register(params, optimizer=models.optimizer_spec(optimizer))
+        per = models.BATCH // worker.num_workers
+        for step in range(steps):
+            x, y = models.batch(step)
+            mine = slice(worker.rank * per, (worker.rank + 1) * per)
+            leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            models.loss_fn(leaves, x[mine], y[mine]).backward()
+            worker.push_pull({k: v.grad for k, v in leaves.items()}, into=params).wait(timeout=30)
+        torch.save(params, out)
+
+
+def train_with_optimizer(out: str, steps: int) -> None:
+    """DistributedOptimizer on an nn.Module, the API most users take."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1)) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
+        mine = slice(rank * 8 // n, (rank + 1) * 8 // n)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
+
+
+def die_after(out: str, steps: int, victim: int) -> None:
+    """The victim exits abruptly after some steps; the others record the error they get and when."""
+    worker = ps.init()
+    params = {"w": torch.zeros(1000)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
+    for _ in range(steps):
+        worker.push_pull({"w": torch.ones(1000)}, into=params).wait(timeout=30)
+    if worker.rank == victim:
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        for _ in range(1000):
+            worker.push_pull({"w": torch.ones(1000)}, into=params).wait()
+        result = {"error": None}
+    except ps.PSError as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "rank": getattr(exc, "rank", None),
+                  "role": getattr(exc, "role", None)}
+    result["seconds"] = time.monotonic() - start
+    torch.save(result, out)
+    os._exit(0)
+
+
+TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after)}
+
+if __name__ == "__main__":
+    task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    TASKS[task](out, **kwargs)
