@@ -19,22 +19,30 @@ from typing import Optional
 
 from .config import MODES, SchedulerConfig, Timing, config_to_env
 from .errors import ConfigError, PSError, PSTimeoutError
+from .security import MECHANISMS, JobSecret
 from .procs import exit_description, python_module, spawn, stop_all
 
 
 class LocalCluster:
     def __init__(self, num_servers: int = 1, num_workers: int = 1, mode: str = "sync", staleness: int = 2,
                  server_device: Optional[str] = "cpu", chunk_bytes: Optional[int] = None,
-                 timing: Optional[Timing] = None, start_timeout: float = 30.0):
+                 timing: Optional[Timing] = None, start_timeout: float = 30.0, auth: str = "none",
+                 max_message_bytes: Optional[int] = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))  # mode 0700: the secret lives here
         extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+        if max_message_bytes:
+            extra["max_message_bytes"] = max_message_bytes
+        if auth not in MECHANISMS:
+            raise ConfigError(f"auth must be one of {', '.join(MECHANISMS)}; got {auth!r}")
+        if auth != "none":
+            extra["secret_file"] = str(JobSecret.generate(auth).write(self.log_dir / "secret.json"))
         self.config = SchedulerConfig(num_workers=num_workers, num_servers=num_servers, mode=mode,
                                       staleness=staleness, server_device=server_device,
                                       timing=timing or Timing(), **extra)
         self.start_timeout = start_timeout
         self.scheduler: str = ""
-        self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))
         self._procs: list[tuple[str, subprocess.Popen]] = []
         self._logs: list = []
 

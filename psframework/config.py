@@ -38,6 +38,7 @@ ENV_VARS = {
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
     "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
     "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
+    "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
 }
 
 
@@ -76,6 +77,7 @@ class SchedulerConfig:
     server_device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timing: Timing = field(default_factory=Timing)
+    secret_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
@@ -85,6 +87,9 @@ class SchedulerConfig:
         _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
         _check(self.max_message_bytes >= 1024, f"max message size too small: {self.max_message_bytes}")
+        _check(self.chunk_bytes <= self.max_message_bytes,
+               f"chunk size {self.chunk_bytes} exceeds the max message size {self.max_message_bytes}: "
+               "every block would be refused; lower PS_CHUNK_BYTES or raise PS_MAX_MESSAGE_BYTES")
         if self.server_device is not None:
             check_device(self.server_device)
 
@@ -100,6 +105,7 @@ class NodeConfig:
     device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     start_timeout: float = 60.0
+    secret_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
@@ -170,6 +176,7 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         server_device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         timing=timing_from_env(env),
+        secret_file=_env(env, "PS_SECRET_FILE", str, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SchedulerConfig(**values)
@@ -186,6 +193,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         start_timeout=_env(env, "PS_START_TIMEOUT", float, 60.0),
+        secret_file=_env(env, "PS_SECRET_FILE", str, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -218,6 +226,8 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
     }
     if config.server_device:
         env["PS_SERVER_DEVICE"] = config.server_device
+    if config.secret_file:
+        env["PS_SECRET_FILE"] = config.secret_file
     return env
 
 

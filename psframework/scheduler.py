@@ -23,6 +23,7 @@ from .config import SchedulerConfig
 from .errors import ProtocolError, PSError
 from .node import POLL_SLICE, RateLimitedLog, describe
 from .sharding import TensorSpec, assign_shards
+from .security import load_secret
 from .transport import Transport, ZmqTransport
 
 log = logging.getLogger("psframework.scheduler")
@@ -56,7 +57,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self.socket = self.transport.listen(config.bind_host, config.port,
                                             max_message_bytes=config.max_message_bytes)
         self.address = self.socket.address
@@ -144,8 +145,7 @@ class Scheduler:
         if role not in ROLES:
             raise _Reject(P.PROTOCOL, f"hello from unknown role {role!r}")
         if self._running:
-            raise _Reject(P.CONFIG if hasattr(P, "CONFIG") else "config",
-                          f"the job is already running; {role} on {header.get('host')} arrived too late")
+            raise _Reject("config", f"the job is already running; {role} on {header.get('host')} arrived too late")
         if rank is not None and not (isinstance(rank, int) and 0 <= rank < self._expected(role)):
             raise _Reject("config", f"{role} rank {rank!r} is out of range 0..{self._expected(role) - 1}")
         same_role = [h for _, h in self._hellos if h["role"] == role]
@@ -206,10 +206,14 @@ class Scheduler:
 
     # -- liveness ------------------------------------------------------------------------
 
-    def _node_for(self, header: dict) -> _Node:
+    def _node_for(self, header: dict, peer: Optional[bytes] = None) -> _Node:
+        """The node a message claims to come from; with ``peer``, it must come from that node's
+        own control socket, so nobody can join a barrier or leave on another node's behalf."""
         node = self.nodes.get((header.get("role"), header.get("rank")))
         if node is None:
             raise _Reject(P.PROTOCOL, f"message from unknown node {header.get('role')} {header.get('rank')}")
+        if peer is not None and peer != node.identity:
+            raise _Reject(P.PROTOCOL, f"{header['op']} for {node.role} {node.rank} from a socket that is not its own")
         return node
 
     def _on_heartbeat(self, peer: bytes, header: dict) -> None:
@@ -253,7 +257,7 @@ class Scheduler:
     # -- registration --------------------------------------------------------------------
 
     def _on_register(self, peer: bytes, header: dict) -> None:
-        node = self._node_for(header)
+        node = self._node_for(header, peer)
         if self._shard_map_wire is not None:
             raise _Reject(P.REGISTRATION, f"worker {node.rank}: tensors are already registered; "
                                           "register() may be called once per job")
@@ -315,7 +319,7 @@ class Scheduler:
     # -- barriers and leaving ------------------------------------------------------------
 
     def _on_barrier(self, peer: bytes, header: dict) -> None:
-        node = self._node_for(header)
+        node = self._node_for(header, peer)
         seq = int(header["seq"])
         waiting = self._barriers.setdefault(seq, {})
         waiting[node.rank] = peer
@@ -325,7 +329,7 @@ class Scheduler:
             del self._barriers[seq]
 
     def _on_bye(self, peer: bytes, header: dict) -> None:
-        node = self._node_for(header)
+        node = self._node_for(header, peer)
         if node.state == "live":
             node.state = "left"
             log.info("worker %d on %s finished", node.rank, node.host)

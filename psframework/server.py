@@ -29,6 +29,7 @@ from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
 from .buffers import byte_view, dtype_from_name
 from .sharding import Block, ShardMap
+from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
 
 log = logging.getLogger("psframework.server")
@@ -81,7 +82,7 @@ class Server:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self.data: Optional[Socket] = None
         self.membership: Optional[Membership] = None
         self.blocks: dict[int, _BlockState] = {}

@@ -31,6 +31,7 @@ from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
 from .buffers import byte_view, dtype_name
 from .sharding import Block, Segment, ShardMap, TensorSpec
+from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
 
 log = logging.getLogger("psframework.worker")
@@ -94,7 +95,7 @@ class Worker:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self._closed = False
         self.membership: Optional[Membership] = None
         self._servers: list[Socket] = []
@@ -362,10 +363,11 @@ def _flat_dest(tensor: torch.Tensor, future: Future) -> torch.Tensor:
 
 
 def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,
-         transport: Optional[Transport] = None) -> Worker:
-    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables.
+         secret_file: Optional[str] = None, transport: Optional[Transport] = None) -> Worker:
+    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables;
+    keyword arguments override them (``secret_file``: the job secret of an authenticated job).
 
     >>> worker = ps.init(scheduler="tcp://127.0.0.1:9091")   # doctest: +SKIP
     """
-    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout)
+    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout, secret_file=secret_file)
     return Worker(config, transport=transport)
