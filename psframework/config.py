@@ -38,6 +38,9 @@ ENV_VARS = {
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
     "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
     "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
+    "PS_CHECKPOINT_DIR": "directory of checkpoints (DistributedOptimizer saves and resumes there)",
+    "PS_CHECKPOINT_EVERY": "DistributedOptimizer saves a checkpoint every N steps (0: never)",
+    "PS_RESUME": "1: DistributedOptimizer resumes from the newest complete checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
 }
 
@@ -106,9 +109,13 @@ class NodeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     start_timeout: float = 60.0
     secret_file: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
+        _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
         if self.device is not None:
             check_device(self.device)
@@ -194,6 +201,9 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         start_timeout=_env(env, "PS_START_TIMEOUT", float, 60.0),
         secret_file=_env(env, "PS_SECRET_FILE", str, None),
+        checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
+        checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
+        resume=_env(env, "PS_RESUME", str, "0").lower() in ("1", "true", "yes"),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:

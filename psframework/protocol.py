@@ -31,6 +31,14 @@ BARRIER_DONE = "barrier_done"
 BYE = "bye"
 BYE_ACK = "bye_ack"
 SHUTDOWN = "shutdown"
+CHECKPOINT = "checkpoint"        # worker -> scheduler, collective
+CHECKPOINT_DONE = "checkpoint_done"
+RESTORE = "restore"              # worker -> scheduler, collective
+RESTORE_DONE = "restore_done"
+SAVE = "save"                    # scheduler -> server
+SAVED = "saved"
+LOAD = "load"                    # scheduler -> server
+LOADED = "loaded"
 # workers <-> servers
 PUSH = "push"
 PULL = "pull"
@@ -48,6 +56,7 @@ REGISTRATION = "registration"
 PEER_LOST = "peer_lost"
 TIMEOUT = "timeout"
 PROTOCOL = "protocol"
+CHECKPOINT_ERROR = "checkpoint"
 
 MAX_HEADER_BYTES = 1 << 20
 

@@ -16,8 +16,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+from . import checkpoint
 from . import protocol as P
 from .config import SchedulerConfig
 from .errors import ProtocolError, PSError
@@ -68,7 +70,10 @@ class Scheduler:
         self._registrations: dict[int, tuple[bytes, dict]] = {}
         self._setup_waiting: set[int] = set()
         self._shard_map_wire: Optional[dict] = None
+        self._optimizer_wire: Optional[dict] = None
         self._barriers: dict[int, dict[int, bytes]] = {}
+        self._collecting: dict[str, dict[int, tuple[bytes, dict]]] = {P.CHECKPOINT: {}, P.RESTORE: {}}
+        self._storage: Optional[_StorageOp] = None
         self._shutdown_at: Optional[float] = None
         self._failed = False
         self._garbage_log = RateLimitedLog(log)
@@ -130,6 +135,11 @@ class Scheduler:
             P.SETUP_DONE: self._on_setup_done,
             P.BARRIER: self._on_barrier,
             P.BYE: self._on_bye,
+            P.CHECKPOINT: self._on_checkpoint,
+            P.RESTORE: self._on_restore,
+            P.SAVED: self._on_server_done,
+            P.LOADED: self._on_server_done,
+            P.ERROR: self._on_server_error,
         }.get(header["op"])
         if handler is None:
             raise _Reject(P.PROTOCOL, f"the scheduler does not handle op {header['op']!r}")
@@ -246,6 +256,11 @@ class Scheduler:
         for peer, _ in self._registrations.values():
             self._reply(peer, P.error_header(P.PEER_LOST, f"register cannot complete: {message}"))
         self._registrations.clear()
+        waits = [w for w in self._collecting.values() if w] + ([self._storage.waiting] if self._storage else [])
+        for waiting in waits:
+            self._answer_all(waiting, P.error_header(P.PEER_LOST, f"checkpoint cannot complete: {message}"))
+        self._collecting = {P.CHECKPOINT: {}, P.RESTORE: {}}
+        self._storage = None
 
     def _maybe_finish(self) -> None:
         workers = [n for n in self.nodes.values() if n.role == "worker"]
@@ -274,7 +289,7 @@ class Scheduler:
             self._registrations.clear()
             return
         self._shard_map_wire = shard_map.to_wire()
-        optimizer = self._registrations[0][1]["optimizer"]
+        optimizer = self._optimizer_wire = self._registrations[0][1]["optimizer"]
         for rank in range(self.config.num_servers):
             node = self.nodes[("server", rank)]
             self._reply(node.identity, {"op": P.SETUP, "shard_map": self._shard_map_wire, "optimizer": optimizer})
@@ -343,8 +358,113 @@ class Scheduler:
         self._maybe_finish()
 
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _collect(self, op: str, peer: bytes, header: dict) -> Optional[dict[int, tuple[bytes, dict]]]:
+        """Gather a collective request from every live worker; returns them once all arrived."""
+        node = self._node_for(header, peer)
+        if self._shard_map_wire is None:
+            raise _Reject(P.CHECKPOINT_ERROR, f"worker {node.rank}: {op} needs registered tensors; call register() first")
+        if self._storage is not None:
+            raise _Reject(P.CHECKPOINT_ERROR, f"worker {node.rank}: a checkpoint operation is already running")
+        waiting = self._collecting[op]
+        waiting[node.rank] = (peer, header)
+        if len(waiting) < self._live_workers():
+            return None
+        self._collecting[op] = {}
+        return waiting
+
+    def _on_checkpoint(self, peer: bytes, header: dict) -> None:
+        waiting = self._collect(P.CHECKPOINT, peer, header)
+        if waiting is None:
+            return
+        step = max(int(h.get("step", 0)) for _, h in waiting.values())
+        directory = Path(str(waiting[min(waiting)][1]["directory"])) / checkpoint.tag_for(step)
+        self._storage = _StorageOp(P.CHECKPOINT, waiting, directory, step)
+        for rank in range(self.config.num_servers):
+            self._reply(self.nodes[("server", rank)].identity,
+                        {"op": P.SAVE, "path": str(directory / f"server-{rank}.pt")})
+            self._storage.pending.add(rank)
+
+    def _on_restore(self, peer: bytes, header: dict) -> None:
+        waiting = self._collect(P.RESTORE, peer, header)
+        if waiting is None:
+            return
+        root = Path(str(waiting[min(waiting)][1]["directory"]))
+        try:
+            found = checkpoint.find_latest(root)
+            if found is not None:
+                checkpoint.check_compatible(found[1], self._shard_map_wire, self.config.mode,
+                                            self.config.num_servers, found[0])
+        except PSError as exc:
+            self._answer_all(waiting, P.error_header(P.CHECKPOINT_ERROR, str(exc)))
+            return
+        if found is None:
+            log.info("no complete checkpoint under %s: starting afresh", root)
+            self._answer_all(waiting, {"op": P.RESTORE_DONE, "step": None})
+            return
+        directory, manifest = found
+        self._storage = _StorageOp(P.RESTORE, waiting, directory, int(manifest["step"]))
+        for rank in range(self.config.num_servers):
+            name = f"server-{rank}.pt"
+            self._reply(self.nodes[("server", rank)].identity,
+                        {"op": P.LOAD, "path": str(directory / name), "sha256": manifest["files"][name]["sha256"]})
+            self._storage.pending.add(rank)
+
+    def _on_server_done(self, peer: bytes, header: dict) -> None:
+        node = self._node_by_identity(peer)
+        op = self._storage
+        if op is None or node.role != "server":
+            raise _Reject(P.PROTOCOL, f"unexpected {header['op']} from {node.role} {node.rank}")
+        op.pending.discard(node.rank)
+        if header["op"] == P.SAVED:
+            op.files[Path(str(header["path"])).name] = {"sha256": header["sha256"], "bytes": header["bytes"]}
+        if op.pending:
+            return
+        self._storage = None
+        if op.kind == P.RESTORE:
+            log.info("restored checkpoint %s (step %d)", op.directory, op.step)
+            self._answer_all(op.waiting, {"op": P.RESTORE_DONE, "step": op.step, "path": str(op.directory)})
+            return
+        checkpoint.write_manifest(op.directory, {
+            "step": op.step, "mode": self.config.mode, "staleness": self.config.staleness,
+            "num_servers": self.config.num_servers, "num_workers": self.config.num_workers,
+            "shard_map": self._shard_map_wire, "optimizer": self._optimizer_wire, "files": op.files,
+            "worker_steps": {str(r): int(h.get("step", 0)) for r, (_, h) in op.waiting.items()},
+            "created": time.time(),
+        })
+        log.info("checkpoint %s written (%d files)", op.directory, len(op.files))
+        self._answer_all(op.waiting, {"op": P.CHECKPOINT_DONE, "step": op.step, "path": str(op.directory)})
+
+    def _on_server_error(self, peer: bytes, header: dict) -> None:
+        node = self._node_by_identity(peer)
+        op = self._storage
+        if op is None:
+            raise _Reject(P.PROTOCOL, f"unexpected error report from {node.role} {node.rank}")
+        self._storage = None
+        message = f"server {node.rank} on {node.host}: {header.get('message')}"
+        log.error("%s failed: %s", op.kind, message)
+        self._answer_all(op.waiting, P.error_header(P.CHECKPOINT_ERROR, message))
+
+    def _answer_all(self, waiting: dict[int, tuple[bytes, dict]], header: dict) -> None:
+        for peer, _ in waiting.values():
+            self._reply(peer, header)
+
+
 class _StartFailed(Exception):
     pass
+
+
+@dataclass
+class _StorageOp:
+    """A checkpoint or restore in progress: the waiting workers and the servers not done yet."""
+
+    kind: str
+    waiting: dict[int, tuple[bytes, dict]]
+    directory: Path
+    step: int
+    pending: set[int] = field(default_factory=set)
+    files: dict[str, dict] = field(default_factory=dict)
 
 
 def _first_mismatch(reference: list[dict], other: list[dict]) -> str:

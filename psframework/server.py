@@ -18,13 +18,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import checkpoint
 from . import protocol as P
 from .config import NodeConfig, default_device
-from .errors import PSError, ProtocolError
+from .errors import CheckpointError, PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
 from .buffers import byte_view, dtype_from_name
@@ -133,8 +135,9 @@ class Server:
             ready = self.transport.poll([self.data, membership.socket], POLL_SLICE)
             if membership.socket in ready:
                 for header in membership.receive():
-                    if header["op"] == P.SETUP:
-                        self._setup(header)
+                    handler = {P.SETUP: self._setup, P.SAVE: self._save, P.LOAD: self._load}.get(header["op"])
+                    if handler is not None:
+                        handler(header)
             if self.data in ready:
                 self._drain_data()
             if membership.shutdown_requested:
@@ -360,6 +363,46 @@ class Server:
                 return (f"{why} after {state.clocks[worker]} pushes to block {state.block.block_id}, so "
                         f"this worker's wait for clock {pending.need_version} can never be satisfied")
         return None
+
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _save(self, header: dict) -> None:
+        path = Path(str(header["path"]))
+        try:
+            payload = {
+                "rank": self.membership.rank,
+                "blocks": {bid: {"params": [p.detach().cpu() for p in st.params], "clocks": list(st.clocks),
+                                 "version": st.version} for bid, st in self.blocks.items()},
+                "optimizer": self.optimizer.state_dict(),
+            }
+            sha256, size = checkpoint.save_shard(path, payload)
+        except Exception as exc:  # disk full, permissions: the job must hear it, not hang
+            self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot write {path}: {exc}"))
+            return
+        self.membership.send({"op": P.SAVED, "path": str(path), "sha256": sha256, "bytes": size})
+
+    def _load(self, header: dict) -> None:
+        path = Path(str(header["path"]))
+        try:
+            payload = checkpoint.load_shard(path, str(header["sha256"]))
+            saved = payload["blocks"]
+            if set(saved) != set(self.blocks):
+                raise CheckpointError(f"{path} holds blocks {sorted(saved)[:5]}..., this server "
+                                      f"holds {sorted(self.blocks)[:5]}...")
+            for block_id, state in self.blocks.items():
+                state.wait_sends()
+                for param, value in zip(state.params, saved[block_id]["params"]):
+                    param.copy_(value)
+                state.clocks = list(saved[block_id]["clocks"])
+                state.version = int(saved[block_id]["version"])
+                state.accums.clear()
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except Exception as exc:
+            self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot restore {path}: {exc}"))
+            return
+        log.info("server %d restored %s", self.membership.rank, path)
+        self.membership.send({"op": P.LOADED, "path": str(path)})
 
 
 def main(config: NodeConfig) -> int:

@@ -111,6 +111,8 @@ class Worker:
         self._barrier_seq = 0
         self.shard_map: Optional[ShardMap] = None
         self._specs: dict[str, TensorSpec] = {}
+        self._registered: dict[str, torch.Tensor] = {}
+        self.steps = 0  # pushes and push_pulls made; the default step number of a checkpoint
         self._layout: dict[str, list[tuple[Block, int, Segment]]] = {}
 
     # -- identity ------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class Worker:
             expect=P.REGISTERED)
         self.shard_map = ShardMap.from_wire(reply["shard_map"])
         self._specs = {s.name: s for s in specs}
+        self._registered = tensors
         self._layout = {s.name: [] for s in specs}
         for block in self.shard_map.blocks:
             for i, seg in enumerate(block.segments):
@@ -176,7 +179,9 @@ class Worker:
 
     def push(self, grads: TensorsLike) -> Future:
         """Send gradients; the servers apply them by the job's mode. Returns a Future."""
-        return self._send(P.PUSH, _as_dict(grads, "push()"), None)
+        future = self._send(P.PUSH, _as_dict(grads, "push()"), None)
+        self.steps += 1
+        return future
 
     def pull(self, tensors: TensorsLike) -> Future:
         """Copy the current values into these tensors (once the mode allows). Returns a Future."""
@@ -189,7 +194,9 @@ class Worker:
         missing = [k for k in grads if k not in dest]
         if missing:
             raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
-        return self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads})
+        future = self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads})
+        self.steps += 1
+        return future
 
     def _check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
         spec = self._specs.get(name)
@@ -282,6 +289,47 @@ class Worker:
                     error = ProtocolError(f"reply from {sock.address} had a frame of {got} bytes, expected {len(view)}")
         sock.skip_rest()
         request.future._resolve(error)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, step: Optional[int] = None) -> str:
+        """Collective: snapshot every shard, the optimizer state and the clocks under ``directory``.
+
+        Every worker calls it at the same point (in sync mode: after the same step). Requests
+        still in flight are completed first, so the snapshot holds the same pushes everywhere.
+        Returns the checkpoint's directory (``directory/step-NNNNNNNN``).
+        """
+        self._require_registered("save_checkpoint")
+        self._wait_all()
+        reply = self.membership.request(
+            {"op": P.CHECKPOINT, "role": "worker", "rank": self.rank, "directory": str(directory),
+             "step": self.steps if step is None else int(step)}, expect=P.CHECKPOINT_DONE)
+        return reply["path"]
+
+    def load_checkpoint(self, directory: str) -> Optional[int]:
+        """Collective: restore the newest complete checkpoint under ``directory`` on every server and
+        pull it into the registered tensors. Returns its step, or None if there is none yet."""
+        self._require_registered("load_checkpoint")
+        self._wait_all()
+        reply = self.membership.request(
+            {"op": P.RESTORE, "role": "worker", "rank": self.rank, "directory": str(directory)},
+            expect=P.RESTORE_DONE)
+        if reply.get("step") is None:
+            return None
+        self.pull(self._registered).wait()
+        self.steps = int(reply["step"])
+        return self.steps
+
+    def _require_registered(self, what: str) -> None:
+        self._check_open()
+        if self.shard_map is None:
+            raise ConfigError(f"{what}: call register() first")
+
+    def _wait_all(self) -> None:
+        while self._pending:
+            self.membership.check()
+            for sock in self.transport.poll(self._servers, POLL_SLICE):
+                self._drain(sock)
 
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Block until every live worker reached the same barrier."""

@@ -69,7 +69,24 @@ def die_after(out: str, steps: int, victim: int) -> None:
     os._exit(0)
 
 
-TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after)}
+def checkpointed_train(out: str, optimizer: str, total_steps: int, stop_after: int = 0) -> None:
+    """DistributedOptimizer with PS_CHECKPOINT_* from the environment; optionally stops early."""
+    model = torch.nn.Module()
+    for name, value in models.make_params(0).items():
+        model.register_parameter(name, torch.nn.Parameter(value))
+    with ps.DistributedOptimizer(model, models.optimizer_spec(optimizer)) as opt:
+        per = models.BATCH // opt.worker.num_workers
+        mine = slice(opt.worker.rank * per, (opt.worker.rank + 1) * per)
+        params = dict(model.named_parameters())
+        for step in range(opt.start_step, stop_after or total_steps):
+            x, y = models.batch(step)
+            opt.zero_grad()
+            models.loss_fn(params, x[mine], y[mine]).backward()
+            opt.step()
+        torch.save({"start_step": opt.start_step, "params": {k: v.detach() for k, v in params.items()}}, out)
+
+
+TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after, checkpointed_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
