@@ -41,6 +41,8 @@ ENV_VARS = {
     "PS_CHECKPOINT_DIR": "directory of checkpoints (DistributedOptimizer saves and resumes there)",
     "PS_CHECKPOINT_EVERY": "DistributedOptimizer saves a checkpoint every N steps (0: never)",
     "PS_RESUME": "1: DistributedOptimizer resumes from the newest complete checkpoint",
+    "PS_ELASTIC": "1: workers may die and join; sync steps average over the live workers",
+    "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
 }
 
@@ -81,6 +83,9 @@ class SchedulerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timing: Timing = field(default_factory=Timing)
     secret_file: Optional[str] = None
+    elastic: bool = False
+    restart_servers: bool = False
+    checkpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
@@ -161,6 +166,10 @@ def _env(environ: Mapping[str, str], name: str, kind: type = str, default=None):
     return _typed(name, raw, kind)
 
 
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return _env(environ, name, str, "0").lower() in ("1", "true", "yes", "on")
+
+
 def timing_from_env(environ: Optional[Mapping[str, str]] = None) -> Timing:
     env = os.environ if environ is None else environ
     base = Timing()
@@ -184,6 +193,9 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         timing=timing_from_env(env),
         secret_file=_env(env, "PS_SECRET_FILE", str, None),
+        elastic=_flag(env, "PS_ELASTIC"),
+        restart_servers=_flag(env, "PS_RESTART_FAILED_SERVERS"),
+        checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SchedulerConfig(**values)
@@ -203,7 +215,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         secret_file=_env(env, "PS_SECRET_FILE", str, None),
         checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
         checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
-        resume=_env(env, "PS_RESUME", str, "0").lower() in ("1", "true", "yes"),
+        resume=_flag(env, "PS_RESUME"),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -238,6 +250,12 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         env["PS_SERVER_DEVICE"] = config.server_device
     if config.secret_file:
         env["PS_SECRET_FILE"] = config.secret_file
+    if config.elastic:
+        env["PS_ELASTIC"] = "1"
+    if config.restart_servers:
+        env["PS_RESTART_FAILED_SERVERS"] = "1"
+    if config.checkpoint_dir:
+        env["PS_CHECKPOINT_DIR"] = config.checkpoint_dir
     return env
 
 

@@ -39,6 +39,8 @@ SAVE = "save"                    # scheduler -> server
 SAVED = "saved"
 LOAD = "load"                    # scheduler -> server
 LOADED = "loaded"
+ACTIVATE = "activate"            # scheduler -> server: a worker that joined late takes part from now
+ACTIVATED = "activated"
 # workers <-> servers
 PUSH = "push"
 PULL = "pull"

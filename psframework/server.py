@@ -57,7 +57,7 @@ class _Pending:
 @dataclass
 class _Accum:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
-    count: int = 0
+    contributors: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Server:
         self.device = torch.device("cpu")
         self.applied_updates = 0
         self.received_pushes = 0
+        self._clock_template: list[int] = []
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -135,7 +136,8 @@ class Server:
             ready = self.transport.poll([self.data, membership.socket], POLL_SLICE)
             if membership.socket in ready:
                 for header in membership.receive():
-                    handler = {P.SETUP: self._setup, P.SAVE: self._save, P.LOAD: self._load}.get(header["op"])
+                    handler = {P.SETUP: self._setup, P.SAVE: self._save, P.LOAD: self._load,
+                               P.ACTIVATE: self._activate}.get(header["op"])
                     if handler is not None:
                         handler(header)
             if self.data in ready:
@@ -144,6 +146,8 @@ class Server:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
                 return 0
             if membership.peers_changed:
+                for state in self.blocks.values():
+                    self._complete_steps(state)
                 self._fail_impossible_waits()
             membership.check(peers=False)
             membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
@@ -175,6 +179,7 @@ class Server:
             )
             params.extend(seg_params)
         self.optimizer = ShardOptimizer(spec, params)
+        self._clock_template = [0] * num_workers
         self.membership.send({"op": P.SETUP_DONE, "blocks": len(self.blocks)})
         log.info("server %d holds %d blocks, %.1f MiB", rank, len(self.blocks),
                  sum(b.block.nbytes for b in self.blocks.values()) / 2**20)
@@ -285,10 +290,20 @@ class Server:
                 accum.tensors[i] = grad.to(self.device, copy=True, non_blocking=True)
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
-        accum.count += 1
-        while (ready := state.accums.get(state.version)) is not None and ready.count >= len(state.clocks):
+        accum.contributors.add(rank)
+        self._complete_steps(state)
+
+    def _active_workers(self) -> set[int]:
+        """Workers a sync step waits for: all of them, or in an elastic job those still in it."""
+        everyone = set(range(len(self._clock_template)))
+        return everyone - self.membership.departed_workers if self.membership.elastic else everyone
+
+    def _complete_steps(self, state: _BlockState) -> None:
+        active = self._active_workers()
+        while (ready := state.accums.get(state.version)) is not None and active <= ready.contributors:
             del state.accums[state.version]
-            self._apply(state, ready.tensors, scale=1.0 / len(state.clocks), bump_version=False)
+            # the mean over those who pushed: equal to all workers unless an elastic job shrank
+            self._apply(state, ready.tensors, scale=1.0 / len(ready.contributors), bump_version=False)
             state.version += 1
 
     def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
@@ -306,7 +321,8 @@ class Server:
         if state.version < pending.need_version and self.membership.mode == "sync":
             return False
         if self.membership.mode == "ssp":
-            live = [c for w, c in enumerate(state.clocks) if w not in self.membership.left_workers]
+            gone = self.membership.left_workers | self.membership.departed_workers
+            live = [c for w, c in enumerate(state.clocks) if w not in gone]
             slowest = min(live) if live else pending.need_version
             return pending.need_version - slowest <= self.membership.staleness
         return True
@@ -357,13 +373,22 @@ class Server:
             return None
         needed = pending.need_version - (self.membership.staleness if mode == "ssp" else 0)
         for worker, why in gone.items():
-            if mode == "ssp" and worker in self.membership.left_workers:
-                continue  # a finished worker no longer holds the others back
+            if (mode == "ssp" and worker in self.membership.left_workers) or self.membership.elastic:
+                continue  # a finished (ssp) or departed (elastic) worker no longer holds the others back
             if state.clocks[worker] < needed:
                 return (f"{why} after {state.clocks[worker]} pushes to block {state.block.block_id}, so "
                         f"this worker's wait for clock {pending.need_version} can never be satisfied")
         return None
 
+
+    def _activate(self, header: dict) -> None:
+        """A worker joined late: it takes part from each block's current step on."""
+        worker = int(header["worker"])
+        self.membership.rejoined(worker, int(header.get("epoch", 0)))
+        for state in self.blocks.values():
+            others = [c for w, c in enumerate(state.clocks) if w != worker]
+            state.clocks[worker] = state.version if self.membership.mode == "sync" else min(others, default=0)
+        self.membership.send({"op": P.ACTIVATED, "worker": worker})
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ def _as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
 @dataclass
 class _Request:
     future: "Future"
+    server: int = -1
+    frames: list = field(default_factory=list)  # kept to resend if the server is restarted
     dest: list[memoryview] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
 
@@ -70,6 +72,7 @@ class Future:
         self._outstanding = 0
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
+        self._on_complete: Optional[Callable[[], None]] = None
 
     def done(self) -> bool:
         return self._outstanding == 0
@@ -87,6 +90,8 @@ class Future:
         self._outstanding -= 1
         if error is not None and self._error is None:
             self._error = error
+        if self._outstanding == 0 and self._error is None and self._on_complete is not None:
+            self._on_complete()
 
 
 class Worker:
@@ -112,7 +117,7 @@ class Worker:
         self.shard_map: Optional[ShardMap] = None
         self._specs: dict[str, TensorSpec] = {}
         self._registered: dict[str, torch.Tensor] = {}
-        self.steps = 0  # pushes and push_pulls made; the default step number of a checkpoint
+        self.steps = 0  # pushes and push_pulls completed; the default step number of a checkpoint
         self._layout: dict[str, list[tuple[Block, int, Segment]]] = {}
 
     # -- identity ------------------------------------------------------------------------
@@ -170,18 +175,20 @@ class Worker:
         for block in self.shard_map.blocks:
             for i, seg in enumerate(block.segments):
                 self._layout[seg.key].append((block, i, seg))
-        if self.rank == 0:
-            self._send(P.INIT, tensors, None).wait()
-        self.barrier()
+        if reply.get("joined"):
+            # a worker that joined a running elastic job: take the current values, skip the start-up
+            self._barrier_seq = int(reply.get("barrier_seq", 0))
+        else:
+            if self.rank == 0:
+                self._send(P.INIT, tensors, None).wait()
+            self.barrier()
         self.pull(tensors).wait()
 
     # -- data path -----------------------------------------------------------------------
 
     def push(self, grads: TensorsLike) -> Future:
         """Send gradients; the servers apply them by the job's mode. Returns a Future."""
-        future = self._send(P.PUSH, _as_dict(grads, "push()"), None)
-        self.steps += 1
-        return future
+        return self._counted(self._send(P.PUSH, _as_dict(grads, "push()"), None))
 
     def pull(self, tensors: TensorsLike) -> Future:
         """Copy the current values into these tensors (once the mode allows). Returns a Future."""
@@ -194,8 +201,15 @@ class Worker:
         missing = [k for k in grads if k not in dest]
         if missing:
             raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
-        future = self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads})
-        self.steps += 1
+        return self._counted(self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads}))
+
+    def _counted(self, future: Future) -> Future:
+        """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
+        def done() -> None:
+            self.steps += 1
+            self.membership.stats = {"steps": self.steps}  # heartbeats report it, for rollback reports
+
+        future._on_complete = done
         return future
 
     def _check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
@@ -237,8 +251,9 @@ class Worker:
         segs = [i for i, _, _ in parts]
         header = {"op": op, "req": req, "block": block.block_id, "rank": self.rank, "dtype": block.dtype,
                   "segs": None if len(segs) == len(block.segments) else segs}
-        request = _Request(future)
-        frames = [P.pack_header(header)]
+        request = _Request(future, server=block.server)
+        frames = request.frames
+        frames.append(P.pack_header(header))
         for _, seg, name in parts:
             if flat_src:
                 piece = flat_src[name][seg.offset:seg.offset + seg.numel]
@@ -256,10 +271,22 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not future.done():
             self.membership.check()
+            self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
                 raise PSTimeoutError(f"worker {self.rank}: request not answered within {timeout} s")
             for sock in self.transport.poll(self._servers, POLL_SLICE):
                 self._drain(sock)
+
+    def _follow_moved_servers(self) -> None:
+        """A restarted server listens at a new address: reconnect and resend what it never answered."""
+        for rank, address in self.membership.moved_servers().items():
+            log.warning("worker %d: server %d restarted at %s; resending %d requests", self.rank, rank, address,
+                        sum(1 for r in self._pending.values() if r.server == rank))
+            self._servers[rank].close()
+            self._servers[rank] = self.transport.connect(address, max_message_bytes=self.config.max_message_bytes)
+            for request in self._pending.values():
+                if request.server == rank:
+                    self._servers[rank].send(request.frames, check=self.membership.check)
 
     def _drain(self, sock: Socket) -> None:
         while self.transport.poll([sock], 0):
@@ -318,6 +345,7 @@ class Worker:
             return None
         self.pull(self._registered).wait()
         self.steps = int(reply["step"])
+        self.membership.stats = {"steps": self.steps}
         return self.steps
 
     def _require_registered(self, what: str) -> None:
@@ -328,6 +356,7 @@ class Worker:
     def _wait_all(self) -> None:
         while self._pending:
             self.membership.check()
+            self._follow_moved_servers()
             for sock in self.transport.poll(self._servers, POLL_SLICE):
                 self._drain(sock)
 

@@ -86,7 +86,41 @@ def checkpointed_train(out: str, optimizer: str, total_steps: int, stop_after: i
         torch.save({"start_step": opt.start_step, "params": {k: v.detach() for k, v in params.items()}}, out)
 
 
-TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after, checkpointed_train)}
+def elastic_train(out: str, flag_dir: str, victim: int = -1, die_at: int = 0, first: int = 10, second: int = 5) -> None:
+    """Gradients of rank+1 with SGD(lr=1): every step moves w by minus the mean over contributors.
+
+    Originals run ``first`` steps (the victim dies after ``die_at``), say so in flag_dir, wait for a
+    joiner to announce itself, then all run ``second`` steps. A joiner registers, announces
+    itself, and runs the ``second`` steps."""
+    from pathlib import Path
+
+    flags = Path(flag_dir)
+    worker = ps.init()
+    params = {"w": torch.zeros(1000)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    joined_at = params["w"][0].item()
+    grads = {"w": torch.full((1000,), float(worker.rank + 1))}
+    joiner = (flags / "originals-done").exists()
+    if not joiner:
+        for step in range(first):
+            if worker.rank == victim and step == die_at:
+                os._exit(17)
+            worker.push_pull(grads, into=params).wait(timeout=30)
+        (flags / f"done-{worker.rank}").touch()
+        deadline = time.monotonic() + 60
+        while not (flags / "joined").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        (flags / "joined").touch()
+    after_first = params["w"][0].item()
+    for _ in range(second):
+        worker.push_pull(grads, into=params).wait(timeout=30)
+    torch.save({"rank": worker.rank, "joined_at": joined_at, "after_first": after_first,
+                "final": params["w"].clone()}, out)
+    worker.close()
+
+
+TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after, checkpointed_train, elastic_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
