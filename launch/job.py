@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 from launch.commands import ProcessSpec, host_addresses, node_processes, scheduler_process
 from launch.config import LaunchConfig
 from launch.process import Console, JobProcess
+from psframework.errors import ConfigError
 
 TICK = 0.05
 STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL
@@ -102,7 +103,10 @@ class Job:
     def run(self) -> int:
         self._deadline = time.monotonic() + self.cfg.start_timeout
         if self._log_dir is not None:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create --log-dir {self._log_dir}: {exc.strerror or exc}") from None
         outcome = None
         try:
             outcome = self._start_and_watch()
@@ -221,7 +225,7 @@ class Job:
             scheduler = self.procs[0]
             details.append(f"the scheduler on {scheduler.spec.host} never reported its address "
                            f"({scheduler.describe_exit()}); its last lines:")
-            details += [f"    | {line}" for line in list(scheduler.tail)[-SHOWN_LINES:]]
+            details += [f"    | {line}" for line in scheduler.last_lines(SHOWN_LINES)]
         return Outcome(EXIT_FAILED, headline, details=details)
 
     # -- stopping ------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class Job:
         if outcome.root is not None:
             root = outcome.root
             lines.append(f"ROOT CAUSE: {root.where()}: {root.describe_exit()}")
-            tail = list(root.tail)[-SHOWN_LINES:]
+            tail = root.last_lines(SHOWN_LINES)
             lines.append(f"last {_lines(len(tail))} of {root.name}:" if tail else f"{root.name} printed nothing")
             lines += [f"    | {line}" for line in tail]
         lines += outcome.details
@@ -281,7 +285,7 @@ def _lines(n: int) -> str:
 def _is_secondary(proc: JobProcess) -> bool:
     """Did it fail because another process of the job was lost (not a root cause)?"""
     proc.join_output(timeout=0.5)
-    return any(SECONDARY_ERROR in line for line in list(proc.tail)[-SHOWN_LINES:])
+    return any(SECONDARY_ERROR in line for line in proc.last_lines(SHOWN_LINES))
 
 
 def _wait_until(done: Callable[[], bool], deadline: float) -> None:

@@ -80,7 +80,8 @@ class JobProcess:
         self.stopped_by_launcher = False
         self.remote_pgid: Optional[int] = None
         self.remote_exit: Optional[int] = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._tail_lock = threading.Lock()
         self._prefix = f"[{spec.name}] ".encode()
         self._reader: Optional[threading.Thread] = None
         self._log: Optional[IO[bytes]] = None
@@ -111,7 +112,8 @@ class JobProcess:
                                stdin=subprocess.DEVNULL if self.spec.local else subprocess.PIPE)
         except OSError as exc:
             self.start_error = f"could not start: {exc}"
-            self.tail.append(self.start_error)
+            self._keep(self.start_error)
+            _close_quietly(self._log)
             return
         self._reader = threading.Thread(target=self._read_output, name=f"ps-launch-output-{self.spec.log_name}",
                                         daemon=True)
@@ -147,12 +149,21 @@ class JobProcess:
         if not self.spec.local and text.startswith(MARKER + " "):
             self._remote_marker(text[len(MARKER) + 1:])
             return
-        self.tail.append(text)
+        self._keep(text)
         if self._log is not None:
             self._log.write(raw if raw.endswith(b"\n") else raw + b"\n")
         self.console.line(self._prefix, raw)
         if self.on_line is not None:
             self.on_line(self, text)
+
+    def _keep(self, text: str) -> None:
+        with self._tail_lock:
+            self._tail.append(text)
+
+    def last_lines(self, count: int) -> list[str]:
+        """The last ``count`` lines it printed (the reader thread may still be adding more)."""
+        with self._tail_lock:
+            return list(self._tail)[-count:]
 
     def _remote_marker(self, text: str) -> None:
         key, _, value = text.partition("=")
