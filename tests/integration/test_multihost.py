@@ -104,3 +104,15 @@ def test_remote_worker_killed_stops_everything(cluster, launch, tmp_path):
     assert report[0] == f"ps-launch: ROOT CAUSE: worker 1 (host {host.address}, pid {victim}): killed by SIGKILL"
     assert _only_sshd_left(cluster) == {h.name: set() for h in cluster.hosts}
     assert_no_leftovers(run.job_id)
+
+
+def test_remote_processes_die_with_ps_launch(cluster, launch):
+    # nothing stops them explicitly: the ssh clients die with ps-launch, and each remote_child sees EOF
+    sleeper = [PY, "-c", "import time; print('ready', flush=True); time.sleep(120)"]
+    run = launch("-n", "2", "-s", "1", "--", *sleeper)
+    run.wait_for_output("[worker 1] ready", timeout=60)
+    run.wait_for_output("[worker 0] ready", timeout=10)
+    run.proc.kill()
+    run.proc.wait(timeout=10)
+    assert _only_sshd_left(cluster, timeout=8) == {h.name: set() for h in cluster.hosts}
+    assert_no_leftovers(run.job_id)
