@@ -22,6 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "tests" / "integration" / "scripts" / "train_check.py"
+# passed through by ps-launch to every process: a finished job shuts down in a fraction of a second
+FAST_HEARTBEATS = {"PS_HEARTBEAT_INTERVAL": "0.2", "PS_HEARTBEAT_TIMEOUT": "4"}
 
 
 def train_check():
@@ -60,7 +62,8 @@ class Launch:
         self.job_id = f"pstest-{uuid.uuid4().hex[:12]}"
         self._out = open(tmp_path / f"{tag}.stdout", "w+")
         self._err = open(tmp_path / f"{tag}.stderr", "w+")
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "PS_JOB_ID": self.job_id, **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "PS_JOB_ID": self.job_id, **FAST_HEARTBEATS,
+                    **(env or {})}
         self.started = time.monotonic()
         # a session of its own, so the tests' cleanup can kill ps-launch and anything it left
         self.proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=REPO, env=full_env,

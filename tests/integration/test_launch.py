@@ -78,7 +78,10 @@ def test_sync_training_job(launch, tmp_path):
 def test_failing_worker_is_reported_as_the_root_cause(launch, tmp_path):
     run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--",
                  PY, str(TRAIN_SCRIPT), str(tmp_path), "--fail-rank", "1", "--fail-step", "2", "--fail-code", "3")
-    result = run.wait(timeout=60)
+    run.wait_for_output("[worker 1] worker 1: failing on purpose", timeout=60)
+    failed_at = time.monotonic()
+    result = run.wait(timeout=30)
+    assert time.monotonic() - failed_at < 10
     assert result.returncode == 1, result.stderr
     headline = next(line for line in result.stderr.splitlines() if "job failed" in line)
     assert "worker 1" in headline and "exit code 3" in headline
@@ -106,22 +109,22 @@ def test_worker_killed_by_sigkill(launch):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_the_whole_job(launch, sig):
-    run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--", *SLEEPER)
-    run.wait_for_output("[worker 1] ready", timeout=45)
+    run = launch("-n", "1", "-s", "1", "--server-device", "cpu", "--", *SLEEPER)
+    run.wait_for_output("[worker 0] ready", timeout=45)
     run.proc.send_signal(sig)
     result = run.wait(timeout=15)
     assert result.returncode == 128 + sig
     assert f"got {sig.name}; stopping the job" in result.stderr
-    assert "stopped 4 processes: scheduler, server 0, worker 0, worker 1" in result.stderr
+    assert "stopped 3 processes: scheduler, server 0, worker 0" in result.stderr
     assert_no_leftovers(run.job_id)
 
 
 def test_start_timeout_names_what_never_registered(launch):
-    run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--start-timeout", "4", "--", *SLEEPER)
+    run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--start-timeout", "3", "--", *SLEEPER)
     result = run.wait(timeout=30)
     assert result.returncode == 1
     assert result.elapsed < 15
-    assert "the cluster did not come up within 4 s" in result.stderr
+    assert "the cluster did not come up within 3 s" in result.stderr
     missing = next(line for line in result.stderr.splitlines() if "never registered" in line)
     assert "worker 0 on 127.0.0.1 (" in missing and "worker 1 on 127.0.0.1 (" in missing
     if "PS_SCHEDULER_ADDRESS=" in result.stdout:  # on a very loaded machine it may not get that far

@@ -36,7 +36,8 @@ def cluster(tmp_path):
 def launch(tmp_path, cluster):
     runs: list[Launch] = []
     hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text("".join(f"{h.address} slots=1 servers=1\n" for h in cluster.hosts))
+    # the explicit ssh port makes ps-launch pass -p, as it must for hosts whose sshd is not on 22
+    hostfile.write_text("".join(f"{h.address}:{h.ssh_port} slots=1 servers=1\n" for h in cluster.hosts))
 
     def start(*args: str) -> Launch:
         run = Launch(["-H", str(hostfile), "--ssh-config", str(cluster.ssh_config), "--server-device", "cpu",
