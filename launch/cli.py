@@ -18,47 +18,50 @@ import click
 
 from launch.config import LaunchConfig, parse_exports
 from launch.hostfile import read_hostfile
+from launch.job import run_job
 from psframework.config import MODES, scheduler_config_from_env
 from psframework.errors import ConfigError
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False, "max_content_width": 100}
+_CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
+
+
+def _option(*decls: str, **kwargs):
+    return click.option(*decls, show_envvar=True, **kwargs)
 
 
 @click.command(context_settings=_CONTEXT)
-@click.option("-H", "--hostfile", envvar="PS_HOSTFILE", type=click.Path(dir_okay=False),
+@_option("-H", "--hostfile", envvar="PS_HOSTFILE", type=click.Path(dir_okay=False),
               help="Hosts to use; without it everything runs on this host.")
-@click.option("-n", "--num-workers", envvar="PS_NUM_WORKERS", type=int,
+@_option("-n", "--num-workers", envvar="PS_NUM_WORKERS", type=int,
               help="Default: the hostfile's total slots, or 1 without a hostfile.")
-@click.option("-s", "--num-servers", envvar="PS_NUM_SERVERS", type=int,
+@_option("-s", "--num-servers", envvar="PS_NUM_SERVERS", type=int,
               help="Default: the hostfile's total servers=, or 1.")
-@click.option("--mode", envvar="PS_MODE", type=click.Choice(MODES), default="sync", show_default=True)
-@click.option("--staleness", envvar="PS_STALENESS", type=int, default=2, show_default=True,
+@_option("--mode", envvar="PS_MODE", type=click.Choice(MODES), default="sync", show_default=True)
+@_option("--staleness", envvar="PS_STALENESS", type=int, default=2, show_default=True,
               help="For ssp: how many steps the fastest worker may run ahead.")
-@click.option("--server-device", envvar="PS_SERVER_DEVICE",
+@_option("--server-device", envvar="PS_SERVER_DEVICE",
               help="cpu, cuda, cuda:N; default cuda where available, else cpu.")
-@click.option("--scheduler", "scheduler", envvar="PS_SCHEDULER_HOST", metavar="HOST[:PORT]",
+@_option("--scheduler", "scheduler", envvar="PS_SCHEDULER_HOST", metavar="HOST[:PORT]",
               help="Where the scheduler runs; default: the first host, a free port.")
-@click.option("--bind", envvar="PS_BIND", metavar="ADDRESS",
+@_option("--bind", envvar="PS_BIND", metavar="ADDRESS",
               help="Address to bind and advertise on this host (multi-NIC hosts).")
-@click.option("-x", "--env", "exports", envvar="PS_ENV", multiple=True, metavar="NAME[=VALUE]",
+@_option("-x", "--env", "exports", envvar="PS_ENV", multiple=True, metavar="NAME[=VALUE]",
               help="Export a variable to every process (like mpirun -x); repeatable.")
-@click.option("--log-dir", envvar="PS_LOG_DIR", type=click.Path(file_okay=False),
+@_option("--log-dir", envvar="PS_LOG_DIR", type=click.Path(file_okay=False),
               help="Write one log file per process here (worker-1.log, ...).")
-@click.option("--start-timeout", envvar="PS_START_TIMEOUT", type=float, default=60.0, show_default=True,
+@_option("--start-timeout", envvar="PS_START_TIMEOUT", type=float, default=60.0, show_default=True,
               metavar="SECONDS", help="Deadline for the whole cluster to come up.")
-@click.option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),
+@_option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),
               help="ssh client config file (ssh -F FILE) for remote hosts.")
-@click.option("--job-id", envvar="PS_JOB_ID", help="Exported as PS_JOB_ID to every process; default: random.")
+@_option("--job-id", envvar="PS_JOB_ID", help="Exported as PS_JOB_ID to every process; default: random.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
          start_timeout: float, **options) -> None:
     """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
 
-    Every option can also be set by the PS_* variable named in launch/README_ENV.md.
+    Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
     """
-    from launch.job import run_job  # after parsing, so --help and usage errors stay quick
-
     try:
         cfg = build_config(command, hostfile, exports, start_timeout, **options)
         code = run_job(cfg)

@@ -149,7 +149,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
            "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs"}
     captured = {}
-    monkeypatch.setattr("launch.job.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr("launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
     assert result.exit_code == 0, result.output
     cfg = captured["cfg"]
@@ -160,7 +160,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):
     captured = {}
-    monkeypatch.setattr("launch.job.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr("launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["-n", "1", "python", "train.py", "-n", "5", "--mode", "x"])
     assert result.exit_code == 0, result.output
     assert captured["cfg"].command == ("python", "train.py", "-n", "5", "--mode", "x")
