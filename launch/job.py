@@ -194,7 +194,8 @@ class Job:
 
     def _succeeded(self) -> Outcome:
         workers = sum(1 for p in self.procs if p.spec.role == "worker")
-        return Outcome(0, f"job finished: all {workers} workers exited 0")
+        who = "the worker" if workers == 1 else f"all {workers} workers"
+        return Outcome(0, f"job finished: {who} exited 0")
 
     def _failed(self, root: JobProcess) -> Outcome:
         return Outcome(EXIT_FAILED, f"job failed: {root.where()} {root.describe_exit()}; stopping the job",

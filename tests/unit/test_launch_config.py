@@ -87,7 +87,8 @@ def test_local_job_binds_loopback_and_every_process_gets_the_job():
                              "tcp://127.0.0.1:7000", "--bind", "127.0.0.1")
     env = nodes[3].environ
     assert env["PS_ROLE"] == "worker" and env["PS_RANK"] == "1" and env["PS_SCHEDULER"] == "tcp://127.0.0.1:7000"
-    assert (env["PS_NUM_WORKERS"], env["PS_NUM_SERVERS"], env["PS_MODE"], env["PS_STALENESS"]) == ("2", "2", "ssp", "1")
+    job = [env[k] for k in ("PS_NUM_WORKERS", "PS_NUM_SERVERS", "PS_MODE", "PS_STALENESS")]
+    assert job == ["2", "2", "ssp", "1"]
     assert env["PS_BIND"] == "127.0.0.1" and env["PS_JOB_ID"] == "j1" and env["PS_TEST"] == "v"
     assert "PYTHONPATH" not in env  # local processes inherit ps-launch's environment anyway
 
@@ -171,7 +172,8 @@ def test_heartbeat_and_chunk_settings_pass_through(monkeypatch):
     monkeypatch.setenv("PS_CHUNK_BYTES", "1024")
     cfg = build_config(("true",), None, (), 7.0)
     env = node_processes(cfg, host_addresses(cfg), "tcp://127.0.0.1:1")[0].environ
-    assert (env["PS_HEARTBEAT_INTERVAL"], env["PS_CHUNK_BYTES"], env["PS_START_TIMEOUT"]) == ("0.25", "1024", "7.0")
+    passed = [env[k] for k in ("PS_HEARTBEAT_INTERVAL", "PS_CHUNK_BYTES", "PS_START_TIMEOUT")]
+    assert passed == ["0.25", "1024", "7.0"]
 
 
 def test_usage_errors_exit_2_and_name_the_problem(tmp_path):
