@@ -7,7 +7,6 @@ started over ssh, and each host's processes bind that host's hostfile address.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
