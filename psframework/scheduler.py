@@ -6,7 +6,10 @@ register the same tensors, computes the shard map, hands the servers their block
 barriers, and declares dead any node whose heartbeats stop. It exits when every worker has
 closed (exit 0) or the job cannot go on (exit 1).
 
-Run one with ``python -m psframework scheduler`` (ps-launch does this for you).
+Run one with ``python -m psframework scheduler`` (ps-launch does this for you). Besides its log
+(stderr) it prints lines for the launcher on stdout: ``PS_SCHEDULER_ADDRESS=tcp://H:P`` once
+listening, ``PS_JOINED role=R rank=N host=H`` per node that said hello, ``PS_CLUSTER_UP`` once all
+joined.
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ class Scheduler:
         self._hellos.append((peer, header))
         log.info("%s from %s (pid %s) joined (%d/%d servers, %d/%d workers)", role, header.get("host"),
                  header.get("pid"), *self._counts())
+        tell_launcher(f"PS_JOINED role={role} rank={'-' if rank is None else rank} host={header.get('host')}")
         if len(self._hellos) == self.config.num_servers + self.config.num_workers:
             self._welcome_all()
 
@@ -206,6 +210,7 @@ class Scheduler:
         self._running = True
         log.info("all %d servers and %d workers joined; mode %s", self.config.num_servers,
                  self.config.num_workers, self.config.mode)
+        tell_launcher("PS_CLUSTER_UP")
 
     def _welcome_common(self) -> dict:
         return {
@@ -650,9 +655,14 @@ def _first_mismatch(reference: list[dict], other: list[dict]) -> str:
     return ""
 
 
+def tell_launcher(line: str) -> None:
+    """A machine-readable stdout line for ps-launch; unlike log lines it does not depend on PS_LOG_LEVEL."""
+    print(line, flush=True)
+
+
 def announce(address: str, address_file: Optional[str]) -> None:
     """Tell whoever started us where we listen: a stdout line, and a file written atomically."""
-    print(f"PS_SCHEDULER_ADDRESS={address}", flush=True)
+    tell_launcher(f"PS_SCHEDULER_ADDRESS={address}")
     if address_file:
         tmp = f"{address_file}.tmp{os.getpid()}"
         with open(tmp, "w") as fh:
