@@ -21,6 +21,7 @@ from launch.hostfile import read_hostfile
 from launch.job import run_job
 from psframework.config import MODES, scheduler_config_from_env
 from psframework.errors import ConfigError
+from psframework.security import MECHANISMS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
 
@@ -54,6 +55,18 @@ def _option(*decls: str, **kwargs):
 @_option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),
               help="ssh client config file (ssh -F FILE) for remote hosts.")
 @_option("--job-id", envvar="PS_JOB_ID", help="Exported as PS_JOB_ID to every process; default: random.")
+@_option("--auth", envvar="PS_AUTH", type=click.Choice(MECHANISMS), default="token", show_default=True,
+         help="token: every connection authenticated with a per-job secret; curve: also encrypted "
+              "(slower); none: no authentication.")
+@_option("--checkpoint-dir", envvar="PS_CHECKPOINT_DIR", type=click.Path(file_okay=False),
+         help="Where checkpoints are written and read (shared by scheduler and servers).")
+@_option("--checkpoint-every", envvar="PS_CHECKPOINT_EVERY", type=int, default=0, show_default=True,
+         metavar="N", help="DistributedOptimizer saves a checkpoint every N steps.")
+@_option("--resume", envvar="PS_RESUME", is_flag=True, help="Resume from the newest complete checkpoint.")
+@_option("--restart-failed-servers", envvar="PS_RESTART_FAILED_SERVERS", is_flag=True,
+         help="Restart a server that dies; it reloads its shards from the newest checkpoint.")
+@_option("--elastic", envvar="PS_ELASTIC", is_flag=True,
+         help="A worker that dies does not stop the job; sync steps average over the live workers.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],

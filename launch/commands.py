@@ -99,6 +99,8 @@ def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str]
     if placement.role != "scheduler":
         env["PS_RANK"] = str(placement.rank)
         env["PS_SCHEDULER"] = scheduler_address or ""
+    if placement.role == "worker":
+        env.update(cfg.worker_env())
     return ProcessSpec(role=placement.role, rank=placement.rank, host=placement.host,
                        ssh_port=placement.ssh_port, local=local, argv=tuple(argv), env=tuple(env.items()))
 

@@ -27,6 +27,7 @@ from launch.hosts import split_host_port
 from launch.placement import JobLayout, plan_job
 from psframework.config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, SchedulerConfig, Timing
 from psframework.errors import ConfigError
+from psframework.security import MECHANISMS
 
 # Every variable ps-launch reads, with the option it stands for (README_ENV.md shows this table).
 LAUNCH_ENV_VARS = {
@@ -43,12 +44,20 @@ LAUNCH_ENV_VARS = {
     "PS_START_TIMEOUT": ("--start-timeout", "seconds for the whole cluster to come up"),
     "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
     "PS_JOB_ID": ("--job-id", "job id exported to every process"),
+    "PS_AUTH": ("--auth", "token (default), curve or none: how processes of the job authenticate"),
+    "PS_CHECKPOINT_DIR": ("--checkpoint-dir", "directory of checkpoints"),
+    "PS_CHECKPOINT_EVERY": ("--checkpoint-every", "save a checkpoint every N steps (DistributedOptimizer)"),
+    "PS_RESUME": ("--resume", "resume from the newest complete checkpoint"),
+    "PS_RESTART_FAILED_SERVERS": ("--restart-failed-servers", "restart a dead server from the newest checkpoint"),
+    "PS_ELASTIC": ("--elastic", "workers may die (the others go on) and join"),
 }
 
 # Set by ps-launch for each process; a user value (-x) would silently break the job.
 RESERVED_VARS = frozenset({
     "PS_ROLE", "PS_RANK", "PS_SCHEDULER", "PS_BIND", "PS_HOST", "PS_JOB_ID", "PS_NUM_WORKERS",
     "PS_NUM_SERVERS", "PS_MODE", "PS_STALENESS", "PS_SERVER_DEVICE", "PS_START_TIMEOUT",
+    "PS_SECRET_FILE", "PS_CHECKPOINT_DIR", "PS_CHECKPOINT_EVERY", "PS_RESUME", "PS_ELASTIC",
+    "PS_RESTART_FAILED_SERVERS",
 })
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -78,6 +87,14 @@ class LaunchConfig:
     job_id: str = field(default_factory=lambda: secrets.token_hex(6))
     python: str = sys.executable
     cwd: str = field(default_factory=os.getcwd)
+    auth: str = "token"
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    restart_failed_servers: bool = False
+    elastic: bool = False
+    max_restarts: int = 3
+    secret_file: Optional[str] = None  # set by the job once it has written the secret
     layout: JobLayout = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +105,14 @@ class LaunchConfig:
             check_export_name(name)
         if self.scheduler:
             split_host_port(self.scheduler)
+        if self.auth not in MECHANISMS:
+            raise ConfigError(f"--auth must be one of {', '.join(MECHANISMS)}; got {self.auth!r}")
+        for flag, wanted in (("--restart-failed-servers", self.restart_failed_servers),
+                             ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every)):
+            if wanted and not self.checkpoint_dir:
+                raise ConfigError(f"{flag} needs --checkpoint-dir: that is where checkpoints are written and read")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
         if not _JOB_ID_RE.fullmatch(self.job_id):
             raise ConfigError(f"job id must be letters, digits, '.', '_' or '-'; got {self.job_id!r}")
         layout = plan_job(self.hosts, self.num_workers, self.num_servers, scheduler_host=self.scheduler,
@@ -109,7 +134,18 @@ class LaunchConfig:
         return SchedulerConfig(
             num_workers=len(self.layout.workers), num_servers=len(self.layout.servers), mode=self.mode,
             staleness=self.staleness, port=self.scheduler_port, chunk_bytes=self.chunk_bytes,
-            server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing)
+            server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
+            secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
+            checkpoint_dir=self.checkpoint_dir)
+
+    def worker_env(self) -> dict[str, str]:
+        """What only workers need: DistributedOptimizer's checkpoint schedule."""
+        env = {}
+        if self.checkpoint_every:
+            env["PS_CHECKPOINT_EVERY"] = str(self.checkpoint_every)
+        if self.resume:
+            env["PS_RESUME"] = "1"
+        return env
 
 
 def check_export_name(name: str) -> str:

@@ -18,9 +18,12 @@ every reader thread is joined.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +32,11 @@ from typing import Callable, Iterator, Optional
 
 from launch.commands import ProcessSpec, host_addresses, node_processes, scheduler_process
 from launch.config import LaunchConfig
+from launch.hosts import is_local_host
+from launch.remote import ssh_install_file_argv
 from launch.process import Console, JobProcess
 from psframework.errors import ConfigError
+from psframework.security import JobSecret
 
 TICK = 0.05
 STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL
@@ -92,6 +98,8 @@ class Job:
         self.procs: list[JobProcess] = []
         self.scheduler = SchedulerWatch()
         self._signal: Optional[int] = None
+        self._lost: list[JobProcess] = []  # failed, but the job went on (elastic, or restarted)
+        self._restarts: dict[int, int] = {}
         self._log_dir = Path(cfg.log_dir) if cfg.log_dir else None
         self._deadline = 0.0
 
@@ -108,13 +116,35 @@ class Job:
             except OSError as exc:
                 raise ConfigError(f"cannot create --log-dir {self._log_dir}: {exc.strerror or exc}") from None
         outcome = None
+        secret_dir = self._write_secret()
         try:
             outcome = self._start_and_watch()
             self.console.message(outcome.headline)
         finally:
             self._stop_all()
+            if secret_dir is not None:
+                shutil.rmtree(secret_dir, ignore_errors=True)
         self._report(outcome)
         return outcome.exit_code
+
+    def _write_secret(self) -> Optional[str]:
+        """A fresh secret for this job, in a directory only this user can read; remote hosts get a
+        copy over ssh's stdin before any process starts there."""
+        if self.cfg.auth == "none":
+            return None
+        directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
+        path = JobSecret.generate(self.cfg.auth).write(Path(directory) / "secret.json")
+        self.cfg = dataclasses.replace(self.cfg, secret_file=str(path))
+        payload = path.read_bytes()
+        remote = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not _is_local(self.cfg, p.host)}
+        for host, port in sorted(remote, key=str):
+            argv = ssh_install_file_argv(host, port, str(path), self.cfg.ssh_config)
+            done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
+            if done.returncode != 0:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise ConfigError(f"cannot install the job secret on {host}: "
+                                  f"{done.stderr.decode(errors='replace').strip() or done.returncode}")
+        return directory
 
     # -- starting ------------------------------------------------------------------------
 
@@ -151,15 +181,17 @@ class Job:
     # -- watching ------------------------------------------------------------------------
 
     def _watch(self) -> Outcome:
-        workers = [p for p in self.procs if p.spec.role == "worker"]
         drain_until: Optional[float] = None
         while True:
             if self._signal is not None:
                 return self._interrupted()
             failed = self._first_failure()
-            if failed is not None:
+            if failed is not None and not self._survive(failed):
                 return self._failed(failed)
+            workers = [p for p in self.procs if p.spec.role == "worker" and p not in self._lost]
             now = time.monotonic()
+            if not workers:
+                return Outcome(EXIT_FAILED, "job failed: every worker was lost")
             if all(w.exit_code() == 0 for w in workers):
                 if not any(p.running() for p in self.procs) or not self.scheduler.up.is_set():
                     return self._succeeded()
@@ -188,14 +220,36 @@ class Job:
 
     def _failures(self) -> list[JobProcess]:
         # workers first: a scheduler or server failing in the same tick is most likely the consequence
-        return [p for p in reversed(self.procs) if p.exit_code() not in (None, 0)]
+        return [p for p in reversed(self.procs) if p.exit_code() not in (None, 0) and p not in self._lost]
+
+    def _survive(self, failed: JobProcess) -> bool:
+        """Whether the job goes on after this failure: an elastic job loses a worker, and with
+        --restart-failed-servers a server is started again (it reloads the newest checkpoint)."""
+        role, rank = failed.spec.role, failed.spec.rank
+        if role == "worker" and self.cfg.elastic:
+            self._lost.append(failed)
+            self.console.message(f"{failed.where()} {failed.describe_exit()}; --elastic: the job goes on "
+                                 "without it")
+            return True
+        if role == "server" and self.cfg.restart_failed_servers and self._restarts.get(rank, 0) < self.cfg.max_restarts:
+            self._restarts[rank] = self._restarts.get(rank, 0) + 1
+            self._lost.append(failed)
+            self.console.message(f"{failed.where()} {failed.describe_exit()}; restarting it "
+                                 f"(restart {self._restarts[rank]} of {self.cfg.max_restarts})")
+            replacement = self._launch(failed.spec)
+            return replacement.start_error is None
+        return False
 
     # -- outcomes ------------------------------------------------------------------------
 
     def _succeeded(self) -> Outcome:
-        workers = sum(1 for p in self.procs if p.spec.role == "worker")
+        workers = sum(1 for p in self.procs if p.spec.role == "worker" and p not in self._lost)
         who = "the worker" if workers == 1 else f"all {workers} workers"
-        return Outcome(0, f"job finished: {who} exited 0")
+        lost = [p.name for p in self._lost if p.spec.role == "worker"]
+        restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
+        notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
+                         f"; restarted: {', '.join(restarted)}" if restarted else ""])
+        return Outcome(0, f"job finished: {who} {'still in the job ' if lost else ''}exited 0{notes}")
 
     def _failed(self, root: JobProcess) -> Outcome:
         return Outcome(EXIT_FAILED, f"job failed: {root.where()} {root.describe_exit()}; stopping the job",
@@ -277,6 +331,10 @@ class Job:
                 late = " (after the root cause)" if proc.exit_code() != 0 else ""
                 notes.append(f"  {proc.name} on {proc.spec.host}: {proc.describe_exit()}{late}")
         return ["other processes:", *notes] if notes else []
+
+
+def _is_local(cfg: LaunchConfig, host: str) -> bool:
+    return cfg.hosts is None or is_local_host(host)
 
 
 def _lines(n: int) -> str:

@@ -41,6 +41,16 @@ def ssh_kill_argv(host: str, port: Optional[int], pgid: int, ssh_config: Optiona
     return [*ssh_prefix(host, port, ssh_config), f"kill -{signal_name} -- -{pgid}"]
 
 
+def ssh_install_file_argv(host: str, port: Optional[int], path: str, ssh_config: Optional[str] = None) -> list[str]:
+    """argv that writes its stdin to ``path`` on ``host``, readable by the user only (the job secret:
+    it travels on stdin, never on a command line that ``ps`` would show)."""
+    directory = path.rsplit("/", 1)[0] or "/"
+    tmp = f"{path}.tmp"
+    script = (f"umask 077 && mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(tmp)} && "
+              f"mv {shlex.quote(tmp)} {shlex.quote(path)}")
+    return [*ssh_prefix(host, port, ssh_config), script]
+
+
 def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None) -> list[str]:
     """``ssh [-F FILE] -o BatchMode=yes -T [-p PORT] -- HOST``: never prompts, never allocates a tty."""
     argv = ["ssh"]
@@ -54,4 +64,4 @@ def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None)
     return [*argv, "--", host]
 
 
-__all__ = ["remote_shell_command", "ssh_argv", "ssh_kill_argv", "ssh_prefix"]
+__all__ = ["remote_shell_command", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv", "ssh_prefix"]
