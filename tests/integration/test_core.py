@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import msgpack
@@ -15,6 +14,7 @@ import zmq
 import psframework as ps
 from psframework import protocol as P
 from tests.integration import models
+from tests.threads import run_in_threads
 
 CHUNK = 4096  # small chunks so the test model's big tensor is split across servers
 
@@ -79,26 +79,6 @@ def test_cluster_exits_by_itself_when_workers_close(make_cluster):
 # ---------------------------------------------------------------------------------------- async
 
 
-def _run_threads(n: int, target) -> list:
-    results, errors = [None] * n, []
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as exc:  # surfaced below with its traceback
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    assert not any(t.is_alive() for t in threads), "a worker thread hung"
-    return results
-
-
 def test_async_applies_every_push_exactly_once(make_cluster):
     workers, pushes = 3, 20
     cluster = make_cluster(num_servers=2, num_workers=workers, mode="async", chunk_bytes=CHUNK)
@@ -119,7 +99,7 @@ def test_async_applies_every_push_exactly_once(make_cluster):
             worker.barrier()
             return params, stats
 
-    results = _run_threads(workers, work)
+    results = run_in_threads(workers, work)
     expected = -sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes))
     for params, stats in results:
         assert torch.equal(params["big"], torch.full((3000,), float(expected)))
@@ -147,7 +127,7 @@ def _ssp_run(cluster, steps: int, slow_delay: float):
             worker.barrier()
             return worker.rank, sent, done
 
-    return {rank: (sent, done) for rank, sent, done in _run_threads(3, work)}
+    return {rank: (sent, done) for rank, sent, done in run_in_threads(3, work)}
 
 
 @pytest.mark.parametrize("staleness", [0, 2])
@@ -269,7 +249,7 @@ def test_mismatched_registration_fails_on_every_worker(make_cluster):
                 return str(exc)
             return None
 
-    messages = _run_threads(2, work)
+    messages = run_in_threads(2, work)
     for message in messages:
         assert message is not None and "'emb'" in message and "(5,)" in message and "(4,)" in message
 
@@ -283,7 +263,7 @@ def test_register_gives_every_worker_rank_0_values(make_cluster):
             worker.register(params, optimizer=ps.optim.SGD(lr=1))
             return worker.rank, params
 
-    results = dict(_run_threads(2, work))
+    results = dict(run_in_threads(2, work))
     assert_params_equal(results[1], models.make_params(100), rtol=0, atol=0)
     assert_params_equal(results[0], models.make_params(100), rtol=0, atol=0)
 

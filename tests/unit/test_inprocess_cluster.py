@@ -13,6 +13,7 @@ from psframework.scheduler import Scheduler
 from psframework.server import Server
 from psframework.transport import MemoryTransport
 from psframework.worker import Worker
+from tests.threads import run_in_threads
 
 TIMING = Timing(heartbeat_interval=0.05, heartbeat_timeout=1.0, start_timeout=10)
 
@@ -41,23 +42,11 @@ def cluster():
 
 
 def run_workers(transport, address, n, body):
-    results, errors = {}, []
+    def one(_):
+        with Worker(NodeConfig(scheduler=address), transport=transport) as worker:
+            return worker.rank, body(worker)
 
-    def run():
-        try:
-            with Worker(NodeConfig(scheduler=address), transport=transport) as worker:
-                results[worker.rank] = body(worker)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    if errors:
-        raise errors[0]
-    return results
+    return dict(run_in_threads(n, one, timeout=30))
 
 
 def test_sync_mean_of_workers_with_partial_push(cluster):
