@@ -84,3 +84,13 @@ def test_env_config():
         node_config_from_env({})
     with pytest.raises(ps.ConfigError, match="tcp://HOST:PORT"):
         NodeConfig(scheduler="h:1")
+
+
+def test_readme_lists_every_environment_variable():
+    from pathlib import Path
+
+    from psframework.config import ENV_VARS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in ENV_VARS if name not in readme]
+    assert not missing, f"README.md does not document {missing}"
