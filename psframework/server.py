@@ -92,7 +92,6 @@ class Server:
         self.device = torch.device("cpu")
         self.applied_updates = 0
         self.received_pushes = 0
-        self._clock_template: list[int] = []
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -179,7 +178,6 @@ class Server:
             )
             params.extend(seg_params)
         self.optimizer = ShardOptimizer(spec, params)
-        self._clock_template = [0] * num_workers
         self.membership.send({"op": P.SETUP_DONE, "blocks": len(self.blocks)})
         log.info("server %d holds %d blocks, %.1f MiB", rank, len(self.blocks),
                  sum(b.block.nbytes for b in self.blocks.values()) / 2**20)
@@ -295,7 +293,7 @@ class Server:
 
     def _active_workers(self) -> set[int]:
         """Workers a sync step waits for: all of them, or in an elastic job those still in it."""
-        everyone = set(range(len(self._clock_template)))
+        everyone = set(range(self.membership.num_workers))
         return everyone - self.membership.departed_workers if self.membership.elastic else everyone
 
     def _complete_steps(self, state: _BlockState) -> None:

@@ -59,6 +59,7 @@ def _as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
 class _Request:
     future: "Future"
     server: int = -1
+    reply: Optional[dict] = None  # the answer's header (kept for STATS)
     frames: list = field(default_factory=list)  # kept to resend if the server is restarted
     dest: list[memoryview] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
@@ -79,7 +80,7 @@ class Future:
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until complete; raises the first error any server reported, or PeerLostError."""
-        self._worker._wait_for(self, timeout)
+        self._worker._wait_until(self.done, timeout)
         finalizers, self._finalizers = self._finalizers, []
         if self._error is not None:
             raise self._error
@@ -267,9 +268,10 @@ class Worker:
         future._outstanding += 1
         self._servers[block.server].send(frames, check=self.membership.check)
 
-    def _wait_for(self, future: Future, timeout: Optional[float]) -> None:
+    def _wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not future.done():
+        while not done():
             self.membership.check()
             self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
@@ -308,6 +310,7 @@ class Worker:
             sock.skip_rest()
             request.future._resolve(error_from_reply(header))
             return
+        request.reply = header
         error = None
         if header["op"] == P.VALUES:
             for view in request.dest:
@@ -354,11 +357,7 @@ class Worker:
             raise ConfigError(f"{what}: call register() first")
 
     def _wait_all(self) -> None:
-        while self._pending:
-            self.membership.check()
-            self._follow_moved_servers()
-            for sock in self.transport.poll(self._servers, POLL_SLICE):
-                self._drain(sock)
+        self._wait_until(lambda: not self._pending, None)
 
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Block until every live worker reached the same barrier."""
@@ -368,26 +367,19 @@ class Worker:
                                  "seq": self._barrier_seq}, expect=P.BARRIER_DONE, timeout=timeout)
 
     def server_stats(self) -> list[dict]:
-        """Counters of every server (applied updates, pushes received)."""
+        """Counters of every server, by rank: applied updates, pushes received, blocks held."""
         self._check_open()
-        stats = []
-        for sock in self._servers:
+        future = Future(self)
+        requests = []
+        for rank, sock in enumerate(self._servers):
             req = next(self._req_ids)
-            future = Future(self)
-            future._outstanding = 1
-            self._pending[req] = _Request(future)
-            sock.send([P.pack_header({"op": P.STATS, "req": req})], check=self.membership.check)
-            while not future.done():
-                self.membership.check()
-                if self.transport.poll([sock], POLL_SLICE):
-                    _, head = sock.recv_header()
-                    sock.skip_rest()
-                    header = P.unpack_header(head)
-                    if header.get("req") == req:
-                        self._pending.pop(req, None)
-                        future._resolve()
-                        stats.append(header)
-        return stats
+            requests.append(self._pending.setdefault(req, _Request(future, server=rank)))
+            future._outstanding += 1
+            request = requests[-1]
+            request.frames.append(P.pack_header({"op": P.STATS, "req": req}))
+            sock.send(request.frames, check=self.membership.check)
+        future.wait()
+        return [request.reply for request in requests]
 
     # -- closing -------------------------------------------------------------------------
 
