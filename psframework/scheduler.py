@@ -25,7 +25,7 @@ from typing import Optional
 from . import checkpoint
 from . import protocol as P
 from .config import SchedulerConfig
-from .errors import ProtocolError, PSError
+from .errors import ProtocolError, PSError, RegistrationError
 from .node import POLL_SLICE, RateLimitedLog, describe
 from .sharding import TensorSpec, assign_shards
 from .security import load_secret
@@ -361,8 +361,6 @@ class Scheduler:
         return sum(1 for n in self.nodes.values() if n.role == "worker" and n.state == "live")
 
     def _check_registrations(self) -> None:
-        from .errors import RegistrationError
-
         if 0 not in self._registrations:
             raise RegistrationError("worker 0 did not register; its values initialise the servers")
         reference = self._registrations[0][1]
