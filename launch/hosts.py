@@ -143,13 +143,17 @@ def _local_addresses() -> frozenset[str]:
     return frozenset(normalized)
 
 
-def _proc_ipv4_addresses(path: str = "/proc/net/fib_trie") -> set[str]:
-    """IPv4 addresses of this machine's interfaces: each ``|-- A`` followed by ``/32 host LOCAL``."""
+def _read_lines(path: str) -> list[str]:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
-        return set()
+        return []
+
+
+def _proc_ipv4_addresses(path: str = "/proc/net/fib_trie") -> set[str]:
+    """IPv4 addresses of this machine's interfaces: each ``|-- A`` followed by ``/32 host LOCAL``."""
+    lines = _read_lines(path)
     found = set()
     for prev, line in zip(lines, lines[1:]):
         if line.strip() == "/32 host LOCAL" and prev.strip().startswith("|--"):
@@ -159,11 +163,7 @@ def _proc_ipv4_addresses(path: str = "/proc/net/fib_trie") -> set[str]:
 
 def _proc_ipv6_addresses(path: str = "/proc/net/if_inet6") -> set[str]:
     """IPv6 addresses of this machine's interfaces: the first field, 32 hex digits, of each line."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return set()
+    lines = _read_lines(path)
     found = set()
     for line in lines:
         fields = line.split()

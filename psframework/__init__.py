@@ -5,10 +5,15 @@
 ...     with ps.init(scheduler=cluster.scheduler) as worker:
 ...         worker.register(model.named_parameters(), optimizer=ps.optim.SGD(lr=0.1))
 ...         worker.push_pull(grads, into=dict(model.named_parameters())).wait()
+
+The public names load lazily, so the scheduler process (which needs no torch) starts fast.
 """
 
-from . import optim
-from .cluster import LocalCluster
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     BadRequestError,
     CheckpointError,
@@ -20,10 +25,37 @@ from .errors import (
     PSTimeoutError,
     RegistrationError,
 )
-from .training import DistributedOptimizer
-from .worker import Future, Worker, init
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "DistributedOptimizer": ".training",
+    "Future": ".worker",
+    "LocalCluster": ".cluster",
+    "Worker": ".worker",
+    "init": ".worker",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import optim
+    from .cluster import LocalCluster
+    from .training import DistributedOptimizer
+    from .worker import Future, Worker, init
+
+
+def __getattr__(name: str):
+    if name == "optim":
+        return importlib.import_module(".optim", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'psframework' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "BadRequestError",

@@ -19,22 +19,33 @@ from typing import Optional
 
 from .config import MODES, SchedulerConfig, Timing, config_to_env
 from .errors import ConfigError, PSError, PSTimeoutError
+from .security import MECHANISMS, JobSecret
 from .procs import exit_description, python_module, spawn, stop_all
 
 
 class LocalCluster:
     def __init__(self, num_servers: int = 1, num_workers: int = 1, mode: str = "sync", staleness: int = 2,
                  server_device: Optional[str] = "cpu", chunk_bytes: Optional[int] = None,
-                 timing: Optional[Timing] = None, start_timeout: float = 30.0):
+                 timing: Optional[Timing] = None, start_timeout: float = 30.0, auth: str = "none",
+                 max_message_bytes: Optional[int] = None, elastic: bool = False, restart_servers: bool = False,
+                 checkpoint_dir: Optional[str] = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))  # mode 0700: the secret lives here
         extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+        if max_message_bytes:
+            extra["max_message_bytes"] = max_message_bytes
+        if auth not in MECHANISMS:
+            raise ConfigError(f"auth must be one of {', '.join(MECHANISMS)}; got {auth!r}")
+        if auth != "none":
+            extra["secret_file"] = str(JobSecret.generate(auth).write(self.log_dir / "secret.json"))
         self.config = SchedulerConfig(num_workers=num_workers, num_servers=num_servers, mode=mode,
                                       staleness=staleness, server_device=server_device,
-                                      timing=timing or Timing(), **extra)
+                                      timing=timing or Timing(), elastic=elastic,
+                                      restart_servers=restart_servers,
+                                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, **extra)
         self.start_timeout = start_timeout
         self.scheduler: str = ""
-        self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))
         self._procs: list[tuple[str, subprocess.Popen]] = []
         self._logs: list = []
 
@@ -44,11 +55,21 @@ class LocalCluster:
             self._start("scheduler", python_module("psframework", "scheduler", "--address-file", str(address_file)))
             self.scheduler = self._wait_for_address(address_file)
             for rank in range(self.config.num_servers):
-                self._start(f"server-{rank}", python_module("psframework", "server", "--rank", str(rank)))
+                self._start_server(rank)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_server(self, rank: int, name: Optional[str] = None) -> None:
+        self._start(name or f"server-{rank}", python_module("psframework", "server", "--rank", str(rank)))
+
+    def restart_server(self, rank: int) -> str:
+        """Start a new process for server ``rank`` (whose old one died), as ps-launch
+        --restart-failed-servers does; returns its name in ``processes()``."""
+        name = f"server-{rank}.restart{sum(1 for n, _ in self._procs if n.startswith(f'server-{rank}.'))}"
+        self._start_server(rank, name)
+        return name
 
     def env(self) -> dict[str, str]:
         """The PS_* variables for a worker process of this cluster."""

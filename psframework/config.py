@@ -38,6 +38,12 @@ ENV_VARS = {
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
     "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
     "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
+    "PS_CHECKPOINT_DIR": "directory of checkpoints (DistributedOptimizer saves and resumes there)",
+    "PS_CHECKPOINT_EVERY": "DistributedOptimizer saves a checkpoint every N steps (0: never)",
+    "PS_RESUME": "1: DistributedOptimizer resumes from the newest complete checkpoint",
+    "PS_ELASTIC": "1: workers may die and join; sync steps average over the live workers",
+    "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
+    "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
 }
 
 
@@ -76,6 +82,10 @@ class SchedulerConfig:
     server_device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timing: Timing = field(default_factory=Timing)
+    secret_file: Optional[str] = None
+    elastic: bool = False
+    restart_servers: bool = False
+    checkpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
@@ -85,6 +95,9 @@ class SchedulerConfig:
         _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
         _check(self.max_message_bytes >= 1024, f"max message size too small: {self.max_message_bytes}")
+        _check(self.chunk_bytes <= self.max_message_bytes,
+               f"chunk size {self.chunk_bytes} exceeds the max message size {self.max_message_bytes}: "
+               "every block would be refused; lower PS_CHUNK_BYTES or raise PS_MAX_MESSAGE_BYTES")
         if self.server_device is not None:
             check_device(self.server_device)
 
@@ -100,9 +113,14 @@ class NodeConfig:
     device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     start_timeout: float = 60.0
+    secret_file: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
+        _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
         if self.device is not None:
             check_device(self.device)
@@ -148,6 +166,10 @@ def _env(environ: Mapping[str, str], name: str, kind: type = str, default=None):
     return _typed(name, raw, kind)
 
 
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return _env(environ, name, str, "0").lower() in ("1", "true", "yes", "on")
+
+
 def timing_from_env(environ: Optional[Mapping[str, str]] = None) -> Timing:
     env = os.environ if environ is None else environ
     base = Timing()
@@ -170,6 +192,10 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         server_device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         timing=timing_from_env(env),
+        secret_file=_env(env, "PS_SECRET_FILE", str, None),
+        elastic=_flag(env, "PS_ELASTIC"),
+        restart_servers=_flag(env, "PS_RESTART_FAILED_SERVERS"),
+        checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SchedulerConfig(**values)
@@ -186,6 +212,10 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         start_timeout=_env(env, "PS_START_TIMEOUT", float, 60.0),
+        secret_file=_env(env, "PS_SECRET_FILE", str, None),
+        checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
+        checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
+        resume=_flag(env, "PS_RESUME"),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -218,6 +248,14 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
     }
     if config.server_device:
         env["PS_SERVER_DEVICE"] = config.server_device
+    if config.secret_file:
+        env["PS_SECRET_FILE"] = config.secret_file
+    if config.elastic:
+        env["PS_ELASTIC"] = "1"
+    if config.restart_servers:
+        env["PS_RESTART_FAILED_SERVERS"] = "1"
+    if config.checkpoint_dir:
+        env["PS_CHECKPOINT_DIR"] = config.checkpoint_dir
     return env
 
 

@@ -96,11 +96,15 @@ class Membership:
         self.servers: list[str] = welcome["servers"]
         self.interval: float = welcome["heartbeat_interval"]
         self.timeout: float = welcome["heartbeat_timeout"]
+        self.elastic: bool = bool(welcome.get("elastic", False))
         self.stats: dict = {}
         self._lock = threading.Lock()
         self._last_ack = time.monotonic()
         self._dead: list[dict] = []
         self._left: set[int] = set()
+        self._departed: set[int] = set()
+        self._epoch = 0
+        self._server_addresses: list[str] = list(self.servers)
         self._shutdown = False
         self._failure: Optional[str] = None
         self._changed = False
@@ -113,12 +117,19 @@ class Membership:
     def record_ack(self, header: dict) -> None:
         with self._lock:
             self._last_ack = time.monotonic()
+            self._shutdown = bool(header.get("shutdown"))
+            epoch = header.get("epoch", 0)
+            if not isinstance(epoch, int) or epoch < self._epoch:
+                return  # sent before a membership change we already know of
+            self._epoch = epoch
             dead = header.get("dead", [])
             left = set(header.get("left", []))
-            if len(dead) != len(self._dead) or left != self._left:
+            departed = set(header.get("departed", []))
+            if len(dead) != len(self._dead) or left != self._left or departed != self._departed:
                 self._changed = True
-            self._dead, self._left = dead, left
-            self._shutdown = bool(header.get("shutdown"))
+            self._dead, self._left, self._departed = dead, left, departed
+            if isinstance(header.get("servers"), list):
+                self._server_addresses = list(header["servers"])
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
@@ -141,6 +152,28 @@ class Membership:
     def dead_workers(self) -> set[int]:
         with self._lock:
             return {d["rank"] for d in self._dead if d["role"] == "worker"}
+
+    @property
+    def departed_workers(self) -> set[int]:
+        """Workers an elastic job goes on without (they died; another may take their place)."""
+        with self._lock:
+            return set(self._departed)
+
+    def rejoined(self, worker: int, epoch: int) -> None:
+        """The scheduler said this worker is back (as of ``epoch``): older news of its death no longer counts."""
+        with self._lock:
+            if epoch >= self._epoch:
+                self._epoch = epoch
+                self._departed.discard(worker)
+                self._left.discard(worker)
+
+    def moved_servers(self) -> dict[int, str]:
+        """Servers whose address changed since the last call (a restarted server), by rank."""
+        with self._lock:
+            current = list(self._server_addresses)
+        moved = {r: a for r, a in enumerate(current) if r < len(self.servers) and a != self.servers[r]}
+        self.servers = current
+        return moved
 
     @property
     def left_workers(self) -> set[int]:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import IO, Mapping, Optional, Sequence
+from typing import IO, Mapping, Optional, Sequence, Union
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,12 +27,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def spawn(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, *, stdout: Optional[IO] = None,
-          stderr: Optional[IO] = None, cwd: Optional[str] = None, new_session: bool = False) -> subprocess.Popen:
+          stderr: Optional[IO] = None, cwd: Optional[str] = None, new_session: bool = False,
+          stdin: Union[int, IO, None] = subprocess.DEVNULL) -> subprocess.Popen:
     """Start a child that dies with this process (Linux), with ``env`` added to our environment."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.Popen(
-        list(argv), env=full_env, stdout=stdout, stderr=stderr, cwd=cwd, stdin=subprocess.DEVNULL,
+        list(argv), env=full_env, stdout=stdout, stderr=stderr, cwd=cwd, stdin=stdin,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         start_new_session=new_session,
     )

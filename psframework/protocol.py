@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
-import torch
 
 from .errors import ProtocolError
 
@@ -32,6 +31,16 @@ BARRIER_DONE = "barrier_done"
 BYE = "bye"
 BYE_ACK = "bye_ack"
 SHUTDOWN = "shutdown"
+CHECKPOINT = "checkpoint"        # worker -> scheduler, collective
+CHECKPOINT_DONE = "checkpoint_done"
+RESTORE = "restore"              # worker -> scheduler, collective
+RESTORE_DONE = "restore_done"
+SAVE = "save"                    # scheduler -> server
+SAVED = "saved"
+LOAD = "load"                    # scheduler -> server
+LOADED = "loaded"
+ACTIVATE = "activate"            # scheduler -> server: a worker that joined late takes part from now
+ACTIVATED = "activated"
 # workers <-> servers
 PUSH = "push"
 PULL = "pull"
@@ -49,6 +58,7 @@ REGISTRATION = "registration"
 PEER_LOST = "peer_lost"
 TIMEOUT = "timeout"
 PROTOCOL = "protocol"
+CHECKPOINT_ERROR = "checkpoint"
 
 MAX_HEADER_BYTES = 1 << 20
 
@@ -72,24 +82,3 @@ def unpack_header(frame: bytes | memoryview) -> dict[str, Any]:
 
 def error_header(kind: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"op": ERROR, "kind": kind, "message": message, **extra}
-
-
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable, zero-copy byte view of a contiguous CPU tensor (any dtype, any shape)."""
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        raise ValueError("byte_view needs a contiguous CPU tensor")
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(bytearray())
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ProtocolError(f"unknown dtype name {name!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -18,17 +18,20 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import checkpoint
 from . import protocol as P
 from .config import NodeConfig, default_device
-from .errors import PSError, ProtocolError
+from .errors import CheckpointError, PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
-from .protocol import byte_view, dtype_from_name
+from .buffers import byte_view, dtype_from_name
 from .sharding import Block, ShardMap
+from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
 
 log = logging.getLogger("psframework.server")
@@ -54,7 +57,7 @@ class _Pending:
 @dataclass
 class _Accum:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
-    count: int = 0
+    contributors: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -81,7 +84,7 @@ class Server:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self.data: Optional[Socket] = None
         self.membership: Optional[Membership] = None
         self.blocks: dict[int, _BlockState] = {}
@@ -132,14 +135,18 @@ class Server:
             ready = self.transport.poll([self.data, membership.socket], POLL_SLICE)
             if membership.socket in ready:
                 for header in membership.receive():
-                    if header["op"] == P.SETUP:
-                        self._setup(header)
+                    handler = {P.SETUP: self._setup, P.SAVE: self._save, P.LOAD: self._load,
+                               P.ACTIVATE: self._activate}.get(header["op"])
+                    if handler is not None:
+                        handler(header)
             if self.data in ready:
                 self._drain_data()
             if membership.shutdown_requested:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
                 return 0
             if membership.peers_changed:
+                for state in self.blocks.values():
+                    self._complete_steps(state)
                 self._fail_impossible_waits()
             membership.check(peers=False)
             membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
@@ -298,10 +305,20 @@ class Server:
                 accum.tensors[i] = grad.to(self.device, copy=bool(state.staging), non_blocking=True)
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
-        accum.count += 1
-        while (ready := state.accums.get(state.version)) is not None and ready.count >= len(state.clocks):
+        accum.contributors.add(rank)
+        self._complete_steps(state)
+
+    def _active_workers(self) -> set[int]:
+        """Workers a sync step waits for: all of them, or in an elastic job those still in it."""
+        everyone = set(range(self.membership.num_workers))
+        return everyone - self.membership.departed_workers if self.membership.elastic else everyone
+
+    def _complete_steps(self, state: _BlockState) -> None:
+        active = self._active_workers()
+        while (ready := state.accums.get(state.version)) is not None and active <= ready.contributors:
             del state.accums[state.version]
-            self._apply(state, ready.tensors, scale=1.0 / len(state.clocks), bump_version=False)
+            # the mean over those who pushed: equal to all workers unless an elastic job shrank
+            self._apply(state, ready.tensors, scale=1.0 / len(ready.contributors), bump_version=False)
             state.version += 1
 
     def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
@@ -319,7 +336,8 @@ class Server:
         if state.version < pending.need_version and self.membership.mode == "sync":
             return False
         if self.membership.mode == "ssp":
-            live = [c for w, c in enumerate(state.clocks) if w not in self.membership.left_workers]
+            gone = self.membership.left_workers | self.membership.departed_workers
+            live = [c for w, c in enumerate(state.clocks) if w not in gone]
             slowest = min(live) if live else pending.need_version
             return pending.need_version - slowest <= self.membership.staleness
         return True
@@ -370,12 +388,61 @@ class Server:
             return None
         needed = pending.need_version - (self.membership.staleness if mode == "ssp" else 0)
         for worker, why in gone.items():
-            if mode == "ssp" and worker in self.membership.left_workers:
-                continue  # a finished worker no longer holds the others back
+            if (mode == "ssp" and worker in self.membership.left_workers) or self.membership.elastic:
+                continue  # a finished (ssp) or departed (elastic) worker no longer holds the others back
             if state.clocks[worker] < needed:
                 return (f"{why} after {state.clocks[worker]} pushes to block {state.block.block_id}, so "
                         f"this worker's wait for clock {pending.need_version} can never be satisfied")
         return None
+
+
+    def _activate(self, header: dict) -> None:
+        """A worker joined late: it takes part from each block's current step on."""
+        worker = int(header["worker"])
+        self.membership.rejoined(worker, int(header.get("epoch", 0)))
+        for state in self.blocks.values():
+            others = [c for w, c in enumerate(state.clocks) if w != worker]
+            state.clocks[worker] = state.version if self.membership.mode == "sync" else min(others, default=0)
+        self.membership.send({"op": P.ACTIVATED, "worker": worker})
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _save(self, header: dict) -> None:
+        path = Path(str(header["path"]))
+        try:
+            payload = {
+                "rank": self.membership.rank,
+                "blocks": {bid: {"params": [p.detach().cpu() for p in st.params], "clocks": list(st.clocks),
+                                 "version": st.version} for bid, st in self.blocks.items()},
+                "optimizer": self.optimizer.state_dict(),
+            }
+            sha256, size = checkpoint.save_shard(path, payload)
+        except Exception as exc:  # disk full, permissions: the job must hear it, not hang
+            self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot write {path}: {exc}"))
+            return
+        self.membership.send({"op": P.SAVED, "path": str(path), "sha256": sha256, "bytes": size})
+
+    def _load(self, header: dict) -> None:
+        path = Path(str(header["path"]))
+        try:
+            payload = checkpoint.load_shard(path, str(header["sha256"]))
+            saved = payload["blocks"]
+            if set(saved) != set(self.blocks):
+                raise CheckpointError(f"{path} holds blocks {sorted(saved)[:5]}..., this server "
+                                      f"holds {sorted(self.blocks)[:5]}...")
+            for block_id, state in self.blocks.items():
+                state.wait_sends()
+                for param, value in zip(state.params, saved[block_id]["params"]):
+                    param.copy_(value)
+                state.clocks = list(saved[block_id]["clocks"])
+                state.version = int(saved[block_id]["version"])
+                state.accums.clear()
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except Exception as exc:
+            self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot restore {path}: {exc}"))
+            return
+        log.info("server %d restored %s", self.membership.rank, path)
+        self.membership.send({"op": P.LOADED, "path": str(path)})
 
 
 def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:

@@ -16,14 +16,29 @@ from .worker import Worker, init
 
 class DistributedOptimizer:
     """Registers the model's trainable parameters (calling ``ps.init()`` if no worker is given);
-    ``step()`` pushes the gradients and pulls the updated values into the parameters."""
+    ``step()`` pushes the gradients and pulls the updated values into the parameters.
 
-    def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None):
+    Checkpoints (defaults from ps-launch's ``--checkpoint-dir``, ``--checkpoint-every`` and
+    ``--resume``): every ``checkpoint_every`` steps ``step()`` saves one; with ``resume`` the
+    newest complete one is restored at start, and ``start_step`` says where to continue.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None, *,
+                 checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
+                 resume: Optional[bool] = None):
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.worker.register(self.params, optimizer=optimizer)
         self._zeros: dict[str, torch.Tensor] = {}
+        config = self.worker.config
+        self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
+        self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
+        resume = config.resume if resume is None else resume
+        self.start_step = 0
+        if resume and self.checkpoint_dir:
+            self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
+        self.step_count = self.start_step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
@@ -46,6 +61,9 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         self.worker.push_pull(self._grads(), into=self.params).wait()
+        self.step_count += 1
+        if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+            self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 
     def close(self) -> None:
         if self._owns_worker:

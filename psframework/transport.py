@@ -20,6 +20,7 @@ b'hello'
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from typing import Callable, Optional, Sequence
 import zmq
 
 from .errors import ClosedError, ProtocolError
+
+_log = logging.getLogger("psframework.transport")
 
 Frames = Sequence[object]  # bytes, bytearray or memoryview
 LivenessCheck = Optional[Callable[[], None]]
@@ -154,9 +157,12 @@ class ZmqSocket(Socket):
 class ZmqTransport(Transport):
     """Real sockets. One zmq context per transport, closed with it."""
 
-    def __init__(self, io_threads: int = 1):
+    def __init__(self, io_threads: int = 1, secret=None):
         self._context = zmq.Context(io_threads=io_threads)
         self._lock = threading.Lock()
+        self._secret = secret
+        self._authenticator = None
+        self._watcher: Optional[_HandshakeWatcher] = None
 
     def _socket(self, kind: int, max_message_bytes: int) -> zmq.Socket:
         with self._lock:
@@ -170,6 +176,8 @@ class ZmqTransport(Transport):
 
     def listen(self, host, port=0, max_message_bytes=-1):
         sock = self._socket(zmq.ROUTER, max_message_bytes)
+        if self._secret is not None:
+            self._secure_listener(sock)
         try:
             if port:
                 sock.bind(_tcp_url(host, port))
@@ -182,6 +190,8 @@ class ZmqTransport(Transport):
 
     def connect(self, address, max_message_bytes=-1):
         sock = self._socket(zmq.DEALER, max_message_bytes)
+        if self._secret is not None:
+            self._secret.secure_client(sock)
         sock.connect(address)
         return ZmqSocket(sock, address, is_router=False)
 
@@ -195,8 +205,69 @@ class ZmqTransport(Transport):
         ready = dict(poller.poll(max(0, int(timeout * 1000))))
         return [by_zmq[zs] for zs in ready]
 
+    def _secure_listener(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            if self._authenticator is None:
+                self._authenticator = self._secret.start_authenticator(self._context)
+                self._watcher = _HandshakeWatcher()
+        self._secret.secure_listener(sock)
+        self._watcher.watch(sock)
+
+    @property
+    def refused_handshakes(self) -> int:
+        return self._watcher.failures if self._watcher else 0
+
     def close(self):
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
+
+
+class _HandshakeWatcher:
+    """Logs peers that fail the security handshake (no secret, wrong mechanism), which never
+    reach the ZAP authenticator. Owns one thread and the monitor sockets it reads."""
+
+    _EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self):
+        self.failures = 0
+        self._monitors: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ps-handshake-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            self._monitors.append(sock.get_monitor_socket(self._EVENTS))
+
+    def _run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while not self._stop.is_set():
+            with self._lock:
+                monitors = list(self._monitors)
+            if not monitors:
+                self._stop.wait(0.1)
+                continue
+            ready, _, _ = zmq.select(monitors, [], [], 0.1)
+            for monitor in ready:
+                event = recv_monitor_message(monitor)
+                self.failures += 1
+                if self.failures <= 20 or self.failures % 1000 == 0:
+                    _log.warning("refused a peer that failed the security handshake on %s (%d so far)",
+                                 event.get("endpoint", b"?").decode(errors="replace"), self.failures)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            for monitor in self._monitors:
+                monitor.close(linger=0)
+            self._monitors.clear()
 
 
 # ----------------------------------------------------------------------------- in-process fake

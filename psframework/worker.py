@@ -29,8 +29,9 @@ from .errors import (BadRequestError, ClosedError, ConfigError, PSError, PSTimeo
                      RegistrationError, error_from_reply)
 from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
-from .protocol import byte_view, dtype_name
+from .buffers import byte_view, dtype_name
 from .sharding import Block, Segment, ShardMap, TensorSpec
+from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
 
 log = logging.getLogger("psframework.worker")
@@ -57,6 +58,9 @@ def _as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
 @dataclass
 class _Request:
     future: "Future"
+    server: int = -1
+    reply: Optional[dict] = None  # the answer's header (kept for STATS)
+    frames: list = field(default_factory=list)  # kept to resend if the server is restarted
     dest: list[memoryview] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
 
@@ -69,13 +73,14 @@ class Future:
         self._outstanding = 0
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
+        self._on_complete: Optional[Callable[[], None]] = None
 
     def done(self) -> bool:
         return self._outstanding == 0
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until complete; raises the first error any server reported, or PeerLostError."""
-        self._worker._wait_for(self, timeout)
+        self._worker._wait_until(self.done, timeout)
         finalizers, self._finalizers = self._finalizers, []
         if self._error is not None:
             raise self._error
@@ -86,6 +91,8 @@ class Future:
         self._outstanding -= 1
         if error is not None and self._error is None:
             self._error = error
+        if self._outstanding == 0 and self._error is None and self._on_complete is not None:
+            self._on_complete()
 
 
 class Worker:
@@ -94,7 +101,7 @@ class Worker:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self._closed = False
         self.membership: Optional[Membership] = None
         self._servers: list[Socket] = []
@@ -110,6 +117,8 @@ class Worker:
         self._barrier_seq = 0
         self.shard_map: Optional[ShardMap] = None
         self._specs: dict[str, TensorSpec] = {}
+        self._registered: dict[str, torch.Tensor] = {}
+        self.steps = 0  # pushes and push_pulls completed; the default step number of a checkpoint
         self._layout: dict[str, list[tuple[Block, int, Segment]]] = {}
 
     # -- identity ------------------------------------------------------------------------
@@ -162,20 +171,25 @@ class Worker:
             expect=P.REGISTERED)
         self.shard_map = ShardMap.from_wire(reply["shard_map"])
         self._specs = {s.name: s for s in specs}
+        self._registered = tensors
         self._layout = {s.name: [] for s in specs}
         for block in self.shard_map.blocks:
             for i, seg in enumerate(block.segments):
                 self._layout[seg.key].append((block, i, seg))
-        if self.rank == 0:
-            self._send(P.INIT, tensors, None).wait()
-        self.barrier()
+        if reply.get("joined"):
+            # a worker that joined a running elastic job: take the current values, skip the start-up
+            self._barrier_seq = int(reply.get("barrier_seq", 0))
+        else:
+            if self.rank == 0:
+                self._send(P.INIT, tensors, None).wait()
+            self.barrier()
         self.pull(tensors).wait()
 
     # -- data path -----------------------------------------------------------------------
 
     def push(self, grads: TensorsLike) -> Future:
         """Send gradients; the servers apply them by the job's mode. Returns a Future."""
-        return self._send(P.PUSH, _as_dict(grads, "push()"), None)
+        return self._counted(self._send(P.PUSH, _as_dict(grads, "push()"), None))
 
     def pull(self, tensors: TensorsLike) -> Future:
         """Copy the current values into these tensors (once the mode allows). Returns a Future."""
@@ -188,7 +202,16 @@ class Worker:
         missing = [k for k in grads if k not in dest]
         if missing:
             raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
-        return self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads})
+        return self._counted(self._send(P.PUSH_PULL, grads, {k: dest[k] for k in grads}))
+
+    def _counted(self, future: Future) -> Future:
+        """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
+        def done() -> None:
+            self.steps += 1
+            self.membership.stats = {"steps": self.steps}  # heartbeats report it, for rollback reports
+
+        future._on_complete = done
+        return future
 
     def _check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
         spec = self._specs.get(name)
@@ -229,8 +252,9 @@ class Worker:
         segs = [i for i, _, _ in parts]
         header = {"op": op, "req": req, "block": block.block_id, "rank": self.rank, "dtype": block.dtype,
                   "segs": None if len(segs) == len(block.segments) else segs}
-        request = _Request(future)
-        frames = [P.pack_header(header)]
+        request = _Request(future, server=block.server)
+        frames = request.frames
+        frames.append(P.pack_header(header))
         for _, seg, name in parts:
             if flat_src:
                 piece = flat_src[name][seg.offset:seg.offset + seg.numel]
@@ -244,14 +268,27 @@ class Worker:
         future._outstanding += 1
         self._servers[block.server].send(frames, check=self.membership.check)
 
-    def _wait_for(self, future: Future, timeout: Optional[float]) -> None:
+    def _wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not future.done():
+        while not done():
             self.membership.check()
+            self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
                 raise PSTimeoutError(f"worker {self.rank}: request not answered within {timeout} s")
             for sock in self.transport.poll(self._servers, POLL_SLICE):
                 self._drain(sock)
+
+    def _follow_moved_servers(self) -> None:
+        """A restarted server listens at a new address: reconnect and resend what it never answered."""
+        for rank, address in self.membership.moved_servers().items():
+            log.warning("worker %d: server %d restarted at %s; resending %d requests", self.rank, rank, address,
+                        sum(1 for r in self._pending.values() if r.server == rank))
+            self._servers[rank].close()
+            self._servers[rank] = self.transport.connect(address, max_message_bytes=self.config.max_message_bytes)
+            for request in self._pending.values():
+                if request.server == rank:
+                    self._servers[rank].send(request.frames, check=self.membership.check)
 
     def _drain(self, sock: Socket) -> None:
         while self.transport.poll([sock], 0):
@@ -273,6 +310,7 @@ class Worker:
             sock.skip_rest()
             request.future._resolve(error_from_reply(header))
             return
+        request.reply = header
         error = None
         if header["op"] == P.VALUES:
             for view in request.dest:
@@ -282,6 +320,45 @@ class Worker:
         sock.skip_rest()
         request.future._resolve(error)
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, step: Optional[int] = None) -> str:
+        """Collective: snapshot every shard, the optimizer state and the clocks under ``directory``.
+
+        Every worker calls it at the same point (in sync mode: after the same step). Requests
+        still in flight are completed first, so the snapshot holds the same pushes everywhere.
+        Returns the checkpoint's directory (``directory/step-NNNNNNNN``).
+        """
+        self._require_registered("save_checkpoint")
+        self._wait_all()
+        reply = self.membership.request(
+            {"op": P.CHECKPOINT, "role": "worker", "rank": self.rank, "directory": str(directory),
+             "step": self.steps if step is None else int(step)}, expect=P.CHECKPOINT_DONE)
+        return reply["path"]
+
+    def load_checkpoint(self, directory: str) -> Optional[int]:
+        """Collective: restore the newest complete checkpoint under ``directory`` on every server and
+        pull it into the registered tensors. Returns its step, or None if there is none yet."""
+        self._require_registered("load_checkpoint")
+        self._wait_all()
+        reply = self.membership.request(
+            {"op": P.RESTORE, "role": "worker", "rank": self.rank, "directory": str(directory)},
+            expect=P.RESTORE_DONE)
+        if reply.get("step") is None:
+            return None
+        self.pull(self._registered).wait()
+        self.steps = int(reply["step"])
+        self.membership.stats = {"steps": self.steps}
+        return self.steps
+
+    def _require_registered(self, what: str) -> None:
+        self._check_open()
+        if self.shard_map is None:
+            raise ConfigError(f"{what}: call register() first")
+
+    def _wait_all(self) -> None:
+        self._wait_until(lambda: not self._pending, None)
+
     def barrier(self, timeout: Optional[float] = None) -> None:
         """Block until every live worker reached the same barrier."""
         self._check_open()
@@ -290,26 +367,19 @@ class Worker:
                                  "seq": self._barrier_seq}, expect=P.BARRIER_DONE, timeout=timeout)
 
     def server_stats(self) -> list[dict]:
-        """Counters of every server (applied updates, pushes received)."""
+        """Counters of every server, by rank: applied updates, pushes received, blocks held."""
         self._check_open()
-        stats = []
-        for sock in self._servers:
+        future = Future(self)
+        requests = []
+        for rank, sock in enumerate(self._servers):
             req = next(self._req_ids)
-            future = Future(self)
-            future._outstanding = 1
-            self._pending[req] = _Request(future)
-            sock.send([P.pack_header({"op": P.STATS, "req": req})], check=self.membership.check)
-            while not future.done():
-                self.membership.check()
-                if self.transport.poll([sock], POLL_SLICE):
-                    _, head = sock.recv_header()
-                    sock.skip_rest()
-                    header = P.unpack_header(head)
-                    if header.get("req") == req:
-                        self._pending.pop(req, None)
-                        future._resolve()
-                        stats.append(header)
-        return stats
+            requests.append(self._pending.setdefault(req, _Request(future, server=rank)))
+            future._outstanding += 1
+            request = requests[-1]
+            request.frames.append(P.pack_header({"op": P.STATS, "req": req}))
+            sock.send(request.frames, check=self.membership.check)
+        future.wait()
+        return [request.reply for request in requests]
 
     # -- closing -------------------------------------------------------------------------
 
@@ -362,10 +432,11 @@ def _flat_dest(tensor: torch.Tensor, future: Future) -> torch.Tensor:
 
 
 def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,
-         transport: Optional[Transport] = None) -> Worker:
-    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables.
+         secret_file: Optional[str] = None, transport: Optional[Transport] = None) -> Worker:
+    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables;
+    keyword arguments override them (``secret_file``: the job secret of an authenticated job).
 
     >>> worker = ps.init(scheduler="tcp://127.0.0.1:9091")   # doctest: +SKIP
     """
-    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout)
+    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout, secret_file=secret_file)
     return Worker(config, transport=transport)

@@ -1,0 +1,110 @@
+"""``ps-launch``: the click layer. Options (or ``PS_*`` variables) -> ``LaunchConfig`` -> ``run_job``.
+
+    ps-launch -n 2 -s 2 --mode sync -- python train.py --epochs 3
+    ps-launch -H hosts.txt -x NCCL_DEBUG=INFO --log-dir logs/ -- python train.py
+
+Exit codes: 0 the job succeeded; 1 it failed or did not come up in time; 2 bad usage;
+128+N stopped by signal N (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+import click
+
+from launch.config import LaunchConfig, parse_exports
+from launch.hostfile import read_hostfile
+from launch.job import run_job
+from psframework.config import MODES, scheduler_config_from_env
+from psframework.errors import ConfigError
+from psframework.security import MECHANISMS
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
+
+
+def _option(*decls: str, **kwargs):
+    return click.option(*decls, show_envvar=True, **kwargs)
+
+
+@click.command(context_settings=_CONTEXT)
+@_option("-H", "--hostfile", envvar="PS_HOSTFILE", type=click.Path(dir_okay=False),
+              help="Hosts to use; without it everything runs on this host.")
+@_option("-n", "--num-workers", envvar="PS_NUM_WORKERS", type=int,
+              help="Default: the hostfile's total slots, or 1 without a hostfile.")
+@_option("-s", "--num-servers", envvar="PS_NUM_SERVERS", type=int,
+              help="Default: the hostfile's total servers=, or 1.")
+@_option("--mode", envvar="PS_MODE", type=click.Choice(MODES), default="sync", show_default=True)
+@_option("--staleness", envvar="PS_STALENESS", type=int, default=2, show_default=True,
+              help="For ssp: how many steps the fastest worker may run ahead.")
+@_option("--server-device", envvar="PS_SERVER_DEVICE",
+              help="cpu, cuda, cuda:N; default cuda where available, else cpu.")
+@_option("--scheduler", "scheduler", envvar="PS_SCHEDULER_HOST", metavar="HOST[:PORT]",
+              help="Where the scheduler runs; default: the first host, a free port.")
+@_option("--bind", envvar="PS_BIND", metavar="ADDRESS",
+              help="Address to bind and advertise on this host (multi-NIC hosts).")
+@_option("-x", "--env", "exports", envvar="PS_ENV", multiple=True, metavar="NAME[=VALUE]",
+              help="Export a variable to every process (like mpirun -x); repeatable.")
+@_option("--log-dir", envvar="PS_LOG_DIR", type=click.Path(file_okay=False),
+              help="Write one log file per process here (worker-1.log, ...).")
+@_option("--start-timeout", envvar="PS_START_TIMEOUT", type=float, default=60.0, show_default=True,
+              metavar="SECONDS", help="Deadline for the whole cluster to come up.")
+@_option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),
+              help="ssh client config file (ssh -F FILE) for remote hosts.")
+@_option("--job-id", envvar="PS_JOB_ID", help="Exported as PS_JOB_ID to every process; default: random.")
+@_option("--auth", envvar="PS_AUTH", type=click.Choice(MECHANISMS), default="token", show_default=True,
+         help="token: every connection authenticated with a per-job secret; curve: also encrypted "
+              "(slower); none: no authentication.")
+@_option("--checkpoint-dir", envvar="PS_CHECKPOINT_DIR", type=click.Path(file_okay=False),
+         help="Where checkpoints are written and read (shared by scheduler and servers).")
+@_option("--checkpoint-every", envvar="PS_CHECKPOINT_EVERY", type=int, default=0, show_default=True,
+         metavar="N", help="DistributedOptimizer saves a checkpoint every N steps.")
+@_option("--resume", envvar="PS_RESUME", is_flag=True, help="Resume from the newest complete checkpoint.")
+@_option("--restart-failed-servers", envvar="PS_RESTART_FAILED_SERVERS", is_flag=True,
+         help="Restart a server that dies; it reloads its shards from the newest checkpoint.")
+@_option("--elastic", envvar="PS_ELASTIC", is_flag=True,
+         help="A worker that dies does not stop the job; sync steps average over the live workers.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
+         start_timeout: float, **options) -> None:
+    """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
+
+    Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
+    """
+    try:
+        cfg = build_config(command, hostfile, exports, start_timeout, **options)
+        code = run_job(cfg)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc), ctx) from None
+    ctx.exit(code)
+
+
+def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
+                 start_timeout: float, job_id: Optional[str] = None, **options) -> LaunchConfig:
+    """The ``LaunchConfig`` for these option values; reads the hostfile and this environment."""
+    environ = dict(os.environ)
+    # PS_CHUNK_BYTES, PS_HEARTBEAT_* and PS_MAX_MESSAGE_BYTES have no option; they pass through
+    tuning = scheduler_config_from_env(num_workers=1, num_servers=1, mode="sync", staleness=0)
+    extra = {"job_id": job_id} if job_id else {}
+    return LaunchConfig(
+        command=tuple(command),
+        hosts=read_hostfile(hostfile) if hostfile else None,
+        hostfile=hostfile,
+        env=parse_exports(exports, environ),
+        forward_env=tuple((k, environ[k]) for k in ("PYTHONPATH",) if environ.get(k)),
+        timing=dataclasses.replace(tuning.timing, start_timeout=start_timeout),
+        chunk_bytes=tuning.chunk_bytes,
+        max_message_bytes=tuning.max_message_bytes,
+        python=sys.executable,
+        cwd=os.getcwd(),
+        **extra,
+        **options,
+    )
+
+
+if __name__ == "__main__":
+    main(prog_name="ps-launch")

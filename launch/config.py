@@ -1,0 +1,174 @@
+"""``LaunchConfig``: everything ps-launch was asked to do, checked once, frozen.
+
+The click layer (``launch/cli.py``) turns options and ``PS_*`` variables into a ``LaunchConfig``;
+the job (``launch/job.py``) only reads it. ``__post_init__`` rejects bad input with a
+``ConfigError`` (exit code 2) and places every process on a host.
+
+Example::
+
+    >>> cfg = LaunchConfig(command=("python", "train.py"), num_workers=2, mode="ssp", staleness=1)
+    >>> [(p.role, p.rank, p.host) for p in cfg.layout.all()]
+    [('scheduler', 0, '127.0.0.1'), ('server', 0, '127.0.0.1'), ('worker', 0, '127.0.0.1'), ('worker', 1, '127.0.0.1')]
+    >>> cfg.scheduler_config().mode
+    'ssp'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launch.hostfile import HostEntry
+from launch.hosts import split_host_port
+from launch.placement import JobLayout, plan_job
+from psframework.config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, SchedulerConfig, Timing
+from psframework.errors import ConfigError
+from psframework.security import MECHANISMS
+
+# Every variable ps-launch reads, with the option it stands for (README_ENV.md shows this table).
+LAUNCH_ENV_VARS = {
+    "PS_HOSTFILE": ("-H, --hostfile", "hostfile to place the job on"),
+    "PS_NUM_WORKERS": ("-n, --num-workers", "number of workers"),
+    "PS_NUM_SERVERS": ("-s, --num-servers", "number of servers"),
+    "PS_MODE": ("--mode", "sync, async or ssp"),
+    "PS_STALENESS": ("--staleness", "ssp staleness bound"),
+    "PS_SERVER_DEVICE": ("--server-device", "cpu, cuda or cuda:N"),
+    "PS_SCHEDULER_HOST": ("--scheduler", "HOST[:PORT] of the scheduler"),
+    "PS_BIND": ("--bind", "address to bind and advertise on this host"),
+    "PS_ENV": ("-x, --env", "space-separated NAME[=VALUE] list to export"),
+    "PS_LOG_DIR": ("--log-dir", "directory for one log file per process"),
+    "PS_START_TIMEOUT": ("--start-timeout", "seconds for the whole cluster to come up"),
+    "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
+    "PS_JOB_ID": ("--job-id", "job id exported to every process"),
+    "PS_AUTH": ("--auth", "token (default), curve or none: how processes of the job authenticate"),
+    "PS_CHECKPOINT_DIR": ("--checkpoint-dir", "directory of checkpoints"),
+    "PS_CHECKPOINT_EVERY": ("--checkpoint-every", "save a checkpoint every N steps (DistributedOptimizer)"),
+    "PS_RESUME": ("--resume", "resume from the newest complete checkpoint"),
+    "PS_RESTART_FAILED_SERVERS": ("--restart-failed-servers", "restart a dead server from the newest checkpoint"),
+    "PS_ELASTIC": ("--elastic", "workers may die (the others go on) and join"),
+}
+
+# Set by ps-launch for each process; a user value (-x) would silently break the job.
+RESERVED_VARS = frozenset({
+    "PS_ROLE", "PS_RANK", "PS_SCHEDULER", "PS_BIND", "PS_HOST", "PS_JOB_ID", "PS_NUM_WORKERS",
+    "PS_NUM_SERVERS", "PS_MODE", "PS_STALENESS", "PS_SERVER_DEVICE", "PS_START_TIMEOUT",
+    "PS_SECRET_FILE", "PS_CHECKPOINT_DIR", "PS_CHECKPOINT_EVERY", "PS_RESUME", "PS_ELASTIC",
+    "PS_RESTART_FAILED_SERVERS",
+})
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What to run and where. ``layout`` is computed from the rest and says where each process runs."""
+
+    command: tuple[str, ...]
+    hosts: Optional[tuple[HostEntry, ...]] = None
+    hostfile: Optional[str] = None
+    num_workers: Optional[int] = None
+    num_servers: Optional[int] = None
+    mode: str = "sync"
+    staleness: int = 2
+    server_device: Optional[str] = None
+    scheduler: Optional[str] = None
+    bind: Optional[str] = None
+    env: tuple[tuple[str, str], ...] = ()
+    forward_env: tuple[tuple[str, str], ...] = ()
+    log_dir: Optional[str] = None
+    timing: Timing = field(default_factory=Timing)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ssh_config: Optional[str] = None
+    job_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    python: str = sys.executable
+    cwd: str = field(default_factory=os.getcwd)
+    auth: str = "token"
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    restart_failed_servers: bool = False
+    elastic: bool = False
+    max_restarts: int = 3
+    secret_file: Optional[str] = None  # set by the job once it has written the secret
+    layout: JobLayout = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ConfigError("no command to run: put the worker command after the options, "
+                              "e.g. ps-launch -n 2 -- python train.py")
+        for name, _ in self.env:
+            check_export_name(name)
+        if self.scheduler:
+            split_host_port(self.scheduler)
+        if self.auth not in MECHANISMS:
+            raise ConfigError(f"--auth must be one of {', '.join(MECHANISMS)}; got {self.auth!r}")
+        for flag, wanted in (("--restart-failed-servers", self.restart_failed_servers),
+                             ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every)):
+            if wanted and not self.checkpoint_dir:
+                raise ConfigError(f"{flag} needs --checkpoint-dir: that is where checkpoints are written and read")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
+        if not _JOB_ID_RE.fullmatch(self.job_id):
+            raise ConfigError(f"job id must be letters, digits, '.', '_' or '-'; got {self.job_id!r}")
+        layout = plan_job(self.hosts, self.num_workers, self.num_servers, scheduler_host=self.scheduler,
+                          source=self.hostfile or "<hostfile>", local_host=self.bind or "127.0.0.1")
+        object.__setattr__(self, "layout", layout)
+        self.scheduler_config()  # checks mode, staleness and device with the core's own rules
+
+    @property
+    def start_timeout(self) -> float:
+        return self.timing.start_timeout
+
+    @property
+    def scheduler_port(self) -> int:
+        """The scheduler's port from ``--scheduler HOST:PORT``; 0 means a free one."""
+        return (split_host_port(self.scheduler)[1] or 0) if self.scheduler else 0
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The job as the core sees it; its ``config_to_env`` is what every process gets."""
+        return SchedulerConfig(
+            num_workers=len(self.layout.workers), num_servers=len(self.layout.servers), mode=self.mode,
+            staleness=self.staleness, port=self.scheduler_port, chunk_bytes=self.chunk_bytes,
+            server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
+            secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
+            checkpoint_dir=self.checkpoint_dir)
+
+    def worker_env(self) -> dict[str, str]:
+        """What only workers need: DistributedOptimizer's checkpoint schedule."""
+        env = {}
+        if self.checkpoint_every:
+            env["PS_CHECKPOINT_EVERY"] = str(self.checkpoint_every)
+        if self.resume:
+            env["PS_RESUME"] = "1"
+        return env
+
+
+def check_export_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"-x {name!r}: not a valid environment variable name")
+    if name in RESERVED_VARS:
+        raise ConfigError(f"-x {name}: ps-launch sets {name} itself for every process; "
+                          "use the matching ps-launch option instead")
+    return name
+
+
+def parse_exports(items: tuple[str, ...], environ: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``-x NAME=VALUE`` or ``-x NAME`` (value taken from ``environ``), as mpirun -x does."""
+    exports: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        check_export_name(name)
+        if not eq:
+            if name not in environ:
+                raise ConfigError(f"-x {name}: {name} is not set here; write -x {name}=VALUE")
+            value = environ[name]
+        exports[name] = value
+    return tuple(exports.items())
+
+
+__all__ = ["LAUNCH_ENV_VARS", "LaunchConfig", "RESERVED_VARS", "check_export_name", "parse_exports"]

@@ -1,0 +1,377 @@
+"""The owner of a job's processes: start them in order, watch them, stop them all, say what went wrong.
+
+``run_job(cfg)`` starts the scheduler, learns its address from its ``PS_SCHEDULER_ADDRESS=`` line,
+starts the servers and the workers, then watches:
+
+* every worker exited 0: the scheduler and servers stop by themselves (we wait, with a deadline);
+  the job succeeded (exit 0);
+* any process exited non-zero or was killed: that first failure is the root cause; every other
+  process is stopped and the report names it first, with its last lines (exit 1);
+* the cluster did not come up within the start timeout: the report names the processes that never
+  registered with the scheduler (exit 1);
+* SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal).
+
+In every case every process is stopped before ``run_job`` returns (SIGTERM, then SIGKILL), and
+every reader thread is joined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from launch.commands import ProcessSpec, host_addresses, node_processes, scheduler_process
+from launch.config import LaunchConfig
+from launch.hosts import is_local_host
+from launch.remote import ssh_install_file_argv
+from launch.process import Console, JobProcess
+from psframework.errors import ConfigError
+from psframework.security import JobSecret
+
+TICK = 0.05
+STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL
+KILL_WAIT = 3.0        # for SIGKILL and the ssh kill fallback
+DRAIN_TIMEOUT = 10.0   # scheduler and servers end by themselves once the workers are done
+SHOWN_LINES = 20
+SETTLE = 2.0           # how long a secondary failure waits for its root cause to exit
+SECONDARY_ERROR = "PeerLostError"
+EXIT_FAILED = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+_JOINED_RE = re.compile(r"PS_JOINED role=(\w+) rank=(\S+) host=(\S+)")
+
+
+def run_job(cfg: LaunchConfig, console: Optional[Console] = None) -> int:
+    """Run the job described by ``cfg``; returns ps-launch's exit code."""
+    job = Job(cfg, console or Console())
+    with _stop_signals(job.request_stop):
+        return job.run()
+
+
+class SchedulerWatch:
+    """What the scheduler says on stdout: where it listens, who joined, whether everyone did."""
+
+    def __init__(self) -> None:
+        self.address: Optional[str] = None
+        self.joined: list[tuple[str, Optional[int], str]] = []
+        self.up = threading.Event()
+        self._lock = threading.Lock()
+
+    def on_line(self, proc: JobProcess, text: str) -> None:
+        if text.startswith("PS_SCHEDULER_ADDRESS="):
+            self.address = text.split("=", 1)[1].strip()
+        elif text.startswith("PS_CLUSTER_UP"):
+            self.up.set()
+        elif match := _JOINED_RE.match(text):
+            role, rank, host = match.groups()
+            with self._lock:
+                self.joined.append((role, int(rank) if rank.isdigit() else None, host))
+
+    def registered(self, spec: ProcessSpec) -> bool:
+        with self._lock:
+            return any(role == spec.role and rank in (spec.rank, None) for role, rank, _ in self.joined)
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    headline: str
+    root: Optional[JobProcess] = None
+    details: list[str] = field(default_factory=list)
+
+
+class Job:
+    def __init__(self, cfg: LaunchConfig, console: Console):
+        self.cfg = cfg
+        self.console = console
+        self.addresses = host_addresses(cfg)
+        self.procs: list[JobProcess] = []
+        self.scheduler = SchedulerWatch()
+        self._signal: Optional[int] = None
+        self._lost: list[JobProcess] = []  # failed, but the job went on (elastic, or restarted)
+        self._restarts: dict[int, int] = {}
+        self._log_dir = Path(cfg.log_dir) if cfg.log_dir else None
+        self._deadline = 0.0
+
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: the watch loop notices within one tick."""
+        if self._signal is None:
+            self._signal = signum
+
+    def run(self) -> int:
+        self._deadline = time.monotonic() + self.cfg.start_timeout
+        if self._log_dir is not None:
+            try:
+                self._log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create --log-dir {self._log_dir}: {exc.strerror or exc}") from None
+        outcome = None
+        secret_dir = self._write_secret()
+        try:
+            outcome = self._start_and_watch()
+            self.console.message(outcome.headline)
+        finally:
+            self._stop_all()
+            if secret_dir is not None:
+                shutil.rmtree(secret_dir, ignore_errors=True)
+        self._report(outcome)
+        return outcome.exit_code
+
+    def _write_secret(self) -> Optional[str]:
+        """A fresh secret for this job, in a directory only this user can read; remote hosts get a
+        copy over ssh's stdin before any process starts there."""
+        if self.cfg.auth == "none":
+            return None
+        directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
+        path = JobSecret.generate(self.cfg.auth).write(Path(directory) / "secret.json")
+        self.cfg = dataclasses.replace(self.cfg, secret_file=str(path))
+        payload = path.read_bytes()
+        remote = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not _is_local(self.cfg, p.host)}
+        for host, port in sorted(remote, key=str):
+            argv = ssh_install_file_argv(host, port, str(path), self.cfg.ssh_config)
+            done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
+            if done.returncode != 0:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise ConfigError(f"cannot install the job secret on {host}: "
+                                  f"{done.stderr.decode(errors='replace').strip() or done.returncode}")
+        return directory
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _start_and_watch(self) -> Outcome:
+        scheduler = self._launch(scheduler_process(self.cfg, self.addresses))
+        outcome = self._wait_for_address(scheduler)
+        if outcome is not None:
+            return outcome
+        for spec in node_processes(self.cfg, self.addresses, self.scheduler.address):
+            proc = self._launch(spec)
+            if proc.start_error is not None:
+                return self._failed(proc)
+        return self._watch()
+
+    def _launch(self, spec: ProcessSpec) -> JobProcess:
+        proc = JobProcess(spec, self.console, log_dir=self._log_dir, ssh_config=self.cfg.ssh_config,
+                          cwd=self.cfg.cwd, python=self.cfg.python,
+                          on_line=self.scheduler.on_line if spec.role == "scheduler" else None)
+        self.procs.append(proc)
+        proc.start()
+        return proc
+
+    def _wait_for_address(self, scheduler: JobProcess) -> Optional[Outcome]:
+        while self.scheduler.address is None:
+            if self._signal is not None:
+                return self._interrupted()
+            if scheduler.exit_code() is not None:
+                return self._failed(scheduler)
+            if time.monotonic() >= self._deadline:
+                return self._timed_out()
+            time.sleep(TICK)
+        return None
+
+    # -- watching ------------------------------------------------------------------------
+
+    def _watch(self) -> Outcome:
+        drain_until: Optional[float] = None
+        while True:
+            if self._signal is not None:
+                return self._interrupted()
+            failed = self._first_failure()
+            if failed is not None and not self._survive(failed):
+                return self._failed(failed)
+            workers = [p for p in self.procs if p.spec.role == "worker" and p not in self._lost]
+            now = time.monotonic()
+            if not workers:
+                return Outcome(EXIT_FAILED, "job failed: every worker was lost")
+            if all(w.exit_code() == 0 for w in workers):
+                if not any(p.running() for p in self.procs) or not self.scheduler.up.is_set():
+                    return self._succeeded()
+                drain_until = drain_until or now + DRAIN_TIMEOUT
+                if now >= drain_until:
+                    self.console.message(f"the scheduler or servers did not stop within {DRAIN_TIMEOUT:g} s "
+                                         "after the workers finished; stopping them")
+                    return self._succeeded()
+            elif not self.scheduler.up.is_set() and now >= self._deadline:
+                return self._timed_out()
+            time.sleep(TICK)
+
+    def _first_failure(self) -> Optional[JobProcess]:
+        failed = self._failures()
+        if not failed or not _is_secondary(failed[0]):
+            return failed[0] if failed else None
+        # A worker that fails says goodbye before its process has finished exiting, so the others
+        # can die of PeerLostError first; give the real culprit a moment to show up.
+        settle_until = time.monotonic() + SETTLE
+        while time.monotonic() < settle_until:
+            primary = [p for p in self._failures() if not _is_secondary(p)]
+            if primary:
+                return primary[0]
+            time.sleep(TICK)
+        return failed[0]
+
+    def _failures(self) -> list[JobProcess]:
+        # workers first: a scheduler or server failing in the same tick is most likely the consequence
+        return [p for p in reversed(self.procs) if p.exit_code() not in (None, 0) and p not in self._lost]
+
+    def _survive(self, failed: JobProcess) -> bool:
+        """Whether the job goes on after this failure: an elastic job loses a worker, and with
+        --restart-failed-servers a server is started again (it reloads the newest checkpoint)."""
+        role, rank = failed.spec.role, failed.spec.rank
+        if role == "worker" and self.cfg.elastic:
+            self._lost.append(failed)
+            self.console.message(f"{failed.where()} {failed.describe_exit()}; --elastic: the job goes on "
+                                 "without it")
+            return True
+        if role == "server" and self.cfg.restart_failed_servers and self._restarts.get(rank, 0) < self.cfg.max_restarts:
+            self._restarts[rank] = self._restarts.get(rank, 0) + 1
+            self._lost.append(failed)
+            self.console.message(f"{failed.where()} {failed.describe_exit()}; restarting it "
+                                 f"(restart {self._restarts[rank]} of {self.cfg.max_restarts})")
+            replacement = self._launch(failed.spec)
+            return replacement.start_error is None
+        return False
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def _succeeded(self) -> Outcome:
+        workers = sum(1 for p in self.procs if p.spec.role == "worker" and p not in self._lost)
+        who = "the worker" if workers == 1 else f"all {workers} workers"
+        lost = [p.name for p in self._lost if p.spec.role == "worker"]
+        restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
+        notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
+                         f"; restarted: {', '.join(restarted)}" if restarted else ""])
+        return Outcome(0, f"job finished: {who} {'still in the job ' if lost else ''}exited 0{notes}")
+
+    def _failed(self, root: JobProcess) -> Outcome:
+        return Outcome(EXIT_FAILED, f"job failed: {root.where()} {root.describe_exit()}; stopping the job",
+                       root=root)
+
+    def _interrupted(self) -> Outcome:
+        name = signal.Signals(self._signal).name
+        return Outcome(128 + self._signal, f"got {name}; stopping the job")
+
+    def _timed_out(self) -> Outcome:
+        headline = (f"the cluster did not come up within {self.cfg.start_timeout:g} s (--start-timeout); "
+                    "stopping the job")
+        started = {(p.spec.role, p.spec.rank): p for p in self.procs}
+        missing, joined = [], []
+        for placement in (*self.cfg.layout.servers, *self.cfg.layout.workers):
+            proc = started.get((placement.role, placement.rank))
+            name = f"{placement.role} {placement.rank} on {placement.host}"
+            if proc is None:
+                missing.append(f"{name} (not started: the scheduler had not reported its address)")
+            elif self.scheduler.registered(proc.spec):
+                joined.append(name)
+            else:
+                missing.append(f"{name} ({proc.describe_exit()})")
+        details = ["never registered with the scheduler: " + ", ".join(missing)]
+        if joined:
+            details.append("registered: " + ", ".join(joined))
+        if self.scheduler.address is None:
+            scheduler = self.procs[0]
+            details.append(f"the scheduler on {scheduler.spec.host} never reported its address "
+                           f"({scheduler.describe_exit()}); its last lines:")
+            details += [f"    | {line}" for line in scheduler.last_lines(SHOWN_LINES)]
+        return Outcome(EXIT_FAILED, headline, details=details)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        live = [p for p in self.procs if p.running()]
+        for proc in live:
+            proc.terminate()
+        _wait_until(lambda: not any(p.running() for p in live), time.monotonic() + STOP_GRACE)
+        fallbacks = [f for f in (p.kill() for p in live if p.running()) if f is not None]
+        deadline = time.monotonic() + KILL_WAIT
+        _wait_until(lambda: not any(p.running() for p in live), deadline)
+        for ssh in fallbacks:
+            _reap(ssh, deadline)
+        for proc in self.procs:
+            proc.close()
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _report(self, outcome: Outcome) -> None:
+        lines = []
+        if outcome.root is not None:
+            root = outcome.root
+            lines.append(f"ROOT CAUSE: {root.where()}: {root.describe_exit()}")
+            tail = root.last_lines(SHOWN_LINES)
+            lines.append(f"last {_lines(len(tail))} of {root.name}:" if tail else f"{root.name} printed nothing")
+            lines += [f"    | {line}" for line in tail]
+        lines += outcome.details
+        if outcome.root is not None:
+            lines += self._others(outcome.root)
+        elif outcome.exit_code != 0:
+            stopped = [p.name for p in self.procs if p.stopped_by_launcher]
+            lines.append(f"stopped {len(stopped)} processes: {', '.join(stopped)}" if stopped else "")
+        if self._log_dir is not None:
+            lines.append(f"logs: {self._log_dir}/")
+        lines = [line for line in lines if line]
+        if lines:
+            self.console.message("\n".join(lines))
+
+    def _others(self, root: JobProcess) -> list[str]:
+        notes = []
+        for proc in self.procs:
+            if proc is root:
+                continue
+            if proc.stopped_by_launcher:
+                notes.append(f"  {proc.name} on {proc.spec.host}: stopped by ps-launch")
+            else:
+                late = " (after the root cause)" if proc.exit_code() != 0 else ""
+                notes.append(f"  {proc.name} on {proc.spec.host}: {proc.describe_exit()}{late}")
+        return ["other processes:", *notes] if notes else []
+
+
+def _is_local(cfg: LaunchConfig, host: str) -> bool:
+    return cfg.hosts is None or is_local_host(host)
+
+
+def _lines(n: int) -> str:
+    return "line" if n == 1 else f"{n} lines"
+
+
+def _is_secondary(proc: JobProcess) -> bool:
+    """Did it fail because another process of the job was lost (not a root cause)?"""
+    proc.join_output(timeout=0.5)
+    return any(SECONDARY_ERROR in line for line in proc.last_lines(SHOWN_LINES))
+
+
+def _wait_until(done: Callable[[], bool], deadline: float) -> None:
+    while not done() and time.monotonic() < deadline:
+        time.sleep(TICK)
+
+
+def _reap(proc: subprocess.Popen, deadline: float) -> None:
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
+    """While the job runs, SIGINT/SIGTERM/SIGHUP only ask it to stop; the loop does the stopping."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: handler(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+__all__ = ["Job", "Outcome", "SchedulerWatch", "run_job"]

@@ -1,0 +1,265 @@
+"""One process of a job, here or on another host, and the thread that carries its output.
+
+A local process runs in a session of its own, so ps-launch can signal its whole process group
+and a Ctrl-C in the terminal reaches only ps-launch, which then stops the job in order. A remote
+process is an ssh client running ``launch.remote_child`` there; closing the client's stdin stops
+it (see that module). Either way the child dies with ps-launch (``procs.spawn``).
+
+Each process's stdout and stderr go to one pipe, read line by line by a reader thread that this
+object owns: it echoes ``[worker 1] line`` to the console, appends the raw line to the log file
+and keeps the last lines for the failure report.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Callable, Optional
+
+from launch.commands import ProcessSpec
+from launch.remote import ssh_argv, ssh_kill_argv
+from launch.remote_child import MARKER
+from psframework.procs import exit_description, spawn
+
+TAIL_LINES = 200
+# shorter than the job's stop grace, so the remote side escalates to SIGKILL by itself before
+# ps-launch falls back to `ssh HOST kill`
+REMOTE_GRACE = 2.0
+OUTPUT_JOIN_TIMEOUT = 2.0  # for the rest of a pipe after its process ended
+
+
+class Console:
+    """Shows every process's output, one whole line at a time, and ps-launch's own messages."""
+
+    def __init__(self, out: Optional[IO[bytes]] = None, err: Optional[IO[str]] = None):
+        self._out = out if out is not None else sys.stdout.buffer
+        self._err = err if err is not None else sys.stderr
+        self._lock = threading.Lock()
+
+    def line(self, prefix: bytes, raw: bytes) -> None:
+        if not raw.endswith(b"\n"):
+            raw += b"\n"
+        with self._lock:
+            try:
+                self._out.write(prefix + raw)
+                self._out.flush()
+            except (OSError, ValueError):
+                pass  # nobody is reading our stdout any more; the job goes on, logs still work
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            try:
+                for line in text.splitlines() or [""]:
+                    self._err.write(f"ps-launch: {line}\n")
+                self._err.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class JobProcess:
+    """A started (or failed-to-start) process of the job. Used from the job's thread; the reader
+    thread only appends lines and records remote_child's markers."""
+
+    def __init__(self, spec: ProcessSpec, console: Console, *, log_dir: Optional[Path] = None,
+                 ssh_config: Optional[str] = None, cwd: str = ".", python: str = sys.executable,
+                 on_line: Optional[Callable[["JobProcess", str], None]] = None):
+        self.spec = spec
+        self.console = console
+        self.log_dir = log_dir
+        self.ssh_config = ssh_config
+        self.cwd = cwd
+        self.python = python
+        self.on_line = on_line
+        self.popen: Optional[subprocess.Popen] = None
+        self.start_error: Optional[str] = None
+        self.stopped_by_launcher = False
+        self.remote_pgid: Optional[int] = None
+        self.remote_exit: Optional[int] = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._tail_lock = threading.Lock()
+        self._prefix = f"[{spec.name}] ".encode()
+        self._reader: Optional[threading.Thread] = None
+        self._log: Optional[IO[bytes]] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The process's pid on its host (for a remote one, once remote_child reported it)."""
+        if self.spec.local:
+            return self.popen.pid if self.popen else None
+        return self.remote_pgid
+
+    def where(self) -> str:
+        pid = f", pid {self.pid}" if self.pid else ""
+        return f"{self.name} (host {self.spec.host}{pid})"
+
+    # -- starting ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start it; a failure to start is recorded in ``start_error`` rather than raised."""
+        try:
+            self._log = self._open_log()
+            argv, env = self._argv_env()
+            self.popen = spawn(argv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, new_session=True,
+                               stdin=subprocess.DEVNULL if self.spec.local else subprocess.PIPE)
+        except OSError as exc:
+            self.start_error = f"could not start: {exc}"
+            self._keep(self.start_error)
+            _close_quietly(self._log)
+            return
+        self._reader = threading.Thread(target=self._read_output, name=f"ps-launch-output-{self.spec.log_name}",
+                                        daemon=True)
+        self._reader.start()
+
+    def _argv_env(self) -> tuple[list[str], dict[str, str]]:
+        if self.spec.local:
+            return list(self.spec.argv), self.spec.environ
+        wrapped = [self.python, "-m", "launch.remote_child", "--grace", str(REMOTE_GRACE), "--",
+                   *self.spec.argv]
+        return ssh_argv(self.spec.host, self.spec.ssh_port, wrapped, self.spec.environ, self.cwd,
+                        self.ssh_config), {}
+
+    def _open_log(self) -> Optional[IO[bytes]]:
+        if self.log_dir is None:
+            return None
+        return open(self.log_dir / f"{self.spec.log_name}.log", "wb", buffering=0)
+
+    # -- output --------------------------------------------------------------------------
+
+    def _read_output(self) -> None:
+        try:
+            for raw in iter(self.popen.stdout.readline, b""):
+                self._take_line(raw)
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us while stopping
+        finally:
+            if self._log is not None:
+                self._log.close()
+
+    def _take_line(self, raw: bytes) -> None:
+        text = raw.decode(errors="replace").rstrip("\r\n")
+        if not self.spec.local and text.startswith(MARKER + " "):
+            self._remote_marker(text[len(MARKER) + 1:])
+            return
+        self._keep(text)
+        if self._log is not None:
+            self._log.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        self.console.line(self._prefix, raw)
+        if self.on_line is not None:
+            self.on_line(self, text)
+
+    def _keep(self, text: str) -> None:
+        with self._tail_lock:
+            self._tail.append(text)
+
+    def last_lines(self, count: int) -> list[str]:
+        """The last ``count`` lines it printed (the reader thread may still be adding more)."""
+        with self._tail_lock:
+            return list(self._tail)[-count:]
+
+    def _remote_marker(self, text: str) -> None:
+        key, _, value = text.partition("=")
+        if value.lstrip("-").isdigit():
+            if key == "pgid":
+                self.remote_pgid = int(value)
+            elif key == "exit":
+                self.remote_exit = int(value)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def exit_code(self) -> Optional[int]:
+        """None while running; the exit code (negative: killed by that signal) once it ended.
+        For a remote process that is remote_child's report, so the ssh client's own code only
+        shows when the remote side never reported (ssh failed or the connection broke)."""
+        if self.start_error is not None:
+            return 127
+        code = self.popen.poll()
+        if code is None:
+            return None
+        if not self.spec.local:
+            self.join_output()
+            if self.remote_exit is not None:
+                return self.remote_exit
+        return code
+
+    def describe_exit(self) -> str:
+        if self.start_error is not None:
+            return self.start_error
+        code = self.exit_code()
+        if code is None:
+            return "still running"
+        if not self.spec.local and self.remote_exit is None:
+            return (f"ssh to {self.spec.host} ended with exit code {code} before the remote process reported "
+                    "its exit (ssh could not connect or run the command, or the connection broke)")
+        return exit_description(code)
+
+    def join_output(self, timeout: float = OUTPUT_JOIN_TIMEOUT) -> None:
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def terminate(self) -> None:
+        """Ask it to stop: SIGTERM to its process group, or EOF to the remote_child over ssh."""
+        if not self.running():
+            return
+        self.stopped_by_launcher = True
+        if self.spec.local:
+            _kill_group(self.popen.pid, signal.SIGTERM)
+        else:
+            _close_quietly(self.popen.stdin)
+
+    def kill(self) -> Optional[subprocess.Popen]:
+        """Force it: SIGKILL to its group; for a remote one also ``ssh HOST kill -KILL -- -PGID``,
+        whose ssh process is returned for the caller to wait for."""
+        fallback = None
+        if not self.spec.local and self.remote_pgid is not None:
+            try:
+                argv = ssh_kill_argv(self.spec.host, self.spec.ssh_port, self.remote_pgid, self.ssh_config)
+                fallback = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, new_session=True)
+            except (OSError, ValueError):
+                pass
+        if self.running():
+            _kill_group(self.popen.pid, signal.SIGKILL)
+        return fallback
+
+    def close(self) -> None:
+        """After it ended: kill what it left in its group, finish reading its output."""
+        if self.popen is None:
+            return
+        if self.spec.local:
+            _kill_group(self.popen.pid, signal.SIGKILL)
+        self.join_output()
+        if self._reader is not None and self._reader.is_alive():
+            # something outside its process group still holds the pipe; stop waiting for it
+            self.console.message(f"{self.name}: output still open after it ended; not waiting for it")
+        _close_quietly(self.popen.stdin)
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _close_quietly(stream: Optional[IO]) -> None:
+    if stream is not None:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+__all__ = ["Console", "JobProcess"]

@@ -1,0 +1,67 @@
+"""Command lines that run a process on another host over OpenSSH. Pure functions: data in, argv out.
+
+Example::
+
+    >>> argv = ssh_argv("node2", 2222, ["/opt/py/bin/python", "train.py", "--tag", "a b"],
+    ...                 env={"PS_RANK": "1"}, cwd="/home/me/job")
+    >>> argv[:-1]
+    ['ssh', '-o', 'BatchMode=yes', '-T', '-p', '2222', '--', 'node2']
+    >>> argv[-1]
+    "cd /home/me/job && exec env PS_RANK=1 /opt/py/bin/python train.py --tag 'a b'"
+
+sshd passes no environment variables (no ``AcceptEnv``) and runs the command through the remote
+user's login shell, so the variables travel as ``env NAME=VALUE`` on the command line, the
+interpreter is named by its absolute path, and every word is quoted with ``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Mapping, Optional, Sequence
+
+
+def remote_shell_command(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
+    """The shell command line that runs ``argv`` in ``cwd`` with ``env`` added to the environment."""
+    assignments = [shlex.quote(f"{name}={value}") for name, value in env.items()]
+    return " ".join(["cd", shlex.quote(cwd), "&&", "exec", "env", *assignments, shlex.join(argv)])
+
+
+def ssh_argv(host: str, port: Optional[int], argv: Sequence[str], env: Mapping[str, str], cwd: str,
+             ssh_config: Optional[str] = None) -> list[str]:
+    """argv for the local ssh client that runs ``argv`` on ``host`` (``port`` None: ssh's default)."""
+    return [*ssh_prefix(host, port, ssh_config), remote_shell_command(argv, env, cwd)]
+
+
+def ssh_kill_argv(host: str, port: Optional[int], pgid: int, ssh_config: Optional[str] = None,
+                  signal_name: str = "KILL") -> list[str]:
+    """argv that sends a signal to a whole process group on ``host`` (the fallback when stopping)."""
+    pgid = int(pgid)
+    if pgid <= 1:
+        raise ValueError(f"refusing to signal process group {pgid}: 'kill -- -1' would hit every process")
+    return [*ssh_prefix(host, port, ssh_config), f"kill -{signal_name} -- -{pgid}"]
+
+
+def ssh_install_file_argv(host: str, port: Optional[int], path: str, ssh_config: Optional[str] = None) -> list[str]:
+    """argv that writes its stdin to ``path`` on ``host``, readable by the user only (the job secret:
+    it travels on stdin, never on a command line that ``ps`` would show)."""
+    directory = path.rsplit("/", 1)[0] or "/"
+    tmp = f"{path}.tmp"
+    script = (f"umask 077 && mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(tmp)} && "
+              f"mv {shlex.quote(tmp)} {shlex.quote(path)}")
+    return [*ssh_prefix(host, port, ssh_config), script]
+
+
+def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None) -> list[str]:
+    """``ssh [-F FILE] -o BatchMode=yes -T [-p PORT] -- HOST``: never prompts, never allocates a tty."""
+    argv = ["ssh"]
+    if ssh_config:
+        argv += ["-F", ssh_config]
+    # BatchMode: a password prompt would hang the launcher; -T: a tty would turn our pipes into a terminal.
+    argv += ["-o", "BatchMode=yes", "-T"]
+    if port is not None:
+        argv += ["-p", str(port)]
+    # "--" so that a host name starting with "-" can never be read as an ssh option
+    return [*argv, "--", host]
+
+
+__all__ = ["remote_shell_command", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv", "ssh_prefix"]

@@ -1,0 +1,156 @@
+"""Per-job secrets: only members of the job can connect to its sockets.
+
+ps-launch writes a secret file (mode 0600) and hands its path to every process in
+``PS_SECRET_FILE``. Two mechanisms, both checked by a ZAP authenticator on every listening
+socket, so a peer without the secret is refused at the handshake and logged:
+
+- ``token``: ZeroMQ PLAIN with a random 256-bit token. Authenticates every connection at no
+  cost per byte; the token crosses the wire at connect time, so use it on a network you trust
+  not to be sniffed.
+- ``curve``: ZeroMQ CURVE with a per-job key pair. Authenticates and encrypts everything;
+  costs throughput (see benchmarks/RESULTS.md).
+
+>>> secret = JobSecret.generate("token")
+>>> JobSecret.from_json(secret.to_json()) == secret
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import zmq
+
+from .errors import ConfigError
+
+MECHANISMS = ("none", "token", "curve")
+_USER = "ps"
+_DOMAIN = "psframework"
+
+log = logging.getLogger("psframework.security")
+
+
+@dataclass(frozen=True)
+class JobSecret:
+    mechanism: str
+    token: str = ""
+    public_key: str = ""
+    secret_key: str = ""
+
+    @classmethod
+    def generate(cls, mechanism: str) -> "JobSecret":
+        if mechanism == "token":
+            return cls("token", token=secrets.token_hex(32))
+        if mechanism == "curve":
+            if not zmq.has("curve"):
+                raise ConfigError("this libzmq has no CURVE support; use --auth token")
+            public, secret = zmq.curve_keypair()
+            return cls("curve", public_key=public.decode(), secret_key=secret.decode())
+        raise ConfigError(f"auth mechanism must be token or curve, got {mechanism!r}")
+
+    def to_json(self) -> str:
+        return json.dumps({"mechanism": self.mechanism, "token": self.token,
+                           "public_key": self.public_key, "secret_key": self.secret_key})
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSecret":
+        data = json.loads(text)
+        secret = cls(str(data["mechanism"]), str(data.get("token", "")), str(data.get("public_key", "")),
+                     str(data.get("secret_key", "")))
+        if secret.mechanism not in ("token", "curve"):
+            raise ValueError(f"unknown mechanism {secret.mechanism!r}")
+        return secret
+
+    def write(self, path: os.PathLike) -> Path:
+        """Write atomically, readable by this user only."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "JobSecret":
+        path = Path(path)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the job secret {path}: {exc.strerror}; "
+                              "it is written by ps-launch (PS_SECRET_FILE)") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"the job secret {path} is readable by others (mode {oct(mode & 0o777)}); "
+                              f"run chmod 600 {path}")
+        try:
+            return cls.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"the job secret {path} is not valid: {exc}") from None
+
+    # -- sockets -------------------------------------------------------------------------
+
+    def secure_listener(self, sock: zmq.Socket) -> None:
+        sock.zap_domain = _DOMAIN.encode()
+        if self.mechanism == "token":
+            sock.plain_server = True
+        else:
+            sock.curve_server = True
+            sock.curve_secretkey = self.secret_key.encode()
+            sock.curve_publickey = self.public_key.encode()
+
+    def secure_client(self, sock: zmq.Socket) -> None:
+        if self.mechanism == "token":
+            sock.plain_username = _USER.encode()
+            sock.plain_password = self.token.encode()
+        else:
+            sock.curve_serverkey = self.public_key.encode()
+            sock.curve_publickey = self.public_key.encode()
+            sock.curve_secretkey = self.secret_key.encode()
+
+    def start_authenticator(self, context: zmq.Context):
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(context, log=_RefusalLog())
+        auth.start()
+        if self.mechanism == "token":
+            auth.configure_plain(domain=_DOMAIN, passwords={_USER: self.token})
+        else:
+            auth.configure_curve_callback(domain=_DOMAIN, credentials_provider=_OnlyKey(self.public_key.encode()))
+        return auth
+
+
+class _OnlyKey:
+    def __init__(self, key: bytes):
+        self._key = zmq.utils.z85.decode(key)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        return client_key in (self._key, zmq.utils.z85.encode(self._key))
+
+
+class _RefusalLog(logging.LoggerAdapter):
+    """pyzmq's authenticator logs refusals at debug level; we want them seen, but not a flood."""
+
+    def __init__(self):
+        super().__init__(log, {})
+        self.refused = 0
+
+    def debug(self, msg, *args, **kwargs):
+        text = str(msg)
+        if "DENIED" in text or "Invalid" in text or "denied" in text.lower():
+            self.refused += 1
+            if self.refused <= 20 or self.refused % 1000 == 0:
+                log.warning("refused an unauthenticated peer (%d so far): " + text, self.refused, *args)
+
+
+def load_secret(path: Optional[str]) -> Optional[JobSecret]:
+    return JobSecret.load(path) if path else None

@@ -1,0 +1,168 @@
+"""Only members of a job get in; no frame, however malformed or large, stops a process serving."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import psframework as ps
+from psframework.security import JobSecret
+
+OPS = ["hello", "heartbeat", "register", "setup_done", "barrier", "bye", "push", "pull", "push_pull",
+       "init", "stats", "values", "error", "shutdown"]
+
+
+def _client(address: str, secret: JobSecret = None) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if secret is not None:
+        secret.secure_client(sock)
+    sock.connect(address)
+    return sock
+
+
+def _joined_worker(cluster, **params):
+    worker = ps.init(scheduler=cluster.scheduler, secret_file=cluster.config.secret_file)
+    tensors = params or {"w": torch.zeros(1000), "b": torch.zeros(())}
+    worker.register(tensors, optimizer=ps.optim.SGD(lr=0.5))
+    return worker, tensors
+
+
+def _still_serves(worker, tensors) -> None:
+    before = tensors["w"].clone()
+    worker.push_pull({k: torch.ones_like(v) for k, v in tensors.items()}, into=tensors).wait(timeout=10)
+    assert not torch.equal(before, tensors["w"])
+    worker.barrier(timeout=10)
+
+
+@pytest.mark.parametrize("auth", ["token", "curve"])
+def test_members_work_and_strangers_are_refused_and_logged(make_cluster, auth):
+    cluster = make_cluster(num_servers=1, num_workers=1, auth=auth)
+    worker, tensors = _joined_worker(cluster)
+    try:
+        impostor = JobSecret.generate(auth)  # a secret of another job
+        hello = msgpack.packb({"op": "hello", "role": "worker", "rank": None, "host": "evil", "pid": 1})
+        for address in (cluster.scheduler, worker.membership.servers[0]):
+            for secret in (None, impostor):
+                sock = _client(address, secret)
+                try:
+                    try:
+                        sock.send(hello, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # not even queued: the handshake never completed
+                    assert sock.poll(500) == 0, f"a stranger got an answer from {address}"
+                finally:
+                    sock.close()
+        _still_serves(worker, tensors)
+    finally:
+        worker.close()
+    time.sleep(0.3)
+    logs = cluster.output("scheduler", 200) + cluster.output("server-0", 200)
+    assert "refused" in logs
+
+
+def test_a_worker_without_the_secret_cannot_join(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, auth="token")
+    with pytest.raises(ps.PSTimeoutError, match="no welcome"):
+        ps.init(scheduler=cluster.scheduler, timeout=1.5)
+
+
+def test_secret_file_readable_by_others_is_refused(tmp_path):
+    path = JobSecret.generate("token").write(tmp_path / "secret.json")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    os.chmod(path, 0o644)
+    with pytest.raises(ps.ConfigError, match="chmod 600"):
+        JobSecret.load(path)
+    with pytest.raises(ps.ConfigError, match="cannot read"):
+        JobSecret.load(tmp_path / "missing.json")
+
+
+def test_sockets_bind_only_the_chosen_address(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1)
+    worker, _ = _joined_worker(cluster)
+    try:
+        for address in (cluster.scheduler, worker.membership.servers[0]):
+            assert address.startswith("tcp://127.0.0.1:"), address
+            port = int(address.rsplit(":", 1)[1])
+            listening = open("/proc/net/tcp").read().splitlines()[1:]
+            local = [line.split()[1] for line in listening if line.split()[3] == "0A"]
+            assert f"0100007F:{port:04X}" in local and f"00000000:{port:04X}" not in local
+    finally:
+        worker.close()
+
+
+def test_oversized_frames_are_refused(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, max_message_bytes=1 << 20, chunk_bytes=64 << 10)
+    worker, tensors = _joined_worker(cluster, w=torch.zeros(100_000), b=torch.zeros(()))  # 400 KB, chunked
+    try:
+        for address in (cluster.scheduler, worker.membership.servers[0]):
+            sock = _client(address)
+            try:
+                sock.send_multipart([msgpack.packb({"op": "push", "req": 1, "block": 0, "rank": 0}),
+                                     b"\0" * (2 << 20)])
+                assert sock.poll(500) == 0  # disconnected, never parsed
+            finally:
+                sock.close()
+        _still_serves(worker, tensors)
+    finally:
+        worker.close()
+
+
+headers = st.fixed_dictionaries(
+    {"op": st.sampled_from(OPS)},
+    optional={
+        "req": st.one_of(st.integers(-2, 2**40), st.text(max_size=3), st.none()),
+        "block": st.one_of(st.integers(-1, 5), st.none(), st.text(max_size=2)),
+        "rank": st.one_of(st.integers(-1, 3), st.none()),
+        "role": st.sampled_from(["worker", "server", "x"]),
+        "segs": st.one_of(st.none(), st.lists(st.integers(-1, 4), max_size=4), st.text(max_size=2)),
+        "dtype": st.sampled_from(["float32", "float64", "int8", "bogus"]),
+        "seq": st.one_of(st.integers(-1, 100), st.text(max_size=2)),
+        "tensors": st.lists(st.dictionaries(st.text(max_size=3), st.integers(-2**31, 2**31), max_size=3), max_size=2),
+    },
+)
+messages = st.one_of(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+    st.tuples(headers, st.lists(st.binary(max_size=5000), max_size=3)).map(
+        lambda hf: [msgpack.packb(hf[0])] + hf[1]),
+    st.tuples(headers, st.integers(1, 30)).map(lambda hn: [msgpack.packb(hn[0])[:hn[1]]]),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_target():
+    from tests.conftest import FAST_TIMING
+
+    with ps.LocalCluster(num_servers=2, num_workers=1, mode="async", timing=FAST_TIMING) as cluster:
+        worker, tensors = _joined_worker(cluster)
+        ports = [cluster.scheduler, *worker.membership.servers]
+        socks = [_client(a) for a in ports]
+        yield cluster, worker, tensors, socks
+        for sock in socks:
+            sock.close()
+        worker.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(messages, min_size=1, max_size=5))
+def test_fuzzed_frames_at_every_port_leave_the_cluster_answering(fuzz_target, batch):
+    cluster, worker, tensors, socks = fuzz_target
+    for sock in socks:
+        for frames in batch:
+            sock.send_multipart(frames)
+        while sock.poll(0):
+            sock.recv_multipart()  # error replies to the fuzzer are fine; answers are not required
+
+
+def test_cluster_still_answers_after_the_fuzzing(fuzz_target):
+    cluster, worker, tensors, socks = fuzz_target
+    time.sleep(0.5)
+    _still_serves(worker, tensors)
+    assert all(p.poll() is None for p in cluster.processes().values())

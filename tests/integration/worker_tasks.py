@@ -1,0 +1,127 @@
+"""Worker programs for multi-process tests: ``python -m tests.integration.worker_tasks TASK OUT JSON``.
+
+Each runs under the PS_* variables of a LocalCluster and saves its result to OUT with torch.save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+import psframework as ps
+from tests.integration import models
+
+
+def sync_train(out: str, optimizer: str, steps: int, seed: int = 0) -> None:
+    with ps.init() as worker:
+        # every worker starts from different values: register must replace them with rank 0's
+        params = models.make_params(seed + 17 * worker.rank)
+        worker.register(params, optimizer=models.optimizer_spec(optimizer))
+        per = models.BATCH // worker.num_workers
+        for step in range(steps):
+            x, y = models.batch(step)
+            mine = slice(worker.rank * per, (worker.rank + 1) * per)
+            leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            models.loss_fn(leaves, x[mine], y[mine]).backward()
+            worker.push_pull({k: v.grad for k, v in leaves.items()}, into=params).wait(timeout=30)
+        torch.save(params, out)
+
+
+def train_with_optimizer(out: str, steps: int) -> None:
+    """DistributedOptimizer on an nn.Module, the API most users take."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1)) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
+        mine = slice(rank * 8 // n, (rank + 1) * 8 // n)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
+
+
+def die_after(out: str, steps: int, victim: int) -> None:
+    """The victim exits abruptly after some steps; the others record the error they get and when."""
+    worker = ps.init()
+    params = {"w": torch.zeros(1000)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
+    for _ in range(steps):
+        worker.push_pull({"w": torch.ones(1000)}, into=params).wait(timeout=30)
+    if worker.rank == victim:
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        for _ in range(1000):
+            worker.push_pull({"w": torch.ones(1000)}, into=params).wait()
+        result = {"error": None}
+    except ps.PSError as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "rank": getattr(exc, "rank", None),
+                  "role": getattr(exc, "role", None)}
+    result["seconds"] = time.monotonic() - start
+    torch.save(result, out)
+    os._exit(0)
+
+
+def checkpointed_train(out: str, optimizer: str, total_steps: int, stop_after: int = 0) -> None:
+    """DistributedOptimizer with PS_CHECKPOINT_* from the environment; optionally stops early."""
+    model = torch.nn.Module()
+    for name, value in models.make_params(0).items():
+        model.register_parameter(name, torch.nn.Parameter(value))
+    with ps.DistributedOptimizer(model, models.optimizer_spec(optimizer)) as opt:
+        per = models.BATCH // opt.worker.num_workers
+        mine = slice(opt.worker.rank * per, (opt.worker.rank + 1) * per)
+        params = dict(model.named_parameters())
+        for step in range(opt.start_step, stop_after or total_steps):
+            x, y = models.batch(step)
+            opt.zero_grad()
+            models.loss_fn(params, x[mine], y[mine]).backward()
+            opt.step()
+        torch.save({"start_step": opt.start_step, "params": {k: v.detach() for k, v in params.items()}}, out)
+
+
+def elastic_train(out: str, flag_dir: str, victim: int = -1, die_at: int = 0, first: int = 10, second: int = 5) -> None:
+    """Gradients of rank+1 with SGD(lr=1): every step moves w by minus the mean over contributors.
+
+    Originals run ``first`` steps (the victim dies after ``die_at``), say so in flag_dir, wait for a
+    joiner to announce itself, then all run ``second`` steps. A joiner registers, announces
+    itself, and runs the ``second`` steps."""
+    from pathlib import Path
+
+    flags = Path(flag_dir)
+    worker = ps.init()
+    params = {"w": torch.zeros(1000)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    joined_at = params["w"][0].item()
+    grads = {"w": torch.full((1000,), float(worker.rank + 1))}
+    joiner = (flags / "originals-done").exists()
+    if not joiner:
+        for step in range(first):
+            if worker.rank == victim and step == die_at:
+                os._exit(17)
+            worker.push_pull(grads, into=params).wait(timeout=30)
+        (flags / f"done-{worker.rank}").touch()
+        deadline = time.monotonic() + 60
+        while not (flags / "joined").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        (flags / "joined").touch()
+    after_first = params["w"][0].item()
+    for _ in range(second):
+        worker.push_pull(grads, into=params).wait(timeout=30)
+    torch.save({"rank": worker.rank, "joined_at": joined_at, "after_first": after_first,
+                "final": params["w"].clone()}, out)
+    worker.close()
+
+
+TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after, checkpointed_train, elastic_train)}
+
+if __name__ == "__main__":
+    task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    TASKS[task](out, **kwargs)

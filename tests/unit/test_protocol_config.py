@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+import psframework as ps
+from psframework import protocol as P
+from psframework.buffers import byte_view
+from psframework.config import NodeConfig, SchedulerConfig, Timing, node_config_from_env, scheduler_config_from_env
+from psframework.transport import MemoryTransport
+
+
+def test_public_surface_is_sorted_and_complete():
+    assert ps.__all__ == sorted(ps.__all__)
+    for name in ps.__all__:
+        assert getattr(ps, name) is not None
+    assert issubclass(ps.PeerLostError, ps.PSError) and issubclass(ps.RegistrationError, ps.ConfigError)
+
+
+def test_header_round_trip():
+    assert P.unpack_header(P.pack_header({"op": "pull", "segs": [1, 2]})) == {"op": "pull", "segs": [1, 2]}
+
+
+@pytest.mark.parametrize("frame", [b"", b"\xc1", msgpack.packb([1]), msgpack.packb({"op": 3}),
+                                   msgpack.packb({1: "x"}), b"\x00" * (P.MAX_HEADER_BYTES + 1)])
+def test_bad_headers_are_protocol_errors(frame):
+    with pytest.raises(ps.ProtocolError):
+        P.unpack_header(frame)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+def test_byte_view_is_zero_copy_and_writable(dtype):
+    t = torch.zeros(3, 2, dtype=dtype)
+    view = byte_view(t)
+    assert len(view) == t.numel() * t.element_size()
+    view[:] = bytes(torch.ones(3, 2, dtype=dtype).view(torch.uint8).reshape(-1).tolist())
+    assert torch.equal(t, torch.ones(3, 2, dtype=dtype))
+    assert len(byte_view(torch.zeros(()))) == 4
+
+
+def test_memory_transport_streams_frames():
+    t = MemoryTransport()
+    server = t.listen("x")
+    client = t.connect(server.address)
+    client.send([b"head", b"abcd", b"ef"])
+    assert t.poll([server], 1.0) == [server]
+    peer, head = server.recv_header()
+    buf = bytearray(4)
+    assert head == b"head" and server.recv_into(buf) == 4 and bytes(buf) == b"abcd"
+    assert server.more() and server.skip_rest() == 1 and not server.more()
+    server.send([b"reply"], peer=peer)
+    assert client.recv_header() == (None, b"reply")
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(num_workers=0, num_servers=1), "worker"),
+    (dict(num_workers=1, num_servers=0), "server"),
+    (dict(num_workers=1, num_servers=1, mode="fast"), "mode"),
+    (dict(num_workers=1, num_servers=1, staleness=-1), "staleness"),
+    (dict(num_workers=1, num_servers=1, server_device="gpu"), "device"),
+])
+def test_scheduler_config_validates(kwargs, words):
+    with pytest.raises(ps.ConfigError, match=words):
+        SchedulerConfig(**kwargs)
+
+
+def test_timing_validates():
+    with pytest.raises(ps.ConfigError, match="twice"):
+        Timing(heartbeat_interval=1.0, heartbeat_timeout=1.5)
+
+
+def test_env_config():
+    env = {"PS_SCHEDULER": "tcp://h:1", "PS_RANK": "3", "PS_NUM_WORKERS": "4", "PS_MODE": "ssp",
+           "PS_STALENESS": "1", "PS_HEARTBEAT_TIMEOUT": "9"}
+    node = node_config_from_env(env)
+    assert (node.scheduler, node.rank) == ("tcp://h:1", 3)
+    sched = scheduler_config_from_env(env, num_servers=2)
+    assert (sched.num_workers, sched.num_servers, sched.mode, sched.staleness) == (4, 2, "ssp", 1)
+    assert sched.timing.heartbeat_timeout == 9
+    with pytest.raises(ps.ConfigError, match="PS_RANK"):
+        node_config_from_env({**env, "PS_RANK": "x"})
+    with pytest.raises(ps.ConfigError, match="scheduler"):
+        node_config_from_env({})
+    with pytest.raises(ps.ConfigError, match="tcp://HOST:PORT"):
+        NodeConfig(scheduler="h:1")
+
+
+def test_readme_lists_every_environment_variable():
+    from pathlib import Path
+
+    from psframework.config import ENV_VARS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in ENV_VARS if name not in readme]
+    assert not missing, f"README.md does not document {missing}"

@@ -1,0 +1,105 @@
+"""launch.remote_child, run locally: it passes exit codes through and stops the whole process group
+when its stdin closes (what happens when ps-launch or the ssh connection goes away)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.remote_child import MARKER, parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(30)
+
+
+def _start(*command: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "launch.remote_child", "--grace", "1", "--", *command],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, text=True)
+
+
+def _markers(out: str) -> dict[str, int]:
+    pairs = [line[len(MARKER) + 1:].split("=") for line in out.splitlines() if line.startswith(MARKER + " ")]
+    return {key: int(value) for key, value in pairs}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _finish(p: subprocess.Popen) -> str:
+    """Its output and exit, keeping its stdin open (communicate() would close it: a stop request)."""
+    out = p.stdout.read()
+    p.wait(timeout=10)
+    return out
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_exit_code_and_output_pass_through(procs):
+    procs.append(p := _start("sh", "-c", "echo out; echo err >&2; exit 3"))
+    out = _finish(p)
+    assert p.returncode == 3
+    assert "out\n" in out and "err\n" in out
+    assert _markers(out)["exit"] == 3
+
+
+def test_death_by_signal_is_reported(procs):
+    procs.append(p := _start("sh", "-c", "kill -9 $$"))
+    out = _finish(p)
+    assert _markers(out)["exit"] == -9
+    assert p.returncode == 128 + 9
+
+
+def test_stdin_eof_stops_the_whole_group(procs, tmp_path):
+    pids = tmp_path / "pids"
+    # the child and a grandchild that ignores SIGTERM: both must go
+    script = f"trap '' TERM; sleep 60 & echo $$ $! > {pids}; wait"
+    procs.append(p := _start("sh", "-c", script))
+    deadline = time.monotonic() + 10
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child, grandchild = map(int, pids.read_text().split())
+    p.stdin.close()
+    out = _finish(p)
+    assert _markers(out)["pgid"] == child
+    assert not _alive(child) and not _alive(grandchild)
+
+
+def test_sigterm_to_the_wrapper_stops_the_child(procs, tmp_path):
+    procs.append(p := _start("sleep", "60"))
+    time.sleep(0.3)
+    p.terminate()
+    out = _finish(p)
+    assert _markers(out)["exit"] == -15
+
+
+def test_missing_command_reports_127(procs):
+    procs.append(p := _start("/nonexistent/program"))
+    out = _finish(p)
+    assert p.returncode == 127 and "cannot run" in out
+
+
+def test_arguments():
+    assert parse_args(["--grace", "0.5", "--", "a", "--grace"]) == (0.5, ["a", "--grace"])
+    assert parse_args(["cmd"]) == (2.0, ["cmd"])
+    with pytest.raises(ValueError):
+        parse_args(["--"])
