@@ -24,16 +24,22 @@ def _mib_key(mib: int) -> str:
     return f"mib{mib}"
 
 
-def _raw_round_trip(sock: zmq.Socket, data: memoryview, frame_bytes: int) -> float:
-    """Send ``data`` as frames of ``frame_bytes`` (zero-copy), receive them back (zero-copy)."""
+def _raw_round_trip(sock: zmq.Socket, data: memoryview, frame_bytes: int, into: memoryview | None) -> float:
+    """Send ``data`` as frames of ``frame_bytes`` (zero-copy) and receive them back: zero-copy,
+    or with ``into`` copied into place there, as a pull must land them in the caller's tensor."""
     start = time.perf_counter()
-    count = 0
-    for offset in range(0, len(data), frame_bytes):
+    offsets = range(0, len(data), frame_bytes)
+    for offset in offsets:
         sock.send(data[offset:offset + frame_bytes], copy=False)
-        count += 1
-    for _ in range(count):
-        sock.recv(copy=False)
+    for offset in offsets:
+        if into is None:
+            sock.recv(copy=False)
+        else:
+            sock.recv_into(into[offset:offset + frame_bytes])
     return time.perf_counter() - start
+
+
+_ORDERS = (("ps", "raw", "raw_into"), ("raw", "raw_into", "ps"), ("raw_into", "ps", "raw"))
 
 
 @click.group()
@@ -71,22 +77,24 @@ def worker(sizes: str, repeats: int, warmup: int, echo_address: str | None, fram
                 for mib in mibs:
                     key = _mib_key(mib)
                     data = memoryview(grads[key].numpy()).cast("B")
-                    ps_times, raw_times = [], []
+                    dest = memoryview(params[key].numpy()).cast("B")
+                    times: dict[str, list[float]] = {"ps": [], "raw": [], "raw_into": []}
                     for r in range(warmup + repeats):
                         w.barrier()
-                        # alternate the order so that neither side always runs on a warmer cache
-                        if sock is not None and r % 2:
-                            raw = _raw_round_trip(sock, data, frame_bytes)
-                        start = time.perf_counter()
-                        w.push_pull({key: grads[key]}, into={key: params[key]}).wait()
-                        elapsed = time.perf_counter() - start
-                        if sock is not None and not r % 2:
-                            raw = _raw_round_trip(sock, data, frame_bytes)
+                        # rotate the order so that none of the three always runs on a warmer cache
+                        round_times = {}
+                        for what in _ORDERS[r % len(_ORDERS)]:
+                            if what == "ps":
+                                start = time.perf_counter()
+                                w.push_pull({key: grads[key]}, into={key: params[key]}).wait()
+                                round_times["ps"] = time.perf_counter() - start
+                            elif sock is not None:
+                                into = dest if what == "raw_into" else None
+                                round_times[what] = _raw_round_trip(sock, data, frame_bytes, into)
                         if r >= warmup:
-                            ps_times.append(elapsed)
-                            if sock is not None:
-                                raw_times.append(raw)
-                    line = {"rank": w.rank, "mib": mib, "bytes": mib << 20, "ps": ps_times, "raw": raw_times}
+                            for what, t in round_times.items():
+                                times[what].append(t)
+                    line = {"rank": w.rank, "mib": mib, "bytes": mib << 20, **times}
                     log.write(json.dumps(line) + "\n")
                     log.flush()
         finally:

@@ -11,10 +11,11 @@ A round's time is the slowest worker's; the table shows the median over ``--repe
 
 In the same run, two baselines move the same bytes:
 
-* raw pyzmq: a DEALER (inside worker rank 0, next to every PS round, alternating which goes
-  first) sends the tensor as frames of ``--frame-mib`` with ``copy=False`` to a ROUTER in
-  another process, which sends every frame straight back (zero-copy); the client keeps the
-  frames without copying them anywhere. It is always one client and one echo process.
+* raw pyzmq: a DEALER (inside worker rank 0, next to every PS round, the order rotating)
+  sends the tensor as frames of ``--frame-mib`` with ``copy=False`` to a ROUTER in another
+  process, which sends every frame straight back (zero-copy); the client receives them
+  zero-copy and touches them no further (``zmq``), or copies them into a destination tensor
+  with ``recv_into`` as a pull must (``zmq+copy``). Always one client and one echo process.
 * gloo: ``torch.distributed.all_reduce`` of the same tensor among W processes
   (torch.multiprocessing, init_method tcp://127.0.0.1:PORT). Not run for W = 1, where
   there is nothing to reduce.
@@ -62,6 +63,7 @@ class Row:
     servers: int
     workers: int
     mode: str
+    auth: str
     size_mib: int
     bytes: int
     repeats: int
@@ -70,9 +72,12 @@ class Row:
     ps_gbps: float
     raw_zmq_median_s: float
     raw_zmq_gbps: float
+    raw_zmq_copy_median_s: float
+    raw_zmq_copy_gbps: float
     gloo_median_s: Optional[float]
     gloo_gbps: Optional[float]
     ps_over_raw_zmq: float
+    ps_over_raw_zmq_copy: float
     ps_over_gloo: Optional[float]
 
 
@@ -146,8 +151,8 @@ def _gloo_rank(rank: int, world: int, port: int, mibs: list[int], repeats: int, 
 
 
 def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Path, advance,
-             timeout: float) -> dict[int, float]:
-    """Median all_reduce round time per size (MiB) among ``world`` processes."""
+             timeout: float) -> tuple[dict[int, float], list[dict]]:
+    """Median all_reduce round time per size (MiB) among ``world`` processes, and every round."""
     import torch.multiprocessing as tmp
 
     out = workdir / f"gloo-{world}"
@@ -167,8 +172,9 @@ def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Pa
             if p.is_alive():
                 p.kill()
     advance(len(mibs) - seen)
-    per_rank = [{d["mib"]: d["times"] for d in _lines(Path(f"{out}.{r}"))} for r in range(world)]
-    return {m: statistics.median(round_times([pr[m] for pr in per_rank])) for m in mibs}
+    lines = [d for r in range(world) for d in _lines(Path(f"{out}.{r}"))]
+    per_rank = [{d["mib"]: d["times"] for d in lines if d["rank"] == r} for r in range(world)]
+    return {m: statistics.median(round_times([pr[m] for pr in per_rank])) for m in mibs}, lines
 
 
 # ----------------------------------------------------------------------------- PS + raw zmq
@@ -187,16 +193,17 @@ def start_echo(workdir: Path, log) -> tuple[subprocess.Popen, str]:
     return proc, address_file.read_text().strip()
 
 
-def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], mibs: list[int], repeats: int,
-           warmup: int, echo: str, frame_bytes: int, workdir: Path, advance, timeout: float) -> dict[int, dict]:
-    """Per size: the PS rounds' median time and rank 0's raw zmq median, interleaved with them."""
+def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], auth: str, mibs: list[int],
+           repeats: int, warmup: int, echo: str, frame_bytes: int, workdir: Path, advance,
+           timeout: float) -> dict[int, dict]:
+    """Per size: the PS rounds' median time and rank 0's raw zmq medians, interleaved with them."""
     tag = f"ps-s{servers}-w{workers}"
     out = workdir / f"{tag}.jsonl"
     procs: list[subprocess.Popen] = []
     logs = []
     seen = 0
     with LocalCluster(num_servers=servers, num_workers=workers, mode=mode, server_device="cpu",
-                      chunk_bytes=chunk_bytes) as cluster:
+                      chunk_bytes=chunk_bytes, auth=auth) as cluster:
         try:
             for rank in range(workers):
                 log = open(workdir / f"{tag}-worker-{rank}.log", "wb")
@@ -233,9 +240,11 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], mi
     for mib in mibs:
         per_rank = [d["ps"] for d in lines if d["mib"] == mib]
         raw = [t for d in lines if d["mib"] == mib for t in d["raw"]]
-        if len(per_rank) != workers or not raw:
+        raw_into = [t for d in lines if d["mib"] == mib for t in d["raw_into"]]
+        if len(per_rank) != workers or not raw or not raw_into:
             raise click.ClickException(f"{tag}: incomplete results for {mib} MiB")
-        result[mib] = {"ps": statistics.median(round_times(per_rank)), "raw": statistics.median(raw)}
+        result[mib] = {"ps": statistics.median(round_times(per_rank)), "raw": statistics.median(raw),
+                       "raw_into": statistics.median(raw_into), "rounds": [d for d in lines if d["mib"] == mib]}
     return result
 
 
@@ -249,11 +258,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def print_table(console: Console, rows: list[Row]) -> None:
     table = Table(title="push_pull vs raw pyzmq vs gloo all_reduce",
                   caption="GB/s = 2 x tensor bytes / median round trip, per worker; raw zmq: one client")
-    for name in ("servers", "workers", "MiB", "PS ms", "PS GB/s", "zmq GB/s", "PS/zmq", "gloo GB/s", "PS/gloo"):
+    for name in ("servers", "workers", "MiB", "PS ms", "PS GB/s", "zmq GB/s", "PS/zmq", "zmq+copy GB/s",
+                 "PS/zmq+copy", "gloo GB/s", "PS/gloo"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(str(r.servers), str(r.workers), str(r.size_mib), f"{r.ps_median_s * 1e3:.1f}",
                       f"{r.ps_gbps:.2f}", f"{r.raw_zmq_gbps:.2f}", f"{r.ps_over_raw_zmq:.2f}",
+                      f"{r.raw_zmq_copy_gbps:.2f}", f"{r.ps_over_raw_zmq_copy:.2f}",
                       _fmt(r.gloo_gbps, ".2f"), _fmt(r.ps_over_gloo, ".2f"))
     console.print(table)
 
@@ -275,12 +286,14 @@ def write_csv(path: Path, rows: list[Row]) -> None:
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed rounds first.")
 @click.option("--mode", type=click.Choice(["sync", "async", "ssp"]), default="sync", show_default=True)
 @click.option("--chunk-mib", type=float, default=None, help="PS chunk size (default: the framework's, 4 MiB).")
+@click.option("--auth", type=click.Choice(["none", "token", "curve"]), default="none", show_default=True,
+              help="The PS job's security (the raw zmq baseline is always plain).")
 @click.option("--frame-mib", type=float, default=4.0, show_default=True, help="Raw zmq frame size.")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds per configuration.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--quick", is_flag=True, help="Sizes 1,4; 1 server; 1 and 2 workers; 3 repeats.")
 def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup: int, mode: str,
-         chunk_mib: Optional[float], frame_mib: float, timeout: float, out: Path, quick: bool) -> None:
+         chunk_mib: Optional[float], auth: str, frame_mib: float, timeout: float, out: Path, quick: bool) -> None:
     """Median push_pull round trip of an N MiB model, with raw pyzmq and gloo baselines."""
     if quick:
         sizes, servers_list, workers_list, repeats, warmup = "1,4", "1", "1,2", 3, 1
@@ -295,6 +308,7 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
     gloo_worlds = [w for w in worker_counts if w > 1]
     total = len(mibs) * (len(gloo_worlds) + len(server_counts) * len(worker_counts))
     rows: list[Row] = []
+    rounds: list[dict] = []  # every timed round, for the JSON next to the CSV
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as tmp:
         workdir = Path(tmp)
         echo_log = open(workdir / "echo.log", "wb")
@@ -309,32 +323,40 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                         progress.advance(task, n)
 
                 gloo: dict[int, dict[int, float]] = {}
+                gloo_rounds: list[dict] = []
                 for world in gloo_worlds:
                     progress.update(task, description=f"gloo all_reduce, {world} processes")
-                    gloo[world] = run_gloo(world, mibs, repeats, warmup, workdir, advance, timeout)
+                    gloo[world], lines = run_gloo(world, mibs, repeats, warmup, workdir, advance, timeout)
+                    gloo_rounds += [{"workers": world, **d} for d in lines]
                 for servers in server_counts:
                     for workers in worker_counts:
                         progress.update(task, description=f"PS {servers} server(s), {workers} worker(s)")
-                        ps = run_ps(servers, workers, mode, chunk_bytes, mibs, repeats, warmup, echo_address,
-                                    frame_bytes, workdir, advance, timeout)
+                        ps = run_ps(servers, workers, mode, chunk_bytes, auth, mibs, repeats, warmup,
+                                    echo_address, frame_bytes, workdir, advance, timeout)
                         for mib in mibs:
                             nbytes = mib << 20
-                            t_ps, t_raw = ps[mib]["ps"], ps[mib]["raw"]
+                            t_ps, t_raw, t_into = ps[mib]["ps"], ps[mib]["raw"], ps[mib]["raw_into"]
+                            rounds.append({"servers": servers, "workers": workers, "mib": mib,
+                                           "per_rank": ps[mib]["rounds"]})
                             t_gloo = gloo.get(workers, {}).get(mib)
                             rows.append(Row(
-                                servers=servers, workers=workers, mode=mode, size_mib=mib, bytes=nbytes,
+                                servers=servers, workers=workers, mode=mode, auth=auth, size_mib=mib, bytes=nbytes,
                                 repeats=repeats, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                                 ps_median_s=t_ps, ps_gbps=gbps(nbytes, t_ps),
                                 raw_zmq_median_s=t_raw, raw_zmq_gbps=gbps(nbytes, t_raw),
+                                raw_zmq_copy_median_s=t_into, raw_zmq_copy_gbps=gbps(nbytes, t_into),
                                 gloo_median_s=t_gloo, gloo_gbps=gbps(nbytes, t_gloo) if t_gloo else None,
-                                ps_over_raw_zmq=t_raw / t_ps, ps_over_gloo=t_gloo / t_ps if t_gloo else None,
+                                ps_over_raw_zmq=t_raw / t_ps, ps_over_raw_zmq_copy=t_into / t_ps,
+                                ps_over_gloo=t_gloo / t_ps if t_gloo else None,
                             ))
         finally:
             stop_all([echo_proc])
             echo_log.close()
     print_table(console, rows)
     write_csv(out, rows)
-    console.print(f"wrote {out}")
+    rounds_path = out.with_suffix(".rounds.json")
+    rounds_path.write_text(json.dumps({"gloo": gloo_rounds, "ps_and_zmq": rounds}))
+    console.print(f"wrote {out} and every round's times to {rounds_path}")
 
 
 if __name__ == "__main__":
