@@ -257,9 +257,10 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def print_table(console: Console, rows: list[Row]) -> None:
     table = Table(title="push_pull vs raw pyzmq vs gloo all_reduce",
-                  caption="GB/s = 2 x tensor bytes / median round trip, per worker; raw zmq: one client")
-    for name in ("servers", "workers", "MiB", "PS ms", "PS GB/s", "zmq GB/s", "PS/zmq", "zmq+copy GB/s",
-                 "PS/zmq+copy", "gloo GB/s", "PS/gloo"):
+                  caption="GB/s = 2 x tensor bytes / median round trip, per worker; srv, wkr: PS servers, workers "
+                          "(gloo: workers processes); raw zmq: always one client")
+    for name in ("srv", "wkr", "MiB", "PS ms", "PS GB/s", "zmq GB/s", "PS/zmq", "zmq+copy GB/s", "PS/zmq+copy",
+                 "gloo GB/s", "PS/gloo"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(str(r.servers), str(r.workers), str(r.size_mib), f"{r.ps_median_s * 1e3:.1f}",
@@ -304,7 +305,7 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
     frame_bytes = int(frame_mib * 2**20)
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 110))
+        console = Console(width=max(console.width, 130))
     gloo_worlds = [w for w in worker_counts if w > 1]
     total = len(mibs) * (len(gloo_worlds) + len(server_counts) * len(worker_counts))
     rows: list[Row] = []

@@ -293,13 +293,13 @@ def save_data(path: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_PLOT,
               show_default=True)
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per job.")
-@click.option("--quick", is_flag=True, help="2 workers, 1 server, sync and async, 60 steps.")
+@click.option("--quick", is_flag=True, help="2 workers, 1 server, sync and async, 100 steps, lr 0.025.")
 def main(workers: int, servers: int, modes: str, steps: int, batch_size: int, lr: float, momentum: float,
          straggler: float, target_acc: float, eval_every_s: float, no_launcher: bool, out_dir: Path,
          plot_path: Path, timeout: float, quick: bool) -> None:
     """Train on the digits data set in every mode; time to accuracy, with and without a straggler."""
     if quick:
-        workers, servers, modes, steps, eval_every_s = 2, 1, "sync,async", 60, 0.25
+        workers, servers, modes, steps, lr, eval_every_s = 2, 1, "sync,async", 100, 0.025, 0.25
     mode_list = parse_modes(modes)
     if workers < 1 or servers < 1 or steps < 1:
         raise click.BadParameter("--workers, --servers and --steps must be >= 1")
