@@ -16,6 +16,10 @@ In the same run, two baselines move the same bytes:
   process, which sends every frame straight back (zero-copy); the client receives them
   zero-copy and touches them no further (``zmq``), or copies them into a destination tensor
   with ``recv_into`` as a pull must (``zmq+copy``). Always one client and one echo process.
+* minimal PS: the same client sends the frames to a hand-written minimal parameter server
+  (``_pushpull_worker.py minimal``) that applies SGD to each frame's slice of its buffer and
+  sends the slice back zero-copy; the client copies it into place. It does the PS's work for
+  one worker with none of its protocol, so PS/minimal is what the framework itself costs.
 * gloo: ``torch.distributed.all_reduce`` of the same tensor among W processes
   (torch.multiprocessing, init_method tcp://127.0.0.1:PORT). Not run for W = 1, where
   there is nothing to reduce.
@@ -74,10 +78,13 @@ class Row:
     raw_zmq_gbps: float
     raw_zmq_copy_median_s: float
     raw_zmq_copy_gbps: float
+    minimal_ps_median_s: float
+    minimal_ps_gbps: float
     gloo_median_s: Optional[float]
     gloo_gbps: Optional[float]
     ps_over_raw_zmq: float
     ps_over_raw_zmq_copy: float
+    ps_over_minimal_ps: float
     ps_over_gloo: Optional[float]
 
 
@@ -180,21 +187,24 @@ def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Pa
 # ----------------------------------------------------------------------------- PS + raw zmq
 
 
-def start_echo(workdir: Path, log) -> tuple[subprocess.Popen, str]:
-    address_file = workdir / "echo.address"
-    proc = spawn([sys.executable, CHILD, "echo", "--address-file", str(address_file)], _child_env(),
-                 stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
+def start_baseline(workdir: Path, kind: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start the ``echo`` or ``minimal`` server; returns it and its address."""
+    address_file = workdir / f"{kind}.address"
+    log = workdir / f"{kind}.log"
+    with open(log, "wb") as out:
+        proc = spawn([sys.executable, CHILD, kind, "--address-file", str(address_file), *args], _child_env(),
+                     stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
     while not address_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_all([proc])
-            raise click.ClickException("the raw zmq echo process did not start")
+            raise click.ClickException(f"the {kind} baseline process did not start:\n{_tail(log)}")
         time.sleep(0.02)
     return proc, address_file.read_text().strip()
 
 
 def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], auth: str, mibs: list[int],
-           repeats: int, warmup: int, echo: str, frame_bytes: int, workdir: Path, advance,
+           repeats: int, warmup: int, baselines: dict[str, str], frame_bytes: int, workdir: Path, advance,
            timeout: float) -> dict[int, dict]:
     """Per size: the PS rounds' median time and rank 0's raw zmq medians, interleaved with them."""
     tag = f"ps-s{servers}-w{workers}"
@@ -212,7 +222,7 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], au
                         "--repeats", str(repeats), "--warmup", str(warmup), "--out", str(out),
                         "--frame-bytes", str(frame_bytes)]
                 if rank == 0:
-                    argv += ["--echo", echo]
+                    argv += ["--echo", baselines["echo"], "--minimal", baselines["minimal"]]
                 env = {**_child_env(), **cluster.env(), "PS_RANK": str(rank)}
                 procs.append(spawn(argv, env, stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout
@@ -241,10 +251,12 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], au
         per_rank = [d["ps"] for d in lines if d["mib"] == mib]
         raw = [t for d in lines if d["mib"] == mib for t in d["raw"]]
         raw_into = [t for d in lines if d["mib"] == mib for t in d["raw_into"]]
-        if len(per_rank) != workers or not raw or not raw_into:
+        minimal = [t for d in lines if d["mib"] == mib for t in d["minimal"]]
+        if len(per_rank) != workers or not raw or not raw_into or not minimal:
             raise click.ClickException(f"{tag}: incomplete results for {mib} MiB")
         result[mib] = {"ps": statistics.median(round_times(per_rank)), "raw": statistics.median(raw),
-                       "raw_into": statistics.median(raw_into), "rounds": [d for d in lines if d["mib"] == mib]}
+                       "raw_into": statistics.median(raw_into), "minimal": statistics.median(minimal),
+                       "rounds": [d for d in lines if d["mib"] == mib]}
     return result
 
 
@@ -256,17 +268,17 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def print_table(console: Console, rows: list[Row]) -> None:
-    table = Table(title="push_pull vs raw pyzmq vs gloo all_reduce",
-                  caption="GB/s = 2 x tensor bytes / median round trip, per worker; srv, wkr: PS servers, workers "
-                          "(gloo: workers processes); raw zmq: always one client")
-    for name in ("srv", "wkr", "MiB", "PS ms", "PS GB/s", "zmq GB/s", "PS/zmq", "zmq+copy GB/s", "PS/zmq+copy",
-                 "gloo GB/s", "PS/gloo"):
+    table = Table(title="push_pull vs raw pyzmq, a minimal PS and gloo all_reduce (GB/s)",
+                  caption="GB/s = 2 x tensor bytes / median round trip, per worker. srv, wkr: PS servers and "
+                          "workers (gloo: wkr processes);\nzmq, zmq+copy, minimal: always one client, one server")
+    for name in ("srv", "wkr", "MiB", "PS ms", "PS", "zmq", "zmq+copy", "minimal", "gloo", "PS/zmq",
+                 "PS/zmq+copy", "PS/minimal", "PS/gloo"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(str(r.servers), str(r.workers), str(r.size_mib), f"{r.ps_median_s * 1e3:.1f}",
-                      f"{r.ps_gbps:.2f}", f"{r.raw_zmq_gbps:.2f}", f"{r.ps_over_raw_zmq:.2f}",
-                      f"{r.raw_zmq_copy_gbps:.2f}", f"{r.ps_over_raw_zmq_copy:.2f}",
-                      _fmt(r.gloo_gbps, ".2f"), _fmt(r.ps_over_gloo, ".2f"))
+                      f"{r.ps_gbps:.2f}", f"{r.raw_zmq_gbps:.2f}", f"{r.raw_zmq_copy_gbps:.2f}",
+                      f"{r.minimal_ps_gbps:.2f}", _fmt(r.gloo_gbps, ".2f"), f"{r.ps_over_raw_zmq:.2f}",
+                      f"{r.ps_over_raw_zmq_copy:.2f}", f"{r.ps_over_minimal_ps:.2f}", _fmt(r.ps_over_gloo, ".2f"))
     console.print(table)
 
 
@@ -312,9 +324,12 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
     rounds: list[dict] = []  # every timed round, for the JSON next to the CSV
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as tmp:
         workdir = Path(tmp)
-        echo_log = open(workdir / "echo.log", "wb")
-        echo_proc, echo_address = start_echo(workdir, echo_log)
+        procs: list[subprocess.Popen] = []
+        baselines: dict[str, str] = {}
         try:
+            for kind, args in (("echo", ()), ("minimal", ("--max-bytes", str(max(mibs) << 20)))):
+                proc, baselines[kind] = start_baseline(workdir, kind, *args)
+                procs.append(proc)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console) as progress:
                 task = progress.add_task("starting", total=total)
@@ -333,10 +348,10 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                     for workers in worker_counts:
                         progress.update(task, description=f"PS {servers} server(s), {workers} worker(s)")
                         ps = run_ps(servers, workers, mode, chunk_bytes, auth, mibs, repeats, warmup,
-                                    echo_address, frame_bytes, workdir, advance, timeout)
+                                    baselines, frame_bytes, workdir, advance, timeout)
                         for mib in mibs:
                             nbytes = mib << 20
-                            t_ps, t_raw, t_into = ps[mib]["ps"], ps[mib]["raw"], ps[mib]["raw_into"]
+                            t_ps, t_raw, t_into, t_min = (ps[mib][k] for k in ("ps", "raw", "raw_into", "minimal"))
                             rounds.append({"servers": servers, "workers": workers, "mib": mib,
                                            "per_rank": ps[mib]["rounds"]})
                             t_gloo = gloo.get(workers, {}).get(mib)
@@ -346,13 +361,14 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                                 ps_median_s=t_ps, ps_gbps=gbps(nbytes, t_ps),
                                 raw_zmq_median_s=t_raw, raw_zmq_gbps=gbps(nbytes, t_raw),
                                 raw_zmq_copy_median_s=t_into, raw_zmq_copy_gbps=gbps(nbytes, t_into),
+                                minimal_ps_median_s=t_min, minimal_ps_gbps=gbps(nbytes, t_min),
                                 gloo_median_s=t_gloo, gloo_gbps=gbps(nbytes, t_gloo) if t_gloo else None,
                                 ps_over_raw_zmq=t_raw / t_ps, ps_over_raw_zmq_copy=t_into / t_ps,
+                                ps_over_minimal_ps=t_min / t_ps,
                                 ps_over_gloo=t_gloo / t_ps if t_gloo else None,
                             ))
         finally:
-            stop_all([echo_proc])
-            echo_log.close()
+            stop_all(procs)
     print_table(console, rows)
     write_csv(out, rows)
     rounds_path = out.with_suffix(".rounds.json")

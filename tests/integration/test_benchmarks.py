@@ -77,8 +77,8 @@ def test_pushpull_smallest_sweep(tmp_path):
     rows = _csv(out)
     assert [(r["servers"], r["workers"], r["size_mib"]) for r in rows] == [("1", "1", "1"), ("1", "2", "1")]
     for row in rows:
-        for key in ("ps_median_s", "ps_gbps", "raw_zmq_gbps", "raw_zmq_copy_gbps", "ps_over_raw_zmq",
-                    "ps_over_raw_zmq_copy"):
+        for key in ("ps_median_s", "ps_gbps", "raw_zmq_gbps", "raw_zmq_copy_gbps", "minimal_ps_gbps",
+                    "ps_over_raw_zmq", "ps_over_raw_zmq_copy", "ps_over_minimal_ps"):
             assert float(row[key]) > 0, (key, row)
     assert rows[0]["gloo_gbps"] == ""  # nothing to all_reduce with one process
     assert float(rows[1]["gloo_gbps"]) > 0 and float(rows[1]["ps_over_gloo"]) > 0
