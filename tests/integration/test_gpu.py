@@ -6,14 +6,18 @@ without a mark run everywhere, so CI covers the hook logic on CPU.
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 import torch
 
 import psframework as ps
+
+from psframework import protocol as P
 from tests.integration import models
-from tests.integration.test_core import CHUNK, assert_params_equal
+from tests.integration.test_core import CHUNK, _raw_client, _run_threads, assert_params_equal
 
 gpu = pytest.mark.gpu
+BIG_CHUNK = 1 << 18  # frames of 256 KiB: above the size that ZeroMQ sends zero-copy, so sends are tracked
 GPU_VS_CPU = {"rtol": 1e-4, "atol": 1e-5}  # float32 on the GPU against float32 on the CPU: rounding apart
 
 
@@ -52,11 +56,11 @@ def test_sync_with_worker_tensors_on_gpu_equals_single_process_training(make_clu
 def test_pull_and_push_pull_land_in_gpu_tensors(make_cluster, server_device):
     """Every kind of destination on a GPU (contiguous, a transposed view, bf16) gets exact values,
     many times over the same reused pinned buffers, with pushes queued back to back."""
-    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK,
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=BIG_CHUNK,
                            server_device=server_device)
     with ps.init(scheduler=cluster.scheduler) as worker:
         dev = torch.device("cuda")
-        params = {"big": torch.zeros(5000, device=dev), "mat": torch.zeros(30, 40, device=dev),
+        params = {"big": torch.zeros(300000, device=dev), "mat": torch.zeros(30, 40, device=dev),
                   "half": torch.zeros(700, device=dev, dtype=torch.bfloat16)}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         host = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in params.items()}
@@ -82,6 +86,59 @@ def test_pull_and_push_pull_land_in_gpu_tensors(make_cluster, server_device):
             for n in params:
                 assert torch.equal(params[n].cpu(), host[n]), n
         assert all(s["device"].startswith(server_device) for s in worker.server_stats())
+
+
+@gpu
+def test_async_pushes_from_gpu_workers_are_each_applied_once_on_gpu_shards(make_cluster):
+    """Three workers push to the same GPU blocks without waiting: the receive ring and the reply
+    buffers are reused while copies and sends may still be in flight."""
+    workers, pushes = 3, 20
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode="async", chunk_bytes=BIG_CHUNK,
+                           server_device="cuda")
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"big": torch.zeros(300000, device="cuda"), "small": torch.zeros((), device="cuda")}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            futures = []
+            for k in range(pushes):
+                value = float(worker.rank * 100 + k + 1)  # integers: float32 sums stay exact
+                futures.append(worker.push({n: torch.full_like(t, value) for n, t in params.items()}))
+                if k % 5 == 0:
+                    worker.pull(params).wait(timeout=30)  # replies interleaved with the pushes
+            for f in futures:
+                f.wait(timeout=30)
+            worker.barrier()
+            worker.pull(params).wait(timeout=30)
+            worker.barrier()
+            return {n: t.cpu() for n, t in params.items()}
+
+    expected = -sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes))
+    for params in _run_threads(workers, work):
+        assert torch.equal(params["big"], torch.full((300000,), float(expected)))
+        assert params["small"].item() == expected
+
+
+@gpu
+def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {k: v.cuda() for k, v in models.make_params(0).items()}
+        worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
+        block = worker.shard_map.blocks_of_server(0)[0]
+        sock = _raw_client(worker.membership.servers[0])
+        try:
+            header = {"op": P.PUSH, "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
+                      "segs": None}
+            sock.send_multipart([msgpack.packb(header)] + [b"\0" * 3 for _ in block.segments])
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            assert reply["kind"] == "bad_request" and "expected" in reply["message"]
+        finally:
+            sock.close()
+        before = {k: v.clone() for k, v in params.items()}
+        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=10)
+        for k in params:
+            torch.testing.assert_close(params[k], before[k] - 0.1)
 
 
 @gpu
