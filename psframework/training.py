@@ -221,7 +221,11 @@ class _Overlap:
         self.early_blocks = exchange.sent_blocks
         for name, grad in rest.items():
             exchange.add(name, grad, after=ready.get(grad.device))
-        exchange.send_ready(wait=True)
+        while not exchange.all_sent:
+            # take in the replies that are here before waiting for the next block's copy, so their
+            # copies onto the GPU overlap the rest of the backward pass instead of following it
+            self.worker._progress(0)
+            exchange.send_ready(wait=True, limit=1)
         exchange.future.wait()
 
 

@@ -408,6 +408,10 @@ class _Exchange:
     def sent_blocks(self) -> int:
         return len(self._blocks) - self._unsent
 
+    @property
+    def all_sent(self) -> bool:
+        return self._unsent == 0
+
     def add(self, name: str, tensor: torch.Tensor, after: Optional["torch.cuda.Event"] = None) -> None:
         """Hand over the source tensor for ``name``. For a tensor on a GPU, its copy to the host
         waits for ``after`` (default: for the work queued so far on the caller's current stream)."""
@@ -444,9 +448,12 @@ class _Exchange:
             if self._missing[block.block_id] == 0:
                 self._ready.append(block.block_id)
 
-    def send_ready(self, wait: bool) -> None:
-        """Send the blocks whose sources are all here; with ``wait``, wait for copies from GPUs."""
-        while self._ready:
+    def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
+        """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
+        their copies from GPUs, else stop at the first block whose copies have not landed."""
+        while self._ready and (limit is None or limit > 0):
+            if limit is not None:
+                limit -= 1
             block_id = self._ready[0]
             events = self._landed.pop(block_id, ())
             if not wait and not all(event.query() for event in events):
