@@ -20,9 +20,6 @@ from .errors import ConfigError
 MODES = ("sync", "async", "ssp")
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-# one I/O thread does every socket copy of a process, which caps it at one connection's speed;
-# with two, a worker's connections to two servers (a server's to two workers) move in parallel
-DEFAULT_IO_THREADS = 2
 
 ENV_VARS = {
     "PS_SCHEDULER": "scheduler address, tcp://HOST:PORT (set by ps-launch for every process)",
@@ -40,7 +37,6 @@ ENV_VARS = {
     "PS_HEARTBEAT_TIMEOUT": "seconds without heartbeat before a node is declared dead (default 4)",
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
     "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
-    "PS_IO_THREADS": "ZeroMQ I/O threads of each server and worker (default 2)",
     "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
 }
 
@@ -104,12 +100,10 @@ class NodeConfig:
     device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     start_timeout: float = 60.0
-    io_threads: int = DEFAULT_IO_THREADS
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
-        _check(1 <= self.io_threads <= 64, f"io threads must be in 1..64, got {self.io_threads}")
         if self.device is not None:
             check_device(self.device)
 
@@ -192,7 +186,6 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         start_timeout=_env(env, "PS_START_TIMEOUT", float, 60.0),
-        io_threads=_env(env, "PS_IO_THREADS", int, DEFAULT_IO_THREADS),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:

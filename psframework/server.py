@@ -96,7 +96,7 @@ class Server:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport(io_threads=config.io_threads)
+        self.transport = transport or ZmqTransport()
         self.data: Optional[Socket] = None
         self.membership: Optional[Membership] = None
         self.blocks: dict[int, _BlockState] = {}

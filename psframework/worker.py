@@ -110,7 +110,7 @@ class Worker:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
         self.config = config
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport(io_threads=config.io_threads)
+        self.transport = transport or ZmqTransport()
         self._closed = False
         self.membership: Optional[Membership] = None
         self._servers: list[Socket] = []
