@@ -18,7 +18,6 @@
    per GPU everywhere: torch DistributedDataParallel with NCCL and with gloo, the parameter server
    (2 workers, 2 servers with their shards on the two GPUs) in sync and async mode, each with and
    without overlap, and one GPU training alone times two (no communication at all: the ceiling).
-   ``--ps-io-threads 2,1,4`` adds sync runs with other numbers of ZeroMQ I/O threads per process.
    samples/s = GPUs x batch x steps / the slowest process's time for its timed steps.
 """
 
@@ -287,40 +286,28 @@ def _spawn_children(kind: str, n: int, args: dict, env: dict, timeout: float, lo
 
 
 def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device: str, gpus: int,
-              only: Optional[set], log_dir: Path, timeout: float, io_threads: list[int]) -> list[dict]:
+              only: Optional[set], log_dir: Path, timeout: float) -> list[dict]:
     base = {"model": model, "batch": batch, "size": size, "steps": steps, "warmup": warmup, "device": device}
-    runs: list[tuple[str, str, int, dict, dict]] = [("1 GPU alone, x2 (no communication)", "local", 1, {}, {})]
+    runs: list[tuple[str, str, int, dict]] = [("1 GPU alone, x2 (no communication)", "local", 1, {})]
     for backend in ("nccl", "gloo"):
         if device == "cpu" and backend == "nccl":
             continue
-        runs.append((f"DDP {backend}", "ddp", gpus, {"backend": backend}, {}))
+        runs.append((f"DDP {backend}", "ddp", gpus, {"backend": backend}))
     for mode in ("sync", "async"):
         for overlap in (True, False):
             runs.append((f"PS {mode}, overlap {'on' if overlap else 'off'}", "ps", gpus,
-                         {"overlap": overlap, "mode": mode}, {"PS_IO_THREADS": str(io_threads[0])}))
-    for io in io_threads[1:]:  # the effect of ZeroMQ's I/O threads per process
-        runs.append((f"PS sync, overlap on, {io} I/O thread{'s' if io > 1 else ''}", "ps", gpus,
-                     {"overlap": True, "mode": "sync"}, {"PS_IO_THREADS": str(io)}))
+                         {"overlap": overlap, "mode": mode}))
     rows = []
-    for label, kind, n, extra, env in runs:
+    for label, kind, n, extra in runs:
         if only and label not in only:
             continue
         args = {**base, **extra, "label": "".join(c if c.isalnum() else "_" for c in label)}
         print(f"e2e: {label} ...", flush=True)
         try:
             if kind == "ps":
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)  # the servers that LocalCluster starts inherit our environment
-                try:
-                    with ps.LocalCluster(num_servers=gpus, num_workers=gpus, mode=extra["mode"],
-                                         server_device="cuda" if device == "cuda" else "cpu") as cluster:
-                        results = _spawn_children(kind, n, args, cluster.env(), timeout, log_dir)
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+                with ps.LocalCluster(num_servers=gpus, num_workers=gpus, mode=extra["mode"],
+                                     server_device="cuda" if device == "cuda" else "cpu") as cluster:
+                    results = _spawn_children(kind, n, args, cluster.env(), timeout, log_dir)
             elif kind == "ddp":
                 env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
                        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -376,12 +363,10 @@ def _table(title: str, rows: list[dict]) -> str:
 @click.option("--warmup", type=int, default=5)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", help="e2e only")
 @click.option("--e2e-only", default="", help="e2e setup labels to run, separated by ';' (default all)")
-@click.option("--ps-io-threads", default="2", help="PS_IO_THREADS of the PS runs; further values add "
-              "'PS sync, overlap on' runs with them")
 @click.option("--timeout", type=float, default=150.0, help="seconds for one e2e setup")
 @click.pass_context
 def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
-         e2e_only, ps_io_threads, timeout) -> None:
+         e2e_only, timeout) -> None:
     if ctx.invoked_subcommand is not None:
         return
     parts = set(only.split(","))
@@ -409,9 +394,8 @@ def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, imag
                 log_dir = Path(os.environ.get("PS_BENCH_LOGS", tmp))
                 log_dir.mkdir(parents=True, exist_ok=True)
                 selected = {s.strip() for s in e2e_only.split(";") if s.strip()} or None
-                ios = [int(v) for v in ps_io_threads.split(",")]
                 results["e2e"] = bench_e2e(model, batch, image_size, steps, warmup, device, n, selected,
-                                           log_dir, timeout, ios)
+                                           log_dir, timeout)
             report.append(_table(f"3. End to end, {model}, batch {batch} per GPU, {image_size}x{image_size}, "
                                  f"{n} GPUs, {steps} timed steps after {warmup}", results["e2e"]))
             print(report[-1], flush=True)
