@@ -9,6 +9,12 @@ serves workers directly. Update semantics per block:
 - ``ssp``: like async, but a worker's pull waits until it is at most ``staleness`` pushes ahead
   of the slowest live worker.
 
+Shards on a GPU: frames land in a small ring of pinned host slots and go to the device with
+asynchronous copies on the server's own CUDA stream, so receiving the next message overlaps the
+copy of the last; the update runs there with torch's fused kernels; replies are copied from the
+device into a pinned buffer per block (once per version, however many workers pull it) and go on
+the wire once that copy has finished, while the server goes on receiving.
+
 Run one with ``python -m psframework server`` (ps-launch does this for you).
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,11 +32,12 @@ import torch
 
 from . import checkpoint
 from . import protocol as P
-from .config import NodeConfig, default_device
+from .config import NodeConfig
 from .errors import CheckpointError, PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
 from .buffers import byte_view, dtype_from_name
+from .devices import Staging, StagingRing, pick_server_device
 from .sharding import Block, ShardMap
 from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
@@ -65,19 +73,26 @@ class _BlockState:
     block: Block
     params: list[torch.Tensor]
     first_param: int
-    recv: list[torch.Tensor]
+    recv: list[torch.Tensor]  # shards in host memory: a receive buffer per segment
     recv_views: list[memoryview]
     clocks: list[int]
     version: int = 0
     accums: dict[int, _Accum] = field(default_factory=dict)
     pulls: list[_Pending] = field(default_factory=list)
     trackers: list = field(default_factory=list)
+    # shards on a GPU: the pinned copy that replies are sent from, and the version of each segment in it
+    reply: Optional[Staging] = None
+    staged: list[int] = field(default_factory=list)
+    queued_replies: int = 0
 
     def wait_sends(self) -> None:
         # a zero-copy reply may still be reading this block's memory
         for tracker in self.trackers:
             tracker.wait()
         self.trackers.clear()
+
+    def byte_offset(self, i: int) -> int:
+        return self.block.segments[i].block_offset * self.params[i].element_size()
 
 
 class Server:
@@ -90,6 +105,9 @@ class Server:
         self.blocks: dict[int, _BlockState] = {}
         self.optimizer: Optional[ShardOptimizer] = None
         self.device = torch.device("cpu")
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._ring: Optional[StagingRing] = None
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, _BlockState]] = deque()
         self.applied_updates = 0
         self.received_pushes = 0
         self._garbage_log = RateLimitedLog(log)
@@ -105,8 +123,15 @@ class Server:
             self.membership = join_cluster(
                 self.transport, self.config, role="server", address=self.data.address
             )
-            self.device = torch.device(self.membership.welcome.get("server_device") or self.config.device
-                                       or default_device())
+            requested = self.membership.welcome.get("server_device") or self.config.device
+            gpus = torch.cuda.device_count() if requested != "cpu" else 0
+            self.device = torch.device(pick_server_device(requested, self.membership.rank,
+                                                          self.membership.servers, gpus))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                # a stream of our own, so copies and updates never wait on the legacy default stream
+                self._stream = torch.cuda.Stream(self.device)
+                torch.cuda.set_stream(self._stream)
             log.info("server %d serving on %s, shards on %s", self.membership.rank,
                      self.data.address, self.device)
             return self._loop()
@@ -117,6 +142,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        self._outbox.clear()
         for state in self.blocks.values():
             state.trackers.clear()
         if self.membership is not None:
@@ -141,6 +167,7 @@ class Server:
                         handler(header)
             if self.data in ready:
                 self._drain_data()
+                self._flush_replies(wait=True)
             if membership.shutdown_requested:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
                 return 0
@@ -148,6 +175,7 @@ class Server:
                 for state in self.blocks.values():
                     self._complete_steps(state)
                 self._fail_impossible_waits()
+                self._flush_replies(wait=True)
             membership.check(peers=False)
             membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
 
@@ -157,6 +185,7 @@ class Server:
             if not self.transport.poll([self.data], 0):
                 return
             self._handle_one()
+            self._flush_replies(wait=False)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -165,18 +194,22 @@ class Server:
         spec = optimizer_from_wire(header["optimizer"])
         rank = self.membership.rank
         num_workers = self.membership.num_workers
-        pin = self.device.type == "cuda"
+        on_gpu = self.device.type == "cuda"
         params: list[torch.Tensor] = []
         self.blocks.clear()
-        for block in shard_map.blocks_of_server(rank):
+        my_blocks = shard_map.blocks_of_server(rank)
+        for block in my_blocks:
             dtype = dtype_from_name(block.dtype)
             seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
-            recv = [torch.empty(s.numel, dtype=dtype, pin_memory=pin) for s in block.segments]
+            recv = [] if on_gpu else [torch.empty(s.numel, dtype=dtype) for s in block.segments]
             self.blocks[block.block_id] = _BlockState(
                 block=block, params=seg_params, first_param=len(params), recv=recv,
                 recv_views=[byte_view(t) for t in recv], clocks=[0] * num_workers,
+                reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments),
             )
             params.extend(seg_params)
+        if on_gpu and my_blocks:
+            self._ring = StagingRing(max(b.nbytes for b in my_blocks))
         self.optimizer = ShardOptimizer(spec, params)
         self.membership.send({"op": P.SETUP_DONE, "blocks": len(self.blocks)})
         log.info("server %d holds %d blocks, %.1f MiB", rank, len(self.blocks),
@@ -206,22 +239,22 @@ class Server:
         if op == P.STATS:
             self.data.skip_rest()
             reply = {"op": P.STATS, "req": header.get("req"), "applied": self.applied_updates,
-                     "pushes": self.received_pushes, "blocks": len(self.blocks)}
+                     "pushes": self.received_pushes, "blocks": len(self.blocks), "device": str(self.device)}
             self.data.send([P.pack_header(reply)], peer=peer)
             return
         if op not in (P.PUSH, P.PULL, P.PUSH_PULL, P.INIT):
             raise _Rejected(P.PROTOCOL, f"unknown op {op!r}")
         state, segs, rank, req = self._validate(header)
         if op == P.INIT:
-            self._receive_frames(state, segs)
+            values = self._receive_frames(state, segs)
             state.wait_sends()
-            for i in segs:
-                state.params[i].copy_(state.recv[i])
+            for i, value in values.items():
+                state.params[i].copy_(value)
+                state.staged[i] = -1
             self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
             return
         if op in (P.PUSH, P.PUSH_PULL):
-            self._receive_frames(state, segs)
-            self._push(state, segs, rank)
+            self._push(state, self._receive_frames(state, segs), rank)
         else:
             self.data.skip_rest()
         if op == P.PUSH:
@@ -255,12 +288,19 @@ class Server:
             raise _Rejected(P.BAD_REQUEST, f"dtype {dtype} does not match {state.block.dtype} of {keys}")
         return state, segs, rank, req
 
-    def _receive_frames(self, state: _BlockState, segs: list[int]) -> None:
+    def _receive_frames(self, state: _BlockState, segs: list[int]) -> dict[int, torch.Tensor]:
+        """One frame per segment. Shards in host memory: the receive buffers, reused by the next
+        message. Shards on a GPU: fresh device tensors, their copies enqueued on our stream."""
+        slot = self._ring.take() if self._ring is not None else None
         for i in segs:
             if not self.data.more():
                 raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, fewer sent")
-            expected = len(state.recv_views[i])
-            got = self.data.recv_into(state.recv_views[i])
+            if slot is None:
+                view = state.recv_views[i]
+            else:
+                view = slot.view(state.byte_offset(i), state.params[i].numel() * state.params[i].element_size())
+            expected = len(view)
+            got = self.data.recv_into(view)
             if got != expected:
                 seg = state.block.segments[i]
                 raise _Rejected(
@@ -270,22 +310,30 @@ class Server:
                 )
         if self.data.more():
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
+        if slot is None:
+            return {i: state.recv[i] for i in segs}
+        values = {}
+        for i in segs:
+            host = slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
+            values[i] = host.to(self.device, non_blocking=True)
+        slot.copied(self._stream)  # the slot is reused once these copies are done
+        return values
 
     # -- update semantics ----------------------------------------------------------------
 
-    def _push(self, state: _BlockState, segs: list[int], rank: int) -> None:
+    def _push(self, state: _BlockState, grads: dict[int, torch.Tensor], rank: int) -> None:
         self.received_pushes += 1
         step = state.clocks[rank]
         state.clocks[rank] += 1
         if self.membership.mode != "sync":
-            self._apply(state, {i: state.recv[i] for i in segs}, scale=1.0)
+            self._apply(state, grads, scale=1.0)
             return
         accum = state.accums.setdefault(step, _Accum())
-        for i in segs:
-            grad = state.recv[i]
+        for i, grad in grads.items():
             held = accum.tensors.get(i)
             if held is None:
-                accum.tensors[i] = grad.to(self.device, copy=True, non_blocking=True)
+                # host receive buffers are reused by the next message; device tensors are ours
+                accum.tensors[i] = grad if self._ring is not None else grad.to(self.device, copy=True)
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
         accum.contributors.add(rank)
@@ -306,7 +354,7 @@ class Server:
 
     def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
                bump_version: bool = True) -> None:
-        state.wait_sends()
+        state.wait_sends()  # replies of host shards are sent straight from the parameters
         on_device = {i: g.to(self.device, non_blocking=True) for i, g in grads.items()}
         if scale != 1.0:
             torch._foreach_mul_(list(on_device.values()), scale)
@@ -337,18 +385,43 @@ class Server:
     def _send_values(self, state: _BlockState, pending: _Pending) -> None:
         header = {"op": P.VALUES, "req": pending.req, "version": state.version,
                   "min_clock": min(state.clocks)}
-        frames = [P.pack_header(header)] + [self._host_view(state, i) for i in pending.segs]
+        if state.reply is not None:
+            self._queue_reply(state, pending, P.pack_header(header))
+            return
+        frames = [P.pack_header(header)] + [byte_view(state.params[i]) for i in pending.segs]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done:
             state.trackers.append(tracker)
 
-    def _host_view(self, state: _BlockState, i: int) -> memoryview:
-        param = state.params[i]
-        if param.device.type == "cpu":
-            return byte_view(param)
-        # the receive buffer is free once a request is handled, so it doubles as the staging area
-        state.recv[i].copy_(param)
-        return state.recv_views[i]
+    def _queue_reply(self, state: _BlockState, pending: _Pending, head: bytes) -> None:
+        """Copy the values to the block's pinned reply buffer (unless this version is there already)
+        and queue the reply; it goes on the wire once the copy has finished."""
+        stale = [i for i in pending.segs if state.staged[i] != state.version]
+        if stale:
+            if state.queued_replies:
+                self._flush_replies(wait=True)
+            state.reply.wait(lambda: self.membership.check(peers=False))  # earlier replies may read it
+            for i in stale:
+                param = state.params[i]
+                state.reply.typed(param.dtype, state.byte_offset(i), param.numel()).copy_(param, non_blocking=True)
+                state.staged[i] = state.version
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        frames = [head] + [state.reply.view(state.byte_offset(i), state.params[i].numel()
+                                            * state.params[i].element_size()) for i in pending.segs]
+        state.queued_replies += 1
+        self._outbox.append((done, pending.peer, frames, state))
+
+    def _flush_replies(self, wait: bool) -> None:
+        """Send the queued replies whose copies from the device have finished (all, with ``wait``)."""
+        while self._outbox:
+            done, peer, frames, state = self._outbox[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._outbox.popleft()
+            state.queued_replies -= 1
+            state.reply.sent(self.data.send(frames, peer=peer, track=True))
 
     def _fail_impossible_waits(self) -> None:
         """Answer waits that can never be satisfied because a worker left or died."""
@@ -420,6 +493,7 @@ class Server:
                 state.clocks = list(saved[block_id]["clocks"])
                 state.version = int(saved[block_id]["version"])
                 state.accums.clear()
+                state.staged = [-1] * len(state.staged)  # the GPU reply cache holds pre-restore values
             self.optimizer.load_state_dict(payload["optimizer"])
         except Exception as exc:
             self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot restore {path}: {exc}"))
