@@ -73,8 +73,7 @@ class _BlockState:
     block: Block
     params: list[torch.Tensor]
     first_param: int
-    recv: list[torch.Tensor]  # shards in host memory: a receive buffer per segment
-    recv_views: list[memoryview]
+    nbytes: list[int]  # of each segment
     clocks: list[int]
     version: int = 0
     accums: dict[int, _Accum] = field(default_factory=dict)
@@ -201,10 +200,9 @@ class Server:
         for block in my_blocks:
             dtype = dtype_from_name(block.dtype)
             seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
-            recv = [] if on_gpu else [torch.empty(s.numel, dtype=dtype) for s in block.segments]
             self.blocks[block.block_id] = _BlockState(
-                block=block, params=seg_params, first_param=len(params), recv=recv,
-                recv_views=[byte_view(t) for t in recv], clocks=[0] * num_workers,
+                block=block, params=seg_params, first_param=len(params),
+                nbytes=[p.numel() * p.element_size() for p in seg_params], clocks=[0] * num_workers,
                 reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments),
             )
             params.extend(seg_params)
@@ -289,18 +287,23 @@ class Server:
         return state, segs, rank, req
 
     def _receive_frames(self, state: _BlockState, segs: list[int]) -> dict[int, torch.Tensor]:
-        """One frame per segment. Shards in host memory: the receive buffers, reused by the next
-        message. Shards on a GPU: fresh device tensors, their copies enqueued on our stream."""
+        """One frame per segment. Shards in host memory: the received messages themselves, ours to
+        keep and sum into (copying each into a preallocated buffer took a third of the server's CPU
+        time per round trip, benchmarks/pushpull.py). Shards on a GPU: fresh device tensors, copied
+        from a reused pinned receive slot on our stream."""
         slot = self._ring.take() if self._ring is not None else None
+        tensors: dict[int, torch.Tensor] = {}
         for i in segs:
             if not self.data.more():
                 raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, fewer sent")
+            expected = state.nbytes[i]
             if slot is None:
-                view = state.recv_views[i]
+                frame = self.data.recv_buffer()
+                got = len(memoryview(frame))
+                if got == expected:
+                    tensors[i] = _host_tensor(frame, state.params[i].dtype)
             else:
-                view = slot.view(state.byte_offset(i), state.params[i].numel() * state.params[i].element_size())
-            expected = len(view)
-            got = self.data.recv_into(view)
+                got = self.data.recv_into(slot.view(state.byte_offset(i), expected))
             if got != expected:
                 seg = state.block.segments[i]
                 raise _Rejected(
@@ -311,7 +314,7 @@ class Server:
         if self.data.more():
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
         if slot is None:
-            return {i: state.recv[i] for i in segs}
+            return tensors
         values = {}
         for i in segs:
             host = slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
@@ -332,8 +335,8 @@ class Server:
         for i, grad in grads.items():
             held = accum.tensors.get(i)
             if held is None:
-                # host receive buffers are reused by the next message; device tensors are ours
-                accum.tensors[i] = grad if self._ring is not None else grad.to(self.device, copy=True)
+                # received host messages and fresh device tensors are ours to keep and sum into
+                accum.tensors[i] = grad
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
         accum.contributors.add(rank)
@@ -500,6 +503,15 @@ class Server:
             return
         log.info("server %d restored %s", self.membership.rank, path)
         self.membership.send({"op": P.LOADED, "path": str(path)})
+
+
+def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
+    """A received frame as a flat tensor, without a copy where its memory is aligned."""
+    if not len(memoryview(frame)):
+        return torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(frame, dtype=dtype)
+    # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
+    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
 
 
 def main(config: NodeConfig) -> int:

@@ -57,6 +57,10 @@ class Socket:
     def recv_into(self, buffer: memoryview) -> int:
         raise NotImplementedError
 
+    def recv_buffer(self) -> object:
+        """The next frame as a writable buffer owned by the caller, received without a copy."""
+        raise NotImplementedError
+
     def skip_rest(self) -> int:
         skipped = 0
         while self.more():
@@ -140,6 +144,9 @@ class ZmqSocket(Socket):
     def recv_into(self, buffer):
         return self._sock.recv_into(buffer)
 
+    def recv_buffer(self):
+        return self._sock.recv(copy=False)  # a zmq.Frame: writable, freed when the last view goes
+
     def fileno_socket(self) -> zmq.Socket:
         return self._sock
 
@@ -189,6 +196,9 @@ class ZmqTransport(Transport):
         return ZmqSocket(sock, address, is_router=False)
 
     def poll(self, sockets, timeout):
+        if timeout <= 0:
+            # the hot path asks "anything more?" once per message; ZMQ_EVENTS answers without a Poller
+            return [s for s in sockets if s.fileno_socket().getsockopt(zmq.EVENTS) & zmq.POLLIN]
         poller = zmq.Poller()
         by_zmq = {}
         for s in sockets:
@@ -313,6 +323,9 @@ class _MemorySocket(Socket):
         n = min(len(frame), len(view))
         view[:n] = frame[:n]
         return len(frame)
+
+    def recv_buffer(self):
+        return bytearray(self._current.popleft())
 
     def close(self):
         with self._hub.cond:

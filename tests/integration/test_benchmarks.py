@@ -1,0 +1,122 @@
+"""Smoke tests of the benchmarks: their quickest forms run and write sane output.
+
+Timings are not asserted (CI machines are noisy); numbers must be present and positive, files
+written, and the trained model better than chance (0.1 on ten classes).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(script: str, *args: str, timeout: float = 110) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_one_bandwidth_definition_for_every_baseline():
+    pushpull = _load("pushpull")
+    assert pushpull.gbps(10**9, 2.0) == pytest.approx(1.0)  # 1 GB out + 1 GB back in 2 s
+    assert pushpull.round_times([[1.0, 2.0], [3.0, 1.0]]) == [3.0, 2.0]  # the slowest worker
+
+
+def test_modes_parse_and_reject_garbage():
+    sva = _load("sync_vs_async")
+    assert [(m.mode, m.staleness) for m in sva.parse_modes("sync, async,ssp4")] == [
+        ("sync", 0), ("async", 0), ("ssp", 4)]
+    with pytest.raises(click.BadParameter, match="unknown mode"):
+        sva.parse_modes("sync,ssp")
+
+
+def test_pushpull_rejects_bad_sizes_before_starting_anything():
+    result = CliRunner().invoke(_load("pushpull").main, ["--sizes", "1,x"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pushpull_smallest_sweep(tmp_path):
+    out = tmp_path / "pushpull.csv"
+    stdout = _run("pushpull.py", "--sizes", "1", "--servers", "1", "--workers", "1,2", "--repeats", "2",
+                  "--warmup", "1", "--out", str(out))
+    assert "PS/zmq" in stdout
+    rows = _csv(out)
+    assert [(r["servers"], r["workers"], r["size_mib"]) for r in rows] == [("1", "1", "1"), ("1", "2", "1")]
+    for row in rows:
+        for key in ("ps_median_s", "ps_gbps", "raw_zmq_gbps", "raw_zmq_copy_gbps", "minimal_ps_gbps",
+                    "ps_over_raw_zmq", "ps_over_raw_zmq_copy", "ps_over_minimal_ps"):
+            assert float(row[key]) > 0, (key, row)
+    assert rows[0]["gloo_gbps"] == ""  # nothing to all_reduce with one process
+    assert float(rows[1]["gloo_gbps"]) > 0 and float(rows[1]["ps_over_gloo"]) > 0
+    rounds = json.loads(out.with_suffix(".rounds.json").read_text())
+    assert len(rounds["ps_and_zmq"]) == 2 and rounds["gloo"]
+
+
+def _check_sva(out_dir: Path, plot: Path, expected: list[tuple[str, str]]) -> None:
+    rows = _csv(out_dir / "summary.csv")
+    assert [(r["panel"], r["mode"]) for r in rows] == expected
+    for row in rows:
+        assert float(row["final_acc"]) > 0.1, row  # better than chance
+        assert float(row["steps_per_s"]) > 0 and float(row["updates_per_s"]) > 0 and float(row["wall_s"]) > 0
+    series = json.loads((out_dir / "series.json").read_text())["series"]
+    for panel, mode in expected:
+        records = series[panel][mode]
+        assert any("loss" in r for r in records) and any("acc" in r for r in records)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_sync_vs_async_under_ps_launch(tmp_path):
+    out_dir, plot = tmp_path / "out", tmp_path / "plot.png"
+    stdout = _run("sync_vs_async.py", "--workers", "2", "--servers", "1", "--modes", "sync,async", "--steps", "60",
+                  "--lr", "0.025", "--straggler", "2", "--eval-every-s", "0.2", "--out-dir", str(out_dir),
+                  "--plot", str(plot))
+    assert "time to 90%" in stdout
+    straggler = "straggler: rank 1 x2"
+    _check_sva(out_dir, plot, [("no straggler", "sync"), ("no straggler", "async"),
+                               (straggler, "sync"), (straggler, "async")])
+    assert (out_dir / "logs" / "sync-straggler1" / "ps-launch.log").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sync_vs_async_local_stand_in(tmp_path):
+    out_dir, plot = tmp_path / "out", tmp_path / "plot.png"
+    _run("sync_vs_async.py", "--no-launcher", "--workers", "2", "--servers", "1", "--modes", "ssp1", "--steps",
+         "60", "--lr", "0.025", "--straggler", "1", "--out-dir", str(out_dir), "--plot", str(plot))
+    _check_sva(out_dir, plot, [("no straggler", "ssp1")])
