@@ -104,7 +104,7 @@ def _check_sva(out_dir: Path, plot: Path, expected: list[tuple[str, str]]) -> No
 def test_sync_vs_async_under_ps_launch(tmp_path):
     out_dir, plot = tmp_path / "out", tmp_path / "plot.png"
     stdout = _run("sync_vs_async.py", "--workers", "2", "--servers", "1", "--modes", "sync,async", "--steps", "60",
-                  "--lr", "0.025", "--straggler", "2", "--eval-every-s", "0.2", "--out-dir", str(out_dir),
+                  "--lr", "0.025", "--straggler", "2", "--out-dir", str(out_dir),
                   "--plot", str(plot))
     assert "time to 90%" in stdout
     straggler = "straggler: rank 1 x2"
