@@ -443,6 +443,12 @@ class Scheduler:
             raise _Reject("config", f"the job is already running; {role} on {host} arrived too late "
                                     f"(start the job with --{'elastic' if role == 'worker' else 'restart-failed-servers'} "
                                     "to let nodes join later)")
+        current = self.nodes.get((role, rank))
+        if (role == "server" and current is not None and current.state in ("live", "restoring")
+                and (current.pid, current.host) != (header.get("pid"), header.get("host"))):
+            # a new process for this rank means the old one is gone, even if its heartbeats have not
+            # timed out yet (a launcher restarts a server as soon as it exits)
+            self._declare_dead(current, f"replaced by a new server process (pid {header.get('pid')})")
         free = self._free_ranks(role)
         if rank is None and role == "worker" and free:
             rank = min(free)

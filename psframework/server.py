@@ -9,6 +9,12 @@ serves workers directly. Update semantics per block:
 - ``ssp``: like async, but a worker's pull waits until it is at most ``staleness`` pushes ahead
   of the slowest live worker.
 
+Shards on a GPU: frames land in a small ring of pinned host slots and go to the device with
+asynchronous copies on the server's own CUDA stream, so receiving the next message overlaps the
+copy of the last; the update runs there with torch's fused kernels; replies are copied from the
+device into a pinned buffer per block (once per version, however many workers pull it) and go on
+the wire once that copy has finished, while the server goes on receiving.
+
 Run one with ``python -m psframework server`` (ps-launch does this for you).
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,11 +32,12 @@ import torch
 
 from . import checkpoint
 from . import protocol as P
-from .config import NodeConfig, default_device
+from .config import NodeConfig
 from .errors import CheckpointError, PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
 from .buffers import byte_view, dtype_from_name
+from .devices import Staging, StagingRing, pick_server_device
 from .sharding import Block, ShardMap
 from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
@@ -66,18 +74,24 @@ class _BlockState:
     params: list[torch.Tensor]
     first_param: int
     nbytes: list[int]  # of each segment
-    staging: list[torch.Tensor]  # pinned host buffers, only for shards on an accelerator
     clocks: list[int]
     version: int = 0
     accums: dict[int, _Accum] = field(default_factory=dict)
     pulls: list[_Pending] = field(default_factory=list)
     trackers: list = field(default_factory=list)
+    # shards on a GPU: the pinned copy that replies are sent from, and the version of each segment in it
+    reply: Optional[Staging] = None
+    staged: list[int] = field(default_factory=list)
+    queued_replies: int = 0
 
     def wait_sends(self) -> None:
         # a zero-copy reply may still be reading this block's memory
         for tracker in self.trackers:
             tracker.wait()
         self.trackers.clear()
+
+    def byte_offset(self, i: int) -> int:
+        return self.block.segments[i].block_offset * self.params[i].element_size()
 
 
 class Server:
@@ -90,6 +104,9 @@ class Server:
         self.blocks: dict[int, _BlockState] = {}
         self.optimizer: Optional[ShardOptimizer] = None
         self.device = torch.device("cpu")
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._ring: Optional[StagingRing] = None
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, _BlockState]] = deque()
         self.applied_updates = 0
         self.received_pushes = 0
         self._garbage_log = RateLimitedLog(log)
@@ -105,8 +122,15 @@ class Server:
             self.membership = join_cluster(
                 self.transport, self.config, role="server", address=self.data.address
             )
-            self.device = torch.device(self.membership.welcome.get("server_device") or self.config.device
-                                       or default_device())
+            requested = self.membership.welcome.get("server_device") or self.config.device
+            gpus = torch.cuda.device_count() if requested != "cpu" else 0
+            self.device = torch.device(pick_server_device(requested, self.membership.rank,
+                                                          self.membership.servers, gpus))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                # a stream of our own, so copies and updates never wait on the legacy default stream
+                self._stream = torch.cuda.Stream(self.device)
+                torch.cuda.set_stream(self._stream)
             log.info("server %d serving on %s, shards on %s", self.membership.rank,
                      self.data.address, self.device)
             return self._loop()
@@ -117,6 +141,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        self._outbox.clear()
         for state in self.blocks.values():
             state.trackers.clear()
         if self.membership is not None:
@@ -141,6 +166,7 @@ class Server:
                         handler(header)
             if self.data in ready:
                 self._drain_data()
+                self._flush_replies(wait=True)
             if membership.shutdown_requested:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
                 return 0
@@ -148,6 +174,7 @@ class Server:
                 for state in self.blocks.values():
                     self._complete_steps(state)
                 self._fail_impossible_waits()
+                self._flush_replies(wait=True)
             membership.check(peers=False)
             membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
 
@@ -157,6 +184,7 @@ class Server:
             if not self.transport.poll([self.data], 0):
                 return
             self._handle_one()
+            self._flush_replies(wait=False)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -165,20 +193,21 @@ class Server:
         spec = optimizer_from_wire(header["optimizer"])
         rank = self.membership.rank
         num_workers = self.membership.num_workers
-        on_host = self.device.type == "cpu"
+        on_gpu = self.device.type == "cuda"
         params: list[torch.Tensor] = []
         self.blocks.clear()
-        for block in shard_map.blocks_of_server(rank):
+        my_blocks = shard_map.blocks_of_server(rank)
+        for block in my_blocks:
             dtype = dtype_from_name(block.dtype)
             seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
-            staging = [] if on_host else [torch.empty(s.numel, dtype=dtype, pin_memory=True)
-                                          for s in block.segments]
             self.blocks[block.block_id] = _BlockState(
                 block=block, params=seg_params, first_param=len(params),
-                nbytes=[p.numel() * p.element_size() for p in seg_params], staging=staging,
-                clocks=[0] * num_workers,
+                nbytes=[p.numel() * p.element_size() for p in seg_params], clocks=[0] * num_workers,
+                reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments),
             )
             params.extend(seg_params)
+        if on_gpu and my_blocks:
+            self._ring = StagingRing(max(b.nbytes for b in my_blocks))
         self.optimizer = ShardOptimizer(spec, params)
         self.membership.send({"op": P.SETUP_DONE, "blocks": len(self.blocks)})
         log.info("server %d holds %d blocks, %.1f MiB", rank, len(self.blocks),
@@ -208,7 +237,7 @@ class Server:
         if op == P.STATS:
             self.data.skip_rest()
             reply = {"op": P.STATS, "req": header.get("req"), "applied": self.applied_updates,
-                     "pushes": self.received_pushes, "blocks": len(self.blocks)}
+                     "pushes": self.received_pushes, "blocks": len(self.blocks), "device": str(self.device)}
             self.data.send([P.pack_header(reply)], peer=peer)
             return
         if op not in (P.PUSH, P.PULL, P.PUSH_PULL, P.INIT):
@@ -219,6 +248,7 @@ class Server:
             state.wait_sends()
             for i, value in values.items():
                 state.params[i].copy_(value)
+                state.staged[i] = -1
             self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
             return
         if op in (P.PUSH, P.PUSH_PULL):
@@ -257,26 +287,23 @@ class Server:
         return state, segs, rank, req
 
     def _receive_frames(self, state: _BlockState, segs: list[int]) -> dict[int, torch.Tensor]:
-        """One frame per segment, as host tensors that this server owns until it drops them.
-
-        For shards in host memory the tensors are the received messages themselves: copying
-        each into a preallocated buffer took a third of the server's CPU time per round trip
-        (benchmarks/pushpull.py). Shards on an accelerator receive into pinned staging buffers
-        so that the copy to the device can be asynchronous.
-        """
+        """One frame per segment. Shards in host memory: the received messages themselves, ours to
+        keep and sum into (copying each into a preallocated buffer took a third of the server's CPU
+        time per round trip, benchmarks/pushpull.py). Shards on a GPU: fresh device tensors, copied
+        from a reused pinned receive slot on our stream."""
+        slot = self._ring.take() if self._ring is not None else None
         tensors: dict[int, torch.Tensor] = {}
         for i in segs:
             if not self.data.more():
                 raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, fewer sent")
             expected = state.nbytes[i]
-            if state.staging:
-                got = self.data.recv_into(byte_view(state.staging[i]))
-                tensors[i] = state.staging[i]
-            else:
+            if slot is None:
                 frame = self.data.recv_buffer()
                 got = len(memoryview(frame))
                 if got == expected:
                     tensors[i] = _host_tensor(frame, state.params[i].dtype)
+            else:
+                got = self.data.recv_into(slot.view(state.byte_offset(i), expected))
             if got != expected:
                 seg = state.block.segments[i]
                 raise _Rejected(
@@ -286,7 +313,14 @@ class Server:
                 )
         if self.data.more():
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
-        return tensors
+        if slot is None:
+            return tensors
+        values = {}
+        for i in segs:
+            host = slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
+            values[i] = host.to(self.device, non_blocking=True)
+        slot.copied(self._stream)  # the slot is reused once these copies are done
+        return values
 
     # -- update semantics ----------------------------------------------------------------
 
@@ -301,8 +335,8 @@ class Server:
         for i, grad in grads.items():
             held = accum.tensors.get(i)
             if held is None:
-                # a received message is ours to keep and sum into; a staging buffer is reused
-                accum.tensors[i] = grad.to(self.device, copy=bool(state.staging), non_blocking=True)
+                # received host messages and fresh device tensors are ours to keep and sum into
+                accum.tensors[i] = grad
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
         accum.contributors.add(rank)
@@ -323,7 +357,7 @@ class Server:
 
     def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
                bump_version: bool = True) -> None:
-        state.wait_sends()
+        state.wait_sends()  # replies of host shards are sent straight from the parameters
         on_device = {i: g.to(self.device, non_blocking=True) for i, g in grads.items()}
         if scale != 1.0:
             torch._foreach_mul_(list(on_device.values()), scale)
@@ -354,18 +388,43 @@ class Server:
     def _send_values(self, state: _BlockState, pending: _Pending) -> None:
         header = {"op": P.VALUES, "req": pending.req, "version": state.version,
                   "min_clock": min(state.clocks)}
-        frames = [P.pack_header(header)] + [self._host_view(state, i) for i in pending.segs]
+        if state.reply is not None:
+            self._queue_reply(state, pending, P.pack_header(header))
+            return
+        frames = [P.pack_header(header)] + [byte_view(state.params[i]) for i in pending.segs]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done:
             state.trackers.append(tracker)
 
-    def _host_view(self, state: _BlockState, i: int) -> memoryview:
-        param = state.params[i]
-        if param.device.type == "cpu":
-            return byte_view(param)
-        # the staging buffer is free once a request is handled, so it serves replies too
-        state.staging[i].copy_(param)
-        return byte_view(state.staging[i])
+    def _queue_reply(self, state: _BlockState, pending: _Pending, head: bytes) -> None:
+        """Copy the values to the block's pinned reply buffer (unless this version is there already)
+        and queue the reply; it goes on the wire once the copy has finished."""
+        stale = [i for i in pending.segs if state.staged[i] != state.version]
+        if stale:
+            if state.queued_replies:
+                self._flush_replies(wait=True)
+            state.reply.wait(lambda: self.membership.check(peers=False))  # earlier replies may read it
+            for i in stale:
+                param = state.params[i]
+                state.reply.typed(param.dtype, state.byte_offset(i), param.numel()).copy_(param, non_blocking=True)
+                state.staged[i] = state.version
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        frames = [head] + [state.reply.view(state.byte_offset(i), state.params[i].numel()
+                                            * state.params[i].element_size()) for i in pending.segs]
+        state.queued_replies += 1
+        self._outbox.append((done, pending.peer, frames, state))
+
+    def _flush_replies(self, wait: bool) -> None:
+        """Send the queued replies whose copies from the device have finished (all, with ``wait``)."""
+        while self._outbox:
+            done, peer, frames, state = self._outbox[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._outbox.popleft()
+            state.queued_replies -= 1
+            state.reply.sent(self.data.send(frames, peer=peer, track=True))
 
     def _fail_impossible_waits(self) -> None:
         """Answer waits that can never be satisfied because a worker left or died."""
@@ -437,6 +496,7 @@ class Server:
                 state.clocks = list(saved[block_id]["clocks"])
                 state.version = int(saved[block_id]["version"])
                 state.accums.clear()
+                state.staged = [-1] * len(state.staged)  # the GPU reply cache holds pre-restore values
             self.optimizer.load_state_dict(payload["optimizer"])
         except Exception as exc:
             self.membership.send(P.error_header(P.CHECKPOINT_ERROR, f"cannot restore {path}: {exc}"))

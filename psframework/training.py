@@ -2,16 +2,38 @@
 
 >>> opt = ps.DistributedOptimizer(model, ps.optim.Adam(lr=1e-3))   # doctest: +SKIP
 >>> opt.zero_grad(); loss.backward(); opt.step()                   # doctest: +SKIP
+
+With ``overlap=True`` (the default) communication overlaps the backward pass: a hook on every
+parameter hands its gradient to a communication thread as soon as autograd has accumulated it, and
+each shard block goes to its server (as one push_pull) once all the gradients in it are there, so
+the blocks of the shard map, at most ``PS_CHUNK_BYTES`` (4 MiB) each, are the buckets. Since the
+last layers finish their backward first, their blocks are on the wire, applied and on their way
+back while the first layers still compute. ``step()`` hands over what no hook saw (unused
+parameters push zeros, as without overlap), waits for every block's new values and returns: after
+``step()`` the parameters hold exactly what the plain path gives, so the next forward needs no wait
+of its own.
+
+Threads: while a step is in flight the communication thread alone uses the worker's sockets (the
+hooks, which run on autograd's threads, only enqueue), and it is idle between ``step()`` and the
+next backward, when the worker may be used directly. With overlap every ``backward()`` commits its
+gradients, so it needs one ``step()`` after each ``backward()``; for gradient accumulation over
+several backward passes use ``overlap=False``.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Optional
 
 import torch
 
+from . import protocol as P
+from .errors import ClosedError, ConfigError
 from .optim import OptimizerSpec
-from .worker import Worker, init
+from .worker import Worker, _Exchange, init
+
+_TICK = 0.001  # longest the communication thread leaves arrived replies and landed copies waiting
 
 
 class DistributedOptimizer:
@@ -24,20 +46,26 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None, *,
-                 checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 resume: Optional[bool] = None):
+                 overlap: bool = True, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every: Optional[int] = None, resume: Optional[bool] = None):
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.worker.register(self.params, optimizer=optimizer)
         self._zeros: dict[str, torch.Tensor] = {}
+        self._overlap: Optional[_Overlap] = None
         config = self.worker.config
         self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
         self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
-        resume = config.resume if resume is None else resume
         self.start_step = 0
-        if resume and self.checkpoint_dir:
-            self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
+        try:
+            self.worker.register(self.params, optimizer=optimizer)
+            if (config.resume if resume is None else resume) and self.checkpoint_dir:
+                self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
+            if overlap:
+                self._overlap = _Overlap(self.worker, self.params)
+        except BaseException:
+            self.close()
+            raise
         self.step_count = self.start_step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -47,25 +75,36 @@ class DistributedOptimizer:
             elif p.grad is not None:
                 p.grad.zero_()
 
-    def _grads(self) -> dict[str, torch.Tensor]:
+    def _grad(self, name: str) -> torch.Tensor:
         # every block is pushed every step so sync clocks stay aligned; an unused
         # parameter contributes zero, as in DDP with find_unused_parameters
-        grads = {}
-        for name, p in self.params.items():
-            if p.grad is not None:
-                grads[name] = p.grad
-            else:
-                grads[name] = self._zeros.setdefault(name, torch.zeros_like(p))
-        return grads
+        p = self.params[name]
+        if p.grad is not None:
+            return p.grad
+        zeros = self._zeros.get(name)
+        if zeros is None:
+            zeros = self._zeros[name] = torch.zeros_like(p)
+        return zeros
 
     @torch.no_grad()
     def step(self) -> None:
-        self.worker.push_pull(self._grads(), into=self.params).wait()
+        if self._overlap is None:
+            self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params).wait()
+        else:
+            self._overlap.finish(self._grad)
         self.step_count += 1
         if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 
+    @property
+    def early_blocks(self) -> int:
+        """Blocks of the last step that went out during backward, before ``step()`` (0 without overlap)."""
+        return self._overlap.early_blocks if self._overlap is not None else 0
+
     def close(self) -> None:
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
         if self._owns_worker:
             self.worker.close()
 
@@ -74,3 +113,137 @@ class DistributedOptimizer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_READY, _FINISH, _STOP = "ready", "finish", "stop"
+
+
+class _Overlap:
+    """The hooks and the communication thread of one DistributedOptimizer with overlap."""
+
+    def __init__(self, worker: Worker, params: dict[str, torch.Tensor]):
+        self.worker = worker
+        self.params = params
+        self.early_blocks = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._handed: set[str] = set()  # keys whose gradients went to the thread in this step
+        self._thread = threading.Thread(target=self._run, name=f"ps-overlap-worker-{worker.rank}", daemon=True)
+        self._thread.start()
+        self._hooks = []
+        for name, p in params.items():
+            self._hooks.append(p.register_hook(self._guard(name)))
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+
+    # -- the training thread, and autograd's --------------------------------------------------
+
+    def _guard(self, name: str):
+        # runs before autograd accumulates into .grad, which may already be on the wire
+        def guard(grad: torch.Tensor) -> None:
+            with self._lock:
+                if name in self._handed:
+                    raise ConfigError(
+                        f"a second gradient of {name!r} before step(): with overlap=True every backward() "
+                        "sends its gradients, so call step() after each one; for gradient accumulation "
+                        "create the DistributedOptimizer with overlap=False")
+        return guard
+
+    def _hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            with self._lock:
+                self._handed.add(name)
+            grad = param.grad
+            ready = None
+            if grad.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()  # on this backward thread's current stream, after the gradient's kernels
+            self._queue.put((_READY, name, grad, ready))
+        return hook
+
+    def finish(self, grad_of) -> None:
+        """Hand over the gradients no hook saw, then wait for the step's new values."""
+        if not self._thread.is_alive():
+            raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
+        with self._lock:
+            rest = {name: grad_of(name) for name in self.params if name not in self._handed}
+            self._handed = set()
+        ready = {}
+        for grad in rest.values():
+            if grad.is_cuda and grad.device not in ready:
+                ready[grad.device] = torch.cuda.Event()
+                ready[grad.device].record(torch.cuda.current_stream(grad.device))
+        self._queue.put((_FINISH, rest, ready))
+        while True:
+            try:
+                result = self._done.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise ClosedError("the communication thread of this DistributedOptimizer died") from None
+        if isinstance(result, BaseException):
+            raise result
+        result._order_streams()  # our current streams wait for the copies onto the parameters
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._queue.put((_STOP,))
+        self._thread.join(timeout=30)
+
+    # -- the communication thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        exchange: Optional[_Exchange] = None
+        error: Optional[BaseException] = None
+        while True:
+            try:
+                items = [self._queue.get(timeout=_TICK if exchange is not None else None)]
+            except queue.Empty:
+                items = []
+            while True:  # take everything queued, so a burst of hooks is one pass
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item[0] == _STOP:
+                    return
+                if error is None:
+                    try:
+                        if exchange is None:
+                            exchange = self.worker._exchange(P.PUSH_PULL, list(self.params), self.params,
+                                                             after_caller=False)
+                            self.worker._counted(exchange.future)
+                        if item[0] == _READY:
+                            _, name, grad, ready = item
+                            exchange.add(name, grad, after=ready)
+                            exchange.send_ready(wait=False)
+                        else:
+                            self._finish(exchange, *item[1:])
+                    except BaseException as exc:  # handed to step(), which raises it
+                        error = exc
+                if item[0] == _FINISH:
+                    self._done.put(error if error is not None else exchange.future)
+                    exchange, error = None, None
+            if exchange is not None and error is None:
+                try:
+                    exchange.send_ready(wait=False)
+                    self.worker._progress(0)
+                except BaseException as exc:
+                    error = exc
+
+    def _finish(self, exchange: _Exchange, rest: dict[str, torch.Tensor], ready: dict) -> None:
+        self.early_blocks = exchange.sent_blocks
+        for name, grad in rest.items():
+            exchange.add(name, grad, after=ready.get(grad.device))
+        while not exchange.all_sent:
+            # take in the replies that are here before waiting for the next block's copy, so their
+            # copies onto the GPU overlap the rest of the backward pass instead of following it
+            self.worker._progress(0)
+            exchange.send_ready(wait=True, limit=1)
+        exchange.future.wait()
+
+
+__all__ = ["DistributedOptimizer"]

@@ -10,6 +10,12 @@
 Workers talk to the servers directly: every request is sent to all servers it concerns before
 any answer is awaited. Tensor frames are zero-copy slices of the caller's tensors, and pulled
 values are received straight into the caller's tensors. A Worker is used from one thread.
+
+Tensors on a GPU travel through pinned host buffers that the worker keeps per key and reuses:
+gradients are copied into them on a copy stream of the worker and each block goes on the wire as
+soon as its copy has landed; pulled values are copied on to the device block by block as they
+arrive. ``Future.wait()`` orders the caller's current CUDA stream after those copies, so work
+queued on that stream afterwards sees the new values.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
@@ -30,6 +37,7 @@ from .errors import (BadRequestError, ClosedError, ConfigError, PSError, PSTimeo
 from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
 from .buffers import byte_view, dtype_name
+from .devices import Staging
 from .sharding import Block, Segment, ShardMap, TensorSpec
 from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
@@ -61,7 +69,8 @@ class _Request:
     server: int = -1
     reply: Optional[dict] = None  # the answer's header (kept for STATS)
     frames: list = field(default_factory=list)  # kept to resend if the server is restarted
-    dest: list[memoryview] = field(default_factory=list)
+    # where each reply frame lands, and what to do once it did (copy it on to a GPU)
+    dest: list[tuple[memoryview, Optional[Callable[[], None]]]] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
 
 
@@ -74,6 +83,7 @@ class Future:
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
         self._on_complete: Optional[Callable[[], None]] = None
+        self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # that copied onto GPUs
 
     def done(self) -> bool:
         return self._outstanding == 0
@@ -86,6 +96,12 @@ class Future:
             raise self._error
         for finalize in finalizers:
             finalize()
+        self._order_streams()
+
+    def _order_streams(self) -> None:
+        """Make the calling thread's current CUDA streams wait for this request's copies to GPUs."""
+        for device, stream in self._copy_streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
 
     def _resolve(self, error: Optional[PSError] = None) -> None:
         self._outstanding -= 1
@@ -114,6 +130,10 @@ class Worker:
             raise
         self._req_ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        # pinned host buffers for tensors on GPUs, per key: what is pushed from, what is pulled into
+        self._push_staging: dict[str, Staging] = {}
+        self._pull_staging: dict[str, Staging] = {}
         self._barrier_seq = 0
         self.shard_map: Optional[ShardMap] = None
         self._specs: dict[str, TensorSpec] = {}
@@ -226,58 +246,62 @@ class Worker:
                                   f"with dtype {spec.dtype}")
 
     def _send(self, op: str, sources: Optional[dict], dests: Optional[dict]) -> Future:
+        self._check_registered(op)
+        names = list(sources if sources is not None else dests)
+        if sources is not None:
+            for name in names:  # every tensor is checked before anything is sent
+                self._check_tensor(name, sources[name], op)
+        exchange = self._exchange(op, names, dests)
+        if sources is not None:
+            for name in names:
+                exchange.add(name, sources[name])
+        exchange.send_ready(wait=True)
+        return exchange.future
+
+    def _check_registered(self, op: str) -> None:
         self._check_open()
         if self.shard_map is None:
             raise ConfigError(f"{op}: call register() first")
-        names = list(sources if sources is not None else dests)
-        for name in names:
-            if sources is not None:
-                self._check_tensor(name, sources[name], op)
-            if dests is not None:
-                self._check_tensor(name, dests[name], f"{op} destination")
-        future = Future(self)
-        flat_src = {n: _flat_source(sources[n]) for n in names} if sources is not None else {}
-        flat_dst = {n: _flat_dest(dests[n], future) for n in names} if dests is not None else {}
-        by_block: dict[int, tuple[Block, list[tuple[int, Segment, str]]]] = {}
-        for name in names:
-            for block, i, seg in self._layout[name]:
-                by_block.setdefault(block.block_id, (block, []))[1].append((i, seg, name))
-        for block, parts in by_block.values():
-            parts.sort(key=lambda p: p[0])
-            self._send_block(op, block, parts, flat_src, flat_dst, future)
-        return future
 
-    def _send_block(self, op, block, parts, flat_src, flat_dst, future) -> None:
-        req = next(self._req_ids)
-        segs = [i for i, _, _ in parts]
-        header = {"op": op, "req": req, "block": block.block_id, "rank": self.rank, "dtype": block.dtype,
-                  "segs": None if len(segs) == len(block.segments) else segs}
-        request = _Request(future, server=block.server)
-        frames = request.frames
-        frames.append(P.pack_header(header))
-        for _, seg, name in parts:
-            if flat_src:
-                piece = flat_src[name][seg.offset:seg.offset + seg.numel]
-                frames.append(byte_view(piece))
-                request.keep.append(piece)
-            if flat_dst:
-                piece = flat_dst[name][seg.offset:seg.offset + seg.numel]
-                request.dest.append(byte_view(piece))
-                request.keep.append(piece)
-        self._pending[req] = request
-        future._outstanding += 1
-        self._servers[block.server].send(frames, check=self.membership.check)
+    def _exchange(self, op: str, names: list[str], dests: Optional[dict], *,
+                  after_caller: bool = True) -> "_Exchange":
+        """Start an exchange of ``names``; its sources are added one by one. With
+        ``after_caller=False``, copies into GPU destinations are ordered only after the events
+        given to ``add``, not after all the work queued on the caller's current stream."""
+        self._check_registered(op)
+        if dests is not None:
+            for name in names:
+                self._check_tensor(name, dests[name], f"{op} destination")
+        return _Exchange(self, op, names, dests, after_caller=after_caller)
+
+    def _copy_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    @staticmethod
+    def _staging(pool: dict[str, Staging], name: str, tensor: torch.Tensor) -> Staging:
+        nbytes = tensor.numel() * tensor.element_size()
+        staging = pool.get(name)
+        if staging is None or staging.nbytes != nbytes:
+            staging = pool[name] = Staging(nbytes)
+        return staging
+
+    def _progress(self, timeout: float) -> None:
+        """Receive the replies that arrive within ``timeout`` seconds (after a liveness check)."""
+        self.membership.check()
+        for sock in self.transport.poll(self._servers, timeout):
+            self._drain(sock)
 
     def _wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
-            self.membership.check()
             self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
                 raise PSTimeoutError(f"worker {self.rank}: request not answered within {timeout} s")
-            for sock in self.transport.poll(self._servers, POLL_SLICE):
-                self._drain(sock)
+            self._progress(POLL_SLICE)
 
     def _follow_moved_servers(self) -> None:
         """A restarted server listens at a new address: reconnect and resend what it never answered."""
@@ -313,10 +337,12 @@ class Worker:
         request.reply = header
         error = None
         if header["op"] == P.VALUES:
-            for view in request.dest:
+            for view, landed in request.dest:
                 got = sock.recv_into(view) if sock.more() else -1
                 if got != len(view):
                     error = ProtocolError(f"reply from {sock.address} had a frame of {got} bytes, expected {len(view)}")
+                elif landed is not None:
+                    landed()
         sock.skip_rest()
         request.future._resolve(error)
 
@@ -415,20 +441,175 @@ class Worker:
         self.close()
 
 
-def _flat_source(tensor: torch.Tensor) -> torch.Tensor:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    return t.contiguous().reshape(-1)
+class _Exchange:
+    """One push, pull or push_pull, sent block by block as its sources are added.
+
+    A block goes out once every source in it was added and, for a source on a GPU, its copy into
+    the worker's pinned buffer for that key has landed. Sources in host memory go out zero-copy and
+    host destinations receive in place; destinations on a GPU receive into the worker's pinned
+    buffer for the key, and each block's values are copied on to the device as soon as they arrive.
+    """
+
+    def __init__(self, worker: Worker, op: str, names: list[str], dests: Optional[dict], *,
+                 after_caller: bool = True):
+        self.worker = worker
+        self.op = op
+        self.future = Future(worker)
+        self._blocks: dict[int, tuple[Block, list[tuple[int, Segment, str]]]] = {}
+        for name in names:
+            for block, i, seg in worker._layout[name]:
+                self._blocks.setdefault(block.block_id, (block, []))[1].append((i, seg, name))
+        for _, parts in self._blocks.values():
+            parts.sort(key=lambda part: part[0])
+        self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
+        self._sources: dict[str, torch.Tensor] = {}  # flat host tensors
+        self._staged: dict[str, Staging] = {}
+        self._landed: dict[int, list] = {}  # block -> events of its copies from GPUs
+        self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
+        self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
+        self._unsent = len(self._blocks)
+        self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
+                       if dests is not None else {})
+        if op == P.PULL:
+            self._ready.extend(self._blocks)
+
+    @property
+    def sent_blocks(self) -> int:
+        return len(self._blocks) - self._unsent
+
+    @property
+    def all_sent(self) -> bool:
+        return self._unsent == 0
+
+    def add(self, name: str, tensor: torch.Tensor, after: Optional["torch.cuda.Event"] = None) -> None:
+        """Hand over the source tensor for ``name``. For a tensor on a GPU, its copy to the host
+        waits for ``after`` (default: for the work queued so far on the caller's current stream)."""
+        if name in self._sources:
+            raise ConfigError(f"{self.op}: {name!r} was given twice")
+        self.worker._check_tensor(name, tensor, self.op)
+        layout = self.worker._layout[name]
+        if tensor.device.type == "cpu":
+            flat = tensor.detach().contiguous().reshape(-1)
+        else:
+            device = tensor.device
+            staging = self.worker._staging(self.worker._push_staging, name, tensor)
+            staging.wait(self.worker.membership.check)  # earlier sends from it have left
+            stream = self.worker._copy_stream(device)
+            if after is None:
+                stream.wait_stream(torch.cuda.current_stream(device))
+            else:
+                stream.wait_event(after)
+            flat = staging.typed(tensor.dtype)
+            with torch.cuda.stream(stream):
+                source = tensor.detach()
+                source = (source if source.is_contiguous() else source.contiguous()).view(-1)
+                for block, _, seg in layout:
+                    end = seg.offset + seg.numel
+                    flat[seg.offset:end].copy_(source[seg.offset:end], non_blocking=True)
+                    landed = torch.cuda.Event()
+                    landed.record(stream)
+                    self._landed.setdefault(block.block_id, []).append(landed)
+            self._staged[name] = staging
+            self._keep.append(source)
+        self._sources[name] = flat
+        for block, _, _ in layout:
+            self._missing[block.block_id] -= 1
+            if self._missing[block.block_id] == 0:
+                self._ready.append(block.block_id)
+
+    def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
+        """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
+        their copies from GPUs, else stop at the first block whose copies have not landed."""
+        while self._ready and (limit is None or limit > 0):
+            if limit is not None:
+                limit -= 1
+            block_id = self._ready[0]
+            events = self._landed.pop(block_id, ())
+            if not wait and not all(event.query() for event in events):
+                self._landed[block_id] = list(events)
+                return
+            for event in events:
+                event.synchronize()
+            self._ready.popleft()
+            self._send_block(*self._blocks[block_id])
+        if self._unsent == 0:
+            self._keep.clear()
+
+    def _send_block(self, block: Block, parts: list[tuple[int, Segment, str]]) -> None:
+        worker = self.worker
+        req = next(worker._req_ids)
+        segs = [i for i, _, _ in parts]
+        header = {"op": self.op, "req": req, "block": block.block_id, "rank": worker.rank, "dtype": block.dtype,
+                  "segs": None if len(segs) == len(block.segments) else segs}
+        request = _Request(self.future, server=block.server)
+        frames = request.frames
+        frames.append(P.pack_header(header))
+        staged: dict[int, Staging] = {}
+        for _, seg, name in parts:
+            if self.op != P.PULL:
+                piece = self._sources[name][seg.offset:seg.offset + seg.numel]
+                frames.append(byte_view(piece))
+                request.keep.append(piece)
+                if name in self._staged:
+                    staged[id(self._staged[name])] = self._staged[name]
+            if self._dests:
+                request.dest.append(self._dests[name].piece(seg, request.keep))
+        worker._pending[req] = request
+        self.future._outstanding += 1
+        self._unsent -= 1
+        tracker = worker._servers[block.server].send(frames, check=worker.membership.check, track=bool(staged))
+        for staging in staged.values():
+            staging.sent(tracker)  # reused only once ZeroMQ is done reading it
+
+    def _destination(self, name: str, tensor: torch.Tensor, after_caller: bool) -> "_Destination":
+        target = tensor.detach()
+        if target.device.type == "cpu":
+            if target.is_contiguous():
+                return _Destination(target.reshape(-1))
+            staging = torch.empty(target.numel(), dtype=target.dtype)
+            self.future._finalizers.append(lambda: target.copy_(staging.view(target.shape)))
+            return _Destination(staging)
+        device = target.device
+        staging = self.worker._staging(self.worker._pull_staging, name, target)
+        staging.wait()  # the copy out of it for the last pull has finished
+        stream = self.worker._copy_stream(device)
+        if after_caller:
+            stream.wait_stream(torch.cuda.current_stream(device))  # work queued on it may read target
+        self.future._copy_streams[device] = stream
+        host = staging.typed(target.dtype)
+        if target.is_contiguous():
+            return _Destination(host, target.view(-1), staging, stream)
+
+        def copy_whole() -> None:
+            with torch.cuda.stream(stream):
+                target.copy_(host.view(target.shape), non_blocking=True)
+            staging.copied(stream)
+
+        self.future._finalizers.append(copy_whole)
+        return _Destination(host)
 
 
-def _flat_dest(tensor: torch.Tensor, future: Future) -> torch.Tensor:
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
-        return tensor.detach().reshape(-1)
-    staging = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
-    target = tensor.detach()
-    future._finalizers.append(lambda: target.copy_(staging.view(target.shape), non_blocking=False))
-    return staging
+class _Destination:
+    """Where one key's pulled values land: a host tensor, and for a GPU tensor its flat device view."""
+
+    def __init__(self, host: torch.Tensor, device: Optional[torch.Tensor] = None,
+                 staging: Optional[Staging] = None, stream: Optional["torch.cuda.Stream"] = None):
+        self.host, self.device, self.staging, self.stream = host, device, staging, stream
+
+    def piece(self, seg: Segment, keep: list) -> tuple[memoryview, Optional[Callable[[], None]]]:
+        end = seg.offset + seg.numel
+        host = self.host[seg.offset:end]
+        keep.append(host)
+        if self.device is None:
+            return byte_view(host), None
+        device, staging, stream = self.device[seg.offset:end], self.staging, self.stream
+
+        def copy_to_device() -> None:
+            with torch.cuda.stream(stream):
+                device.copy_(host, non_blocking=True)
+            staging.copied(stream)  # the next pull into this buffer waits for the copy
+
+        return byte_view(host), copy_to_device
 
 
 def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import psframework as ps
@@ -51,3 +53,54 @@ def reference(name: str, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:
         loss_fn(params, *batch(step)).backward()
         opt.step()
     return {k: v.detach() for k, v in params.items()}
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: the layers before it get their gradients late."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.seconds:
+            time.sleep(ctx.seconds)
+        return grad, None
+
+
+class OverlapNet(torch.nn.Module):
+    """Enough layers for several blocks at CHUNK = 4 KiB (``mid.weight`` alone is 16 KiB), an unused
+    parameter (so step() must push zeros for it), and an optional pause in the backward pass just
+    before the first layer's gradients, so the later layers' blocks are sent first."""
+
+    def __init__(self, slow_backward: float = 0.0):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 64)
+        self.mid = torch.nn.Linear(64, 64)
+        self.last = torch.nn.Linear(64, 1)
+        self.unused = torch.nn.Linear(3, 3)
+        self.slow_backward = slow_backward
+
+    def forward(self, x):
+        h = _SlowBackward.apply(torch.tanh(self.first(x)), self.slow_backward)
+        return self.last(torch.tanh(self.mid(h)))
+
+
+def overlap_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+
+
+def overlap_reference(steps: int) -> dict[str, torch.Tensor]:
+    """One process, the whole batch, torch.optim.SGD: what the distributed runs must match."""
+    torch.manual_seed(0)
+    model = OverlapNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        x, y = overlap_batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}

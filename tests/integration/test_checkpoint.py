@@ -153,3 +153,21 @@ def test_async_checkpoint_is_a_consistent_cut(make_cluster, tmp_path):
         t.join(60)
     assert torch.equal(seen[0], torch.full((4000,), -16.0)) and torch.equal(seen[1], seen[0])
     assert torch.equal(seen["restored0"], seen[0]) and torch.equal(seen["restored1"], seen[0])
+
+
+@pytest.mark.gpu
+def test_checkpoint_round_trip_with_shards_on_gpu(make_cluster, tmp_path):
+    cluster = make_cluster(num_servers=2, num_workers=1, chunk_bytes=4096, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = models.make_params(0)
+        worker.register(params, optimizer=ps.optim.Adam(lr=0.01))
+        for step in range(3):
+            worker.push_pull({k: torch.ones_like(v) * (step + 1) for k, v in params.items()}, into=params).wait(10)
+        worker.save_checkpoint(tmp_path / "ckpt")
+        snapshot = {k: v.clone() for k, v in params.items()}
+        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=10)
+        assert worker.load_checkpoint(tmp_path / "ckpt") == 3
+        fresh = {k: torch.zeros_like(v) for k, v in params.items()}
+        worker.pull(fresh).wait(timeout=10)  # served from the device, not from a stale reply buffer
+        for key, value in snapshot.items():
+            assert torch.equal(params[key], value) and torch.equal(fresh[key], value), key

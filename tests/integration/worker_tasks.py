@@ -16,19 +16,37 @@ import psframework as ps
 from tests.integration import models
 
 
-def sync_train(out: str, optimizer: str, steps: int, seed: int = 0) -> None:
+def sync_train(out: str, optimizer: str, steps: int, seed: int = 0, device: str = "cpu") -> None:
+    """``device``: where the worker's parameters and gradients live (cuda: pulled straight into them)."""
     with ps.init() as worker:
         # every worker starts from different values: register must replace them with rank 0's
-        params = models.make_params(seed + 17 * worker.rank)
+        params = {k: v.to(device) for k, v in models.make_params(seed + 17 * worker.rank).items()}
         worker.register(params, optimizer=models.optimizer_spec(optimizer))
         per = models.BATCH // worker.num_workers
         for step in range(steps):
-            x, y = models.batch(step)
+            x, y = (t.to(device) for t in models.batch(step))
             mine = slice(worker.rank * per, (worker.rank + 1) * per)
             leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
             models.loss_fn(leaves, x[mine], y[mine]).backward()
             worker.push_pull({k: v.grad for k, v in leaves.items()}, into=params).wait(timeout=30)
-        torch.save(params, out)
+        torch.save({k: v.cpu() for k, v in params.items()}, out)
+
+
+def overlap_train(out: str, steps: int, overlap: bool, device: str = "cpu", slow_backward: float = 0.0) -> None:
+    """DistributedOptimizer with or without overlap on models.OverlapNet; saves the parameters and
+    how many blocks of the last step went out before step()."""
+    torch.manual_seed(0)
+    model = models.OverlapNet(slow_backward).to(device)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.05, momentum=0.9), overlap=overlap) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        for step in range(steps):
+            x, y = (t.to(device) for t in models.overlap_batch(step))
+            mine = slice(rank * len(x) // n, (rank + 1) * len(x) // n)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+            opt.step()
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"params": state, "early_blocks": opt.early_blocks}, out)
 
 
 def train_with_optimizer(out: str, steps: int) -> None:
@@ -120,7 +138,8 @@ def elastic_train(out: str, flag_dir: str, victim: int = -1, die_at: int = 0, fi
     worker.close()
 
 
-TASKS = {f.__name__: f for f in (sync_train, train_with_optimizer, die_after, checkpointed_train, elastic_train)}
+TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
+                                  elastic_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

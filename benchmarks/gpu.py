@@ -1,0 +1,418 @@
+"""GPU benchmarks: the server's update, push_pull from GPU tensors, and training end to end.
+
+    python benchmarks/gpu.py --out RESULTS_GPU_fragment.md            # all three (a few minutes)
+    python benchmarks/gpu.py --only apply,pushpull                      # one GPU is enough for these
+    python benchmarks/gpu.py --only e2e --model tiny --batch 32 --steps 5 --device cpu   # smoke run
+
+1. ``apply``: one update of a 1 GiB float32 shard through ``ShardOptimizer`` (what a server runs),
+   as GB/s of device-memory traffic, against a device-to-device copy timed in the same run. Bytes
+   counted: SGD with momentum reads param, grad, momentum and writes param, momentum (5 x shard);
+   Adam reads param, grad, m, v and writes param, m, v (7 x shard); the copy reads and writes
+   (2 x shard). CUDA events around each step, warm-up first, the median of ``--repeats``.
+2. ``pushpull``: ``push_pull(grads, into=params).wait()`` of one tensor of 4, 64 and 256 MiB, one
+   worker and one server with its shards on cuda, worker tensors on the GPU against on the host.
+   GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as benchmarks/pushpull.py.
+   A GPU round trip ends after torch.cuda.synchronize(), so its copies are included.
+3. ``e2e``: a ResNet-50 (torchvision; ``--model tiny`` is a small CNN for smoke runs) on synthetic
+   224x224 images, one process per GPU on two GPUs, SGD(lr=0.01, momentum=0.9), the same batch
+   per GPU everywhere: torch DistributedDataParallel with NCCL and with gloo, the parameter server
+   (2 workers, 2 servers with their shards on the two GPUs) in sync and async mode, each with and
+   without overlap, and one GPU training alone times two (no communication at all: the ceiling).
+   samples/s = GPUs x batch x steps / the slowest process's time for its timed steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import psframework as ps  # noqa: E402
+from psframework.optim import ShardOptimizer  # noqa: E402
+
+GB = 1e9
+MiB = 1 << 20
+
+
+def _device_name(index: int = 0) -> str:
+    return torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
+
+
+def _median_ms(fn, repeats: int, warmup: int) -> float:
+    """Median of ``repeats`` CUDA-event timings of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ 1. apply
+
+
+def bench_apply(shard_bytes: int, repeats: int, warmup: int) -> list[dict]:
+    dev = torch.device("cuda:0")
+    n = shard_bytes // 4
+    rows = []
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), repeats, warmup)
+    copy_gbs = 2 * shard_bytes / (copy_ms / 1e3) / GB
+    rows.append({"rule": "device-to-device copy", "impl": "copy_", "traffic": 2, "ms": copy_ms,
+                 "GB/s": copy_gbs, "vs copy": 1.0})
+    del src, dst
+    cases = [("SGD momentum", ps.optim.SGD(lr=0.01, momentum=0.9), 5),
+             ("Adam", ps.optim.Adam(lr=1e-3), 7)]
+    for name, spec, traffic in cases:
+        for impl in ("ShardOptimizer", "foreach"):
+            param = torch.randn(n, device=dev)
+            grad = torch.randn(n, device=dev) * 1e-3
+            if impl == "ShardOptimizer":
+                opt = ShardOptimizer(spec, [param])
+                used = "fused" if opt.opt.param_groups[0].get("fused") else "foreach"
+                step = lambda: opt.step({0: grad})  # noqa: E731
+            else:  # torch's multi-tensor path, for comparison
+                param.grad = grad
+                plain = spec.torch_class([param], **spec.hyperparameters(), foreach=True)
+                used = "foreach (torch.optim)"
+                step = plain.step
+            ms = _median_ms(step, repeats, warmup)
+            gbs = traffic * shard_bytes / (ms / 1e3) / GB
+            rows.append({"rule": name, "impl": f"{impl}: {used}", "traffic": traffic, "ms": ms, "GB/s": gbs,
+                         "vs copy": gbs / copy_gbs})
+            del param, grad, step
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 2. push_pull
+
+
+def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int) -> list[dict]:
+    rows = []
+    with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda") as cluster:
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            keys = {f"t{m}": torch.zeros(m * MiB // 4) for m in sizes_mib}
+            worker.register(keys, optimizer=ps.optim.SGD(lr=1e-6))
+            for mib in sizes_mib:
+                row = {"MiB": mib}
+                for where in ("cpu", "cuda"):
+                    params = {f"t{mib}": torch.zeros(mib * MiB // 4, device=where)}
+                    grads = {f"t{mib}": torch.randn(mib * MiB // 4, device=where)}
+
+                    def round_trip():
+                        worker.push_pull(grads, into=params).wait(timeout=120)
+                        if where == "cuda":
+                            torch.cuda.synchronize()
+
+                    for _ in range(warmup):
+                        round_trip()
+                    times = []
+                    for _ in range(repeats if mib < 256 else max(3, repeats // 2)):
+                        start = time.perf_counter()
+                        round_trip()
+                        times.append(time.perf_counter() - start)
+                    seconds = statistics.median(times)
+                    row[f"{where} ms"] = seconds * 1e3
+                    row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
+                row["gpu/cpu"] = row["cuda GB/s"] / row["cpu GB/s"]
+                rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 3. end to end
+
+
+def _make_model(name: str) -> torch.nn.Module:
+    if name == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50()
+    if name == "tiny":
+        layers, channels = [], 3
+        for width in (32, 64, 128):
+            layers += [torch.nn.Conv2d(channels, width, 3, stride=2, padding=1), torch.nn.BatchNorm2d(width),
+                       torch.nn.ReLU()]
+            channels = width
+        return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(channels, 1000))
+    raise click.BadParameter(f"unknown model {name!r}")
+
+
+def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 1000, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _timed_steps(step, steps: int, warmup: int, device: torch.device, before_timing=None) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if before_timing is not None:
+        before_timing()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _child_setup(rank: int, device: str) -> torch.device:
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def run_local(args: dict) -> dict:
+    """One process, one GPU, torch.optim: the ceiling, with no communication."""
+    device = _child_setup(0, args["device"])
+    model = _make_model(args["model"]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = _batch(args["batch"], args["size"], device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return {"seconds": _timed_steps(step, args["steps"], args["warmup"], device)}
+
+
+def run_ddp(args: dict) -> dict:
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    device = _child_setup(rank, args["device"])
+    dist.init_process_group(args["backend"], rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        model = _make_model(args["model"]).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = _batch(args["batch"], args["size"], device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+
+        seconds = _timed_steps(step, args["steps"], args["warmup"], device, before_timing=dist.barrier)
+        return {"seconds": seconds}
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ps(args: dict) -> dict:
+    worker = ps.init()
+    device = _child_setup(worker.rank, args["device"])
+    model = _make_model(args["model"]).to(device)
+    x, y = _batch(args["batch"], args["size"], device)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.01, momentum=0.9), worker=worker,
+                                 overlap=args["overlap"]) as opt:
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        seconds = _timed_steps(step, args["steps"], args["warmup"], device, before_timing=worker.barrier)
+        worker.barrier()  # no one leaves while another still needs the servers (sync mode)
+    worker.close()
+    return {"seconds": seconds}
+
+
+CHILDREN = {"local": run_local, "ddp": run_ddp, "ps": run_ps}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_children(kind: str, n: int, args: dict, env: dict, timeout: float, log_dir: Path) -> list[dict]:
+    procs, outs = [], []
+    for rank in range(n):
+        out = log_dir / f"{kind}-{args.get('label', '')}-{rank}.json"
+        log = open(log_dir / f"{kind}-{args.get('label', '')}-{rank}.log", "wb")
+        child_env = {**os.environ, **env, "RANK": str(rank), "PS_RANK": str(rank), "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, str(Path(__file__).resolve()), "child", kind, json.dumps(args), str(out)]
+        procs.append((subprocess.Popen(argv, env=child_env, stdout=log, stderr=subprocess.STDOUT), log))
+        outs.append(out)
+    try:
+        deadline = time.monotonic() + timeout
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    failed = [r for r, (proc, _) in enumerate(procs) if proc.returncode != 0 or not outs[r].exists()]
+    if failed:
+        rank = failed[0]
+        text = (log_dir / f"{kind}-{args.get('label', '')}-{rank}.log").read_text(errors="replace")[-2500:]
+        raise RuntimeError(f"{kind} rank {rank} failed (exit {procs[rank][0].returncode}):\n{text}")
+    return [json.loads(p.read_text()) for p in outs]
+
+
+def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device: str, gpus: int,
+              only: Optional[set], log_dir: Path, timeout: float) -> list[dict]:
+    base = {"model": model, "batch": batch, "size": size, "steps": steps, "warmup": warmup, "device": device}
+    runs: list[tuple[str, str, int, dict]] = [("1 GPU alone, x2 (no communication)", "local", 1, {})]
+    for backend in ("nccl", "gloo"):
+        if device == "cpu" and backend == "nccl":
+            continue
+        runs.append((f"DDP {backend}", "ddp", gpus, {"backend": backend}))
+    for mode in ("sync", "async"):
+        for overlap in (True, False):
+            runs.append((f"PS {mode}, overlap {'on' if overlap else 'off'}", "ps", gpus,
+                         {"overlap": overlap, "mode": mode}))
+    rows = []
+    for label, kind, n, extra in runs:
+        if only and label not in only:
+            continue
+        args = {**base, **extra, "label": "".join(c if c.isalnum() else "_" for c in label)}
+        print(f"e2e: {label} ...", flush=True)
+        try:
+            if kind == "ps":
+                with ps.LocalCluster(num_servers=gpus, num_workers=gpus, mode=extra["mode"],
+                                     server_device="cuda" if device == "cuda" else "cpu") as cluster:
+                    results = _spawn_children(kind, n, args, cluster.env(), timeout, log_dir)
+            elif kind == "ddp":
+                env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
+                       "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+                results = _spawn_children(kind, n, args, env, timeout, log_dir)
+            else:
+                results = _spawn_children(kind, 1, args, {}, timeout, log_dir)
+            slowest = max(r["seconds"] for r in results)
+            samples = gpus * batch * steps  # local: one GPU's rate times the GPUs
+            rows.append({"setup": label, "samples/s": samples / slowest, "step ms": slowest / steps * 1e3})
+        except Exception as exc:  # one failed setup should not cost the others' numbers
+            print(f"e2e: {label} FAILED: {exc}", flush=True)
+            rows.append({"setup": label, "samples/s": float("nan"), "step ms": float("nan"),
+                         "error": str(exc).splitlines()[0][:200]})
+    by = {r["setup"]: r["samples/s"] for r in rows}
+    nccl, gloo = by.get("DDP nccl"), by.get("DDP gloo")
+    for row in rows:
+        if nccl:
+            row["vs DDP nccl"] = row["samples/s"] / nccl
+        if gloo:
+            row["vs DDP gloo"] = row["samples/s"] / gloo
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _table(title: str, rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+@click.group(invoke_without_command=True)
+@click.option("--only", default="apply,pushpull,e2e", help="comma-separated: apply, pushpull, e2e")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="markdown fragment for RESULTS.md")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
+@click.option("--shard-mib", type=int, default=1024)
+@click.option("--repeats", type=int, default=20)
+@click.option("--sizes", default="4,64,256", help="push_pull sizes in MiB")
+@click.option("--model", default="resnet50")
+@click.option("--batch", type=int, default=128, help="per GPU")
+@click.option("--image-size", type=int, default=224)
+@click.option("--steps", type=int, default=20)
+@click.option("--warmup", type=int, default=5)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", help="e2e only")
+@click.option("--e2e-only", default="", help="e2e setup labels to run, separated by ';' (default all)")
+@click.option("--timeout", type=float, default=150.0, help="seconds for one e2e setup")
+@click.pass_context
+def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
+         e2e_only, timeout) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    parts = set(only.split(","))
+    gpu = _device_name(0)
+    gpus = torch.cuda.device_count()
+    results: dict = {"gpu": gpu, "gpus": gpus, "torch": torch.__version__}
+    report = [f"GPU: {gpu} x {gpus}, torch {torch.__version__}, python {sys.version.split()[0]}\n"]
+    if "apply" in parts:
+        results["apply"] = bench_apply(shard_mib * MiB, repeats, warmup=3)
+        report.append(_table(f"1. Server-side apply, {shard_mib} MiB fp32 shard, median of {repeats} "
+                             "(GB/s of device-memory traffic)", results["apply"]))
+        print(report[-1], flush=True)
+    if "pushpull" in parts:
+        results["pushpull"] = bench_pushpull([int(s) for s in sizes.split(",")], max(5, repeats // 2), warmup=2)
+        report.append(_table("2. push_pull, 1 worker, 1 server on cuda:0, GB/s = 2 x bytes / median round trip",
+                             results["pushpull"]))
+        print(report[-1], flush=True)
+    if "e2e" in parts:
+        n = 2 if device == "cpu" else min(2, gpus)
+        if n < 2:
+            report.append("**3. End to end**: not run, it needs two GPUs and this machine has "
+                          f"{gpus}.\n")
+        else:
+            with tempfile.TemporaryDirectory(prefix="ps-gpu-bench-") as tmp:
+                log_dir = Path(os.environ.get("PS_BENCH_LOGS", tmp))
+                log_dir.mkdir(parents=True, exist_ok=True)
+                selected = {s.strip() for s in e2e_only.split(";") if s.strip()} or None
+                results["e2e"] = bench_e2e(model, batch, image_size, steps, warmup, device, n, selected,
+                                           log_dir, timeout)
+            report.append(_table(f"3. End to end, {model}, batch {batch} per GPU, {image_size}x{image_size}, "
+                                 f"{n} GPUs, {steps} timed steps after {warmup}", results["e2e"]))
+            print(report[-1], flush=True)
+    if out:
+        Path(out).write_text("\n".join(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=1))
+
+
+@main.command(hidden=True)
+@click.argument("kind")
+@click.argument("args")
+@click.argument("out")
+def child(kind: str, args: str, out: str) -> None:
+    result = CHILDREN[kind](json.loads(args))
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
