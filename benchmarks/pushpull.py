@@ -206,7 +206,7 @@ def start_baseline(workdir: Path, kind: str, *args: str) -> tuple[subprocess.Pop
 def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], auth: str, mibs: list[int],
            repeats: int, warmup: int, baselines: dict[str, str], frame_bytes: int, workdir: Path, advance,
            timeout: float) -> dict[int, dict]:
-    """Per size: the PS rounds' median time and rank 0's raw zmq medians, interleaved with them."""
+    """Per size: the PS rounds' median time and rank 0's baseline medians, interleaved with them."""
     tag = f"ps-s{servers}-w{workers}"
     out = workdir / f"{tag}.jsonl"
     procs: list[subprocess.Popen] = []
