@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from psframework import LocalCluster  # noqa: E402
 from psframework.config import DEFAULT_CHUNK_BYTES  # noqa: E402
+from benchmarks._common import child_env, read_json_lines, tail  # noqa: E402
 from psframework.procs import spawn, stop_all  # noqa: E402
 
 CHILD = str(HERE / "_pushpull_worker.py")
@@ -114,24 +114,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
-
-
-def _lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    if not path.exists():
-        return "(no output)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 # ----------------------------------------------------------------------------- gloo
 
 
@@ -169,7 +151,7 @@ def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Pa
     seen = 0
     try:
         while not context.join(timeout=0.2):
-            done = len(_lines(Path(f"{out}.0")))
+            done = len(read_json_lines(Path(f"{out}.0")))
             advance(done - seen)
             seen = done
             if time.monotonic() > deadline:
@@ -179,7 +161,7 @@ def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Pa
             if p.is_alive():
                 p.kill()
     advance(len(mibs) - seen)
-    lines = [d for r in range(world) for d in _lines(Path(f"{out}.{r}"))]
+    lines = [d for r in range(world) for d in read_json_lines(Path(f"{out}.{r}"))]
     per_rank = [{d["mib"]: d["times"] for d in lines if d["rank"] == r} for r in range(world)]
     return {m: statistics.median(round_times([pr[m] for pr in per_rank])) for m in mibs}, lines
 
@@ -192,13 +174,13 @@ def start_baseline(workdir: Path, kind: str, *args: str) -> tuple[subprocess.Pop
     address_file = workdir / f"{kind}.address"
     log = workdir / f"{kind}.log"
     with open(log, "wb") as out:
-        proc = spawn([sys.executable, CHILD, kind, "--address-file", str(address_file), *args], _child_env(),
+        proc = spawn([sys.executable, CHILD, kind, "--address-file", str(address_file), *args], child_env(),
                      stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not address_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_all([proc])
-            raise click.ClickException(f"the {kind} baseline process did not start:\n{_tail(log)}")
+            raise click.ClickException(f"the {kind} baseline process did not start:\n{tail(log)}")
         time.sleep(0.02)
     return proc, address_file.read_text().strip()
 
@@ -223,29 +205,29 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], au
                         "--frame-bytes", str(frame_bytes)]
                 if rank == 0:
                     argv += ["--echo", baselines["echo"], "--minimal", baselines["minimal"]]
-                env = {**_child_env(), **cluster.env(), "PS_RANK": str(rank)}
+                env = {**child_env(), **cluster.env(), "PS_RANK": str(rank)}
                 procs.append(spawn(argv, env, stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p in procs):
-                done = sum(1 for d in _lines(out) if d["rank"] == 0)
+                done = sum(1 for d in read_json_lines(out) if d["rank"] == 0)
                 advance(done - seen)
                 seen = done
                 failed = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
                 if failed:
                     rank, code = failed[0]
                     raise click.ClickException(
-                        f"{tag}: worker {rank} exited with code {code}:\n{_tail(workdir / f'{tag}-worker-{rank}.log')}"
+                        f"{tag}: worker {rank} exited with code {code}:\n{tail(workdir / f'{tag}-worker-{rank}.log')}"
                         f"\n--- server 0:\n{cluster.output('server-0')}")
                 if time.monotonic() > deadline:
                     raise click.ClickException(f"{tag}: not finished within {timeout} s:\n"
-                                               f"{_tail(workdir / f'{tag}-worker-0.log')}")
+                                               f"{tail(workdir / f'{tag}-worker-0.log')}")
                 time.sleep(0.2)
         finally:
             stop_all(procs)
             for log in logs:
                 log.close()
     advance(len(mibs) - seen)
-    lines = _lines(out)
+    lines = read_json_lines(out)
     result = {}
     for mib in mibs:
         per_rank = [d["ps"] for d in lines if d["mib"] == mib]

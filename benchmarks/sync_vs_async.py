@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from psframework import LocalCluster  # noqa: E402
+from benchmarks._common import child_env, read_json_lines, tail  # noqa: E402
 from psframework.procs import spawn, stop_all  # noqa: E402
 
 WORKER = HERE / "_sva_worker.py"
@@ -109,24 +109,6 @@ class Job:
     log_dir: Path
 
 
-def _child_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
-
-
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return f"({path.name}: no output)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def _worker_argv(job: Job) -> list[str]:
     return [sys.executable, str(WORKER), "--out-dir", str(job.out_dir), *job.worker_args]
 
@@ -141,7 +123,7 @@ def _watch(job: Job, procs: list[subprocess.Popen], steps_total: int, advance: C
     deadline = time.monotonic() + timeout
     seen = 0
     while True:
-        done = sum(sum(1 for r in _records(job.out_dir / f"worker-{k}.jsonl") if "loss" in r)
+        done = sum(sum(1 for r in read_json_lines(job.out_dir / f"worker-{k}.jsonl") if "loss" in r)
                    for k in range(job.workers))
         advance(done - seen)
         seen = done
@@ -163,11 +145,11 @@ def run_with_launcher(job: Job, steps_total: int, advance, timeout: float) -> No
             "--mode", job.mode.mode, "--staleness", str(job.mode.staleness), "--server-device", "cpu",
             "--log-dir", str(job.log_dir), "--", *_worker_argv(job)]
     out = open(job.log_dir / "ps-launch.log", "wb")
-    proc = spawn(argv, _child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    proc = spawn(argv, child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
     try:
         def failure() -> str:
-            return "\n".join([_tail(job.log_dir / "ps-launch.log")]
-                             + [f"--- {p.name}:\n{_tail(p, 15)}" for p in sorted(job.log_dir.glob("*.log"))
+            return "\n".join([tail(job.log_dir / "ps-launch.log", 30)]
+                             + [f"--- {p.name}:\n{tail(p, 15)}" for p in sorted(job.log_dir.glob("*.log"))
                                 if p.name != "ps-launch.log"])
 
         _watch(job, [proc], steps_total, advance, timeout, failure)
@@ -186,11 +168,11 @@ def run_without_launcher(job: Job, steps_total: int, advance, timeout: float) ->
             for rank in range(job.workers):
                 log = open(job.log_dir / f"worker-{rank}.log", "wb")
                 logs.append(log)
-                env = {**_child_env(), **cluster.env(), "PS_RANK": str(rank)}
+                env = {**child_env(), **cluster.env(), "PS_RANK": str(rank)}
                 procs.append(spawn(_worker_argv(job), env, stdout=log, stderr=subprocess.STDOUT))
 
             def failure() -> str:
-                return "\n".join([f"--- worker {r}:\n{_tail(job.log_dir / f'worker-{r}.log', 15)}"
+                return "\n".join([f"--- worker {r}:\n{tail(job.log_dir / f'worker-{r}.log', 15)}"
                                   for r in range(job.workers)]
                                  + [f"--- server 0:\n{cluster.output('server-0', 15)}"])
 
@@ -339,7 +321,7 @@ def main(workers: int, servers: int, modes: str, steps: int, batch_size: int, lr
                     job.log_dir.mkdir(parents=True, exist_ok=True)
                     progress.update(task, description=f"{panel}: {mode.label}")
                     run(job, per_job, lambda n: progress.advance(task, n) if n > 0 else None, timeout)
-                    records = [r for k in range(workers) for r in _records(job.out_dir / f"worker-{k}.jsonl")]
+                    records = [r for k in range(workers) for r in read_json_lines(job.out_dir / f"worker-{k}.jsonl")]
                     series[panel][mode.label] = records
                     summaries.append(summarize(job, records, panel, target_acc))
     print_table(console, summaries)
