@@ -149,8 +149,8 @@ class Scheduler:
             P.SETUP_DONE: self._on_setup_done,
             P.BARRIER: self._on_barrier,
             P.BYE: self._on_bye,
-            P.CHECKPOINT: self._on_checkpoint,
-            P.RESTORE: self._on_restore,
+            P.CHECKPOINT: self._on_collective,
+            P.RESTORE: self._on_collective,
             P.SAVED: self._on_server_done,
             P.LOADED: self._on_server_done,
             P.ERROR: self._on_server_error,
@@ -524,24 +524,17 @@ class Scheduler:
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def _collect(self, op: str, peer: bytes, header: dict) -> Optional[dict[int, tuple[bytes, dict]]]:
-        """Gather a collective request from every live worker; returns them once all arrived."""
+    def _on_collective(self, peer: bytes, header: dict) -> None:
+        """A worker's part of a checkpoint or restore; it starts once every live worker's part is
+        in (``_recheck_collectives``, which also runs when a worker leaves or dies)."""
         node = self._node_for(header, peer)
+        op = header["op"]
         if self._shard_map_wire is None:
             raise _Reject(P.CHECKPOINT_ERROR, f"worker {node.rank}: {op} needs registered tensors; call register() first")
         if self._storage is not None:
             raise _Reject(P.CHECKPOINT_ERROR, f"worker {node.rank}: a checkpoint operation is already running")
-        waiting = self._collecting[op]
-        waiting[node.rank] = (peer, header)
-        if len(waiting) < self._live_workers():
-            return None
-        self._collecting[op] = {}
-        return waiting
-
-    def _on_checkpoint(self, peer: bytes, header: dict) -> None:
-        waiting = self._collect(P.CHECKPOINT, peer, header)
-        if waiting is not None:
-            self._start_checkpoint(waiting)
+        self._collecting[op][node.rank] = (peer, header)
+        self._recheck_collectives()
 
     def _start_checkpoint(self, waiting: dict[int, tuple[bytes, dict]]) -> None:
         self._last_checkpoint_dir = str(waiting[min(waiting)][1]["directory"])
@@ -552,11 +545,6 @@ class Scheduler:
             self._reply(self.nodes[("server", rank)].identity,
                         {"op": P.SAVE, "path": str(directory / f"server-{rank}.pt")})
             self._storage.pending.add(rank)
-
-    def _on_restore(self, peer: bytes, header: dict) -> None:
-        waiting = self._collect(P.RESTORE, peer, header)
-        if waiting is not None:
-            self._start_restore(waiting)
 
     def _start_restore(self, waiting: dict[int, tuple[bytes, dict]]) -> None:
         root = Path(str(waiting[min(waiting)][1]["directory"]))
