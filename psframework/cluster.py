@@ -9,7 +9,6 @@ the ``PS_*`` variables a worker process needs.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
