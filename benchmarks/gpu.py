@@ -17,7 +17,9 @@
    224x224 images, one process per GPU on two GPUs, SGD(lr=0.01, momentum=0.9), the same batch
    per GPU everywhere: torch DistributedDataParallel with NCCL and with gloo, the parameter server
    (2 workers, 2 servers with their shards on the two GPUs) in sync and async mode, each with and
-   without overlap, and one GPU training alone times two (no communication at all: the ceiling).
+   without overlap, through the shared-memory lanes of one host (the default) and, for sync, over
+   loopback TCP only (``PS_SHM=0``), and one GPU training alone times two (no communication at all:
+   the ceiling).
    samples/s = GPUs x batch x steps / the slowest process's time for its timed steps.
 """
 
@@ -296,7 +298,10 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
     for mode in ("sync", "async"):
         for overlap in (True, False):
             runs.append((f"PS {mode}, overlap {'on' if overlap else 'off'}", "ps", gpus,
-                         {"overlap": overlap, "mode": mode}))
+                         {"overlap": overlap, "mode": mode, "shm": True}))
+    for overlap in (True, False):  # the same host, without the shared-memory lanes: loopback TCP
+        runs.append((f"PS sync, overlap {'on' if overlap else 'off'}, sockets only", "ps", gpus,
+                     {"overlap": overlap, "mode": "sync", "shm": False}))
     rows = []
     for label, kind, n, extra in runs:
         if only and label not in only:
@@ -307,7 +312,8 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
             if kind == "ps":
                 with ps.LocalCluster(num_servers=gpus, num_workers=gpus, mode=extra["mode"],
                                      server_device="cuda" if device == "cuda" else "cpu") as cluster:
-                    results = _spawn_children(kind, n, args, cluster.env(), timeout, log_dir)
+                    env = {**cluster.env(), "PS_SHM": "1" if extra["shm"] else "0"}
+                    results = _spawn_children(kind, n, args, env, timeout, log_dir)
             elif kind == "ddp":
                 env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
                        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -9,6 +9,9 @@ the servers, ``--mode`` sync by default) and W worker processes; each worker reg
 float32 tensor per size and times ``push_pull(grads, into=params).wait()`` after a barrier.
 A round's time is the slowest worker's; the table shows the median over ``--repeats`` rounds.
 
+The PS talks over loopback TCP like the baselines; ``--shm`` lets it use the shared-memory lanes
+that it takes by default between processes of one host (``psframework/shm.py``).
+
 In the same run, two baselines move the same bytes:
 
 * raw pyzmq: a DEALER (inside worker rank 0, next to every PS round, the order rotating)
@@ -68,6 +71,7 @@ class Row:
     workers: int
     mode: str
     auth: str
+    shm: bool
     size_mib: int
     bytes: int
     repeats: int
@@ -185,7 +189,7 @@ def start_baseline(workdir: Path, kind: str, *args: str) -> tuple[subprocess.Pop
     return proc, address_file.read_text().strip()
 
 
-def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], auth: str, mibs: list[int],
+def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], auth: str, shm: bool, mibs: list[int],
            repeats: int, warmup: int, baselines: dict[str, str], frame_bytes: int, workdir: Path, advance,
            timeout: float) -> dict[int, dict]:
     """Per size: the PS rounds' median time and rank 0's baseline medians, interleaved with them."""
@@ -205,7 +209,7 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], au
                         "--frame-bytes", str(frame_bytes)]
                 if rank == 0:
                     argv += ["--echo", baselines["echo"], "--minimal", baselines["minimal"]]
-                env = {**child_env(), **cluster.env(), "PS_RANK": str(rank)}
+                env = {**child_env(), **cluster.env(), "PS_RANK": str(rank), "PS_SHM": "1" if shm else "0"}
                 procs.append(spawn(argv, env, stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p in procs):
@@ -250,7 +254,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def print_table(console: Console, rows: list[Row]) -> None:
-    table = Table(title="push_pull vs raw pyzmq, a minimal PS and gloo all_reduce (GB/s)",
+    path = "shared-memory lanes" if rows and rows[0].shm else "loopback TCP"
+    table = Table(title=f"push_pull (PS over {path}) vs raw pyzmq, a minimal PS and gloo all_reduce (GB/s)",
                   caption="GB/s = 2 x tensor bytes / median round trip, per worker. srv, wkr: PS servers and "
                           "workers (gloo: wkr processes);\nzmq, zmq+copy, minimal: always one client, one server")
     for name in ("srv", "wkr", "MiB", "PS ms", "PS", "zmq", "zmq+copy", "minimal", "gloo", "PS/zmq",
@@ -283,12 +288,15 @@ def write_csv(path: Path, rows: list[Row]) -> None:
 @click.option("--chunk-mib", type=float, default=None, help="PS chunk size (default: the framework's, 4 MiB).")
 @click.option("--auth", type=click.Choice(["none", "token", "curve"]), default="none", show_default=True,
               help="The PS job's security (the raw zmq baseline is always plain).")
+@click.option("--shm/--no-shm", default=False, show_default=True,
+              help="Let the PS use shared-memory lanes between its processes (the baselines use sockets).")
 @click.option("--frame-mib", type=float, default=4.0, show_default=True, help="Raw zmq frame size.")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds per configuration.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--quick", is_flag=True, help="Sizes 1,4; 1 server; 1 and 2 workers; 3 repeats.")
 def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup: int, mode: str,
-         chunk_mib: Optional[float], auth: str, frame_mib: float, timeout: float, out: Path, quick: bool) -> None:
+         chunk_mib: Optional[float], auth: str, shm: bool, frame_mib: float, timeout: float, out: Path,
+         quick: bool) -> None:
     """Median push_pull round trip of an N MiB model, with raw pyzmq and gloo baselines."""
     if quick:
         sizes, servers_list, workers_list, repeats, warmup = "1,4", "1", "1,2", 3, 1
@@ -329,7 +337,7 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                 for servers in server_counts:
                     for workers in worker_counts:
                         progress.update(task, description=f"PS {servers} server(s), {workers} worker(s)")
-                        ps = run_ps(servers, workers, mode, chunk_bytes, auth, mibs, repeats, warmup,
+                        ps = run_ps(servers, workers, mode, chunk_bytes, auth, shm, mibs, repeats, warmup,
                                     baselines, frame_bytes, workdir, advance, timeout)
                         for mib in mibs:
                             nbytes = mib << 20
@@ -338,7 +346,8 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                                            "per_rank": ps[mib]["rounds"]})
                             t_gloo = gloo.get(workers, {}).get(mib)
                             rows.append(Row(
-                                servers=servers, workers=workers, mode=mode, auth=auth, size_mib=mib, bytes=nbytes,
+                                servers=servers, workers=workers, mode=mode, auth=auth, shm=shm, size_mib=mib,
+                                bytes=nbytes,
                                 repeats=repeats, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                                 ps_median_s=t_ps, ps_gbps=gbps(nbytes, t_ps),
                                 raw_zmq_median_s=t_raw, raw_zmq_gbps=gbps(nbytes, t_raw),

@@ -44,6 +44,7 @@ ENV_VARS = {
     "PS_ELASTIC": "1: workers may die and join; sync steps average over the live workers",
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
+    "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through /dev/shm (default 1)",
 }
 
 
@@ -117,6 +118,7 @@ class NodeConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0
     resume: bool = False
+    shm: bool = True  # workers: shared-memory lanes to the servers of their own host
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
@@ -166,8 +168,8 @@ def _env(environ: Mapping[str, str], name: str, kind: type = str, default=None):
     return _typed(name, raw, kind)
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return _env(environ, name, str, "0").lower() in ("1", "true", "yes", "on")
+def _flag(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
+    return _env(environ, name, str, "1" if default else "0").lower() in ("1", "true", "yes", "on")
 
 
 def timing_from_env(environ: Optional[Mapping[str, str]] = None) -> Timing:
@@ -216,6 +218,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
         checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
         resume=_flag(env, "PS_RESUME"),
+        shm=_flag(env, "PS_SHM", default=True),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:

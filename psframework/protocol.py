@@ -46,6 +46,7 @@ PUSH = "push"
 PULL = "pull"
 PUSH_PULL = "push_pull"
 INIT = "init"
+ATTACH = "attach"                # worker -> server: map my shared-memory lane (same host)
 ACK = "ack"
 VALUES = "values"
 STATS = "stats"

@@ -15,6 +15,10 @@ copy of the last; the update runs there with torch's fused kernels; replies are 
 device into a pinned buffer per block (once per version, however many workers pull it) and go on
 the wire once that copy has finished, while the server goes on receiving.
 
+Workers on the server's own host talk to it through shared-memory lanes (``shm.py``): a request
+that says ``shm`` carries no frames; its gradients are in the worker's push slot of the block, and
+its values are written into the pull slot before the answer (a bare header) goes out.
+
 Run one with ``python -m psframework server`` (ps-launch does this for you).
 """
 
@@ -37,6 +41,7 @@ from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
 from .buffers import byte_view, dtype_from_name
 from .devices import Staging, StagingRing, pick_server_device
+from .shm import Lane
 from .sharding import Block, ShardMap
 from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
@@ -59,6 +64,7 @@ class _Pending:
     rank: int
     segs: list[int]
     need_version: int
+    lane: bool = False  # answer through the worker's shared-memory lane
 
 
 @dataclass
@@ -105,9 +111,12 @@ class Server:
         self.device = torch.device("cpu")
         self._stream: Optional[torch.cuda.Stream] = None
         self._ring: Optional[StagingRing] = None
-        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, _BlockState]] = deque()
+        # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they read)
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[_BlockState]]] = deque()
+        self._lanes: dict[int, Lane] = {}  # shared-memory lanes of the workers on this host, by rank
         self.applied_updates = 0
         self.received_pushes = 0
+        self.lane_requests = 0  # requests that came through a shared-memory lane
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -141,6 +150,9 @@ class Server:
 
     def close(self) -> None:
         self._outbox.clear()
+        for lane in self._lanes.values():
+            lane.close()
+        self._lanes.clear()
         for state in self.blocks.values():
             state.trackers.clear()
         if self.membership is not None:
@@ -236,12 +248,18 @@ class Server:
         if op == P.STATS:
             self.data.skip_rest()
             reply = {"op": P.STATS, "req": header.get("req"), "applied": self.applied_updates,
-                     "pushes": self.received_pushes, "blocks": len(self.blocks), "device": str(self.device)}
+                     "pushes": self.received_pushes, "blocks": len(self.blocks), "device": str(self.device),
+                     "lanes": sorted(self._lanes), "lane_requests": self.lane_requests}
             self.data.send([P.pack_header(reply)], peer=peer)
+            return
+        if op == P.ATTACH:
+            self._attach(peer, header)
             return
         if op not in (P.PUSH, P.PULL, P.PUSH_PULL, P.INIT):
             raise _Rejected(P.PROTOCOL, f"unknown op {op!r}")
         state, segs, rank, req = self._validate(header)
+        lane = self._lane_of(header, rank, op)
+        self.lane_requests += lane is not None
         if op == P.INIT:
             values = self._receive_frames(state, segs)
             state.wait_sends()
@@ -250,16 +268,88 @@ class Server:
                 state.staged[i] = -1
             self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
             return
-        if op in (P.PUSH, P.PUSH_PULL):
+        if lane is not None:
+            if op != P.PULL:
+                self._push(state, self._lane_grads(state, segs, lane), rank, owned=self._ring is not None)
+        elif op in (P.PUSH, P.PUSH_PULL):
             self._push(state, self._receive_frames(state, segs), rank)
         else:
             self.data.skip_rest()
         if op == P.PUSH:
-            self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
+            self._acknowledge(peer, req, after_device_copies=lane is not None and self._ring is not None)
         else:
             need = state.clocks[rank]
-            state.pulls.append(_Pending(peer, req, rank, segs, need))
+            state.pulls.append(_Pending(peer, req, rank, segs, need, lane=lane is not None))
         self._answer_pulls(state)
+
+    def _acknowledge(self, peer: bytes, req: int, after_device_copies: bool) -> None:
+        frames = [P.pack_header({"op": P.ACK, "req": req})]
+        if not after_device_copies:
+            self.data.send(frames, peer=peer)
+            return
+        done = torch.cuda.Event()  # the worker reuses its push slot once acknowledged
+        done.record(self._stream)
+        self._outbox.append((done, peer, frames, None))
+
+    # -- shared-memory lanes -------------------------------------------------------------
+
+    def _attach(self, peer: bytes, header: dict) -> None:
+        rank, path, token = header.get("rank"), header.get("path"), header.get("token")
+        if not (isinstance(rank, int) and 0 <= rank < self.membership.num_workers and isinstance(path, str)
+                and isinstance(token, bytes)):
+            raise _Rejected(P.BAD_REQUEST, "attach needs an integer worker rank, a path and a token")
+        self.data.skip_rest()
+        blocks = [(b.block.block_id, b.block.nbytes) for b in self.blocks.values()]
+        try:
+            lane = Lane.attach(path, token, blocks)
+        except (OSError, PSError, RuntimeError) as exc:
+            raise _Rejected(P.BAD_REQUEST, f"server {self.membership.rank} cannot map lane {path}: {exc}") from None
+        if self.device.type == "cuda":
+            lane.pin(self.device)
+        old = self._lanes.pop(rank, None)
+        if old is not None:
+            old.close()
+        self._lanes[rank] = lane
+        self.data.send([P.pack_header({"op": P.ACK, "req": header.get("req")})], peer=peer)
+
+    def _lane_of(self, header: dict, rank: int, op: str) -> Optional[Lane]:
+        if not header.get("shm"):
+            return None
+        lane = self._lanes.get(rank)
+        if lane is None or op == P.INIT:
+            raise _Rejected(P.BAD_REQUEST, f"{op} through a shared-memory lane, but worker {rank} has none "
+                                           f"attached to server {self.membership.rank}")
+        if self.data.more():
+            raise _Rejected(P.PROTOCOL, "a lane request carries no frames")
+        return lane
+
+    def _lane_grads(self, state: _BlockState, segs: list[int], lane: Lane) -> dict[int, torch.Tensor]:
+        """A lane push's gradients: views of the worker's push slot (host shards), or device copies
+        of it (GPU shards)."""
+        grads = {}
+        for i in segs:
+            param = state.params[i]
+            view = lane.push_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
+            grads[i] = view if self._ring is None else view.to(self.device, non_blocking=True)
+        return grads
+
+    def _answer_by_lane(self, state: _BlockState, pending: _Pending, header: dict) -> None:
+        lane = self._lanes.get(pending.rank)
+        if lane is None:  # the worker rejoined and its lane went with the old process
+            error = P.error_header(P.PEER_LOST, f"worker {pending.rank} has no lane any more", req=pending.req)
+            self.data.send([P.pack_header(error)], peer=pending.peer)
+            return
+        for i in pending.segs:
+            param = state.params[i]
+            slot = lane.pull_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
+            slot.copy_(param, non_blocking=True)
+        frames = [P.pack_header({**header, "shm": 1})]
+        if self._ring is None:
+            self.data.send(frames, peer=pending.peer)
+            return
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        self._outbox.append((done, pending.peer, frames, None))
 
     def _validate(self, header: dict) -> tuple[_BlockState, list[int], int, int]:
         if self.optimizer is None:
@@ -323,7 +413,9 @@ class Server:
 
     # -- update semantics ----------------------------------------------------------------
 
-    def _push(self, state: _BlockState, grads: dict[int, torch.Tensor], rank: int) -> None:
+    def _push(self, state: _BlockState, grads: dict[int, torch.Tensor], rank: int, owned: bool = True) -> None:
+        """Apply or accumulate one worker's push. ``owned``: the gradients are ours to keep (not
+        views of a lane slot, which the worker reuses once answered)."""
         self.received_pushes += 1
         step = state.clocks[rank]
         state.clocks[rank] += 1
@@ -335,7 +427,7 @@ class Server:
             held = accum.tensors.get(i)
             if held is None:
                 # received host messages and fresh device tensors are ours to keep and sum into
-                accum.tensors[i] = grad
+                accum.tensors[i] = grad if owned else grad.clone()
             else:
                 held.add_(grad.to(self.device, non_blocking=True))
         accum.contributors.add(rank)
@@ -387,6 +479,9 @@ class Server:
     def _send_values(self, state: _BlockState, pending: _Pending) -> None:
         header = {"op": P.VALUES, "req": pending.req, "version": state.version,
                   "min_clock": min(state.clocks)}
+        if pending.lane:
+            self._answer_by_lane(state, pending, header)
+            return
         if state.reply is not None:
             self._queue_reply(state, pending, P.pack_header(header))
             return
@@ -422,8 +517,10 @@ class Server:
                 return
             done.synchronize()
             self._outbox.popleft()
-            state.queued_replies -= 1
-            state.reply.sent(self.data.send(frames, peer=peer, track=True))
+            tracker = self.data.send(frames, peer=peer, track=True)
+            if state is not None:
+                state.queued_replies -= 1
+                state.reply.sent(tracker)
 
     def _fail_impossible_waits(self) -> None:
         """Answer waits that can never be satisfied because a worker left or died."""

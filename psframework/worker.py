@@ -38,6 +38,7 @@ from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
 from .buffers import byte_view, dtype_name
 from .devices import Staging
+from .shm import Lane, lane_name, shm_available
 from .sharding import Block, Segment, ShardMap, TensorSpec
 from .security import load_secret
 from .transport import Socket, Transport, ZmqTransport
@@ -72,6 +73,9 @@ class _Request:
     # where each reply frame lands, and what to do once it did (copy it on to a GPU)
     dest: list[tuple[memoryview, Optional[Callable[[], None]]]] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
+    # through a shared-memory lane: the block whose slots it holds, and the copies out of its pull slot
+    lane_block: Optional[int] = None
+    lane_copies: list[Callable[[Lane], None]] = field(default_factory=list)
 
 
 class Future:
@@ -121,6 +125,7 @@ class Worker:
         self._closed = False
         self.membership: Optional[Membership] = None
         self._servers: list[Socket] = []
+        self._lanes: dict[int, Lane] = {}  # shared-memory lanes to the servers on this host, by rank
         try:
             self.membership = join_cluster(self.transport, config, role="worker")
             self._servers = [self.transport.connect(a, max_message_bytes=config.max_message_bytes)
@@ -204,6 +209,46 @@ class Worker:
                 self._send(P.INIT, tensors, None).wait()
             self.barrier()
         self.pull(tensors).wait()
+        if self.config.shm and shm_available():
+            self._attach_lanes(range(self.num_servers))
+
+    def _attach_lanes(self, servers: Iterable[int]) -> None:
+        """Offer each server a shared-memory lane; those on this host map it, the others refuse."""
+        offers = []
+        for server in servers:
+            blocks = [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
+            if not blocks:
+                continue
+            try:
+                lane = Lane.create(lane_name(self.rank, server), blocks)
+            except OSError as exc:
+                log.warning("worker %d: no shared-memory lanes (%s); using the sockets only", self.rank, exc)
+                break
+            offers.append((server, lane, self._request_attach(server, lane)))
+        for server, lane, future in offers:
+            try:
+                future.wait(timeout=30)
+            except PSError as exc:
+                log.debug("worker %d: server %d takes no lane: %s", self.rank, server, exc)
+                lane.close()
+                continue
+            lane.path.unlink(missing_ok=True)  # both have it mapped; no name left to leak
+            self._lanes[server] = lane
+            devices = {t.device for t in self._registered.values() if t.is_cuda}
+            if devices:
+                lane.pin(next(iter(devices)))
+        if offers:
+            log.info("worker %d: shared-memory lanes to servers %s", self.rank, sorted(self._lanes))
+
+    def _request_attach(self, server: int, lane: Lane) -> "Future":
+        future = Future(self)
+        req = next(self._req_ids)
+        request = self._pending[req] = _Request(future, server=server)
+        future._outstanding += 1
+        request.frames.append(P.pack_header({"op": P.ATTACH, "req": req, "rank": self.rank,
+                                             "path": str(lane.path), "token": lane.token}))
+        self._servers[server].send(request.frames, check=self.membership.check)
+        return future
 
     # -- data path -----------------------------------------------------------------------
 
@@ -310,9 +355,27 @@ class Worker:
                         sum(1 for r in self._pending.values() if r.server == rank))
             self._servers[rank].close()
             self._servers[rank] = self.transport.connect(address, max_message_bytes=self.config.max_message_bytes)
-            for request in self._pending.values():
-                if request.server == rank:
-                    self._servers[rank].send(request.frames, check=self.membership.check)
+            resend = [r for r in self._pending.values() if r.server == rank]
+            if rank in self._lanes:
+                self._renew_lane(rank)  # its attach goes first on the socket, so the resent requests find it
+            for request in resend:
+                self._servers[rank].send(request.frames, check=self.membership.check)
+
+    def _renew_lane(self, server: int) -> None:
+        """The new process of a restarted server gets a fresh lane with the old one's push area
+        (requests in flight still have their gradients there)."""
+        for stream in self._copy_streams.values():
+            stream.synchronize()  # copies into the old push area have landed
+        old = self._lanes.pop(server)
+        blocks = [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
+        lane = Lane.create(lane_name(self.rank, server), blocks)
+        lane.copy_push_area(old)
+        if old._registered:
+            lane.pin()
+        old.close()
+        self._lanes[server] = lane
+        future = self._request_attach(server, lane)
+        future._on_complete = lambda: lane.path.unlink(missing_ok=True)
 
     def _drain(self, sock: Socket) -> None:
         while self.transport.poll([sock], 0):
@@ -332,11 +395,17 @@ class Worker:
             return
         if header["op"] == P.ERROR:
             sock.skip_rest()
+            self._release_lane(request, copies=False)
             request.future._resolve(error_from_reply(header))
             return
         request.reply = header
         error = None
-        if header["op"] == P.VALUES:
+        if request.lane_block is not None:
+            sock.skip_rest()
+            if header["op"] == P.VALUES and not header.get("shm"):
+                error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
+            self._release_lane(request, copies=error is None and header["op"] == P.VALUES)
+        elif header["op"] == P.VALUES:
             for view, landed in request.dest:
                 got = sock.recv_into(view) if sock.more() else -1
                 if got != len(view):
@@ -345,6 +414,20 @@ class Worker:
                     landed()
         sock.skip_rest()
         request.future._resolve(error)
+
+    def _release_lane(self, request: _Request, copies: bool) -> None:
+        """Copy a lane reply out of its pull slot (if ``copies``) and free the block's slots."""
+        if request.lane_block is None:
+            return
+        lane = self._lanes.get(request.server)
+        if lane is None:
+            return
+        copied = None
+        if copies:
+            for copy in request.lane_copies:
+                event = copy(lane)
+                copied = event if event is not None else copied
+        lane.release(request.lane_block, copied)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -428,6 +511,9 @@ class Worker:
             for sock in self._servers:
                 sock.close()
             self._servers = []
+            for lane in self._lanes.values():
+                lane.close()
+            self._lanes = {}
             if self.membership is not None:
                 self.membership.close()
             if self._own_transport:
@@ -448,6 +534,9 @@ class _Exchange:
     the worker's pinned buffer for that key has landed. Sources in host memory go out zero-copy and
     host destinations receive in place; destinations on a GPU receive into the worker's pinned
     buffer for the key, and each block's values are copied on to the device as soon as they arrive.
+    A block whose server has a shared-memory lane to this worker, with the block's slots free, goes
+    through the lane instead: sources are copied into its push slot (straight from the GPU, for a
+    GPU tensor), only the header is sent, and the values are copied out of its pull slot.
     """
 
     def __init__(self, worker: Worker, op: str, names: list[str], dests: Optional[dict], *,
@@ -462,12 +551,19 @@ class _Exchange:
         for _, parts in self._blocks.values():
             parts.sort(key=lambda part: part[0])
         self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
-        self._sources: dict[str, torch.Tensor] = {}  # flat host tensors
+        self._sources: dict[str, Optional[torch.Tensor]] = {}  # flat host tensors (None: all in lanes)
+        self._from_device: set[str] = set()  # sources copied from a GPU (already in their lane slots)
         self._staged: dict[str, Staging] = {}
         self._landed: dict[int, list] = {}  # block -> events of its copies from GPUs
         self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
         self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
         self._unsent = len(self._blocks)
+        self._lane_blocks: dict[int, Lane] = {}
+        if worker._lanes and op != P.INIT:
+            for block_id, (block, _) in self._blocks.items():
+                lane = worker._lanes.get(block.server)
+                if lane is not None and lane.reserve(block_id):
+                    self._lane_blocks[block_id] = lane
         self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
                        if dests is not None else {})
         if op == P.PULL:
@@ -491,31 +587,42 @@ class _Exchange:
         if tensor.device.type == "cpu":
             flat = tensor.detach().contiguous().reshape(-1)
         else:
-            device = tensor.device
-            staging = self.worker._staging(self.worker._push_staging, name, tensor)
-            staging.wait(self.worker.membership.check)  # earlier sends from it have left
-            stream = self.worker._copy_stream(device)
-            if after is None:
-                stream.wait_stream(torch.cuda.current_stream(device))
-            else:
-                stream.wait_event(after)
-            flat = staging.typed(tensor.dtype)
-            with torch.cuda.stream(stream):
-                source = tensor.detach()
-                source = (source if source.is_contiguous() else source.contiguous()).view(-1)
-                for block, _, seg in layout:
-                    end = seg.offset + seg.numel
-                    flat[seg.offset:end].copy_(source[seg.offset:end], non_blocking=True)
-                    landed = torch.cuda.Event()
-                    landed.record(stream)
-                    self._landed.setdefault(block.block_id, []).append(landed)
-            self._staged[name] = staging
-            self._keep.append(source)
+            flat = self._copy_from_device(name, tensor, layout, after)
+            self._from_device.add(name)
         self._sources[name] = flat
         for block, _, _ in layout:
             self._missing[block.block_id] -= 1
             if self._missing[block.block_id] == 0:
                 self._ready.append(block.block_id)
+
+    def _copy_from_device(self, name: str, tensor: torch.Tensor, layout: list, after) -> Optional[torch.Tensor]:
+        """Start the copies of a GPU tensor's blocks to the host: into their lane's push slot, or
+        into the key's pinned staging buffer, which is returned (None if every block has a lane)."""
+        worker, device = self.worker, tensor.device
+        flat = None
+        if any(block.block_id not in self._lane_blocks for block, _, _ in layout):
+            staging = worker._staging(worker._push_staging, name, tensor)
+            staging.wait(worker.membership.check)  # earlier sends from it have left
+            self._staged[name] = staging
+            flat = staging.typed(tensor.dtype)
+        stream = worker._copy_stream(device)
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        else:
+            stream.wait_event(after)
+        with torch.cuda.stream(stream):
+            source = tensor.detach()
+            source = (source if source.is_contiguous() else source.contiguous()).view(-1)
+            for block, _, seg in layout:
+                end = seg.offset + seg.numel
+                lane = self._lane_blocks.get(block.block_id)
+                target = flat[seg.offset:end] if lane is None else _lane_piece(lane.push_slot, block, seg, tensor.dtype)
+                target.copy_(source[seg.offset:end], non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(stream)
+                self._landed.setdefault(block.block_id, []).append(landed)
+        self._keep.append(source)
+        return flat
 
     def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
         """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
@@ -541,6 +648,12 @@ class _Exchange:
         segs = [i for i, _, _ in parts]
         header = {"op": self.op, "req": req, "block": block.block_id, "rank": worker.rank, "dtype": block.dtype,
                   "segs": None if len(segs) == len(block.segments) else segs}
+        lane = self._lane_blocks.get(block.block_id)
+        if lane is not None:
+            header["shm"] = 1
+            self._send_by_lane(lane, block, parts, _Request(self.future, server=block.server, lane_block=block.block_id),
+                               header)
+            return
         request = _Request(self.future, server=block.server)
         frames = request.frames
         frames.append(P.pack_header(header))
@@ -560,6 +673,20 @@ class _Exchange:
         tracker = worker._servers[block.server].send(frames, check=worker.membership.check, track=bool(staged))
         for staging in staged.values():
             staging.sent(tracker)  # reused only once ZeroMQ is done reading it
+
+    def _send_by_lane(self, lane: Lane, block: Block, parts: list, request: _Request, header: dict) -> None:
+        for _, seg, name in parts:
+            source = self._sources.get(name)
+            if self.op != P.PULL and name not in self._from_device:
+                _lane_piece(lane.push_slot, block, seg, source.dtype).copy_(source[seg.offset:seg.offset + seg.numel])
+            if self._dests:
+                request.lane_copies.append(self._dests[name].from_lane(block, seg))
+        request.frames.append(P.pack_header(header))
+        worker = self.worker
+        worker._pending[header["req"]] = request
+        self.future._outstanding += 1
+        self._unsent -= 1
+        worker._servers[block.server].send(request.frames, check=worker.membership.check)
 
     def _destination(self, name: str, tensor: torch.Tensor, after_caller: bool) -> "_Destination":
         target = tensor.detach()
@@ -610,6 +737,32 @@ class _Destination:
             staging.copied(stream)  # the next pull into this buffer waits for the copy
 
         return byte_view(host), copy_to_device
+
+    def from_lane(self, block: Block, seg: Segment) -> Callable[[Lane], Optional["torch.cuda.Event"]]:
+        """The copy of one segment out of a lane's pull slot; for a GPU, returns its event."""
+        end = seg.offset + seg.numel
+        host = self.host[seg.offset:end]
+
+        if self.device is None:
+            def copy_to_host(lane: Lane) -> None:
+                host.copy_(_lane_piece(lane.pull_slot, block, seg, host.dtype))
+            return copy_to_host
+        device, stream = self.device[seg.offset:end], self.stream
+
+        def copy_to_device(lane: Lane) -> "torch.cuda.Event":
+            with torch.cuda.stream(stream):
+                device.copy_(_lane_piece(lane.pull_slot, block, seg, device.dtype), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+            return copied
+
+        return copy_to_device
+
+
+def _lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """Where one segment lies in a lane's push or pull slot of its block, as a typed tensor."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return slot(block.block_id, seg.block_offset * size, seg.numel * size).view(dtype)
 
 
 def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,

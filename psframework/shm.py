@@ -1,0 +1,171 @@
+"""Shared-memory lanes: the data path between a worker and a server on the same host.
+
+Over loopback TCP every byte is copied by the kernel twice each way and by ZeroMQ's I/O threads;
+between two processes of one host that is wasted work. A lane is a file in ``/dev/shm`` that the
+worker creates and both map: one *push area* and one *pull area*, each with a fixed slot for every
+block the server holds. A push writes the gradient into the block's push slot and sends only the
+header; the server reads the slot (on a GPU: one DMA copy, since both sides register the lane as
+pinned memory) and writes the new values into the pull slot before it answers. On one host with
+GPUs no CPU copies a tensor's bytes at all.
+
+A block's slots belong to one request at a time: the worker reserves them when a request starts
+and frees them when its reply has been consumed; a request whose block is still reserved simply
+goes over the wire. A lane is attached after ``register`` with an ``attach`` request that names the
+file and a random token written at its start: a server on another host cannot open the file or
+reads another token, and the worker then keeps using the wire. Once the server has mapped it, the
+worker removes the file's name, so nothing is left in /dev/shm whichever process dies.
+
+>>> lane_layout([(3, 100), (7, 8)])
+({3: 0, 7: 128}, 192)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger("psframework.shm")
+
+SHM_DIR = Path("/dev/shm")
+HEADER_BYTES = 4096  # the token, then page-aligned areas
+TOKEN_BYTES = 16
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def lane_layout(blocks: Iterable[tuple[int, int]]) -> tuple[dict[int, int], int]:
+    """Offsets of each block's slot within an area, from (block_id, nbytes) pairs in block order,
+    and the area's size. Worker and server compute it alike from the shard map."""
+    offsets, total = {}, 0
+    for block_id, nbytes in sorted(blocks):
+        offsets[block_id] = total
+        total += _aligned(nbytes)
+    return offsets, total
+
+
+def shm_available() -> bool:
+    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+class Lane:
+    """One worker's shared-memory lane to one server: the mapped file, and where each block's slots are."""
+
+    def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int, owner: bool):
+        self.path = path
+        self.memory = memory  # uint8, the whole file
+        self.offsets = offsets
+        self.area_bytes = area_bytes
+        self.owner = owner
+        self._registered = False
+        # blocks whose slots a request holds: None while it is in flight, then the event of the
+        # last copy out of the pull slot (a copy onto a GPU may still be reading it)
+        self._reserved: dict[int, Optional["torch.cuda.Event"]] = {}
+
+    def reserve(self, block_id: int) -> bool:
+        """Take a block's slots for one request; False while another request holds them."""
+        if block_id in self._reserved:
+            copied = self._reserved[block_id]
+            if copied is None:
+                return False
+            copied.synchronize()  # a device copy out of the pull slot: nearly always done already
+        self._reserved[block_id] = None
+        return True
+
+    def release(self, block_id: int, copied: Optional["torch.cuda.Event"] = None) -> None:
+        """The request on this block is answered; ``copied`` marks a copy still reading its pull slot."""
+        if copied is None:
+            self._reserved.pop(block_id, None)
+        else:
+            self._reserved[block_id] = copied
+
+    def copy_push_area(self, other: "Lane") -> None:
+        """Take over another lane's push area (a restarted server gets a fresh lane, same contents)."""
+        self.memory[HEADER_BYTES:HEADER_BYTES + self.area_bytes].copy_(
+            other.memory[HEADER_BYTES:HEADER_BYTES + other.area_bytes])
+        self._reserved = dict(other._reserved)
+
+    @classmethod
+    def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "Lane":
+        """Create and map a new lane file (the worker's side); raises OSError if /dev/shm is full."""
+        offsets, area = lane_layout(blocks)
+        path = SHM_DIR / name
+        size = HEADER_BYTES + 2 * area
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            # reserve the pages now: touching an unbacked page of a full tmpfs is SIGBUS, not an error
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        memory = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+        lane = cls(path, memory, offsets, area, owner=True)
+        memory[:TOKEN_BYTES].copy_(torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8))
+        return lane
+
+    @classmethod
+    def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "Lane":
+        """Map a worker's lane (the server's side), checking its size and token."""
+        offsets, area = lane_layout(blocks)
+        file = Path(path)
+        if file.parent != SHM_DIR or not file.name.startswith("psf-"):
+            raise ConfigError(f"lane {path!r} is not a psframework lane in {SHM_DIR}")
+        size = HEADER_BYTES + 2 * area
+        actual = file.stat().st_size
+        if actual != size:
+            raise ConfigError(f"lane {path} has {actual} bytes, the shard map needs {size}")
+        memory = torch.from_file(str(file), shared=True, size=size, dtype=torch.uint8)
+        if bytes(memory[:TOKEN_BYTES].numpy()) != token:
+            raise ConfigError(f"lane {path} holds another token: not the worker's file (another host?)")
+        return cls(file, memory, offsets, area, owner=False)
+
+    @property
+    def token(self) -> bytes:
+        return bytes(self.memory[:TOKEN_BYTES].numpy())
+
+    def push_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
+        start = HEADER_BYTES + self.offsets[block_id] + byte_offset
+        return self.memory[start:start + nbytes]
+
+    def pull_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
+        start = HEADER_BYTES + self.area_bytes + self.offsets[block_id] + byte_offset
+        return self.memory[start:start + nbytes]
+
+    def pin(self, device: Optional[torch.device] = None) -> bool:
+        """Register the mapping with CUDA so copies to and from the device are asynchronous DMA."""
+        if self._registered or not torch.cuda.is_available():
+            return self._registered
+        with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+            # 1 = cudaHostRegisterPortable: pinned for every CUDA context of the process
+            error = torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), self.memory.numel(), 1)
+        self._registered = int(error) == 0
+        if not self._registered:
+            log.warning("could not pin lane %s (cudaHostRegister: %s); its copies will be synchronous",
+                        self.path, error)
+        return self._registered
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
+            self._registered = False
+        self.memory = torch.empty(0, dtype=torch.uint8)
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+def lane_name(rank: int, server: int) -> str:
+    return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
+
+
+__all__ = ["Lane", "lane_layout", "lane_name", "shm_available"]

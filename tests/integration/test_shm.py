@@ -1,0 +1,142 @@
+"""Shared-memory lanes between workers and the servers of their host, against the socket path.
+
+Every other test runs with lanes on (the default on one host); these check that the lanes are
+really taken, that both paths give the same numbers, and what happens where a lane cannot be used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import psframework as ps
+from psframework import protocol as P
+from psframework.errors import BadRequestError
+from psframework.shm import shm_available
+from tests.integration import models
+from tests.integration.test_core import CHUNK, assert_params_equal
+from tests.threads import run_in_threads
+
+pytestmark = pytest.mark.skipif(not shm_available(), reason="/dev/shm is missing or not writable")
+
+
+def _lane_files() -> list[Path]:
+    return list(Path("/dev/shm").glob(f"psf-{os.getpid()}-*"))
+
+
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_sync_training_is_the_same_through_lanes_and_sockets(make_cluster, worker_procs, monkeypatch, shm):
+    monkeypatch.setenv("PS_SHM", shm)
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK)
+    results = worker_procs(cluster, "sync_train", 2, optimizer="adam", steps=4).join()
+    want = models.reference("adam", 4)
+    for got in results:
+        assert_params_equal(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = models.make_params(0)
+        worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
+        assert sorted(worker._lanes) == [0, 1]
+        assert _lane_files() == [], "a lane's name is removed once its server mapped it"
+        before = sum(s["lane_requests"] for s in worker.server_stats())
+        grads = {k: torch.ones_like(v) for k, v in params.items()}
+        start = {k: v.clone() for k, v in params.items()}
+        for _ in range(3):
+            worker.push_pull(grads, into=params).wait(timeout=30)
+        blocks = len(worker.shard_map.blocks)
+        stats = worker.server_stats()
+        assert sum(s["lane_requests"] for s in stats) - before == 3 * blocks
+        assert all(s["lanes"] == [0] for s in stats)
+        for key in params:
+            torch.testing.assert_close(params[key], start[key] - 1.5)
+
+
+def test_back_to_back_pushes_share_lanes_and_sockets_and_none_is_lost(make_cluster):
+    """Pushes issued without waiting find their block's lane slots taken and go over the socket;
+    each is applied exactly once, whichever way it went."""
+    workers, pushes = 2, 15
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode="async", chunk_bytes=CHUNK)
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {k: torch.zeros_like(v) for k, v in models.make_params(0).items()}  # sums stay exact
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            futures = [worker.push({k: torch.full_like(v, float(worker.rank * 100 + k_ + 1))
+                                    for k, v in params.items()}) for k_ in range(pushes)]
+            for future in futures:
+                future.wait(timeout=30)
+            worker.barrier()
+            worker.pull(params).wait(timeout=30)
+            stats = worker.server_stats()
+            worker.barrier()
+            return params, stats, len(worker.shard_map.blocks)
+
+    results = run_in_threads(workers, work)
+    expected = -sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes))
+    for params, stats, blocks in results:
+        for key, value in params.items():
+            assert torch.equal(value, torch.full_like(value, float(expected))), key
+        lane_requests = sum(s["lane_requests"] for s in stats)
+        total = sum(s["pushes"] for s in stats)
+        assert total == workers * pushes * blocks
+        assert 0 < lane_requests < total, "both the lanes and the sockets should have carried pushes"
+
+
+def test_a_lane_with_the_wrong_token_is_refused_and_the_socket_still_works(make_cluster, monkeypatch):
+    monkeypatch.setenv("PS_SHM", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=CHUNK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = models.make_params(0)
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        assert worker._lanes == {}
+        from psframework.shm import Lane, lane_name
+
+        lane = Lane.create(lane_name(worker.rank, 0), [(b.block_id, b.nbytes) for b in worker.shard_map.blocks])
+        try:
+            lane.memory[:16].fill_(7)  # the file now holds another token than the one we send
+            future = worker._request_attach(0, lane)
+            lane.memory[:16].fill_(8)
+            with pytest.raises(BadRequestError, match="another token"):
+                future.wait(timeout=10)
+        finally:
+            lane.close()
+        start = {k: v.clone() for k, v in params.items()}
+        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
+        for key in params:
+            torch.testing.assert_close(params[key], start[key] - 1.0)
+        assert worker.server_stats()[0]["lane_requests"] == 0
+
+
+def test_a_lane_request_from_a_worker_without_a_lane_is_refused(make_cluster, monkeypatch):
+    monkeypatch.setenv("PS_SHM", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register(models.make_params(0), optimizer=ps.optim.SGD(lr=1.0))
+        request = {"op": P.PULL, "req": 1, "block": 0, "rank": 0, "shm": 1}
+        from tests.integration.test_core import _raw_client
+
+        sock = _raw_client(worker._servers[0].address)
+        try:
+            sock.send(P.pack_header(request))
+            reply = P.unpack_header(sock.recv())
+        finally:
+            sock.close()
+        assert reply["op"] == P.ERROR and "has none attached" in reply["message"]
+        worker.pull(models.make_params(1)).wait(timeout=10)  # the server still serves
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_gpu_workers_and_gpu_shards_through_lanes_and_sockets(make_cluster, worker_procs, monkeypatch, shm):
+    monkeypatch.setenv("PS_SHM", shm)
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
+    results = worker_procs(cluster, "sync_train", 2, optimizer="sgd", steps=4, device="cuda").join()
+    want = models.reference("sgd", 4)
+    for got in results:
+        assert_params_equal(got, want, rtol=1e-4, atol=1e-5)

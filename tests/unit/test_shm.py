@@ -1,0 +1,84 @@
+"""Shared-memory lanes on their own: layout, the token check, reservations, cleanup."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from psframework.errors import ConfigError
+from psframework.shm import HEADER_BYTES, SHM_DIR, Lane, lane_layout, lane_name, shm_available
+
+needs_shm = pytest.mark.skipif(not shm_available(), reason=f"{SHM_DIR} is missing or not writable")
+
+
+@given(st.dictionaries(st.integers(0, 1000), st.integers(0, 1 << 20), max_size=30))
+def test_layout_gives_every_block_its_own_aligned_slot(sizes):
+    offsets, total = lane_layout(sizes.items())
+    spans = sorted((offsets[b], offsets[b] + n) for b, n in sizes.items())
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert total >= sum(sizes.values()) and (not spans or spans[-1][1] <= total)
+
+
+@needs_shm
+def test_a_lane_is_seen_by_whoever_maps_it_with_its_token():
+    blocks = [(0, 1000), (5, 4096)]
+    lane = Lane.create(lane_name(0, 1), blocks)
+    try:
+        assert lane.path.stat().st_mode & 0o777 == 0o600
+        other = Lane.attach(str(lane.path), lane.token, blocks)
+        lane.push_slot(5, 8, 16).view(torch.float32).copy_(torch.arange(4.0))
+        assert torch.equal(other.push_slot(5, 8, 16).view(torch.float32), torch.arange(4.0))
+        other.pull_slot(0, 0, 8).view(torch.float64).fill_(2.5)
+        assert lane.pull_slot(0, 0, 8).view(torch.float64).item() == 2.5
+        # the pull area does not overlap the push area
+        assert lane.pull_slot(0, 0, 1).data_ptr() - lane.memory.data_ptr() >= HEADER_BYTES + 1000 + 4096
+        other.close()
+        assert lane.path.exists(), "only the creator removes the file"
+    finally:
+        lane.close()
+    assert not lane.path.exists()
+
+
+@needs_shm
+def test_a_lane_with_another_token_or_size_or_place_is_refused(tmp_path):
+    lane = Lane.create(lane_name(0, 0), [(0, 128)])
+    try:
+        with pytest.raises(ConfigError, match="another token"):
+            Lane.attach(str(lane.path), b"x" * 16, [(0, 128)])
+        with pytest.raises(ConfigError, match="the shard map needs"):
+            Lane.attach(str(lane.path), lane.token, [(0, 128), (1, 128)])
+        stray = tmp_path / "psf-stray"
+        stray.write_bytes(b"\0" * 8192)
+        with pytest.raises(ConfigError, match="not a psframework lane"):
+            Lane.attach(str(stray), lane.token, [(0, 128)])
+    finally:
+        lane.close()
+
+
+@needs_shm
+def test_a_reserved_block_is_refused_until_released():
+    lane = Lane.create(lane_name(3, 0), [(0, 64), (1, 64)])
+    try:
+        assert lane.reserve(0)
+        assert not lane.reserve(0), "a second request must take the socket"
+        assert lane.reserve(1)
+        lane.release(0)
+        assert lane.reserve(0)
+    finally:
+        lane.close()
+
+
+@needs_shm
+def test_a_full_shm_is_an_error_not_a_crash(monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    name = lane_name(0, 0)
+    with pytest.raises(OSError, match="No space"):
+        Lane.create(name, [(0, 1 << 20)])
+    assert not (SHM_DIR / name).exists()
