@@ -232,6 +232,8 @@ def run_ddp(args: dict) -> dict:
 
 
 def run_ps(args: dict) -> dict:
+    if args.get("switch_interval"):  # how often Python hands the GIL between the training and comm threads
+        sys.setswitchinterval(args["switch_interval"])
     worker = ps.init()
     device = _child_setup(worker.rank, args["device"])
     model = _make_model(args["model"]).to(device)
@@ -299,6 +301,8 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
         for overlap in (True, False):
             runs.append((f"PS {mode}, overlap {'on' if overlap else 'off'}", "ps", gpus,
                          {"overlap": overlap, "mode": mode, "shm": True}))
+    runs.append(("PS sync, overlap on, GIL switch interval 0.5 ms", "ps", gpus,
+                 {"overlap": True, "mode": "sync", "shm": True, "switch_interval": 0.0005}))
     for overlap in (True, False):  # the same host, without the shared-memory lanes: loopback TCP
         runs.append((f"PS sync, overlap {'on' if overlap else 'off'}, sockets only", "ps", gpus,
                      {"overlap": overlap, "mode": "sync", "shm": False}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import sys
 from typing import Optional
@@ -24,14 +25,16 @@ def _setup_logging(role: str) -> None:
 def _tune_server_process() -> None:
     """Process-wide settings for a server, measured by benchmarks/pushpull.py on 2 cores.
 
-    One torch thread: the update of one block is a few milliseconds of memory-bound work, and
-    extra OpenMP threads only spin against the ZeroMQ I/O thread that receives the next block.
+    Few torch threads: the update of one block is a few milliseconds of memory-bound work. On 2
+    cores extra OpenMP threads only spin against the ZeroMQ I/O thread that receives the next
+    block, so one; a host with cores to spare gets up to 4, a quarter of them, since one thread
+    alone cannot stream the update at the speed the next block arrives.
     Keep freed memory: ZeroMQ allocates every received message with malloc, and glibc otherwise
     returns each multi-MiB buffer to the kernel, so the next message faults in every page again.
     """
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // 4)))
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)

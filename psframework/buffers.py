@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .errors import ProtocolError
@@ -15,6 +17,18 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray())
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy between contiguous CPU tensors of equal size in bytes: one plain memcpy, without the
+    GIL and without torch's intra-op threads (which on a many-core host spread a copy over all
+    cores and cost more than they give)."""
+    nbytes = dst.numel() * dst.element_size()
+    if not (dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()
+            and src.numel() * src.element_size() == nbytes):
+        raise ValueError("host_copy needs contiguous CPU tensors of the same size in bytes")
+    if nbytes:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -55,6 +55,14 @@ def pick_server_device(requested: Optional[str], rank: int, addresses: Sequence[
     return f"cuda:{ordinal % gpu_count}"
 
 
+def init_cuda_early(requested: Optional[str]) -> None:
+    """Initialise CUDA now if this process may use it. On a cold machine that takes seconds and
+    holds the GIL, so done after joining a job it would starve the heartbeat thread and get the
+    process declared dead."""
+    if requested != "cpu" and torch.cuda.is_available():
+        torch.cuda.init()
+
+
 def wait_tracker(tracker, check: LivenessCheck = None, slice_s: float = 0.1) -> None:
     """Wait until a zero-copy send has released its memory, asking ``check`` between slices."""
     while not tracker.done:
@@ -125,4 +133,4 @@ class StagingRing:
         return slot.wait()
 
 
-__all__ = ["Staging", "StagingRing", "pick_server_device", "wait_tracker"]
+__all__ = ["Staging", "StagingRing", "init_cuda_early", "pick_server_device", "wait_tracker"]

@@ -39,8 +39,8 @@ from .config import NodeConfig
 from .errors import CheckpointError, PSError, ProtocolError
 from .node import POLL_SLICE, Membership, RateLimitedLog, join_cluster
 from .optim import ShardOptimizer, optimizer_from_wire
-from .buffers import byte_view, dtype_from_name
-from .devices import Staging, StagingRing, pick_server_device
+from .buffers import byte_view, dtype_from_name, host_copy
+from .devices import Staging, StagingRing, init_cuda_early, pick_server_device
 from .shm import Lane
 from .sharding import Block, ShardMap
 from .security import load_secret
@@ -109,7 +109,8 @@ class Server:
         self.blocks: dict[int, _BlockState] = {}
         self.optimizer: Optional[ShardOptimizer] = None
         self.device = torch.device("cpu")
-        self._stream: Optional[torch.cuda.Stream] = None
+        self._stream: Optional[torch.cuda.Stream] = None  # updates, and copies of values to the host
+        self._upload: Optional[torch.cuda.Stream] = None  # copies of pushed gradients to the device
         self._ring: Optional[StagingRing] = None
         # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they read)
         self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[_BlockState]]] = deque()
@@ -127,6 +128,7 @@ class Server:
             self.data = self.transport.listen(
                 self.config.bind_host, 0, max_message_bytes=self.config.max_message_bytes
             )
+            init_cuda_early(self.config.device)
             self.membership = join_cluster(
                 self.transport, self.config, role="server", address=self.data.address
             )
@@ -136,8 +138,11 @@ class Server:
                                                           self.membership.servers, gpus))
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-                # a stream of our own, so copies and updates never wait on the legacy default stream
-                self._stream = torch.cuda.Stream(self.device)
+                # a stream of our own, so copies and updates never wait on the legacy default stream;
+                # high priority, so that on a GPU shared with a worker's backward pass the updates
+                # that pass is waiting for are not queued behind its kernels
+                self._stream = torch.cuda.Stream(self.device, priority=-1)
+                self._upload = torch.cuda.Stream(self.device, priority=-1)
                 torch.cuda.set_stream(self._stream)
             log.info("server %d serving on %s, shards on %s", self.membership.rank,
                      self.data.address, self.device)
@@ -302,10 +307,10 @@ class Server:
         blocks = [(b.block.block_id, b.block.nbytes) for b in self.blocks.values()]
         try:
             lane = Lane.attach(path, token, blocks)
-        except (OSError, PSError, RuntimeError) as exc:
+            if self.device.type == "cuda":
+                lane.pin(self.device)
+        except Exception as exc:  # whatever the reason, the worker goes on over the socket
             raise _Rejected(P.BAD_REQUEST, f"server {self.membership.rank} cannot map lane {path}: {exc}") from None
-        if self.device.type == "cuda":
-            lane.pin(self.device)
         old = self._lanes.pop(rank, None)
         if old is not None:
             old.close()
@@ -329,9 +334,8 @@ class Server:
         grads = {}
         for i in segs:
             param = state.params[i]
-            view = lane.push_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
-            grads[i] = view if self._ring is None else view.to(self.device, non_blocking=True)
-        return grads
+            grads[i] = lane.push_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
+        return grads if self._ring is None else self._to_device(grads)
 
     def _answer_by_lane(self, state: _BlockState, pending: _Pending, header: dict) -> None:
         lane = self._lanes.get(pending.rank)
@@ -342,7 +346,10 @@ class Server:
         for i in pending.segs:
             param = state.params[i]
             slot = lane.pull_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
-            slot.copy_(param, non_blocking=True)
+            if self._ring is None:
+                host_copy(slot, param)
+            else:
+                slot.copy_(param, non_blocking=True)
         frames = [P.pack_header({**header, "shm": 1})]
         if self._ring is None:
             self.data.send(frames, peer=pending.peer)
@@ -404,11 +411,21 @@ class Server:
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
         if slot is None:
             return tensors
-        values = {}
-        for i in segs:
-            host = slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
-            values[i] = host.to(self.device, non_blocking=True)
-        slot.copied(self._stream)  # the slot is reused once these copies are done
+        values = self._to_device({i: slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
+                                  for i in segs})
+        slot.copied(self._upload)  # the slot is reused once these copies are done
+        return values
+
+    def _to_device(self, host: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Copy pushed gradients to the device on the upload stream, which runs beside the copies of
+        values to the host on ours; our stream waits for them before it uses them."""
+        with torch.cuda.stream(self._upload):
+            values = {i: t.to(self.device, non_blocking=True) for i, t in host.items()}
+        uploaded = torch.cuda.Event()
+        uploaded.record(self._upload)
+        self._stream.wait_event(uploaded)
+        for value in values.values():
+            value.record_stream(self._stream)  # allocated on the upload stream, used and freed on ours
         return values
 
     # -- update semantics ----------------------------------------------------------------

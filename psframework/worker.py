@@ -36,8 +36,8 @@ from .errors import (BadRequestError, ClosedError, ConfigError, PSError, PSTimeo
                      RegistrationError, error_from_reply)
 from .node import POLL_SLICE, Membership, join_cluster
 from .optim import OptimizerSpec
-from .buffers import byte_view, dtype_name
-from .devices import Staging
+from .buffers import byte_view, dtype_name, host_copy
+from .devices import Staging, init_cuda_early
 from .shm import Lane, lane_name, shm_available
 from .sharding import Block, Segment, ShardMap, TensorSpec
 from .security import load_secret
@@ -126,6 +126,7 @@ class Worker:
         self.membership: Optional[Membership] = None
         self._servers: list[Socket] = []
         self._lanes: dict[int, Lane] = {}  # shared-memory lanes to the servers on this host, by rank
+        init_cuda_early(None)  # the training loop's tensors may well be on a GPU
         try:
             self.membership = join_cluster(self.transport, config, role="worker")
             self._servers = [self.transport.connect(a, max_message_bytes=config.max_message_bytes)
@@ -135,7 +136,9 @@ class Worker:
             raise
         self._req_ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
-        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        # per device and direction ("push": device to host, "pull": host to device), so that the two
+        # directions of PCIe run at once instead of queueing behind each other
+        self._copy_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
         # pinned host buffers for tensors on GPUs, per key: what is pushed from, what is pulled into
         self._push_staging: dict[str, Staging] = {}
         self._pull_staging: dict[str, Staging] = {}
@@ -319,10 +322,10 @@ class Worker:
                 self._check_tensor(name, dests[name], f"{op} destination")
         return _Exchange(self, op, names, dests, after_caller=after_caller)
 
-    def _copy_stream(self, device: torch.device) -> "torch.cuda.Stream":
-        stream = self._copy_streams.get(device)
+    def _copy_stream(self, device: torch.device, direction: str) -> "torch.cuda.Stream":
+        stream = self._copy_streams.get((device, direction))
         if stream is None:
-            stream = self._copy_streams[device] = torch.cuda.Stream(device)
+            stream = self._copy_streams[(device, direction)] = torch.cuda.Stream(device)
         return stream
 
     @staticmethod
@@ -605,7 +608,7 @@ class _Exchange:
             staging.wait(worker.membership.check)  # earlier sends from it have left
             self._staged[name] = staging
             flat = staging.typed(tensor.dtype)
-        stream = worker._copy_stream(device)
+        stream = worker._copy_stream(device, "push")
         if after is None:
             stream.wait_stream(torch.cuda.current_stream(device))
         else:
@@ -678,7 +681,7 @@ class _Exchange:
         for _, seg, name in parts:
             source = self._sources.get(name)
             if self.op != P.PULL and name not in self._from_device:
-                _lane_piece(lane.push_slot, block, seg, source.dtype).copy_(source[seg.offset:seg.offset + seg.numel])
+                host_copy(_lane_piece(lane.push_slot, block, seg, source.dtype), source[seg.offset:seg.offset + seg.numel])
             if self._dests:
                 request.lane_copies.append(self._dests[name].from_lane(block, seg))
         request.frames.append(P.pack_header(header))
@@ -699,7 +702,7 @@ class _Exchange:
         device = target.device
         staging = self.worker._staging(self.worker._pull_staging, name, target)
         staging.wait()  # the copy out of it for the last pull has finished
-        stream = self.worker._copy_stream(device)
+        stream = self.worker._copy_stream(device, "pull")
         if after_caller:
             stream.wait_stream(torch.cuda.current_stream(device))  # work queued on it may read target
         self.future._copy_streams[device] = stream
@@ -745,7 +748,7 @@ class _Destination:
 
         if self.device is None:
             def copy_to_host(lane: Lane) -> None:
-                host.copy_(_lane_piece(lane.pull_slot, block, seg, host.dtype))
+                host_copy(host, _lane_piece(lane.pull_slot, block, seg, host.dtype))
             return copy_to_host
         device, stream = self.device[seg.offset:end], self.stream
 

@@ -42,6 +42,8 @@ def make_cluster():
 
     yield start
     for cluster in clusters:
+        for name in cluster.processes():  # shown by pytest only when the test failed
+            print(f"--- {name} (last lines)\n{cluster.output(name, 25)}")
         cluster.__exit__(None, None, None)
 
 
