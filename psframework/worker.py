@@ -562,6 +562,7 @@ class _Exchange:
         self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
         self._unsent = len(self._blocks)
         self._lane_blocks: dict[int, Lane] = {}
+        self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
         if worker._lanes and op != P.INIT:
             for block_id, (block, _) in self._blocks.items():
                 lane = worker._lanes.get(block.server)
@@ -609,10 +610,10 @@ class _Exchange:
             self._staged[name] = staging
             flat = staging.typed(tensor.dtype)
         stream = worker._copy_stream(device, "push")
-        if after is None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-        else:
+        if after is not None:
             stream.wait_event(after)
+        else:
+            self._after_caller(stream, device, "push")
         with torch.cuda.stream(stream):
             source = tensor.detach()
             source = (source if source.is_contiguous() else source.contiguous()).view(-1)
@@ -621,11 +622,18 @@ class _Exchange:
                 lane = self._lane_blocks.get(block.block_id)
                 target = flat[seg.offset:end] if lane is None else _lane_piece(lane.push_slot, block, seg, tensor.dtype)
                 target.copy_(source[seg.offset:end], non_blocking=True)
-                landed = torch.cuda.Event()
-                landed.record(stream)
-                self._landed.setdefault(block.block_id, []).append(landed)
+            landed = torch.cuda.Event()  # one per tensor: recording events costs more than the small copies
+            landed.record(stream)
+        for block, _, _ in layout:
+            self._landed.setdefault(block.block_id, []).append(landed)
         self._keep.append(source)
         return flat
+
+    def _after_caller(self, stream: "torch.cuda.Stream", device: torch.device, direction: str) -> None:
+        """Order a copy stream after the work queued so far on the caller's stream (once per exchange)."""
+        if (device, direction) not in self._ordered:
+            self._ordered.add((device, direction))
+            stream.wait_stream(torch.cuda.current_stream(device))
 
     def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
         """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
@@ -700,12 +708,15 @@ class _Exchange:
             self.future._finalizers.append(lambda: target.copy_(staging.view(target.shape)))
             return _Destination(staging)
         device = target.device
-        staging = self.worker._staging(self.worker._pull_staging, name, target)
-        staging.wait()  # the copy out of it for the last pull has finished
         stream = self.worker._copy_stream(device, "pull")
         if after_caller:
-            stream.wait_stream(torch.cuda.current_stream(device))  # work queued on it may read target
+            self._after_caller(stream, device, "pull")  # work queued on it may read target
         self.future._copy_streams[device] = stream
+        if target.is_contiguous() and all(block.block_id in self._lane_blocks
+                                          for block, _, _ in self.worker._layout[name]):
+            return _Destination(None, target.view(-1), None, stream)  # straight from the lanes' pull slots
+        staging = self.worker._staging(self.worker._pull_staging, name, target)
+        staging.wait()  # the copy out of it for the last pull has finished
         host = staging.typed(target.dtype)
         if target.is_contiguous():
             return _Destination(host, target.view(-1), staging, stream)
@@ -722,7 +733,7 @@ class _Exchange:
 class _Destination:
     """Where one key's pulled values land: a host tensor, and for a GPU tensor its flat device view."""
 
-    def __init__(self, host: torch.Tensor, device: Optional[torch.Tensor] = None,
+    def __init__(self, host: Optional[torch.Tensor], device: Optional[torch.Tensor] = None,
                  staging: Optional[Staging] = None, stream: Optional["torch.cuda.Stream"] = None):
         self.host, self.device, self.staging, self.stream = host, device, staging, stream
 
@@ -744,9 +755,9 @@ class _Destination:
     def from_lane(self, block: Block, seg: Segment) -> Callable[[Lane], Optional["torch.cuda.Event"]]:
         """The copy of one segment out of a lane's pull slot; for a GPU, returns its event."""
         end = seg.offset + seg.numel
-        host = self.host[seg.offset:end]
-
         if self.device is None:
+            host = self.host[seg.offset:end]
+
             def copy_to_host(lane: Lane) -> None:
                 host_copy(host, _lane_piece(lane.pull_slot, block, seg, host.dtype))
             return copy_to_host
@@ -764,7 +775,7 @@ class _Destination:
 
 def _lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
     """Where one segment lies in a lane's push or pull slot of its block, as a typed tensor."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return slot(block.block_id, seg.block_offset * size, seg.numel * size).view(dtype)
 
 
