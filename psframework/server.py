@@ -281,18 +281,20 @@ class Server:
         else:
             self.data.skip_rest()
         if op == P.PUSH:
-            self._acknowledge(peer, req, after_device_copies=lane is not None and self._ring is not None)
+            # a lane's push slot is reused once acknowledged: on a GPU, after the copy out of it
+            self._answer(peer, [P.pack_header({"op": P.ACK, "req": req})],
+                         after_device_work=lane is not None and self._ring is not None)
         else:
             need = state.clocks[rank]
             state.pulls.append(_Pending(peer, req, rank, segs, need, lane=lane is not None))
         self._answer_pulls(state)
 
-    def _acknowledge(self, peer: bytes, req: int, after_device_copies: bool) -> None:
-        frames = [P.pack_header({"op": P.ACK, "req": req})]
-        if not after_device_copies:
+    def _answer(self, peer: bytes, frames: list, after_device_work: bool) -> None:
+        """Send an answer now, or once the work queued so far on our stream is done."""
+        if not after_device_work:
             self.data.send(frames, peer=peer)
             return
-        done = torch.cuda.Event()  # the worker reuses its push slot once acknowledged
+        done = torch.cuda.Event()
         done.record(self._stream)
         self._outbox.append((done, peer, frames, None))
 
@@ -331,10 +333,7 @@ class Server:
     def _lane_grads(self, state: _BlockState, segs: list[int], lane: Lane) -> dict[int, torch.Tensor]:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards)."""
-        grads = {}
-        for i in segs:
-            param = state.params[i]
-            grads[i] = lane.push_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
+        grads = {i: _lane_slot(lane.push_slot, state, i) for i in segs}
         return grads if self._ring is None else self._to_device(grads)
 
     def _answer_by_lane(self, state: _BlockState, pending: _Pending, header: dict) -> None:
@@ -344,19 +343,12 @@ class Server:
             self.data.send([P.pack_header(error)], peer=pending.peer)
             return
         for i in pending.segs:
-            param = state.params[i]
-            slot = lane.pull_slot(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(param.dtype)
+            slot = _lane_slot(lane.pull_slot, state, i)
             if self._ring is None:
-                host_copy(slot, param)
+                host_copy(slot, state.params[i])
             else:
-                slot.copy_(param, non_blocking=True)
-        frames = [P.pack_header({**header, "shm": 1})]
-        if self._ring is None:
-            self.data.send(frames, peer=pending.peer)
-            return
-        done = torch.cuda.Event()
-        done.record(self._stream)
-        self._outbox.append((done, pending.peer, frames, None))
+                slot.copy_(state.params[i], non_blocking=True)
+        self._answer(pending.peer, [P.pack_header({**header, "shm": 1})], after_device_work=self._ring is not None)
 
     def _validate(self, header: dict) -> tuple[_BlockState, list[int], int, int]:
         if self.optimizer is None:
@@ -616,6 +608,11 @@ class Server:
             return
         log.info("server %d restored %s", self.membership.rank, path)
         self.membership.send({"op": P.LOADED, "path": str(path)})
+
+
+def _lane_slot(area, state: _BlockState, i: int) -> torch.Tensor:
+    """Segment ``i`` of a block in a lane's push or pull area, typed like its parameter."""
+    return area(state.block.block_id, state.byte_offset(i), state.nbytes[i]).view(state.params[i].dtype)
 
 
 def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:

@@ -142,6 +142,10 @@ class Lane:
         start = HEADER_BYTES + self.area_bytes + self.offsets[block_id] + byte_offset
         return self.memory[start:start + nbytes]
 
+    @property
+    def pinned(self) -> bool:
+        return self._registered
+
     def pin(self, device: Optional[torch.device] = None) -> bool:
         """Register the mapping with CUDA so copies to and from the device are asynchronous DMA."""
         if self._registered or not torch.cuda.is_available():

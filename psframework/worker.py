@@ -219,7 +219,7 @@ class Worker:
         """Offer each server a shared-memory lane; those on this host map it, the others refuse."""
         offers = []
         for server in servers:
-            blocks = [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
+            blocks = self._blocks_for_lane(server)
             if not blocks:
                 continue
             try:
@@ -243,15 +243,23 @@ class Worker:
         if offers:
             log.info("worker %d: shared-memory lanes to servers %s", self.rank, sorted(self._lanes))
 
+    def _blocks_for_lane(self, server: int) -> list[tuple[int, int]]:
+        return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
+
     def _request_attach(self, server: int, lane: Lane) -> "Future":
         future = Future(self)
         req = next(self._req_ids)
-        request = self._pending[req] = _Request(future, server=server)
-        future._outstanding += 1
+        request = _Request(future, server=server)
         request.frames.append(P.pack_header({"op": P.ATTACH, "req": req, "rank": self.rank,
                                              "path": str(lane.path), "token": lane.token}))
-        self._servers[server].send(request.frames, check=self.membership.check)
+        self._submit(request, req)
         return future
+
+    def _submit(self, request: _Request, req: int, track: bool = False):
+        """Send a request's frames to its server and await its answer as ``req``; returns the tracker."""
+        self._pending[req] = request
+        request.future._outstanding += 1
+        return self._servers[request.server].send(request.frames, check=self.membership.check, track=track)
 
     # -- data path -----------------------------------------------------------------------
 
@@ -370,10 +378,9 @@ class Worker:
         for stream in self._copy_streams.values():
             stream.synchronize()  # copies into the old push area have landed
         old = self._lanes.pop(server)
-        blocks = [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
-        lane = Lane.create(lane_name(self.rank, server), blocks)
+        lane = Lane.create(lane_name(self.rank, server), self._blocks_for_lane(server))
         lane.copy_push_area(old)
-        if old._registered:
+        if old.pinned:
             lane.pin()
         old.close()
         self._lanes[server] = lane
@@ -483,13 +490,11 @@ class Worker:
         self._check_open()
         future = Future(self)
         requests = []
-        for rank, sock in enumerate(self._servers):
+        for rank in range(len(self._servers)):
             req = next(self._req_ids)
-            requests.append(self._pending.setdefault(req, _Request(future, server=rank)))
-            future._outstanding += 1
-            request = requests[-1]
-            request.frames.append(P.pack_header({"op": P.STATS, "req": req}))
-            sock.send(request.frames, check=self.membership.check)
+            requests.append(_Request(future, server=rank))
+            requests[-1].frames.append(P.pack_header({"op": P.STATS, "req": req}))
+            self._submit(requests[-1], req)
         future.wait()
         return [request.reply for request in requests]
 
@@ -660,44 +665,34 @@ class _Exchange:
         header = {"op": self.op, "req": req, "block": block.block_id, "rank": worker.rank, "dtype": block.dtype,
                   "segs": None if len(segs) == len(block.segments) else segs}
         lane = self._lane_blocks.get(block.block_id)
-        if lane is not None:
-            header["shm"] = 1
-            self._send_by_lane(lane, block, parts, _Request(self.future, server=block.server, lane_block=block.block_id),
-                               header)
-            return
-        request = _Request(self.future, server=block.server)
-        frames = request.frames
-        frames.append(P.pack_header(header))
+        request = _Request(self.future, server=block.server, lane_block=None if lane is None else block.block_id)
+        request.frames.append(P.pack_header({**header, "shm": 1} if lane is not None else header))
         staged: dict[int, Staging] = {}
         for _, seg, name in parts:
+            if lane is not None:
+                self._through_lane(lane, block, seg, name, request)
+                continue
             if self.op != P.PULL:
                 piece = self._sources[name][seg.offset:seg.offset + seg.numel]
-                frames.append(byte_view(piece))
+                request.frames.append(byte_view(piece))
                 request.keep.append(piece)
                 if name in self._staged:
                     staged[id(self._staged[name])] = self._staged[name]
             if self._dests:
                 request.dest.append(self._dests[name].piece(seg, request.keep))
-        worker._pending[req] = request
-        self.future._outstanding += 1
         self._unsent -= 1
-        tracker = worker._servers[block.server].send(frames, check=worker.membership.check, track=bool(staged))
+        tracker = worker._submit(request, req, track=bool(staged))
         for staging in staged.values():
             staging.sent(tracker)  # reused only once ZeroMQ is done reading it
 
-    def _send_by_lane(self, lane: Lane, block: Block, parts: list, request: _Request, header: dict) -> None:
-        for _, seg, name in parts:
-            source = self._sources.get(name)
-            if self.op != P.PULL and name not in self._from_device:
-                host_copy(_lane_piece(lane.push_slot, block, seg, source.dtype), source[seg.offset:seg.offset + seg.numel])
-            if self._dests:
-                request.lane_copies.append(self._dests[name].from_lane(block, seg))
-        request.frames.append(P.pack_header(header))
-        worker = self.worker
-        worker._pending[header["req"]] = request
-        self.future._outstanding += 1
-        self._unsent -= 1
-        worker._servers[block.server].send(request.frames, check=worker.membership.check)
+    def _through_lane(self, lane: Lane, block: Block, seg: Segment, name: str, request: _Request) -> None:
+        """One segment of a lane request: its source into the push slot (a GPU source is there
+        already), and the copy of its values out of the pull slot once the answer is in."""
+        if self.op != P.PULL and name not in self._from_device:
+            source = self._sources[name]
+            host_copy(_lane_piece(lane.push_slot, block, seg, source.dtype), source[seg.offset:seg.offset + seg.numel])
+        if self._dests:
+            request.lane_copies.append(self._dests[name].from_lane(block, seg))
 
     def _destination(self, name: str, tensor: torch.Tensor, after_caller: bool) -> "_Destination":
         target = tensor.detach()
