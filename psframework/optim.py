@@ -197,21 +197,26 @@ class ShardOptimizer:
                     f"block {i} must be a flat 1-D tensor, got shape {tuple(p.shape)}"
                 )
         self.opt = spec.build(self.params) if self.params else None
+        self._divisors: dict[tuple[float, torch.device], torch.Tensor] = {}
 
-    def step(self, grads: Mapping[int, torch.Tensor]) -> None:
-        """Apply one update to exactly the blocks in ``grads`` (block index -> gradient)."""
+    def step(self, grads: Mapping[int, torch.Tensor], scale: float = 1.0) -> None:
+        """Apply one update to exactly the blocks in ``grads`` (block index -> gradient), with the
+        gradients multiplied by ``scale`` first. The gradients may be changed in place (scaled,
+        and by torch's nesterov step)."""
         if not grads:
             return
         stepped: list[torch.Tensor] = []
         copied_from_pinned = False
+        for index, grad in grads.items():
+            if not 0 <= index < len(self.params):
+                raise BadRequestError(f"no block {index}: this server holds {len(self.params)}")
+            p = self.params[index]
+            if grad.shape != p.shape:
+                raise BadRequestError(f"grad for block {index} has shape "
+                                      f"{tuple(grad.shape)}, expected {tuple(p.shape)}")
+            stepped.append(p)
         try:
-            for index, grad in grads.items():
-                if not 0 <= index < len(self.params):
-                    raise BadRequestError(f"no block {index}: this server holds {len(self.params)}")
-                p = self.params[index]
-                if grad.shape != p.shape:
-                    raise BadRequestError(f"grad for block {index} has shape "
-                                          f"{tuple(grad.shape)}, expected {tuple(p.shape)}")
+            for p, grad in zip(stepped, grads.values()):
                 if grad.device != p.device or grad.dtype != p.dtype:
                     # A non-blocking copy into host memory may not have landed when the CPU
                     # optimizer reads it, so only copies onto an accelerator are asynchronous.
@@ -219,12 +224,10 @@ class ShardOptimizer:
                     copied_from_pinned |= async_copy and grad.is_pinned()
                     grad = grad.to(device=p.device, dtype=p.dtype, non_blocking=async_copy)
                 p.grad = grad
-                stepped.append(p)
             copied = torch.cuda.Event() if copied_from_pinned and stepped[0].is_cuda else None
             if copied is not None:
                 copied.record()
-            assert self.opt is not None
-            self.opt.step()
+            self._run(stepped, scale)
         finally:
             for p in stepped:
                 p.grad = None
@@ -235,6 +238,34 @@ class ShardOptimizer:
         if copied is not None:
             # A pinned source is copied asynchronously; the caller may reuse it once we return.
             copied.synchronize()
+
+    def _run(self, stepped: list[torch.Tensor], scale: float) -> None:
+        """torch's step over the params in ``stepped`` (whose .grad is set)."""
+        assert self.opt is not None
+        fused = bool(self.opt.param_groups[0].get("fused"))
+        if scale != 1.0 and not fused:
+            torch._foreach_mul_([p.grad for p in stepped], scale)
+        if scale != 1.0 and fused:
+            # the fused kernels divide each gradient by grad_scale (as set by torch's GradScaler)
+            # as they read it: the mean over the workers costs no pass of its own
+            key = (scale, stepped[0].device)
+            if key not in self._divisors:  # made once: creating it waits for the device
+                self._divisors[key] = torch.tensor(1.0 / scale, device=stepped[0].device)
+            self.opt.grad_scale = self._divisors[key]
+        # torch's fused SGD steps either only params with a momentum buffer or only params
+        # without one, so blocks stepped for the first time go on their own
+        has_state = [bool(self.opt.state.get(p)) for p in stepped]
+        grads = [p.grad for p in stepped]
+        try:
+            for with_state in sorted(set(has_state)):
+                for p, grad, has in zip(stepped, grads, has_state):
+                    p.grad = grad if has == with_state else None
+                self.opt.step()
+        finally:
+            for p, grad in zip(stepped, grads):
+                p.grad = grad
+            if hasattr(self.opt, "grad_scale"):
+                del self.opt.grad_scale
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer's state_dict (block indices stand for the params)."""

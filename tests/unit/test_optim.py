@@ -90,6 +90,44 @@ def test_partial_steps_match_a_separate_optimizer_per_block() -> None:
         torch.testing.assert_close(shard.params[2], alone.params[0])
 
 
+def _first_and_later_steps_mixed(device: str, spec: optim.OptimizerSpec) -> list[torch.Tensor]:
+    """Block 1 alone, then all blocks at once (block 1's second step, the others' first), scaled
+    as a server scales a sum of two workers' gradients."""
+    shard = optim.ShardOptimizer(spec, to_blocks(model_params(), device))
+    grads = all_grads(random_grads(0), device)
+    shard.step({1: grads[1].clone()}, scale=0.5)
+    shard.step({i: g.clone() for i, g in grads.items()}, scale=0.5)
+    assert [shard.steps_of(i) for i in range(3)] == [1, 2, 1]
+    return [p.cpu() for p in shard.params]
+
+
+def _halved_steps_one_by_one(spec: optim.OptimizerSpec) -> list[torch.Tensor]:
+    shard = optim.ShardOptimizer(spec, to_blocks(model_params()))
+    grads = {i: g * 0.5 for i, g in all_grads(random_grads(0)).items()}
+    shard.step({1: grads[1].clone()})  # nesterov steps change their grads
+    for i in range(3):
+        shard.step({i: grads[i].clone()})
+    return shard.params
+
+
+@pick("sgd-momentum", "sgd-nesterov", "adam", "adagrad")
+def test_scaled_steps_mixing_first_and_later_steps(spec: optim.OptimizerSpec) -> None:
+    expected = _halved_steps_one_by_one(spec)
+    for got, want in zip(_first_and_later_steps_mixed("cpu", spec), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pick("sgd-momentum", "sgd-nesterov", "adam-weight-decay")
+def test_cuda_fused_scaled_steps_mixing_first_and_later_steps(spec: optim.OptimizerSpec) -> None:
+    """torch's fused SGD cannot step blocks with and without a momentum buffer in one call, and
+    the scale goes into the fused kernels as their grad_scale."""
+    expected = _halved_steps_one_by_one(spec)
+    for got, want in zip(_first_and_later_steps_mixed("cuda", spec), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_grads_are_not_kept_after_step() -> None:
     shard = optim.ShardOptimizer(SPECS["sgd-momentum"], to_blocks(model_params()))
     buffer = torch.ones(sum(SPLIT))
@@ -230,7 +268,7 @@ def test_cpu_uses_foreach() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pick("sgd-momentum", "adam-weight-decay", "adagrad")
+@pick("sgd-momentum", "sgd-nesterov", "adam-weight-decay", "adagrad")
 def test_cuda_matches_cpu(spec: optim.OptimizerSpec) -> None:
     cpu = optim.ShardOptimizer(spec, to_blocks(model_params()))
     gpu = optim.ShardOptimizer(spec, to_blocks(model_params(), "cuda"))
@@ -250,7 +288,7 @@ def test_cuda_matches_cpu(spec: optim.OptimizerSpec) -> None:
     restored = optim.ShardOptimizer(spec, [b.cpu() for b in gpu.params])
     restored.load_state_dict(gpu.state_dict())
     grads = all_grads(random_grads(STEPS))
-    restored.step(grads)
+    restored.step({i: g.clone() for i, g in grads.items()})  # nesterov steps change their grads
     gpu.step(grads)
     for a, b in zip(restored.params, gpu.params):
         torch.testing.assert_close(b.cpu(), a)
