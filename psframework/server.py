@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,12 @@ from .transport import Socket, Transport, ZmqTransport
 
 log = logging.getLogger("psframework.server")
 
+_DEVICE_POLL = 20e-6  # seconds between looks at the device while answers wait for it
+# Shards on a GPU: complete sync steps are applied together once a quarter of the server's bytes
+# are due, once the step is complete on every block, or after this many seconds.
+_APPLY_SHARE = 4
+_APPLY_WAIT = 0.005
+
 
 class _Rejected(Exception):
     """A request that is answered with an error and otherwise ignored."""
@@ -68,14 +75,27 @@ class _Pending:
 
 
 @dataclass
+class _Pushed:
+    """One worker's gradients for a block, by segment; for a whole block pushed to a GPU also the
+    flat tensor they are views of; for a GPU, the event of their upload."""
+    grads: dict[int, torch.Tensor]
+    whole: Optional[torch.Tensor] = None
+    uploaded: Optional[torch.cuda.Event] = None
+
+
+@dataclass
 class _Accum:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     contributors: set[int] = field(default_factory=set)
+    whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
+    adds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, addend) still to add
+    uploads: list = field(default_factory=list)  # events of the uploads of its gradients to the GPU
 
 
 @dataclass
 class _BlockState:
     block: Block
+    flat: torch.Tensor  # the block's values; ``params`` are views of it, one per segment
     params: list[torch.Tensor]
     first_param: int
     nbytes: list[int]  # of each segment
@@ -98,6 +118,14 @@ class _BlockState:
     def byte_offset(self, i: int) -> int:
         return self.block.segments[i].block_offset * self.params[i].element_size()
 
+    def covers(self, segs: list[int]) -> bool:
+        """Whether ``segs`` (distinct, validated) is the whole block, so it can move as one copy."""
+        return len(segs) == len(self.params)
+
+    def split(self, whole: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Views of a flat tensor laid out like the block, one per segment."""
+        return {i: whole[s.block_offset:s.block_offset + s.numel] for i, s in enumerate(self.block.segments)}
+
 
 class Server:
     def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
@@ -115,6 +143,10 @@ class Server:
         # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they read)
         self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[_BlockState]]] = deque()
         self._lanes: dict[int, Lane] = {}  # shared-memory lanes of the workers on this host, by rank
+        # blocks whose sync step is complete, applied together (``_apply_now``)
+        self._due: dict[int, _BlockState] = {}
+        self._due_since = 0.0
+        self._bytes = 0  # of all our blocks
         self.applied_updates = 0
         self.received_pushes = 0
         self.lane_requests = 0  # requests that came through a shared-memory lane
@@ -173,7 +205,7 @@ class Server:
     def _loop(self) -> int:
         membership = self.membership
         while True:
-            ready = self.transport.poll([self.data, membership.socket], POLL_SLICE)
+            ready = self.transport.poll([self.data, membership.socket], 0 if self._waiting_on_device else POLL_SLICE)
             if membership.socket in ready:
                 for header in membership.receive():
                     handler = {P.SETUP: self._setup, P.SAVE: self._save, P.LOAD: self._load,
@@ -182,25 +214,47 @@ class Server:
                         handler(header)
             if self.data in ready:
                 self._drain_data()
-                self._flush_replies(wait=True)
+            if self._waiting_on_device and not ready:
+                self._await_device_or_request()
             if membership.shutdown_requested:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.applied_updates)
                 return 0
             if membership.peers_changed:
                 for state in self.blocks.values():
                     self._complete_steps(state)
+                self._apply_due()
                 self._fail_impossible_waits()
                 self._flush_replies(wait=True)
             membership.check(peers=False)
             membership.stats = {"applied": self.applied_updates, "pushes": self.received_pushes}
 
+    @property
+    def _waiting_on_device(self) -> bool:
+        """Answers wait for device work, or complete steps for their uploads."""
+        return bool(self._outbox or self._due)
+
+    def _await_device_or_request(self) -> None:
+        """Apply the steps whose uploads have landed and send the answers whose device work is
+        done, until a request comes in or nothing waits (at most one poll slice). Blocking on the
+        device instead would hold back the next request, whose upload could run beside the
+        copies that the answers wait for."""
+        deadline = time.monotonic() + POLL_SLICE
+        while self._waiting_on_device and time.monotonic() < deadline:
+            self._apply_due()
+            self._flush_replies(wait=False)
+            if self.transport.poll([self.data], 0):
+                return
+            time.sleep(_DEVICE_POLL)
+        self._flush_replies(wait=False)
+
     def _drain_data(self) -> None:
         # bounded so heartbeats keep flowing under a flood of requests
         for _ in range(256):
             if not self.transport.poll([self.data], 0):
-                return
+                break
             self._handle_one()
             self._flush_replies(wait=False)
+        self._apply_due()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -214,14 +268,15 @@ class Server:
         self.blocks.clear()
         my_blocks = shard_map.blocks_of_server(rank)
         for block in my_blocks:
-            dtype = dtype_from_name(block.dtype)
-            seg_params = [torch.zeros(s.numel, dtype=dtype, device=self.device) for s in block.segments]
+            flat = torch.zeros(block.numel, dtype=dtype_from_name(block.dtype), device=self.device)
+            seg_params = [flat[s.block_offset:s.block_offset + s.numel] for s in block.segments]
             self.blocks[block.block_id] = _BlockState(
-                block=block, params=seg_params, first_param=len(params),
+                block=block, flat=flat, params=seg_params, first_param=len(params),
                 nbytes=[p.numel() * p.element_size() for p in seg_params], clocks=[0] * num_workers,
                 reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments),
             )
             params.extend(seg_params)
+        self._bytes = sum(b.nbytes for b in my_blocks)
         if on_gpu and my_blocks:
             self._ring = StagingRing(max(b.nbytes for b in my_blocks))
         self.optimizer = ShardOptimizer(spec, params)
@@ -266,37 +321,44 @@ class Server:
         lane = self._lane_of(header, rank, op)
         self.lane_requests += lane is not None
         if op == P.INIT:
-            values = self._receive_frames(state, segs)
+            pushed = self._receive_frames(state, segs)
+            if pushed.uploaded is not None:
+                self._stream.wait_event(pushed.uploaded)
             state.wait_sends()
-            for i, value in values.items():
+            for i, value in pushed.grads.items():
                 state.params[i].copy_(value)
                 state.staged[i] = -1
             self.data.send([P.pack_header({"op": P.ACK, "req": req})], peer=peer)
             return
+        pushed = None
         if lane is not None:
             if op != P.PULL:
-                self._push(state, self._lane_grads(state, segs, lane), rank, owned=self._ring is not None)
+                pushed = self._lane_grads(state, segs, lane)
+                self._push(state, pushed, rank, owned=self._ring is not None)
         elif op in (P.PUSH, P.PUSH_PULL):
             self._push(state, self._receive_frames(state, segs), rank)
         else:
             self.data.skip_rest()
         if op == P.PUSH:
-            # a lane's push slot is reused once acknowledged: on a GPU, after the copy out of it
+            # a lane's push slot is reused once acknowledged: on a GPU, after the upload out of it
             self._answer(peer, [P.pack_header({"op": P.ACK, "req": req})],
-                         after_device_work=lane is not None and self._ring is not None)
+                         after=pushed.uploaded if pushed is not None else None)
         else:
             need = state.clocks[rank]
             state.pulls.append(_Pending(peer, req, rank, segs, need, lane=lane is not None))
         self._answer_pulls(state)
 
-    def _answer(self, peer: bytes, frames: list, after_device_work: bool) -> None:
-        """Send an answer now, or once the work queued so far on our stream is done."""
-        if not after_device_work:
+    def _answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event]) -> None:
+        """Send an answer now, or once the device work before ``after`` is done."""
+        if after is None:
             self.data.send(frames, peer=peer)
-            return
+        else:
+            self._outbox.append((after, peer, frames, None))
+
+    def _work_so_far(self) -> torch.cuda.Event:
         done = torch.cuda.Event()
         done.record(self._stream)
-        self._outbox.append((done, peer, frames, None))
+        return done
 
     # -- shared-memory lanes -------------------------------------------------------------
 
@@ -330,11 +392,13 @@ class Server:
             raise _Rejected(P.PROTOCOL, "a lane request carries no frames")
         return lane
 
-    def _lane_grads(self, state: _BlockState, segs: list[int], lane: Lane) -> dict[int, torch.Tensor]:
+    def _lane_grads(self, state: _BlockState, segs: list[int], lane: Lane) -> _Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards)."""
-        grads = {i: _lane_slot(lane.push_slot, state, i) for i in segs}
-        return grads if self._ring is None else self._to_device(grads)
+        if self._ring is None:
+            return _Pushed({i: _lane_slot(lane.push_slot, state, i) for i in segs})
+        slot = lane.push_slot(state.block.block_id, 0, state.block.nbytes).view(state.flat.dtype)
+        return self._to_device(state, segs, slot)
 
     def _answer_by_lane(self, state: _BlockState, pending: _Pending, header: dict) -> None:
         lane = self._lanes.get(pending.rank)
@@ -342,13 +406,14 @@ class Server:
             error = P.error_header(P.PEER_LOST, f"worker {pending.rank} has no lane any more", req=pending.req)
             self.data.send([P.pack_header(error)], peer=pending.peer)
             return
-        for i in pending.segs:
-            slot = _lane_slot(lane.pull_slot, state, i)
-            if self._ring is None:
-                host_copy(slot, state.params[i])
-            else:
-                slot.copy_(state.params[i], non_blocking=True)
-        self._answer(pending.peer, [P.pack_header({**header, "shm": 1})], after_device_work=self._ring is not None)
+        if self._ring is None:
+            for i in pending.segs:
+                host_copy(_lane_slot(lane.pull_slot, state, i), state.params[i])
+        else:
+            self._download(state, pending.segs,
+                           lane.pull_slot(state.block.block_id, 0, state.block.nbytes).view(state.flat.dtype))
+        self._answer(pending.peer, [P.pack_header({**header, "shm": 1})],
+                     after=self._work_so_far() if self._ring is not None else None)
 
     def _validate(self, header: dict) -> tuple[_BlockState, list[int], int, int]:
         if self.optimizer is None:
@@ -374,11 +439,11 @@ class Server:
             raise _Rejected(P.BAD_REQUEST, f"dtype {dtype} does not match {state.block.dtype} of {keys}")
         return state, segs, rank, req
 
-    def _receive_frames(self, state: _BlockState, segs: list[int]) -> dict[int, torch.Tensor]:
+    def _receive_frames(self, state: _BlockState, segs: list[int]) -> _Pushed:
         """One frame per segment. Shards in host memory: the received messages themselves, ours to
         keep and sum into (copying each into a preallocated buffer took a third of the server's CPU
         time per round trip, benchmarks/pushpull.py). Shards on a GPU: fresh device tensors, copied
-        from a reused pinned receive slot on our stream."""
+        from a reused pinned receive slot on our stream (see ``_to_device``)."""
         slot = self._ring.take() if self._ring is not None else None
         tensors: dict[int, torch.Tensor] = {}
         for i in segs:
@@ -402,45 +467,83 @@ class Server:
         if self.data.more():
             raise _Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
         if slot is None:
-            return tensors
-        values = self._to_device({i: slot.typed(state.params[i].dtype, state.byte_offset(i), state.params[i].numel())
-                                  for i in segs})
+            return _Pushed(tensors)
+        pushed = self._to_device(state, segs, slot.typed(state.flat.dtype, 0, state.block.numel))
         slot.copied(self._upload)  # the slot is reused once these copies are done
-        return values
+        return pushed
 
-    def _to_device(self, host: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Copy pushed gradients to the device on the upload stream, which runs beside the copies of
-        values to the host on ours; our stream waits for them before it uses them."""
+    def _to_device(self, state: _BlockState, segs: list[int], host: torch.Tensor) -> _Pushed:
+        """Copy pushed gradients of ``segs`` from ``host`` (laid out like the block) to the device on
+        the upload stream, which runs beside the copies of values to the host on ours. A whole
+        block is one copy. Our stream does not wait for it on the device: a stream of ours that
+        waits keeps our process on a GPU that a worker's backward pass is using, so its kernels
+        go out only once the upload has landed (``_apply_due``)."""
+        whole = None
         with torch.cuda.stream(self._upload):
-            values = {i: t.to(self.device, non_blocking=True) for i, t in host.items()}
+            if state.covers(segs):
+                whole = host.to(self.device, non_blocking=True)
+                values, fresh = state.split(whole), [whole]
+            else:
+                views = state.split(host)
+                values = {i: views[i].to(self.device, non_blocking=True) for i in segs}
+                fresh = list(values.values())
         uploaded = torch.cuda.Event()
         uploaded.record(self._upload)
-        self._stream.wait_event(uploaded)
-        for value in values.values():
-            value.record_stream(self._stream)  # allocated on the upload stream, used and freed on ours
-        return values
+        for tensor in fresh:
+            tensor.record_stream(self._stream)  # allocated on the upload stream, used and freed on ours
+        return _Pushed(values, whole, uploaded)
+
+    def _download(self, state: _BlockState, segs: list[int], host: torch.Tensor) -> None:
+        """Queue on our stream the copies of the values of ``segs`` into ``host`` (pinned, laid out
+        like the block): one copy for a whole block."""
+        if state.covers(segs):
+            host.copy_(state.flat, non_blocking=True)
+            return
+        views = state.split(host)
+        for i in segs:
+            views[i].copy_(state.params[i], non_blocking=True)
 
     # -- update semantics ----------------------------------------------------------------
 
-    def _push(self, state: _BlockState, grads: dict[int, torch.Tensor], rank: int, owned: bool = True) -> None:
+    def _push(self, state: _BlockState, pushed: _Pushed, rank: int, owned: bool = True) -> None:
         """Apply or accumulate one worker's push. ``owned``: the gradients are ours to keep (not
         views of a lane slot, which the worker reuses once answered)."""
         self.received_pushes += 1
         step = state.clocks[rank]
         state.clocks[rank] += 1
+        grads, whole = pushed.grads, pushed.whole
         if self.membership.mode != "sync":
-            self._apply(state, grads, scale=1.0)
+            if pushed.uploaded is not None:
+                self._stream.wait_event(pushed.uploaded)
+            self._apply([(state, grads)], scale=1.0)
+            state.version += 1
             return
         accum = state.accums.setdefault(step, _Accum())
-        for i, grad in grads.items():
-            held = accum.tensors.get(i)
-            if held is None:
-                # received host messages and fresh device tensors are ours to keep and sum into
-                accum.tensors[i] = grad if owned else grad.clone()
-            else:
-                held.add_(grad.to(self.device, non_blocking=True))
+        if pushed.uploaded is not None:
+            accum.uploads.append(pushed.uploaded)
+        if whole is not None and not accum.tensors:
+            accum.whole = whole if owned else whole.clone()
+            accum.tensors = state.split(accum.whole)
+        elif whole is not None and accum.whole is not None:
+            self._add(accum, accum.whole, whole, owned)
+        else:
+            for i, grad in grads.items():
+                held = accum.tensors.get(i)
+                if held is None:
+                    # received host messages and fresh device tensors are ours to keep and sum into
+                    accum.tensors[i] = grad if owned else grad.clone()
+                else:
+                    self._add(accum, held, grad.to(self.device, non_blocking=True), owned)
         accum.contributors.add(rank)
         self._complete_steps(state)
+
+    @staticmethod
+    def _add(accum: _Accum, total: torch.Tensor, addend: torch.Tensor, owned: bool) -> None:
+        """Sum now what the worker will reuse; what is ours is summed with the others in one go."""
+        if owned:
+            accum.adds.append((total, addend))
+        else:
+            total.add_(addend)
 
     def _active_workers(self) -> set[int]:
         """Workers a sync step waits for: all of them, or in an elastic job those still in it."""
@@ -448,23 +551,66 @@ class Server:
         return everyone - self.membership.departed_workers if self.membership.elastic else everyone
 
     def _complete_steps(self, state: _BlockState) -> None:
-        active = self._active_workers()
-        while (ready := state.accums.get(state.version)) is not None and active <= ready.contributors:
-            del state.accums[state.version]
-            # the mean over those who pushed: equal to all workers unless an elastic job shrank
-            self._apply(state, ready.tensors, scale=1.0 / len(ready.contributors), bump_version=False)
-            state.version += 1
+        """Mark the block due if every worker the step waits for has pushed its current step."""
+        ready = state.accums.get(state.version)
+        if ready is not None and self._active_workers() <= ready.contributors:
+            if not self._due:
+                self._due_since = time.monotonic()
+            self._due[state.block.block_id] = state
 
-    def _apply(self, state: _BlockState, grads: dict[int, torch.Tensor], scale: float,
-               bump_version: bool = True) -> None:
-        state.wait_sends()  # replies of host shards are sent straight from the parameters
-        on_device = {i: g.to(self.device, non_blocking=True) for i, g in grads.items()}
-        if scale != 1.0:
-            torch._foreach_mul_(list(on_device.values()), scale)
-        self.optimizer.step({state.first_param + i: g for i, g in on_device.items()})
-        self.applied_updates += 1
-        if bump_version:
-            state.version += 1
+    def _apply_now(self) -> bool:
+        """Whether to apply the due blocks now. Shards in host memory: always. On a GPU that a
+        worker's backward pass is using, every burst of our kernels costs that pass a switch
+        between the two processes (their kernels took 5 ms longer per ResNet-50 step when we
+        applied each block as it completed, benchmarks/gpu.py --trace), so we wait for a quarter
+        of our bytes, or the step's last pushes, or at most _APPLY_WAIT."""
+        if self._ring is None:
+            return True
+        if sum(state.block.nbytes for state in self._due.values()) * _APPLY_SHARE >= self._bytes:
+            return True
+        oldest = min(state.version for state in self.blocks.values())
+        if all(state.block.block_id in self._due for state in self.blocks.values() if state.version == oldest):
+            return True
+        return time.monotonic() - self._due_since >= _APPLY_WAIT
+
+    def _apply_due(self) -> None:
+        """Apply the complete sync steps of the due blocks whose uploads have landed: one sum and
+        one optimizer step for all of them (a block with several complete steps goes round once
+        per step), then answer the pulls that waited for them. The uploads are done, so our
+        kernels run at once (and see the gradients) without our stream waiting for them."""
+        if not self._due or not self._apply_now():
+            return
+        while True:
+            steps = []
+            for block_id, state in list(self._due.items()):
+                if all(event.query() for event in state.accums[state.version].uploads):
+                    del self._due[block_id]
+                    steps.append((state, state.accums.pop(state.version)))
+            if not steps:
+                return
+            adds = [pair for _, accum in steps for pair in accum.adds]
+            if adds:
+                torch._foreach_add_([total for total, _ in adds], [addend for _, addend in adds])
+            by_scale: dict[float, list] = {}
+            for state, accum in steps:
+                # the mean over those who pushed: equal to all workers unless an elastic job shrank
+                by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, accum.tensors))
+            for scale, group in by_scale.items():
+                self._apply(group, scale)
+            for state, _ in steps:
+                state.version += 1
+                self._complete_steps(state)
+                self._answer_pulls(state)
+
+    def _apply(self, group: list[tuple[_BlockState, dict[int, torch.Tensor]]], scale: float) -> None:
+        """One optimizer step over the gradients (by segment) of each block in ``group``."""
+        grads = {}
+        for state, tensors in group:
+            state.wait_sends()  # replies of host shards are sent straight from the parameters
+            for i, grad in tensors.items():
+                grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
+        self.optimizer.step(grads, scale=scale)
+        self.applied_updates += len(group)
 
     def _pull_ready(self, state: _BlockState, pending: _Pending) -> bool:
         if state.version < pending.need_version and self.membership.mode == "sync":
@@ -507,9 +653,8 @@ class Server:
             if state.queued_replies:
                 self._flush_replies(wait=True)
             state.reply.wait(lambda: self.membership.check(peers=False))  # earlier replies may read it
+            self._download(state, stale, state.reply.typed(state.flat.dtype, 0, state.block.numel))
             for i in stale:
-                param = state.params[i]
-                state.reply.typed(param.dtype, state.byte_offset(i), param.numel()).copy_(param, non_blocking=True)
                 state.staged[i] = state.version
         done = torch.cuda.Event()
         done.record(self._stream)
@@ -601,6 +746,7 @@ class Server:
                 state.clocks = list(saved[block_id]["clocks"])
                 state.version = int(saved[block_id]["version"])
                 state.accums.clear()
+                self._due.pop(block_id, None)
                 state.staged = [-1] * len(state.staged)  # the GPU reply cache holds pre-restore values
             self.optimizer.load_state_dict(payload["optimizer"])
         except Exception as exc:

@@ -120,6 +120,46 @@ def test_async_pushes_from_gpu_workers_are_each_applied_once_on_gpu_shards(make_
         assert params["small"].item() == expected
 
 
+def _whole_and_partial_pushes(make_cluster, server_device: str) -> list[dict]:
+    """Two sync steps on one block of three tensors: in the first, worker 0 pushes the whole block
+    before worker 1 pushes part of it; in the second, the other way round."""
+    cluster = make_cluster(num_servers=1, num_workers=2, chunk_bytes=1 << 20, server_device=server_device)
+
+    def work(rank):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"a": torch.zeros(10), "b": torch.zeros(20), "c": torch.zeros(5)}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0, momentum=0.5))
+            assert len(worker.shard_map.blocks) == 1
+            for step in range(2):
+                whole_first = step == 0
+                names = list(params) if (rank == 0) == whole_first else ["a", "c"]
+                for turn in range(2):  # the whole push goes first in step 0, the partial one in step 1
+                    if turn == rank:
+                        grads = {n: torch.arange(params[n].numel(), dtype=torch.float32) * (rank + 1) + step
+                                 for n in names}
+                        worker.push(grads).wait(timeout=30)
+                    worker.barrier()
+                worker.pull(params).wait(timeout=30)
+            worker.barrier()
+            return params
+
+    return _run_threads(2, work)
+
+
+@pytest.mark.parametrize("shm", ["1", "0"])
+@gpu
+def test_whole_and_partial_pushes_of_a_block_on_gpu_shards_equal_host_shards(make_cluster, monkeypatch, shm):
+    """A GPU server moves and sums a whole block's push as one flat tensor, and a partial one
+    segment by segment; mixed in one step, both orders give what a host-memory server gives."""
+    monkeypatch.setenv("PS_SHM", shm)
+    on_gpu = _whole_and_partial_pushes(make_cluster, "cuda")
+    on_host = _whole_and_partial_pushes(make_cluster, "cpu")
+    for got, expected in zip(on_gpu, on_host):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], **GPU_VS_CPU)
+    assert on_host[0]["a"].abs().sum() > 0 and on_host[0]["b"].abs().sum() > 0
+
+
 @gpu
 def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
     cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK, server_device="cuda")
