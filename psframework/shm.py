@@ -67,9 +67,9 @@ class Lane:
         self.area_bytes = area_bytes
         self.owner = owner
         self._registered = False
-        # blocks whose slots a request holds: None while it is in flight, then the event of the
-        # last copy out of the pull slot (a copy onto a GPU may still be reading it)
-        self._reserved: dict[int, Optional["torch.cuda.Event"]] = {}
+        # blocks whose slots a request holds: None while it is in flight, then the events of the
+        # copies out of the pull slot (copies onto a GPU may still be reading it)
+        self._reserved: dict[int, Optional[list]] = {}
 
     def reserve(self, block_id: int) -> bool:
         """Take a block's slots for one request; False while another request holds them."""
@@ -77,13 +77,15 @@ class Lane:
             copied = self._reserved[block_id]
             if copied is None:
                 return False
-            copied.synchronize()  # a device copy out of the pull slot: nearly always done already
+            for event in copied:
+                event.synchronize()  # device copies out of the pull slot: nearly always done already
         self._reserved[block_id] = None
         return True
 
-    def release(self, block_id: int, copied: Optional["torch.cuda.Event"] = None) -> None:
-        """The request on this block is answered; ``copied`` marks a copy still reading its pull slot."""
-        if copied is None:
+    def release(self, block_id: int, copied: Optional[list] = None) -> None:
+        """The request on this block is answered; ``copied``: events of device copies that may
+        still read its pull slot."""
+        if not copied:
             self._reserved.pop(block_id, None)
         else:
             self._reserved[block_id] = copied
