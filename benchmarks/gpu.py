@@ -21,6 +21,9 @@
    loopback TCP only (``PS_SHM=0``), and one GPU training alone times two (no communication at all:
    the ceiling).
    samples/s = GPUs x batch x steps / the slowest process's time for its timed steps.
+   ``--chunk-mib 16`` adds PS sync rows with blocks of that size (``PS_CHUNK_BYTES``);
+   ``--trace DIR`` writes a torch.profiler timeline of three steps of each rank of every setup
+   (gzipped Chrome traces: chrome://tracing or https://ui.perfetto.dev open them).
 """
 
 from __future__ import annotations
@@ -185,6 +188,41 @@ def _timed_steps(step, steps: int, warmup: int, device: torch.device, before_tim
     return time.perf_counter() - start
 
 
+def _parts(model, opt, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One training step in two named parts (the names label them in ``--trace`` timelines)."""
+    def forward_backward():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    return {"forward_backward": forward_backward, "optimizer_step": opt.step}
+
+
+def _run_parts(parts: dict) -> None:
+    for part in parts.values():
+        part()
+
+
+def _trace(parts: dict, args: dict, rank: int, device: torch.device) -> None:
+    """With ``--trace DIR``: three more steps, with a torch.profiler timeline (CPU ops, CUDA
+    kernels and copies) of each rank, written as a gzipped Chrome trace that chrome://tracing or
+    Perfetto opens."""
+    if not args.get("trace"):
+        return
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            for name, part in parts.items():
+                with record_function(name):
+                    part()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    path = Path(args["trace"]) / f"{args['label']}-rank{rank}.json.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+
+
 def _child_setup(rank: int, device: str) -> torch.device:
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -200,12 +238,10 @@ def run_local(args: dict) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _batch(args["batch"], args["size"], device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return {"seconds": _timed_steps(step, args["steps"], args["warmup"], device)}
+    parts = _parts(model, opt, x, y)
+    seconds = _timed_steps(lambda: _run_parts(parts), args["steps"], args["warmup"], device)
+    _trace(parts, args, 0, device)
+    return {"seconds": seconds}
 
 
 def run_ddp(args: dict) -> dict:
@@ -220,12 +256,10 @@ def run_ddp(args: dict) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = _batch(args["batch"], args["size"], device)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-
-        seconds = _timed_steps(step, args["steps"], args["warmup"], device, before_timing=dist.barrier)
+        parts = _parts(ddp, opt, x, y)
+        seconds = _timed_steps(lambda: _run_parts(parts), args["steps"], args["warmup"], device,
+                               before_timing=dist.barrier)
+        _trace(parts, args, rank, device)
         return {"seconds": seconds}
     finally:
         dist.destroy_process_group()
@@ -240,12 +274,10 @@ def run_ps(args: dict) -> dict:
     x, y = _batch(args["batch"], args["size"], device)
     with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.01, momentum=0.9), worker=worker,
                                  overlap=args["overlap"]) as opt:
-        def step():
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        seconds = _timed_steps(step, args["steps"], args["warmup"], device, before_timing=worker.barrier)
+        parts = _parts(model, opt, x, y)
+        seconds = _timed_steps(lambda: _run_parts(parts), args["steps"], args["warmup"], device,
+                               before_timing=worker.barrier)
+        _trace(parts, args, worker.rank, device)
         worker.barrier()  # no one leaves while another still needs the servers (sync mode)
     worker.close()
     return {"seconds": seconds}
@@ -290,8 +322,10 @@ def _spawn_children(kind: str, n: int, args: dict, env: dict, timeout: float, lo
 
 
 def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device: str, gpus: int,
-              only: Optional[set], log_dir: Path, timeout: float) -> list[dict]:
-    base = {"model": model, "batch": batch, "size": size, "steps": steps, "warmup": warmup, "device": device}
+              only: Optional[set], log_dir: Path, timeout: float, chunk_mibs: tuple = (),
+              trace: Optional[str] = None) -> list[dict]:
+    base = {"model": model, "batch": batch, "size": size, "steps": steps, "warmup": warmup, "device": device,
+            "trace": trace}
     runs: list[tuple[str, str, int, dict]] = [("1 GPU alone, x2 (no communication)", "local", 1, {})]
     for backend in ("nccl", "gloo"):
         if device == "cpu" and backend == "nccl":
@@ -303,6 +337,10 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
                          {"overlap": overlap, "mode": mode, "shm": True}))
     runs.append(("PS sync, overlap on, GIL switch interval 0.5 ms", "ps", gpus,
                  {"overlap": True, "mode": "sync", "shm": True, "switch_interval": 0.0005}))
+    for mib in chunk_mibs:  # blocks of another size than PS_CHUNK_BYTES's default
+        for overlap in (True, False):
+            runs.append((f"PS sync, overlap {'on' if overlap else 'off'}, {mib} MiB blocks", "ps", gpus,
+                         {"overlap": overlap, "mode": "sync", "shm": True, "chunk_mib": mib}))
     for overlap in (True, False):  # the same host, without the shared-memory lanes: loopback TCP
         runs.append((f"PS sync, overlap {'on' if overlap else 'off'}, sockets only", "ps", gpus,
                      {"overlap": overlap, "mode": "sync", "shm": False}))
@@ -314,8 +352,10 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
         print(f"e2e: {label} ...", flush=True)
         try:
             if kind == "ps":
+                chunk = extra.get("chunk_mib")
                 with ps.LocalCluster(num_servers=gpus, num_workers=gpus, mode=extra["mode"],
-                                     server_device="cuda" if device == "cuda" else "cpu") as cluster:
+                                     server_device="cuda" if device == "cuda" else "cpu",
+                                     chunk_bytes=chunk * MiB if chunk else None) as cluster:
                     env = {**cluster.env(), "PS_SHM": "1" if extra["shm"] else "0"}
                     results = _spawn_children(kind, n, args, env, timeout, log_dir)
             elif kind == "ddp":
@@ -374,9 +414,12 @@ def _table(title: str, rows: list[dict]) -> str:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", help="e2e only")
 @click.option("--e2e-only", default="", help="e2e setup labels to run, separated by ';' (default all)")
 @click.option("--timeout", type=float, default=150.0, help="seconds for one e2e setup")
+@click.option("--chunk-mib", default="", help="e2e: also run PS sync with blocks of these MiB (comma-separated)")
+@click.option("--trace", type=click.Path(file_okay=False), default=None,
+              help="e2e: write a torch.profiler timeline of three steps of each rank of each setup here")
 @click.pass_context
 def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
-         e2e_only, timeout) -> None:
+         e2e_only, timeout, chunk_mib, trace) -> None:
     if ctx.invoked_subcommand is not None:
         return
     parts = set(only.split(","))
@@ -404,8 +447,9 @@ def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, imag
                 log_dir = Path(os.environ.get("PS_BENCH_LOGS", tmp))
                 log_dir.mkdir(parents=True, exist_ok=True)
                 selected = {s.strip() for s in e2e_only.split(";") if s.strip()} or None
+                chunks = tuple(int(c) for c in chunk_mib.split(",") if c.strip())
                 results["e2e"] = bench_e2e(model, batch, image_size, steps, warmup, device, n, selected,
-                                           log_dir, timeout)
+                                           log_dir, timeout, chunks, str(Path(trace).resolve()) if trace else None)
             report.append(_table(f"3. End to end, {model}, batch {batch} per GPU, {image_size}x{image_size}, "
                                  f"{n} GPUs, {steps} timed steps after {warmup}", results["e2e"]))
             print(report[-1], flush=True)
