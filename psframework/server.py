@@ -51,7 +51,7 @@ log = logging.getLogger("psframework.server")
 
 _DEVICE_POLL = 20e-6  # seconds between looks at the device while answers wait for it
 # Shards on a GPU: complete sync steps are applied together once a quarter of the server's bytes
-# are due, once the step is complete on every block, or after this many seconds.
+# are due, once no worker has said that more pushes follow, or after this many seconds.
 _APPLY_SHARE = 4
 _APPLY_WAIT = 0.005
 
@@ -146,10 +146,13 @@ class Server:
         # blocks whose sync step is complete, applied together (``_apply_now``)
         self._due: dict[int, _BlockState] = {}
         self._due_since = 0.0
+        self._pushes_follow: set[int] = set()  # workers whose last push said that more follow
         self._bytes = 0  # of all our blocks
         self.applied_updates = 0
         self.received_pushes = 0
         self.lane_requests = 0  # requests that came through a shared-memory lane
+        self.apply_bursts = 0  # optimizer steps over due sync blocks
+        self.timed_applies = 0  # of them, the ones that went out because the due blocks waited too long
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -309,7 +312,8 @@ class Server:
             self.data.skip_rest()
             reply = {"op": P.STATS, "req": header.get("req"), "applied": self.applied_updates,
                      "pushes": self.received_pushes, "blocks": len(self.blocks), "device": str(self.device),
-                     "lanes": sorted(self._lanes), "lane_requests": self.lane_requests}
+                     "lanes": sorted(self._lanes), "lane_requests": self.lane_requests,
+                     "apply_bursts": self.apply_bursts, "timed_applies": self.timed_applies}
             self.data.send([P.pack_header(reply)], peer=peer)
             return
         if op == P.ATTACH:
@@ -318,6 +322,10 @@ class Server:
         if op not in (P.PUSH, P.PULL, P.PUSH_PULL, P.INIT):
             raise _Rejected(P.PROTOCOL, f"unknown op {op!r}")
         state, segs, rank, req = self._validate(header)
+        if op != P.PULL and header.get("more"):
+            self._pushes_follow.add(rank)
+        elif op != P.PULL:
+            self._pushes_follow.discard(rank)
         lane = self._lane_of(header, rank, op)
         self.lane_requests += lane is not None
         if op == P.INIT:
@@ -562,16 +570,16 @@ class Server:
         """Whether to apply the due blocks now. Shards in host memory: always. On a GPU that a
         worker's backward pass is using, every burst of our kernels costs that pass a switch
         between the two processes (their kernels took 5 ms longer per ResNet-50 step when we
-        applied each block as it completed, benchmarks/gpu.py --trace), so we wait for a quarter
-        of our bytes, or the step's last pushes, or at most _APPLY_WAIT."""
-        if self._ring is None:
+        applied each block as it completed, benchmarks/gpu.py --trace), so while a worker says
+        that more of its pushes follow we wait for a quarter of our bytes, or at most _APPLY_WAIT."""
+        if self._ring is None or not self._pushes_follow & self._active_workers():
             return True
         if sum(state.block.nbytes for state in self._due.values()) * _APPLY_SHARE >= self._bytes:
             return True
-        oldest = min(state.version for state in self.blocks.values())
-        if all(state.block.block_id in self._due for state in self.blocks.values() if state.version == oldest):
-            return True
-        return time.monotonic() - self._due_since >= _APPLY_WAIT
+        if time.monotonic() - self._due_since < _APPLY_WAIT:
+            return False
+        self.timed_applies += 1
+        return True
 
     def _apply_due(self) -> None:
         """Apply the complete sync steps of the due blocks whose uploads have landed: one sum and
@@ -597,6 +605,7 @@ class Server:
                 by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, accum.tensors))
             for scale, group in by_scale.items():
                 self._apply(group, scale)
+                self.apply_bursts += 1
             for state, _ in steps:
                 state.version += 1
                 self._complete_steps(state)

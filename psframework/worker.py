@@ -578,6 +578,9 @@ class _Exchange:
         self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
         self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
         self._unsent = len(self._blocks)
+        self._unsent_to: dict[int, int] = {}  # by server
+        for block, _ in self._blocks.values():
+            self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
         self._lane_blocks: dict[int, Lane] = {}
         self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
         if worker._lanes and op != P.INIT:
@@ -674,8 +677,11 @@ class _Exchange:
         worker = self.worker
         req = next(worker._req_ids)
         segs = [i for i, _, _ in parts]
+        self._unsent_to[block.server] -= 1
         header = {"op": self.op, "req": req, "block": block.block_id, "rank": worker.rank, "dtype": block.dtype,
                   "segs": None if len(segs) == len(block.segments) else segs}
+        if self._unsent_to[block.server] and self.op != P.PULL:
+            header["more"] = 1  # more pushes of this exchange follow: a GPU server may wait for them
         lane = self._lane_blocks.get(block.block_id)
         request = _Request(self.future, server=block.server, lane_block=None if lane is None else block.block_id)
         request.frames.append(P.pack_header({**header, "shm": 1} if lane is not None else header))

@@ -319,3 +319,28 @@ def test_no_scheduler_is_a_clear_timeout():
     with pytest.raises(ps.PSTimeoutError, match="no welcome"):
         ps.init(scheduler="tcp://127.0.0.1:9", timeout=1.0)
     assert time.monotonic() - start < 5
+
+
+def test_pushes_say_whether_more_of_their_exchange_follow(make_cluster):
+    """Every push but the last of an exchange to a server says that more follow, so that a GPU
+    server can wait for them and apply them together; pulls never say so."""
+    cluster = make_cluster(num_servers=2, num_workers=1, chunk_bytes=CHUNK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = models.make_params(0)
+        worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
+        sent: dict[int, list] = {server: [] for server in range(worker.num_servers)}
+        for server, sock in enumerate(worker._servers):
+            def spy(frames, *args, _server=server, _send=sock.send, **kwargs):
+                sent[_server].append(P.unpack_header(frames[0]))
+                return _send(frames, *args, **kwargs)
+            sock.send = spy
+        for _ in range(2):
+            worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=10)
+            worker.pull(params).wait(timeout=10)
+        blocks = {server: len(worker.shard_map.blocks_of_server(server)) for server in sent}
+    for server, headers in sent.items():
+        pushes = [h for h in headers if h["op"] == P.PUSH_PULL]
+        assert blocks[server] >= 2 and len(pushes) == 2 * blocks[server]
+        follow = [True] * (blocks[server] - 1) + [False]
+        assert [bool(h.get("more")) for h in pushes] == follow * 2
+        assert not any(h.get("more") for h in headers if h["op"] == P.PULL)

@@ -161,6 +161,24 @@ def test_whole_and_partial_pushes_of_a_block_on_gpu_shards_equal_host_shards(mak
 
 
 @gpu
+def test_a_gpu_server_applies_the_blocks_of_an_exchange_together_without_waiting_at_its_end(make_cluster):
+    """A GPU server holds back complete sync blocks while the worker says more of its pushes
+    follow, and applies them in few optimizer steps; the exchange's last push lets them all go,
+    so pushing a part of the model never waits for blocks that will not come."""
+    cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=BIG_CHUNK, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {name: torch.zeros(200000) for name in ("a", "b", "c")}  # 4 blocks each
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for step in range(3):
+            worker.push_pull({"a": torch.ones(200000)}, into={"a": params["a"]}).wait(timeout=30)
+            assert torch.equal(params["a"], torch.full((200000,), -float(step + 1)))
+        stats = worker.server_stats()[0]
+    assert stats["applied"] == 3 * 4
+    assert 3 <= stats["apply_bursts"] < stats["applied"]
+    assert stats["timed_applies"] == 0
+
+
+@gpu
 def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
     cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK, server_device="cuda")
     with ps.init(scheduler=cluster.scheduler) as worker:
