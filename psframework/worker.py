@@ -498,7 +498,10 @@ class Worker:
                                  "seq": self._barrier_seq}, expect=P.BARRIER_DONE, timeout=timeout)
 
     def server_stats(self) -> list[dict]:
-        """Counters of every server, by rank: applied updates, pushes received, blocks held."""
+        """Counters of every server, by rank: ``applied`` updates, ``pushes`` received, ``blocks``
+        held, its ``device``, the workers with ``lanes`` and the ``lane_requests`` they made, and
+        ``apply_bursts`` (optimizer steps over complete sync blocks; on a GPU several blocks go in
+        one) of which ``timed_applies`` went out because the blocks had waited 5 ms."""
         self._check_open()
         future = Future(self)
         requests = []
