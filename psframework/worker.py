@@ -580,8 +580,7 @@ class _Exchange:
         self._landed: dict[int, list] = {}  # block -> events of its copies from GPUs
         self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
         self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
-        self._unsent = len(self._blocks)
-        self._unsent_to: dict[int, int] = {}  # by server
+        self._unsent_to: dict[int, int] = {}  # blocks not yet sent, by server
         for block, _ in self._blocks.values():
             self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
         self._lane_blocks: dict[int, Lane] = {}
@@ -598,11 +597,11 @@ class _Exchange:
 
     @property
     def sent_blocks(self) -> int:
-        return len(self._blocks) - self._unsent
+        return len(self._blocks) - sum(self._unsent_to.values())
 
     @property
     def all_sent(self) -> bool:
-        return self._unsent == 0
+        return not any(self._unsent_to.values())
 
     def add(self, name: str, tensor: torch.Tensor, after: Optional["torch.cuda.Event"] = None) -> None:
         """Hand over the source tensor for ``name``. For a tensor on a GPU, its copy to the host
@@ -673,7 +672,7 @@ class _Exchange:
                 event.synchronize()
             self._ready.popleft()
             self._send_block(*self._blocks[block_id])
-        if self._unsent == 0:
+        if self.all_sent:
             self._keep.clear()
 
     def _send_block(self, block: Block, parts: list[tuple[int, Segment, str]]) -> None:
@@ -701,7 +700,6 @@ class _Exchange:
                     staged[id(self._staged[name])] = self._staged[name]
             if self._dests:
                 request.dest.append(self._dests[name].piece(seg, request.keep))
-        self._unsent -= 1
         tracker = worker._submit(request, req, track=bool(staged))
         for staging in staged.values():
             staging.sent(tracker)  # reused only once ZeroMQ is done reading it
