@@ -79,6 +79,26 @@ def test_cluster_exits_by_itself_when_workers_close(make_cluster):
 # ---------------------------------------------------------------------------------------- async
 
 
+def assert_one_step_of_ones(worker, params: dict, lr: float) -> None:
+    """push_pull a gradient of ones into ``params`` (SGD, one worker): every value moves by -lr."""
+    before = {k: v.clone() for k, v in params.items()}
+    worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
+    for k in params:
+        torch.testing.assert_close(params[k], before[k] - lr)
+
+
+def pull_after_pushes(worker, futures: list, params: dict) -> list[dict]:
+    """Wait for ``futures``, then (between barriers, so every worker's pushes are in) pull
+    ``params``; returns the servers' stats."""
+    for future in futures:
+        future.wait(timeout=30)
+    worker.barrier()
+    worker.pull(params).wait(timeout=30)
+    stats = worker.server_stats()
+    worker.barrier()
+    return stats
+
+
 def test_async_applies_every_push_exactly_once(make_cluster):
     workers, pushes = 3, 20
     cluster = make_cluster(num_servers=2, num_workers=workers, mode="async", chunk_bytes=CHUNK)
@@ -91,13 +111,7 @@ def test_async_applies_every_push_exactly_once(make_cluster):
             for k in range(pushes):
                 value = float(worker.rank * 100 + k + 1)  # integers: float32 sums stay exact
                 futures.append(worker.push({n: torch.full_like(t, value) for n, t in params.items()}))
-            for f in futures:
-                f.wait(timeout=30)
-            worker.barrier()
-            worker.pull(params).wait(timeout=30)
-            stats = worker.server_stats()
-            worker.barrier()
-            return params, stats
+            return params, pull_after_pushes(worker, futures, params)
 
     results = run_in_threads(workers, work)
     expected = -sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes))

@@ -14,7 +14,7 @@ import psframework as ps
 
 from psframework import protocol as P
 from tests.integration import models
-from tests.integration.test_core import CHUNK, _raw_client, assert_params_equal
+from tests.integration.test_core import CHUNK, _raw_client, assert_one_step_of_ones, assert_params_equal
 from tests.threads import run_in_threads as _run_threads
 
 gpu = pytest.mark.gpu
@@ -194,10 +194,7 @@ def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
             assert reply["kind"] == "bad_request" and "expected" in reply["message"]
         finally:
             sock.close()
-        before = {k: v.clone() for k, v in params.items()}
-        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=10)
-        for k in params:
-            torch.testing.assert_close(params[k], before[k] - 0.1)
+        assert_one_step_of_ones(worker, params, lr=0.1)
 
 
 @gpu

@@ -17,7 +17,7 @@ from psframework import protocol as P
 from psframework.errors import BadRequestError
 from psframework.shm import shm_available
 from tests.integration import models
-from tests.integration.test_core import CHUNK, assert_params_equal
+from tests.integration.test_core import CHUNK, assert_one_step_of_ones, assert_params_equal, pull_after_pushes
 from tests.threads import run_in_threads
 
 pytestmark = pytest.mark.skipif(not shm_available(), reason="/dev/shm is missing or not writable")
@@ -69,13 +69,7 @@ def test_back_to_back_pushes_share_lanes_and_sockets_and_none_is_lost(make_clust
             worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
             futures = [worker.push({k: torch.full_like(v, float(worker.rank * 100 + k_ + 1))
                                     for k, v in params.items()}) for k_ in range(pushes)]
-            for future in futures:
-                future.wait(timeout=30)
-            worker.barrier()
-            worker.pull(params).wait(timeout=30)
-            stats = worker.server_stats()
-            worker.barrier()
-            return params, stats, len(worker.shard_map.blocks)
+            return params, pull_after_pushes(worker, futures, params), len(worker.shard_map.blocks)
 
     results = run_in_threads(workers, work)
     expected = -sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes))
@@ -106,10 +100,7 @@ def test_a_lane_with_the_wrong_token_is_refused_and_the_socket_still_works(make_
                 future.wait(timeout=10)
         finally:
             lane.close()
-        start = {k: v.clone() for k, v in params.items()}
-        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
-        for key in params:
-            torch.testing.assert_close(params[key], start[key] - 1.0)
+        assert_one_step_of_ones(worker, params, lr=1.0)
         assert worker.server_stats()[0]["lane_requests"] == 0
 
 
