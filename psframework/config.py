@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .errors import ConfigError
+from .sharding import DEFAULT_CHUNK_BYTES
 
 MODES = ("sync", "async", "ssp")
-DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 ENV_VARS = {
@@ -46,6 +46,7 @@ ENV_VARS = {
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through /dev/shm (default 1)",
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -87,8 +88,11 @@ class SchedulerConfig:
     elastic: bool = False
     restart_servers: bool = False
     checkpoint_dir: Optional[str] = None
+    host: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
         _check(self.num_servers >= 1, f"need at least 1 server, got {self.num_servers}")
         _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -198,9 +202,50 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         elastic=_flag(env, "PS_ELASTIC"),
         restart_servers=_flag(env, "PS_RESTART_FAILED_SERVERS"),
         checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
+        host=_env(env, "PS_HOST", str, None),
+        log_level=log_level_from_env(env),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["host"] is None:
+        del values["host"]
     return SchedulerConfig(**values)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Settings without a ps-launch option that ps-launch passes on from its own environment."""
+
+    timing: Timing = field(default_factory=Timing)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_level: str = "INFO"
+
+
+def tuning_from_env(environ: Optional[Mapping[str, str]] = None) -> Tuning:
+    env = os.environ if environ is None else environ
+    return Tuning(timing=timing_from_env(env),
+                  chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, DEFAULT_CHUNK_BYTES),
+                  max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
+                  log_level=log_level_from_env(env))
+
+
+def host_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """This process's environment without a single ``PS_*`` variable: what a child on this host
+    starts from. The job's ``PS_*`` variables reach children only from a config (``config_to_env``)
+    or from what the user exports (``ps-launch -x``), never by accident from the shell."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not k.startswith("PS_")}
+
+
+def exported_value(name: str, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The value of ``name`` here, for ``ps-launch -x NAME`` (None if unset)."""
+    return (os.environ if environ is None else environ).get(name)
+
+
+def remote_forwarded(environ: Optional[Mapping[str, str]] = None) -> tuple[tuple[str, str], ...]:
+    """Variables that processes on other hosts get from ours (sshd passes none): ``PYTHONPATH``."""
+    env = os.environ if environ is None else environ
+    return tuple((k, env[k]) for k in ("PYTHONPATH",) if env.get(k))
 
 
 def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides) -> NodeConfig:
@@ -233,7 +278,9 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
 
 def log_level_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
     env = os.environ if environ is None else environ
-    return _env(env, "PS_LOG_LEVEL", str, "INFO").upper()
+    level = _env(env, "PS_LOG_LEVEL", str, "INFO").upper()
+    _check(level in LOG_LEVELS, f"PS_LOG_LEVEL={level!r}: use one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def config_to_env(config: SchedulerConfig) -> dict[str, str]:
@@ -248,6 +295,7 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         "PS_HEARTBEAT_INTERVAL": str(config.timing.heartbeat_interval),
         "PS_HEARTBEAT_TIMEOUT": str(config.timing.heartbeat_timeout),
         "PS_START_TIMEOUT": str(config.timing.start_timeout),
+        "PS_LOG_LEVEL": config.log_level,
     }
     if config.server_device:
         env["PS_SERVER_DEVICE"] = config.server_device
@@ -263,13 +311,22 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
 
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "ENV_VARS",
+    "LOG_LEVELS",
     "MODES",
     "NodeConfig",
     "SchedulerConfig",
     "Timing",
+    "Tuning",
     "config_to_env",
+    "exported_value",
+    "host_environment",
+    "log_level_from_env",
     "node_config_from_env",
+    "remote_forwarded",
     "scheduler_config_from_env",
     "timing_from_env",
+    "tuning_from_env",
 ]

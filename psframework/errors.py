@@ -70,7 +70,7 @@ __all__ = [
     "PeerLostError",
     "ProtocolError",
     "RegistrationError",
-    "error_from_reply",
+    "error_for",
 ]
 
 
@@ -85,7 +85,6 @@ _KINDS = {
 }
 
 
-def error_from_reply(reply: dict) -> PSError:
-    """Turn an ERROR message from another node back into the matching exception."""
-    kind = _KINDS.get(reply.get("kind"), PSError)
-    return kind(str(reply.get("message", "unknown error from a peer")))
+def error_for(kind: str, message: str) -> PSError:
+    """The exception an ``Error`` message from another node stands for."""
+    return _KINDS.get(kind, PSError)(message)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from . import protocol as P
 from .config import NodeConfig
-from .errors import ClosedError, PeerLostError, ProtocolError, PSError, PSTimeoutError, error_from_reply
+from .errors import ClosedError, PeerLostError, ProtocolError, PSTimeoutError, error_for
 from .transport import Socket, Transport
 
 log = logging.getLogger("psframework.node")
@@ -24,20 +24,8 @@ log = logging.getLogger("psframework.node")
 POLL_SLICE = 0.1  # longest a blocking wait goes without checking liveness
 
 
-def describe(node: dict) -> str:
-    return f"{node.get('role', '?')} {node.get('rank', '?')} on host {node.get('host', '?')} (pid {node.get('pid', '?')})"
-
-
-class RateLimitedLog:
-    """Logs the first few events of a kind, then one in a thousand, so a flood cannot fill disks."""
-
-    def __init__(self, logger: logging.Logger, first: int = 20, every: int = 1000):
-        self._logger, self._first, self._every, self._count = logger, first, every, 0
-
-    def warning(self, message: str, *args) -> None:
-        self._count += 1
-        if self._count <= self._first or self._count % self._every == 0:
-            self._logger.warning(message + f" [{self._count} so far]", *args)
+def describe(node: P.NodeInfo) -> str:
+    return f"{node.role} {node.rank} on host {node.host} (pid {node.pid})"
 
 
 class _Heartbeat(threading.Thread):
@@ -55,9 +43,8 @@ class _Heartbeat(threading.Thread):
         m = self._m
         sock = m.transport.connect(m.scheduler)
         try:
-            beat = {"op": P.HEARTBEAT, "role": m.role, "rank": m.rank}
             while not self._stop_event.is_set():
-                sock.send([P.pack_header({**beat, "stats": m.stats})])
+                sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, stats=m.stats))])
                 deadline = time.monotonic() + m.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
                     if m.transport.poll([sock], min(left, POLL_SLICE)):
@@ -71,36 +58,36 @@ class _Heartbeat(threading.Thread):
         _, head = sock.recv_header()
         sock.skip_rest()
         try:
-            header = P.unpack_header(head)
+            message = P.decode(head)
         except ProtocolError:
             return
-        if header["op"] == P.HEARTBEAT_ACK:
-            self._m.record_ack(header)
+        if isinstance(message, P.HeartbeatAck):
+            self._m.record_ack(message)
 
 
 class Membership:
     """This node's place in the job, and the liveness of every other node."""
 
-    def __init__(self, transport: Transport, socket: Socket, config: NodeConfig, role: str, welcome: dict):
+    def __init__(self, transport: Transport, socket: Socket, config: NodeConfig, role: str, welcome: P.Welcome):
         self.transport = transport
         self.socket = socket
         self.scheduler = config.scheduler
         self.host = config.host
         self.role = role
         self.welcome = welcome
-        self.rank: int = welcome["rank"]
-        self.num_workers: int = welcome["num_workers"]
-        self.num_servers: int = welcome["num_servers"]
-        self.mode: str = welcome["mode"]
-        self.staleness: int = welcome["staleness"]
-        self.servers: list[str] = welcome["servers"]
-        self.interval: float = welcome["heartbeat_interval"]
-        self.timeout: float = welcome["heartbeat_timeout"]
-        self.elastic: bool = bool(welcome.get("elastic", False))
+        self.rank = welcome.rank
+        self.num_workers = welcome.num_workers
+        self.num_servers = welcome.num_servers
+        self.mode = welcome.mode
+        self.staleness = welcome.staleness
+        self.servers: list[str] = list(welcome.servers)
+        self.interval = welcome.heartbeat_interval
+        self.timeout = welcome.heartbeat_timeout
+        self.elastic = welcome.elastic
         self.stats: dict = {}
         self._lock = threading.Lock()
         self._last_ack = time.monotonic()
-        self._dead: list[dict] = []
+        self._dead: list[P.NodeInfo] = []
         self._left: set[int] = set()
         self._departed: set[int] = set()
         self._epoch = 0
@@ -114,22 +101,18 @@ class Membership:
 
     # -- what the heartbeat thread records --------------------------------------------------
 
-    def record_ack(self, header: dict) -> None:
+    def record_ack(self, ack: P.HeartbeatAck) -> None:
         with self._lock:
             self._last_ack = time.monotonic()
-            self._shutdown = bool(header.get("shutdown"))
-            epoch = header.get("epoch", 0)
-            if not isinstance(epoch, int) or epoch < self._epoch:
+            self._shutdown = ack.shutdown
+            if ack.epoch < self._epoch:
                 return  # sent before a membership change we already know of
-            self._epoch = epoch
-            dead = header.get("dead", [])
-            left = set(header.get("left", []))
-            departed = set(header.get("departed", []))
-            if len(dead) != len(self._dead) or left != self._left or departed != self._departed:
+            self._epoch = ack.epoch
+            left, departed = set(ack.left), set(ack.departed)
+            if len(ack.dead) != len(self._dead) or left != self._left or departed != self._departed:
                 self._changed = True
-            self._dead, self._left, self._departed = dead, left, departed
-            if isinstance(header.get("servers"), list):
-                self._server_addresses = list(header["servers"])
+            self._dead, self._left, self._departed = list(ack.dead), left, departed
+            self._server_addresses = list(ack.servers)
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
@@ -151,7 +134,7 @@ class Membership:
     @property
     def dead_workers(self) -> set[int]:
         with self._lock:
-            return {d["rank"] for d in self._dead if d["role"] == "worker"}
+            return {d.rank for d in self._dead if d.role == "worker"}
 
     @property
     def departed_workers(self) -> set[int]:
@@ -183,8 +166,8 @@ class Membership:
     def gone_workers(self) -> dict[int, str]:
         with self._lock:
             gone = {r: f"worker {r} closed" for r in self._left}
-            gone.update({d["rank"]: f"{describe(d)} died ({d.get('reason', 'no heartbeat')})"
-                         for d in self._dead if d["role"] == "worker"})
+            gone.update({d.rank: f"{describe(d)} died ({d.reason or 'no heartbeat'})"
+                         for d in self._dead if d.role == "worker"})
             return gone
 
     def check(self, peers: bool = True) -> None:
@@ -201,9 +184,9 @@ class Membership:
         if dead and peers:
             d = dead[0]
             raise PeerLostError(
-                f"{describe(d)} is dead ({d.get('reason', 'no heartbeat')}); the job cannot continue. "
+                f"{describe(d)} is dead ({d.reason or 'no heartbeat'}); the job cannot continue. "
                 "Check that process's output for the root cause.",
-                role=d["role"], rank=d["rank"], host=d.get("host", ""),
+                role=d.role, rank=d.rank, host=d.host,
             )
         if silent > self.timeout:
             raise PeerLostError(
@@ -212,36 +195,37 @@ class Membership:
 
     # -- control requests from the owner thread ----------------------------------------------
 
-    def send(self, header: dict) -> None:
-        self.socket.send([P.pack_header(header)], check=self.check)
+    def send(self, message: P.Message) -> None:
+        self.socket.send([P.encode(message)], check=self.check)
 
-    def request(self, header: dict, expect: str, timeout: Optional[float] = None) -> dict:
-        """Send a control request to the scheduler and wait for its answer, checking liveness."""
-        self.send(header)
+    def request(self, message: P.Message, expect: type, timeout: Optional[float] = None):
+        """Send a control request to the scheduler and wait for its answer (a message of type
+        ``expect``), checking liveness; an ``Error`` answer is raised as its exception."""
+        self.send(message)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.check()
             if deadline is not None and time.monotonic() > deadline:
-                raise PSTimeoutError(f"{header['op']} got no answer from the scheduler within {timeout} s")
+                raise PSTimeoutError(f"{type(message).__name__} got no answer from the scheduler within {timeout} s")
             if not self.transport.poll([self.socket], POLL_SLICE):
                 continue
             for reply in self.receive():
-                if reply["op"] == P.ERROR:
-                    raise error_from_reply(reply)
-                if reply["op"] == expect:
+                if isinstance(reply, P.Error):
+                    raise error_for(reply.kind, reply.message)
+                if isinstance(reply, expect):
                     return reply
-                log.debug("ignoring %s while waiting for %s", reply["op"], expect)
+                log.debug("ignoring %s while waiting for %s", type(reply).__name__, expect.__name__)
 
-    def receive(self) -> list[dict]:
-        headers = []
+    def receive(self) -> list[P.Message]:
+        messages = []
         while self.transport.poll([self.socket], 0):
             _, head = self.socket.recv_header()
             self.socket.skip_rest()
             try:
-                headers.append(P.unpack_header(head))
+                messages.append(P.decode(head))
             except ProtocolError as exc:
                 log.warning("dropped malformed message from the scheduler: %s", exc)
-        return headers
+        return messages
 
     def close(self) -> None:
         if self._closed:
@@ -256,10 +240,10 @@ def join_cluster(transport: Transport, config: NodeConfig, role: str, address: s
                  wait: Optional[Callable[[], None]] = None) -> Membership:
     """Say hello to the scheduler and wait for the welcome (within ``config.start_timeout``)."""
     sock = transport.connect(config.scheduler, max_message_bytes=config.max_message_bytes)
-    hello = {"op": P.HELLO, "role": role, "rank": config.rank, "host": config.host,
-             "pid": os.getpid(), "address": address}
+    hello = P.Hello(role=role, rank=config.rank, host=config.host, pid=os.getpid(), address=address,
+                    version=P.VERSION)
     try:
-        sock.send([P.pack_header(hello)])
+        sock.send([P.encode(hello)])
         deadline = time.monotonic() + config.start_timeout
         while time.monotonic() < deadline:
             if wait is not None:
@@ -268,11 +252,12 @@ def join_cluster(transport: Transport, config: NodeConfig, role: str, address: s
                 continue
             _, head = sock.recv_header()
             sock.skip_rest()
-            reply = P.unpack_header(head)
-            if reply["op"] == P.WELCOME:
+            reply = P.decode(head)
+            if isinstance(reply, P.Welcome):
+                P.check_version(reply.version, f"the scheduler on {reply.host}", f"this {role} on {config.host}")
                 return Membership(transport, sock, config, role, reply)
-            if reply["op"] == P.ERROR:
-                raise error_from_reply(reply)
+            if isinstance(reply, P.Error):
+                raise error_for(reply.kind, reply.message)
         raise PSTimeoutError(
             f"{role} on {config.host} got no welcome from the scheduler at {config.scheduler} within "
             f"{config.start_timeout} s: is the scheduler running, and did every server and worker start?")
@@ -281,4 +266,4 @@ def join_cluster(transport: Transport, config: NodeConfig, role: str, address: s
         raise
 
 
-__all__ = ["Membership", "POLL_SLICE", "PSError", "RateLimitedLog", "describe", "join_cluster"]
+__all__ = ["Membership", "POLL_SLICE", "describe", "join_cluster"]

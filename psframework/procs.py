@@ -15,6 +15,8 @@ import sys
 import time
 from typing import IO, Mapping, Optional, Sequence, Union
 
+from .config import host_environment
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -29,8 +31,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def spawn(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, *, stdout: Optional[IO] = None,
           stderr: Optional[IO] = None, cwd: Optional[str] = None, new_session: bool = False,
           stdin: Union[int, IO, None] = subprocess.DEVNULL) -> subprocess.Popen:
-    """Start a child that dies with this process (Linux), with ``env`` added to our environment."""
-    full_env = dict(os.environ)
+    """Start a child that dies with this process (Linux). Its environment is this host's without
+    any ``PS_*`` variable (``config.host_environment``), plus ``env``."""
+    full_env = host_environment()
     full_env.update(env or {})
     return subprocess.Popen(
         list(argv), env=full_env, stdout=stdout, stderr=stderr, cwd=cwd, stdin=stdin,

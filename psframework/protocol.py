@@ -1,85 +1,326 @@
-"""The wire format: one msgpack header frame, then raw tensor frames.
+"""The wire format: a typed, versioned msgpack header frame, then raw tensor frames.
 
-Every message is ``[header, frame, frame, ...]``. The header is a msgpack map with at least
-``op`` (a string); tensor frames are the raw bytes of contiguous tensors, sent zero-copy and
+Every message is ``[header, frame, frame, ...]``. The header is one of the message classes below:
+a ``msgspec.Struct`` encoded as a msgpack map whose ``op`` field names its kind. ``decode`` turns
+a header frame back into its class and checks every field's type in the same pass; anything else
+(garbage, an unknown kind, a missing or mistyped field) is a ``ProtocolError`` that says which kind
+and which field. Tensor frames are the raw bytes of contiguous tensors, sent zero-copy and
 received into preallocated memory. Nothing is ever pickled.
 
->>> header = unpack_header(pack_header({"op": "pull", "req": 1, "block": 0}))
->>> header["op"]
-'pull'
+A node's ``Hello`` and the scheduler's ``Welcome`` carry ``VERSION``: a peer that speaks another
+version is refused with an error that names both versions and both hosts.
+
+>>> decode(encode(Pull(req=1, block=0, rank=0)))
+Pull(req=1, block=0, rank=0, dtype='', segs=None, more=False, shm=False)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import msgpack
+import msgspec
 
 from .errors import ProtocolError
 
-# scheduler <-> nodes
-HELLO = "hello"
-WELCOME = "welcome"
-HEARTBEAT = "heartbeat"
-HEARTBEAT_ACK = "hb_ack"
-REGISTER = "register"
-REGISTERED = "registered"
-SETUP = "setup"
-SETUP_DONE = "setup_done"
-BARRIER = "barrier"
-BARRIER_DONE = "barrier_done"
-BYE = "bye"
-BYE_ACK = "bye_ack"
-SHUTDOWN = "shutdown"
-CHECKPOINT = "checkpoint"        # worker -> scheduler, collective
-CHECKPOINT_DONE = "checkpoint_done"
-RESTORE = "restore"              # worker -> scheduler, collective
-RESTORE_DONE = "restore_done"
-SAVE = "save"                    # scheduler -> server
-SAVED = "saved"
-LOAD = "load"                    # scheduler -> server
-LOADED = "loaded"
-ACTIVATE = "activate"            # scheduler -> server: a worker that joined late takes part from now
-ACTIVATED = "activated"
-# workers <-> servers
-PUSH = "push"
-PULL = "pull"
-PUSH_PULL = "push_pull"
-INIT = "init"
-ATTACH = "attach"                # worker -> server: map my shared-memory lane (same host)
-ACK = "ack"
-VALUES = "values"
-STATS = "stats"
-# either direction
-ERROR = "error"
+VERSION = 2
+MAX_HEADER_BYTES = 1 << 20
 
-# error kinds carried in ERROR replies, mapped back to exception classes by the receiver
+# error kinds carried in Error messages, mapped back to exception classes by the receiver
 BAD_REQUEST = "bad_request"
 REGISTRATION = "registration"
 PEER_LOST = "peer_lost"
 TIMEOUT = "timeout"
 PROTOCOL = "protocol"
+CONFIG = "config"
 CHECKPOINT_ERROR = "checkpoint"
 
-MAX_HEADER_BYTES = 1 << 20
+
+class Message(msgspec.Struct, tag_field="op", kw_only=True, omit_defaults=True, frozen=True):
+    """Base of every message kind; ``op`` (the tag) is the kind's name on the wire."""
 
 
-def pack_header(header: dict[str, Any]) -> bytes:
-    return msgpack.packb(header, use_bin_type=True)
+# ----------------------------------------------------------------------------- scheduler <-> nodes
 
 
-def unpack_header(frame: bytes | memoryview) -> dict[str, Any]:
-    """Decode a header frame, raising ProtocolError for anything that is not a valid header."""
+class NodeInfo(msgspec.Struct, frozen=True):
+    role: str
+    rank: int
+    host: str
+    pid: int
+    reason: str = ""
+
+
+class TensorInfo(msgspec.Struct, frozen=True):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class Hello(Message, tag="hello"):
+    role: str
+    host: str
+    pid: int
+    version: int = 0  # 0: a peer from before versions were sent
+    rank: Optional[int] = None
+    address: str = ""  # a server's data socket
+
+
+class Welcome(Message, tag="welcome"):
+    rank: int
+    num_workers: int
+    num_servers: int
+    mode: str
+    staleness: int
+    servers: list[str]
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    chunk_bytes: int
+    host: str  # the scheduler's
+    version: int = 0
+    server_device: Optional[str] = None
+    elastic: bool = False
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    role: str
+    rank: int
+    stats: dict[str, Union[int, float]] = {}
+
+
+class HeartbeatAck(Message, tag="hb_ack"):
+    epoch: int
+    servers: list[str]
+    dead: list[NodeInfo] = []  # nodes whose death ends the job
+    left: list[int] = []  # workers that closed
+    departed: list[int] = []  # workers an elastic job goes on without
+    shutdown: bool = False
+
+
+class Register(Message, tag="register"):
+    rank: int
+    tensors: list[TensorInfo]
+    optimizer: dict[str, Any]
+
+
+class Registered(Message, tag="registered"):
+    shard_map: dict[str, Any]
+    joined: bool = False  # a late worker of an elastic job: skip the start-up
+    barrier_seq: int = 0
+
+
+class Setup(Message, tag="setup"):
+    shard_map: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
+class SetupDone(Message, tag="setup_done"):
+    blocks: int
+
+
+class Barrier(Message, tag="barrier"):
+    rank: int
+    seq: int
+
+
+class BarrierDone(Message, tag="barrier_done"):
+    seq: int
+
+
+class Bye(Message, tag="bye"):
+    rank: int
+
+
+class ByeAck(Message, tag="bye_ack"):
+    pass
+
+
+class Checkpoint(Message, tag="checkpoint"):
+    """A worker's part of a collective checkpoint."""
+    rank: int
+    directory: str
+    step: int
+
+
+class CheckpointDone(Message, tag="checkpoint_done"):
+    step: int
+    path: str
+
+
+class Restore(Message, tag="restore"):
+    """A worker's part of a collective restore."""
+    rank: int
+    directory: str
+
+
+class RestoreDone(Message, tag="restore_done"):
+    step: Optional[int] = None  # None: there was no checkpoint yet
+    path: str = ""
+
+
+class Save(Message, tag="save"):
+    path: str
+
+
+class Saved(Message, tag="saved"):
+    path: str
+    sha256: str
+    bytes: int
+
+
+class Load(Message, tag="load"):
+    path: str
+    sha256: str
+
+
+class Loaded(Message, tag="loaded"):
+    path: str
+
+
+class Activate(Message, tag="activate"):
+    """A worker that joined an elastic job late takes part from each block's next step."""
+    worker: int
+    epoch: int
+
+
+class Activated(Message, tag="activated"):
+    worker: int
+
+
+# ----------------------------------------------------------------------------- workers <-> servers
+
+
+class BlockRequest(Message):
+    """A request about one block: ``segs`` None means all its segments. ``more``: more pushes of the
+    same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane."""
+    req: int
+    block: int
+    rank: int
+    dtype: str = ""
+    segs: Optional[list[int]] = None
+    more: bool = False
+    shm: bool = False
+
+
+class Push(BlockRequest, tag="push"):
+    pass
+
+
+class Pull(BlockRequest, tag="pull"):
+    pass
+
+
+class PushPull(BlockRequest, tag="push_pull"):
+    pass
+
+
+class Init(BlockRequest, tag="init"):
+    """Rank 0's initial values of a block."""
+
+
+class Attach(Message, tag="attach"):
+    """Map my shared-memory lane (a worker on the server's host)."""
+    req: int
+    rank: int
+    path: str
+    token: bytes
+
+
+class Ack(Message, tag="ack"):
+    req: int
+
+
+class Values(Message, tag="values"):
+    req: int
+    version: int
+    min_clock: int
+    shm: bool = False
+
+
+class Stats(Message, tag="stats"):
+    req: int
+
+
+class StatsReply(Message, tag="stats_reply"):
+    req: int
+    counters: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- either direction
+
+
+class Error(Message, tag="error"):
+    kind: str
+    message: str
+    req: Optional[int] = None
+
+
+ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
+       Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
+       Activated, Push, Pull, PushPull, Init, Attach, Ack, Values, Stats, StatsReply, Error)
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
+
+
+class Rejected(Exception):
+    """A message that is answered with an ``Error`` of ``kind`` and otherwise ignored."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def reply(self, req: Optional[int] = None) -> Error:
+        return Error(kind=self.kind, message=str(self), req=req)
+
+
+def encode(message: Message) -> bytes:
+    return _ENCODER.encode(message)
+
+
+def decode(frame: Union[bytes, memoryview]) -> Message:
+    """The message in a header frame; ``ProtocolError`` for anything that is not one."""
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"undecodable header frame ({len(frame)} bytes): {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
-        raise ProtocolError(f"header is not a map with a string 'op': {str(header)[:80]!r}")
-    return header
+        return _DECODER.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {_kind(frame)} message ({len(frame)} bytes): {exc}") from None
 
 
-def error_header(kind: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"op": ERROR, "kind": kind, "message": message, **extra}
+def request_id(frame: Union[bytes, memoryview]) -> Optional[int]:
+    """The ``req`` of a header frame that did not decode, if it has one, for the error reply."""
+    header = _loose(frame)
+    req = header.get("req") if isinstance(header, dict) else None
+    return req if isinstance(req, int) and not isinstance(req, bool) and 0 <= req < 2**63 else None
+
+
+def _kind(frame) -> str:
+    header = _loose(frame)
+    op = header.get("op") if isinstance(header, dict) else None
+    return repr(op[:40]) if isinstance(op, str) else "unknown"
+
+
+def _loose(frame) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
+
+
+def check_version(peer_version: int, peer: str, me: str) -> None:
+    """Refuse a peer that speaks another protocol version."""
+    if peer_version != VERSION:
+        spoken = f"version {peer_version}" if peer_version else "a version from before 2"
+        raise ProtocolError(f"{peer} speaks psframework protocol {spoken}, {me} speaks version {VERSION}: "
+                            "install the same psframework on every host of the job")
+
+
+__all__ = [
+    "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
+    "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
+    "Hello", "Init", "Load", "Loaded", "MAX_HEADER_BYTES", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
+    "Push", "PushPull", "REGISTRATION", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
+    "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
+    "check_version", "decode", "encode", "request_id",
+]

@@ -29,6 +29,7 @@ from typing import Optional
 import zmq
 
 from .errors import ConfigError
+from .logs import RateLimitedLog
 
 MECHANISMS = ("none", "token", "curve")
 _USER = "ps"
@@ -142,14 +143,12 @@ class _RefusalLog(logging.LoggerAdapter):
 
     def __init__(self):
         super().__init__(log, {})
-        self.refused = 0
+        self._refusals = RateLimitedLog(log)
 
     def debug(self, msg, *args, **kwargs):
         text = str(msg)
         if "DENIED" in text or "Invalid" in text or "denied" in text.lower():
-            self.refused += 1
-            if self.refused <= 20 or self.refused % 1000 == 0:
-                log.warning("refused an unauthenticated peer (%d so far): " + text, self.refused, *args)
+            self._refusals.warning("refused an unauthenticated peer: " + text, *args)
 
 
 def load_secret(path: Optional[str]) -> Optional[JobSecret]:

@@ -191,16 +191,6 @@ class ShardMap:
             lists[block.server].append(block)
         return tuple(tuple(blocks) for blocks in lists)
 
-    @functools.cached_property
-    def _by_key(self) -> Dict[str, List[Tuple[Block, Segment]]]:
-        index: Dict[str, List[Tuple[Block, Segment]]] = {spec.name: [] for spec in self.tensors}
-        for block in self.blocks:
-            for seg in block.segments:
-                index[seg.key].append((block, seg))
-        for pieces in index.values():
-            pieces.sort(key=lambda bs: bs[1].offset)
-        return index
-
     def blocks_of_server(self, server: int) -> Tuple[Block, ...]:
         if not 0 <= server < self.num_servers:
             raise ConfigError(f"server {server} out of range 0..{self.num_servers - 1}")
@@ -211,10 +201,24 @@ class ShardMap:
 
     def segments_of(self, key: str) -> List[Tuple[Block, Segment]]:
         """The (block, segment) pieces of tensor ``key``, in offset order."""
+        return [(block, seg) for block, _, seg in self.pieces_of(key)]
+
+    def pieces_of(self, key: str) -> List[Tuple[Block, int, Segment]]:
+        """The pieces of tensor ``key`` in offset order: (block, index of the segment in the block, segment)."""
         try:
-            return list(self._by_key[key])
+            return self._pieces[key]
         except KeyError:
             raise ConfigError(f"unknown tensor {key!r}: it is not in the shard map") from None
+
+    @functools.cached_property
+    def _pieces(self) -> Dict[str, List[Tuple[Block, int, Segment]]]:
+        index: Dict[str, List[Tuple[Block, int, Segment]]] = {spec.name: [] for spec in self.tensors}
+        for block in self.blocks:
+            for i, seg in enumerate(block.segments):
+                index[seg.key].append((block, i, seg))
+        for pieces in index.values():
+            pieces.sort(key=lambda piece: piece[2].offset)
+        return index
 
     def to_wire(self) -> Dict[str, Any]:
         return {

@@ -31,7 +31,8 @@ import torch
 from . import protocol as P
 from .errors import ClosedError, ConfigError
 from .optim import OptimizerSpec
-from .worker import Worker, _Exchange, init
+from .worker import Worker, init
+from .worker.exchange import Exchange
 
 _TICK = 0.001  # longest the communication thread leaves arrived replies and landed copies waiting
 
@@ -66,7 +67,11 @@ class DistributedOptimizer:
         except BaseException:
             self.close()
             raise
-        self.step_count = self.start_step
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken, counting those before a resume: the worker's own count."""
+        return self.worker.steps
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
@@ -92,7 +97,6 @@ class DistributedOptimizer:
             self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params).wait()
         else:
             self._overlap.finish(self._grad)
-        self.step_count += 1
         if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 
@@ -183,7 +187,7 @@ class _Overlap:
                     raise ClosedError("the communication thread of this DistributedOptimizer died") from None
         if isinstance(result, BaseException):
             raise result
-        result._order_streams()  # our current streams wait for the copies onto the parameters
+        result.order_streams()  # our current streams wait for the copies onto the parameters
 
     def close(self) -> None:
         for handle in self._hooks:
@@ -195,7 +199,7 @@ class _Overlap:
     # -- the communication thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        exchange: Optional[_Exchange] = None
+        exchange: Optional[Exchange] = None
         error: Optional[BaseException] = None
         while True:
             try:
@@ -213,9 +217,9 @@ class _Overlap:
                 if error is None:
                     try:
                         if exchange is None:
-                            exchange = self.worker._exchange(P.PUSH_PULL, list(self.params), self.params,
-                                                             after_caller=False)
-                            self.worker._counted(exchange.future)
+                            exchange = self.worker.exchange(P.PushPull, list(self.params), self.params,
+                                                            after_caller=False)
+                            self.worker.counted(exchange.future)
                         if item[0] == _READY:
                             _, name, grad, ready = item
                             exchange.add(name, grad, after=ready)
@@ -230,18 +234,18 @@ class _Overlap:
             if exchange is not None and error is None:
                 try:
                     exchange.send_ready(wait=False)
-                    self.worker._progress(0)
+                    self.worker.progress(0)
                 except BaseException as exc:
                     error = exc
 
-    def _finish(self, exchange: _Exchange, rest: dict[str, torch.Tensor], ready: dict) -> None:
+    def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict) -> None:
         self.early_blocks = exchange.sent_blocks
         for name, grad in rest.items():
             exchange.add(name, grad, after=ready.get(grad.device))
         while not exchange.all_sent:
             # take in the replies that are here before waiting for the next block's copy, so their
             # copies onto the GPU overlap the rest of the backward pass instead of following it
-            self.worker._progress(0)
+            self.worker.progress(0)
             exchange.send_ready(wait=True, limit=1)
         exchange.future.wait()
 

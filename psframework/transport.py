@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import zmq
 
 from .errors import ClosedError, ProtocolError
+from .logs import RateLimitedLog
 
 _log = logging.getLogger("psframework.transport")
 
@@ -236,7 +237,7 @@ class _HandshakeWatcher:
                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
     def __init__(self):
-        self.failures = 0
+        self._refusals = RateLimitedLog(_log)
         self._monitors: list[zmq.Socket] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -259,10 +260,12 @@ class _HandshakeWatcher:
             ready, _, _ = zmq.select(monitors, [], [], 0.1)
             for monitor in ready:
                 event = recv_monitor_message(monitor)
-                self.failures += 1
-                if self.failures <= 20 or self.failures % 1000 == 0:
-                    _log.warning("refused a peer that failed the security handshake on %s (%d so far)",
-                                 event.get("endpoint", b"?").decode(errors="replace"), self.failures)
+                self._refusals.warning("refused a peer that failed the security handshake on %s",
+                                       event.get("endpoint", b"?").decode(errors="replace"))
+
+    @property
+    def failures(self) -> int:
+        return self._refusals.count
 
     def stop(self) -> None:
         self._stop.set()

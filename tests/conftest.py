@@ -50,10 +50,10 @@ def make_cluster():
 class WorkerProcs:
     """Worker processes running a function of tests/integration/worker_tasks.py."""
 
-    def __init__(self, cluster: ps.LocalCluster, task: str, n: int, tmp_path: Path, **kwargs):
+    def __init__(self, cluster: ps.LocalCluster, task: str, n: int, tmp_path: Path, env=None, **kwargs):
         self.outs = [tmp_path / f"worker-{r}.pt" for r in range(n)]
         self.logs = [tmp_path / f"worker-{r}.log" for r in range(n)]
-        env = {**cluster.env(), "PYTHONPATH": str(REPO)}
+        env = {**cluster.env(), "PYTHONPATH": str(REPO), **(env or {})}
         self.procs = []
         for rank in range(n):
             argv = [sys.executable, "-m", "tests.integration.worker_tasks", task, str(self.outs[rank]),
@@ -83,8 +83,9 @@ class WorkerProcs:
 def worker_procs(tmp_path):
     started = []
 
-    def start(cluster, task, n, **kwargs) -> WorkerProcs:
-        procs = WorkerProcs(cluster, task, n, tmp_path, **kwargs)
+    def start(cluster, task, n, env=None, **kwargs) -> WorkerProcs:
+        """``n`` workers running ``task(**kwargs)`` with the cluster's variables and ``env``."""
+        procs = WorkerProcs(cluster, task, n, tmp_path, env=env, **kwargs)
         started.append(procs)
         return procs
 

@@ -208,7 +208,7 @@ def test_server_rejects_bad_frames_and_keeps_serving(one_worker):
     block = worker.shard_map.blocks_of_server(0)[0]
     sock = _raw_client(worker.membership.servers[0])
     try:
-        header = {"op": P.PUSH, "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
+        header = {"op": "push", "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
                   "segs": None}
         frames = [b"\0" * 3 for _ in block.segments]  # wrong sizes
         sock.send_multipart([msgpack.packb(header)] + frames)
@@ -343,9 +343,9 @@ def test_pushes_say_whether_more_of_their_exchange_follow(make_cluster):
         params = models.make_params(0)
         worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
         sent: dict[int, list] = {server: [] for server in range(worker.num_servers)}
-        for server, sock in enumerate(worker._servers):
+        for server, sock in enumerate(worker.client.servers):
             def spy(frames, *args, _server=server, _send=sock.send, **kwargs):
-                sent[_server].append(P.unpack_header(frames[0]))
+                sent[_server].append(P.decode(frames[0]))
                 return _send(frames, *args, **kwargs)
             sock.send = spy
         for _ in range(2):
@@ -353,8 +353,8 @@ def test_pushes_say_whether_more_of_their_exchange_follow(make_cluster):
             worker.pull(params).wait(timeout=10)
         blocks = {server: len(worker.shard_map.blocks_of_server(server)) for server in sent}
     for server, headers in sent.items():
-        pushes = [h for h in headers if h["op"] == P.PUSH_PULL]
+        pushes = [h for h in headers if isinstance(h, P.PushPull)]
         assert blocks[server] >= 2 and len(pushes) == 2 * blocks[server]
         follow = [True] * (blocks[server] - 1) + [False]
-        assert [bool(h.get("more")) for h in pushes] == follow * 2
-        assert not any(h.get("more") for h in headers if h["op"] == P.PULL)
+        assert [h.more for h in pushes] == follow * 2
+        assert not any(h.more for h in headers if isinstance(h, P.Pull))

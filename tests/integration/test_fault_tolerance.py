@@ -64,7 +64,7 @@ def test_a_restarted_server_reloads_the_checkpoint_and_training_goes_on(make_clu
         cluster.restart_server(1)  # at once: before the scheduler could notice the death by heartbeats
         for _ in range(2):
             worker.push_pull(ones, into=params).wait(timeout=30)
-        if worker._lanes:  # the new server process got a lane of its own, and used it
+        if worker.lanes.lanes:  # the new server process got a lane of its own, and used it
             assert worker.server_stats()[1]["lane_requests"] >= 2
     # server 1's shards lost the 2 steps after the checkpoint; server 0's did not
     assert torch.equal(params["big"][on_server_1], torch.full((int(on_server_1.sum()),), -5.0))

@@ -187,7 +187,7 @@ def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
         block = worker.shard_map.blocks_of_server(0)[0]
         sock = _raw_client(worker.membership.servers[0])
         try:
-            header = {"op": P.PUSH, "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
+            header = {"op": "push", "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
                       "segs": None}
             sock.send_multipart([msgpack.packb(header)] + [b"\0" * 3 for _ in block.segments])
             reply = msgpack.unpackb(sock.recv_multipart()[0])

@@ -15,7 +15,7 @@ import torch
 import psframework as ps
 from psframework import protocol as P
 from psframework.errors import BadRequestError
-from psframework.shm import shm_available
+from psframework.datapath.lane import shm_available
 from tests.integration import models
 from tests.integration.test_core import CHUNK, assert_one_step_of_ones, assert_params_equal, pull_after_pushes
 from tests.threads import run_in_threads
@@ -28,10 +28,9 @@ def _lane_files() -> list[Path]:
 
 
 @pytest.mark.parametrize("shm", ["1", "0"])
-def test_sync_training_is_the_same_through_lanes_and_sockets(make_cluster, worker_procs, monkeypatch, shm):
-    monkeypatch.setenv("PS_SHM", shm)
+def test_sync_training_is_the_same_through_lanes_and_sockets(make_cluster, worker_procs, shm):
     cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK)
-    results = worker_procs(cluster, "sync_train", 2, optimizer="adam", steps=4).join()
+    results = worker_procs(cluster, "sync_train", 2, env={"PS_SHM": shm}, optimizer="adam", steps=4).join()
     want = models.reference("adam", 4)
     for got in results:
         assert_params_equal(got, want, rtol=1e-5, atol=1e-6)
@@ -42,7 +41,7 @@ def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
     with ps.init(scheduler=cluster.scheduler) as worker:
         params = models.make_params(0)
         worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
-        assert sorted(worker._lanes) == [0, 1]
+        assert sorted(worker.lanes.lanes) == [0, 1]
         assert _lane_files() == [], "a lane's name is removed once its server mapped it"
         before = sum(s["lane_requests"] for s in worker.server_stats())
         grads = {k: torch.ones_like(v) for k, v in params.items()}
@@ -88,13 +87,13 @@ def test_a_lane_with_the_wrong_token_is_refused_and_the_socket_still_works(make_
     with ps.init(scheduler=cluster.scheduler) as worker:
         params = models.make_params(0)
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
-        assert worker._lanes == {}
-        from psframework.shm import Lane, lane_name
+        assert worker.lanes.lanes == {}
+        from psframework.datapath.lane import Lane, lane_name
 
         lane = Lane.create(lane_name(worker.rank, 0), [(b.block_id, b.nbytes) for b in worker.shard_map.blocks])
         try:
             lane.memory[:16].fill_(7)  # the file now holds another token than the one we send
-            future = worker._request_attach(0, lane)
+            future = worker.lanes.request_attach(0, lane)
             lane.memory[:16].fill_(8)
             with pytest.raises(BadRequestError, match="another token"):
                 future.wait(timeout=10)
@@ -109,25 +108,25 @@ def test_a_lane_request_from_a_worker_without_a_lane_is_refused(make_cluster, mo
     cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK)
     with ps.init(scheduler=cluster.scheduler) as worker:
         worker.register(models.make_params(0), optimizer=ps.optim.SGD(lr=1.0))
-        request = {"op": P.PULL, "req": 1, "block": 0, "rank": 0, "shm": 1}
+        request = P.Pull(req=1, block=0, rank=0, shm=True)
         from tests.integration.test_core import _raw_client
 
-        sock = _raw_client(worker._servers[0].address)
+        sock = _raw_client(worker.client.servers[0].address)
         try:
-            sock.send(P.pack_header(request))
-            reply = P.unpack_header(sock.recv())
+            sock.send(P.encode(request))
+            reply = P.decode(sock.recv())
         finally:
             sock.close()
-        assert reply["op"] == P.ERROR and "has none attached" in reply["message"]
+        assert isinstance(reply, P.Error) and "has none attached" in reply.message
         worker.pull(models.make_params(1)).wait(timeout=10)  # the server still serves
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shm", ["1", "0"])
-def test_gpu_workers_and_gpu_shards_through_lanes_and_sockets(make_cluster, worker_procs, monkeypatch, shm):
-    monkeypatch.setenv("PS_SHM", shm)
+def test_gpu_workers_and_gpu_shards_through_lanes_and_sockets(make_cluster, worker_procs, shm):
     cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
-    results = worker_procs(cluster, "sync_train", 2, optimizer="sgd", steps=4, device="cuda").join()
+    results = worker_procs(cluster, "sync_train", 2, env={"PS_SHM": shm}, optimizer="sgd", steps=4,
+                           device="cuda").join()
     want = models.reference("sgd", 4)
     for got in results:
         assert_params_equal(got, want, rtol=1e-4, atol=1e-5)

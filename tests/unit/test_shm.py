@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from psframework.errors import ConfigError
-from psframework.shm import HEADER_BYTES, SHM_DIR, Lane, lane_layout, lane_name, shm_available
+from psframework.datapath.lane import HEADER_BYTES, SHM_DIR, Lane, lane_layout, lane_name, shm_available
 
 needs_shm = pytest.mark.skipif(not shm_available(), reason=f"{SHM_DIR} is missing or not writable")
 

@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("psframework.shm")
 

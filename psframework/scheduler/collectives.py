@@ -1,0 +1,205 @@
+"""Collectives: barriers, checkpoints and restores that every live worker takes part in, and the
+reload of a restarted server's shards.
+
+A collective starts once every live worker has reached it; ``recheck`` runs on every arrival and
+whenever a worker leaves or dies, so a departed worker never holds the others back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .. import checkpoint
+from .. import protocol as P
+from ..errors import PSError
+from .roster import LIVE, Node, Roster
+
+log = logging.getLogger("psframework.scheduler")
+
+Send = Callable[[bytes, P.Message], None]
+WorkerPart = Union[P.Checkpoint, P.Restore]
+
+
+@dataclass
+class _StorageOp:
+    """A checkpoint or restore in progress: the waiting workers and the servers not done yet."""
+
+    kind: type
+    waiting: dict[int, tuple[bytes, WorkerPart]]
+    directory: Path
+    step: int
+    pending: set[int] = field(default_factory=set)
+    files: dict[str, dict] = field(default_factory=dict)
+
+
+class Collectives:
+    def __init__(self, roster: Roster, send: Send, shard_map: Callable[[], Optional[dict]],
+                 optimizer: Callable[[], Optional[dict]]):
+        self.roster = roster
+        self.config = roster.config
+        self._send = send
+        self._shard_map = shard_map
+        self._optimizer = optimizer
+        self._barriers: dict[int, dict[int, bytes]] = {}  # seq -> worker -> its peer
+        self.barrier_seq_done = 0
+        self._collecting: dict[type, dict[int, tuple[bytes, WorkerPart]]] = {P.Checkpoint: {}, P.Restore: {}}
+        self._storage: Optional[_StorageOp] = None
+        self._last_directory: Optional[str] = None
+        self._reloading: dict[int, str] = {}  # restarted server -> checkpoint it loads
+
+    # -- barriers and the workers' parts -------------------------------------------------
+
+    def on_barrier(self, peer: bytes, message: P.Barrier) -> None:
+        node = self.roster.node("worker", message.rank, peer)
+        self._barriers.setdefault(message.seq, {})[node.rank] = peer
+        self.recheck()
+
+    def on_worker_part(self, peer: bytes, message: WorkerPart) -> None:
+        """A worker's part of a checkpoint or restore."""
+        node = self.roster.node("worker", message.rank, peer)
+        what = type(message).__name__.lower()
+        if self._shard_map() is None:
+            raise P.Rejected(P.CHECKPOINT_ERROR, f"worker {node.rank}: {what} needs registered tensors; "
+                                                 "call register() first")
+        if self._storage is not None:
+            raise P.Rejected(P.CHECKPOINT_ERROR, f"worker {node.rank}: a checkpoint operation is already running")
+        self._collecting[type(message)][node.rank] = (peer, message)
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Release the barriers, and start the checkpoints, that every live worker has reached."""
+        live = self.roster.live_workers()
+        for seq, waiting in sorted(self._barriers.items()):
+            if waiting and len(waiting) >= live:
+                for peer in waiting.values():
+                    self._send(peer, P.BarrierDone(seq=seq))
+                del self._barriers[seq]
+                self.barrier_seq_done = max(self.barrier_seq_done, seq)
+        for kind, start in ((P.Checkpoint, self._start_checkpoint), (P.Restore, self._start_restore)):
+            waiting = self._collecting[kind]
+            if waiting and len(waiting) >= live and self._storage is None:
+                self._collecting[kind] = {}
+                start(waiting)
+
+    def fail(self, message: str) -> None:
+        """Answer every wait with an error: a node the job needs died."""
+        for seq, waiting in self._barriers.items():
+            for peer in waiting.values():
+                self._send(peer, P.Error(kind=P.PEER_LOST, message=f"barrier {seq} cannot complete: {message}"))
+        self._barriers.clear()
+        waits = [w for w in self._collecting.values() if w] + ([self._storage.waiting] if self._storage else [])
+        for waiting in waits:
+            self._answer_all(waiting, P.Error(kind=P.PEER_LOST, message=f"checkpoint cannot complete: {message}"))
+        self._collecting = {P.Checkpoint: {}, P.Restore: {}}
+        self._storage = None
+
+    # -- checkpoints and restores --------------------------------------------------------
+
+    def checkpoint_dir(self) -> Optional[str]:
+        return self.config.checkpoint_dir or self._last_directory
+
+    def _start_checkpoint(self, waiting: dict[int, tuple[bytes, WorkerPart]]) -> None:
+        first = waiting[min(waiting)][1]
+        self._last_directory = first.directory
+        step = max(part.step for _, part in waiting.values())
+        directory = Path(first.directory) / checkpoint.tag_for(step)
+        self._storage = _StorageOp(P.Checkpoint, waiting, directory, step)
+        for rank in range(self.config.num_servers):
+            self._send(self.roster.server(rank).identity, P.Save(path=str(directory / f"server-{rank}.pt")))
+            self._storage.pending.add(rank)
+
+    def _start_restore(self, waiting: dict[int, tuple[bytes, WorkerPart]]) -> None:
+        root = Path(waiting[min(waiting)][1].directory)
+        try:
+            found = checkpoint.find_latest(root)
+            if found is not None:
+                checkpoint.check_compatible(found[1], self._shard_map(), self.config.mode,
+                                            self.config.num_servers, found[0])
+        except PSError as exc:
+            self._answer_all(waiting, P.Error(kind=P.CHECKPOINT_ERROR, message=str(exc)))
+            return
+        if found is None:
+            log.info("no complete checkpoint under %s: starting afresh", root)
+            self._answer_all(waiting, P.RestoreDone(step=None))
+            return
+        directory, manifest = found
+        self._storage = _StorageOp(P.Restore, waiting, directory, int(manifest["step"]))
+        for rank in range(self.config.num_servers):
+            self._send(self.roster.server(rank).identity, _load_message(directory, manifest, rank))
+            self._storage.pending.add(rank)
+
+    def on_saved_or_loaded(self, server: Node, message: Union[P.Saved, P.Loaded]) -> None:
+        if isinstance(message, P.Loaded) and server.rank in self._reloading:
+            self._reloaded(server)
+            return
+        op = self._storage
+        if op is None:
+            raise P.Rejected(P.PROTOCOL, f"unexpected {type(message).__name__} from server {server.rank}")
+        op.pending.discard(server.rank)
+        if isinstance(message, P.Saved):
+            op.files[Path(message.path).name] = {"sha256": message.sha256, "bytes": message.bytes}
+        if op.pending:
+            return
+        self._storage = None
+        if op.kind is P.Restore:
+            log.info("restored checkpoint %s (step %d)", op.directory, op.step)
+            self._answer_all(op.waiting, P.RestoreDone(step=op.step, path=str(op.directory)))
+            return
+        checkpoint.write_manifest(op.directory, {
+            "step": op.step, "mode": self.config.mode, "staleness": self.config.staleness,
+            "num_servers": self.config.num_servers, "num_workers": self.config.num_workers,
+            "shard_map": self._shard_map(), "optimizer": self._optimizer(), "files": op.files,
+            "worker_steps": {str(r): part.step for r, (_, part) in op.waiting.items()},
+            "created": time.time(),
+        })
+        log.info("checkpoint %s written (%d files)", op.directory, len(op.files))
+        self._answer_all(op.waiting, P.CheckpointDone(step=op.step, path=str(op.directory)))
+
+    def on_server_error(self, server: Node, message: P.Error) -> None:
+        op = self._storage
+        if op is None:
+            raise P.Rejected(P.PROTOCOL, f"unexpected error report from server {server.rank}")
+        self._storage = None
+        text = f"server {server.rank} on {server.host}: {message.message}"
+        log.error("%s failed: %s", op.kind.__name__.lower(), text)
+        self._answer_all(op.waiting, P.Error(kind=P.CHECKPOINT_ERROR, message=text))
+
+    def _answer_all(self, waiting: dict[int, tuple[bytes, WorkerPart]], message: P.Message) -> None:
+        for peer, _ in waiting.values():
+            self._send(peer, message)
+
+    # -- a restarted server --------------------------------------------------------------
+
+    def reload(self, server: Node) -> Optional[str]:
+        """A restarted server has its blocks: load them from the newest checkpoint. Returns why
+        that is impossible, or None."""
+        root = self.checkpoint_dir()
+        found = checkpoint.find_latest(Path(root)) if root else None
+        if found is None:
+            return f"restarted, but there is no complete checkpoint under {root} to restore its shards from"
+        directory, manifest = found
+        self._reloading[server.rank] = str(directory)
+        self._send(server.identity, _load_message(directory, manifest, server.rank))
+        return None
+
+    def _reloaded(self, server: Node) -> None:
+        directory = Path(self._reloading.pop(server.rank))
+        step = int(checkpoint.read_manifest(directory)["step"])
+        newest = max((int(n.stats.get("steps", 0)) for n in self.roster.workers()), default=0)
+        server.state = LIVE
+        server.last_seen = time.monotonic()
+        self.roster.publish(server)
+        log.warning("server %d is back: restored from %s; its shards rolled back %d steps (from about step %d "
+                    "to step %d)", server.rank, directory.name, max(0, newest - step), newest, step)
+
+
+def _load_message(directory: Path, manifest: dict, rank: int) -> P.Load:
+    name = f"server-{rank}.pt"
+    return P.Load(path=str(directory / name), sha256=manifest["files"][name]["sha256"])
+
+
+__all__ = ["Collectives"]

@@ -1,0 +1,149 @@
+"""Registration: every worker registers the same tensors; the scheduler places them and sets the
+servers up. A worker that joins an elastic job late is checked against the job's tensors and
+activated on every server."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from .. import protocol as P
+from ..errors import PSError, RegistrationError
+from ..sharding import TensorSpec, assign_shards
+from .roster import Node, Roster
+
+log = logging.getLogger("psframework.scheduler")
+
+Send = Callable[[bytes, P.Message], None]
+
+
+class Registration:
+    def __init__(self, roster: Roster, send: Send, barrier_seq: Callable[[], int]):
+        self.roster = roster
+        self._barrier_seq = barrier_seq  # the last barrier done, where a late worker starts counting
+        self.config = roster.config
+        self._send = send
+        self._pending: dict[int, tuple[bytes, P.Register]] = {}  # rank -> its REGISTER, until set up
+        self._setting_up: set[int] = set()  # servers that have not confirmed their blocks
+        self.shard_map: Optional[dict] = None  # on the wire; None until registered
+        self.optimizer: Optional[dict] = None
+        self._reference: list[P.TensorInfo] = []
+        self._late: set[int] = set()  # workers that joined a running job and have not registered
+        self._activating: dict[int, tuple[bytes, set[int]]] = {}  # worker -> (its peer, servers pending)
+
+    @property
+    def done(self) -> bool:
+        return self.shard_map is not None
+
+    def joined_late(self, worker: int) -> None:
+        self._late.add(worker)
+
+    def on_register(self, peer: bytes, message: P.Register) -> None:
+        node = self.roster.node("worker", message.rank, peer)
+        if self.done and node.rank not in self._late:
+            raise P.Rejected(P.REGISTRATION, f"worker {node.rank}: tensors are already registered; "
+                                             "register() may be called once per job")
+        if self.done:
+            self._activate(node, peer, message)
+            return
+        self._pending[node.rank] = (peer, message)
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Place the tensors once every live worker has registered (also when one leaves)."""
+        if self.done or not self._pending or self._setting_up or len(self._pending) < self.roster.live_workers():
+            return
+        try:
+            reference = self._check()
+            specs = [TensorSpec(t.name, tuple(t.shape), t.dtype) for t in reference.tensors]
+            shard_map = assign_shards(specs, self.config.num_servers, self.config.chunk_bytes)
+        except PSError as exc:
+            self.fail(P.REGISTRATION, str(exc))
+            return
+        self.shard_map, self.optimizer, self._reference = shard_map.to_wire(), reference.optimizer, reference.tensors
+        for rank in range(self.config.num_servers):
+            self._send(self.roster.server(rank).identity, self.setup_message())
+            self._setting_up.add(rank)
+        log.info("registered %d tensors in %d blocks; server bytes %s", len(specs), len(shard_map.blocks),
+                 shard_map.server_bytes())
+
+    def setup_message(self) -> P.Setup:
+        return P.Setup(shard_map=self.shard_map, optimizer=self.optimizer)
+
+    def _check(self) -> P.Register:
+        if 0 not in self._pending:
+            raise RegistrationError("worker 0 did not register; its values initialise the servers")
+        reference = self._pending[0][1]
+        for rank, (_, message) in sorted(self._pending.items()):
+            if message.optimizer != reference.optimizer:
+                raise RegistrationError(
+                    f"worker {rank} registered optimizer {message.optimizer} but worker 0 "
+                    f"registered {reference.optimizer}; all workers must use the same one")
+            mismatch = first_mismatch(reference.tensors, message.tensors)
+            if mismatch:
+                raise RegistrationError(f"worker {rank} and worker 0 registered different tensors: {mismatch}")
+        return reference
+
+    def on_setup_done(self, server: Node) -> None:
+        self._setting_up.discard(server.rank)
+        if self._setting_up:
+            return
+        for peer, _ in self._pending.values():
+            self._send(peer, P.Registered(shard_map=self.shard_map))
+        self._pending.clear()
+
+    def fail(self, kind: str, message: str) -> None:
+        """Answer every waiting registration with an error."""
+        for peer, _ in self._pending.values():
+            self._send(peer, P.Error(kind=kind, message=message))
+        self._pending.clear()
+
+    # -- late workers --------------------------------------------------------------------
+
+    def _activate(self, node: Node, peer: bytes, message: P.Register) -> None:
+        """Check a late worker's tensors, then let the servers count it from their current step on."""
+        mismatch = first_mismatch(self._reference, message.tensors)
+        if mismatch:
+            self._send(peer, P.Error(kind=P.REGISTRATION, message=f"worker {node.rank} registered different "
+                                                                  f"tensors than the job: {mismatch}"))
+            return
+        self._late.discard(node.rank)
+        self._activating[node.rank] = (peer, set(range(self.config.num_servers)))
+        for rank in range(self.config.num_servers):
+            self._send(self.roster.server(rank).identity, P.Activate(worker=node.rank, epoch=self.roster.epoch))
+
+    def on_activated(self, server: Node, message: P.Activated) -> None:
+        pending = self._activating.get(message.worker)
+        if pending is None:
+            return
+        pending[1].discard(server.rank)
+        if not pending[1]:
+            del self._activating[message.worker]
+            self._send(pending[0], P.Registered(shard_map=self.shard_map, joined=True,
+                                                barrier_seq=self._barrier_seq()))
+            log.info("worker %d takes part again from the servers' next step", message.worker)
+
+
+
+def first_mismatch(reference: list[P.TensorInfo], other: list[P.TensorInfo]) -> str:
+    """How ``other``'s tensors differ from worker 0's ``reference``; empty if they do not."""
+    ref = {t.name: t for t in reference}
+    oth = {t.name: t for t in other}
+    for name in ref:
+        if name not in oth:
+            return f"{name!r} is missing (worker 0 has it)"
+    for name in oth:
+        if name not in ref:
+            return f"{name!r} is not registered by worker 0"
+    for name, t in ref.items():
+        o = oth[name]
+        if o.shape != t.shape:
+            return f"{name!r} has shape {tuple(o.shape)}, worker 0 has {tuple(t.shape)}"
+        if o.dtype != t.dtype:
+            return f"{name!r} has dtype {o.dtype}, worker 0 has {t.dtype}"
+    if [t.name for t in reference] != [t.name for t in other]:
+        return "the same tensors were registered in a different order"
+    return ""
+
+
+__all__ = ["Registration", "first_mismatch"]

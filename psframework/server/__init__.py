@@ -1,0 +1,303 @@
+"""The server role: owns shards on its device, applies pushes, answers pulls.
+
+A server joins the job through the scheduler, receives its blocks of the shard map, and then
+serves workers directly. It is a loop over small parts:
+
+- ``store``: the blocks' values and the optimizer over them (``DenseStore``);
+- ``policy``: the update semantics of the job's mode (``Sync``, ``Async``, ``SSP``), chosen once;
+- ``device``: how tensors move between the wire and the device (``HostIO``, ``CudaIO``);
+- ``lanes``: the shared-memory lanes of the workers on this host;
+- ``checkpoints``: the server's part of a checkpoint.
+
+Run one with ``python -m psframework server`` (ps-launch does this for you).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from .. import protocol as P
+from ..config import NodeConfig
+from ..devices import init_cuda_early, pick_server_device
+from ..errors import ProtocolError, PSError
+from ..logs import RateLimitedLog
+from ..node import POLL_SLICE, Membership, join_cluster
+from ..optim import optimizer_from_wire
+from ..security import load_secret
+from ..sharding import ShardMap
+from ..transport import Socket, Transport, ZmqTransport
+from . import checkpoints
+from .device import DeviceIO, device_io
+from .lanes import ServerLanes
+from .policy import Policy, policy_for
+from .store import BlockState, DenseStore, Pending
+
+log = logging.getLogger("psframework.server")
+
+_DEVICE_POLL = 20e-6  # seconds between looks at the device while answers wait for it
+
+
+class Server:
+    def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
+        self.config = config
+        self._own_transport = transport is None
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
+        self.data: Optional[Socket] = None
+        self.membership: Optional[Membership] = None
+        self.device = torch.device("cpu")
+        self.store = DenseStore(self.device)
+        self.io: Optional[DeviceIO] = None
+        self.lanes: Optional[ServerLanes] = None
+        self.policy: Optional[Policy] = None
+        self._garbage_log = RateLimitedLog(log)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Join the job and serve until the scheduler says stop. Returns the exit code."""
+        try:
+            self.data = self.transport.listen(self.config.bind_host, 0,
+                                              max_message_bytes=self.config.max_message_bytes)
+            init_cuda_early(self.config.device)
+            self.membership = join_cluster(self.transport, self.config, role="server", address=self.data.address)
+            self._place()
+            log.info("server %d serving on %s, shards on %s", self.membership.rank, self.data.address, self.device)
+            return self._loop()
+        except PSError as exc:
+            log.error("server stopping: %s", exc)
+            return 1
+        finally:
+            self.close()
+
+    def _place(self) -> None:
+        """Choose our device and build the parts that depend on it and on the mode."""
+        m = self.membership
+        requested = m.welcome.server_device or self.config.device
+        gpus = torch.cuda.device_count() if requested != "cpu" else 0
+        self.device = torch.device(pick_server_device(requested, m.rank, m.servers, gpus))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.store = DenseStore(self.device)
+        self.io = device_io(self.data, self.device, self._check)
+        self.lanes = ServerLanes(self.io, self.device)
+        self.policy = policy_for(m.mode, m, self.store, self.io)
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+        if self.lanes is not None:
+            self.lanes.close()
+        for state in self.store.blocks.values():
+            state.trackers.clear()
+        if self.membership is not None:
+            self.membership.close()
+            self.membership = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        if self._own_transport:
+            self.transport.close()
+            self._own_transport = False
+
+    def _check(self) -> None:
+        self.membership.check(peers=False)
+
+    def _loop(self) -> int:
+        membership = self.membership
+        while True:
+            ready = self.transport.poll([self.data, membership.socket], 0 if self._waiting else POLL_SLICE)
+            if membership.socket in ready:
+                for message in membership.receive():
+                    self._on_control(message)
+            if self.data in ready:
+                self._drain_data()
+            if self._waiting and not ready:
+                self._await_device_or_request()
+            if membership.shutdown_requested:
+                log.info("server %d: job finished, %d updates applied", membership.rank, self.store.applied)
+                return 0
+            if membership.peers_changed:
+                self._answer_pulls(self.policy.peers_changed())
+                self._fail_impossible_waits()
+                self.io.flush(wait=True)
+            self._check()
+            membership.stats = {"applied": self.store.applied, "pushes": self.policy.pushes}
+
+    @property
+    def _waiting(self) -> bool:
+        """Answers wait for device work, or complete steps for their uploads."""
+        return self.io.waiting or self.policy.waiting
+
+    def _await_device_or_request(self) -> None:
+        """Apply the steps whose uploads have landed and send the answers whose device work is
+        done, until a request comes in or nothing waits (at most one poll slice). Blocking on the
+        device instead would hold back the next request, whose upload could run beside the
+        copies that the answers wait for."""
+        deadline = time.monotonic() + POLL_SLICE
+        while self._waiting and time.monotonic() < deadline:
+            self._apply_due()
+            self.io.flush(wait=False)
+            if self.transport.poll([self.data], 0):
+                return
+            time.sleep(_DEVICE_POLL)
+        self.io.flush(wait=False)
+
+    def _drain_data(self) -> None:
+        # bounded so heartbeats keep flowing under a flood of requests
+        for _ in range(256):
+            if not self.transport.poll([self.data], 0):
+                break
+            self._handle_one()
+            self.io.flush(wait=False)
+        self._apply_due()
+
+    def _apply_due(self) -> None:
+        self._answer_pulls(self.policy.apply_due())
+
+    # -- control messages from the scheduler ----------------------------------------------
+
+    def _on_control(self, message: P.Message) -> None:
+        if isinstance(message, P.Setup):
+            self._setup(message)
+        elif isinstance(message, P.Save):
+            self.membership.send(checkpoints.save(self.store, message))
+        elif isinstance(message, P.Load):
+            answer = checkpoints.load(self.store, message, self._check)
+            if isinstance(answer, P.Loaded):
+                self.policy.reset()
+            self.membership.send(answer)
+        elif isinstance(message, P.Activate):
+            self._activate(message)
+
+    def _setup(self, message: P.Setup) -> None:
+        shard_map = ShardMap.from_wire(message.shard_map)
+        rank = self.membership.rank
+        blocks = self.store.setup(shard_map, rank, optimizer_from_wire(message.optimizer),
+                                  self.membership.num_workers)
+        self.io.setup(blocks)
+        self.membership.send(P.SetupDone(blocks=len(blocks)))
+        log.info("server %d holds %d blocks, %.1f MiB", rank, len(blocks), self.store.nbytes / 2**20)
+
+    def _activate(self, message: P.Activate) -> None:
+        """A worker joined late: it takes part from each block's current step on."""
+        self.membership.rejoined(message.worker, message.epoch)
+        for state in self.store.blocks.values():
+            state.clocks[message.worker] = self.policy.start_clock(state, message.worker)
+        self.membership.send(P.Activated(worker=message.worker))
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _handle_one(self) -> None:
+        try:
+            peer, head = self.data.recv_header()
+        except ProtocolError as exc:
+            self.data.skip_rest()
+            self._garbage_log.warning("dropped a message without a header: %s", exc)
+            return
+        try:
+            message = P.decode(head)
+        except ProtocolError as exc:
+            self.data.skip_rest()
+            self._garbage_log.warning("dropped a malformed message from peer %r: %s", peer, exc)
+            self._send(peer, P.Error(kind=P.PROTOCOL, message=str(exc), req=P.request_id(head)))
+            return
+        try:
+            self._dispatch(peer, message)
+        except P.Rejected as exc:
+            self.data.skip_rest()
+            self._garbage_log.warning("rejected %s from %r: %s", type(message).__name__, peer, exc)
+            self._send(peer, exc.reply(getattr(message, "req", None)))
+
+    def _send(self, peer: bytes, message: P.Message) -> None:
+        self.data.send([P.encode(message)], peer=peer)
+
+    def _dispatch(self, peer: bytes, message: P.Message) -> None:
+        if isinstance(message, P.BlockRequest):
+            self._on_block_request(peer, message)
+        elif isinstance(message, P.Stats):
+            self.data.skip_rest()
+            self._send(peer, P.StatsReply(req=message.req, counters=self.counters()))
+        elif isinstance(message, P.Attach):
+            self.data.skip_rest()
+            blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
+            self.lanes.attach(message, blocks, self.membership.num_workers, self.membership.rank)
+            self._send(peer, P.Ack(req=message.req))
+        else:
+            raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
+
+    def _on_block_request(self, peer: bytes, request: P.BlockRequest) -> None:
+        state, segs = self.store.resolve(request, self.membership.num_workers)
+        pushes = not isinstance(request, P.Pull)
+        if pushes:
+            self.policy.more_follow(request.rank, request.more)
+        lane = self.lanes.lane_for(request, self.data.more(), self.membership.rank)
+        if isinstance(request, P.Init):
+            self._init(peer, state, segs, request)
+            return
+        pushed = None
+        if pushes:
+            pushed = self.lanes.pushed(state, segs, lane) if lane is not None else self.io.receive_frames(state, segs)
+            self.policy.push(state, pushed, request.rank)
+        else:
+            self.data.skip_rest()
+        if isinstance(request, P.Push):
+            # a lane's push slot is reused once acknowledged: on a GPU, after the upload out of it
+            self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
+        else:
+            state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
+                                       lane=lane is not None))
+        self._answer_pulls([state])
+
+    def _init(self, peer: bytes, state: BlockState, segs: list[int], request: P.Init) -> None:
+        pushed = self.io.receive_frames(state, segs)
+        self.io.order_after_upload(pushed)
+        self.store.write(state, pushed.grads, self._check)
+        self._send(peer, P.Ack(req=request.req))
+
+    def _answer_pulls(self, states: list[BlockState]) -> None:
+        for state in states:
+            waiting = []
+            for pending in state.pulls:
+                if self.policy.pull_ready(state, pending):
+                    self._send_values(state, pending)
+                else:
+                    waiting.append(pending)
+            state.pulls = waiting
+
+    def _send_values(self, state: BlockState, pending: Pending) -> None:
+        values = P.Values(req=pending.req, version=state.version, min_clock=min(state.clocks), shm=pending.lane)
+        if pending.lane:
+            self.lanes.answer(state, pending, values)
+        else:
+            self.io.send_values(state, pending, P.encode(values))
+
+    def _fail_impossible_waits(self) -> None:
+        """Answer waits that can never be satisfied because a worker left or died."""
+        gone = self.membership.gone_workers()
+        for state in self.store.blocks.values():
+            still = []
+            for pending in state.pulls:
+                reason = self.policy.impossible(state, pending, gone)
+                if reason is None:
+                    still.append(pending)
+                else:
+                    self._send(pending.peer, P.Error(kind=P.PEER_LOST, message=reason, req=pending.req))
+            state.pulls = still
+        self._answer_pulls(list(self.store.blocks.values()))
+
+    def counters(self) -> dict:
+        """What ``Worker.server_stats()`` reports."""
+        return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
+                "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
+                "apply_bursts": 0, "timed_applies": 0, **self.policy.counters()}
+
+
+def main(config: NodeConfig) -> int:
+    return Server(config).serve()
+
+
+__all__ = ["Server", "main"]

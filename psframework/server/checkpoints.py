@@ -1,0 +1,37 @@
+"""A server's part of a checkpoint: its blocks, their clocks and the optimizer state, in one file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from .. import checkpoint
+from .. import protocol as P
+from .store import DenseStore
+
+log = logging.getLogger("psframework.server")
+
+
+def save(store: DenseStore, message: P.Save) -> P.Message:
+    """Write this server's shard file; the answer for the scheduler (``Saved`` or an ``Error``)."""
+    path = Path(message.path)
+    try:
+        sha256, size = checkpoint.save_shard(path, {"rank": store.rank, **store.snapshot()})
+    except Exception as exc:  # disk full, permissions: the job must hear it, not hang
+        return P.Error(kind=P.CHECKPOINT_ERROR, message=f"cannot write {path}: {exc}")
+    return P.Saved(path=str(path), sha256=sha256, bytes=size)
+
+
+def load(store: DenseStore, message: P.Load, check: Callable[[], None]) -> P.Message:
+    """Restore this server's blocks from its shard file; the answer for the scheduler."""
+    path = Path(message.path)
+    try:
+        store.restore(checkpoint.load_shard(path, message.sha256), str(path), check)
+    except Exception as exc:
+        return P.Error(kind=P.CHECKPOINT_ERROR, message=f"cannot restore {path}: {exc}")
+    log.info("server %d restored %s", store.rank, path)
+    return P.Loaded(path=str(path))
+
+
+__all__ = ["load", "save"]

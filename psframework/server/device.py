@@ -1,0 +1,253 @@
+"""Moving a server's tensors between the wire (or a lane) and its device.
+
+``HostIO``: shards in host memory. Pushed frames are used as received (the messages themselves,
+zero-copy), lane gradients as views of the lane slot, and replies are sent zero-copy straight
+from the parameters.
+
+``CudaIO``: shards on a GPU. Frames land in a small ring of pinned host slots and go to the
+device with asynchronous copies on an upload stream of their own, so receiving the next message
+overlaps the copy of the last; the update runs on the server's stream with torch's fused kernels;
+replies are copied from the device into a pinned buffer per block (once per version, however many
+workers pull it) and go on the wire once that copy has finished (the outbox), while the server
+goes on receiving.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional
+
+import torch
+
+from .. import protocol as P
+from ..buffers import byte_view, host_copy
+from ..devices import StagingRing
+from ..transport import Socket
+from .store import BlockState, Pending, Pushed
+
+
+class DeviceIO:
+    """The interface both devices share."""
+
+    on_gpu = False
+
+    def __init__(self, data: Socket):
+        self.data = data
+
+    def setup(self, blocks: list) -> None:
+        """The server now holds these blocks (of the shard map)."""
+
+    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
+        """One frame per segment from the data socket, checked against the block's layout."""
+        raise NotImplementedError
+
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+        """Gradients of ``segs`` from ``host``, a flat tensor laid out like the block (a lane slot)."""
+        raise NotImplementedError
+
+    def order_after_upload(self, pushed: Pushed) -> None:
+        """Our next kernels must see ``pushed``'s gradients."""
+
+    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
+        """Answer a pull over the socket: the header, then one frame per segment."""
+        raise NotImplementedError
+
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Optional[torch.cuda.Event]:
+        """Copy the values of ``segs`` into ``host`` (laid out like the block); returns the event to
+        wait for before the copy may be read, if it is asynchronous."""
+        raise NotImplementedError
+
+    def answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event] = None) -> None:
+        """Send an answer now, or once the device work before ``after`` is done."""
+        self.data.send(frames, peer=peer)
+
+    def flush(self, wait: bool) -> None:
+        """Send the answers whose device work is done (all of them, with ``wait``)."""
+
+    @property
+    def waiting(self) -> bool:
+        """Answers wait for device work."""
+        return False
+
+    def close(self) -> None:
+        """Forget the answers still waiting (we are shutting down)."""
+
+    def frame_sizes_check(self, state: BlockState, segs: list[int], receive: Callable[[int, int], int]) -> None:
+        """Receive one frame per segment with ``receive(i, expected) -> got``, refusing a request
+        whose frames do not match the block."""
+        for i in segs:
+            if not self.data.more():
+                raise P.Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, "
+                                             "fewer sent")
+            expected = state.nbytes[i]
+            got = receive(i, expected)
+            if got != expected:
+                seg = state.block.segments[i]
+                raise P.Rejected(P.BAD_REQUEST, f"frame for {seg.key!r} (elements {seg.offset}.."
+                                                f"{seg.offset + seg.numel}) has {got} bytes, expected {expected}")
+        if self.data.more():
+            raise P.Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
+
+
+class HostIO(DeviceIO):
+    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
+        """The received messages themselves, ours to keep and sum into (copying each into a
+        preallocated buffer took a third of the server's CPU time per round trip,
+        benchmarks/pushpull.py)."""
+        tensors: dict[int, torch.Tensor] = {}
+
+        def receive(i: int, expected: int) -> int:
+            frame = self.data.recv_buffer()
+            got = len(memoryview(frame))
+            if got == expected:
+                tensors[i] = _host_tensor(frame, state.params[i].dtype)
+            return got
+
+        self.frame_sizes_check(state, segs, receive)
+        return Pushed(tensors)
+
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+        views = state.split(host)
+        return Pushed({i: views[i] for i in segs}, owned=False)
+
+    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
+        frames = [head] + [byte_view(state.params[i]) for i in pending.segs]
+        tracker = self.data.send(frames, peer=pending.peer, track=True)
+        if tracker is not None and not tracker.done:
+            state.trackers.append(tracker)
+
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> None:
+        views = state.split(host)
+        for i in segs:
+            host_copy(views[i], state.params[i])
+        return None
+
+
+class CudaIO(DeviceIO):
+    on_gpu = True
+
+    def __init__(self, data: Socket, device: torch.device, check: Callable[[], None]):
+        super().__init__(data)
+        self.device = device
+        self._check = check
+        # streams of our own, so copies and updates never wait on the legacy default stream; high
+        # priority, so that on a GPU shared with a worker's backward pass the updates that pass is
+        # waiting for are not queued behind its kernels
+        self.stream = torch.cuda.Stream(device, priority=-1)  # updates, and copies of values to the host
+        self.upload = torch.cuda.Stream(device, priority=-1)  # copies of pushed gradients to the device
+        torch.cuda.set_stream(self.stream)
+        self._ring: Optional[StagingRing] = None
+        # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they read)
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[BlockState]]] = deque()
+
+    def setup(self, blocks: list) -> None:
+        if blocks:
+            self._ring = StagingRing(max(b.nbytes for b in blocks))
+
+    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
+        """Fresh device tensors, copied from a reused pinned receive slot on the upload stream."""
+        slot = self._ring.take()
+        self.frame_sizes_check(state, segs,
+                               lambda i, expected: self.data.recv_into(slot.view(state.byte_offset(i), expected)))
+        pushed = self.from_host(state, segs, slot.typed(state.flat.dtype, 0, state.block.numel))
+        slot.copied(self.upload)  # the slot is reused once these copies are done
+        return pushed
+
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+        """Copy pushed gradients to the device on the upload stream, which runs beside the copies of
+        values to the host on ours. A whole block is one copy. Our stream does not wait for it on
+        the device: a stream of ours that waits keeps our process on a GPU that a worker's backward
+        pass is using, so our kernels go out only once the upload has landed (``Sync.apply_due``)."""
+        whole = None
+        with torch.cuda.stream(self.upload):
+            if state.covers(segs):
+                whole = host.to(self.device, non_blocking=True)
+                values, fresh = state.split(whole), [whole]
+            else:
+                views = state.split(host)
+                values = {i: views[i].to(self.device, non_blocking=True) for i in segs}
+                fresh = list(values.values())
+        uploaded = torch.cuda.Event()
+        uploaded.record(self.upload)
+        for tensor in fresh:
+            tensor.record_stream(self.stream)  # allocated on the upload stream, used and freed on ours
+        return Pushed(values, whole, uploaded)
+
+    def order_after_upload(self, pushed: Pushed) -> None:
+        if pushed.uploaded is not None:
+            self.stream.wait_event(pushed.uploaded)
+
+    def _download(self, state: BlockState, segs: list[int], host: torch.Tensor) -> None:
+        """Queue on our stream the copies of the values of ``segs`` into ``host`` (pinned, laid out
+        like the block): one copy for a whole block."""
+        if state.covers(segs):
+            host.copy_(state.flat, non_blocking=True)
+            return
+        views = state.split(host)
+        for i in segs:
+            views[i].copy_(state.params[i], non_blocking=True)
+
+    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
+        """Copy the values to the block's pinned reply buffer (unless this version is there already)
+        and queue the reply; it goes on the wire once the copy has finished."""
+        stale = [i for i in pending.segs if state.staged[i] != state.version]
+        if stale:
+            if state.queued_replies:
+                self.flush(wait=True)
+            state.reply.wait(self._check)  # earlier replies may read it
+            self._download(state, stale, state.reply.typed(state.flat.dtype, 0, state.block.numel))
+            for i in stale:
+                state.staged[i] = state.version
+        frames = [head] + [state.reply.view(state.byte_offset(i), state.nbytes[i]) for i in pending.segs]
+        state.queued_replies += 1
+        self._outbox.append((self._work_so_far(), pending.peer, frames, state))
+
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
+        self._download(state, segs, host)
+        return self._work_so_far()
+
+    def _work_so_far(self) -> torch.cuda.Event:
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return done
+
+    def answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event] = None) -> None:
+        if after is None:
+            self.data.send(frames, peer=peer)
+        else:
+            self._outbox.append((after, peer, frames, None))
+
+    def flush(self, wait: bool) -> None:
+        while self._outbox:
+            done, peer, frames, state = self._outbox[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._outbox.popleft()
+            tracker = self.data.send(frames, peer=peer, track=True)
+            if state is not None:
+                state.queued_replies -= 1
+                state.reply.sent(tracker)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._outbox)
+
+    def close(self) -> None:
+        self._outbox.clear()
+
+
+def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
+    """A received frame as a flat tensor, without a copy where its memory is aligned."""
+    if not len(memoryview(frame)):
+        return torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(frame, dtype=dtype)
+    # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
+    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
+
+
+def device_io(data: Socket, device: torch.device, check: Callable[[], None]) -> DeviceIO:
+    return CudaIO(data, device, check) if device.type == "cuda" else HostIO(data)
+
+
+__all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io"]

@@ -1,0 +1,83 @@
+"""The server's end of the shared-memory lanes (``psframework/datapath/lane.py``).
+
+A worker on the server's host offers its lane with an ``Attach``; a request that says ``shm`` then
+carries no frames: its gradients are in the worker's push slot of the block, and its values are
+written into the pull slot before the answer (a bare header) goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .. import protocol as P
+from ..datapath.lane import Lane
+from .device import DeviceIO
+from .store import BlockState, Pending, Pushed
+
+log = logging.getLogger("psframework.server")
+
+
+class ServerLanes:
+    def __init__(self, io: DeviceIO, device: torch.device):
+        self.io = io
+        self.device = device
+        self.lanes: dict[int, Lane] = {}  # by worker rank
+        self.requests = 0  # that came through a lane
+
+    def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
+        """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
+        if not 0 <= message.rank < num_workers:
+            raise P.Rejected(P.BAD_REQUEST, f"attach from an unknown worker rank {message.rank}")
+        try:
+            lane = Lane.attach(message.path, message.token, blocks)
+            if self.device.type == "cuda":
+                lane.pin(self.device)
+        except Exception as exc:  # whatever the reason, the worker goes on over the socket
+            raise P.Rejected(P.BAD_REQUEST, f"server {server} cannot map lane {message.path}: {exc}") from None
+        old = self.lanes.pop(message.rank, None)
+        if old is not None:
+            old.close()
+        self.lanes[message.rank] = lane
+
+    def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Lane]:
+        """The lane a request came through, or None for a socket request."""
+        if not request.shm:
+            return None
+        lane = self.lanes.get(request.rank)
+        if lane is None or isinstance(request, P.Init):
+            raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} through a shared-memory lane, but worker "
+                                            f"{request.rank} has none attached to server {server}")
+        if more_frames:
+            raise P.Rejected(P.PROTOCOL, "a lane request carries no frames")
+        self.requests += 1
+        return lane
+
+    def pushed(self, state: BlockState, segs: list[int], lane: Lane) -> Pushed:
+        """A lane push's gradients: views of the worker's push slot (host shards), or device copies
+        of it (GPU shards)."""
+        return self.io.from_host(state, segs, _slot(lane.push_slot, state))
+
+    def answer(self, state: BlockState, pending: Pending, values: P.Values) -> None:
+        lane = self.lanes.get(pending.rank)
+        if lane is None:  # the worker rejoined and its lane went with the old process
+            error = P.Error(kind=P.PEER_LOST, message=f"worker {pending.rank} has no lane any more", req=pending.req)
+            self.io.answer(pending.peer, [P.encode(error)])
+            return
+        copied = self.io.values_into(state, pending.segs, _slot(lane.pull_slot, state))
+        self.io.answer(pending.peer, [P.encode(values)], after=copied)
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()
+        self.lanes.clear()
+
+
+def _slot(area, state: BlockState) -> torch.Tensor:
+    """A block's push or pull slot in a lane, as a flat tensor of the block's dtype."""
+    return area(state.block.block_id, 0, state.block.nbytes).view(state.flat.dtype)
+
+
+__all__ = ["ServerLanes"]

@@ -1,0 +1,254 @@
+"""One push, pull or push_pull, sent block by block as its sources are added.
+
+A block goes out once every source in it was added and, for a source on a GPU, its copy into
+the worker's pinned buffer for that key has landed. Sources in host memory go out zero-copy and
+host destinations receive in place; destinations on a GPU receive into the worker's pinned
+buffer for the key, and each block's values are copied on to the device as soon as they arrive.
+A block whose server has a shared-memory lane to this worker, with the block's slots free, goes
+through the lane instead: sources are copied into its push slot (straight from the GPU, for a
+GPU tensor), only the header is sent, and the values are copied out of its pull slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from .. import protocol as P
+from ..buffers import byte_view, host_copy
+from ..datapath.lane import Lane
+from ..devices import Staging
+from ..errors import ConfigError
+from ..sharding import Block, Segment
+from .lanes import LaneCopy, lane_piece
+from .requests import Future, Request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .worker import Worker
+
+Part = tuple[int, Segment, str]  # (index of the segment in its block, the segment, its key)
+
+
+class Exchange:
+    def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *,
+                 after_caller: bool = True):
+        self.worker = worker
+        self.op = op
+        self.future = Future(worker.client).unsealed()
+        self._blocks: dict[int, tuple[Block, list[Part]]] = {}
+        for name in names:
+            for block, i, seg in worker.shard_map.pieces_of(name):
+                self._blocks.setdefault(block.block_id, (block, []))[1].append((i, seg, name))
+        for _, parts in self._blocks.values():
+            parts.sort(key=lambda part: part[0])
+        self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
+        self._sources: dict[str, Optional[torch.Tensor]] = {}  # flat host tensors (None: all in lanes)
+        self._from_device: set[str] = set()  # sources copied from a GPU (already in their lane slots)
+        self._staged: dict[str, Staging] = {}
+        self._landed: dict[int, list] = {}  # block -> events of its copies from GPUs
+        self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
+        self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
+        self._unsent_to: dict[int, int] = {}  # blocks not yet sent, by server
+        for block, _ in self._blocks.values():
+            self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
+        self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
+        self._lane_blocks: dict[int, Lane] = {}
+        if op is not P.Init:
+            for block_id, (block, _) in self._blocks.items():
+                lane = worker.lanes.reserve(block)
+                if lane is not None:
+                    self._lane_blocks[block_id] = lane
+        self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
+                       if dests is not None else {})
+        if op is P.Pull:
+            self._ready.extend(self._blocks)
+        self._seal_if_sent()
+
+    @property
+    def sent_blocks(self) -> int:
+        return len(self._blocks) - sum(self._unsent_to.values())
+
+    @property
+    def all_sent(self) -> bool:
+        return not any(self._unsent_to.values())
+
+    def add(self, name: str, tensor: torch.Tensor, after: Optional["torch.cuda.Event"] = None) -> None:
+        """Hand over the source tensor for ``name``. For a tensor on a GPU, its copy to the host
+        waits for ``after`` (default: for the work queued so far on the caller's current stream)."""
+        if name in self._sources:
+            raise ConfigError(f"{self.op.__name__}: {name!r} was given twice")
+        self.worker.check_tensor(name, tensor, self.op.__name__)
+        pieces = self.worker.shard_map.pieces_of(name)
+        if tensor.device.type == "cpu":
+            flat = tensor.detach().contiguous().reshape(-1)
+        else:
+            flat = self._copy_from_device(name, tensor, pieces, after)
+            self._from_device.add(name)
+        self._sources[name] = flat
+        for block, _, _ in pieces:
+            self._missing[block.block_id] -= 1
+            if self._missing[block.block_id] == 0:
+                self._ready.append(block.block_id)
+
+    def _copy_from_device(self, name: str, tensor: torch.Tensor, pieces: list, after) -> Optional[torch.Tensor]:
+        """Start the copies of a GPU tensor's blocks to the host: into their lane's push slot, or
+        into the key's pinned staging buffer, which is returned (None if every block has a lane)."""
+        staging, device = self.worker.staging, tensor.device
+        flat = None
+        if any(block.block_id not in self._lane_blocks for block, _, _ in pieces):
+            buffer = staging.buffer("push", name, tensor)
+            buffer.wait(self.worker.membership.check)  # earlier sends from it have left
+            self._staged[name] = buffer
+            flat = buffer.typed(tensor.dtype)
+        stream = staging.stream(device, "push")
+        if after is not None:
+            stream.wait_event(after)
+        else:
+            self._after_caller(stream, device, "push")
+        with torch.cuda.stream(stream):
+            source = tensor.detach()
+            source = (source if source.is_contiguous() else source.contiguous()).view(-1)
+            for block, _, seg in pieces:
+                end = seg.offset + seg.numel
+                lane = self._lane_blocks.get(block.block_id)
+                target = flat[seg.offset:end] if lane is None else lane_piece(lane.push_slot, block, seg, tensor.dtype)
+                target.copy_(source[seg.offset:end], non_blocking=True)
+            landed = torch.cuda.Event()  # one per tensor: recording events costs more than the small copies
+            landed.record(stream)
+        for block, _, _ in pieces:
+            self._landed.setdefault(block.block_id, []).append(landed)
+        self._keep.append(source)
+        return flat
+
+    def _after_caller(self, stream: "torch.cuda.Stream", device: torch.device, direction: str) -> None:
+        """Order a copy stream after the work queued so far on the caller's stream (once per exchange)."""
+        if (device, direction) not in self._ordered:
+            self._ordered.add((device, direction))
+            stream.wait_stream(torch.cuda.current_stream(device))
+
+    def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
+        """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
+        their copies from GPUs, else stop at the first block whose copies have not landed."""
+        while self._ready and (limit is None or limit > 0):
+            if limit is not None:
+                limit -= 1
+            block_id = self._ready[0]
+            events = self._landed.pop(block_id, ())
+            if not wait and not all(event.query() for event in events):
+                self._landed[block_id] = list(events)
+                return
+            for event in events:
+                event.synchronize()
+            self._ready.popleft()
+            self._send_block(*self._blocks[block_id])
+        self._seal_if_sent()
+
+    def _seal_if_sent(self) -> None:
+        if self.all_sent:
+            self._keep.clear()
+            self.future.seal()
+
+    def _send_block(self, block: Block, parts: list[Part]) -> None:
+        client = self.worker.client
+        req = client.next_id()
+        segs = [i for i, _, _ in parts]
+        self._unsent_to[block.server] -= 1
+        lane = self._lane_blocks.get(block.block_id)
+        header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
+                         segs=None if len(segs) == len(block.segments) else segs,
+                         # more pushes of this exchange follow: a GPU server may wait for them
+                         more=bool(self._unsent_to[block.server]) and self.op is not P.Pull,
+                         shm=lane is not None)
+        request = Request(self.future, block.server, frames=[P.encode(header)])
+        if lane is not None:
+            copies = [self._through_lane(lane, block, seg, name) for _, seg, name in parts]
+            request.on_answer = functools.partial(self.worker.lanes.answered, [c for c in copies if c], block)
+            client.submit(request, req)
+            return
+        staged: dict[int, Staging] = {}
+        for _, seg, name in parts:
+            if self.op is not P.Pull:
+                piece = self._sources[name][seg.offset:seg.offset + seg.numel]
+                request.frames.append(byte_view(piece))
+                request.keep.append(piece)
+                if name in self._staged:
+                    staged[id(self._staged[name])] = self._staged[name]
+            if self._dests:
+                request.dest.append(self._dests[name].piece(seg, request.keep))
+        tracker = client.submit(request, req, track=bool(staged))
+        for buffer in staged.values():
+            buffer.sent(tracker)  # reused only once ZeroMQ is done reading it
+
+    def _through_lane(self, lane: Lane, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
+        """One segment of a lane request: its source into the push slot (a GPU source is there
+        already), and the copy of its values out of the pull slot once the answer is in."""
+        if self.op is not P.Pull and name not in self._from_device:
+            source = self._sources[name]
+            host_copy(lane_piece(lane.push_slot, block, seg, source.dtype), source[seg.offset:seg.offset + seg.numel])
+        return self._dests[name].from_lane(block, seg) if self._dests else None
+
+    def _destination(self, name: str, tensor: torch.Tensor, after_caller: bool) -> "Destination":
+        target = tensor.detach()
+        if target.device.type == "cpu":
+            if target.is_contiguous():
+                return Destination(target.reshape(-1))
+            staging = torch.empty(target.numel(), dtype=target.dtype)
+            self.future.add_finalizer(lambda: target.copy_(staging.view(target.shape)))
+            return Destination(staging)
+        device = target.device
+        stream = self.worker.staging.stream(device, "pull")
+        if after_caller:
+            self._after_caller(stream, device, "pull")  # work queued on it may read target
+        self.future.copies_on(device, stream)
+        if target.is_contiguous() and all(block.block_id in self._lane_blocks
+                                          for block, _, _ in self.worker.shard_map.pieces_of(name)):
+            return Destination(None, target.view(-1), None, stream)  # straight from the lanes' pull slots
+        buffer = self.worker.staging.buffer("pull", name, target)
+        buffer.wait()  # the copy out of it for the last pull has finished
+        host = buffer.typed(target.dtype)
+        if target.is_contiguous():
+            return Destination(host, target.view(-1), buffer, stream)
+
+        def copy_whole() -> None:
+            with torch.cuda.stream(stream):
+                target.copy_(host.view(target.shape), non_blocking=True)
+            buffer.copied(stream)
+
+        self.future.add_finalizer(copy_whole)
+        return Destination(host)
+
+
+class Destination:
+    """Where one key's pulled values land: a host tensor, and for a GPU tensor its flat device view."""
+
+    def __init__(self, host: Optional[torch.Tensor], device: Optional[torch.Tensor] = None,
+                 staging: Optional[Staging] = None, stream: Optional["torch.cuda.Stream"] = None):
+        self.host, self.device, self.staging, self.stream = host, device, staging, stream
+
+    def piece(self, seg: Segment, keep: list) -> tuple[memoryview, Optional[Callable[[], None]]]:
+        end = seg.offset + seg.numel
+        host = self.host[seg.offset:end]
+        keep.append(host)
+        if self.device is None:
+            return byte_view(host), None
+        device, staging, stream = self.device[seg.offset:end], self.staging, self.stream
+
+        def copy_to_device() -> None:
+            with torch.cuda.stream(stream):
+                device.copy_(host, non_blocking=True)
+            staging.copied(stream)  # the next pull into this buffer waits for the copy
+
+        return byte_view(host), copy_to_device
+
+    def from_lane(self, block: Block, seg: Segment) -> LaneCopy:
+        """The copy of one segment out of a lane's pull slot."""
+        end = seg.offset + seg.numel
+        if self.device is None:
+            return LaneCopy(self.host[seg.offset:end], block, seg, None)
+        return LaneCopy(self.device[seg.offset:end], block, seg, self.stream)
+
+
+__all__ = ["Destination", "Exchange"]

@@ -1,0 +1,139 @@
+"""The worker's end of the shared-memory lanes (``psframework/datapath/lane.py``).
+
+After ``register`` the worker offers every server a lane; the servers of its own host map it.
+A request that goes through a lane reserves its block's slots, writes its gradients into the push
+slot, sends only the header, and once answered copies the values out of the pull slot (straight
+onto the GPU for a GPU destination) and frees the slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .. import protocol as P
+from ..buffers import host_copy
+from ..datapath.lane import Lane, lane_name
+from ..errors import PSError
+from ..sharding import Block, Segment, ShardMap
+from .requests import Client, Future, Request
+
+log = logging.getLogger("psframework.worker")
+
+
+@dataclass
+class LaneCopy:
+    """Where one segment of a lane reply goes: a host tensor, or a device tensor (copied on ``stream``)."""
+    target: torch.Tensor
+    block: Block
+    seg: Segment
+    stream: Optional["torch.cuda.Stream"]
+
+
+def lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """Where one segment lies in a lane's push or pull slot of its block, as a typed tensor."""
+    size = dtype.itemsize
+    return slot(block.block_id, seg.block_offset * size, seg.numel * size).view(dtype)
+
+
+class WorkerLanes:
+    def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None]):
+        self.client = client
+        self.rank = rank
+        self.shard_map = shard_map
+        self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
+        self.lanes: dict[int, Lane] = {}  # by server rank
+
+    def _blocks(self, server: int) -> list[tuple[int, int]]:
+        return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
+
+    def attach_all(self, servers: Iterable[int], device: Optional[torch.device]) -> None:
+        """Offer each server a lane; those on this host map it, the others refuse. ``device``: the
+        GPU the worker's tensors are on, whose copies should see the lane as pinned memory."""
+        offers = []
+        for server in servers:
+            blocks = self._blocks(server)
+            if not blocks:
+                continue
+            try:
+                lane = Lane.create(lane_name(self.rank, server), blocks)
+            except OSError as exc:
+                log.warning("worker %d: no shared-memory lanes (%s); using the sockets only", self.rank, exc)
+                break
+            offers.append((server, lane, self.request_attach(server, lane)))
+        for server, lane, future in offers:
+            try:
+                future.wait(timeout=30)
+            except PSError as exc:
+                log.debug("worker %d: server %d takes no lane: %s", self.rank, server, exc)
+                lane.close()
+                continue
+            lane.path.unlink(missing_ok=True)  # both have it mapped; no name left to leak
+            self.lanes[server] = lane
+            if device is not None:
+                lane.pin(device)
+        if offers:
+            log.info("worker %d: shared-memory lanes to servers %s", self.rank, sorted(self.lanes))
+
+    def request_attach(self, server: int, lane: Lane) -> Future:
+        future = Future(self.client)
+        req = self.client.next_id()
+        attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token)
+        self.client.submit(Request(future, server, frames=[P.encode(attach)]), req)
+        return future
+
+    def renew(self, server: int) -> None:
+        """The new process of a restarted server gets a fresh lane with the old one's push area
+        (requests in flight still have their gradients there)."""
+        if server not in self.lanes:
+            return
+        self._sync_copies()  # copies into the old push area have landed
+        old = self.lanes.pop(server)
+        lane = Lane.create(lane_name(self.rank, server), self._blocks(server))
+        lane.copy_push_area(old)
+        if old.pinned:
+            lane.pin()
+        old.close()
+        self.lanes[server] = lane
+        self.request_attach(server, lane).on_complete(lambda: lane.path.unlink(missing_ok=True))
+
+    def reserve(self, block: Block) -> Optional[Lane]:
+        """The lane for a request on ``block``, if its server has one and the block's slots are free."""
+        lane = self.lanes.get(block.server)
+        return lane if lane is not None and lane.reserve(block.block_id) else None
+
+    def answered(self, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message, ok: bool) -> None:
+        """A lane request's answer is in: copy its values out of the pull slot (if it carries them)
+        and free the block's slots."""
+        lane = self.lanes.get(block.server)
+        if lane is None:
+            return
+        to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
+        for copy in copies if ok and isinstance(reply, P.Values) else ():
+            source = lane_piece(lane.pull_slot, copy.block, copy.seg, copy.target.dtype)
+            if copy.stream is None:
+                host_copy(copy.target, source)
+            else:
+                targets, sources = to_devices.setdefault(copy.stream, ([], []))
+                targets.append(copy.target)
+                sources.append(source)
+        copied = []
+        for stream, (targets, sources) in to_devices.items():
+            # one call for the block's segments: a Python copy_ each cost ~20 us, which added up
+            # to a millisecond for a block of many small tensors at the end of a step
+            with torch.cuda.stream(stream):
+                torch._foreach_copy_(targets, sources, non_blocking=True)
+            copied.append(torch.cuda.Event())
+            copied[-1].record(stream)
+        lane.release(block.block_id, copied)
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()
+        self.lanes = {}
+
+
+__all__ = ["LaneCopy", "WorkerLanes", "lane_piece"]

@@ -1,0 +1,212 @@
+"""Requests to the servers and their futures: the worker's client part.
+
+Every request has an id; its answer comes back on the socket of its server and resolves it. A
+``Future`` gathers the requests of one push, pull or push_pull. ``Client.wait_until`` receives
+answers in slices of ``POLL_SLICE``, checking between slices that every node of the job still
+lives, so no wait hangs on a dead peer. A server restarted at a new address gets the requests it
+never answered again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .. import protocol as P
+from ..errors import PSError, PSTimeoutError, ProtocolError, error_for
+from ..node import POLL_SLICE, Membership
+from ..transport import Socket, Transport
+
+log = logging.getLogger("psframework.worker")
+
+
+class Future:
+    """The pending result of push, pull or push_pull. ``wait()`` returns once every server answered.
+
+    >>> worker.push(grads).wait(timeout=30)     # doctest: +SKIP
+    """
+
+    def __init__(self, client: "Client"):
+        self._client = client
+        self._outstanding = 0
+        self._sealed = True  # False while more requests may still join (an exchange sending block by block)
+        self._error: Optional[PSError] = None
+        self._finalizers: list[Callable[[], None]] = []
+        self._on_complete: Optional[Callable[[], None]] = None
+        self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # that copied onto GPUs
+
+    def done(self) -> bool:
+        return self._outstanding == 0 and self._sealed
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until complete; raises the first error any server reported, or PeerLostError."""
+        self._client.wait_until(self.done, timeout)
+        finalizers, self._finalizers = self._finalizers, []
+        if self._error is not None:
+            raise self._error
+        for finalize in finalizers:
+            finalize()
+        self.order_streams()
+
+    # -- what the worker's parts use -----------------------------------------------------
+
+    def unsealed(self) -> "Future":
+        """More requests join until ``seal()``; only then can the future complete."""
+        self._sealed = False
+        return self
+
+    def seal(self) -> None:
+        self._sealed = True
+        self._maybe_complete()
+
+    def expect(self) -> None:
+        self._outstanding += 1
+
+    def resolve(self, error: Optional[PSError] = None) -> None:
+        self._outstanding -= 1
+        if error is not None and self._error is None:
+            self._error = error
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        if self.done() and self._error is None and self._on_complete is not None:
+            on_complete, self._on_complete = self._on_complete, None
+            on_complete()
+
+    def on_complete(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once, when every request succeeded."""
+        self._on_complete = callback
+        self._maybe_complete()
+
+    def add_finalizer(self, finalize: Callable[[], None]) -> None:
+        """Run ``finalize`` in ``wait()`` once every request succeeded."""
+        self._finalizers.append(finalize)
+
+    def copies_on(self, device: torch.device, stream: "torch.cuda.Stream") -> None:
+        """Copies onto ``device`` are queued on ``stream``: ``wait()`` orders the caller after them."""
+        self._copy_streams[device] = stream
+
+    def order_streams(self) -> None:
+        """Make the calling thread's current CUDA streams wait for this request's copies to GPUs."""
+        for device, stream in self._copy_streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+
+@dataclass
+class Request:
+    """One message to one server, and what to do with its answer."""
+    future: Future
+    server: int
+    frames: list = field(default_factory=list)  # kept to resend if the server is restarted
+    reply: Optional[P.Message] = None
+    # where each reply frame lands, and what to do once it did (copy it on to a GPU)
+    dest: list[tuple[memoryview, Optional[Callable[[], None]]]] = field(default_factory=list)
+    keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
+    on_answer: Optional[Callable[["Request", P.Message, bool], None]] = None  # lane requests: (req, reply, ok)
+
+
+class Client:
+    """The worker's sockets to the servers and the requests awaiting answers on them."""
+
+    def __init__(self, transport: Transport, membership: Membership, max_message_bytes: int):
+        self.transport = transport
+        self.membership = membership
+        self._max_message_bytes = max_message_bytes
+        self.servers: list[Socket] = [transport.connect(a, max_message_bytes=max_message_bytes)
+                                      for a in membership.servers]
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Request] = {}
+        self.on_server_moved: Callable[[int], None] = lambda server: None
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def submit(self, request: Request, req: int, track: bool = False):
+        """Send a request's frames to its server and await its answer as ``req``; returns the tracker."""
+        self.pending[req] = request
+        request.future.expect()
+        return self.servers[request.server].send(request.frames, check=self.membership.check, track=track)
+
+    def progress(self, timeout: float) -> None:
+        """Receive the replies that arrive within ``timeout`` seconds (after a liveness check)."""
+        self.membership.check()
+        for sock in self.transport.poll(self.servers, timeout):
+            while self.transport.poll([sock], 0):
+                self._receive_reply(sock)
+
+    def wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            self._follow_moved_servers()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PSTimeoutError(f"worker {self.membership.rank}: request not answered within {timeout} s")
+            self.progress(POLL_SLICE)
+
+    def wait_all(self) -> None:
+        self.wait_until(lambda: not self.pending, None)
+
+    def _follow_moved_servers(self) -> None:
+        """A restarted server listens at a new address: reconnect and resend what it never answered."""
+        for rank, address in self.membership.moved_servers().items():
+            resend = [r for r in self.pending.values() if r.server == rank]
+            log.warning("worker %d: server %d restarted at %s; resending %d requests", self.membership.rank, rank,
+                        address, len(resend))
+            self.servers[rank].close()
+            self.servers[rank] = self.transport.connect(address, max_message_bytes=self._max_message_bytes)
+            self.on_server_moved(rank)  # its lane's attach goes first, so the resent requests find it
+            for request in resend:
+                self.servers[rank].send(request.frames, check=self.membership.check)
+
+    def _receive_reply(self, sock: Socket) -> None:
+        _, head = sock.recv_header()
+        try:
+            message = P.decode(head)
+        except ProtocolError as exc:
+            sock.skip_rest()
+            log.warning("worker %d dropped a malformed reply from %s: %s", self.membership.rank, sock.address, exc)
+            return
+        request = self.pending.pop(getattr(message, "req", None), None)
+        if request is None:
+            sock.skip_rest()
+            return
+        if isinstance(message, P.Error):
+            sock.skip_rest()
+            if request.on_answer is not None:
+                request.on_answer(request, message, False)
+            request.future.resolve(error_for(message.kind, message.message))
+            return
+        request.reply = message
+        error = None
+        if request.on_answer is not None:
+            sock.skip_rest()
+            if isinstance(message, P.Values) and not message.shm:
+                error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
+            request.on_answer(request, message, error is None)
+        elif isinstance(message, P.Values):
+            error = self._receive_values(sock, request)
+        sock.skip_rest()
+        request.future.resolve(error)
+
+    @staticmethod
+    def _receive_values(sock: Socket, request: Request) -> Optional[PSError]:
+        for view, landed in request.dest:
+            got = sock.recv_into(view) if sock.more() else -1
+            if got != len(view):
+                return ProtocolError(f"reply from {sock.address} had a frame of {got} bytes, expected {len(view)}")
+            if landed is not None:
+                landed()
+        return None
+
+    def close(self) -> None:
+        for sock in self.servers:
+            sock.close()
+        self.servers = []
+
+
+__all__ = ["Client", "Future", "Request"]

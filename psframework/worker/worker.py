@@ -1,0 +1,313 @@
+"""``Worker``: the member of a job that trains; the API a training loop uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .. import protocol as P
+from ..buffers import dtype_name
+from ..config import NodeConfig, node_config_from_env
+from ..datapath.lane import shm_available
+from ..devices import init_cuda_early
+from ..errors import BadRequestError, ClosedError, ConfigError, PSError, RegistrationError
+from ..node import Membership, join_cluster
+from ..optim import OptimizerSpec
+from ..security import load_secret
+from ..sharding import ShardMap, TensorSpec
+from ..transport import Transport, ZmqTransport
+from .exchange import Exchange
+from .lanes import WorkerLanes
+from .requests import Client, Future, Request
+from .staging import DeviceStaging
+
+log = logging.getLogger("psframework.worker")
+
+TensorsLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
+    """``tensors`` as a dict of names to tensors, every item checked."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    result: dict[str, torch.Tensor] = {}
+    for item in items:
+        try:
+            name, tensor = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be a mapping or (name, tensor) pairs; got item {item!r}") from None
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{what}: expected (str, Tensor), got ({type(name).__name__}, {type(tensor).__name__})")
+        if name in result:
+            raise ConfigError(f"{what}: name {name!r} appears twice")
+        result[name] = tensor
+    return result
+
+
+class Worker:
+    """A member of the job that trains. Create it with ``ps.init()``.
+
+    Workers talk to the servers directly: every request is sent to all servers it concerns before
+    any answer is awaited. Tensor frames are zero-copy slices of the caller's tensors, and pulled
+    values are received straight into the caller's tensors. A Worker is used from one thread.
+    """
+
+    def __init__(self, config: NodeConfig, transport: Optional[Transport] = None):
+        self.config = config
+        self._own_transport = transport is None
+        self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
+        self._closed = False
+        self.membership: Optional[Membership] = None
+        self.client: Optional[Client] = None
+        self.lanes: Optional[WorkerLanes] = None
+        self.staging = DeviceStaging()
+        init_cuda_early(None)  # the training loop's tensors may well be on a GPU
+        try:
+            self.membership = join_cluster(self.transport, config, role="worker")
+            self.client = Client(self.transport, self.membership, config.max_message_bytes)
+        except BaseException:
+            self.close()
+            raise
+        self.shard_map: Optional[ShardMap] = None
+        self._specs: dict[str, TensorSpec] = {}
+        self._registered: dict[str, torch.Tensor] = {}
+        self._barrier_seq = 0
+        self.steps = 0  # pushes and push_pulls completed; the default step number of a checkpoint
+
+    # -- identity ------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.membership.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self.membership.num_workers
+
+    @property
+    def num_servers(self) -> int:
+        return self.membership.num_servers
+
+    @property
+    def mode(self) -> str:
+        return self.membership.mode
+
+    @property
+    def staleness(self) -> int:
+        return self.membership.staleness
+
+    def __repr__(self) -> str:
+        if self.membership is None:
+            return "<Worker (not joined)>"
+        return f"<Worker rank={self.rank}/{self.num_workers} mode={self.mode}>"
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(self, params: TensorsLike, optimizer: Optional[OptimizerSpec] = None) -> None:
+        """Collective: every worker registers the same tensors; afterwards all hold rank 0's values."""
+        self._check_open()
+        if self.shard_map is not None:
+            raise RegistrationError("register() was already called on this worker; it may be called once")
+        if not isinstance(optimizer, OptimizerSpec):
+            raise ConfigError("register() needs optimizer=, e.g. ps.optim.SGD(lr=0.1)")
+        tensors = as_dict(params, "register()")
+        if not tensors:
+            raise ConfigError("register() got no tensors")
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                raise ConfigError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}; only floating tensors can be "
+                                  "registered (server optimizers need them)")
+        specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+        reply = self.membership.request(
+            P.Register(rank=self.rank, tensors=[P.TensorInfo(s.name, list(s.shape), s.dtype) for s in specs],
+                       optimizer=optimizer.to_wire()), expect=P.Registered)
+        self.shard_map = ShardMap.from_wire(reply.shard_map)
+        self._specs = {s.name: s for s in specs}
+        self._registered = tensors
+        self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize)
+        self.client.on_server_moved = self.lanes.renew
+        if reply.joined:
+            # a worker that joined a running elastic job: take the current values, skip the start-up
+            self._barrier_seq = reply.barrier_seq
+        else:
+            if self.rank == 0:
+                self._send(P.Init, tensors, None).wait()
+            self.barrier()
+        self.pull(tensors).wait()
+        if self.config.shm and shm_available():
+            devices = [t.device for t in tensors.values() if t.is_cuda]
+            self.lanes.attach_all(range(self.num_servers), devices[0] if devices else None)
+
+    # -- data path -----------------------------------------------------------------------
+
+    def push(self, grads: TensorsLike) -> Future:
+        """Send gradients; the servers apply them by the job's mode. Returns a Future."""
+        return self.counted(self._send(P.Push, as_dict(grads, "push()"), None))
+
+    def pull(self, tensors: TensorsLike) -> Future:
+        """Copy the current values into these tensors (once the mode allows). Returns a Future."""
+        return self._send(P.Pull, None, as_dict(tensors, "pull()"))
+
+    def push_pull(self, grads: TensorsLike, into: TensorsLike) -> Future:
+        """Push gradients, then receive the updated values into ``into`` (same names)."""
+        grads = as_dict(grads, "push_pull()")
+        dest = as_dict(into, "push_pull(into=)")
+        missing = [k for k in grads if k not in dest]
+        if missing:
+            raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
+        return self.counted(self._send(P.PushPull, grads, {k: dest[k] for k in grads}))
+
+    def counted(self, future: Future) -> Future:
+        """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
+        def done() -> None:
+            self.steps += 1
+            self.membership.stats = {"steps": self.steps}  # heartbeats report it, for rollback reports
+
+        future.on_complete(done)
+        return future
+
+    def check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
+        """``BadRequestError`` unless ``tensor`` matches what ``name`` was registered with."""
+        spec = self._specs.get(name)
+        if spec is None:
+            known = ", ".join(list(self._specs)[:8])
+            raise BadRequestError(f"{what}: unknown key {name!r}; registered keys include: {known}")
+        if tuple(tensor.shape) != spec.shape:
+            raise BadRequestError(f"{what}: key {name!r} has shape {tuple(tensor.shape)} but was registered "
+                                  f"with shape {spec.shape}")
+        if dtype_name(tensor.dtype) != spec.dtype:
+            raise BadRequestError(f"{what}: key {name!r} has dtype {dtype_name(tensor.dtype)} but was registered "
+                                  f"with dtype {spec.dtype}")
+
+    def _send(self, op: type, sources: Optional[dict], dests: Optional[dict]) -> Future:
+        self._require_registered(op.__name__.lower())
+        names = list(sources if sources is not None else dests)
+        if sources is not None:
+            for name in names:  # every tensor is checked before anything is sent
+                self.check_tensor(name, sources[name], op.__name__.lower())
+        exchange = self.exchange(op, names, dests)
+        if sources is not None:
+            for name in names:
+                exchange.add(name, sources[name])
+        exchange.send_ready(wait=True)
+        return exchange.future
+
+    def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True) -> Exchange:
+        """Start an exchange (``op``: ``P.Push``, ``P.Pull``, ``P.PushPull``, ``P.Init``) of ``names``;
+        its sources are added one by one. With ``after_caller=False``, copies into GPU destinations
+        are ordered only after the events given to ``add``, not after all the work queued on the
+        caller's current stream. For ``DistributedOptimizer``; a training loop uses push and pull."""
+        self._require_registered(op.__name__.lower())
+        if dests is not None:
+            for name in names:
+                self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
+        return Exchange(self, op, names, dests, after_caller=after_caller)
+
+    def progress(self, timeout: float) -> None:
+        """Take in the replies that arrive within ``timeout`` seconds."""
+        self.client.progress(timeout)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, step: Optional[int] = None) -> str:
+        """Collective: snapshot every shard, the optimizer state and the clocks under ``directory``.
+
+        Every worker calls it at the same point (in sync mode: after the same step). Requests
+        still in flight are completed first, so the snapshot holds the same pushes everywhere.
+        Returns the checkpoint's directory (``directory/step-NNNNNNNN``).
+        """
+        self._require_registered("save_checkpoint")
+        self.client.wait_all()
+        reply = self.membership.request(
+            P.Checkpoint(rank=self.rank, directory=str(directory), step=self.steps if step is None else int(step)),
+            expect=P.CheckpointDone)
+        return reply.path
+
+    def load_checkpoint(self, directory: str) -> Optional[int]:
+        """Collective: restore the newest complete checkpoint under ``directory`` on every server and
+        pull it into the registered tensors. Returns its step, or None if there is none yet."""
+        self._require_registered("load_checkpoint")
+        self.client.wait_all()
+        reply = self.membership.request(P.Restore(rank=self.rank, directory=str(directory)), expect=P.RestoreDone)
+        if reply.step is None:
+            return None
+        self.pull(self._registered).wait()
+        self.steps = reply.step
+        self.membership.stats = {"steps": self.steps}
+        return self.steps
+
+    def barrier(self, timeout: Optional[float] = None) -> None:
+        """Block until every live worker reached the same barrier."""
+        self._check_open()
+        self._barrier_seq += 1
+        self.membership.request(P.Barrier(rank=self.rank, seq=self._barrier_seq), expect=P.BarrierDone,
+                                timeout=timeout)
+
+    def server_stats(self) -> list[dict]:
+        """Counters of every server, by rank: ``applied`` updates, ``pushes`` received, ``blocks``
+        held, its ``device``, the workers with ``lanes`` and the ``lane_requests`` they made, and
+        ``apply_bursts`` (optimizer steps over complete sync blocks; on a GPU several blocks go in
+        one) of which ``timed_applies`` went out because the blocks had waited 5 ms."""
+        self._check_open()
+        future = Future(self.client)
+        requests = []
+        for rank in range(self.num_servers):
+            req = self.client.next_id()
+            requests.append(Request(future, rank, frames=[P.encode(P.Stats(req=req))]))
+            self.client.submit(requests[-1], req)
+        future.wait()
+        return [dict(request.reply.counters) for request in requests]
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this worker is closed; create a new one with ps.init()")
+
+    def _require_registered(self, what: str) -> None:
+        self._check_open()
+        if self.shard_map is None:
+            raise ConfigError(f"{what}: call register() first")
+
+    def close(self) -> None:
+        """Leave the job: tell the scheduler this worker is done, then release every socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.membership is not None:
+                self.membership.request(P.Bye(rank=self.rank), expect=P.ByeAck, timeout=5.0)
+        except PSError as exc:
+            log.debug("worker close: %s", exc)
+        finally:
+            if self.client is not None:
+                self.client.close()
+            if self.lanes is not None:
+                self.lanes.close()
+            if self.membership is not None:
+                self.membership.close()
+            if self._own_transport:
+                self.transport.close()
+                self._own_transport = False
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,
+         secret_file: Optional[str] = None, transport: Optional[Transport] = None) -> Worker:
+    """Join the job as a worker. Under ps-launch every setting comes from ``PS_*`` variables;
+    keyword arguments override them (``secret_file``: the job secret of an authenticated job).
+
+    >>> worker = ps.init(scheduler="tcp://127.0.0.1:9091")   # doctest: +SKIP
+    """
+    config = node_config_from_env(scheduler=scheduler, rank=rank, start_timeout=timeout, secret_file=secret_file)
+    return Worker(config, transport=transport)
+
+
+__all__ = ["Worker", "as_dict", "init"]
