@@ -10,7 +10,7 @@ float32 tensor per size and times ``push_pull(grads, into=params).wait()`` after
 A round's time is the slowest worker's; the table shows the median over ``--repeats`` rounds.
 
 The PS talks over loopback TCP like the baselines; ``--shm`` lets it use the shared-memory lanes
-that it takes by default between processes of one host (``psframework/shm.py``).
+that it takes by default between processes of one host (``psframework/datapath/lane.py``).
 
 In the same run, two baselines move the same bytes:
 

@@ -141,7 +141,7 @@ def _watch(job: Job, procs: list[subprocess.Popen], steps_total: int, advance: C
 
 
 def run_with_launcher(job: Job, steps_total: int, advance, timeout: float) -> None:
-    argv = [sys.executable, "-m", "launch", "-n", str(job.workers), "-s", str(job.servers),
+    argv = [sys.executable, "-m", "psframework.launch", "-n", str(job.workers), "-s", str(job.servers),
             "--mode", job.mode.mode, "--staleness", str(job.mode.staleness), "--server-device", "cpu",
             "--log-dir", str(job.log_dir), "--", *_worker_argv(job)]
     out = open(job.log_dir / "ps-launch.log", "wb")

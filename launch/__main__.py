@@ -1,5 +1,5 @@
 """``python -m launch``: the same as the ``ps-launch`` console script."""
 
-from launch.cli import main
+from .cli import main
 
 main(prog_name="ps-launch")

@@ -16,12 +16,12 @@ from typing import Optional
 
 import click
 
-from launch.config import LaunchConfig, parse_exports
-from launch.hostfile import read_hostfile
-from launch.job import run_job
-from psframework.config import MODES, scheduler_config_from_env
-from psframework.errors import ConfigError
-from psframework.security import MECHANISMS
+from .config import LaunchConfig, parse_exports
+from .hostfile import read_hostfile
+from .job import run_job
+from ..config import MODES, remote_forwarded, tuning_from_env
+from ..errors import ConfigError
+from ..security import MECHANISMS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
 
@@ -85,20 +85,21 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
 
 def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
                  start_timeout: float, job_id: Optional[str] = None, **options) -> LaunchConfig:
-    """The ``LaunchConfig`` for these option values; reads the hostfile and this environment."""
-    environ = dict(os.environ)
-    # PS_CHUNK_BYTES, PS_HEARTBEAT_* and PS_MAX_MESSAGE_BYTES have no option; they pass through
-    tuning = scheduler_config_from_env(num_workers=1, num_servers=1, mode="sync", staleness=0)
+    """The ``LaunchConfig`` for these option values; reads the hostfile and, through
+    ``psframework.config``, the settings of this environment that have no option."""
+    # PS_CHUNK_BYTES, PS_HEARTBEAT_*, PS_MAX_MESSAGE_BYTES and PS_LOG_LEVEL have no option; they pass through
+    tuning = tuning_from_env()
     extra = {"job_id": job_id} if job_id else {}
     return LaunchConfig(
         command=tuple(command),
         hosts=read_hostfile(hostfile) if hostfile else None,
         hostfile=hostfile,
-        env=parse_exports(exports, environ),
-        forward_env=tuple((k, environ[k]) for k in ("PYTHONPATH",) if environ.get(k)),
+        env=parse_exports(exports),
+        forward_env=remote_forwarded(),
         timing=dataclasses.replace(tuning.timing, start_timeout=start_timeout),
         chunk_bytes=tuning.chunk_bytes,
         max_message_bytes=tuning.max_message_bytes,
+        log_level=tuning.log_level,
         python=sys.executable,
         cwd=os.getcwd(),
         **extra,

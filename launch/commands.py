@@ -23,11 +23,11 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from launch.config import LaunchConfig
-from launch.hosts import is_local_host
-from launch.placement import Placement
-from psframework.config import config_to_env
-from psframework.errors import ConfigError
+from .config import LaunchConfig
+from .hosts import is_local_host
+from .placement import Placement
+from ..config import config_to_env
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launch.hostfile import HostEntry
-from launch.hosts import split_host_port
-from launch.placement import JobLayout, plan_job
-from psframework.config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, SchedulerConfig, Timing
-from psframework.errors import ConfigError
-from psframework.security import MECHANISMS
+from .hostfile import HostEntry
+from .hosts import split_host_port
+from .placement import JobLayout, plan_job
+from ..config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, SchedulerConfig, Timing, exported_value
+from ..errors import ConfigError
+from ..security import MECHANISMS
 
 # Every variable ps-launch reads, with the option it stands for (README_ENV.md shows this table).
 LAUNCH_ENV_VARS = {
@@ -83,6 +83,7 @@ class LaunchConfig:
     timing: Timing = field(default_factory=Timing)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log_level: str = "INFO"
     ssh_config: Optional[str] = None
     job_id: str = field(default_factory=lambda: secrets.token_hex(6))
     python: str = sys.executable
@@ -136,7 +137,7 @@ class LaunchConfig:
             staleness=self.staleness, port=self.scheduler_port, chunk_bytes=self.chunk_bytes,
             server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
             secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
-            checkpoint_dir=self.checkpoint_dir)
+            checkpoint_dir=self.checkpoint_dir, log_level=self.log_level)
 
     def worker_env(self) -> dict[str, str]:
         """What only workers need: DistributedOptimizer's checkpoint schedule."""
@@ -157,16 +158,17 @@ def check_export_name(name: str) -> str:
     return name
 
 
-def parse_exports(items: tuple[str, ...], environ: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """``-x NAME=VALUE`` or ``-x NAME`` (value taken from ``environ``), as mpirun -x does."""
+def parse_exports(items: tuple[str, ...], environ: Optional[dict[str, str]] = None) -> tuple[tuple[str, str], ...]:
+    """``-x NAME=VALUE`` or ``-x NAME`` (value taken from ``environ``, default this process's), as
+    mpirun -x does."""
     exports: dict[str, str] = {}
     for item in items:
         name, eq, value = item.partition("=")
         check_export_name(name)
         if not eq:
-            if name not in environ:
+            value = exported_value(name, environ)
+            if value is None:
                 raise ConfigError(f"-x {name}: {name} is not set here; write -x {name}=VALUE")
-            value = environ[name]
         exports[name] = value
     return tuple(exports.items())
 

@@ -24,8 +24,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from launch.hosts import join_host_port, split_host_port
-from psframework.errors import ConfigError
+from .hosts import join_host_port, split_host_port
+from ..errors import ConfigError
 
 KNOWN_KEYS = ("slots", "servers")
 _INT_RE = re.compile(r"-?[0-9]+")

@@ -21,7 +21,7 @@ import ipaddress
 import re
 import socket
 
-from psframework.errors import ConfigError
+from ..errors import ConfigError
 
 _PORT_RE = re.compile(r"[0-9]+")
 _MAX_PORT = 65535

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from launch.commands import ProcessSpec, host_addresses, node_processes, scheduler_process
-from launch.config import LaunchConfig
-from launch.hosts import is_local_host
-from launch.remote import ssh_install_file_argv
-from launch.process import Console, JobProcess
-from psframework.errors import ConfigError
-from psframework.security import JobSecret
+from .commands import ProcessSpec, host_addresses, node_processes, scheduler_process
+from .config import LaunchConfig
+from .hosts import is_local_host
+from .remote import ssh_install_file_argv
+from .process import Console, JobProcess
+from ..errors import ConfigError
+from ..security import JobSecret
 
 TICK = 0.05
 STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from launch.hostfile import HostEntry
-from launch.hosts import split_host_port
-from psframework.errors import ConfigError
+from .hostfile import HostEntry
+from .hosts import split_host_port
+from ..errors import ConfigError
 
 LOCAL_SOURCE = "<local>"
 _MAX_LISTED = 8  # hosts named in a capacity error before "..."

@@ -2,7 +2,7 @@
 
 A local process runs in a session of its own, so ps-launch can signal its whole process group
 and a Ctrl-C in the terminal reaches only ps-launch, which then stops the job in order. A remote
-process is an ssh client running ``launch.remote_child`` there; closing the client's stdin stops
+process is an ssh client running ``psframework.launch.remote_child`` there; closing the client's stdin stops
 it (see that module). Either way the child dies with ps-launch (``procs.spawn``).
 
 Each process's stdout and stderr go to one pipe, read line by line by a reader thread that this
@@ -21,10 +21,10 @@ import threading
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-from launch.commands import ProcessSpec
-from launch.remote import ssh_argv, ssh_kill_argv
-from launch.remote_child import MARKER
-from psframework.procs import exit_description, spawn
+from .commands import ProcessSpec
+from .remote import ssh_argv, ssh_kill_argv
+from .remote_child import MARKER
+from ..procs import exit_description, spawn
 
 TAIL_LINES = 200
 # shorter than the job's stop grace, so the remote side escalates to SIGKILL by itself before
@@ -122,10 +122,11 @@ class JobProcess:
     def _argv_env(self) -> tuple[list[str], dict[str, str]]:
         if self.spec.local:
             return list(self.spec.argv), self.spec.environ
-        wrapped = [self.python, "-m", "launch.remote_child", "--grace", str(REMOTE_GRACE), "--",
+        wrapped = [self.python, "-m", "psframework.launch.remote_child", "--grace", str(REMOTE_GRACE), "--",
                    *self.spec.argv]
+        # the ssh client carries the job id too, so that anything of the job can be found by it
         return ssh_argv(self.spec.host, self.spec.ssh_port, wrapped, self.spec.environ, self.cwd,
-                        self.ssh_config), {}
+                        self.ssh_config), {"PS_JOB_ID": self.spec.environ.get("PS_JOB_ID", "")}
 
     def _open_log(self) -> Optional[IO[bytes]]:
         if self.log_dir is None:

@@ -1,4 +1,4 @@
-"""``python -m launch.remote_child [--grace S] -- COMMAND [ARGS]...``: ps-launch's agent on a remote host.
+"""``python -m psframework.launch.remote_child [--grace S] -- COMMAND [ARGS]...``: ps-launch's agent on a remote host.
 
 ps-launch runs this over ssh with a pipe as the ssh client's stdin, and never writes to it. sshd
 does not stop a command without a terminal when the client goes away, so this wrapper does: it
@@ -61,7 +61,7 @@ def parse_args(args: list[str]) -> tuple[float, list[str]]:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        raise ValueError("usage: python -m launch.remote_child [--grace S] -- COMMAND [ARGS]...")
+        raise ValueError("usage: python -m psframework.launch.remote_child [--grace S] -- COMMAND [ARGS]...")
     return grace, args
 
 

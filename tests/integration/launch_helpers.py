@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real ``ps-launch`` (``python -m launch``) as a subprocess.
+"""Helpers for tests that run the real ``ps-launch`` (``python -m psframework.launch``) as a subprocess.
 
 Every job gets a unique ``PS_JOB_ID`` in ps-launch's environment; ps-launch exports it to every
 process it starts (and ssh clients inherit it), so ``job_processes(job_id)`` finds anything of the
@@ -66,7 +66,7 @@ class Launch:
                     **(env or {})}
         self.started = time.monotonic()
         # a session of its own, so the tests' cleanup can kill ps-launch and anything it left
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=REPO, env=full_env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "psframework.launch", *args], cwd=REPO, env=full_env,
                                      stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
                                      start_new_session=True)
 

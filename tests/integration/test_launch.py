@@ -1,6 +1,6 @@
 """ps-launch on this host: real jobs, real processes, nothing left behind.
 
-Each test runs ``python -m launch ...`` and checks what the job wrote, what ps-launch printed, its
+Each test runs ``python -m psframework.launch ...`` and checks what the job wrote, what ps-launch printed, its
 exit code, and (through the PS_JOB_ID marker in /proc/*/environ) that no process of the job is
 left. Ports are always chosen by the processes themselves.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from launch.cli import main as cli_main
+from psframework.launch.cli import main as cli_main
 from tests.integration.launch_helpers import (TRAIN_SCRIPT, Launch, assert_no_leftovers, reference_params,
                                               root_cause_block)
 

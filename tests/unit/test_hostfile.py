@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from launch import hosts as hosts_mod
-from launch.hostfile import HostEntry, parse_hostfile, read_hostfile
-from launch.hosts import is_local_host, join_host_port, split_host_port
+from psframework.launch import hosts as hosts_mod
+from psframework.launch.hostfile import HostEntry, parse_hostfile, read_hostfile
+from psframework.launch.hosts import is_local_host, join_host_port, split_host_port
 from psframework.errors import ConfigError
 
 EXAMPLE = """\

@@ -9,11 +9,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from launch.cli import build_config, main
-from launch.commands import host_addresses, node_processes, scheduler_process
-from launch.config import LAUNCH_ENV_VARS, RESERVED_VARS, LaunchConfig, parse_exports
-from launch.hostfile import parse_hostfile
-from launch.job import SchedulerWatch
+from psframework.launch.cli import build_config, main
+from psframework.launch.commands import host_addresses, node_processes, scheduler_process
+from psframework.launch.config import LAUNCH_ENV_VARS, RESERVED_VARS, LaunchConfig, parse_exports
+from psframework.launch.hostfile import parse_hostfile
+from psframework.launch.job import SchedulerWatch
 from psframework.config import ENV_VARS
 from psframework.errors import ConfigError
 
@@ -150,7 +150,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
            "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs"}
     captured = {}
-    monkeypatch.setattr("launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
     assert result.exit_code == 0, result.output
     cfg = captured["cfg"]
@@ -161,7 +161,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):
     captured = {}
-    monkeypatch.setattr("launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["-n", "1", "python", "train.py", "-n", "5", "--mode", "x"])
     assert result.exit_code == 0, result.output
     assert captured["cfg"].command == ("python", "train.py", "-n", "5", "--mode", "x")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launch.hostfile import HostEntry, parse_hostfile
-from launch.placement import JobLayout, Placement, plan_job
+from psframework.launch.hostfile import HostEntry, parse_hostfile
+from psframework.launch.placement import JobLayout, Placement, plan_job
 from psframework.errors import ConfigError
 
 EXAMPLE = """\

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from launch.remote import remote_shell_command, ssh_argv, ssh_kill_argv, ssh_prefix
+from psframework.launch.remote import remote_shell_command, ssh_argv, ssh_kill_argv, ssh_prefix
 
 PY = "/opt/py 3/bin/python"
 
@@ -26,10 +26,10 @@ def test_ipv6_host_is_passed_bare():
 
 
 def test_remote_command_is_the_last_single_argument():
-    argv = ssh_argv("node1", 22, [PY, "-m", "launch.remote_child", "--", "python", "train.py"],
+    argv = ssh_argv("node1", 22, [PY, "-m", "psframework.launch.remote_child", "--", "python", "train.py"],
                     env={"PS_RANK": "1"}, cwd="/work/job")
     assert argv[:-1] == ["ssh", "-o", "BatchMode=yes", "-T", "-p", "22", "--", "node1"]
-    assert argv[-1] == ("cd /work/job && exec env PS_RANK=1 '/opt/py 3/bin/python' -m launch.remote_child -- "
+    assert argv[-1] == ("cd /work/job && exec env PS_RANK=1 '/opt/py 3/bin/python' -m psframework.launch.remote_child -- "
                         "python train.py")
 
 

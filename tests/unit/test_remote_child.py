@@ -1,4 +1,4 @@
-"""launch.remote_child, run locally: it passes exit codes through and stops the whole process group
+"""psframework.launch.remote_child, run locally: it passes exit codes through and stops the whole process group
 when its stdin closes (what happens when ps-launch or the ssh connection goes away)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.remote_child import MARKER, parse_args
+from psframework.launch.remote_child import MARKER, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(30)
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def _start(*command: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "launch.remote_child", "--grace", "1", "--", *command],
+    return subprocess.Popen([sys.executable, "-m", "psframework.launch.remote_child", "--grace", "1", "--", *command],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, text=True)
 
