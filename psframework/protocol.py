@@ -192,7 +192,8 @@ class Activated(Message, tag="activated"):
 
 class BlockRequest(Message):
     """A request about one block: ``segs`` None means all its segments. ``more``: more pushes of the
-    same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane."""
+    same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane.
+    ``step``: which of the worker's pushing steps a push belongs to (-1: not counted)."""
     req: int
     block: int
     rank: int
@@ -200,6 +201,7 @@ class BlockRequest(Message):
     segs: Optional[list[int]] = None
     more: bool = False
     shm: bool = False
+    step: int = -1
 
 
 class Push(BlockRequest, tag="push"):
@@ -216,6 +218,13 @@ class PushPull(BlockRequest, tag="push_pull"):
 
 class Init(BlockRequest, tag="init"):
     """Rank 0's initial values of a block."""
+
+
+class Mark(Message, tag="mark"):
+    """A sync worker's step pushes nothing to this server (no answer): a step of the worker's that
+    a server sees without a block it waits for shows that the workers push different tensors."""
+    rank: int
+    step: int
 
 
 class Attach(Message, tag="attach"):
@@ -257,7 +266,7 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, Attach, Ack, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -319,7 +328,7 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
-    "Hello", "Init", "Load", "Loaded", "MAX_HEADER_BYTES", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
+    "Hello", "Init", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
     "Push", "PushPull", "REGISTRATION", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
     "check_version", "decode", "encode", "request_id",

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from .. import protocol as P
 from ..errors import PSError, RegistrationError
 from ..sharding import TensorSpec, assign_shards
-from .roster import Node, Roster
+from .roster import LIVE, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
 
@@ -50,8 +50,17 @@ class Registration:
         self.recheck()
 
     def recheck(self) -> None:
-        """Place the tensors once every live worker has registered (also when one leaves)."""
-        if self.done or not self._pending or self._setting_up or len(self._pending) < self.roster.live_workers():
+        """Place the tensors once every live worker has registered, also when one leaves: an
+        elastic job goes on with the others, any other job fails with an error naming it."""
+        if self.done or not self._pending or self._setting_up:
+            return
+        gone = [n for n in self.roster.workers() if n.state != LIVE and n.rank not in self._pending]
+        if gone and not self.config.elastic:
+            names = ", ".join(f"worker {n.rank} on {n.host}" for n in gone)
+            self.fail(P.REGISTRATION, f"{names} left the job before registering; every worker of a job "
+                                      "without --elastic must register the same tensors")
+            return
+        if len(self._pending) < self.roster.live_workers():
             return
         try:
             reference = self._check()

@@ -185,6 +185,7 @@ class Server:
     def _activate(self, message: P.Activate) -> None:
         """A worker joined late: it takes part from each block's current step on."""
         self.membership.rejoined(message.worker, message.epoch)
+        self.policy.joined_late(message.worker)
         for state in self.store.blocks.values():
             state.clocks[message.worker] = self.policy.start_clock(state, message.worker)
         self.membership.send(P.Activated(worker=message.worker))
@@ -218,6 +219,10 @@ class Server:
     def _dispatch(self, peer: bytes, message: P.Message) -> None:
         if isinstance(message, P.BlockRequest):
             self._on_block_request(peer, message)
+        elif isinstance(message, P.Mark):
+            self.data.skip_rest()
+            if 0 <= message.rank < self.membership.num_workers:
+                self._fail_blocks(self.policy.went_on(message.rank, message.step))
         elif isinstance(message, P.Stats):
             self.data.skip_rest()
             self._send(peer, P.StatsReply(req=message.req, counters=self.counters()))
@@ -234,6 +239,7 @@ class Server:
         pushes = not isinstance(request, P.Pull)
         if pushes:
             self.policy.more_follow(request.rank, request.more)
+            self._fail_blocks(self.policy.went_on(request.rank, request.step))
         lane = self.lanes.lane_for(request, self.data.more(), self.membership.rank)
         if isinstance(request, P.Init):
             self._init(peer, state, segs, request)
@@ -241,7 +247,11 @@ class Server:
         pushed = None
         if pushes:
             pushed = self.lanes.pushed(state, segs, lane) if lane is not None else self.io.receive_frames(state, segs)
-            self.policy.push(state, pushed, request.rank)
+            try:
+                self.policy.push(state, pushed, request.rank, request.step)
+            except P.Rejected as exc:
+                self._fail_blocks([(state, str(exc))])
+                raise
         else:
             self.data.skip_rest()
         if isinstance(request, P.Push):
@@ -274,6 +284,14 @@ class Server:
             self.lanes.answer(state, pending, values)
         else:
             self.io.send_values(state, pending, P.encode(values))
+
+    def _fail_blocks(self, failed: list[tuple[BlockState, str]]) -> None:
+        """These blocks can never complete a step: answer their waits, and every later request, with why."""
+        for state, why in failed:
+            state.broken = why
+            for pending in state.pulls:
+                self._send(pending.peer, P.Error(kind=P.CONFIG, message=why, req=pending.req))
+            state.pulls = []
 
     def _fail_impossible_waits(self) -> None:
         """Answer waits that can never be satisfied because a worker left or died."""

@@ -22,6 +22,7 @@ import torch
 
 from ..node import Membership
 from .device import DeviceIO
+from .steps import StepCheck
 from .store import BlockState, DenseStore, Pending, Pushed
 
 # Shards on a GPU: complete sync steps are applied together once a quarter of the server's bytes
@@ -39,8 +40,8 @@ class Policy:
         self.io = io
         self.pushes = 0  # received
 
-    def push(self, state: BlockState, pushed: Pushed, rank: int) -> None:
-        """Apply or keep one worker's push of a block."""
+    def push(self, state: BlockState, pushed: Pushed, rank: int, step: int = -1) -> None:
+        """Apply or keep one worker's push of a block (``step``: which of the worker's steps it belongs to)."""
         self.pushes += 1
         state.clocks[rank] += 1
         self.io.order_after_upload(pushed)
@@ -60,6 +61,13 @@ class Policy:
 
     def more_follow(self, rank: int, more: bool) -> None:
         """A worker's push said whether more pushes of its exchange follow."""
+
+    def went_on(self, rank: int, step: int) -> list[tuple[BlockState, str]]:
+        """A worker sent us its step ``step``: the blocks that can now never complete, and why."""
+        return []
+
+    def joined_late(self, worker: int) -> None:
+        """A worker joined an elastic job late."""
 
     def apply_due(self) -> list[BlockState]:
         """Apply what is due; returns the blocks whose pulls may now be answered."""
@@ -108,6 +116,8 @@ class SSP(Policy):
 @dataclass
 class _Accum:
     """One sync step's gradients of a block, summed over the workers that pushed it."""
+    first: int  # the worker whose push opened it
+    first_step: int  # and the step number that push came with
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     contributors: set[int] = field(default_factory=set)
     whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
@@ -123,12 +133,17 @@ class Sync(Policy):
         self._pushes_follow: set[int] = set()  # workers whose last push said that more follow
         self.apply_bursts = 0  # optimizer steps over due blocks
         self.timed_applies = 0  # of them, those that went out because the due blocks waited too long
+        self._steps = StepCheck()
 
-    def push(self, state: BlockState, pushed: Pushed, rank: int) -> None:
+    def push(self, state: BlockState, pushed: Pushed, rank: int, step: int = -1) -> None:
+        version = state.clocks[rank]
+        accum = state.accums.get(version)
+        if accum is None:
+            accum = state.accums[version] = _Accum(first=rank, first_step=step)
+        else:
+            self._steps.check_push(state, version, accum.first, accum.first_step, rank, step)
         self.pushes += 1
-        step = state.clocks[rank]
         state.clocks[rank] += 1
-        accum = state.accums.setdefault(step, _Accum())
         if pushed.uploaded is not None:
             accum.uploads.append(pushed.uploaded)
         self._accumulate(state, accum, pushed)
@@ -151,9 +166,12 @@ class Sync(Policy):
                     _add(accum, held, grad.to(self.store.device, non_blocking=True), pushed.owned)
 
     def _active_workers(self) -> set[int]:
-        """Workers a step waits for: all of them, or in an elastic job those still in it."""
+        """Workers a step waits for: all of them, or in an elastic job those still in it (a worker
+        that closed is gone from the sync set exactly like one that died)."""
         everyone = set(range(self.membership.num_workers))
-        return everyone - self.membership.departed_workers if self.membership.elastic else everyone
+        if not self.membership.elastic:
+            return everyone
+        return everyone - self.membership.departed_workers - self.membership.left_workers
 
     def _mark_if_complete(self, state: BlockState) -> None:
         ready = state.accums.get(state.version)
@@ -175,6 +193,21 @@ class Sync(Policy):
 
     def start_clock(self, state: BlockState, worker: int) -> int:
         return state.version
+
+    def went_on(self, rank: int, step: int) -> list[tuple[BlockState, str]]:
+        return self._steps.went_on(rank, step, lambda: self._waiting_for(rank))
+
+    def _waiting_for(self, rank: int):
+        """The sync steps still waiting for ``rank``'s push."""
+        if rank not in self._active_workers():
+            return
+        for state in self.store.blocks.values():
+            accum = state.accums.get(state.version)
+            if accum is not None and rank not in accum.contributors:
+                yield state, state.version, accum.first, accum.first_step
+
+    def joined_late(self, worker: int) -> None:
+        self._steps.joined_late(worker)
 
     def more_follow(self, rank: int, more: bool) -> None:
         if more:
@@ -238,6 +271,7 @@ class Sync(Policy):
 
     def reset(self) -> None:
         self._due.clear()
+        self._steps.reset()
 
     def counters(self) -> dict[str, int]:
         return {"apply_bursts": self.apply_bursts, "timed_applies": self.timed_applies}

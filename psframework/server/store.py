@@ -58,6 +58,7 @@ class BlockState:
     reply: Optional[Staging] = None
     staged: list[int] = field(default_factory=list)
     queued_replies: int = 0
+    broken: Optional[str] = None  # why no request on this block can succeed any more
 
     def wait_sends(self, check=None) -> None:
         """Wait until no zero-copy reply reads this block's memory, so it may change."""
@@ -123,6 +124,8 @@ class DenseStore:
         segs = list(range(n)) if request.segs is None else request.segs
         if not all(0 <= i < n for i in segs) or len(set(segs)) != len(segs):
             raise P.Rejected(P.BAD_REQUEST, f"bad segment list for block {request.block}")
+        if state.broken is not None:
+            raise P.Rejected(P.CONFIG, state.broken)
         if request.dtype and request.dtype != state.block.dtype:
             keys = ", ".join(state.block.segments[i].key for i in segs)
             raise P.Rejected(P.BAD_REQUEST, f"dtype {request.dtype} does not match {state.block.dtype} of {keys}")
@@ -166,6 +169,7 @@ class DenseStore:
             state.clocks = list(saved[block_id]["clocks"])
             state.version = int(saved[block_id]["version"])
             state.accums.clear()
+            state.broken = None
             state.forget_staged()  # the GPU reply cache holds pre-restore values
         self.optimizer.load_state_dict(payload["optimizer"])
 

@@ -33,10 +33,11 @@ Part = tuple[int, Segment, str]  # (index of the segment in its block, the segme
 
 
 class Exchange:
-    def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *,
+    def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
                  after_caller: bool = True):
         self.worker = worker
         self.op = op
+        self.step = step  # which of the worker's pushing steps this is (-1: not a push)
         self.future = Future(worker.client).unsealed()
         self._blocks: dict[int, tuple[Block, list[Part]]] = {}
         for name in names:
@@ -65,7 +66,18 @@ class Exchange:
                        if dests is not None else {})
         if op is P.Pull:
             self._ready.extend(self._blocks)
+        self._mark_other_servers()
         self._seal_if_sent()
+
+    def _mark_other_servers(self) -> None:
+        """In sync mode, tell the servers this step pushes nothing to that it happened, so that a
+        block they wait for in vain is reported, not waited for (``server/steps.py``)."""
+        if self.step < 0 or self.worker.mode != "sync":
+            return
+        mark = [P.encode(P.Mark(rank=self.worker.rank, step=self.step))]
+        for server in range(self.worker.num_servers):
+            if server not in self._unsent_to:
+                self.worker.client.servers[server].send(mark, check=self.worker.membership.check)
 
     @property
     def sent_blocks(self) -> int:
@@ -161,7 +173,7 @@ class Exchange:
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
                          more=bool(self._unsent_to[block.server]) and self.op is not P.Pull,
-                         shm=lane is not None)
+                         shm=lane is not None, step=self.step)
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
             copies = [self._through_lane(lane, block, seg, name) for _, seg, name in parts]

@@ -75,6 +75,7 @@ class Worker:
         self._registered: dict[str, torch.Tensor] = {}
         self._barrier_seq = 0
         self.steps = 0  # pushes and push_pulls completed; the default step number of a checkpoint
+        self._push_steps = 0  # pushes and push_pulls started: numbers each push (see server/steps.py)
 
     # -- identity ------------------------------------------------------------------------
 
@@ -203,7 +204,10 @@ class Worker:
         if dests is not None:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
-        return Exchange(self, op, names, dests, after_caller=after_caller)
+        step = -1
+        if op in (P.Push, P.PushPull):
+            step, self._push_steps = self._push_steps, self._push_steps + 1
+        return Exchange(self, op, names, dests, step=step, after_caller=after_caller)
 
     def progress(self, timeout: float) -> None:
         """Take in the replies that arrive within ``timeout`` seconds."""
@@ -234,7 +238,7 @@ class Worker:
         if reply.step is None:
             return None
         self.pull(self._registered).wait()
-        self.steps = reply.step
+        self.steps = self._push_steps = reply.step
         self.membership.stats = {"steps": self.steps}
         return self.steps
 

@@ -138,8 +138,23 @@ def elastic_train(out: str, flag_dir: str, victim: int = -1, die_at: int = 0, fi
     worker.close()
 
 
+def count_steps(out: str, steps: int) -> None:
+    """DistributedOptimizer with overlap: the step counts it, the worker and its heartbeats report.
+    The slow backward lets the last layers' blocks be answered before the first layers' are sent."""
+    torch.manual_seed(0)
+    model = models.OverlapNet(slow_backward=0.3)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.05), overlap=True) as opt:
+        for step in range(steps):
+            x, y = models.overlap_batch(step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        torch.save({"step_count": opt.step_count, "worker_steps": opt.worker.steps,
+                    "heartbeat_steps": opt.worker.membership.stats.get("steps")}, out)
+
+
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
-                                  elastic_train)}
+                                  elastic_train, count_steps)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
