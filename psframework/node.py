@@ -96,6 +96,7 @@ class Membership:
         self._failure: Optional[str] = None
         self._changed = False
         self._closed = False
+        self._interrupted = False
         self._heartbeat = _Heartbeat(self)
         self._heartbeat.start()
 
@@ -174,6 +175,8 @@ class Membership:
         """Raise PeerLostError if the scheduler (or, with ``peers``, any node of the job) is gone."""
         if self._closed:
             raise ClosedError(f"{self.role} {self.rank} is closed")
+        if self._interrupted:
+            raise ClosedError(f"{self.role} {self.rank} is closing: its waits are interrupted")
         with self._lock:
             silent = time.monotonic() - self._last_ack
             dead = list(self._dead)
@@ -192,6 +195,13 @@ class Membership:
             raise PeerLostError(
                 f"the scheduler at {self.scheduler} has not answered heartbeats for {silent:.1f} s "
                 f"(timeout {self.timeout} s); it has probably died", role="scheduler", rank=0)
+
+    def interrupt(self) -> None:
+        """Make every wait that checks liveness (in any thread) end with ``ClosedError``, until ``resume()``."""
+        self._interrupted = True
+
+    def resume(self) -> None:
+        self._interrupted = False
 
     # -- control requests from the owner thread ----------------------------------------------
 

@@ -193,7 +193,8 @@ class Activated(Message, tag="activated"):
 class BlockRequest(Message):
     """A request about one block: ``segs`` None means all its segments. ``more``: more pushes of the
     same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane.
-    ``step``: which of the worker's pushing steps a push belongs to (-1: not counted)."""
+    ``step``: which of the worker's pushing steps a push belongs to (-1: not counted). ``absent``:
+    segments (of ``segs``) pushed without a gradient; no frame or lane data carries them."""
     req: int
     block: int
     rank: int
@@ -202,6 +203,7 @@ class BlockRequest(Message):
     more: bool = False
     shm: bool = False
     step: int = -1
+    absent: list[int] = []
 
 
 class Push(BlockRequest, tag="push"):

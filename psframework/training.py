@@ -9,7 +9,7 @@ each shard block goes to its server (as one push_pull) once all the gradients in
 the blocks of the shard map, at most ``PS_CHUNK_BYTES`` (4 MiB) each, are the buckets. Since the
 last layers finish their backward first, their blocks are on the wire, applied and on their way
 back while the first layers still compute. ``step()`` hands over what no hook saw (unused
-parameters push zeros, as without overlap), waits for every block's new values and returns: after
+parameters are pushed as "no gradient", as without overlap), waits for every block's new values and returns: after
 ``step()`` the parameters hold exactly what the plain path gives, so the next forward needs no wait
 of its own.
 
@@ -22,6 +22,7 @@ several backward passes use ``overlap=False``.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Optional
@@ -33,6 +34,8 @@ from .errors import ClosedError, ConfigError
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
+
+log = logging.getLogger("psframework.training")
 
 _TICK = 0.001  # longest the communication thread leaves arrived replies and landed copies waiting
 
@@ -52,7 +55,6 @@ class DistributedOptimizer:
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self._zeros: dict[str, torch.Tensor] = {}
         self._overlap: Optional[_Overlap] = None
         config = self.worker.config
         self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
@@ -80,16 +82,11 @@ class DistributedOptimizer:
             elif p.grad is not None:
                 p.grad.zero_()
 
-    def _grad(self, name: str) -> torch.Tensor:
-        # every block is pushed every step so sync clocks stay aligned; an unused
-        # parameter contributes zero, as in DDP with find_unused_parameters
-        p = self.params[name]
-        if p.grad is not None:
-            return p.grad
-        zeros = self._zeros.get(name)
-        if zeros is None:
-            zeros = self._zeros[name] = torch.zeros_like(p)
-        return zeros
+    def _grad(self, name: str) -> Optional[torch.Tensor]:
+        # None: no gradient this step. The servers do not step a parameter no worker has a gradient
+        # for (as torch.optim skips a None grad); where some workers have one, the others count as
+        # zero in the mean (DDP's rule)
+        return self.params[name].grad
 
     @torch.no_grad()
     def step(self) -> None:
@@ -174,7 +171,7 @@ class _Overlap:
             self._handed = set()
         ready = {}
         for grad in rest.values():
-            if grad.is_cuda and grad.device not in ready:
+            if grad is not None and grad.is_cuda and grad.device not in ready:
                 ready[grad.device] = torch.cuda.Event()
                 ready[grad.device].record(torch.cuda.current_stream(grad.device))
         self._queue.put((_FINISH, rest, ready))
@@ -189,12 +186,25 @@ class _Overlap:
             raise result
         result.order_streams()  # our current streams wait for the copies onto the parameters
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the communication thread. If it is waiting on a peer that lives but does not
+        answer, that wait is interrupted; a thread that still does not stop is left behind (it
+        is a daemon) with an error in the log, never waited for without end."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
         self._queue.put((_STOP,))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=1.0)
+        if not self._thread.is_alive():
+            return
+        self.worker.membership.interrupt()
+        try:
+            self._thread.join(timeout=timeout)
+        finally:
+            self.worker.membership.resume()
+        if self._thread.is_alive():
+            log.error("worker %d: the communication thread of DistributedOptimizer did not stop within %.0f s; "
+                      "leaving it behind", self.worker.rank, timeout + 1.0)
 
     # -- the communication thread ------------------------------------------------------------
 
@@ -228,6 +238,8 @@ class _Overlap:
                             self._finish(exchange, *item[1:])
                     except BaseException as exc:  # handed to step(), which raises it
                         error = exc
+                        if exchange is not None:
+                            exchange.future.abandon()  # late answers must not write the parameters
                 if item[0] == _FINISH:
                     self._done.put(error if error is not None else exchange.future)
                     exchange, error = None, None
@@ -237,11 +249,12 @@ class _Overlap:
                     self.worker.progress(0)
                 except BaseException as exc:
                     error = exc
+                    exchange.future.abandon()
 
     def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict) -> None:
         self.early_blocks = exchange.sent_blocks
         for name, grad in rest.items():
-            exchange.add(name, grad, after=ready.get(grad.device))
+            exchange.add(name, grad, after=ready.get(grad.device) if grad is not None else None)
         while not exchange.all_sent:
             # take in the replies that are here before waiting for the next block's copy, so their
             # copies onto the GPU overlap the rest of the backward pass instead of following it

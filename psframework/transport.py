@@ -96,6 +96,7 @@ class Transport:
 # ----------------------------------------------------------------------------- ZeroMQ
 
 _COPY_THRESHOLD = 64 << 10  # below this pyzmq's copying send is cheaper than zero-copy bookkeeping
+TERM_TIMEOUT = 5.0  # seconds close() waits for the sockets of a context to be closed
 
 
 def _tcp_url(host: str, port: int) -> str:
@@ -221,12 +222,20 @@ class ZmqTransport(Transport):
     def refused_handshakes(self) -> int:
         return self._watcher.failures if self._watcher else 0
 
-    def close(self):
+    def close(self, timeout: float = TERM_TIMEOUT):
+        """Stop the authenticator and end the context. ``term()`` waits for every socket of the
+        context to be closed; one left open by a thread that did not stop must not hang us, so
+        the wait has a deadline (the context is then left to the process's exit)."""
         if self._watcher is not None:
             self._watcher.stop()
         if self._authenticator is not None:
             self._authenticator.stop()
-        self._context.term()
+        closer = threading.Thread(target=self._context.term, name="ps-zmq-term", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            _log.error("a ZeroMQ socket is still open %.0f s after closing (a thread that did not stop holds it); "
+                       "not waiting for it", timeout)
 
 
 class _HandshakeWatcher:

@@ -75,6 +75,18 @@ class WorkerProcs:
             stop_all(self.procs)
         return [torch.load(p) if p.exists() else None for p in self.outs]
 
+    def join_one(self, rank: int, timeout: float = 60.0):
+        """Wait for one worker to succeed; its result."""
+        self.procs[rank].wait(timeout=timeout)
+        assert self.procs[rank].returncode == 0, f"worker {rank} failed:\n{self.output(rank)}"
+        return torch.load(self.outs[rank])
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL one worker, whatever its state (a stopped process ignores SIGTERM until continued)."""
+        if self.procs[rank].poll() is None:
+            self.procs[rank].kill()
+            self.procs[rank].wait(timeout=10)
+
     def stop(self) -> None:
         stop_all(self.procs)
 

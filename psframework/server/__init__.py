@@ -82,7 +82,7 @@ class Server:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.store = DenseStore(self.device)
-        self.io = device_io(self.data, self.device, self._check)
+        self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
         self.policy = policy_for(m.mode, m, self.store, self.io)
 
@@ -166,7 +166,7 @@ class Server:
         elif isinstance(message, P.Save):
             self.membership.send(checkpoints.save(self.store, message))
         elif isinstance(message, P.Load):
-            answer = checkpoints.load(self.store, message, self._check)
+            answer = checkpoints.load(self.store, message)
             if isinstance(answer, P.Loaded):
                 self.policy.reset()
             self.membership.send(answer)
@@ -235,7 +235,7 @@ class Server:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
 
     def _on_block_request(self, peer: bytes, request: P.BlockRequest) -> None:
-        state, segs = self.store.resolve(request, self.membership.num_workers)
+        state, segs, present = self.store.resolve(request, self.membership.num_workers)
         pushes = not isinstance(request, P.Pull)
         if pushes:
             self.policy.more_follow(request.rank, request.more)
@@ -246,7 +246,8 @@ class Server:
             return
         pushed = None
         if pushes:
-            pushed = self.lanes.pushed(state, segs, lane) if lane is not None else self.io.receive_frames(state, segs)
+            pushed = (self.lanes.pushed(state, present, lane) if lane is not None
+                      else self.io.receive_frames(state, present))
             try:
                 self.policy.push(state, pushed, request.rank, request.step)
             except P.Rejected as exc:
@@ -265,7 +266,7 @@ class Server:
     def _init(self, peer: bytes, state: BlockState, segs: list[int], request: P.Init) -> None:
         pushed = self.io.receive_frames(state, segs)
         self.io.order_after_upload(pushed)
-        self.store.write(state, pushed.grads, self._check)
+        self.store.write(state, pushed.grads)
         self._send(peer, P.Ack(req=request.req))
 
     def _answer_pulls(self, states: list[BlockState]) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
-
 from .. import checkpoint
 from .. import protocol as P
 from .store import DenseStore
@@ -23,11 +21,11 @@ def save(store: DenseStore, message: P.Save) -> P.Message:
     return P.Saved(path=str(path), sha256=sha256, bytes=size)
 
 
-def load(store: DenseStore, message: P.Load, check: Callable[[], None]) -> P.Message:
+def load(store: DenseStore, message: P.Load) -> P.Message:
     """Restore this server's blocks from its shard file; the answer for the scheduler."""
     path = Path(message.path)
     try:
-        store.restore(checkpoint.load_shard(path, message.sha256), str(path), check)
+        store.restore(checkpoint.load_shard(path, message.sha256), str(path))
     except Exception as exc:
         return P.Error(kind=P.CHECKPOINT_ERROR, message=f"cannot restore {path}: {exc}")
     log.info("server %d restored %s", store.rank, path)

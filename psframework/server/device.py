@@ -21,7 +21,7 @@ import torch
 
 from .. import protocol as P
 from ..buffers import byte_view, host_copy
-from ..devices import StagingRing
+from ..devices import Staging, StagingRing
 from ..transport import Socket
 from .store import BlockState, Pending, Pushed
 
@@ -126,10 +126,9 @@ class HostIO(DeviceIO):
 class CudaIO(DeviceIO):
     on_gpu = True
 
-    def __init__(self, data: Socket, device: torch.device, check: Callable[[], None]):
+    def __init__(self, data: Socket, device: torch.device):
         super().__init__(data)
         self.device = device
-        self._check = check
         # streams of our own, so copies and updates never wait on the legacy default stream; high
         # priority, so that on a GPU shared with a worker's backward pass the updates that pass is
         # waiting for are not queued behind its kernels
@@ -194,7 +193,14 @@ class CudaIO(DeviceIO):
         if stale:
             if state.queued_replies:
                 self.flush(wait=True)
-            state.reply.wait(self._check)  # earlier replies may read it
+            if state.reply.busy():
+                # a reader has not taken an earlier reply out of it (a stopped worker, a half-open
+                # connection): never wait for it; that reply keeps the old buffer alive
+                state.reply = Staging(state.block.nbytes)
+                state.forget_staged()
+                stale = pending.segs
+            else:
+                state.reply.wait()  # nothing reads it: forget the finished sends
             self._download(state, stale, state.reply.typed(state.flat.dtype, 0, state.block.numel))
             for i in stale:
                 state.staged[i] = state.version
@@ -246,8 +252,8 @@ def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
     return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
 
 
-def device_io(data: Socket, device: torch.device, check: Callable[[], None]) -> DeviceIO:
-    return CudaIO(data, device, check) if device.type == "cuda" else HostIO(data)
+def device_io(data: Socket, device: torch.device) -> DeviceIO:
+    return CudaIO(data, device) if device.type == "cuda" else HostIO(data)
 
 
 __all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io"]

@@ -45,7 +45,7 @@ class Policy:
         self.pushes += 1
         state.clocks[rank] += 1
         self.io.order_after_upload(pushed)
-        self.store.apply([(state, pushed.grads)], scale=1.0, check=self._check)
+        self.store.apply([(state, pushed.grads)], scale=1.0)
         state.version += 1
 
     def pull_ready(self, state: BlockState, pending: Pending) -> bool:
@@ -87,9 +87,6 @@ class Policy:
 
     def counters(self) -> dict[str, int]:
         return {}
-
-    def _check(self) -> None:
-        self.membership.check(peers=False)
 
 
 class Async(Policy):
@@ -257,7 +254,7 @@ class Sync(Policy):
                 # the mean over those who pushed: equal to all workers unless an elastic job shrank
                 by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, accum.tensors))
             for scale, group in by_scale.items():
-                self.store.apply(group, scale, check=self._check)
+                self.store.apply(group, scale)
                 self.apply_bursts += 1
             for state, _ in steps:
                 state.version += 1

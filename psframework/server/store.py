@@ -15,7 +15,7 @@ import torch
 
 from .. import protocol as P
 from ..buffers import dtype_from_name
-from ..devices import Staging, wait_tracker
+from ..devices import Staging
 from ..optim import OptimizerSpec, ShardOptimizer
 from ..sharding import Block, ShardMap
 
@@ -60,11 +60,19 @@ class BlockState:
     queued_replies: int = 0
     broken: Optional[str] = None  # why no request on this block can succeed any more
 
-    def wait_sends(self, check=None) -> None:
-        """Wait until no zero-copy reply reads this block's memory, so it may change."""
-        for tracker in self.trackers:
-            wait_tracker(tracker, check)
-        self.trackers.clear()
+    def make_writable(self) -> None:
+        """Let the values change although zero-copy replies may still read them: those replies
+        keep the old memory (alive until they are sent) and the block moves to a copy. A reader
+        that stopped (SIGSTOP, a half-open connection) must never hold an update back; it costs
+        one copy of the block, only while a reply is still unsent."""
+        self.trackers = [tracker for tracker in self.trackers if not tracker.done]
+        if not self.trackers:
+            return
+        fresh = self.flat.clone()
+        for param, seg in zip(self.params, self.block.segments):
+            param.set_(fresh.untyped_storage(), seg.block_offset, param.size(), param.stride())
+        self.flat = fresh
+        self.trackers = []
 
     def byte_offset(self, i: int) -> int:
         return self.block.segments[i].block_offset * self.params[i].element_size()
@@ -111,8 +119,9 @@ class DenseStore:
         self.optimizer = ShardOptimizer(spec, params)
         return list(mine)
 
-    def resolve(self, request: P.BlockRequest, num_workers: int) -> tuple[BlockState, list[int]]:
-        """The block and segments a request is about; ``Rejected`` for anything it may not ask."""
+    def resolve(self, request: P.BlockRequest, num_workers: int) -> tuple[BlockState, list[int], list[int]]:
+        """The block a request is about, its segments, and those of them it pushes a gradient for;
+        ``Rejected`` for anything it may not ask."""
         if self.optimizer is None:
             raise P.Rejected(P.BAD_REQUEST, "this server has no tensors yet: call register() first")
         state = self.blocks.get(request.block)
@@ -129,21 +138,30 @@ class DenseStore:
         if request.dtype and request.dtype != state.block.dtype:
             keys = ", ".join(state.block.segments[i].key for i in segs)
             raise P.Rejected(P.BAD_REQUEST, f"dtype {request.dtype} does not match {state.block.dtype} of {keys}")
-        return state, segs
+        if not request.absent:
+            return state, segs, segs
+        absent = set(request.absent)
+        if len(absent) != len(request.absent) or not absent <= set(segs) or isinstance(request, (P.Pull, P.Init)):
+            raise P.Rejected(P.BAD_REQUEST, f"bad list of segments without a gradient for block {request.block}")
+        return state, segs, [i for i in segs if i not in absent]
 
-    def apply(self, group: list[tuple[BlockState, dict[int, torch.Tensor]]], scale: float, check=None) -> None:
-        """One optimizer step over the gradients (by segment) of each block in ``group``."""
+    def apply(self, group: list[tuple[BlockState, dict[int, torch.Tensor]]], scale: float) -> None:
+        """One optimizer step over the gradients (by segment) of each block in ``group``. Segments
+        without a gradient are not stepped, and a block with none is not counted."""
+        group = [(state, tensors) for state, tensors in group if tensors]
+        if not group:
+            return
         grads = {}
         for state, tensors in group:
-            state.wait_sends(check)  # replies of host shards are sent straight from the parameters
+            state.make_writable()  # replies of host shards are sent straight from the parameters
             for i, grad in tensors.items():
                 grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
         self.optimizer.step(grads, scale=scale)
         self.applied += len(group)
 
-    def write(self, state: BlockState, values: dict[int, torch.Tensor], check=None) -> None:
+    def write(self, state: BlockState, values: dict[int, torch.Tensor]) -> None:
         """Set segments' values (rank 0's initial values)."""
-        state.wait_sends(check)
+        state.make_writable()
         for i, value in values.items():
             state.params[i].copy_(value)
         state.forget_staged()
@@ -155,7 +173,7 @@ class DenseStore:
                                  "version": st.version} for bid, st in self.blocks.items()},
                 "optimizer": self.optimizer.state_dict()}
 
-    def restore(self, payload: dict, where: str, check=None) -> None:
+    def restore(self, payload: dict, where: str) -> None:
         from ..errors import CheckpointError
 
         saved = payload["blocks"]
@@ -163,7 +181,7 @@ class DenseStore:
             raise CheckpointError(f"{where} holds blocks {sorted(saved)[:5]}..., this server "
                                   f"holds {sorted(self.blocks)[:5]}...")
         for block_id, state in self.blocks.items():
-            state.wait_sends(check)
+            state.make_writable()
             for param, value in zip(state.params, saved[block_id]["params"]):
                 param.copy_(value)
             state.clocks = list(saved[block_id]["clocks"])

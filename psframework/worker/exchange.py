@@ -48,6 +48,7 @@ class Exchange:
         self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
         self._sources: dict[str, Optional[torch.Tensor]] = {}  # flat host tensors (None: all in lanes)
         self._from_device: set[str] = set()  # sources copied from a GPU (already in their lane slots)
+        self._absent: set[str] = set()  # keys pushed without a gradient
         self._staged: dict[str, Staging] = {}
         self._landed: dict[int, list] = {}  # block -> events of its copies from GPUs
         self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
@@ -87,16 +88,21 @@ class Exchange:
     def all_sent(self) -> bool:
         return not any(self._unsent_to.values())
 
-    def add(self, name: str, tensor: torch.Tensor, after: Optional["torch.cuda.Event"] = None) -> None:
-        """Hand over the source tensor for ``name``. For a tensor on a GPU, its copy to the host
-        waits for ``after`` (default: for the work queued so far on the caller's current stream)."""
+    def add(self, name: str, tensor: Optional[torch.Tensor], after: Optional["torch.cuda.Event"] = None) -> None:
+        """Hand over the source tensor for ``name`` (None: no gradient this step). For a tensor on a
+        GPU, its copy to the host waits for ``after`` (default: for the work queued so far on the
+        caller's current stream)."""
         if name in self._sources:
             raise ConfigError(f"{self.op.__name__}: {name!r} was given twice")
-        self.worker.check_tensor(name, tensor, self.op.__name__)
         pieces = self.worker.shard_map.pieces_of(name)
-        if tensor.device.type == "cpu":
+        if tensor is None:
+            self._absent.add(name)
+            flat = None
+        elif tensor.device.type == "cpu":
+            self.worker.check_tensor(name, tensor, self.op.__name__)
             flat = tensor.detach().contiguous().reshape(-1)
         else:
+            self.worker.check_tensor(name, tensor, self.op.__name__)
             flat = self._copy_from_device(name, tensor, pieces, after)
             self._from_device.add(name)
         self._sources[name] = flat
@@ -173,7 +179,8 @@ class Exchange:
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
                          more=bool(self._unsent_to[block.server]) and self.op is not P.Pull,
-                         shm=lane is not None, step=self.step)
+                         shm=lane is not None, step=self.step,
+                         absent=[i for i, _, name in parts if name in self._absent])
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
             copies = [self._through_lane(lane, block, seg, name) for _, seg, name in parts]
@@ -182,7 +189,7 @@ class Exchange:
             return
         staged: dict[int, Staging] = {}
         for _, seg, name in parts:
-            if self.op is not P.Pull:
+            if self.op is not P.Pull and name not in self._absent:
                 piece = self._sources[name][seg.offset:seg.offset + seg.numel]
                 request.frames.append(byte_view(piece))
                 request.keep.append(piece)
@@ -197,7 +204,7 @@ class Exchange:
     def _through_lane(self, lane: Lane, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
         """One segment of a lane request: its source into the push slot (a GPU source is there
         already), and the copy of its values out of the pull slot once the answer is in."""
-        if self.op is not P.Pull and name not in self._from_device:
+        if self.op is not P.Pull and name not in self._from_device and name not in self._absent:
             source = self._sources[name]
             host_copy(lane_piece(lane.push_slot, block, seg, source.dtype), source[seg.offset:seg.offset + seg.numel])
         return self._dests[name].from_lane(block, seg) if self._dests else None

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import protocol as P
-from ..errors import PSError, PSTimeoutError, ProtocolError, error_for
+from ..errors import ClosedError, PSError, PSTimeoutError, ProtocolError, error_for
 from ..node import POLL_SLICE, Membership
 from ..transport import Socket, Transport
 
@@ -35,6 +35,7 @@ class Future:
         self._client = client
         self._outstanding = 0
         self._sealed = True  # False while more requests may still join (an exchange sending block by block)
+        self._abandoned = False  # its answers are no longer wanted: they must not write anywhere
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
         self._on_complete: Optional[Callable[[], None]] = None
@@ -63,6 +64,16 @@ class Future:
     def seal(self) -> None:
         self._sealed = True
         self._maybe_complete()
+
+    def abandon(self) -> None:
+        """Whoever waited for this gave up (its step failed): answers still to come are dropped."""
+        self._abandoned = True
+
+    @property
+    def discards(self) -> bool:
+        """Answers still to come must not write into the destinations: the request was abandoned or
+        already failed, so its caller has been (or will be) told it did not happen."""
+        return self._abandoned or self._error is not None
 
     def expect(self) -> None:
         self._outstanding += 1
@@ -148,8 +159,19 @@ class Client:
                 raise PSTimeoutError(f"worker {self.membership.rank}: request not answered within {timeout} s")
             self.progress(POLL_SLICE)
 
-    def wait_all(self) -> None:
-        self.wait_until(lambda: not self.pending, None)
+    def wait_all(self, timeout: Optional[float] = None) -> None:
+        self.wait_until(lambda: not self.pending, timeout)
+
+    def fail_pending(self, why: str) -> None:
+        """Resolve every request still awaiting an answer with a ``ClosedError``: nothing waits
+        on an answer that can no longer come."""
+        pending, self.pending = self.pending, {}
+        for request in pending.values():
+            if request.on_answer is not None:
+                request.on_answer(request, None, False)
+            request.future.abandon()
+            request.future.resolve(ClosedError(f"worker {self.membership.rank} closed before server "
+                                               f"{request.server} answered: {why}"))
 
     def _follow_moved_servers(self) -> None:
         """A restarted server listens at a new address: reconnect and resend what it never answered."""
@@ -187,8 +209,8 @@ class Client:
             sock.skip_rest()
             if isinstance(message, P.Values) and not message.shm:
                 error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
-            request.on_answer(request, message, error is None)
-        elif isinstance(message, P.Values):
+            request.on_answer(request, message, error is None and not request.future.discards)
+        elif isinstance(message, P.Values) and not request.future.discards:
             error = self._receive_values(sock, request)
         sock.skip_rest()
         request.future.resolve(error)

@@ -29,8 +29,8 @@ log = logging.getLogger("psframework.worker")
 TensorsLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 
-def as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
-    """``tensors`` as a dict of names to tensors, every item checked."""
+def as_dict(tensors: TensorsLike, what: str, allow_none: bool = False) -> dict[str, Optional[torch.Tensor]]:
+    """``tensors`` as a dict of names to tensors (or None, where ``allow_none``), every item checked."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     result: dict[str, torch.Tensor] = {}
     for item in items:
@@ -38,7 +38,7 @@ def as_dict(tensors: TensorsLike, what: str) -> dict[str, torch.Tensor]:
             name, tensor = item
         except (TypeError, ValueError):
             raise ConfigError(f"{what} must be a mapping or (name, tensor) pairs; got item {item!r}") from None
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+        if not isinstance(name, str) or not (isinstance(tensor, torch.Tensor) or (allow_none and tensor is None)):
             raise ConfigError(f"{what}: expected (str, Tensor), got ({type(name).__name__}, {type(tensor).__name__})")
         if name in result:
             raise ConfigError(f"{what}: name {name!r} appears twice")
@@ -144,16 +144,22 @@ class Worker:
     # -- data path -----------------------------------------------------------------------
 
     def push(self, grads: TensorsLike) -> Future:
-        """Send gradients; the servers apply them by the job's mode. Returns a Future."""
-        return self.counted(self._send(P.Push, as_dict(grads, "push()"), None))
+        """Send gradients; the servers apply them by the job's mode. Returns a Future.
+
+        A gradient may be None: no gradient this step (like a ``p.grad`` that is None). In sync
+        mode it counts as zero in the mean over the workers, and a tensor that no worker has a
+        gradient for is not stepped at all (momentum, weight decay and Adam's state stay as they
+        are), exactly as torch.optim skips a None gradient."""
+        return self.counted(self._send(P.Push, as_dict(grads, "push()", allow_none=True), None))
 
     def pull(self, tensors: TensorsLike) -> Future:
         """Copy the current values into these tensors (once the mode allows). Returns a Future."""
         return self._send(P.Pull, None, as_dict(tensors, "pull()"))
 
     def push_pull(self, grads: TensorsLike, into: TensorsLike) -> Future:
-        """Push gradients, then receive the updated values into ``into`` (same names)."""
-        grads = as_dict(grads, "push_pull()")
+        """Push gradients (None: no gradient, see ``push``), then receive the updated values into
+        ``into`` (same names)."""
+        grads = as_dict(grads, "push_pull()", allow_none=True)
         dest = as_dict(into, "push_pull(into=)")
         missing = [k for k in grads if k not in dest]
         if missing:
@@ -187,7 +193,8 @@ class Worker:
         names = list(sources if sources is not None else dests)
         if sources is not None:
             for name in names:  # every tensor is checked before anything is sent
-                self.check_tensor(name, sources[name], op.__name__.lower())
+                if sources[name] is not None:
+                    self.check_tensor(name, sources[name], op.__name__.lower())
         exchange = self.exchange(op, names, dests)
         if sources is not None:
             for name in names:
@@ -275,12 +282,15 @@ class Worker:
         if self.shard_map is None:
             raise ConfigError(f"{what}: call register() first")
 
-    def close(self) -> None:
-        """Leave the job: tell the scheduler this worker is done, then release every socket."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Leave the job: wait (up to ``timeout`` seconds) for the answers to every request sent,
+        so that nothing pushed is lost; fail the futures of those that did not come; tell the
+        scheduler this worker is done; release every socket."""
         if self._closed:
             return
         self._closed = True
         try:
+            self._drain(timeout)
             if self.membership is not None:
                 self.membership.request(P.Bye(rank=self.rank), expect=P.ByeAck, timeout=5.0)
         except PSError as exc:
@@ -295,6 +305,15 @@ class Worker:
             if self._own_transport:
                 self.transport.close()
                 self._own_transport = False
+
+    def _drain(self, timeout: float) -> None:
+        if self.client is None or not self.client.pending:
+            return
+        try:
+            self.client.wait_all(timeout)
+        except PSError as exc:
+            log.warning("worker %d: closing with %d requests unanswered: %s", self.rank, len(self.client.pending), exc)
+            self.client.fail_pending(str(exc))
 
     def __enter__(self) -> "Worker":
         return self

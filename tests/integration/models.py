@@ -104,3 +104,49 @@ def overlap_reference(steps: int) -> dict[str, torch.Tensor]:
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+class Routed(torch.nn.Module):
+    """A shared layer, and a branch that only the flagged samples go through: on a step where no
+    sample of a worker's batch is flagged, that worker has no gradient for the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = torch.nn.Linear(6, 3)
+        self.branch = torch.nn.Linear(6, 3)
+
+    def forward(self, x, flags):
+        out = self.main(x)
+        if flags.any():
+            out = out + torch.where(flags[:, None], self.branch(x), torch.zeros_like(out))
+        return out
+
+
+# which halves of the batch (worker 0's, worker 1's) have flagged samples, step by step
+ROUTED_FLAGS = [(True, True), (True, False), (False, False), (False, True), (False, False), (True, True)]
+
+
+def routed_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3000 + step)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    flags = torch.zeros(8, dtype=torch.bool)
+    first, second = ROUTED_FLAGS[step]
+    flags[1], flags[5] = first, second
+    return x, y, flags
+
+
+ROUTED_OPTIMIZERS = {"sgd": ps.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), "adam": ps.optim.Adam(lr=0.05)}
+
+
+def routed_reference(optimizer: str) -> dict[str, torch.Tensor]:
+    """One process, whole batches: torch skips the branch on the steps where nobody uses it."""
+    torch.manual_seed(0)
+    model = Routed()
+    spec = ROUTED_OPTIMIZERS[optimizer]
+    opt = spec.torch_class(model.parameters(), **spec.hyperparameters())
+    for step in range(len(ROUTED_FLAGS)):
+        x, y, flags = routed_batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x, flags), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}

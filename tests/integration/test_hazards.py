@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import psframework as ps
+from tests.integration import models
 from tests.threads import run_in_threads
 
 
@@ -104,6 +105,150 @@ def test_sync_workers_pushing_different_tensors_get_an_error_naming_them(make_cl
     assert message is not None and seconds < 10
     assert "'b'" in message and "worker 0" in message and "worker 1" in message, message
     assert "the same tensors" in message, message
+
+
+def test_a_stopped_reader_does_not_freeze_the_server(make_cluster, worker_procs):
+    """Over TCP a worker stops (SIGSTOP) with a large reply unread: the server must never wait for
+    that send before it changes the block, so once the stopped worker is declared gone the other
+    two train on at full speed."""
+    cluster = make_cluster(num_servers=1, num_workers=3, mode="sync", elastic=True)
+    procs = worker_procs(cluster, "stop_while_pulling", 3, env={"PS_SHM": "0"}, victim=2, steps=6, mib=16)
+    try:
+        results = [procs.join_one(rank, timeout=60) for rank in (0, 1)]
+    finally:
+        procs.kill(2)
+    for result in results:
+        assert result["gone"], result
+        assert result["after_gone"] < 3.0, result  # 4 steps once the sync set no longer waits for it
+
+
+def test_closing_an_optimizer_whose_communication_thread_is_stuck_returns(make_cluster, monkeypatch):
+    """The overlap thread waits on a peer that lives but never answers: close() interrupts that
+    wait instead of giving up on the thread and then hanging in the ZeroMQ context's term()."""
+    from psframework.worker.requests import Client
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync")
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    opt = ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler))
+    worker = opt.worker
+
+    def stuck(self, timeout):
+        while True:  # a wait with a liveness check, on a peer that never answers
+            self.membership.check()
+            time.sleep(0.05)
+
+    monkeypatch.setattr(Client, "progress", stuck)
+    x, y = models.overlap_batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()  # the hooks hand the gradients to the thread
+    time.sleep(0.3)
+    start = time.monotonic()
+    opt.close()
+    worker.close()
+    assert time.monotonic() - start < 10
+    assert cluster.wait(timeout=15)["scheduler"] == 0  # the worker said goodbye: nothing took it for dead
+
+
+# ---------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("optimizer,overlap", [("sgd", False), ("adam", True), ("sgd", True)])
+def test_a_parameter_without_a_gradient_is_not_stepped(make_cluster, worker_procs, optimizer, overlap):
+    """As torch.optim skips a None gradient: momentum, weight decay and Adam's state stay untouched
+    on the steps where no worker uses the branch; where one worker does, the other counts as zero."""
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=64)
+    results = worker_procs(cluster, "routed_train", 2, optimizer=optimizer, overlap=overlap).join()
+    want = models.routed_reference(optimizer)
+    for got in results:
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_close_delivers_what_was_pushed_without_waiting(make_cluster, monkeypatch):
+    monkeypatch.setenv("PS_SHM", "0")  # the frames, not only a header, must leave before the sockets close
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async")
+    n = 8 << 20  # 32 MB: the sockets are closed long before ZeroMQ could have written it all
+
+    def work(i):
+        worker, params = _sgd_worker(cluster, {"w": torch.zeros(n)})
+        worker.barrier()
+        if worker.rank == 1:
+            future = worker.push({"w": torch.ones(n)})
+            worker.close()
+            future.wait(timeout=1)  # done: close waited for its answer
+            return 1, None
+        with worker:
+            deadline = time.monotonic() + 15
+            while params["w"][-1].item() != -1.0 and time.monotonic() < deadline:
+                worker.pull(params).wait(timeout=10)
+                time.sleep(0.05)
+            return 0, params["w"].clone()
+
+    w = dict(run_in_threads(2, work, timeout=60))[0]
+    assert torch.equal(w, torch.full((n,), -1.0))
+
+
+def test_close_fails_what_it_could_not_deliver(make_cluster, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setenv("PS_SHM", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    worker, params = _sgd_worker(cluster)
+    server = cluster.processes()["server-0"]
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        future = worker.push({"w": torch.ones(10)})
+        start = time.monotonic()
+        worker.close(timeout=0.5)
+        assert time.monotonic() - start < 3
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    with pytest.raises(ps.ClosedError, match="server 0"):
+        future.wait(timeout=1)
+
+
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_late_replies_of_a_failed_overlapped_step_never_write_the_parameters(make_cluster, monkeypatch, shm):
+    """The servers are stopped while backward sends the last layers' blocks; handing over the first
+    layer's gradient then fails, so step() raises; the servers' answers that come after must not
+    touch the parameters."""
+    import os
+    import signal
+
+    from psframework.worker.exchange import Exchange
+
+    monkeypatch.setenv("PS_SHM", shm)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=4096)
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    servers = [p.pid for name, p in cluster.processes().items() if name.startswith("server")]
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.5), ps.init(scheduler=cluster.scheduler)) as opt:
+        add = Exchange.add
+
+        def failing_add(self, name, tensor, after=None):
+            if name == "first.weight":
+                raise RuntimeError("injected failure")
+            return add(self, name, tensor, after)
+
+        monkeypatch.setattr(Exchange, "add", failing_add)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        x, y = models.overlap_batch(0)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        for pid in servers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            loss.backward()
+            with pytest.raises(RuntimeError, match="injected failure"):
+                opt.step()
+        finally:
+            for pid in servers:
+                os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            opt.worker.progress(0.1)  # the late answers arrive
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), f"{key} was written by a late reply"
 
 
 # ---------------------------------------------------------------------------------------- counting

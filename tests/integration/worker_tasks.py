@@ -153,8 +153,50 @@ def count_steps(out: str, steps: int) -> None:
                     "heartbeat_steps": opt.worker.membership.stats.get("steps")}, out)
 
 
+def routed_train(out: str, optimizer: str, overlap: bool) -> None:
+    """DistributedOptimizer on models.Routed, the batch split between the workers."""
+    torch.manual_seed(0)
+    model = models.Routed()
+    with ps.DistributedOptimizer(model, models.ROUTED_OPTIMIZERS[optimizer], overlap=overlap) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        for step in range(len(models.ROUTED_FLAGS)):
+            x, y, flags = models.routed_batch(step)
+            mine = slice(rank * len(x) // n, (rank + 1) * len(x) // n)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[mine], flags[mine]), y[mine]).backward()
+            opt.step()
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
+
+
+def stop_while_pulling(out: str, victim: int, steps: int, mib: int) -> None:
+    """Sync: the victim pushes its first step, asks for the result (a pull of a block too large
+    for the socket buffers, answered once the others have pushed too) and stops itself (SIGSTOP)
+    without ever reading it. The others train on: their first step answers the victim's pull, their
+    second waits until the victim is declared gone, the rest must not wait for the unread reply."""
+    import signal
+
+    worker = ps.init()
+    params = {"big": torch.zeros(mib << 18)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    worker.barrier()
+    grads = {"big": torch.ones_like(params["big"])}
+    if worker.rank == victim:
+        worker.push(grads).wait(timeout=30)
+        worker.pull(params)  # never read
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    time.sleep(1.0)  # the victim is stopped by now
+    times = []
+    for _ in range(steps):
+        worker.push_pull(grads, into=params).wait(timeout=60)
+        times.append(time.monotonic())
+    torch.save({"after_gone": times[-1] - times[1], "gone": victim in worker.membership.departed_workers}, out)
+    worker.close()
+
+
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
-                                  elastic_train, count_steps)}
+                                  elastic_train, count_steps, routed_train, stop_while_pulling)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -96,3 +96,19 @@ def test_readme_lists_every_environment_variable():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in ENV_VARS if name not in readme]
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_closing_a_transport_with_a_socket_left_open_does_not_hang(caplog):
+    import time
+
+    from psframework.transport import ZmqTransport
+
+    transport = ZmqTransport()
+    server = transport.listen("127.0.0.1")
+    left_open = transport.connect(server.address)  # never closed, as by a thread left behind
+    server.close()
+    start = time.monotonic()
+    transport.close(timeout=0.5)
+    assert time.monotonic() - start < 3
+    assert "still open" in caplog.text
+    left_open.close()
