@@ -11,8 +11,9 @@ starts the servers and the workers, then watches:
   registered with the scheduler (exit 1);
 * SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal).
 
-In every case every process is stopped before ``run_job`` returns (SIGTERM, then SIGKILL), and
-every reader thread is joined.
+In every case every process is stopped before ``run_job`` returns (SIGTERM with SIGCONT, then
+SIGKILL after ``--stop-grace``; ``stopping.py``), every reader thread is joined, and the report
+names the processes that only SIGKILL could end.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ from .config import LaunchConfig
 from .hosts import is_local_host
 from .remote import ssh_install_file_argv
 from .process import Console, JobProcess
+from .stopping import TICK, Stopper
 from ..errors import ConfigError
 from ..security import JobSecret
 
-TICK = 0.05
-STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL
-KILL_WAIT = 3.0        # for SIGKILL and the ssh kill fallback
 DRAIN_TIMEOUT = 10.0   # scheduler and servers end by themselves once the workers are done
 SHOWN_LINES = 20
 SETTLE = 2.0           # how long a secondary failure waits for its root cause to exit
@@ -97,6 +96,7 @@ class Job:
         self.addresses = host_addresses(cfg)
         self.procs: list[JobProcess] = []
         self.scheduler = SchedulerWatch()
+        self.stopper = Stopper(cfg.stop_grace)
         self._signal: Optional[int] = None
         self._lost: list[JobProcess] = []  # failed, but the job went on (elastic, or restarted)
         self._restarts: dict[int, int] = {}
@@ -121,7 +121,9 @@ class Job:
             outcome = self._start_and_watch()
             self.console.message(outcome.headline)
         finally:
-            self._stop_all()
+            self.stopper.stop_all(self.procs)
+            for proc in self.procs:
+                proc.close()
             if secret_dir is not None:
                 shutil.rmtree(secret_dir, ignore_errors=True)
         self._report(outcome)
@@ -161,7 +163,7 @@ class Job:
 
     def _launch(self, spec: ProcessSpec) -> JobProcess:
         proc = JobProcess(spec, self.console, log_dir=self._log_dir, ssh_config=self.cfg.ssh_config,
-                          cwd=self.cfg.cwd, python=self.cfg.python,
+                          cwd=self.cfg.cwd, python=self.cfg.python, stop_grace=self.cfg.stop_grace,
                           on_line=self.scheduler.on_line if spec.role == "scheduler" else None)
         self.procs.append(proc)
         proc.start()
@@ -283,21 +285,6 @@ class Job:
             details += [f"    | {line}" for line in scheduler.last_lines(SHOWN_LINES)]
         return Outcome(EXIT_FAILED, headline, details=details)
 
-    # -- stopping ------------------------------------------------------------------------
-
-    def _stop_all(self) -> None:
-        live = [p for p in self.procs if p.running()]
-        for proc in live:
-            proc.terminate()
-        _wait_until(lambda: not any(p.running() for p in live), time.monotonic() + STOP_GRACE)
-        fallbacks = [f for f in (p.kill() for p in live if p.running()) if f is not None]
-        deadline = time.monotonic() + KILL_WAIT
-        _wait_until(lambda: not any(p.running() for p in live), deadline)
-        for ssh in fallbacks:
-            _reap(ssh, deadline)
-        for proc in self.procs:
-            proc.close()
-
     # -- reporting -----------------------------------------------------------------------
 
     def _report(self, outcome: Outcome) -> None:
@@ -314,6 +301,10 @@ class Job:
         elif outcome.exit_code != 0:
             stopped = [p.name for p in self.procs if p.stopped_by_launcher]
             lines.append(f"stopped {len(stopped)} processes: {', '.join(stopped)}" if stopped else "")
+        killed = [p.where() for p in self.procs if p.had_to_be_killed]
+        if killed:
+            lines.append(f"did not stop on SIGTERM, killed after the {self.cfg.stop_grace:g} s grace: "
+                         + ", ".join(killed))
         if self._log_dir is not None:
             lines.append(f"logs: {self._log_dir}/")
         lines = [line for line in lines if line]
@@ -345,19 +336,6 @@ def _is_secondary(proc: JobProcess) -> bool:
     """Did it fail because another process of the job was lost (not a root cause)?"""
     proc.join_output(timeout=0.5)
     return any(SECONDARY_ERROR in line for line in proc.last_lines(SHOWN_LINES))
-
-
-def _wait_until(done: Callable[[], bool], deadline: float) -> None:
-    while not done() and time.monotonic() < deadline:
-        time.sleep(TICK)
-
-
-def _reap(proc: subprocess.Popen, deadline: float) -> None:
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager

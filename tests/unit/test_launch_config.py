@@ -53,6 +53,9 @@ def test_counts_default_to_the_hostfile_capacity():
     ({"env": (("PS_RANK", "1"),)}, "sets PS_RANK itself"),
     ({"env": (("1BAD", "x"),)}, "not a valid environment variable name"),
     ({"job_id": "a b"}, "job id"),
+    ({"stop_grace": -1.0}, "--stop-grace must be"),
+    ({"stop_grace": float("nan")}, "--stop-grace must be"),
+    ({"stop_grace": float("inf")}, "--stop-grace must be"),
     ({"hosts": parse_hostfile("a slots=1\n", "h.txt"), "hostfile": "h.txt", "num_workers": 2},
      "asked for 2 workers but h.txt offers 1 slots"),
 ])
@@ -148,7 +151,8 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hosts").write_text("node1 slots=3 servers=2\n")
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
-           "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs"}
+           "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs",
+           "PS_STOP_GRACE": "1.5"}
     captured = {}
     monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
@@ -157,6 +161,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     assert (cfg.mode, cfg.staleness, len(cfg.layout.workers), len(cfg.layout.servers)) == ("async", 5, 2, 2)
     assert cfg.start_timeout == 9 and cfg.env == (("A", "1"), ("B", "2")) and cfg.job_id == "abc"
     assert cfg.log_dir == "logs" and cfg.cwd == str(tmp_path)
+    assert cfg.stop_grace == 1.5
 
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):
