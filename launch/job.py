@@ -9,7 +9,11 @@ starts the servers and the workers, then watches:
   process is stopped and the report names it first, with its last lines (exit 1);
 * the cluster did not come up within the start timeout: the report names the processes that never
   registered with the scheduler (exit 1);
-* SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal).
+* SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal);
+* the scheduler declared a process dead (``PS_DEAD``: no heartbeat, e.g. a stopped or frozen
+  process): it is ended, and counts as failed from then on, whatever its exit code (an elastic
+  worker is lost, a restartable server restarted, anything else fails the job with it as the root
+  cause: ``declared dead: no heartbeat for 4.1 s (state: stopped)``).
 
 In every case every process is stopped before ``run_job`` returns (SIGTERM with SIGCONT, then
 SIGKILL after ``--stop-grace``; ``stopping.py``), every reader thread is joined, and the report
@@ -48,6 +52,7 @@ EXIT_FAILED = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _JOINED_RE = re.compile(r"PS_JOINED role=(\w+) rank=(\S+) host=(\S+)")
+_DEAD_RE = re.compile(r"PS_DEAD role=(\w+) rank=(\d+) host=(\S+) pid=(\d+) reason=(.*)")
 
 
 def run_job(cfg: LaunchConfig, console: Optional[Console] = None) -> int:
@@ -57,14 +62,27 @@ def run_job(cfg: LaunchConfig, console: Optional[Console] = None) -> int:
         return job.run()
 
 
+@dataclass(frozen=True)
+class Death:
+    """A node the scheduler declared dead (its ``PS_DEAD`` line)."""
+
+    role: str
+    rank: int
+    host: str
+    pid: int
+    reason: str
+
+
 class SchedulerWatch:
-    """What the scheduler says on stdout: where it listens, who joined, whether everyone did."""
+    """What the scheduler says on stdout: where it listens, who joined, whether everyone did, who
+    it declared dead."""
 
     def __init__(self) -> None:
         self.address: Optional[str] = None
         self.joined: list[tuple[str, Optional[int], str]] = []
         self.up = threading.Event()
         self._lock = threading.Lock()
+        self._deaths: list[Death] = []
 
     def on_line(self, proc: JobProcess, text: str) -> None:
         if text.startswith("PS_SCHEDULER_ADDRESS="):
@@ -75,6 +93,16 @@ class SchedulerWatch:
             role, rank, host = match.groups()
             with self._lock:
                 self.joined.append((role, int(rank) if rank.isdigit() else None, host))
+        elif match := _DEAD_RE.match(text):
+            role, rank, host, pid, reason = match.groups()
+            with self._lock:
+                self._deaths.append(Death(role, int(rank), host, int(pid), reason.strip()))
+
+    def take_deaths(self) -> list[Death]:
+        """The deaths declared since the last call."""
+        with self._lock:
+            deaths, self._deaths = self._deaths, []
+        return deaths
 
     def registered(self, spec: ProcessSpec) -> bool:
         with self._lock:
@@ -187,7 +215,9 @@ class Job:
         while True:
             if self._signal is not None:
                 return self._interrupted()
-            failed = self._first_failure()
+            self._tend()
+            # a process declared dead is the cause of what follows: wait (within its grace) until it is gone
+            failed = None if self._ending_dead() else self._first_failure()
             if failed is not None and not self._survive(failed):
                 return self._failed(failed)
             workers = [p for p in self.procs if p.spec.role == "worker" and p not in self._lost]
@@ -213,7 +243,8 @@ class Job:
         # A worker that fails says goodbye before its process has finished exiting, so the others
         # can die of PeerLostError first; give the real culprit a moment to show up.
         settle_until = time.monotonic() + SETTLE
-        while time.monotonic() < settle_until:
+        while time.monotonic() < settle_until or self._ending_dead():
+            self._tend()
             primary = [p for p in self._failures() if not _is_secondary(p)]
             if primary:
                 return primary[0]
@@ -221,8 +252,30 @@ class Job:
         return failed[0]
 
     def _failures(self) -> list[JobProcess]:
-        # workers first: a scheduler or server failing in the same tick is most likely the consequence
-        return [p for p in reversed(self.procs) if p.exit_code() not in (None, 0) and p not in self._lost]
+        # declared dead first, then workers: a scheduler or server failing in the same tick is most
+        # likely the consequence
+        failed = [p for p in reversed(self.procs) if p not in self._lost and p.exit_code() is not None
+                  and (p.exit_code() != 0 or p.dead_reason is not None)]
+        return sorted(failed, key=lambda p: p.dead_reason is None)
+
+    def _tend(self) -> None:
+        """Every tick: end the processes the scheduler declared dead; SIGKILL what outlived its grace."""
+        scheduler = self.procs[0]
+        if not scheduler.running():
+            scheduler.join_output()  # its last lines may declare deaths
+        for death in self.scheduler.take_deaths():
+            proc = declared_process(self.procs, death)
+            if proc is None:
+                self.console.message(f"the scheduler declared {death.role} {death.rank} on host {death.host} "
+                                     f"(pid {death.pid}) dead ({death.reason}); it is no process ps-launch runs")
+                continue
+            proc.declare_dead(death.reason)
+            self.console.message(f"{proc.where()} {proc.death()}; ending it")
+            self.stopper.begin(proc)
+        self.stopper.escalate()
+
+    def _ending_dead(self) -> bool:
+        return any(p.dead_reason is not None and self.stopper.ending(p) for p in self.procs)
 
     def _survive(self, failed: JobProcess) -> bool:
         """Whether the job goes on after this failure: an elastic job loses a worker, and with
@@ -247,7 +300,8 @@ class Job:
     def _succeeded(self) -> Outcome:
         workers = sum(1 for p in self.procs if p.spec.role == "worker" and p not in self._lost)
         who = "the worker" if workers == 1 else f"all {workers} workers"
-        lost = [p.name for p in self._lost if p.spec.role == "worker"]
+        lost = [f"{p.name} ({p.death()})" if p.dead_reason else p.name
+                for p in self._lost if p.spec.role == "worker"]
         restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
         notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
                          f"; restarted: {', '.join(restarted)}" if restarted else ""])
@@ -332,8 +386,22 @@ def _lines(n: int) -> str:
     return "line" if n == 1 else f"{n} lines"
 
 
+def declared_process(procs: list[JobProcess], death: Death) -> Optional[JobProcess]:
+    """The running process that the scheduler declared dead: the one it names by pid; failing that
+    (a command wrapped in a shell on another host), the only running one of that role and rank;
+    None for a pid of one of ours that has already ended (a server that its restart replaced)."""
+    same = [p for p in procs if (p.spec.role, p.spec.rank) == (death.role, death.rank)]
+    named = [p for p in same if p.owns_pid(death.pid)]
+    if named:
+        return named[-1] if named[-1].running() else None
+    running = [p for p in same if p.running()]
+    return running[0] if len(running) == 1 else None
+
+
 def _is_secondary(proc: JobProcess) -> bool:
     """Did it fail because another process of the job was lost (not a root cause)?"""
+    if proc.dead_reason is not None:
+        return False  # the scheduler itself says this one is the cause
     proc.join_output(timeout=0.5)
     return any(SECONDARY_ERROR in line for line in proc.last_lines(SHOWN_LINES))
 
@@ -352,4 +420,4 @@ def _stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-__all__ = ["Job", "Outcome", "SchedulerWatch", "run_job"]
+__all__ = ["Death", "Job", "Outcome", "SchedulerWatch", "declared_process", "run_job"]

@@ -80,6 +80,8 @@ class JobProcess:
         self.remote_pgid: Optional[int] = None
         self.remote_exit: Optional[int] = None
         self.remote_state: Optional[str] = None  # what it was doing when its agent was asked to stop it
+        self.dead_reason: Optional[str] = None  # the scheduler declared it dead, for this reason
+        self._dead_state: Optional[str] = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._tail_lock = threading.Lock()
         self._prefix = f"[{spec.name}] ".encode()
@@ -188,6 +190,31 @@ class JobProcess:
             return self.remote_state or "unknown"
         return process_state(self.popen.pid) if self.popen is not None else "never started"
 
+    def owns_pid(self, pid: int) -> bool:
+        """Whether ``pid`` (as a node reports it to the scheduler) is this process or, on this host,
+        one of its process group (a command wrapped in a shell)."""
+        if pid == self.pid:
+            return True
+        if not self.spec.local or self.popen is None:
+            return False
+        try:
+            return os.getpgid(pid) == self.popen.pid
+        except OSError:
+            return False
+
+    def declare_dead(self, reason: str) -> None:
+        """The scheduler declared it dead: keep why, and what it was doing then (a remote one's
+        agent reports that when asked to stop it)."""
+        self.dead_reason = reason
+        if self.spec.local:
+            self._dead_state = self.state()
+
+    def death(self) -> Optional[str]:
+        """``declared dead: no heartbeat for 4.1 s (state: stopped)``, or None."""
+        if self.dead_reason is None:
+            return None
+        return f"declared dead: {self.dead_reason} (state: {self._dead_state or self.state()})"
+
     @property
     def had_to_be_killed(self) -> bool:
         """Whether it outlived the SIGTERM that ps-launch (or its remote agent) sent, so that only
@@ -213,6 +240,9 @@ class JobProcess:
         if self.start_error is not None:
             return self.start_error
         code = self.exit_code()
+        if self.dead_reason is not None:
+            ended = "still running" if code is None else f"ended by ps-launch: {exit_description(code)}"
+            return f"{self.death()}; {ended}"
         if code is None:
             return "still running"
         if not self.spec.local and self.remote_exit is None:

@@ -13,7 +13,7 @@ from psframework.launch.cli import build_config, main
 from psframework.launch.commands import host_addresses, node_processes, scheduler_process
 from psframework.launch.config import LAUNCH_ENV_VARS, RESERVED_VARS, LaunchConfig, parse_exports
 from psframework.launch.hostfile import parse_hostfile
-from psframework.launch.job import SchedulerWatch
+from psframework.launch.job import Death, SchedulerWatch
 from psframework.config import ENV_VARS
 from psframework.errors import ConfigError
 
@@ -131,6 +131,10 @@ def test_scheduler_lines_are_understood():
     assert watch.joined == [("server", 0, "10.0.0.1"), ("worker", 1, "10.0.0.2")]
     watch.on_line(None, "PS_CLUSTER_UP")
     assert watch.up.is_set()
+    assert watch.take_deaths() == []
+    watch.on_line(None, "PS_DEAD role=worker rank=2 host=10.0.0.3 pid=4242 reason=no heartbeat for 4.1 s")
+    assert watch.take_deaths() == [Death("worker", 2, "10.0.0.3", 4242, "no heartbeat for 4.1 s")]
+    assert watch.take_deaths() == []  # each death is taken once
 
 
 # -- the click layer ------------------------------------------------------------------------
