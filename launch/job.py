@@ -25,10 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,12 +34,10 @@ from typing import Callable, Iterator, Optional
 
 from .commands import ProcessSpec, host_addresses, node_processes, scheduler_process
 from .config import LaunchConfig
-from .hosts import is_local_host
-from .remote import ssh_install_file_argv
 from .process import Console, JobProcess
+from .secret_files import SecretFiles
 from .stopping import TICK, Stopper
 from ..errors import ConfigError
-from ..security import JobSecret
 
 DRAIN_TIMEOUT = 10.0   # scheduler and servers end by themselves once the workers are done
 SHOWN_LINES = 20
@@ -144,7 +139,8 @@ class Job:
             except OSError as exc:
                 raise ConfigError(f"cannot create --log-dir {self._log_dir}: {exc.strerror or exc}") from None
         outcome = None
-        secret_dir = self._write_secret()
+        secrets = SecretFiles(self.cfg)
+        self.cfg = dataclasses.replace(self.cfg, secret_file=secrets.write())
         try:
             outcome = self._start_and_watch()
             self.console.message(outcome.headline)
@@ -152,29 +148,10 @@ class Job:
             self.stopper.stop_all(self.procs)
             for proc in self.procs:
                 proc.close()
-            if secret_dir is not None:
-                shutil.rmtree(secret_dir, ignore_errors=True)
+            for problem in secrets.remove():
+                self.console.message(problem)
         self._report(outcome)
         return outcome.exit_code
-
-    def _write_secret(self) -> Optional[str]:
-        """A fresh secret for this job, in a directory only this user can read; remote hosts get a
-        copy over ssh's stdin before any process starts there."""
-        if self.cfg.auth == "none":
-            return None
-        directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
-        path = JobSecret.generate(self.cfg.auth).write(Path(directory) / "secret.json")
-        self.cfg = dataclasses.replace(self.cfg, secret_file=str(path))
-        payload = path.read_bytes()
-        remote = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not _is_local(self.cfg, p.host)}
-        for host, port in sorted(remote, key=str):
-            argv = ssh_install_file_argv(host, port, str(path), self.cfg.ssh_config)
-            done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
-            if done.returncode != 0:
-                shutil.rmtree(directory, ignore_errors=True)
-                raise ConfigError(f"cannot install the job secret on {host}: "
-                                  f"{done.stderr.decode(errors='replace').strip() or done.returncode}")
-        return directory
 
     # -- starting ------------------------------------------------------------------------
 
@@ -376,10 +353,6 @@ class Job:
                 late = " (after the root cause)" if proc.exit_code() != 0 else ""
                 notes.append(f"  {proc.name} on {proc.spec.host}: {proc.describe_exit()}{late}")
         return ["other processes:", *notes] if notes else []
-
-
-def _is_local(cfg: LaunchConfig, host: str) -> bool:
-    return cfg.hosts is None or is_local_host(host)
 
 
 def _lines(n: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,14 @@ def test_sync_job_over_ssh(cluster, launch, tmp_path):
         assert info["netns"] == _netns_id(cluster, host), f"worker {rank} did not run in {host.name}"
         assert f"server {rank} serving on tcp://{host.address}:" in result.stdout
     assert _only_sshd_left(cluster) == {h.name: set() for h in cluster.hosts}
+
+    # the job secret's copies on the hosts are gone too. The namespaces share this machine's files,
+    # so each host's copy must sit apart from ps-launch's own (removed here) for this to show that
+    # ps-launch removed it on that host.
+    secrets = [Path(json.loads((out / f"worker-{r}.json").read_text())["secret_file"]) for r in range(2)]
+    assert secrets[0] != secrets[1], secrets
+    for secret in secrets:
+        assert not secret.exists() and not secret.parent.exists(), f"{secret} outlived the job"
 
 
 def test_remote_worker_killed_stops_everything(cluster, launch, tmp_path):

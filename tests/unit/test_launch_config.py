@@ -113,6 +113,14 @@ def test_remote_hosts_bind_their_hostfile_address_and_get_forwarded_variables():
     assert worker1.environ["PYTHONPATH"] == "/mine"  # -x wins over the forwarded value
 
 
+def test_a_remote_process_reads_its_own_hosts_copy_of_the_secret():
+    hosts = parse_hostfile("127.0.0.1 slots=1 servers=1\n192.0.2.11:2222 slots=1\n")
+    cfg = _cfg(hosts=hosts, bind="192.0.2.10", secret_file="/tmp/ps-launch-j1-x/secret.json")
+    here, there = node_processes(cfg, host_addresses(cfg), "tcp://192.0.2.10:7000")[-2:]
+    assert here.local and here.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j1-x/secret.json"
+    assert there.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j1-x-on-192.0.2.11-2222/secret.json"
+
+
 def test_loopback_in_a_multi_host_job_is_refused():
     hosts = parse_hostfile("127.0.0.1 slots=1 servers=1\n192.0.2.11 slots=1\n")
     with pytest.raises(ConfigError, match="loopback"):
