@@ -244,7 +244,8 @@ class Job:
             proc = declared_process(self.procs, death)
             if proc is None:
                 self.console.message(f"the scheduler declared {death.role} {death.rank} on host {death.host} "
-                                     f"(pid {death.pid}) dead ({death.reason}); it is no process ps-launch runs")
+                                     f"(pid {death.pid}) dead ({death.reason}); no process that ps-launch "
+                                     "still runs is that one: nothing to end")
                 continue
             proc.declare_dead(death.reason)
             self.console.message(f"{proc.where()} {proc.death()}; ending it")
