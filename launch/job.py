@@ -239,7 +239,7 @@ class Job:
         """Every tick: end the processes the scheduler declared dead; SIGKILL what outlived its grace."""
         scheduler = self.procs[0]
         if not scheduler.running():
-            scheduler.join_output()  # its last lines may declare deaths
+            scheduler.join_output(timeout=0.5)  # its last lines may declare deaths
         for death in self.scheduler.take_deaths():
             proc = declared_process(self.procs, death)
             if proc is None:
