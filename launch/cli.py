@@ -16,7 +16,7 @@ from typing import Optional
 
 import click
 
-from .config import LaunchConfig, parse_exports
+from .config import DEFAULT_STOP_GRACE, LaunchConfig, parse_exports
 from .hostfile import read_hostfile
 from .job import run_job
 from ..config import MODES, remote_forwarded, tuning_from_env
@@ -67,6 +67,9 @@ def _option(*decls: str, **kwargs):
          help="Restart a server that dies; it reloads its shards from the newest checkpoint.")
 @_option("--elastic", envvar="PS_ELASTIC", is_flag=True,
          help="A worker that dies does not stop the job; sync steps average over the live workers.")
+@_option("--stop-grace", envvar="PS_STOP_GRACE", type=float, default=DEFAULT_STOP_GRACE, show_default=True,
+         metavar="SECONDS", help="When ps-launch ends a process (job over, failed, declared dead, Ctrl-C): "
+                                 "seconds from SIGTERM (with SIGCONT) to SIGKILL.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],

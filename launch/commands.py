@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 from .config import LaunchConfig
 from .hosts import is_local_host
 from .placement import Placement
+from .remote import remote_secret_path
 from ..config import config_to_env
 from ..errors import ConfigError
 
@@ -96,6 +97,8 @@ def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str]
     env.update(cfg.env)
     env.update(config_to_env(cfg.scheduler_config()))
     env.update(PS_JOB_ID=cfg.job_id, PS_ROLE=placement.role, PS_HOST=placement.host, PS_BIND=address)
+    if cfg.secret_file and not local:
+        env["PS_SECRET_FILE"] = remote_secret_path(cfg.secret_file, placement.host, placement.ssh_port)
     if placement.role != "scheduler":
         env["PS_RANK"] = str(placement.rank)
         env["PS_SCHEDULER"] = scheduler_address or ""

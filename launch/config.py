@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -50,6 +51,7 @@ LAUNCH_ENV_VARS = {
     "PS_RESUME": ("--resume", "resume from the newest complete checkpoint"),
     "PS_RESTART_FAILED_SERVERS": ("--restart-failed-servers", "restart a dead server from the newest checkpoint"),
     "PS_ELASTIC": ("--elastic", "workers may die (the others go on) and join"),
+    "PS_STOP_GRACE": ("--stop-grace", "seconds from SIGTERM to SIGKILL when ps-launch ends a process"),
 }
 
 # Set by ps-launch for each process; a user value (-x) would silently break the job.
@@ -61,6 +63,7 @@ RESERVED_VARS = frozenset({
 })
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
+DEFAULT_STOP_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class LaunchConfig:
     restart_failed_servers: bool = False
     elastic: bool = False
     max_restarts: int = 3
+    stop_grace: float = DEFAULT_STOP_GRACE  # SIGTERM (with SIGCONT) -> SIGKILL, whenever ps-launch ends a process
     secret_file: Optional[str] = None  # set by the job once it has written the secret
     layout: JobLayout = field(init=False, repr=False)
 
@@ -114,6 +118,8 @@ class LaunchConfig:
                 raise ConfigError(f"{flag} needs --checkpoint-dir: that is where checkpoints are written and read")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
+        if not (math.isfinite(self.stop_grace) and self.stop_grace >= 0):
+            raise ConfigError(f"--stop-grace must be a number of seconds >= 0, got {self.stop_grace}")
         if not _JOB_ID_RE.fullmatch(self.job_id):
             raise ConfigError(f"job id must be letters, digits, '.', '_' or '-'; got {self.job_id!r}")
         layout = plan_job(self.hosts, self.num_workers, self.num_servers, scheduler_host=self.scheduler,
@@ -173,4 +179,5 @@ def parse_exports(items: tuple[str, ...], environ: Optional[dict[str, str]] = No
     return tuple(exports.items())
 
 
-__all__ = ["LAUNCH_ENV_VARS", "LaunchConfig", "RESERVED_VARS", "check_export_name", "parse_exports"]
+__all__ = ["DEFAULT_STOP_GRACE", "LAUNCH_ENV_VARS", "LaunchConfig", "RESERVED_VARS", "check_export_name",
+           "parse_exports"]

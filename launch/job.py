@@ -9,10 +9,15 @@ starts the servers and the workers, then watches:
   process is stopped and the report names it first, with its last lines (exit 1);
 * the cluster did not come up within the start timeout: the report names the processes that never
   registered with the scheduler (exit 1);
-* SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal).
+* SIGINT, SIGTERM or SIGHUP: everything is stopped (exit 128 + signal);
+* the scheduler declared a process dead (``PS_DEAD``: no heartbeat, e.g. a stopped or frozen
+  process): it is ended, and counts as failed from then on, whatever its exit code (an elastic
+  worker is lost, a restartable server restarted, anything else fails the job with it as the root
+  cause: ``declared dead: no heartbeat for 4.1 s (state: stopped)``).
 
-In every case every process is stopped before ``run_job`` returns (SIGTERM, then SIGKILL), and
-every reader thread is joined.
+In every case every process is stopped before ``run_job`` returns (SIGTERM with SIGCONT, then
+SIGKILL after ``--stop-grace``; ``stopping.py``), every reader thread is joined, and the report
+names the processes that only SIGKILL could end.
 """
 
 from __future__ import annotations
@@ -20,10 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,15 +34,11 @@ from typing import Callable, Iterator, Optional
 
 from .commands import ProcessSpec, host_addresses, node_processes, scheduler_process
 from .config import LaunchConfig
-from .hosts import is_local_host
-from .remote import ssh_install_file_argv
 from .process import Console, JobProcess
+from .secret_files import SecretFiles
+from .stopping import TICK, Stopper
 from ..errors import ConfigError
-from ..security import JobSecret
 
-TICK = 0.05
-STOP_GRACE = 3.0       # SIGTERM (or EOF to a remote_child) -> SIGKILL
-KILL_WAIT = 3.0        # for SIGKILL and the ssh kill fallback
 DRAIN_TIMEOUT = 10.0   # scheduler and servers end by themselves once the workers are done
 SHOWN_LINES = 20
 SETTLE = 2.0           # how long a secondary failure waits for its root cause to exit
@@ -49,6 +47,7 @@ EXIT_FAILED = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _JOINED_RE = re.compile(r"PS_JOINED role=(\w+) rank=(\S+) host=(\S+)")
+_DEAD_RE = re.compile(r"PS_DEAD role=(\w+) rank=(\d+) host=(\S+) pid=(\d+) reason=(.*)")
 
 
 def run_job(cfg: LaunchConfig, console: Optional[Console] = None) -> int:
@@ -58,14 +57,27 @@ def run_job(cfg: LaunchConfig, console: Optional[Console] = None) -> int:
         return job.run()
 
 
+@dataclass(frozen=True)
+class Death:
+    """A node the scheduler declared dead (its ``PS_DEAD`` line)."""
+
+    role: str
+    rank: int
+    host: str
+    pid: int
+    reason: str
+
+
 class SchedulerWatch:
-    """What the scheduler says on stdout: where it listens, who joined, whether everyone did."""
+    """What the scheduler says on stdout: where it listens, who joined, whether everyone did, who
+    it declared dead."""
 
     def __init__(self) -> None:
         self.address: Optional[str] = None
         self.joined: list[tuple[str, Optional[int], str]] = []
         self.up = threading.Event()
         self._lock = threading.Lock()
+        self._deaths: list[Death] = []
 
     def on_line(self, proc: JobProcess, text: str) -> None:
         if text.startswith("PS_SCHEDULER_ADDRESS="):
@@ -76,6 +88,16 @@ class SchedulerWatch:
             role, rank, host = match.groups()
             with self._lock:
                 self.joined.append((role, int(rank) if rank.isdigit() else None, host))
+        elif match := _DEAD_RE.match(text):
+            role, rank, host, pid, reason = match.groups()
+            with self._lock:
+                self._deaths.append(Death(role, int(rank), host, int(pid), reason.strip()))
+
+    def take_deaths(self) -> list[Death]:
+        """The deaths declared since the last call."""
+        with self._lock:
+            deaths, self._deaths = self._deaths, []
+        return deaths
 
     def registered(self, spec: ProcessSpec) -> bool:
         with self._lock:
@@ -97,6 +119,7 @@ class Job:
         self.addresses = host_addresses(cfg)
         self.procs: list[JobProcess] = []
         self.scheduler = SchedulerWatch()
+        self.stopper = Stopper(cfg.stop_grace)
         self._signal: Optional[int] = None
         self._lost: list[JobProcess] = []  # failed, but the job went on (elastic, or restarted)
         self._restarts: dict[int, int] = {}
@@ -116,35 +139,19 @@ class Job:
             except OSError as exc:
                 raise ConfigError(f"cannot create --log-dir {self._log_dir}: {exc.strerror or exc}") from None
         outcome = None
-        secret_dir = self._write_secret()
+        secrets = SecretFiles(self.cfg)
+        self.cfg = dataclasses.replace(self.cfg, secret_file=secrets.write())
         try:
             outcome = self._start_and_watch()
             self.console.message(outcome.headline)
         finally:
-            self._stop_all()
-            if secret_dir is not None:
-                shutil.rmtree(secret_dir, ignore_errors=True)
+            self.stopper.stop_all(self.procs)
+            for proc in self.procs:
+                proc.close()
+            for problem in secrets.remove():
+                self.console.message(problem)
         self._report(outcome)
         return outcome.exit_code
-
-    def _write_secret(self) -> Optional[str]:
-        """A fresh secret for this job, in a directory only this user can read; remote hosts get a
-        copy over ssh's stdin before any process starts there."""
-        if self.cfg.auth == "none":
-            return None
-        directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
-        path = JobSecret.generate(self.cfg.auth).write(Path(directory) / "secret.json")
-        self.cfg = dataclasses.replace(self.cfg, secret_file=str(path))
-        payload = path.read_bytes()
-        remote = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not _is_local(self.cfg, p.host)}
-        for host, port in sorted(remote, key=str):
-            argv = ssh_install_file_argv(host, port, str(path), self.cfg.ssh_config)
-            done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
-            if done.returncode != 0:
-                shutil.rmtree(directory, ignore_errors=True)
-                raise ConfigError(f"cannot install the job secret on {host}: "
-                                  f"{done.stderr.decode(errors='replace').strip() or done.returncode}")
-        return directory
 
     # -- starting ------------------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class Job:
 
     def _launch(self, spec: ProcessSpec) -> JobProcess:
         proc = JobProcess(spec, self.console, log_dir=self._log_dir, ssh_config=self.cfg.ssh_config,
-                          cwd=self.cfg.cwd, python=self.cfg.python,
+                          cwd=self.cfg.cwd, python=self.cfg.python, stop_grace=self.cfg.stop_grace,
                           on_line=self.scheduler.on_line if spec.role == "scheduler" else None)
         self.procs.append(proc)
         proc.start()
@@ -185,7 +192,9 @@ class Job:
         while True:
             if self._signal is not None:
                 return self._interrupted()
-            failed = self._first_failure()
+            self._tend()
+            # a process declared dead is the cause of what follows: wait (within its grace) until it is gone
+            failed = None if self._ending_dead() else self._first_failure()
             if failed is not None and not self._survive(failed):
                 return self._failed(failed)
             workers = [p for p in self.procs if p.spec.role == "worker" and p not in self._lost]
@@ -211,7 +220,8 @@ class Job:
         # A worker that fails says goodbye before its process has finished exiting, so the others
         # can die of PeerLostError first; give the real culprit a moment to show up.
         settle_until = time.monotonic() + SETTLE
-        while time.monotonic() < settle_until:
+        while time.monotonic() < settle_until or self._ending_dead():
+            self._tend()
             primary = [p for p in self._failures() if not _is_secondary(p)]
             if primary:
                 return primary[0]
@@ -219,8 +229,31 @@ class Job:
         return failed[0]
 
     def _failures(self) -> list[JobProcess]:
-        # workers first: a scheduler or server failing in the same tick is most likely the consequence
-        return [p for p in reversed(self.procs) if p.exit_code() not in (None, 0) and p not in self._lost]
+        # declared dead first, then workers: a scheduler or server failing in the same tick is most
+        # likely the consequence
+        failed = [p for p in reversed(self.procs) if p not in self._lost and p.exit_code() is not None
+                  and (p.exit_code() != 0 or p.dead_reason is not None)]
+        return sorted(failed, key=lambda p: p.dead_reason is None)
+
+    def _tend(self) -> None:
+        """Every tick: end the processes the scheduler declared dead; SIGKILL what outlived its grace."""
+        scheduler = self.procs[0]
+        if not scheduler.running():
+            scheduler.join_output(timeout=0.5)  # its last lines may declare deaths
+        for death in self.scheduler.take_deaths():
+            proc = declared_process(self.procs, death)
+            if proc is None:
+                self.console.message(f"the scheduler declared {death.role} {death.rank} on host {death.host} "
+                                     f"(pid {death.pid}) dead ({death.reason}); no process that ps-launch "
+                                     "still runs is that one: nothing to end")
+                continue
+            proc.declare_dead(death.reason)
+            self.console.message(f"{proc.where()} {proc.death()}; ending it")
+            self.stopper.begin(proc)
+        self.stopper.escalate()
+
+    def _ending_dead(self) -> bool:
+        return any(p.dead_reason is not None and self.stopper.ending(p) for p in self.procs)
 
     def _survive(self, failed: JobProcess) -> bool:
         """Whether the job goes on after this failure: an elastic job loses a worker, and with
@@ -245,7 +278,8 @@ class Job:
     def _succeeded(self) -> Outcome:
         workers = sum(1 for p in self.procs if p.spec.role == "worker" and p not in self._lost)
         who = "the worker" if workers == 1 else f"all {workers} workers"
-        lost = [p.name for p in self._lost if p.spec.role == "worker"]
+        lost = [f"{p.name} ({p.death()})" if p.dead_reason else p.name
+                for p in self._lost if p.spec.role == "worker"]
         restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
         notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
                          f"; restarted: {', '.join(restarted)}" if restarted else ""])
@@ -283,21 +317,6 @@ class Job:
             details += [f"    | {line}" for line in scheduler.last_lines(SHOWN_LINES)]
         return Outcome(EXIT_FAILED, headline, details=details)
 
-    # -- stopping ------------------------------------------------------------------------
-
-    def _stop_all(self) -> None:
-        live = [p for p in self.procs if p.running()]
-        for proc in live:
-            proc.terminate()
-        _wait_until(lambda: not any(p.running() for p in live), time.monotonic() + STOP_GRACE)
-        fallbacks = [f for f in (p.kill() for p in live if p.running()) if f is not None]
-        deadline = time.monotonic() + KILL_WAIT
-        _wait_until(lambda: not any(p.running() for p in live), deadline)
-        for ssh in fallbacks:
-            _reap(ssh, deadline)
-        for proc in self.procs:
-            proc.close()
-
     # -- reporting -----------------------------------------------------------------------
 
     def _report(self, outcome: Outcome) -> None:
@@ -314,6 +333,10 @@ class Job:
         elif outcome.exit_code != 0:
             stopped = [p.name for p in self.procs if p.stopped_by_launcher]
             lines.append(f"stopped {len(stopped)} processes: {', '.join(stopped)}" if stopped else "")
+        killed = [p.where() for p in self.procs if p.had_to_be_killed]
+        if killed:
+            lines.append(f"did not stop on SIGTERM, killed after the {self.cfg.stop_grace:g} s grace: "
+                         + ", ".join(killed))
         if self._log_dir is not None:
             lines.append(f"logs: {self._log_dir}/")
         lines = [line for line in lines if line]
@@ -333,31 +356,28 @@ class Job:
         return ["other processes:", *notes] if notes else []
 
 
-def _is_local(cfg: LaunchConfig, host: str) -> bool:
-    return cfg.hosts is None or is_local_host(host)
-
-
 def _lines(n: int) -> str:
     return "line" if n == 1 else f"{n} lines"
 
 
+def declared_process(procs: list[JobProcess], death: Death) -> Optional[JobProcess]:
+    """The running process that the scheduler declared dead: the one it names by pid; failing that
+    (a command wrapped in a shell on another host), the only running one of that role and rank;
+    None for a pid of one of ours that has already ended (a server that its restart replaced)."""
+    same = [p for p in procs if (p.spec.role, p.spec.rank) == (death.role, death.rank)]
+    named = [p for p in same if p.owns_pid(death.pid)]
+    if named:
+        return named[-1] if named[-1].running() else None
+    running = [p for p in same if p.running()]
+    return running[0] if len(running) == 1 else None
+
+
 def _is_secondary(proc: JobProcess) -> bool:
     """Did it fail because another process of the job was lost (not a root cause)?"""
+    if proc.dead_reason is not None:
+        return False  # the scheduler itself says this one is the cause
     proc.join_output(timeout=0.5)
     return any(SECONDARY_ERROR in line for line in proc.last_lines(SHOWN_LINES))
-
-
-def _wait_until(done: Callable[[], bool], deadline: float) -> None:
-    while not done() and time.monotonic() < deadline:
-        time.sleep(TICK)
-
-
-def _reap(proc: subprocess.Popen, deadline: float) -> None:
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager
@@ -374,4 +394,4 @@ def _stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-__all__ = ["Job", "Outcome", "SchedulerWatch", "run_job"]
+__all__ = ["Death", "Job", "Outcome", "SchedulerWatch", "declared_process", "run_job"]

@@ -3,7 +3,8 @@
 A local process runs in a session of its own, so ps-launch can signal its whole process group
 and a Ctrl-C in the terminal reaches only ps-launch, which then stops the job in order. A remote
 process is an ssh client running ``psframework.launch.remote_child`` there; closing the client's stdin stops
-it (see that module). Either way the child dies with ps-launch (``procs.spawn``).
+it (see that module). Either way the child dies with ps-launch (``procs.spawn``), and a request to
+stop is a SIGTERM with a SIGCONT, so that a stopped process ends too.
 
 Each process's stdout and stderr go to one pipe, read line by line by a reader thread that this
 object owns: it echoes ``[worker 1] line`` to the console, appends the raw line to the log file
@@ -23,13 +24,10 @@ from typing import IO, Callable, Optional
 
 from .commands import ProcessSpec
 from .remote import ssh_argv, ssh_kill_argv
-from .remote_child import MARKER
+from .remote_child import MARKER, process_state, terminate_group
 from ..procs import exit_description, spawn
 
 TAIL_LINES = 200
-# shorter than the job's stop grace, so the remote side escalates to SIGKILL by itself before
-# ps-launch falls back to `ssh HOST kill`
-REMOTE_GRACE = 2.0
 OUTPUT_JOIN_TIMEOUT = 2.0  # for the rest of a pipe after its process ended
 
 
@@ -67,19 +65,23 @@ class JobProcess:
 
     def __init__(self, spec: ProcessSpec, console: Console, *, log_dir: Optional[Path] = None,
                  ssh_config: Optional[str] = None, cwd: str = ".", python: str = sys.executable,
-                 on_line: Optional[Callable[["JobProcess", str], None]] = None):
+                 stop_grace: float = 3.0, on_line: Optional[Callable[["JobProcess", str], None]] = None):
         self.spec = spec
         self.console = console
         self.log_dir = log_dir
         self.ssh_config = ssh_config
         self.cwd = cwd
         self.python = python
+        self.stop_grace = stop_grace  # for a remote one: its agent's SIGTERM -> SIGKILL
         self.on_line = on_line
         self.popen: Optional[subprocess.Popen] = None
         self.start_error: Optional[str] = None
         self.stopped_by_launcher = False
         self.remote_pgid: Optional[int] = None
         self.remote_exit: Optional[int] = None
+        self.remote_state: Optional[str] = None  # what it was doing when its agent was asked to stop it
+        self.dead_reason: Optional[str] = None  # the scheduler declared it dead, for this reason
+        self._dead_state: Optional[str] = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._tail_lock = threading.Lock()
         self._prefix = f"[{spec.name}] ".encode()
@@ -122,7 +124,7 @@ class JobProcess:
     def _argv_env(self) -> tuple[list[str], dict[str, str]]:
         if self.spec.local:
             return list(self.spec.argv), self.spec.environ
-        wrapped = [self.python, "-m", "psframework.launch.remote_child", "--grace", str(REMOTE_GRACE), "--",
+        wrapped = [self.python, "-m", "psframework.launch.remote_child", "--grace", f"{self.stop_grace:g}", "--",
                    *self.spec.argv]
         # the ssh client carries the job id too, so that anything of the job can be found by it
         return ssh_argv(self.spec.host, self.spec.ssh_port, wrapped, self.spec.environ, self.cwd,
@@ -168,7 +170,9 @@ class JobProcess:
 
     def _remote_marker(self, text: str) -> None:
         key, _, value = text.partition("=")
-        if value.lstrip("-").isdigit():
+        if key == "state":
+            self.remote_state = value.strip()
+        elif value.lstrip("-").isdigit():
             if key == "pgid":
                 self.remote_pgid = int(value)
             elif key == "exit":
@@ -178,6 +182,44 @@ class JobProcess:
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def state(self) -> str:
+        """What it is doing now (``stopped``, ``running``, ...); for a remote one, what its agent saw
+        when asked to stop it, else ``unknown``."""
+        if not self.spec.local:
+            return self.remote_state or "unknown"
+        return process_state(self.popen.pid) if self.popen is not None else "never started"
+
+    def owns_pid(self, pid: int) -> bool:
+        """Whether ``pid`` (as a node reports it to the scheduler) is this process or, on this host,
+        one of its process group (a command wrapped in a shell)."""
+        if pid == self.pid:
+            return True
+        if not self.spec.local or self.popen is None:
+            return False
+        try:
+            return os.getpgid(pid) == self.popen.pid
+        except OSError:
+            return False
+
+    def declare_dead(self, reason: str) -> None:
+        """The scheduler declared it dead: keep why, and what it was doing then (a remote one's
+        agent reports that when asked to stop it)."""
+        self.dead_reason = reason
+        if self.spec.local:
+            self._dead_state = self.state()
+
+    def death(self) -> Optional[str]:
+        """``declared dead: no heartbeat for 4.1 s (state: stopped)``, or None."""
+        if self.dead_reason is None:
+            return None
+        return f"declared dead: {self.dead_reason} (state: {self._dead_state or self.state()})"
+
+    @property
+    def had_to_be_killed(self) -> bool:
+        """Whether it outlived the SIGTERM that ps-launch (or its remote agent) sent, so that only
+        the SIGKILL after the grace ended it."""
+        return self.stopped_by_launcher and self.exit_code() == -signal.SIGKILL
 
     def exit_code(self) -> Optional[int]:
         """None while running; the exit code (negative: killed by that signal) once it ended.
@@ -198,6 +240,9 @@ class JobProcess:
         if self.start_error is not None:
             return self.start_error
         code = self.exit_code()
+        if self.dead_reason is not None:
+            ended = "still running" if code is None else f"ended by ps-launch: {exit_description(code)}"
+            return f"{self.death()}; {ended}"
         if code is None:
             return "still running"
         if not self.spec.local and self.remote_exit is None:
@@ -212,12 +257,13 @@ class JobProcess:
     # -- stopping ------------------------------------------------------------------------
 
     def terminate(self) -> None:
-        """Ask it to stop: SIGTERM to its process group, or EOF to the remote_child over ssh."""
+        """Ask it to stop: SIGTERM and SIGCONT to its process group, or EOF to the remote_child over
+        ssh (which does the same there)."""
         if not self.running():
             return
         self.stopped_by_launcher = True
         if self.spec.local:
-            _kill_group(self.popen.pid, signal.SIGTERM)
+            terminate_group(self.popen.pid)
         else:
             _close_quietly(self.popen.stdin)
 

@@ -16,8 +16,11 @@ interpreter is named by its absolute path, and every word is quoted with ``shlex
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Mapping, Optional, Sequence
+
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def remote_shell_command(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
@@ -51,6 +54,24 @@ def ssh_install_file_argv(host: str, port: Optional[int], path: str, ssh_config:
     return [*ssh_prefix(host, port, ssh_config), script]
 
 
+def ssh_remove_file_argv(host: str, port: Optional[int], path: str, ssh_config: Optional[str] = None) -> list[str]:
+    """argv that removes what ``ssh_install_file_argv`` wrote on ``host``: the file, its temporary
+    name and its directory (only if nothing else is in it)."""
+    directory = path.rsplit("/", 1)[0] or "/"
+    script = f"rm -f -- {shlex.quote(path)} {shlex.quote(path + '.tmp')} && rmdir -- {shlex.quote(directory)}"
+    return [*ssh_prefix(host, port, ssh_config), script]
+
+
+def remote_secret_path(local_path: str, host: str, port: Optional[int]) -> str:
+    """Where ``host`` keeps its copy of the job secret written at ``local_path`` here: a directory
+    of its own beside the local one (``/tmp/ps-launch-J-x/secret.json`` ->
+    ``/tmp/ps-launch-J-x-on-HOST/secret.json``), so that hosts sharing a file system with this one
+    or with each other never write, or remove, each other's copy."""
+    directory, _, name = local_path.rpartition("/")
+    where = _UNSAFE_IN_NAME.sub("_", host) + (f"-{port}" if port is not None else "")
+    return f"{directory}-on-{where}/{name}"
+
+
 def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None) -> list[str]:
     """``ssh [-F FILE] -o BatchMode=yes -T [-p PORT] -- HOST``: never prompts, never allocates a tty."""
     argv = ["ssh"]
@@ -64,4 +85,5 @@ def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None)
     return [*argv, "--", host]
 
 
-__all__ = ["remote_shell_command", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv", "ssh_prefix"]
+__all__ = ["remote_secret_path", "remote_shell_command", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv",
+           "ssh_prefix", "ssh_remove_file_argv"]

@@ -4,12 +4,14 @@ ps-launch runs this over ssh with a pipe as the ssh client's stdin, and never wr
 does not stop a command without a terminal when the client goes away, so this wrapper does: it
 runs COMMAND in a process group of its own and, when its stdin reaches end-of-file (ps-launch
 closed the pipe, died, or the connection dropped) or it gets SIGTERM/SIGHUP/SIGINT, it sends the
-group SIGTERM, then SIGKILL after ``--grace`` seconds. When COMMAND exits by itself, whatever it
-left in its group is killed too, so nothing of the job outlives it.
+group SIGTERM and SIGCONT (a stopped process sees a SIGTERM only once it runs again), then SIGKILL
+after ``--grace`` seconds. When COMMAND exits by itself, whatever it left in its group is killed
+too, so nothing of the job outlives it.
 
 It tells ps-launch, on stdout (which COMMAND's output shares)::
 
     PS_REMOTE_CHILD pgid=4242     once COMMAND started (for ``ssh HOST kill -- -4242`` as a fallback)
+    PS_REMOTE_CHILD state=stopped when asked to stop it: what COMMAND was doing (``process_state``)
     PS_REMOTE_CHILD exit=-9       when COMMAND ended: its exit code, or minus the signal that killed it
 
 and exits with COMMAND's exit code (128 + N for signal N). This module imports only the standard
@@ -31,6 +33,9 @@ MARKER = "PS_REMOTE_CHILD"
 DEFAULT_GRACE = 2.0
 _TICK = 0.1
 _PR_SET_PDEATHSIG = 1
+# the state letters of /proc/PID/stat, as words for reports
+_STATES = {"R": "running", "S": "sleeping", "D": "uninterruptible", "T": "stopped", "t": "traced",
+           "Z": "zombie", "X": "dead", "I": "idle"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,7 +80,8 @@ def supervise(child: subprocess.Popen, grace: float, stop_requested: list[int]) 
 
 
 def stop_group(child: subprocess.Popen, grace: float) -> int:
-    _kill_group(child.pid, signal.SIGTERM)
+    tell(f"state={process_state(child.pid)}")
+    terminate_group(child.pid)
     try:
         child.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -91,6 +97,27 @@ def tell(message: str) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
+
+
+def terminate_group(pgid: int) -> None:
+    """SIGTERM, then SIGCONT: a stopped process (kill -STOP, a debugger, a frozen machine) would
+    otherwise hold the SIGTERM pending until someone continues it."""
+    _kill_group(pgid, signal.SIGTERM)
+    _kill_group(pgid, signal.SIGCONT)
+
+
+def process_state(pid: int) -> str:
+    """What a process of this host is doing, from ``/proc/PID/stat``: ``stopped``, ``running``,
+    ``sleeping``, ...; ``gone`` once it was reaped, ``unknown`` where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return "gone" if os.path.isdir("/proc/self") else "unknown"
+    except OSError:
+        return "unknown"
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name may hold spaces and parentheses
+    return _STATES.get(fields[0], fields[0]) if fields else "unknown"
 
 
 def _stdin_still_open(timeout: float) -> bool:

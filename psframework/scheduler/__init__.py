@@ -13,7 +13,8 @@ decides what a death means for the job.
 Run one with ``python -m psframework scheduler`` (ps-launch does this for you). Besides its log
 (stderr) it prints lines for the launcher on stdout: ``PS_SCHEDULER_ADDRESS=tcp://H:P`` once
 listening, ``PS_JOINED role=R rank=N host=H`` per node that said hello, ``PS_CLUSTER_UP`` once all
-joined.
+joined, and ``PS_DEAD role=R rank=N host=H pid=P reason=TEXT`` per node it declares dead (so the
+launcher ends a process that is stopped or hung rather than gone).
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class Scheduler:
 
     def _declare_dead(self, node: Node, reason: str) -> None:
         self.roster.mark(node, DEAD, reason)
+        tell_launcher(f"PS_DEAD role={node.role} rank={node.rank} host={node.host} pid={node.pid} "
+                      f"reason={' '.join(reason.split())}")
         if node.role == "worker" and self.config.elastic:
             node.fatal = False
             log.warning("%s is gone (%s); elastic: the others go on without it", node, reason)

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.timeout(90)
 PY = sys.executable
 # a worker that never joins the cluster: enough to test stopping, without importing torch
 SLEEPER = [PY, "-c", "import os, time; print('ready', os.getpid(), flush=True); time.sleep(120)"]
+DEAF = [PY, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('ready', os.getpid(), flush=True); time.sleep(120)"]
 
 
 @pytest.fixture
@@ -119,6 +121,19 @@ def test_signal_stops_the_whole_job(launch, sig):
     assert_no_leftovers(run.job_id)
 
 
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(launch):
+    run = launch("-n", "1", "-s", "1", "--server-device", "cpu", "--stop-grace", "1", "--", *DEAF)
+    run.wait_for_output("[worker 0] ready ", timeout=45)
+    pid = int(run.stdout().split("[worker 0] ready ")[1].split()[0])
+    run.proc.send_signal(signal.SIGINT)
+    stopped_at = time.monotonic()
+    result = run.wait(timeout=15)
+    assert time.monotonic() - stopped_at < 2.5, result.stderr  # 1 s of grace, not the default 3
+    assert result.returncode == 130
+    assert f"killed after the 1 s grace: worker 0 (host 127.0.0.1, pid {pid})" in result.stderr
+    assert_no_leftovers(run.job_id)
+
+
 def test_start_timeout_names_what_never_registered(launch):
     run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--start-timeout", "3", "--", *SLEEPER)
     result = run.wait(timeout=30)
@@ -144,7 +159,8 @@ def test_usage_error_exits_2(launch):
     (None, ["-x", "PS_RANK=3"], "ps-launch sets PS_RANK itself"),
     (None, ["--staleness", "-1"], "staleness must be >= 0"),
     (None, ["--start-timeout", "0"], "start timeout must be > 0"),
-], ids=["bad-hostfile-line", "too-many-workers", "reserved-export", "bad-staleness", "bad-timeout"])
+    (None, ["--stop-grace", "-1"], "--stop-grace must be"),
+], ids=["bad-hostfile-line", "too-many-workers", "reserved-export", "bad-staleness", "bad-timeout", "bad-grace"])
 def test_usage_errors(tmp_path, monkeypatch, hostfile, args, message):
     # in-process (CliRunner): the same click command, without a process start per case
     monkeypatch.chdir(tmp_path)

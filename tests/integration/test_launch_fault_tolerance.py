@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.launch_helpers import REPO, Launch, assert_no_leftovers, job_processes
+from tests.integration.launch_helpers import REPO, Launch, assert_no_leftovers, job_processes, root_cause_block
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,8 +23,8 @@ SCRIPT = str(REPO / "tests" / "integration" / "scripts" / "train_resumable.py")
 def launch(tmp_path):
     runs: list[Launch] = []
 
-    def start(*args: str) -> Launch:
-        run = Launch(args, tmp_path, tag=f"launch{len(runs)}")
+    def start(*args: str, env=None) -> Launch:
+        run = Launch(args, tmp_path, env=env, tag=f"launch{len(runs)}")
         runs.append(run)
         return run
 
@@ -106,4 +107,45 @@ def test_an_elastic_job_goes_on_without_a_failed_worker(launch, tmp_path):
     assert not (out / "worker-2.pt").exists()
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key])
+    assert_no_leftovers(run.job_id)
+
+
+def _wait_for_files(run: Launch, paths: list[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert run.proc.poll() is None, f"ps-launch exited early:\n{run.stdout()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {paths} within {timeout} s:\n{run.stdout()[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_a_stopped_worker_is_ended_and_named(launch, tmp_path):
+    # the scenario: worker 2 stops itself (SIGSTOP); a SIGTERM alone never reaches it
+    out = _outdir(tmp_path, "out")
+    run = launch("-n", "3", "-s", "1", "--mode", "async", "--elastic", "--server-device", "cpu", "-x", "PS_SHM=0",
+                 "--", PY, SCRIPT, str(out), "--steps", "8", "--freeze-rank", "2", "--freeze-step", "3",
+                 env={"PS_HEARTBEAT_TIMEOUT": "2"})
+    run.wait_for_output("[worker 2] worker 2: stopping itself with SIGSTOP", timeout=60)
+    pid = _pid_of(run.job_id, "worker", 2)
+    _wait_for_files(run, [out / "worker-0.pt", out / "worker-1.pt"], timeout=60)
+    finished = time.monotonic()
+    result = run.wait(timeout=30)
+    assert time.monotonic() - finished < 15, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    lost = next(line for line in result.stderr.splitlines() if "job finished" in line)
+    assert "worker 2" in lost and "declared dead: no heartbeat for" in lost and "(state: stopped)" in lost, lost
+    assert f"worker 2 (host 127.0.0.1, pid {pid})" in result.stderr
+    assert_no_leftovers(run.job_id)
+
+
+def test_without_elastic_a_stopped_worker_is_the_root_cause(launch, tmp_path):
+    run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--", PY, SCRIPT, str(_outdir(tmp_path, "out")),
+                 "--steps", "8", "--freeze-rank", "1", "--freeze-step", "3", env={"PS_HEARTBEAT_TIMEOUT": "2"})
+    run.wait_for_output("[worker 1] worker 1: stopping itself with SIGSTOP", timeout=60)
+    pid = _pid_of(run.job_id, "worker", 1)
+    result = run.wait(timeout=30)
+    assert result.returncode == 1, result.stderr
+    report = root_cause_block(result.stderr)
+    assert report[0].startswith(f"ps-launch: ROOT CAUSE: worker 1 (host 127.0.0.1, pid {pid}): declared dead: "
+                                "no heartbeat for "), report
+    assert "(state: stopped)" in report[0], report
     assert_no_leftovers(run.job_id)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.integration import netns as vnet
-from tests.integration.launch_helpers import (TRAIN_SCRIPT, Launch, assert_no_leftovers, reference_params,
+from tests.integration.launch_helpers import (REPO, TRAIN_SCRIPT, Launch, assert_no_leftovers, reference_params,
                                               root_cause_block)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
 PY = sys.executable
+RESUMABLE = str(REPO / "tests" / "integration" / "scripts" / "train_resumable.py")
 
 
 @pytest.fixture
@@ -84,6 +86,14 @@ def test_sync_job_over_ssh(cluster, launch, tmp_path):
         assert f"server {rank} serving on tcp://{host.address}:" in result.stdout
     assert _only_sshd_left(cluster) == {h.name: set() for h in cluster.hosts}
 
+    # the job secret's copies on the hosts are gone too. The namespaces share this machine's files,
+    # so each host's copy must sit apart from ps-launch's own (removed here) for this to show that
+    # ps-launch removed it on that host.
+    secrets = [Path(json.loads((out / f"worker-{r}.json").read_text())["secret_file"]) for r in range(2)]
+    assert secrets[0] != secrets[1], secrets
+    for secret in secrets:
+        assert not secret.exists() and not secret.parent.exists(), f"{secret} outlived the job"
+
 
 def test_remote_worker_killed_stops_everything(cluster, launch, tmp_path):
     run = launch("-n", "2", "-s", "2", "--", PY, str(TRAIN_SCRIPT), str(tmp_path), "--pause-rank", "1")
@@ -115,4 +125,27 @@ def test_remote_processes_die_with_ps_launch(cluster, launch):
     run.proc.kill()
     run.proc.wait(timeout=10)
     assert _only_sshd_left(cluster, timeout=8) == {h.name: set() for h in cluster.hosts}
+    assert_no_leftovers(run.job_id)
+
+
+def test_a_stopped_worker_on_another_host_is_ended(cluster, launch, tmp_path):
+    # issue 21 across hosts: worker 1 stops itself (SIGSTOP) on the second host; its agent there
+    # must continue it so that the SIGTERM lands, and say what it was doing
+    host = cluster.hosts[1]
+    run = launch("-n", "2", "-s", "1", "--mode", "async", "--elastic", "-x", "PS_SHM=0", "--",
+                 PY, RESUMABLE, str(tmp_path), "--steps", "8", "--freeze-rank", "1", "--freeze-step", "3")
+    run.wait_for_output("[worker 1] worker 1: stopping itself with SIGSTOP", timeout=60)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "worker-0.pt").exists():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.stdout()[-3000:]
+        time.sleep(0.05)
+    finished = time.monotonic()
+    result = run.wait(timeout=30)
+    assert time.monotonic() - finished < 20, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    lost = next(line for line in result.stderr.splitlines() if "job finished" in line)
+    assert "worker 1 (declared dead: no heartbeat for " in lost and "(state: stopped)" in lost, lost
+    assert f"worker 1 (host {host.address}, pid " in result.stderr
+    assert "ended by ps-launch: killed by SIGTERM" in result.stderr  # continued, so no SIGKILL was needed
+    assert _only_sshd_left(cluster) == {h.name: set() for h in cluster.hosts}
     assert_no_leftovers(run.job_id)

@@ -13,7 +13,7 @@ from psframework.launch.cli import build_config, main
 from psframework.launch.commands import host_addresses, node_processes, scheduler_process
 from psframework.launch.config import LAUNCH_ENV_VARS, RESERVED_VARS, LaunchConfig, parse_exports
 from psframework.launch.hostfile import parse_hostfile
-from psframework.launch.job import SchedulerWatch
+from psframework.launch.job import Death, SchedulerWatch
 from psframework.config import ENV_VARS
 from psframework.errors import ConfigError
 
@@ -53,6 +53,9 @@ def test_counts_default_to_the_hostfile_capacity():
     ({"env": (("PS_RANK", "1"),)}, "sets PS_RANK itself"),
     ({"env": (("1BAD", "x"),)}, "not a valid environment variable name"),
     ({"job_id": "a b"}, "job id"),
+    ({"stop_grace": -1.0}, "--stop-grace must be"),
+    ({"stop_grace": float("nan")}, "--stop-grace must be"),
+    ({"stop_grace": float("inf")}, "--stop-grace must be"),
     ({"hosts": parse_hostfile("a slots=1\n", "h.txt"), "hostfile": "h.txt", "num_workers": 2},
      "asked for 2 workers but h.txt offers 1 slots"),
 ])
@@ -110,6 +113,14 @@ def test_remote_hosts_bind_their_hostfile_address_and_get_forwarded_variables():
     assert worker1.environ["PYTHONPATH"] == "/mine"  # -x wins over the forwarded value
 
 
+def test_a_remote_process_reads_its_own_hosts_copy_of_the_secret():
+    hosts = parse_hostfile("127.0.0.1 slots=1 servers=1\n192.0.2.11:2222 slots=1\n")
+    cfg = _cfg(hosts=hosts, bind="192.0.2.10", secret_file="/tmp/ps-launch-j1-x/secret.json")
+    here, there = node_processes(cfg, host_addresses(cfg), "tcp://192.0.2.10:7000")[-2:]
+    assert here.local and here.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j1-x/secret.json"
+    assert there.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j1-x-on-192.0.2.11-2222/secret.json"
+
+
 def test_loopback_in_a_multi_host_job_is_refused():
     hosts = parse_hostfile("127.0.0.1 slots=1 servers=1\n192.0.2.11 slots=1\n")
     with pytest.raises(ConfigError, match="loopback"):
@@ -128,6 +139,10 @@ def test_scheduler_lines_are_understood():
     assert watch.joined == [("server", 0, "10.0.0.1"), ("worker", 1, "10.0.0.2")]
     watch.on_line(None, "PS_CLUSTER_UP")
     assert watch.up.is_set()
+    assert watch.take_deaths() == []
+    watch.on_line(None, "PS_DEAD role=worker rank=2 host=10.0.0.3 pid=4242 reason=no heartbeat for 4.1 s")
+    assert watch.take_deaths() == [Death("worker", 2, "10.0.0.3", 4242, "no heartbeat for 4.1 s")]
+    assert watch.take_deaths() == []  # each death is taken once
 
 
 # -- the click layer ------------------------------------------------------------------------
@@ -148,7 +163,8 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hosts").write_text("node1 slots=3 servers=2\n")
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
-           "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs"}
+           "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs",
+           "PS_STOP_GRACE": "1.5"}
     captured = {}
     monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
@@ -157,6 +173,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     assert (cfg.mode, cfg.staleness, len(cfg.layout.workers), len(cfg.layout.servers)) == ("async", 5, 2, 2)
     assert cfg.start_timeout == 9 and cfg.env == (("A", "1"), ("B", "2")) and cfg.job_id == "abc"
     assert cfg.log_dir == "logs" and cfg.cwd == str(tmp_path)
+    assert cfg.stop_grace == 1.5
 
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from psframework.launch.remote import remote_shell_command, ssh_argv, ssh_kill_argv, ssh_prefix
+from psframework.launch.remote import (remote_secret_path, remote_shell_command, ssh_argv, ssh_install_file_argv,
+                                      ssh_kill_argv, ssh_prefix, ssh_remove_file_argv)
 
 PY = "/opt/py 3/bin/python"
 
@@ -69,3 +71,22 @@ def test_kill_fallback_signals_the_whole_group():
 def test_kill_fallback_takes_only_a_real_group(bad):
     with pytest.raises(ValueError):
         ssh_kill_argv("n", None, bad)  # type: ignore[arg-type]
+
+
+def test_each_host_gets_its_own_copy_of_the_secret_beside_the_local_one():
+    local = "/tmp/ps-launch-j1-abc/secret.json"
+    assert remote_secret_path(local, "10.0.0.2", None) == "/tmp/ps-launch-j1-abc-on-10.0.0.2/secret.json"
+    assert remote_secret_path(local, "node2", 2222) == "/tmp/ps-launch-j1-abc-on-node2-2222/secret.json"
+    # whatever the host is called, the copy stays one plain directory next to the local one
+    assert remote_secret_path(local, "me@fe80::1%eth0", None) == "/tmp/ps-launch-j1-abc-on-me_fe80__1_eth0/secret.json"
+
+
+def test_the_secret_is_installed_and_removed_by_a_real_shell(tmp_path):
+    path = str(tmp_path / "ps-launch-j1-on-h" / "secret.json")
+    install = ssh_install_file_argv("h", None, path)[-1]
+    subprocess.run(["sh", "-c", install], input=b"s3cret", check=True)
+    assert Path(path).read_bytes() == b"s3cret" and oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
+    remove = ssh_remove_file_argv("h", 22, path, "/cfg")
+    assert remove[:-1] == ["ssh", "-F", "/cfg", "-o", "BatchMode=yes", "-T", "-p", "22", "--", "h"]
+    subprocess.run(["sh", "-c", remove[-1]], check=True)
+    assert not Path(path).parent.exists() and tmp_path.exists()

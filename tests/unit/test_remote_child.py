@@ -17,24 +17,29 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(30)
 
 
-def _start(*command: str) -> subprocess.Popen:
+def _start(*command: str, grace: float = 1) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "psframework.launch.remote_child", "--grace", "1", "--", *command],
+    return subprocess.Popen([sys.executable, "-m", "psframework.launch.remote_child", "--grace", str(grace), "--",
+                             *command],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, text=True)
 
 
-def _markers(out: str) -> dict[str, int]:
+def _markers(out: str) -> dict[str, int | str]:
     pairs = [line[len(MARKER) + 1:].split("=") for line in out.splitlines() if line.startswith(MARKER + " ")]
-    return {key: int(value) for key, value in pairs}
+    return {key: int(value) if value.lstrip("-").isdigit() else value for key, value in pairs}
+
+
+def _state(pid: int) -> str:
+    """The state letter in /proc/PID/stat (T: stopped, Z: zombie); empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return _state(pid) not in ("", "Z")
 
 
 def _finish(p: subprocess.Popen) -> str:
@@ -90,6 +95,21 @@ def test_sigterm_to_the_wrapper_stops_the_child(procs, tmp_path):
     p.terminate()
     out = _finish(p)
     assert _markers(out)["exit"] == -15
+
+
+def test_a_stopped_child_is_continued_so_that_sigterm_reaches_it(procs):
+    # a long grace: without SIGCONT the stopped child would go only with the SIGKILL 30 s later
+    procs.append(p := _start("sh", "-c", "echo ready; kill -STOP $$; sleep 60", grace=30))
+    first = [p.stdout.readline() for _ in range(2)]
+    child = int(next(line for line in first if line.startswith(MARKER)).split("=")[1])
+    deadline = time.monotonic() + 10
+    while _state(child) != "T":
+        assert time.monotonic() < deadline, f"child {child} never stopped: state {_state(child)!r}"
+        time.sleep(0.02)
+    p.stdin.close()
+    out = _finish(p)
+    assert _markers(out)["exit"] == -15  # SIGTERM reached it, no SIGKILL needed
+    assert _markers(out)["state"] == "stopped"  # what it was doing when asked to stop
 
 
 def test_missing_command_reports_127(procs):

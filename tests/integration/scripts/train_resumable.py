@@ -1,6 +1,9 @@
 """A sync job for ps-launch fault-tolerance tests; checkpoints come from ps-launch's flags.
 
     python train_resumable.py OUTDIR [--steps N] [--stop-after S] [--sleep SEC] [--fail-rank R --fail-step S]
+                              [--freeze-rank R --freeze-step S]
+
+``--freeze-rank`` stops that worker with SIGSTOP at that step, as a debugger or a frozen machine would.
 
 Writes OUTDIR/worker-RANK.pt: the step it started from and the final parameters.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +31,8 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=-1)
+    parser.add_argument("--freeze-rank", type=int, default=-1)
+    parser.add_argument("--freeze-step", type=int, default=-1)
     args = parser.parse_args()
     model = torch.nn.Module()
     for name, value in models.make_params(0).items():
@@ -40,6 +46,9 @@ def main() -> int:
             if rank == args.fail_rank and step == args.fail_step:
                 print(f"worker {rank}: failing on purpose at step {step}", flush=True)
                 os._exit(5)
+            if rank == args.freeze_rank and step == args.freeze_step:
+                print(f"worker {rank}: stopping itself with SIGSTOP at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
             x, y = models.batch(step)
             opt.zero_grad()
             models.loss_fn(params, x[mine], y[mine]).backward()
