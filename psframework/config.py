@@ -44,7 +44,7 @@ ENV_VARS = {
     "PS_ELASTIC": "1: workers may die and join; sync steps average over the live workers",
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
-    "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through /dev/shm (default 1)",
+    "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -1,19 +1,21 @@
 """Shared-memory lanes: the data path between a worker and a server on the same host.
 
 Over loopback TCP every byte is copied by the kernel twice each way and by ZeroMQ's I/O threads;
-between two processes of one host that is wasted work. A lane is a file in ``/dev/shm`` that the
-worker creates and both map: one *push area* and one *pull area*, each with a fixed slot for every
-block the server holds. A push writes the gradient into the block's push slot and sends only the
-header; the server reads the slot (on a GPU: one DMA copy, since both sides register the lane as
-pinned memory) and writes the new values into the pull slot before it answers. On one host with
-GPUs no CPU copies a tensor's bytes at all.
+between two processes of one host that is wasted work. A lane is an anonymous memory file
+(``memfd_create``) that the worker creates and both map: one *push area* and one *pull area*, each
+with a fixed slot for every block the server holds. A push writes the gradient into the block's
+push slot and sends only the header; the server reads the slot (on a GPU: one DMA copy, since both
+sides register the lane as pinned memory) and writes the new values into the pull slot before it
+answers. On one host with GPUs no CPU copies a tensor's bytes at all.
 
 A block's slots belong to one request at a time: the worker reserves them when a request starts
 and frees them when its reply has been consumed; a request whose block is still reserved simply
 goes over the wire. A lane is attached after ``register`` with an ``attach`` request that names the
-file and a random token written at its start: a server on another host cannot open the file or
-reads another token, and the worker then keeps using the wire. Once the server has mapped it, the
-worker removes the file's name, so nothing is left in /dev/shm whichever process dies.
+worker's descriptor of the file (``/proc/PID/fd/N``, which only the same user can open) and a
+random token written at its start: a server on another host cannot open it or reads another token,
+and the worker then keeps using the wire. The file never has a name in ``/dev/shm``, so nothing is
+left behind whichever process dies at whatever moment; lane files of the old named kind that dead
+processes left in ``/dev/shm`` are removed when a worker creates its lanes.
 
 >>> lane_layout([(3, 100), (7, 8)])
 ({3: 0, 7: 128}, 192)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterable, Optional
@@ -33,8 +36,10 @@ from ..errors import ConfigError
 
 log = logging.getLogger("psframework.shm")
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # where lane files of the old, named kind may have been left
 HEADER_BYTES = 4096  # the token, then page-aligned areas
+_LANE_PATH = re.compile(r"/proc/\d+/fd/\d+")
+_STALE_NAME = re.compile(r"psf-(\d+)-")
 TOKEN_BYTES = 16
 _ALIGN = 64
 
@@ -54,18 +59,31 @@ def lane_layout(blocks: Iterable[tuple[int, int]]) -> tuple[dict[int, int], int]
 
 
 def shm_available() -> bool:
-    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+    return hasattr(os, "memfd_create") and Path(f"/proc/{os.getpid()}/fd").is_dir()
+
+
+def remove_stale_lane_files() -> list[Path]:
+    """Remove the named lane files (``/dev/shm/psf-PID-*``, made by earlier versions) of processes
+    that no longer exist; returns what was removed."""
+    removed = []
+    for path in SHM_DIR.glob("psf-*") if SHM_DIR.is_dir() else ():
+        match = _STALE_NAME.match(path.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class Lane:
     """One worker's shared-memory lane to one server: the mapped file, and where each block's slots are."""
 
-    def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int, owner: bool):
-        self.path = path
+    def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int,
+                 fd: Optional[int] = None):
+        self.path = path  # where the other side opens the file: the creator's descriptor of it
+        self.fd = fd  # the creator's descriptor, kept until the server has mapped the file
         self.memory = memory  # uint8, the whole file
         self.offsets = offsets
         self.area_bytes = area_bytes
-        self.owner = owner
         self._registered = False
         # blocks whose slots a request holds: None while it is in flight, then the events of the
         # copies out of the pull slot (copies onto a GPU may still be reading it)
@@ -98,21 +116,19 @@ class Lane:
 
     @classmethod
     def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "Lane":
-        """Create and map a new lane file (the worker's side); raises OSError if /dev/shm is full."""
+        """Create and map a new lane file (the worker's side); OSError if the memory is not there."""
         offsets, area = lane_layout(blocks)
-        path = SHM_DIR / name
         size = HEADER_BYTES + 2 * area
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             # reserve the pages now: touching an unbacked page of a full tmpfs is SIGBUS, not an error
             os.posix_fallocate(fd, 0, size)
-        except OSError:
+            path = Path(f"/proc/{os.getpid()}/fd/{fd}")
+            memory = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+        except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        memory = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-        lane = cls(path, memory, offsets, area, owner=True)
+        lane = cls(path, memory, offsets, area, fd=fd)
         memory[:TOKEN_BYTES].copy_(torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8))
         return lane
 
@@ -120,9 +136,9 @@ class Lane:
     def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "Lane":
         """Map a worker's lane (the server's side), checking its size and token."""
         offsets, area = lane_layout(blocks)
+        if not _LANE_PATH.fullmatch(path):
+            raise ConfigError(f"lane {path!r} is not a psframework lane (a worker's /proc/PID/fd/N)")
         file = Path(path)
-        if file.parent != SHM_DIR or not file.name.startswith("psf-"):
-            raise ConfigError(f"lane {path!r} is not a psframework lane in {SHM_DIR}")
         size = HEADER_BYTES + 2 * area
         actual = file.stat().st_size
         if actual != size:
@@ -130,7 +146,13 @@ class Lane:
         memory = torch.from_file(str(file), shared=True, size=size, dtype=torch.uint8)
         if bytes(memory[:TOKEN_BYTES].numpy()) != token:
             raise ConfigError(f"lane {path} holds another token: not the worker's file (another host?)")
-        return cls(file, memory, offsets, area, owner=False)
+        return cls(file, memory, offsets, area)
+
+    def mapped(self) -> None:
+        """The other side has mapped the file: our descriptor is no longer needed (the mappings keep it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @property
     def token(self) -> bytes:
@@ -166,12 +188,11 @@ class Lane:
             torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
             self._registered = False
         self.memory = torch.empty(0, dtype=torch.uint8)
-        if self.owner:
-            self.path.unlink(missing_ok=True)
+        self.mapped()
 
 
 def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "lane_layout", "lane_name", "shm_available"]
+__all__ = ["Lane", "lane_layout", "lane_name", "remove_stale_lane_files", "shm_available"]

@@ -16,7 +16,7 @@ import torch
 
 from .. import protocol as P
 from ..buffers import host_copy
-from ..datapath.lane import Lane, lane_name
+from ..datapath.lane import Lane, lane_name, remove_stale_lane_files
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
 from .requests import Client, Future, Request
@@ -53,6 +53,8 @@ class WorkerLanes:
     def attach_all(self, servers: Iterable[int], device: Optional[torch.device]) -> None:
         """Offer each server a lane; those on this host map it, the others refuse. ``device``: the
         GPU the worker's tensors are on, whose copies should see the lane as pinned memory."""
+        for stale in remove_stale_lane_files():
+            log.info("removed %s, a lane file a dead process left behind", stale)
         offers = []
         for server in servers:
             blocks = self._blocks(server)
@@ -71,7 +73,7 @@ class WorkerLanes:
                 log.debug("worker %d: server %d takes no lane: %s", self.rank, server, exc)
                 lane.close()
                 continue
-            lane.path.unlink(missing_ok=True)  # both have it mapped; no name left to leak
+            lane.mapped()  # both have it mapped: the descriptor the server opened it by can go
             self.lanes[server] = lane
             if device is not None:
                 lane.pin(device)
@@ -98,7 +100,7 @@ class WorkerLanes:
             lane.pin()
         old.close()
         self.lanes[server] = lane
-        self.request_attach(server, lane).on_complete(lambda: lane.path.unlink(missing_ok=True))
+        self.request_attach(server, lane).on_complete(lane.mapped)
 
     def reserve(self, block: Block) -> Optional[Lane]:
         """The lane for a request on ``block``, if its server has one and the block's slots are free."""

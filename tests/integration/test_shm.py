@@ -20,11 +20,11 @@ from tests.integration import models
 from tests.integration.test_core import CHUNK, assert_one_step_of_ones, assert_params_equal, pull_after_pushes
 from tests.threads import run_in_threads
 
-pytestmark = pytest.mark.skipif(not shm_available(), reason="/dev/shm is missing or not writable")
+pytestmark = pytest.mark.skipif(not shm_available(), reason="no memfd_create or /proc/PID/fd on this system")
 
 
-def _lane_files() -> list[Path]:
-    return list(Path("/dev/shm").glob(f"psf-{os.getpid()}-*"))
+def _shm_files() -> set[Path]:
+    return set(Path("/dev/shm").glob("*")) if Path("/dev/shm").is_dir() else set()
 
 
 @pytest.mark.parametrize("shm", ["1", "0"])
@@ -42,7 +42,8 @@ def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
         params = models.make_params(0)
         worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
         assert sorted(worker.lanes.lanes) == [0, 1]
-        assert _lane_files() == [], "a lane's name is removed once its server mapped it"
+        assert all(lane.fd is None for lane in worker.lanes.lanes.values()), \
+            "the descriptor the servers opened a lane by is closed once they mapped it"
         before = sum(s["lane_requests"] for s in worker.server_stats())
         grads = {k: torch.ones_like(v) for k, v in params.items()}
         start = {k: v.clone() for k, v in params.items()}
@@ -54,6 +55,16 @@ def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
         assert all(s["lanes"] == [0] for s in stats)
         for key in params:
             torch.testing.assert_close(params[key], start[key] - 1.5)
+
+
+def test_no_lane_file_outlives_a_killed_job(make_cluster, worker_procs):
+    """Workers killed at any moment, servers too: lanes never had a name, so /dev/shm is as before."""
+    before = _shm_files()
+    cluster = make_cluster(num_servers=2, num_workers=3, mode="sync", chunk_bytes=CHUNK)
+    results = worker_procs(cluster, "die_after", 3, steps=3, victim=2).join(expect_ok=False)
+    assert results[0] is not None and "worker 2" in results[0]["error"]
+    cluster.stop()
+    assert _shm_files() == before
 
 
 def test_back_to_back_pushes_share_lanes_and_sockets_and_none_is_lost(make_cluster):

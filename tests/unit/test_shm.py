@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, strategies as st
 
 from psframework.errors import ConfigError
-from psframework.datapath.lane import HEADER_BYTES, SHM_DIR, Lane, lane_layout, lane_name, shm_available
+from psframework.datapath.lane import (HEADER_BYTES, SHM_DIR, Lane, lane_layout, lane_name, remove_stale_lane_files,
+                                       shm_available)
 
-needs_shm = pytest.mark.skipif(not shm_available(), reason=f"{SHM_DIR} is missing or not writable")
+needs_shm = pytest.mark.skipif(not shm_available(), reason="no memfd_create or /proc/PID/fd on this system")
 
 
 @given(st.dictionaries(st.integers(0, 1000), st.integers(0, 1 << 20), max_size=30))
@@ -24,12 +25,16 @@ def test_layout_gives_every_block_its_own_aligned_slot(sizes):
 
 
 @needs_shm
-def test_a_lane_is_seen_by_whoever_maps_it_with_its_token():
+def test_a_lane_is_seen_by_whoever_maps_it_with_its_token_and_has_no_name():
     blocks = [(0, 1000), (5, 4096)]
+    before = set(SHM_DIR.glob("*")) if SHM_DIR.is_dir() else set()
     lane = Lane.create(lane_name(0, 1), blocks)
     try:
-        assert lane.path.stat().st_mode & 0o777 == 0o600
+        assert (set(SHM_DIR.glob("*")) if SHM_DIR.is_dir() else set()) == before, "a lane never has a name"
+        assert str(lane.path) == f"/proc/{os.getpid()}/fd/{lane.fd}"
         other = Lane.attach(str(lane.path), lane.token, blocks)
+        lane.mapped()  # the creator's descriptor goes; the mappings keep the memory
+        assert lane.fd is None
         lane.push_slot(5, 8, 16).view(torch.float32).copy_(torch.arange(4.0))
         assert torch.equal(other.push_slot(5, 8, 16).view(torch.float32), torch.arange(4.0))
         other.pull_slot(0, 0, 8).view(torch.float64).fill_(2.5)
@@ -37,10 +42,21 @@ def test_a_lane_is_seen_by_whoever_maps_it_with_its_token():
         # the pull area does not overlap the push area
         assert lane.pull_slot(0, 0, 1).data_ptr() - lane.memory.data_ptr() >= HEADER_BYTES + 1000 + 4096
         other.close()
-        assert lane.path.exists(), "only the creator removes the file"
     finally:
         lane.close()
-    assert not lane.path.exists()
+
+
+def test_stale_lane_files_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    import psframework.datapath.lane as lane_module
+
+    monkeypatch.setattr(lane_module, "SHM_DIR", tmp_path)
+    dead = tmp_path / "psf-999999999-w0-s1-abcd"  # no such pid
+    alive = tmp_path / f"psf-{os.getpid()}-w0-s1-abcd"
+    other = tmp_path / "not-a-lane"
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    assert remove_stale_lane_files() == [dead]
+    assert not dead.exists() and alive.exists() and other.exists()
 
 
 @needs_shm
@@ -53,8 +69,9 @@ def test_a_lane_with_another_token_or_size_or_place_is_refused(tmp_path):
             Lane.attach(str(lane.path), lane.token, [(0, 128), (1, 128)])
         stray = tmp_path / "psf-stray"
         stray.write_bytes(b"\0" * 8192)
-        with pytest.raises(ConfigError, match="not a psframework lane"):
-            Lane.attach(str(stray), lane.token, [(0, 128)])
+        for elsewhere in (str(stray), "/etc/passwd", f"/proc/{os.getpid()}/fd/{lane.fd}/../../environ"):
+            with pytest.raises(ConfigError, match="not a psframework lane"):
+                Lane.attach(elsewhere, lane.token, [(0, 128)])
     finally:
         lane.close()
 
@@ -78,7 +95,27 @@ def test_a_full_shm_is_an_error_not_a_crash(monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    name = lane_name(0, 0)
+    before = set(os.listdir(f"/proc/{os.getpid()}/fd"))
     with pytest.raises(OSError, match="No space"):
-        Lane.create(name, [(0, 1 << 20)])
-    assert not (SHM_DIR / name).exists()
+        Lane.create(lane_name(0, 0), [(0, 1 << 20)])
+    assert set(os.listdir(f"/proc/{os.getpid()}/fd")) <= before, "the descriptor of the failed lane is closed"
+
+
+@needs_shm
+def test_a_process_killed_between_creating_and_handing_over_a_lane_leaves_nothing():
+    """The old named lane files stayed in /dev/shm when their creator died before unlinking them."""
+    import signal
+    import subprocess
+    import sys
+
+    before = set(SHM_DIR.glob("*")) if SHM_DIR.is_dir() else set()
+    code = ("from psframework.datapath.lane import Lane, lane_name; import time; "
+            "lane = Lane.create(lane_name(0, 0), [(0, 1 << 20)]); print(lane.path, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("/proc/")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        child.kill()
+    assert (set(SHM_DIR.glob("*")) if SHM_DIR.is_dir() else set()) == before
