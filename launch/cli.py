@@ -103,6 +103,7 @@ def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tup
         chunk_bytes=tuning.chunk_bytes,
         max_message_bytes=tuning.max_message_bytes,
         log_level=tuning.log_level,
+        peer_buffer_bytes=tuning.peer_buffer_bytes,
         python=sys.executable,
         cwd=os.getcwd(),
         **extra,

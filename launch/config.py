@@ -26,7 +26,8 @@ from typing import Optional
 from .hostfile import HostEntry
 from .hosts import split_host_port
 from .placement import JobLayout, plan_job
-from ..config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, SchedulerConfig, Timing, exported_value
+from ..config import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PEER_BUFFER_BYTES, SchedulerConfig,
+                      Timing, exported_value)
 from ..errors import ConfigError
 from ..security import MECHANISMS
 
@@ -87,6 +88,7 @@ class LaunchConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
+    peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
     ssh_config: Optional[str] = None
     job_id: str = field(default_factory=lambda: secrets.token_hex(6))
     python: str = sys.executable
@@ -143,7 +145,7 @@ class LaunchConfig:
             staleness=self.staleness, port=self.scheduler_port, chunk_bytes=self.chunk_bytes,
             server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
             secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
-            checkpoint_dir=self.checkpoint_dir, log_level=self.log_level)
+            checkpoint_dir=self.checkpoint_dir, log_level=self.log_level, peer_buffer_bytes=self.peer_buffer_bytes)
 
     def worker_env(self) -> dict[str, str]:
         """What only workers need: DistributedOptimizer's checkpoint schedule."""

@@ -27,13 +27,15 @@ class LocalCluster:
                  server_device: Optional[str] = "cpu", chunk_bytes: Optional[int] = None,
                  timing: Optional[Timing] = None, start_timeout: float = 30.0, auth: str = "none",
                  max_message_bytes: Optional[int] = None, elastic: bool = False, restart_servers: bool = False,
-                 checkpoint_dir: Optional[str] = None):
+                 checkpoint_dir: Optional[str] = None, peer_buffer_bytes: Optional[int] = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))  # mode 0700: the secret lives here
         extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
         if max_message_bytes:
             extra["max_message_bytes"] = max_message_bytes
+        if peer_buffer_bytes:
+            extra["peer_buffer_bytes"] = peer_buffer_bytes
         if auth not in MECHANISMS:
             raise ConfigError(f"auth must be one of {', '.join(MECHANISMS)}; got {auth!r}")
         if auth != "none":

@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .sharding import DEFAULT_CHUNK_BYTES
 
 MODES = ("sync", "async", "ssp")
+DEFAULT_PEER_BUFFER_BYTES = 256 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 ENV_VARS = {
@@ -37,6 +38,7 @@ ENV_VARS = {
     "PS_HEARTBEAT_TIMEOUT": "seconds without heartbeat before a node is declared dead (default 4)",
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
     "PS_MAX_MESSAGE_BYTES": "largest frame a process accepts (default 1 GiB)",
+    "PS_PEER_BUFFER_BYTES": "bytes of unread answers a server holds for one peer before it answers its pulls later (default 256 MiB)",
     "PS_LOG_LEVEL": "logging level of scheduler and server processes (default INFO)",
     "PS_CHECKPOINT_DIR": "directory of checkpoints (DistributedOptimizer saves and resumes there)",
     "PS_CHECKPOINT_EVERY": "DistributedOptimizer saves a checkpoint every N steps (0: never)",
@@ -90,8 +92,10 @@ class SchedulerConfig:
     checkpoint_dir: Optional[str] = None
     host: str = field(default_factory=socket.gethostname)
     log_level: str = "INFO"
+    peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
 
     def __post_init__(self) -> None:
+        _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
         _check(self.num_servers >= 1, f"need at least 1 server, got {self.num_servers}")
@@ -123,11 +127,13 @@ class NodeConfig:
     checkpoint_every: int = 0
     resume: bool = False
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
+    peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
         _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
+        _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
         if self.device is not None:
             check_device(self.device)
 
@@ -204,6 +210,7 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         checkpoint_dir=_env(env, "PS_CHECKPOINT_DIR", str, None),
         host=_env(env, "PS_HOST", str, None),
         log_level=log_level_from_env(env),
+        peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["host"] is None:
@@ -219,6 +226,7 @@ class Tuning:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
+    peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
 
 
 def tuning_from_env(environ: Optional[Mapping[str, str]] = None) -> Tuning:
@@ -226,7 +234,8 @@ def tuning_from_env(environ: Optional[Mapping[str, str]] = None) -> Tuning:
     return Tuning(timing=timing_from_env(env),
                   chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, DEFAULT_CHUNK_BYTES),
                   max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
-                  log_level=log_level_from_env(env))
+                  log_level=log_level_from_env(env),
+                  peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES))
 
 
 def host_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -264,6 +273,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
         resume=_flag(env, "PS_RESUME"),
         shm=_flag(env, "PS_SHM", default=True),
+        peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -296,6 +306,7 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         "PS_HEARTBEAT_TIMEOUT": str(config.timing.heartbeat_timeout),
         "PS_START_TIMEOUT": str(config.timing.start_timeout),
         "PS_LOG_LEVEL": config.log_level,
+        "PS_PEER_BUFFER_BYTES": str(config.peer_buffer_bytes),
     }
     if config.server_device:
         env["PS_SERVER_DEVICE"] = config.server_device

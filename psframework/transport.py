@@ -41,6 +41,7 @@ class Socket:
     """Interface shared by both transports."""
 
     address: str
+    dropped: int = 0  # messages a listening socket dropped: to peers that were gone or read nothing
 
     def send(self, frames: Frames, *, peer: Optional[bytes] = None, track: bool = False,
              check: LivenessCheck = None):
@@ -97,6 +98,13 @@ class Transport:
 
 _COPY_THRESHOLD = 64 << 10  # below this pyzmq's copying send is cheaper than zero-copy bookkeeping
 TERM_TIMEOUT = 5.0  # seconds close() waits for the sockets of a context to be closed
+# Messages a listening socket queues for one peer: only a peer that reads nothing reaches it (its
+# data-carrying replies are bounded in bytes by server/credits.py), and then what follows is dropped
+ROUTER_SNDHWM = 65536
+# Messages it queues from one peer before it stops reading that connection (TCP then holds the peer
+# back; nothing is lost): at most this many times the largest message a peer may send
+ROUTER_RCVHWM = 64
+_dropped_log = RateLimitedLog(_log)
 
 
 def _tcp_url(host: str, port: int) -> str:
@@ -108,18 +116,38 @@ class ZmqSocket(Socket):
         self._sock = sock
         self.address = address
         self._is_router = is_router
+        self.dropped = 0  # messages to peers that were gone or read nothing
 
     def send(self, frames, *, peer=None, track=False, check=None):
-        parts = ([peer] if self._is_router else []) + list(frames)
+        if self._is_router and not self._route(peer):
+            return None
+        parts = list(frames)
         last = len(parts) - 1
         tracker = None
         for i, part in enumerate(parts):
             flags = zmq.SNDMORE if i < last else 0
-            big = len(memoryview(part)) >= _COPY_THRESHOLD
-            result = self._send_part(part, flags, copy=not big, track=track and big, check=check)
+            # tracked sends (values, which memory must outlive) go zero-copy whatever their size,
+            # so that the tracker says when all of it has left; the header frame is always copied
+            zero_copy = len(memoryview(part)) >= _COPY_THRESHOLD or (track and i > 0)
+            result = self._send_part(part, flags, copy=not zero_copy, track=track and zero_copy, check=check)
             if result is not None:
                 tracker = result
         return tracker
+
+    def _route(self, peer: bytes) -> bool:
+        """Start a message to ``peer``; False (the message is dropped) if that peer is gone or has
+        ``ROUTER_SNDHWM`` messages queued that it does not read: a listener never blocks on one peer."""
+        try:
+            self._sock.send(peer, zmq.SNDMORE | zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            _dropped_log.warning("dropped a message to peer %r: it has %d unread messages queued", peer, ROUTER_SNDHWM)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.dropped += 1  # the peer disconnected; nobody is there to answer
+        return False
 
     def _send_part(self, part, flags, copy, track, check):
         while True:
@@ -178,6 +206,11 @@ class ZmqTransport(Transport):
 
     def listen(self, host, port=0, max_message_bytes=-1):
         sock = self._socket(zmq.ROUTER, max_message_bytes)
+        # bounded queues per peer: a peer that floods us, or reads nothing, cannot make us hold
+        # more than this many messages for it (large replies are also bounded by server/credits.py)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
+        sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
         if self._secret is not None:
             self._secure_listener(sock)
         try:

@@ -31,6 +31,7 @@ from ..security import load_secret
 from ..sharding import ShardMap
 from ..transport import Socket, Transport, ZmqTransport
 from . import checkpoints
+from .credits import ReplyCredits
 from .device import DeviceIO, device_io
 from .lanes import ServerLanes
 from .policy import Policy, policy_for
@@ -39,6 +40,7 @@ from .store import BlockState, DenseStore, Pending
 log = logging.getLogger("psframework.server")
 
 _DEVICE_POLL = 20e-6  # seconds between looks at the device while answers wait for it
+_CREDIT_POLL = 0.005  # seconds between looks at the sends that deferred answers wait for
 
 
 class Server:
@@ -53,6 +55,7 @@ class Server:
         self.io: Optional[DeviceIO] = None
         self.lanes: Optional[ServerLanes] = None
         self.policy: Optional[Policy] = None
+        self.credits = ReplyCredits(config.peer_buffer_bytes)
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -109,7 +112,7 @@ class Server:
     def _loop(self) -> int:
         membership = self.membership
         while True:
-            ready = self.transport.poll([self.data, membership.socket], 0 if self._waiting else POLL_SLICE)
+            ready = self.transport.poll([self.data, membership.socket], self._poll_timeout())
             if membership.socket in ready:
                 for message in membership.receive():
                     self._on_control(message)
@@ -124,8 +127,15 @@ class Server:
                 self._answer_pulls(self.policy.peers_changed())
                 self._fail_impossible_waits()
                 self.io.flush(wait=True)
+            for state, pending in self.credits.release():
+                self._send_values(state, pending)
             self._check()
             membership.stats = {"applied": self.store.applied, "pushes": self.policy.pushes}
+
+    def _poll_timeout(self) -> float:
+        if self._waiting:
+            return 0
+        return _CREDIT_POLL if self.credits.waiting else POLL_SLICE
 
     @property
     def _waiting(self) -> bool:
@@ -283,8 +293,16 @@ class Server:
         values = P.Values(req=pending.req, version=state.version, min_clock=min(state.clocks), shm=pending.lane)
         if pending.lane:
             self.lanes.answer(state, pending, values)
-        else:
-            self.io.send_values(state, pending, P.encode(values))
+            return
+        nbytes = sum(state.nbytes[i] for i in pending.segs)
+        if not self.credits.room(pending.peer, nbytes):
+            if not self.credits.defer(pending.peer, (state, pending)):
+                why = (f"worker {pending.rank} has {self.credits.max_deferred} pulls waiting for it to read earlier "
+                       "answers; read your answers (wait() for your futures)")
+                self._send(pending.peer, P.Error(kind=P.BAD_REQUEST, message=why, req=pending.req))
+            return
+        self.io.send_values(state, pending, P.encode(values),
+                            on_sent=lambda tracker: self.credits.sent(pending.peer, nbytes, tracker))
 
     def _fail_blocks(self, failed: list[tuple[BlockState, str]]) -> None:
         """These blocks can never complete a step: answer their waits, and every later request, with why."""
@@ -312,7 +330,8 @@ class Server:
         """What ``Worker.server_stats()`` reports."""
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
-                "apply_bursts": 0, "timed_applies": 0, **self.policy.counters()}
+                "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
+                "dropped_replies": self.data.dropped, **self.policy.counters()}
 
 
 def main(config: NodeConfig) -> int:

@@ -25,6 +25,8 @@ from ..devices import Staging, StagingRing
 from ..transport import Socket
 from .store import BlockState, Pending, Pushed
 
+OnSent = Callable[[Optional[object]], None]
+
 
 class DeviceIO:
     """The interface both devices share."""
@@ -48,8 +50,9 @@ class DeviceIO:
     def order_after_upload(self, pushed: Pushed) -> None:
         """Our next kernels must see ``pushed``'s gradients."""
 
-    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
-        """Answer a pull over the socket: the header, then one frame per segment."""
+    def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
+        """Answer a pull over the socket: the header, then one frame per segment; ``on_sent`` gets
+        the tracker of the zero-copy send once it is handed to ZeroMQ (None if it was copied)."""
         raise NotImplementedError
 
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Optional[torch.cuda.Event]:
@@ -110,11 +113,12 @@ class HostIO(DeviceIO):
         views = state.split(host)
         return Pushed({i: views[i] for i in segs}, owned=False)
 
-    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
+    def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
         frames = [head] + [byte_view(state.params[i]) for i in pending.segs]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done:
             state.trackers.append(tracker)
+        on_sent(tracker)
 
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> None:
         views = state.split(host)
@@ -136,8 +140,9 @@ class CudaIO(DeviceIO):
         self.upload = torch.cuda.Stream(device, priority=-1)  # copies of pushed gradients to the device
         torch.cuda.set_stream(self.stream)
         self._ring: Optional[StagingRing] = None
-        # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they read)
-        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[BlockState]]] = deque()
+        # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they
+        # read, what to tell once sent)
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[BlockState], Optional[OnSent]]] = deque()
 
     def setup(self, blocks: list) -> None:
         if blocks:
@@ -186,7 +191,7 @@ class CudaIO(DeviceIO):
         for i in segs:
             views[i].copy_(state.params[i], non_blocking=True)
 
-    def send_values(self, state: BlockState, pending: Pending, head: bytes) -> None:
+    def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
         """Copy the values to the block's pinned reply buffer (unless this version is there already)
         and queue the reply; it goes on the wire once the copy has finished."""
         stale = [i for i in pending.segs if state.staged[i] != state.version]
@@ -206,7 +211,7 @@ class CudaIO(DeviceIO):
                 state.staged[i] = state.version
         frames = [head] + [state.reply.view(state.byte_offset(i), state.nbytes[i]) for i in pending.segs]
         state.queued_replies += 1
-        self._outbox.append((self._work_so_far(), pending.peer, frames, state))
+        self._outbox.append((self._work_so_far(), pending.peer, frames, state, on_sent))
 
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
         self._download(state, segs, host)
@@ -221,11 +226,11 @@ class CudaIO(DeviceIO):
         if after is None:
             self.data.send(frames, peer=peer)
         else:
-            self._outbox.append((after, peer, frames, None))
+            self._outbox.append((after, peer, frames, None, None))
 
     def flush(self, wait: bool) -> None:
         while self._outbox:
-            done, peer, frames, state = self._outbox[0]
+            done, peer, frames, state, on_sent = self._outbox[0]
             if not wait and not done.query():
                 return
             done.synchronize()
@@ -234,6 +239,8 @@ class CudaIO(DeviceIO):
             if state is not None:
                 state.queued_replies -= 1
                 state.reply.sent(tracker)
+            if on_sent is not None:
+                on_sent(tracker)
 
     @property
     def waiting(self) -> bool:

@@ -251,6 +251,69 @@ def test_late_replies_of_a_failed_overlapped_step_never_write_the_parameters(mak
             assert torch.equal(value, before[key]), f"{key} was written by a late reply"
 
 
+# ---------------------------------------------------------------------------------------- resources
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _flooder(address: str):
+    """A peer that sends requests and reads no answer (its ZeroMQ queue holds one, its kernel buffer 4 KiB)."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(address)
+    return sock
+
+
+def test_a_peer_that_floods_without_reading_cannot_grow_a_server_without_bound(make_cluster, monkeypatch):
+    """A peer sends hundreds of pulls and pushes of a 4 MiB block and reads none of the answers,
+    while a worker's updates change the block: the server holds a bounded amount for it, and the
+    worker keeps training."""
+    from psframework import protocol as P
+
+    monkeypatch.setenv("PS_SHM", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    worker, params = _sgd_worker(cluster, {"w": torch.zeros(1 << 20)})
+    with worker:
+        server = cluster.processes()["server-0"].pid
+        flood = _flooder(worker.membership.servers[0])
+        try:
+            base = _rss(server)
+            payload = torch.ones(1 << 20).numpy().tobytes()
+            for i in range(300):
+                flood.send(P.encode(P.Pull(req=10**6 + i, block=0, rank=0)))
+                worker.push_pull({"w": torch.ones(1 << 20)}, into=params).wait(timeout=30)
+                flood.send_multipart([P.encode(P.Push(req=2 * 10**6 + i, block=0, rank=0)), payload])
+            peak = _rss(server)
+            worker.push_pull({"w": torch.ones(1 << 20)}, into=params).wait(timeout=30)
+        finally:
+            flood.close()
+    assert peak - base < 400 << 20, f"the server grew by {(peak - base) >> 20} MiB for a peer that reads nothing"
+
+
+def test_answers_beyond_a_peers_buffer_wait_and_arrive_whole(make_cluster, monkeypatch):
+    """With 1 MiB of unread answers allowed per peer, a pull of 16 MiB (16 blocks) is answered a
+    block at a time as earlier answers leave, every value right."""
+    monkeypatch.setenv("PS_SHM", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", peer_buffer_bytes=1 << 20)
+    values = torch.arange(4 << 20, dtype=torch.float32)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"w": values.clone()}, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(3):
+            into = torch.zeros_like(values)
+            worker.pull({"w": into}).wait(timeout=30)
+            assert torch.equal(into, values)
+        assert worker.server_stats()[0]["deferred_replies"] > 0
+
+
 # ---------------------------------------------------------------------------------------- counting
 
 

@@ -112,3 +112,24 @@ def test_closing_a_transport_with_a_socket_left_open_does_not_hang(caplog):
     assert time.monotonic() - start < 3
     assert "still open" in caplog.text
     left_open.close()
+
+
+class _Tracker:
+    def __init__(self):
+        self.done = False
+
+
+def test_reply_credits_hold_back_what_exceeds_a_peers_budget_and_release_it_in_order():
+    from psframework.server.credits import ReplyCredits
+
+    credits = ReplyCredits(peer_budget=100, max_deferred=2)
+    assert credits.room(b"a", 500), "a peer with nothing in flight always gets one reply"
+    first = _Tracker()
+    credits.sent(b"a", 500, first)
+    assert not credits.room(b"a", 10) and credits.room(b"b", 10)
+    assert credits.defer(b"a", "x") and credits.defer(b"a", "y") and not credits.defer(b"a", "z")
+    assert credits.waiting and credits.release() == []
+    first.done = True
+    assert credits.release() == ["x", "y"] and not credits.waiting
+    credits.sent(b"b", 50, None)  # copied: nothing in flight
+    assert credits.room(b"b", 100)
