@@ -139,12 +139,17 @@ class NodeConfig:
 
 
 def check_address(address: str) -> str:
+    """``tcp://HOST:PORT``, with ``#KEY`` (64 hex digits) where the listener has a CURVE key."""
     _check(
         address.startswith(("tcp://", "ipc://", "inproc://", "mem://")),
         f"scheduler address must look like tcp://HOST:PORT, got {address!r}",
     )
-    if address.startswith("tcp://"):
-        port = address.rsplit(":", 1)[-1]
+    endpoint, hashed, key = address.partition("#")
+    if hashed:
+        _check(len(key) == 64 and all(c in "0123456789abcdef" for c in key),
+               f"address {address!r}: what follows '#' must be the listener's key, 64 hex digits")
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rsplit(":", 1)[-1]
         _check(port.isdigit(), f"scheduler address {address!r} has no port; use tcp://HOST:PORT")
     return address
 

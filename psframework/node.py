@@ -44,7 +44,7 @@ class _Heartbeat(threading.Thread):
         sock = m.transport.connect(m.scheduler)
         try:
             while not self._stop_event.is_set():
-                sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, stats=m.stats))])
+                sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, token=m.welcome.token, stats=m.stats))])
                 deadline = time.monotonic() + m.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
                     if m.transport.poll([sock], min(left, POLL_SLICE)):

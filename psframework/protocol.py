@@ -16,6 +16,7 @@ Pull(req=1, block=0, rank=0, dtype='', segs=None, more=False, shm=False)
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional, Union
 
 import msgpack
@@ -80,11 +81,14 @@ class Welcome(Message, tag="welcome"):
     version: int = 0
     server_device: Optional[str] = None
     elastic: bool = False
+    token: str = ""  # this node's proof of who it is: heartbeats carry it, a worker introduces itself to servers with it
+    worker_keys: dict[int, str] = {}  # servers: sha256 of each worker's token, to check introductions
 
 
 class Heartbeat(Message, tag="heartbeat"):
     role: str
     rank: int
+    token: str = ""
     stats: dict[str, Union[int, float]] = {}
 
 
@@ -181,6 +185,7 @@ class Activate(Message, tag="activate"):
     """A worker that joined an elastic job late takes part from each block's next step."""
     worker: int
     epoch: int
+    key: str = ""  # sha256 of its token
 
 
 class Activated(Message, tag="activated"):
@@ -220,6 +225,13 @@ class PushPull(BlockRequest, tag="push_pull"):
 
 class Init(BlockRequest, tag="init"):
     """Rank 0's initial values of a block."""
+
+
+class Introduce(Message, tag="introduce"):
+    """A worker's first message on a connection to a server: it speaks for worker ``rank``, and
+    proves it with the token the scheduler gave it (no answer)."""
+    rank: int
+    token: str
 
 
 class Mark(Message, tag="mark"):
@@ -268,7 +280,7 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, Introduce, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -319,6 +331,12 @@ def _loose(frame) -> Any:
         return None
 
 
+def token_key(token: str) -> str:
+    """What a server keeps of a worker's token to check its introduction: the token's sha256, so
+    that a server cannot speak for a worker to the scheduler."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def check_version(peer_version: int, peer: str, me: str) -> None:
     """Refuse a peer that speaks another protocol version."""
     if peer_version != VERSION:
@@ -330,8 +348,8 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
-    "Hello", "Init", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
+    "Hello", "Init", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
     "Push", "PushPull", "REGISTRATION", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
-    "check_version", "decode", "encode", "request_id",
+    "check_version", "decode", "encode", "request_id", "token_key",
 ]

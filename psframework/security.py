@@ -7,8 +7,12 @@ socket, so a peer without the secret is refused at the handshake and logged:
 - ``token``: ZeroMQ PLAIN with a random 256-bit token. Authenticates every connection at no
   cost per byte; the token crosses the wire at connect time, so use it on a network you trust
   not to be sniffed.
-- ``curve``: ZeroMQ CURVE with a per-job key pair. Authenticates and encrypts everything;
-  costs throughput (see benchmarks/RESULTS.md).
+- ``curve``: ZeroMQ CURVE. Authenticates and encrypts everything; costs throughput (see
+  benchmarks/RESULTS.md). Members prove membership with the job's client key pair; every
+  listening socket (the scheduler, each server) makes a key pair of its own when it starts and
+  puts the public key in its address (``tcp://HOST:PORT#KEY``, hex), so a node that connects
+  knows whom it talks to, and no member can pose as the scheduler or a server (``token``
+  authenticates members only).
 
 >>> secret = JobSecret.generate("token")
 >>> JobSecret.from_json(secret.to_json()) == secret
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 import zmq
+from zmq.utils import z85
 
 from .errors import ConfigError
 from .logs import RateLimitedLog
@@ -100,23 +105,32 @@ class JobSecret:
 
     # -- sockets -------------------------------------------------------------------------
 
-    def secure_listener(self, sock: zmq.Socket) -> None:
+    def secure_listener(self, sock: zmq.Socket) -> str:
+        """Make ``sock`` accept members only; returns what its address must carry (the hex public
+        key of the key pair made for it, with curve; empty with token)."""
         sock.zap_domain = _DOMAIN.encode()
         if self.mechanism == "token":
             sock.plain_server = True
-        else:
-            sock.curve_server = True
-            sock.curve_secretkey = self.secret_key.encode()
-            sock.curve_publickey = self.public_key.encode()
+            return ""
+        public, secret = zmq.curve_keypair()
+        sock.curve_server = True
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        return z85.decode(public).hex()
 
-    def secure_client(self, sock: zmq.Socket) -> None:
+    def secure_client(self, sock: zmq.Socket, server_key: str = "") -> None:
+        """Present our membership; with curve, accept only the server whose key (hex, from its
+        address) is ``server_key``."""
         if self.mechanism == "token":
             sock.plain_username = _USER.encode()
             sock.plain_password = self.token.encode()
-        else:
-            sock.curve_serverkey = self.public_key.encode()
-            sock.curve_publickey = self.public_key.encode()
-            sock.curve_secretkey = self.secret_key.encode()
+            return
+        if not server_key:
+            raise ConfigError("with --auth curve a node's address carries its key (tcp://HOST:PORT#KEY); "
+                              "this one has none: use the address the scheduler or ps-launch gave")
+        sock.curve_serverkey = z85.encode(bytes.fromhex(server_key))
+        sock.curve_publickey = self.public_key.encode()
+        sock.curve_secretkey = self.secret_key.encode()
 
     def start_authenticator(self, context: zmq.Context):
         from zmq.auth.thread import ThreadAuthenticator
@@ -132,10 +146,10 @@ class JobSecret:
 
 class _OnlyKey:
     def __init__(self, key: bytes):
-        self._key = zmq.utils.z85.decode(key)
+        self._key = z85.decode(key)
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        return client_key in (self._key, zmq.utils.z85.encode(self._key))
+        return client_key in (self._key, z85.encode(self._key))
 
 
 class _RefusalLog(logging.LoggerAdapter):

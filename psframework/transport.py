@@ -206,13 +206,12 @@ class ZmqTransport(Transport):
 
     def listen(self, host, port=0, max_message_bytes=-1):
         sock = self._socket(zmq.ROUTER, max_message_bytes)
+        key = self._secure_listener(sock) if self._secret is not None else ""
         # bounded queues per peer: a peer that floods us, or reads nothing, cannot make us hold
         # more than this many messages for it (large replies are also bounded by server/credits.py)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
         sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
-        if self._secret is not None:
-            self._secure_listener(sock)
         try:
             if port:
                 sock.bind(_tcp_url(host, port))
@@ -221,13 +220,20 @@ class ZmqTransport(Transport):
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise OSError(f"cannot bind {_tcp_url(host, port)}: {exc}") from None
-        return ZmqSocket(sock, _tcp_url(host, port), is_router=True)
+        address = _tcp_url(host, port) + (f"#{key}" if key else "")
+        return ZmqSocket(sock, address, is_router=True)
 
     def connect(self, address, max_message_bytes=-1):
+        """Connect to ``address``: ``tcp://HOST:PORT``, with ``#KEY`` where the listener has a key."""
         sock = self._socket(zmq.DEALER, max_message_bytes)
-        if self._secret is not None:
-            self._secret.secure_client(sock)
-        sock.connect(address)
+        endpoint, _, key = address.partition("#")
+        try:
+            if self._secret is not None:
+                self._secret.secure_client(sock, key)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return ZmqSocket(sock, address, is_router=False)
 
     def poll(self, sockets, timeout):
@@ -243,13 +249,14 @@ class ZmqTransport(Transport):
         ready = dict(poller.poll(max(0, int(timeout * 1000))))
         return [by_zmq[zs] for zs in ready]
 
-    def _secure_listener(self, sock: zmq.Socket) -> None:
+    def _secure_listener(self, sock: zmq.Socket) -> str:
         with self._lock:
             if self._authenticator is None:
                 self._authenticator = self._secret.start_authenticator(self._context)
                 self._watcher = _HandshakeWatcher()
-        self._secret.secure_listener(sock)
+        key = self._secret.secure_listener(sock)
         self._watcher.watch(sock)
+        return key
 
     @property
     def refused_handshakes(self) -> int:

@@ -153,7 +153,7 @@ class Scheduler:
         if complete:
             for node in self.roster.assign_ranks():
                 node.last_seen = time.monotonic()
-                self._send(node.identity, self.roster.welcome(node.rank))
+                self._send(node.identity, self.roster.welcome(node))
             log.info("all %d servers and %d workers joined; mode %s", self.config.num_servers,
                      self.config.num_workers, self.config.mode)
             tell_launcher("PS_CLUSTER_UP")
@@ -185,7 +185,7 @@ class Scheduler:
         node = self.roster.rejoin(peer, hello, restoring)
         if role == "worker":
             self.registration.joined_late(node.rank)
-        self._send(peer, self.roster.welcome(node.rank))
+        self._send(peer, self.roster.welcome(node))
         if restoring:
             self._send(peer, self.registration.setup_message())
 

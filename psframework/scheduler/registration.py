@@ -119,7 +119,8 @@ class Registration:
         self._late.discard(node.rank)
         self._activating[node.rank] = (peer, set(range(self.config.num_servers)))
         for rank in range(self.config.num_servers):
-            self._send(self.roster.server(rank).identity, P.Activate(worker=node.rank, epoch=self.roster.epoch))
+            self._send(self.roster.server(rank).identity,
+                       P.Activate(worker=node.rank, epoch=self.roster.epoch, key=P.token_key(node.token)))
 
     def on_activated(self, server: Node, message: P.Activated) -> None:
         pending = self._activating.get(message.worker)

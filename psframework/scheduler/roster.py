@@ -7,6 +7,7 @@ scheduler's decision (``scheduler/__init__.py``).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,6 +35,7 @@ class Node:
     fatal: bool = True  # a dead node the job cannot survive (not elastic, not restartable)
     deadline: float = 0.0  # a restartable server must be back by then
     stats: dict = field(default_factory=dict)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))  # given to it alone, in its welcome
 
     def info(self) -> P.NodeInfo:
         return P.NodeInfo(self.role, self.rank, self.host, self.pid, self.reason)
@@ -96,13 +98,15 @@ class Roster:
         self.hellos.clear()
         return list(self.nodes.values())
 
-    def welcome(self, rank: int) -> P.Welcome:
+    def welcome(self, node: Node) -> P.Welcome:
         c = self.config
-        return P.Welcome(rank=rank, num_workers=c.num_workers, num_servers=c.num_servers, mode=c.mode,
+        keys = {n.rank: P.token_key(n.token) for n in self.workers()} if node.role == "server" else {}
+        return P.Welcome(rank=node.rank, num_workers=c.num_workers, num_servers=c.num_servers, mode=c.mode,
                          staleness=c.staleness, servers=self.server_addresses(),
                          heartbeat_interval=c.timing.heartbeat_interval,
                          heartbeat_timeout=c.timing.heartbeat_timeout, chunk_bytes=c.chunk_bytes,
-                         host=c.host, version=P.VERSION, server_device=c.server_device, elastic=c.elastic)
+                         host=c.host, version=P.VERSION, server_device=c.server_device, elastic=c.elastic,
+                         token=node.token, worker_keys=keys)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -135,6 +139,8 @@ class Roster:
 
     def heartbeat(self, beat: P.Heartbeat, shutdown: bool) -> P.HeartbeatAck:
         node = self.node(beat.role, beat.rank)
+        if not secrets.compare_digest(beat.token, node.token):
+            raise P.Rejected(P.PROTOCOL, f"a heartbeat claims to be {node.role} {node.rank} without its token")
         if node.state in (LIVE, RESTORING):
             node.last_seen = time.monotonic()
             node.stats = dict(beat.stats)

@@ -35,6 +35,7 @@ from .credits import ReplyCredits
 from .device import DeviceIO, device_io
 from .lanes import ServerLanes
 from .policy import Policy, policy_for
+from .speakers import Speakers
 from .store import BlockState, DenseStore, Pending
 
 log = logging.getLogger("psframework.server")
@@ -56,6 +57,7 @@ class Server:
         self.lanes: Optional[ServerLanes] = None
         self.policy: Optional[Policy] = None
         self.credits = ReplyCredits(config.peer_buffer_bytes)
+        self._speakers = Speakers()
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -88,6 +90,7 @@ class Server:
         self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
         self.policy = policy_for(m.mode, m, self.store, self.io)
+        self._speakers.know(m.welcome.worker_keys)
 
     def close(self) -> None:
         if self.io is not None:
@@ -195,6 +198,7 @@ class Server:
     def _activate(self, message: P.Activate) -> None:
         """A worker joined late: it takes part from each block's current step on."""
         self.membership.rejoined(message.worker, message.epoch)
+        self._speakers.know({message.worker: message.key})
         self.policy.joined_late(message.worker)
         for state in self.store.blocks.values():
             state.clocks[message.worker] = self.policy.start_clock(state, message.worker)
@@ -227,6 +231,11 @@ class Server:
         self.data.send([P.encode(message)], peer=peer)
 
     def _dispatch(self, peer: bytes, message: P.Message) -> None:
+        if isinstance(message, P.Introduce):
+            self.data.skip_rest()
+            self._speakers.introduce(peer, message)
+            return
+        self._speakers.check(peer, message)
         if isinstance(message, P.BlockRequest):
             self._on_block_request(peer, message)
         elif isinstance(message, P.Mark):

@@ -78,7 +78,7 @@ class Exchange:
         mark = [P.encode(P.Mark(rank=self.worker.rank, step=self.step))]
         for server in range(self.worker.num_servers):
             if server not in self._unsent_to:
-                self.worker.client.servers[server].send(mark, check=self.worker.membership.check)
+                self.worker.client.send(server, mark)
 
     @property
     def sent_blocks(self) -> int:

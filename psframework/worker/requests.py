@@ -132,6 +132,7 @@ class Client:
                                       for a in membership.servers]
         self._ids = itertools.count(1)
         self.pending: dict[int, Request] = {}
+        self._introduced: set[int] = set()  # servers this worker's connection has introduced itself to
         self.on_server_moved: Callable[[int], None] = lambda server: None
 
     def next_id(self) -> int:
@@ -141,7 +142,16 @@ class Client:
         """Send a request's frames to its server and await its answer as ``req``; returns the tracker."""
         self.pending[req] = request
         request.future.expect()
-        return self.servers[request.server].send(request.frames, check=self.membership.check, track=track)
+        return self.send(request.server, request.frames, track=track)
+
+    def send(self, server: int, frames: list, track: bool = False):
+        """Send frames to a server, the connection's introduction first (``server/speakers.py``)."""
+        sock = self.servers[server]
+        if server not in self._introduced:
+            introduce = P.Introduce(rank=self.membership.rank, token=self.membership.welcome.token)
+            sock.send([P.encode(introduce)], check=self.membership.check)
+            self._introduced.add(server)
+        return sock.send(frames, check=self.membership.check, track=track)
 
     def progress(self, timeout: float) -> None:
         """Receive the replies that arrive within ``timeout`` seconds (after a liveness check)."""
@@ -181,9 +191,10 @@ class Client:
                         address, len(resend))
             self.servers[rank].close()
             self.servers[rank] = self.transport.connect(address, max_message_bytes=self._max_message_bytes)
+            self._introduced.discard(rank)
             self.on_server_moved(rank)  # its lane's attach goes first, so the resent requests find it
             for request in resend:
-                self.servers[rank].send(request.frames, check=self.membership.check)
+                self.send(rank, request.frames)
 
     def _receive_reply(self, sock: Socket) -> None:
         _, head = sock.recv_header()

@@ -195,18 +195,21 @@ def test_bad_push_names_key_and_both_shapes_or_dtypes(one_worker, bad, words):
     worker.push_pull(_grads(params), into=params).wait(timeout=10)  # still serving
 
 
-def _raw_client(address: str) -> zmq.Socket:
+def _raw_client(address: str, worker=None) -> zmq.Socket:
+    """A bare socket; with ``worker``, introduced to the server as that worker (with its token)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(address)
+    if worker is not None:
+        sock.send(P.encode(P.Introduce(rank=worker.rank, token=worker.membership.welcome.token)))
     return sock
 
 
 def test_server_rejects_bad_frames_and_keeps_serving(one_worker):
     cluster, worker, params = one_worker
     block = worker.shard_map.blocks_of_server(0)[0]
-    sock = _raw_client(worker.membership.servers[0])
+    sock = _raw_client(worker.membership.servers[0], worker)
     try:
         header = {"op": "push", "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
                   "segs": None}

@@ -185,7 +185,7 @@ def test_gpu_server_rejects_bad_frames_and_keeps_serving(make_cluster):
         params = {k: v.cuda() for k, v in models.make_params(0).items()}
         worker.register(params, optimizer=ps.optim.SGD(lr=0.1))
         block = worker.shard_map.blocks_of_server(0)[0]
-        sock = _raw_client(worker.membership.servers[0])
+        sock = _raw_client(worker.membership.servers[0], worker)
         try:
             header = {"op": "push", "req": 7, "block": block.block_id, "rank": 0, "dtype": block.dtype,
                       "segs": None}

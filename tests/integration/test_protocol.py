@@ -25,8 +25,8 @@ def joined(make_cluster):
     worker.close()
 
 
-def _ask(address: str, frames: list[bytes]) -> P.Message:
-    sock = _raw_client(address)
+def _ask(address: str, frames: list[bytes], worker=None) -> P.Message:
+    sock = _raw_client(address, worker)
     try:
         sock.send_multipart(frames)
         return P.decode(sock.recv_multipart()[0])
@@ -74,7 +74,7 @@ def test_a_known_message_at_the_wrong_node_is_refused_by_name(joined):
     cluster, worker, params = joined
     reply = _ask(cluster.scheduler, [P.encode(P.Pull(req=3, block=0, rank=0))])
     assert isinstance(reply, P.Error) and "does not handle Pull" in reply.message
-    reply = _ask(worker.membership.servers[0], [P.encode(P.Barrier(rank=0, seq=1))])
+    reply = _ask(worker.membership.servers[0], [P.encode(P.Barrier(rank=0, seq=1))], worker)
     assert isinstance(reply, P.Error) and "does not handle Barrier" in reply.message
     _still_serves(worker, params)
 

@@ -19,12 +19,14 @@ OPS = ["hello", "heartbeat", "register", "setup_done", "barrier", "bye", "push",
        "init", "stats", "values", "error", "shutdown"]
 
 
-def _client(address: str, secret: JobSecret = None) -> zmq.Socket:
+def _client(address: str, secret: JobSecret = None, server_key: str = None) -> zmq.Socket:
+    """A raw socket; with ``secret``, a member's, trusting the key in ``address`` (or ``server_key``)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    endpoint, _, key = address.partition("#")
     if secret is not None:
-        secret.secure_client(sock)
-    sock.connect(address)
+        secret.secure_client(sock, key if server_key is None else server_key)
+    sock.connect(endpoint)
     return sock
 
 
@@ -166,3 +168,91 @@ def test_cluster_still_answers_after_the_fuzzing(fuzz_target):
     time.sleep(0.5)
     _still_serves(worker, tensors)
     assert all(p.poll() is None for p in cluster.processes().values())
+
+
+# ---------------------------------------------------------------------------------------- ranks
+
+
+def _member_socket(cluster, address: str):
+    """A raw connection that holds the job secret, as any member of the job does."""
+    return _client(address, JobSecret.load(cluster.config.secret_file))
+
+
+def _answer(sock) -> dict:
+    assert sock.poll(5000), "no answer"
+    return msgpack.unpackb(sock.recv_multipart()[0])
+
+
+def test_no_worker_rank_can_be_claimed_without_its_token(make_cluster):
+    from psframework import protocol as P
+
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", auth="token")
+
+    def work(_):
+        worker = ps.init(scheduler=cluster.scheduler, secret_file=cluster.config.secret_file)
+        tensors = {"w": torch.zeros(1000), "b": torch.zeros(())}
+        worker.register(tensors, optimizer=ps.optim.SGD(lr=0.5))
+        return worker, tensors
+
+    from tests.threads import run_in_threads
+
+    joined = {w.rank: (w, t) for w, t in run_in_threads(2, work)}
+    (worker0, tensors), (worker1, _) = joined[0], joined[1]
+    try:
+        push = lambda rank, req: [P.encode(P.Push(req=req, block=0, rank=rank)), torch.ones(1000).numpy().tobytes()]
+        server = worker0.membership.servers[0]
+        sock = _member_socket(cluster, server)  # never introduced
+        sock.send_multipart(push(0, 1))
+        assert "did not introduce itself" in _answer(sock)["message"]
+        sock.close()
+        sock = _member_socket(cluster, server)  # introduced with a token that is not worker 0's
+        sock.send(P.encode(P.Introduce(rank=0, token="0" * 32)))
+        sock.send_multipart(push(0, 2))
+        assert "did not introduce itself" in _answer(sock)["message"]
+        sock.close()
+        sock = _member_socket(cluster, server)  # a member that is worker 0 speaks for worker 1
+        sock.send(P.encode(P.Introduce(rank=0, token=worker0.membership.welcome.token)))
+        sock.send_multipart(push(1, 3))
+        assert "for worker 1 on a connection of worker 0" in _answer(sock)["message"]
+        sock.send(P.encode(P.Attach(req=4, rank=1, path="/proc/1/fd/1", token=b"x" * 16)))
+        assert "for worker 1 on a connection of worker 0" in _answer(sock)["message"]
+        sock.close()
+        fresh = {"w": torch.zeros(1000), "b": torch.zeros(())}
+        worker0.pull(fresh).wait(timeout=10)
+        assert torch.equal(fresh["w"], torch.zeros(1000)), "a refused push was applied"
+        scheduler = _member_socket(cluster, cluster.scheduler)
+        scheduler.send(P.encode(P.Heartbeat(role="worker", rank=1, token="f" * 32)))
+        assert "without its token" in _answer(scheduler)["message"]
+        scheduler.close()
+        worker0.push_pull({k: torch.ones_like(v) for k, v in tensors.items()}, into=tensors).wait(timeout=10)
+        assert torch.equal(tensors["w"], torch.full((1000,), -0.5))  # the real worker 0 still is
+    finally:
+        worker0.close()
+        worker1.close()
+    time.sleep(0.3)
+    assert "did not introduce itself" in cluster.output("server-0", 200)
+    assert "without its token" in cluster.output("scheduler", 200)
+
+
+def test_under_curve_no_member_can_pose_as_the_scheduler(make_cluster):
+    """Every listener has a key pair of its own, whose public key its address carries: a member,
+    with all the job gave it, cannot complete a handshake with a node that expects the scheduler."""
+    from psframework.transport import ZmqTransport
+
+    cluster = make_cluster(num_servers=1, num_workers=1, auth="curve")
+    assert "#" in cluster.scheduler
+    impostor = ZmqTransport(secret=JobSecret.load(cluster.config.secret_file))
+    fake = impostor.listen("127.0.0.1")
+    try:
+        endpoint, real_key = fake.address.partition("#")[0], cluster.scheduler.partition("#")[2]
+        with pytest.raises(ps.PSTimeoutError, match="no welcome"):
+            ps.init(scheduler=f"{endpoint}#{real_key}", secret_file=cluster.config.secret_file, timeout=1.5)
+        assert not impostor.poll([fake], 0.3), "the impostor heard a hello"
+    finally:
+        fake.close()
+        impostor.close()
+    worker, tensors = _joined_worker(cluster)
+    try:
+        _still_serves(worker, tensors)
+    finally:
+        worker.close()

@@ -122,7 +122,7 @@ def test_a_lane_request_from_a_worker_without_a_lane_is_refused(make_cluster, mo
         request = P.Pull(req=1, block=0, rank=0, shm=True)
         from tests.integration.test_core import _raw_client
 
-        sock = _raw_client(worker.client.servers[0].address)
+        sock = _raw_client(worker.client.servers[0].address, worker)
         try:
             sock.send(P.encode(request))
             reply = P.decode(sock.recv())

@@ -1,0 +1,56 @@
+"""Who speaks on each connection to a server: no worker can act as another.
+
+A worker's first message on a connection is an ``Introduce`` with the token the scheduler gave it
+alone; the server checks it against the token's sha256, which it has from the scheduler (in its
+welcome, or in the ``Activate`` of a worker that joined late), and binds the connection to that
+worker. Every later message on the connection must speak for that worker and no other: the rank in
+a request, an attach (a lane), a mark. A connection that has not introduced itself gets nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from .. import protocol as P
+from ..logs import RateLimitedLog
+
+log = logging.getLogger("psframework.server")
+
+
+class Speakers:
+    def __init__(self) -> None:
+        self._keys: dict[int, str] = {}  # worker -> sha256 of its token
+        self._bound: dict[bytes, int] = {}  # connection -> the worker it introduced itself as
+        self._refusals = RateLimitedLog(log)
+
+    def know(self, keys: dict[int, str]) -> None:
+        """Workers' keys: from the welcome, or a late worker's (whose earlier connections no longer count)."""
+        for worker, key in keys.items():
+            if self._keys.get(worker) != key:
+                self._bound = {peer: rank for peer, rank in self._bound.items() if rank != worker}
+            self._keys[worker] = key
+
+    def introduce(self, peer: bytes, message: P.Introduce) -> None:
+        key = self._keys.get(message.rank)
+        if key is None or not secrets.compare_digest(key, P.token_key(message.token)):
+            self._refusals.warning("refused a connection that introduced itself as worker %d without its token (%r)",
+                                   message.rank, peer)
+            return
+        self._bound[peer] = message.rank
+
+    def check(self, peer: bytes, message: P.Message) -> None:
+        """``Rejected`` unless ``peer`` introduced itself as the worker ``message`` speaks for."""
+        claimed = getattr(message, "rank", None)
+        bound = self._bound.get(peer)
+        if bound is None:
+            self._refusals.warning("refused %s from %r: the connection did not introduce itself", type(message).__name__,
+                                   peer)
+            raise P.Rejected(P.PROTOCOL, "this connection did not introduce itself as a worker of the job")
+        if claimed is not None and claimed != bound:
+            self._refusals.warning("refused %s from %r: it claims worker %d but introduced itself as worker %d",
+                                   type(message).__name__, peer, claimed, bound)
+            raise P.Rejected(P.PROTOCOL, f"a message for worker {claimed} on a connection of worker {bound}")
+
+
+__all__ = ["Speakers"]
