@@ -24,6 +24,7 @@ from .errors import (
     PSError,
     PSTimeoutError,
     RegistrationError,
+    RolledBackError,
 )
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "PeerLostError",
     "ProtocolError",
     "RegistrationError",
+    "RolledBackError",
     "Worker",
     "init",
     "optim",

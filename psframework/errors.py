@@ -8,6 +8,7 @@ Every error the framework raises is a ``PSError``; the subclass says whose fault
     ├── BadRequestError      a server refused a request (unknown key, wrong shape or dtype)
     ├── ProtocolError        a malformed message arrived (garbage, truncated, oversized)
     ├── PeerLostError        another node of the job died or stopped answering
+    │   └── RolledBackError     a server was restarted: the job went back to a checkpoint (``.step``)
     ├── PSTimeoutError       a deadline passed (cluster start, barrier, request)
     ├── ClosedError          this object was closed by us; it is no longer usable
     └── CheckpointError      a checkpoint is missing, incomplete or corrupt
@@ -48,6 +49,16 @@ class PeerLostError(PSError):
         self.host = host
 
 
+class RolledBackError(PeerLostError):
+    """A server was restarted, and the whole job went back to its newest checkpoint: what was
+    waited for belongs to the steps after it. ``step`` is where to go on from (pull the values
+    again; ``ps.DistributedOptimizer`` does all this by itself)."""
+
+    def __init__(self, message: str, *, step: int = 0):
+        super().__init__(message, role="server")
+        self.step = step
+
+
 class PSTimeoutError(PSError, TimeoutError):
     """A deadline passed before the awaited event happened."""
 
@@ -70,6 +81,7 @@ __all__ = [
     "PeerLostError",
     "ProtocolError",
     "RegistrationError",
+    "RolledBackError",
     "error_for",
 ]
 
@@ -85,6 +97,8 @@ _KINDS = {
 }
 
 
-def error_for(kind: str, message: str) -> PSError:
+def error_for(kind: str, message: str, step: int = 0) -> PSError:
     """The exception an ``Error`` message from another node stands for."""
+    if kind == "rolled_back":
+        return RolledBackError(message, step=step)
     return _KINDS.get(kind, PSError)(message)

@@ -93,6 +93,7 @@ class Membership:
         self._epoch = 0
         self._server_addresses: list[str] = list(self.servers)
         self._shutdown = False
+        self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._failure: Optional[str] = None
         self._changed = False
         self._closed = False
@@ -114,6 +115,7 @@ class Membership:
                 self._changed = True
             self._dead, self._left, self._departed = list(ack.dead), left, departed
             self._server_addresses = list(ack.servers)
+            self._rollback = max(self._rollback, (ack.rollback, ack.rollback_step))
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
@@ -150,6 +152,17 @@ class Membership:
                 self._epoch = epoch
                 self._departed.discard(worker)
                 self._left.discard(worker)
+
+    @property
+    def rollback(self) -> tuple[int, int]:
+        """How many times the job went back to a checkpoint, and the step it last went back to."""
+        with self._lock:
+            return self._rollback
+
+    def note_rollback(self, epoch: int, step: int) -> None:
+        """A server said the job went back (before the scheduler's heartbeat answer did)."""
+        with self._lock:
+            self._rollback = max(self._rollback, (epoch, step))
 
     def moved_servers(self) -> dict[int, str]:
         """Servers whose address changed since the last call (a restarted server), by rank."""

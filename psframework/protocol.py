@@ -35,6 +35,7 @@ TIMEOUT = "timeout"
 PROTOCOL = "protocol"
 CONFIG = "config"
 CHECKPOINT_ERROR = "checkpoint"
+ROLLED_BACK = "rolled_back"
 
 
 class Message(msgspec.Struct, tag_field="op", kw_only=True, omit_defaults=True, frozen=True):
@@ -99,6 +100,8 @@ class HeartbeatAck(Message, tag="hb_ack"):
     left: list[int] = []  # workers that closed
     departed: list[int] = []  # workers an elastic job goes on without
     shutdown: bool = False
+    rollback: int = 0  # how many times the job went back to a checkpoint (scheduler/rollback.py)
+    rollback_step: int = 0  # the step it last went back to
 
 
 class Register(Message, tag="register"):
@@ -175,6 +178,8 @@ class Saved(Message, tag="saved"):
 class Load(Message, tag="load"):
     path: str
     sha256: str
+    rollback: int = 0  # the job's rollback epoch once loaded (a restarted server sends everyone back)
+    step: int = 0  # the checkpoint's step
 
 
 class Loaded(Message, tag="loaded"):
@@ -209,6 +214,7 @@ class BlockRequest(Message):
     shm: bool = False
     step: int = -1
     absent: list[int] = []
+    rollback: int = 0  # the rollback epoch the worker knows of: requests of an earlier one are refused
 
 
 class Push(BlockRequest, tag="push"):
@@ -276,6 +282,8 @@ class Error(Message, tag="error"):
     kind: str
     message: str
     req: Optional[int] = None
+    rollback: int = 0  # kind rolled_back: the job's rollback epoch
+    step: int = 0  # kind rolled_back: the step the job went back to
 
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
@@ -289,12 +297,13 @@ _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
 class Rejected(Exception):
     """A message that is answered with an ``Error`` of ``kind`` and otherwise ignored."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, **extra: int):
         super().__init__(message)
         self.kind = kind
+        self.extra = extra  # more fields of the Error (rollback, step)
 
     def reply(self, req: Optional[int] = None) -> Error:
-        return Error(kind=self.kind, message=str(self), req=req)
+        return Error(kind=self.kind, message=str(self), req=req, **self.extra)
 
 
 def encode(message: Message) -> bytes:
@@ -349,7 +358,7 @@ __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
     "Hello", "Init", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
-    "Push", "PushPull", "REGISTRATION", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
+    "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
     "check_version", "decode", "encode", "request_id", "token_key",
 ]

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from . import protocol as P
-from .errors import ClosedError, ConfigError
+from .errors import ClosedError, ConfigError, RolledBackError
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
@@ -90,10 +90,17 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self._overlap is None:
-            self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params).wait()
-        else:
-            self._overlap.finish(self._grad)
+        try:
+            if self._overlap is None:
+                self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params).wait()
+            else:
+                self._overlap.finish(self._grad)
+        except RolledBackError as exc:
+            # a server was restarted and the whole job went back to a checkpoint: this step is lost;
+            # take the restored values and go on (step_count is now the checkpoint's step)
+            log.warning("worker %d: the job went back to step %d; this step is dropped", self.worker.rank, exc.step)
+            self.worker.pull(self.params).wait()
+            return
         if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 

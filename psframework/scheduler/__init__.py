@@ -34,6 +34,7 @@ from ..security import load_secret
 from ..transport import Transport, ZmqTransport
 from .collectives import Collectives
 from .registration import Registration
+from .rollback import Rollback
 from .roster import DEAD, LEFT, LIVE, RESTORING, ROLES, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
@@ -50,6 +51,7 @@ class Scheduler:
         self.registration = Registration(self.roster, self._send, lambda: self.collectives.barrier_seq_done)
         self.collectives = Collectives(self.roster, self._send, lambda: self.registration.shard_map,
                                        lambda: self.registration.optimizer)
+        self.rollback = Rollback(self.roster, self._send, self.collectives.checkpoint_dir)
         self._started_at = time.monotonic()
         self._shutdown_at: Optional[float] = None
         self._failed = False
@@ -108,7 +110,8 @@ class Scheduler:
         if kind is P.Hello:
             self._on_hello(peer, message)
         elif kind is P.Heartbeat:
-            self._send(peer, self.roster.heartbeat(message, shutdown=self._shutdown_at is not None))
+            self._send(peer, self.roster.heartbeat(message, shutdown=self._shutdown_at is not None,
+                                                   rollback=(self.rollback.epoch, self.rollback.step)))
         elif kind is P.Register:
             self.registration.on_register(peer, message)
         elif kind is P.Barrier:
@@ -131,7 +134,7 @@ class Scheduler:
             self.registration.on_activated(server, message)
         elif isinstance(message, P.Error):
             self.collectives.on_server_error(server, message)
-        else:
+        elif not (isinstance(message, P.Loaded) and self.rollback.on_loaded(server)):
             self.collectives.on_saved_or_loaded(server, message)
 
     # -- joining -------------------------------------------------------------------------
@@ -193,7 +196,7 @@ class Scheduler:
         if server.state != RESTORING:
             self.registration.on_setup_done(server)
             return
-        reason = self.collectives.reload(server)
+        reason = self.rollback.start(server)
         if reason is not None:
             server.state, server.fatal, server.reason = DEAD, True, reason
             self._job_failed(server)

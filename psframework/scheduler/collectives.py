@@ -1,5 +1,5 @@
 """Collectives: barriers, checkpoints and restores that every live worker takes part in, and the
-reload of a restarted server's shards.
+checkpoint directory a restarted server reloads from (``rollback.py``).
 
 A collective starts once every live worker has reached it; ``recheck`` runs on every arrival and
 whenever a worker leaves or dies, so a departed worker never holds the others back.
@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 from .. import checkpoint
 from .. import protocol as P
 from ..errors import PSError
-from .roster import LIVE, Node, Roster
+from .roster import Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
 
@@ -49,7 +49,6 @@ class Collectives:
         self._collecting: dict[type, dict[int, tuple[bytes, WorkerPart]]] = {P.Checkpoint: {}, P.Restore: {}}
         self._storage: Optional[_StorageOp] = None
         self._last_directory: Optional[str] = None
-        self._reloading: dict[int, str] = {}  # restarted server -> checkpoint it loads
 
     # -- barriers and the workers' parts -------------------------------------------------
 
@@ -133,9 +132,6 @@ class Collectives:
             self._storage.pending.add(rank)
 
     def on_saved_or_loaded(self, server: Node, message: Union[P.Saved, P.Loaded]) -> None:
-        if isinstance(message, P.Loaded) and server.rank in self._reloading:
-            self._reloaded(server)
-            return
         op = self._storage
         if op is None:
             raise P.Rejected(P.PROTOCOL, f"unexpected {type(message).__name__} from server {server.rank}")
@@ -171,31 +167,6 @@ class Collectives:
     def _answer_all(self, waiting: dict[int, tuple[bytes, WorkerPart]], message: P.Message) -> None:
         for peer, _ in waiting.values():
             self._send(peer, message)
-
-    # -- a restarted server --------------------------------------------------------------
-
-    def reload(self, server: Node) -> Optional[str]:
-        """A restarted server has its blocks: load them from the newest checkpoint. Returns why
-        that is impossible, or None."""
-        root = self.checkpoint_dir()
-        found = checkpoint.find_latest(Path(root)) if root else None
-        if found is None:
-            return f"restarted, but there is no complete checkpoint under {root} to restore its shards from"
-        directory, manifest = found
-        self._reloading[server.rank] = str(directory)
-        self._send(server.identity, _load_message(directory, manifest, server.rank))
-        return None
-
-    def _reloaded(self, server: Node) -> None:
-        directory = Path(self._reloading.pop(server.rank))
-        step = int(checkpoint.read_manifest(directory)["step"])
-        newest = max((int(n.stats.get("steps", 0)) for n in self.roster.workers()), default=0)
-        server.state = LIVE
-        server.last_seen = time.monotonic()
-        self.roster.publish(server)
-        log.warning("server %d is back: restored from %s; its shards rolled back %d steps (from about step %d "
-                    "to step %d)", server.rank, directory.name, max(0, newest - step), newest, step)
-
 
 def _load_message(directory: Path, manifest: dict, rank: int) -> P.Load:
     name = f"server-{rank}.pt"

@@ -137,7 +137,7 @@ class Roster:
 
     # -- liveness ------------------------------------------------------------------------
 
-    def heartbeat(self, beat: P.Heartbeat, shutdown: bool) -> P.HeartbeatAck:
+    def heartbeat(self, beat: P.Heartbeat, shutdown: bool, rollback: tuple[int, int]) -> P.HeartbeatAck:
         node = self.node(beat.role, beat.rank)
         if not secrets.compare_digest(beat.token, node.token):
             raise P.Rejected(P.PROTOCOL, f"a heartbeat claims to be {node.role} {node.rank} without its token")
@@ -150,7 +150,7 @@ class Roster:
             dead=[n.info() for n in self.nodes.values() if n.state == DEAD and n.fatal],
             left=sorted(n.rank for n in workers if n.state == LEFT),
             departed=sorted(n.rank for n in workers if n.state == DEAD and not n.fatal),
-            shutdown=shutdown)
+            shutdown=shutdown, rollback=rollback[0], rollback_step=rollback[1])
 
     def silent(self, now: float) -> list[Node]:
         """Live nodes whose heartbeats stopped."""

@@ -58,6 +58,7 @@ class Server:
         self.policy: Optional[Policy] = None
         self.credits = ReplyCredits(config.peer_buffer_bytes)
         self._speakers = Speakers()
+        self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._garbage_log = RateLimitedLog(log)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -182,6 +183,8 @@ class Server:
             answer = checkpoints.load(self.store, message)
             if isinstance(answer, P.Loaded):
                 self.policy.reset()
+                if message.rollback > self._rollback[0]:
+                    self._roll_back(message.rollback, message.step)
             self.membership.send(answer)
         elif isinstance(message, P.Activate):
             self._activate(message)
@@ -253,7 +256,24 @@ class Server:
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
 
+    def _roll_back(self, epoch: int, step: int) -> None:
+        """Every server went back to the checkpoint of ``step``: what waited belongs to later steps."""
+        self._rollback = (epoch, step)
+        waiting = [(s, p) for s in self.store.blocks.values() for p in s.pulls] + self.credits.release(everything=True)
+        for state in self.store.blocks.values():
+            state.pulls = []
+        error = self._rolled_back_error()
+        for _, pending in waiting:
+            self._send(pending.peer, error.reply(pending.req))
+
+    def _rolled_back_error(self) -> P.Rejected:
+        epoch, step = self._rollback
+        return P.Rejected(P.ROLLED_BACK, f"server {self.membership.rank} was restarted and the job went back to "
+                                         f"the checkpoint of step {step}; go on from there", rollback=epoch, step=step)
+
     def _on_block_request(self, peer: bytes, request: P.BlockRequest) -> None:
+        if request.rollback < self._rollback[0]:
+            raise self._rolled_back_error()
         state, segs, present = self.store.resolve(request, self.membership.num_workers)
         pushes = not isinstance(request, P.Pull)
         if pushes:

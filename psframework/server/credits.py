@@ -56,9 +56,9 @@ class ReplyCredits:
         self.deferrals += 1
         return True
 
-    def release(self) -> list[Any]:
-        """Forget the replies that have left; the deferred items of peers that now have room, oldest
-        first (the caller tries each again)."""
+    def release(self, everything: bool = False) -> list[Any]:
+        """Forget the replies that have left; the deferred items of peers that now have room (or all
+        of them, with ``everything``), oldest first (the caller tries each again)."""
         freed = set()
         for peer, flights in list(self._inflight.items()):
             done = [(t, n) for t, n in flights if t.done]
@@ -73,7 +73,7 @@ class ReplyCredits:
             freed.add(peer)
         ready = []
         for peer in list(self._deferred):
-            if peer in freed or peer not in self._bytes:
+            if everything or peer in freed or peer not in self._bytes:
                 ready.extend(self._deferred.pop(peer))
         return ready
 

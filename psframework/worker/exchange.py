@@ -171,6 +171,7 @@ class Exchange:
 
     def _send_block(self, block: Block, parts: list[Part]) -> None:
         client = self.worker.client
+        client.catch_up()
         req = client.next_id()
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1
@@ -179,7 +180,7 @@ class Exchange:
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
                          more=bool(self._unsent_to[block.server]) and self.op is not P.Pull,
-                         shm=lane is not None, step=self.step,
+                         shm=lane is not None, step=self.step, rollback=client.rollback,
                          absent=[i for i, _, name in parts if name in self._absent])
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import protocol as P
-from ..errors import ClosedError, PSError, PSTimeoutError, ProtocolError, error_for
+from ..errors import ClosedError, PSError, PSTimeoutError, ProtocolError, RolledBackError, error_for
 from ..node import POLL_SLICE, Membership
 from ..transport import Socket, Transport
 
@@ -118,6 +118,7 @@ class Request:
     # where each reply frame lands, and what to do once it did (copy it on to a GPU)
     dest: list[tuple[memoryview, Optional[Callable[[], None]]]] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
+    rollback: int = 0  # the job's rollback epoch when it was sent
     on_answer: Optional[Callable[["Request", P.Message, bool], None]] = None  # lane requests: (req, reply, ok)
 
 
@@ -133,6 +134,8 @@ class Client:
         self._ids = itertools.count(1)
         self.pending: dict[int, Request] = {}
         self._introduced: set[int] = set()  # servers this worker's connection has introduced itself to
+        self._rollback = 0  # the rollback epoch whose consequences this client has drawn
+        self.on_rolled_back: Callable[[int], None] = lambda step: None
         self.on_server_moved: Callable[[int], None] = lambda server: None
 
     def next_id(self) -> int:
@@ -140,6 +143,8 @@ class Client:
 
     def submit(self, request: Request, req: int, track: bool = False):
         """Send a request's frames to its server and await its answer as ``req``; returns the tracker."""
+        self.catch_up()
+        request.rollback = self._rollback
         self.pending[req] = request
         request.future.expect()
         return self.send(request.server, request.frames, track=track)
@@ -163,11 +168,36 @@ class Client:
     def wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.catch_up()
         while not done():
             self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
                 raise PSTimeoutError(f"worker {self.membership.rank}: request not answered within {timeout} s")
             self.progress(POLL_SLICE)
+
+    @property
+    def rollback(self) -> int:
+        """The rollback epoch this client's requests are sent with."""
+        return self._rollback
+
+    def catch_up(self) -> None:
+        """The job went back to a checkpoint (a server was restarted): fail what was sent before
+        with a ``RolledBackError`` naming the step, and go on from that step."""
+        epoch, step = self.membership.rollback
+        if epoch <= self._rollback:
+            return
+        self._rollback = epoch
+        stale = {req: r for req, r in self.pending.items() if r.rollback < epoch}
+        for req, request in stale.items():
+            del self.pending[req]
+            if request.on_answer is not None:
+                request.on_answer(request, None, False)
+            request.future.abandon()
+            request.future.resolve(RolledBackError(
+                f"worker {self.membership.rank}: a server was restarted and the job went back to the checkpoint "
+                f"of step {step}; pull the values again and go on from there", step=step))
+        log.warning("worker %d: the job went back to step %d (a server was restarted)", self.membership.rank, step)
+        self.on_rolled_back(step)
 
     def wait_all(self, timeout: Optional[float] = None) -> None:
         self.wait_until(lambda: not self.pending, timeout)
@@ -212,7 +242,10 @@ class Client:
             sock.skip_rest()
             if request.on_answer is not None:
                 request.on_answer(request, message, False)
-            request.future.resolve(error_for(message.kind, message.message))
+            request.future.resolve(error_for(message.kind, message.message, message.step))
+            if message.kind == P.ROLLED_BACK:
+                self.membership.note_rollback(message.rollback, message.step)
+                self.catch_up()
             return
         request.reply = message
         error = None

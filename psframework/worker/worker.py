@@ -129,6 +129,7 @@ class Worker:
         self._registered = tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize)
         self.client.on_server_moved = self.lanes.renew
+        self.client.on_rolled_back = self._rolled_back
         if reply.joined:
             # a worker that joined a running elastic job: take the current values, skip the start-up
             self._barrier_seq = reply.barrier_seq
@@ -305,6 +306,10 @@ class Worker:
             if self._own_transport:
                 self.transport.close()
                 self._own_transport = False
+
+    def _rolled_back(self, step: int) -> None:
+        self.steps = self._push_steps = step
+        self.membership.stats = {"steps": self.steps}
 
     def _drain(self, timeout: float) -> None:
         if self.client is None or not self.client.pending:

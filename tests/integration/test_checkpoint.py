@@ -125,34 +125,32 @@ def test_write_atomic_and_find_latest(tmp_path):
 def test_async_checkpoint_is_a_consistent_cut(make_cluster, tmp_path):
     """Workers pushing different amounts asynchronously: the snapshot holds exactly the pushes made
     before every worker reached save_checkpoint, on every server."""
-    import threading
+    from tests.threads import run_in_threads
 
     cluster = make_cluster(num_servers=2, num_workers=2, mode="async", chunk_bytes=4096)
-    seen = {}
 
-    def work(pushes: int) -> None:
+    def work(i: int) -> dict:
+        pushes = (5, 11)[i]
         with ps.init(scheduler=cluster.scheduler) as worker:
             params = {"big": torch.zeros(4000)}
             worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
             futures = [worker.push({"big": torch.ones(4000)}) for _ in range(pushes)]  # not waited: in flight
             worker.save_checkpoint(tmp_path / "ckpt", step=1)
-            assert all(f.done() for f in futures)  # save_checkpoint completed what was in flight
+            completed = all(f.done() for f in futures)  # save_checkpoint completed what was in flight
             worker.pull(params).wait(timeout=10)
-            seen[worker.rank] = params["big"].clone()
+            seen = params["big"].clone()
             worker.barrier()  # nobody pushes again before both have looked
             for _ in range(3):
                 worker.push({"big": torch.ones(4000)}).wait(timeout=10)
             worker.barrier()
-            assert worker.load_checkpoint(tmp_path / "ckpt") == 1
-            seen[f"restored{worker.rank}"] = params["big"].clone()
+            step = worker.load_checkpoint(tmp_path / "ckpt")
+            return {"completed": completed, "seen": seen, "step": step, "restored": params["big"].clone()}
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in (5, 11)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert torch.equal(seen[0], torch.full((4000,), -16.0)) and torch.equal(seen[1], seen[0])
-    assert torch.equal(seen["restored0"], seen[0]) and torch.equal(seen["restored1"], seen[0])
+    results = run_in_threads(2, work, timeout=60)
+    for result in results:
+        assert result["completed"] and result["step"] == 1
+        assert torch.equal(result["seen"], torch.full((4000,), -16.0))
+        assert torch.equal(result["restored"], torch.full((4000,), -16.0))
 
 
 @pytest.mark.gpu

@@ -152,6 +152,16 @@ def fuzz_target():
         worker.close()
 
 
+def _one_exact_step(worker, tensors) -> None:
+    """push_pull gradients of ones with SGD(lr=0.5): every value moves by exactly -0.5, so no
+    fuzzed message changed a tensor, and the scheduler and servers still answer."""
+    before = {k: v.clone() for k, v in tensors.items()}
+    worker.push_pull({k: torch.ones_like(v) for k, v in tensors.items()}, into=tensors).wait(timeout=10)
+    for key, value in before.items():
+        torch.testing.assert_close(tensors[key], value - 0.5, rtol=0, atol=1e-5)
+    worker.barrier(timeout=10)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(messages, min_size=1, max_size=5))
 def test_fuzzed_frames_at_every_port_leave_the_cluster_answering(fuzz_target, batch):
@@ -161,12 +171,7 @@ def test_fuzzed_frames_at_every_port_leave_the_cluster_answering(fuzz_target, ba
             sock.send_multipart(frames)
         while sock.poll(0):
             sock.recv_multipart()  # error replies to the fuzzer are fine; answers are not required
-
-
-def test_cluster_still_answers_after_the_fuzzing(fuzz_target):
-    cluster, worker, tensors, socks = fuzz_target
-    time.sleep(0.5)
-    _still_serves(worker, tensors)
+    _one_exact_step(worker, tensors)
     assert all(p.poll() is None for p in cluster.processes().values())
 
 
