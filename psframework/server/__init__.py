@@ -90,7 +90,7 @@ class Server:
         self.store = DenseStore(self.device)
         self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
-        self.policy = policy_for(m.mode, m, self.store, self.io)
+        self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes)
         self._speakers.know(m.welcome.worker_keys)
 
     def close(self) -> None:
@@ -109,6 +109,10 @@ class Server:
         if self._own_transport:
             self.transport.close()
             self._own_transport = False
+
+    def _units(self):
+        """Everything with a clock that workers push to (policy.py)."""
+        return self.store.blocks.values()
 
     def _check(self) -> None:
         self.membership.check(peers=False)

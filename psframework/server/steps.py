@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+from typing import Any
+
 from .. import protocol as P
-from .store import BlockState
 
-
-def _keys(state: BlockState) -> str:
-    return ", ".join(repr(seg.key) for seg in state.block.segments)
+BlockState = Any  # a unit of policy.py: a dense block or a server's table rows
 
 
 _ADVICE = ("in sync mode every worker must push the same tensors in every step (ps.DistributedOptimizer "
@@ -50,9 +49,8 @@ class StepCheck:
         """``Rejected`` if ``rank``'s push of a sync step belongs to another of its steps than the first push's."""
         if step < 0 or first_step < 0 or step == first_step or not self._comparable(first, rank):
             return
-        raise P.Rejected(P.CONFIG, f"worker {rank} pushed block {state.block.block_id} ({_keys(state)}) in its "
-                                   f"step {step}, but worker {first} pushed this block's sync step {version} in "
-                                   f"its step {first_step}: {_ADVICE}")
+        raise P.Rejected(P.CONFIG, f"worker {rank} pushed {state.describe()} in its step {step}, but worker "
+                                   f"{first} pushed its sync step {version} in its step {first_step}: {_ADVICE}")
 
     def went_on(self, rank: int, step: int, waiting: Callable[[], Iterable[tuple[BlockState, int, int, int]]]
                 ) -> list[tuple[BlockState, str]]:
@@ -65,9 +63,9 @@ class StepCheck:
         failed = []
         for state, version, first, first_step in waiting():
             if 0 <= first_step < step and self._comparable(first, rank):
-                failed.append((state, f"sync step {version} of block {state.block.block_id} ({_keys(state)}) has "
-                                      f"worker {first}'s push from its step {first_step}, but worker {rank} went on "
-                                      f"to its step {step} without pushing this block: {_ADVICE}"))
+                failed.append((state, f"sync step {version} of {state.describe()} has worker {first}'s push from "
+                                      f"its step {first_step}, but worker {rank} went on to its step {step} without "
+                                      f"pushing it: {_ADVICE}"))
         return failed
 
 

@@ -59,6 +59,19 @@ class BlockState:
     staged: list[int] = field(default_factory=list)
     queued_replies: int = 0
     broken: Optional[str] = None  # why no request on this block can succeed any more
+    store: Any = None  # the DenseStore that sums and applies its gradients (policy.py)
+
+    @property
+    def key(self) -> int:
+        return self.block.block_id
+
+    @property
+    def size(self) -> int:
+        """Bytes of values (what the sync policy weighs due blocks by)."""
+        return self.block.nbytes
+
+    def describe(self) -> str:
+        return f"block {self.block.block_id} ({', '.join(repr(seg.key) for seg in self.block.segments)})"
 
     def make_writable(self) -> None:
         """Let the values change although zero-copy replies may still read them: those replies
@@ -90,6 +103,21 @@ class BlockState:
         self.staged = [-1] * len(self.staged)
 
 
+@dataclass
+class _Sums:
+    """A sync step's gradients of a block, summed over the workers that pushed it."""
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
+    adds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, addend) still to add
+
+    def add(self, total: torch.Tensor, addend: torch.Tensor, owned: bool) -> None:
+        """Sum now what the worker will reuse; what is ours is summed with the others in one go."""
+        if owned:
+            self.adds.append((total, addend))
+        else:
+            total.add_(addend)
+
+
 class DenseStore:
     """The blocks one server holds, and one optimizer over all their segments."""
 
@@ -113,7 +141,7 @@ class DenseStore:
             self.blocks[block.block_id] = BlockState(
                 block=block, flat=flat, params=views, first_param=len(params),
                 nbytes=[p.numel() * p.element_size() for p in views], clocks=[0] * num_workers,
-                reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments))
+                reply=Staging(block.nbytes) if on_gpu else None, staged=[-1] * len(block.segments), store=self)
             params.extend(views)
         self.nbytes = sum(b.nbytes for b in mine)
         self.optimizer = ShardOptimizer(spec, params)
@@ -158,6 +186,46 @@ class DenseStore:
                 grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
         self.optimizer.step(grads, scale=scale)
         self.applied += len(group)
+
+    # -- what the consistency policy asks of a store (policy.py) ------------------------
+
+    def apply_now(self, state: BlockState, pushed: Pushed) -> None:
+        """One push, at once (async and ssp)."""
+        if pushed.uploaded is not None:
+            torch.cuda.current_stream(self.device).wait_event(pushed.uploaded)
+        self.apply([(state, pushed.grads)], scale=1.0)
+
+    def accumulate(self, state: BlockState, accum, pushed: Pushed) -> None:
+        """Add one worker's push to a sync step's sum (``accum.data``)."""
+        sums = accum.data = accum.data or _Sums()
+        if pushed.whole is not None and not sums.tensors:
+            sums.whole = pushed.whole if pushed.owned else pushed.whole.clone()
+            sums.tensors = state.split(sums.whole)
+        elif pushed.whole is not None and sums.whole is not None:
+            sums.add(sums.whole, pushed.whole, pushed.owned)
+        else:
+            for i, grad in pushed.grads.items():
+                held = sums.tensors.get(i)
+                if held is None:
+                    # received host messages and fresh device tensors are ours to keep and sum into
+                    sums.tensors[i] = grad if pushed.owned else grad.clone()
+                else:
+                    sums.add(held, grad.to(self.device, non_blocking=True), pushed.owned)
+
+    def apply_steps(self, steps: list) -> int:
+        """Complete sync steps of blocks: one sum for all, and one optimizer step per mean (one,
+        unless an elastic job shrank); returns the optimizer steps run."""
+        adds = [pair for _, accum in steps if accum.data for pair in accum.data.adds]
+        if adds:
+            torch._foreach_add_([total for total, _ in adds], [addend for _, addend in adds])
+        by_scale: dict[float, list] = {}
+        for state, accum in steps:
+            # the mean over those who pushed: equal to all workers unless an elastic job shrank
+            tensors = accum.data.tensors if accum.data else {}
+            by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, tensors))
+        for scale, group in by_scale.items():
+            self.apply(group, scale)
+        return len(by_scale)
 
     def write(self, state: BlockState, values: dict[int, torch.Tensor]) -> None:
         """Set segments' values (rank 0's initial values)."""
