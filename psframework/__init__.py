@@ -38,15 +38,15 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import optim
+    from . import nn, optim
     from .cluster import LocalCluster
     from .training import DistributedOptimizer
     from .worker import Future, Worker, init
 
 
 def __getattr__(name: str):
-    if name == "optim":
-        return importlib.import_module(".optim", __name__)
+    if name in ("optim", "nn"):
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
@@ -74,5 +74,6 @@ __all__ = [
     "RolledBackError",
     "Worker",
     "init",
+    "nn",
     "optim",
 ]

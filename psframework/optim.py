@@ -31,7 +31,8 @@ import torch
 
 from psframework.errors import BadRequestError, ConfigError
 
-__all__ = ["SGD", "Adagrad", "Adam", "OptimizerSpec", "ShardOptimizer", "optimizer_from_wire"]
+__all__ = ["SGD", "Adagrad", "Adam", "OptimizerSpec", "RowWiseAdagrad", "ShardOptimizer", "SparseAdam",
+           "optimizer_from_wire"]
 
 
 def _number(
@@ -55,6 +56,8 @@ class OptimizerSpec:
     torch_class: ClassVar[type[torch.optim.Optimizer]]
     # torch.optim.SGD keeps no per-parameter step count, so ShardOptimizer keeps one for it.
     torch_counts_steps: ClassVar[bool] = True
+    # a rule for the rows of embedding tables only (server/row_rules.py), not for dense tensors
+    tables_only: ClassVar[bool] = False
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-safe dict: ``{"name": ..., field: value, ...}``, tuples as lists."""
@@ -137,14 +140,18 @@ class Adam(OptimizerSpec):
     def __post_init__(self) -> None:
         for field in ("lr", "eps", "weight_decay"):
             _number(self, field)
-        betas = self.betas
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ConfigError(f"Adam: betas must be a pair of numbers in [0, 1), got {betas!r}")
-        for i, beta in enumerate(betas):
-            ok = isinstance(beta, (int, float)) and not isinstance(beta, bool)
-            if not ok or not 0.0 <= beta < 1.0:
-                raise ConfigError(f"Adam: betas[{i}] must be a number in [0, 1), got {beta!r}")
-        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        _check_betas(self)
+
+
+def _check_betas(spec: OptimizerSpec) -> None:
+    betas, name = spec.betas, type(spec).__name__
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"{name}: betas must be a pair of numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        ok = isinstance(beta, (int, float)) and not isinstance(beta, bool)
+        if not ok or not 0.0 <= beta < 1.0:
+            raise ConfigError(f"{name}: betas[{i}] must be a number in [0, 1), got {beta!r}")
+    object.__setattr__(spec, "betas", (float(betas[0]), float(betas[1])))
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,43 @@ class Adagrad(OptimizerSpec):
             _number(self, field)
 
 
-_SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad)}
+@dataclass(frozen=True)
+class RowWiseAdagrad(OptimizerSpec):
+    """For embedding tables: Adagrad with one accumulator per row, ``s += mean(g^2)``,
+    ``w -= lr * g / (sqrt(s) + eps)`` (a dim-th of Adagrad's state)."""
+
+    name: ClassVar[str] = "rowwise_adagrad"
+    torch_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adagrad
+    tables_only: ClassVar[bool] = True
+
+    lr: float = 1e-2
+    eps: float = 1e-10
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "eps"):
+            _number(self, field)
+
+
+@dataclass(frozen=True)
+class SparseAdam(OptimizerSpec):
+    """For embedding tables: Adam that moves only the touched rows' moments, as
+    ``torch.optim.SparseAdam`` (bias correction by the table's step count)."""
+
+    name: ClassVar[str] = "sparse_adam"
+    torch_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.SparseAdam
+    tables_only: ClassVar[bool] = True
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "eps"):
+            _number(self, field)
+        _check_betas(self)
+
+
+_SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad, RowWiseAdagrad, SparseAdam)}
 
 
 def optimizer_from_wire(d: Mapping[str, Any]) -> OptimizerSpec:

@@ -108,6 +108,7 @@ class Register(Message, tag="register"):
     rank: int
     tensors: list[TensorInfo]
     optimizer: dict[str, Any]
+    tables: list[dict[str, Any]] = []  # TableSpec.to_wire() of each embedding table
 
 
 class Registered(Message, tag="registered"):
@@ -247,6 +248,39 @@ class Mark(Message, tag="mark"):
     step: int
 
 
+class RowRequest(Message):
+    """A request about the rows of embedding tables on one server. For each of ``tables`` (indices
+    into the shard map's tables) ``counts`` ids follow as an int64 frame, and for a push as many rows
+    of gradients as a float32 frame; ids are distinct per table."""
+    req: int
+    rank: int
+    tables: list[int] = []
+    counts: list[int] = []
+    step: int = -1
+    rollback: int = 0
+
+
+class PullRows(RowRequest, tag="pull_rows"):
+    """``train``: rows may be created (and admitted); ``after``: answer only once this many more of
+    the worker's row pushes are applied (a prefetch for the next step)."""
+    train: bool = True
+    after: int = 0
+
+
+class PushRows(RowRequest, tag="push_rows"):
+    pass
+
+
+class InitRows(RowRequest, tag="init_rows"):
+    """Rank 0's pretrained rows (ids, then values)."""
+
+
+class RowValues(Message, tag="row_values"):
+    """The rows asked for, one float32 frame per table of the request."""
+    req: int
+    version: int
+
+
 class Attach(Message, tag="attach"):
     """Map my shared-memory lane (a worker on the server's host)."""
     req: int
@@ -288,7 +322,7 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, Introduce, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -357,7 +391,7 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
-    "Hello", "Init", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull",
+    "Hello", "Init", "InitRows", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
     "check_version", "decode", "encode", "request_id", "token_key",

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from psframework.errors import ConfigError, ProtocolError
+from psframework.tables import TableSpec, assign_buckets
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 
@@ -183,6 +184,15 @@ class ShardMap:
     chunk_bytes: int
     tensors: Tuple[TensorSpec, ...]
     blocks: Tuple[Block, ...]
+    tables: Tuple[TableSpec, ...] = ()  # embedding tables: rows spread over servers by bucket
+    buckets: Tuple[int, ...] = ()  # the server of each bucket (tables.assign_buckets)
+
+    def table_index(self, name: str) -> int:
+        for index, spec in enumerate(self.tables):
+            if spec.name == name:
+                return index
+        known = ", ".join(spec.name for spec in self.tables) or "none"
+        raise ConfigError(f"unknown table {name!r}; the registered tables are: {known}")
 
     @functools.cached_property
     def _by_server(self) -> Tuple[Tuple[Block, ...], ...]:
@@ -235,6 +245,8 @@ class ShardMap:
                 }
                 for b in self.blocks
             ],
+            "tables": [spec.to_wire() for spec in self.tables],
+            "buckets": list(self.buckets),
         }
 
     @classmethod
@@ -254,6 +266,8 @@ class ShardMap:
                     )
                     for b in d["blocks"]
                 ),
+                tables=tuple(TableSpec.from_wire(t) for t in d.get("tables", ())),
+                buckets=tuple(int(b) for b in d.get("buckets", ())),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ProtocolError(f"malformed shard map: {exc!r}") from exc
@@ -280,10 +294,11 @@ _Piece = Tuple[TensorSpec, int, int]
 
 
 def assign_shards(
-    specs: Sequence[TensorSpec], num_servers: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    specs: Sequence[TensorSpec], num_servers: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    tables: Sequence[TableSpec] = (),
 ) -> ShardMap:
-    """Place ``specs`` on ``num_servers`` servers in blocks of at most ``chunk_bytes``.
-    See the module docstring for the rules and the balance guarantee."""
+    """Place ``specs`` on ``num_servers`` servers in blocks of at most ``chunk_bytes``, and the rows
+    of ``tables`` by bucket. See the module docstring for the rules and the balance guarantee."""
     specs = tuple(specs)
     _validate(specs, num_servers, chunk_bytes)
     small = [s for s in specs if s.nbytes <= chunk_bytes]
@@ -295,7 +310,8 @@ def assign_shards(
         groups += [(server, g) for g in _pack_small(small_of[server], chunk_bytes)]
         groups += [(server, [piece]) for piece in large_of[server]]
     blocks = tuple(_make_block(i, server, g) for i, (server, g) in enumerate(groups))
-    return ShardMap(num_servers, chunk_bytes, specs, blocks)
+    buckets = tuple(assign_buckets(num_servers)) if tables else ()
+    return ShardMap(num_servers, chunk_bytes, specs, blocks, tuple(tables), buckets)
 
 
 def _validate(specs: Tuple[TensorSpec, ...], num_servers: int, chunk_bytes: int) -> None:

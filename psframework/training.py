@@ -31,6 +31,8 @@ import torch
 
 from . import protocol as P
 from .errors import ClosedError, ConfigError, RolledBackError
+from .lookups import TableLookups
+from .nn import TableModule
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
@@ -44,24 +46,36 @@ class DistributedOptimizer:
     """Registers the model's trainable parameters (calling ``ps.init()`` if no worker is given);
     ``step()`` pushes the gradients and pulls the updated values into the parameters.
 
+    The model's ``ps.nn.Embedding``/``EmbeddingBag`` modules are its embedding tables: their rows
+    live on the servers, updated by ``sparse_optimizer`` (or a module's own ``optimizer=``); their
+    row gradients go with the dense ones in ``step()``. ``prefetch({module: next_ids})`` pulls the
+    next batch's rows while this step runs (call it before ``backward()``).
+
     Checkpoints (defaults from ps-launch's ``--checkpoint-dir``, ``--checkpoint-every`` and
     ``--resume``): every ``checkpoint_every`` steps ``step()`` saves one; with ``resume`` the
     newest complete one is restored at start, and ``start_step`` says where to continue.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None, *,
-                 overlap: bool = True, checkpoint_dir: Optional[str] = None,
-                 checkpoint_every: Optional[int] = None, resume: Optional[bool] = None):
+                 sparse_optimizer: Optional[OptimizerSpec] = None, overlap: bool = True,
+                 checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
+                 resume: Optional[bool] = None):
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tables = _tables_of(model)
+        self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
         config = self.worker.config
         self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
         self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
         self.start_step = 0
         try:
-            self.worker.register(self.params, optimizer=optimizer)
+            self.worker.register(self.params, optimizer=optimizer, tables=tables, sparse_optimizer=sparse_optimizer)
+            if tables:
+                self._tables = TableLookups(self.worker, tables)
+                for name, module in tables.items():
+                    module.bind(self._tables, name)
             if (config.resume if resume is None else resume) and self.checkpoint_dir:
                 self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
             if overlap:
@@ -88,13 +102,22 @@ class DistributedOptimizer:
         # zero in the mean (DDP's rule)
         return self.params[name].grad
 
+    def prefetch(self, inputs) -> None:
+        """Start pulling the next batch's rows now (``inputs``: a module, or its table's name, to the
+        ids its forward will get); they are answered once this step is applied. Call it before
+        ``backward()``."""
+        if self._tables is None:
+            raise ConfigError("prefetch(): this model has no ps.nn embedding tables")
+        self._tables.prefetch(inputs)
+
     @torch.no_grad()
     def step(self) -> None:
+        push_rows = self._tables.push if self._tables is not None else None
         try:
             if self._overlap is None:
-                self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params).wait()
+                self._step_without_overlap(push_rows)
             else:
-                self._overlap.finish(self._grad)
+                self._overlap.finish(self._grad, push_rows)
         except RolledBackError as exc:
             # a server was restarted and the whole job went back to a checkpoint: this step is lost;
             # take the restored values and go on (step_count is now the checkpoint's step)
@@ -103,6 +126,14 @@ class DistributedOptimizer:
             return
         if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+
+    def _step_without_overlap(self, push_rows) -> None:
+        futures = [self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params)] \
+            if self.params else []
+        if push_rows is not None:
+            futures.append(push_rows() if futures else self.worker.counted(push_rows()))
+        for future in futures:
+            future.wait()
 
     @property
     def early_blocks(self) -> int:
@@ -169,8 +200,9 @@ class _Overlap:
             self._queue.put((_READY, name, grad, ready))
         return hook
 
-    def finish(self, grad_of) -> None:
-        """Hand over the gradients no hook saw, then wait for the step's new values."""
+    def finish(self, grad_of, push_rows=None) -> None:
+        """Hand over the gradients no hook saw (and ``push_rows``, which the thread calls once they
+        are sent), then wait for the step's new values."""
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
         with self._lock:
@@ -181,7 +213,7 @@ class _Overlap:
             if grad is not None and grad.is_cuda and grad.device not in ready:
                 ready[grad.device] = torch.cuda.Event()
                 ready[grad.device].record(torch.cuda.current_stream(grad.device))
-        self._queue.put((_FINISH, rest, ready))
+        self._queue.put((_FINISH, rest, ready, push_rows))
         while True:
             try:
                 result = self._done.get(timeout=1.0)
@@ -258,7 +290,7 @@ class _Overlap:
                     error = exc
                     exchange.future.abandon()
 
-    def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict) -> None:
+    def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict, push_rows) -> None:
         self.early_blocks = exchange.sent_blocks
         for name, grad in rest.items():
             exchange.add(name, grad, after=ready.get(grad.device) if grad is not None else None)
@@ -267,7 +299,22 @@ class _Overlap:
             # copies onto the GPU overlap the rest of the backward pass instead of following it
             self.worker.progress(0)
             exchange.send_ready(wait=True, limit=1)
+        rows = push_rows() if push_rows is not None else None
         exchange.future.wait()
+        if rows is not None:
+            rows.wait()
+
+
+def _tables_of(model: torch.nn.Module) -> dict[str, TableModule]:
+    """The model's embedding tables by name (the module's path in the model, or its ``name=``)."""
+    tables: dict[str, TableModule] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, TableModule):
+            name = module.table_name or path
+            if name in tables:
+                raise ConfigError(f"two embedding tables of the model are both called {name!r}; give one name=")
+            tables[name] = module
+    return tables
 
 
 __all__ = ["DistributedOptimizer"]

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from .. import protocol as P
 from ..errors import PSError, RegistrationError
 from ..sharding import TensorSpec, assign_shards
+from ..tables import TableSpec
 from .roster import LIVE, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
@@ -28,6 +29,7 @@ class Registration:
         self.shard_map: Optional[dict] = None  # on the wire; None until registered
         self.optimizer: Optional[dict] = None
         self._reference: list[P.TensorInfo] = []
+        self._reference_tables: list[dict] = []
         self._late: set[int] = set()  # workers that joined a running job and have not registered
         self._activating: dict[int, tuple[bytes, set[int]]] = {}  # worker -> (its peer, servers pending)
 
@@ -65,16 +67,18 @@ class Registration:
         try:
             reference = self._check()
             specs = [TensorSpec(t.name, tuple(t.shape), t.dtype) for t in reference.tensors]
-            shard_map = assign_shards(specs, self.config.num_servers, self.config.chunk_bytes)
+            tables = [TableSpec.from_wire(t) for t in reference.tables]
+            shard_map = assign_shards(specs, self.config.num_servers, self.config.chunk_bytes, tables)
         except PSError as exc:
             self.fail(P.REGISTRATION, str(exc))
             return
         self.shard_map, self.optimizer, self._reference = shard_map.to_wire(), reference.optimizer, reference.tensors
+        self._reference_tables = reference.tables
         for rank in range(self.config.num_servers):
             self._send(self.roster.server(rank).identity, self.setup_message())
             self._setting_up.add(rank)
-        log.info("registered %d tensors in %d blocks; server bytes %s", len(specs), len(shard_map.blocks),
-                 shard_map.server_bytes())
+        log.info("registered %d tensors in %d blocks (server bytes %s) and %d tables", len(specs),
+                 len(shard_map.blocks), shard_map.server_bytes(), len(tables))
 
     def setup_message(self) -> P.Setup:
         return P.Setup(shard_map=self.shard_map, optimizer=self.optimizer)
@@ -88,7 +92,8 @@ class Registration:
                 raise RegistrationError(
                     f"worker {rank} registered optimizer {message.optimizer} but worker 0 "
                     f"registered {reference.optimizer}; all workers must use the same one")
-            mismatch = first_mismatch(reference.tensors, message.tensors)
+            mismatch = first_mismatch(reference.tensors, message.tensors) or table_mismatch(reference.tables,
+                                                                                            message.tables)
             if mismatch:
                 raise RegistrationError(f"worker {rank} and worker 0 registered different tensors: {mismatch}")
         return reference
@@ -111,7 +116,8 @@ class Registration:
 
     def _activate(self, node: Node, peer: bytes, message: P.Register) -> None:
         """Check a late worker's tensors, then let the servers count it from their current step on."""
-        mismatch = first_mismatch(self._reference, message.tensors)
+        mismatch = first_mismatch(self._reference, message.tensors) or table_mismatch(self._reference_tables,
+                                                                                      message.tables)
         if mismatch:
             self._send(peer, P.Error(kind=P.REGISTRATION, message=f"worker {node.rank} registered different "
                                                                   f"tensors than the job: {mismatch}"))
@@ -156,4 +162,17 @@ def first_mismatch(reference: list[P.TensorInfo], other: list[P.TensorInfo]) -> 
     return ""
 
 
-__all__ = ["Registration", "first_mismatch"]
+def table_mismatch(reference: list[dict], other: list[dict]) -> str:
+    """How ``other``'s embedding tables differ from worker 0's; empty if they do not."""
+    ref = {t.get("name"): t for t in reference}
+    oth = {t.get("name"): t for t in other}
+    for name in ref.keys() ^ oth.keys():
+        return f"table {name!r} is registered by {'worker 0 only' if name in ref else 'it, not by worker 0'}"
+    for name, t in ref.items():
+        if oth[name] != t:
+            field = next(k for k in sorted(t.keys() | oth[name].keys()) if t.get(k) != oth[name].get(k))
+            return f"table {name!r} has {field} {oth[name].get(field)!r}, worker 0 has {t.get(field)!r}"
+    return ""
+
+
+__all__ = ["Registration", "first_mismatch", "table_mismatch"]

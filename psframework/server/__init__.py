@@ -3,10 +3,14 @@
 A server joins the job through the scheduler, receives its blocks of the shard map, and then
 serves workers directly. It is a loop over small parts:
 
-- ``store``: the blocks' values and the optimizer over them (``DenseStore``);
-- ``policy``: the update semantics of the job's mode (``Sync``, ``Async``, ``SSP``), chosen once;
+- ``store``: the blocks' values and the optimizer over them (``DenseStore``); ``rows`` and
+  ``table``: the rows of embedding tables (``RowStore``, ``Table``);
+- ``policy``: the update semantics of the job's mode (``Sync``, ``Async``, ``SSP``), chosen once,
+  over units (a block, or a server's table rows);
+- ``requests`` and ``answers``: a worker's requests taken in, and pulls answered within credits;
 - ``device``: how tensors move between the wire and the device (``HostIO``, ``CudaIO``);
-- ``lanes``: the shared-memory lanes of the workers on this host;
+- ``lanes``: the shared-memory lanes of the workers on this host; ``speakers``: who may speak
+  for which worker;
 - ``checkpoints``: the server's part of a checkpoint.
 
 Run one with ``python -m psframework server`` (ps-launch does this for you).
@@ -31,12 +35,15 @@ from ..security import load_secret
 from ..sharding import ShardMap
 from ..transport import Socket, Transport, ZmqTransport
 from . import checkpoints
+from .answers import Answers
 from .credits import ReplyCredits
 from .device import DeviceIO, device_io
 from .lanes import ServerLanes
 from .policy import Policy, policy_for
+from .requests import Requests
+from .rows import RowStore
 from .speakers import Speakers
-from .store import BlockState, DenseStore, Pending
+from .store import DenseStore
 
 log = logging.getLogger("psframework.server")
 
@@ -53,9 +60,12 @@ class Server:
         self.membership: Optional[Membership] = None
         self.device = torch.device("cpu")
         self.store = DenseStore(self.device)
+        self.rows = RowStore(self.device)
         self.io: Optional[DeviceIO] = None
         self.lanes: Optional[ServerLanes] = None
         self.policy: Optional[Policy] = None
+        self.answers: Optional[Answers] = None
+        self.requests: Optional[Requests] = None
         self.credits = ReplyCredits(config.peer_buffer_bytes)
         self._speakers = Speakers()
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
@@ -87,10 +97,13 @@ class Server:
         self.device = torch.device(pick_server_device(requested, m.rank, m.servers, gpus))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.store = DenseStore(self.device)
+        self.store, self.rows = DenseStore(self.device), RowStore(self.device)
         self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
         self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes)
+        self.answers = Answers(self.data, self.io, self.lanes, self.rows, self.policy, self.credits, m.rank)
+        self.requests = Requests(self.data, self.io, self.lanes, self.store, self.rows, self.policy, self.answers,
+                                 m.num_workers, m.rank, self._check_rollback)
         self._speakers.know(m.welcome.worker_keys)
 
     def close(self) -> None:
@@ -110,9 +123,10 @@ class Server:
             self.transport.close()
             self._own_transport = False
 
-    def _units(self):
-        """Everything with a clock that workers push to (policy.py)."""
-        return self.store.blocks.values()
+    def _units(self) -> list:
+        """Everything with a clock that workers push to (policy.py): the blocks, and the row channel."""
+        units = list(self.store.blocks.values())
+        return units + [self.rows.channel] if self.rows.channel is not None else units
 
     def _check(self) -> None:
         self.membership.check(peers=False)
@@ -132,11 +146,10 @@ class Server:
                 log.info("server %d: job finished, %d updates applied", membership.rank, self.store.applied)
                 return 0
             if membership.peers_changed:
-                self._answer_pulls(self.policy.peers_changed())
-                self._fail_impossible_waits()
+                self.answers.ready(self.policy.peers_changed())
+                self.answers.fail_impossible(self._units(), membership.gone_workers())
                 self.io.flush(wait=True)
-            for state, pending in self.credits.release():
-                self._send_values(state, pending)
+            self.answers.release_deferred()
             self._check()
             membership.stats = {"applied": self.store.applied, "pushes": self.policy.pushes}
 
@@ -174,7 +187,7 @@ class Server:
         self._apply_due()
 
     def _apply_due(self) -> None:
-        self._answer_pulls(self.policy.apply_due())
+        self.answers.ready(self.policy.apply_due())
 
     # -- control messages from the scheduler ----------------------------------------------
 
@@ -182,9 +195,9 @@ class Server:
         if isinstance(message, P.Setup):
             self._setup(message)
         elif isinstance(message, P.Save):
-            self.membership.send(checkpoints.save(self.store, message))
+            self.membership.send(checkpoints.save(self.store, self.rows, message))
         elif isinstance(message, P.Load):
-            answer = checkpoints.load(self.store, message)
+            answer = checkpoints.load(self.store, self.rows, message)
             if isinstance(answer, P.Loaded):
                 self.policy.reset()
                 if message.rollback > self._rollback[0]:
@@ -195,21 +208,36 @@ class Server:
 
     def _setup(self, message: P.Setup) -> None:
         shard_map = ShardMap.from_wire(message.shard_map)
-        rank = self.membership.rank
-        blocks = self.store.setup(shard_map, rank, optimizer_from_wire(message.optimizer),
-                                  self.membership.num_workers)
+        rank, workers = self.membership.rank, self.membership.num_workers
+        blocks = self.store.setup(shard_map, rank, optimizer_from_wire(message.optimizer), workers)
+        self.rows.setup(shard_map, rank, workers)
         self.io.setup(blocks)
         self.membership.send(P.SetupDone(blocks=len(blocks)))
-        log.info("server %d holds %d blocks, %.1f MiB", rank, len(blocks), self.store.nbytes / 2**20)
+        log.info("server %d holds %d blocks, %.1f MiB, and rows of %d tables", rank, len(blocks),
+                 self.store.nbytes / 2**20, len(self.rows.tables))
 
     def _activate(self, message: P.Activate) -> None:
-        """A worker joined late: it takes part from each block's current step on."""
+        """A worker joined late: it takes part from each unit's current step on."""
         self.membership.rejoined(message.worker, message.epoch)
         self._speakers.know({message.worker: message.key})
         self.policy.joined_late(message.worker)
-        for state in self.store.blocks.values():
-            state.clocks[message.worker] = self.policy.start_clock(state, message.worker)
+        for unit in self._units():
+            unit.clocks[message.worker] = self.policy.start_clock(unit, message.worker)
         self.membership.send(P.Activated(worker=message.worker))
+
+    def _roll_back(self, epoch: int, step: int) -> None:
+        """Every server went back to the checkpoint of ``step``: what waited belongs to later steps."""
+        self._rollback = (epoch, step)
+        self.answers.fail_all(self._units(), self._rolled_back_error())
+
+    def _check_rollback(self, epoch: int) -> None:
+        if epoch < self._rollback[0]:
+            raise self._rolled_back_error()
+
+    def _rolled_back_error(self) -> P.Rejected:
+        epoch, step = self._rollback
+        return P.Rejected(P.ROLLED_BACK, f"server {self.membership.rank} was restarted and the job went back to "
+                                         f"the checkpoint of step {step}; go on from there", rollback=epoch, step=step)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -244,11 +272,13 @@ class Server:
             return
         self._speakers.check(peer, message)
         if isinstance(message, P.BlockRequest):
-            self._on_block_request(peer, message)
+            self.requests.on_block(peer, message)
+        elif isinstance(message, P.RowRequest):
+            self.requests.on_rows(peer, message)
         elif isinstance(message, P.Mark):
             self.data.skip_rest()
             if 0 <= message.rank < self.membership.num_workers:
-                self._fail_blocks(self.policy.went_on(message.rank, message.step))
+                self.answers.fail(self.policy.went_on(message.rank, message.step))
         elif isinstance(message, P.Stats):
             self.data.skip_rest()
             self._send(peer, P.StatsReply(req=message.req, counters=self.counters()))
@@ -260,111 +290,12 @@ class Server:
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
 
-    def _roll_back(self, epoch: int, step: int) -> None:
-        """Every server went back to the checkpoint of ``step``: what waited belongs to later steps."""
-        self._rollback = (epoch, step)
-        waiting = [(s, p) for s in self.store.blocks.values() for p in s.pulls] + self.credits.release(everything=True)
-        for state in self.store.blocks.values():
-            state.pulls = []
-        error = self._rolled_back_error()
-        for _, pending in waiting:
-            self._send(pending.peer, error.reply(pending.req))
-
-    def _rolled_back_error(self) -> P.Rejected:
-        epoch, step = self._rollback
-        return P.Rejected(P.ROLLED_BACK, f"server {self.membership.rank} was restarted and the job went back to "
-                                         f"the checkpoint of step {step}; go on from there", rollback=epoch, step=step)
-
-    def _on_block_request(self, peer: bytes, request: P.BlockRequest) -> None:
-        if request.rollback < self._rollback[0]:
-            raise self._rolled_back_error()
-        state, segs, present = self.store.resolve(request, self.membership.num_workers)
-        pushes = not isinstance(request, P.Pull)
-        if pushes:
-            self.policy.more_follow(request.rank, request.more)
-            self._fail_blocks(self.policy.went_on(request.rank, request.step))
-        lane = self.lanes.lane_for(request, self.data.more(), self.membership.rank)
-        if isinstance(request, P.Init):
-            self._init(peer, state, segs, request)
-            return
-        pushed = None
-        if pushes:
-            pushed = (self.lanes.pushed(state, present, lane) if lane is not None
-                      else self.io.receive_frames(state, present))
-            try:
-                self.policy.push(state, pushed, request.rank, request.step)
-            except P.Rejected as exc:
-                self._fail_blocks([(state, str(exc))])
-                raise
-        else:
-            self.data.skip_rest()
-        if isinstance(request, P.Push):
-            # a lane's push slot is reused once acknowledged: on a GPU, after the upload out of it
-            self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
-        else:
-            state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
-                                       lane=lane is not None))
-        self._answer_pulls([state])
-
-    def _init(self, peer: bytes, state: BlockState, segs: list[int], request: P.Init) -> None:
-        pushed = self.io.receive_frames(state, segs)
-        self.io.order_after_upload(pushed)
-        self.store.write(state, pushed.grads)
-        self._send(peer, P.Ack(req=request.req))
-
-    def _answer_pulls(self, states: list[BlockState]) -> None:
-        for state in states:
-            waiting = []
-            for pending in state.pulls:
-                if self.policy.pull_ready(state, pending):
-                    self._send_values(state, pending)
-                else:
-                    waiting.append(pending)
-            state.pulls = waiting
-
-    def _send_values(self, state: BlockState, pending: Pending) -> None:
-        values = P.Values(req=pending.req, version=state.version, min_clock=min(state.clocks), shm=pending.lane)
-        if pending.lane:
-            self.lanes.answer(state, pending, values)
-            return
-        nbytes = sum(state.nbytes[i] for i in pending.segs)
-        if not self.credits.room(pending.peer, nbytes):
-            if not self.credits.defer(pending.peer, (state, pending)):
-                why = (f"worker {pending.rank} has {self.credits.max_deferred} pulls waiting for it to read earlier "
-                       "answers; read your answers (wait() for your futures)")
-                self._send(pending.peer, P.Error(kind=P.BAD_REQUEST, message=why, req=pending.req))
-            return
-        self.io.send_values(state, pending, P.encode(values),
-                            on_sent=lambda tracker: self.credits.sent(pending.peer, nbytes, tracker))
-
-    def _fail_blocks(self, failed: list[tuple[BlockState, str]]) -> None:
-        """These blocks can never complete a step: answer their waits, and every later request, with why."""
-        for state, why in failed:
-            state.broken = why
-            for pending in state.pulls:
-                self._send(pending.peer, P.Error(kind=P.CONFIG, message=why, req=pending.req))
-            state.pulls = []
-
-    def _fail_impossible_waits(self) -> None:
-        """Answer waits that can never be satisfied because a worker left or died."""
-        gone = self.membership.gone_workers()
-        for state in self.store.blocks.values():
-            still = []
-            for pending in state.pulls:
-                reason = self.policy.impossible(state, pending, gone)
-                if reason is None:
-                    still.append(pending)
-                else:
-                    self._send(pending.peer, P.Error(kind=P.PEER_LOST, message=reason, req=pending.req))
-            state.pulls = still
-        self._answer_pulls(list(self.store.blocks.values()))
-
     def counters(self) -> dict:
         """What ``Worker.server_stats()`` reports."""
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
-                "dropped_replies": self.data.dropped, **self.policy.counters()}
+                "dropped_replies": self.data.dropped, "tables": self.rows.counters(), **self.policy.counters()}
 
 
 def main(config: NodeConfig) -> int:

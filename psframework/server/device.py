@@ -60,6 +60,10 @@ class DeviceIO:
         wait for before the copy may be read, if it is asynchronous."""
         raise NotImplementedError
 
+    def send_rows(self, pending, head: bytes, rows: list[torch.Tensor], on_sent: OnSent) -> None:
+        """Answer a pull of table rows: the header, then one frame of rows (on the host) per table."""
+        on_sent(self.data.send([head] + [byte_view(r) for r in rows], peer=pending.peer, track=True))
+
     def answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event] = None) -> None:
         """Send an answer now, or once the device work before ``after`` is done."""
         self.data.send(frames, peer=peer)
@@ -103,7 +107,7 @@ class HostIO(DeviceIO):
             frame = self.data.recv_buffer()
             got = len(memoryview(frame))
             if got == expected:
-                tensors[i] = _host_tensor(frame, state.params[i].dtype)
+                tensors[i] = host_tensor(frame, state.params[i].dtype)
             return got
 
         self.frame_sizes_check(state, segs, receive)
@@ -250,7 +254,7 @@ class CudaIO(DeviceIO):
         self._outbox.clear()
 
 
-def _host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
+def host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
     """A received frame as a flat tensor, without a copy where its memory is aligned."""
     if not len(memoryview(frame)):
         return torch.empty(0, dtype=dtype)
@@ -263,4 +267,4 @@ def device_io(data: Socket, device: torch.device) -> DeviceIO:
     return CudaIO(data, device) if device.type == "cuda" else HostIO(data)
 
 
-__all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io"]
+__all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io", "host_tensor"]

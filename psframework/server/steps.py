@@ -15,7 +15,7 @@ compared until a restore lines everyone up again.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 from typing import Any
 

@@ -254,7 +254,7 @@ class Client:
             if isinstance(message, P.Values) and not message.shm:
                 error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
             request.on_answer(request, message, error is None and not request.future.discards)
-        elif isinstance(message, P.Values) and not request.future.discards:
+        elif isinstance(message, (P.Values, P.RowValues)) and not request.future.discards:
             error = self._receive_values(sock, request)
         sock.skip_rest()
         request.future.resolve(error)

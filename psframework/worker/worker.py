@@ -4,47 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Iterable, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from .. import protocol as P
-from ..buffers import dtype_name
 from ..config import NodeConfig, node_config_from_env
 from ..datapath.lane import shm_available
 from ..devices import init_cuda_early
-from ..errors import BadRequestError, ClosedError, ConfigError, PSError, RegistrationError
+from ..errors import ClosedError, ConfigError, PSError, RegistrationError
 from ..node import Membership, join_cluster
 from ..optim import OptimizerSpec
 from ..security import load_secret
 from ..sharding import ShardMap, TensorSpec
 from ..transport import Transport, ZmqTransport
+from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
 from .exchange import Exchange
 from .lanes import WorkerLanes
 from .requests import Client, Future, Request
+from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
 
 log = logging.getLogger("psframework.worker")
-
-TensorsLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
-
-
-def as_dict(tensors: TensorsLike, what: str, allow_none: bool = False) -> dict[str, Optional[torch.Tensor]]:
-    """``tensors`` as a dict of names to tensors (or None, where ``allow_none``), every item checked."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    result: dict[str, torch.Tensor] = {}
-    for item in items:
-        try:
-            name, tensor = item
-        except (TypeError, ValueError):
-            raise ConfigError(f"{what} must be a mapping or (name, tensor) pairs; got item {item!r}") from None
-        if not isinstance(name, str) or not (isinstance(tensor, torch.Tensor) or (allow_none and tensor is None)):
-            raise ConfigError(f"{what}: expected (str, Tensor), got ({type(name).__name__}, {type(tensor).__name__})")
-        if name in result:
-            raise ConfigError(f"{what}: name {name!r} appears twice")
-        result[name] = tensor
-    return result
-
 
 class Worker:
     """A member of the job that trains. Create it with ``ps.init()``.
@@ -71,6 +52,7 @@ class Worker:
             self.close()
             raise
         self.shard_map: Optional[ShardMap] = None
+        self.rows: Optional[RowClient] = None
         self._specs: dict[str, TensorSpec] = {}
         self._registered: dict[str, torch.Tensor] = {}
         self._barrier_seq = 0
@@ -106,41 +88,64 @@ class Worker:
 
     # -- registration --------------------------------------------------------------------
 
-    def register(self, params: TensorsLike, optimizer: Optional[OptimizerSpec] = None) -> None:
-        """Collective: every worker registers the same tensors; afterwards all hold rank 0's values."""
+    def register(self, params: TensorsLike, optimizer: Optional[OptimizerSpec] = None, *,
+                 tables: Optional[Mapping[str, Any]] = None, sparse_optimizer: Optional[OptimizerSpec] = None) -> None:
+        """Collective: every worker registers the same tensors; afterwards all hold rank 0's values.
+
+        ``tables``: embedding tables, name -> a ``ps.nn.Embedding``/``EmbeddingBag`` (or its
+        ``table_spec()``); their rows live on the servers only (``pull_rows``, ``push_rows``), updated
+        by the table's own ``optimizer=`` or ``sparse_optimizer``."""
         self._check_open()
         if self.shard_map is not None:
             raise RegistrationError("register() was already called on this worker; it may be called once")
         if not isinstance(optimizer, OptimizerSpec):
             raise ConfigError("register() needs optimizer=, e.g. ps.optim.SGD(lr=0.1)")
         tensors = as_dict(params, "register()")
-        if not tensors:
-            raise ConfigError("register() got no tensors")
-        for name, t in tensors.items():
-            if not t.is_floating_point():
-                raise ConfigError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}; only floating tensors can be "
-                                  "registered (server optimizers need them)")
+        table_specs = table_specs_of(tables or {}, sparse_optimizer)
+        if not tensors and not table_specs:
+            raise ConfigError("register() got no tensors and no tables")
+        check_dense(tensors, optimizer)
         specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
         reply = self.membership.request(
             P.Register(rank=self.rank, tensors=[P.TensorInfo(s.name, list(s.shape), s.dtype) for s in specs],
-                       optimizer=optimizer.to_wire()), expect=P.Registered)
+                       optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()]),
+            expect=P.Registered)
         self.shard_map = ShardMap.from_wire(reply.shard_map)
         self._specs = {s.name: s for s in specs}
         self._registered = tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize)
         self.client.on_server_moved = self.lanes.renew
         self.client.on_rolled_back = self._rolled_back
+        self.rows = RowClient(self)
         if reply.joined:
             # a worker that joined a running elastic job: take the current values, skip the start-up
             self._barrier_seq = reply.barrier_seq
         else:
             if self.rank == 0:
-                self._send(P.Init, tensors, None).wait()
+                if tensors:
+                    self._send(P.Init, tensors, None).wait()
+                self.rows.load_pretrained(tables or {})
             self.barrier()
-        self.pull(tensors).wait()
+        if tensors:
+            self.pull(tensors).wait()
         if self.config.shm and shm_available():
             devices = [t.device for t in tensors.values() if t.is_cuda]
             self.lanes.attach_all(range(self.num_servers), devices[0] if devices else None)
+
+    # -- rows of embedding tables ------------------------------------------------------------
+
+    def pull_rows(self, table: str, ids: torch.Tensor, train: bool = True) -> RowsFuture:
+        """The rows of ``ids`` (int64, any shape, repeats allowed) of an embedding table; ``wait()``
+        returns them, shaped ``ids.shape + (dim,)``, on the host. ``train=False`` never creates a row:
+        unknown ids read as their initial value."""
+        self._require_registered("pull_rows")
+        return self.rows.pull({table: ids}, train=train, single=True)
+
+    def push_rows(self, table: str, ids: torch.Tensor, grads: torch.Tensor) -> Future:
+        """Push the gradients of rows (``grads``: one row of ``dim`` per id); the gradients of a
+        repeated id are summed before they are sent. Applied by the job's mode, like ``push``."""
+        self._require_registered("push_rows")
+        return self.rows.push({table: (ids, grads)})
 
     # -- data path -----------------------------------------------------------------------
 
@@ -178,16 +183,7 @@ class Worker:
 
     def check_tensor(self, name: str, tensor: torch.Tensor, what: str) -> None:
         """``BadRequestError`` unless ``tensor`` matches what ``name`` was registered with."""
-        spec = self._specs.get(name)
-        if spec is None:
-            known = ", ".join(list(self._specs)[:8])
-            raise BadRequestError(f"{what}: unknown key {name!r}; registered keys include: {known}")
-        if tuple(tensor.shape) != spec.shape:
-            raise BadRequestError(f"{what}: key {name!r} has shape {tuple(tensor.shape)} but was registered "
-                                  f"with shape {spec.shape}")
-        if dtype_name(tensor.dtype) != spec.dtype:
-            raise BadRequestError(f"{what}: key {name!r} has dtype {dtype_name(tensor.dtype)} but was registered "
-                                  f"with dtype {spec.dtype}")
+        check_tensor(self._specs, name, tensor, what)
 
     def _send(self, op: type, sources: Optional[dict], dests: Optional[dict]) -> Future:
         self._require_registered(op.__name__.lower())
@@ -212,10 +208,13 @@ class Worker:
         if dests is not None:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
-        step = -1
-        if op in (P.Push, P.PushPull):
-            step, self._push_steps = self._push_steps, self._push_steps + 1
+        step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
         return Exchange(self, op, names, dests, step=step, after_caller=after_caller)
+
+    def next_push_step(self) -> int:
+        """The number of the pushing step that starts now (see server/steps.py)."""
+        step, self._push_steps = self._push_steps, self._push_steps + 1
+        return step
 
     def progress(self, timeout: float) -> None:
         """Take in the replies that arrive within ``timeout`` seconds."""
@@ -338,4 +337,4 @@ def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout
     return Worker(config, transport=transport)
 
 
-__all__ = ["Worker", "as_dict", "init"]
+__all__ = ["Worker", "init"]

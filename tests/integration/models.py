@@ -150,3 +150,51 @@ def routed_reference(optimizer: str) -> dict[str, torch.Tensor]:
         torch.nn.functional.mse_loss(model(x, flags), y).backward()
         opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+EMB_ROWS, EMB_DIM, EMB_BAGS, EMB_BAG = 30, 6, 6, 4
+SPARSE_RULES = {"sparse_adam": ps.optim.SparseAdam(lr=0.05), "sgd": ps.optim.SGD(lr=0.3),
+                "adagrad": ps.optim.Adagrad(lr=0.2)}
+
+
+def emb_weight() -> torch.Tensor:
+    return torch.randn(EMB_ROWS, EMB_DIM, generator=torch.Generator().manual_seed(7))
+
+
+def emb_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6 bags of 4 ids each (2-D input), ids repeating within and across bags; weights; targets."""
+    g = torch.Generator().manual_seed(4000 + step)
+    ids = torch.randint(0, EMB_ROWS // 3, (EMB_BAGS, EMB_BAG), generator=g) * 3 % EMB_ROWS
+    return ids, torch.rand(EMB_BAGS, EMB_BAG, generator=g), torch.randn(EMB_BAGS, 1, generator=g)
+
+
+class EmbNet(torch.nn.Module):
+    """An EmbeddingBag (ps.nn or torch's, sparse) and a linear layer on top."""
+
+    def __init__(self, bag: torch.nn.Module):
+        super().__init__()
+        torch.manual_seed(3)
+        self.bag = bag
+        self.head = torch.nn.Linear(EMB_DIM, 1)
+
+    def forward(self, ids, weights=None):
+        return self.head(self.bag(ids, per_sample_weights=weights))
+
+
+def emb_reference(rule: str, mode: str, weighted: bool, steps: int) -> dict[str, torch.Tensor]:
+    """One process, whole batches: torch's EmbeddingBag(sparse=True) with the matching sparse optimizer."""
+    model = EmbNet(torch.nn.EmbeddingBag.from_pretrained(emb_weight(), freeze=False, mode=mode, sparse=True))
+    spec = SPARSE_RULES[rule]
+    sparse = spec.torch_class([model.bag.weight], **spec.hyperparameters())
+    dense = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    for step in range(steps):
+        ids, weights, y = emb_batch(step)
+        sparse.zero_grad()
+        dense.zero_grad()
+        torch.nn.functional.mse_loss(model(ids, weights if weighted else None), y).backward()
+        sparse.step()
+        dense.step()
+    return {"weight": model.bag.weight.detach().clone(), "head.weight": model.head.weight.detach().clone(),
+            "head.bias": model.head.bias.detach().clone()}

@@ -195,8 +195,29 @@ def stop_while_pulling(out: str, victim: int, steps: int, mib: int) -> None:
     worker.close()
 
 
+def emb_train(out: str, rule: str, mode: str, weighted: bool, steps: int, overlap: bool = True) -> None:
+    """models.EmbNet with a ps.nn.EmbeddingBag.from_pretrained, the batch's bags split among the
+    workers; saves the dense parameters and every row of the table (pulled for eval, creating none)."""
+    model = models.EmbNet(ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode=mode))
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), sparse_optimizer=models.SPARSE_RULES[rule],
+                                 overlap=overlap) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        per = models.EMB_BAGS // n
+        mine = slice(rank * per, (rank + 1) * per)
+        for step in range(steps):
+            ids, weights, y = models.emb_batch(step)
+            opt.zero_grad()
+            pred = model(ids[mine], weights[mine] if weighted else None)
+            torch.nn.functional.mse_loss(pred, y[mine]).backward()
+            opt.step()
+        weight = opt.worker.pull_rows("bag", torch.arange(models.EMB_ROWS), train=False).wait()
+        torch.save({"weight": weight, "head.weight": model.head.weight.detach().clone(),
+                    "head.bias": model.head.bias.detach().clone(), "steps": opt.step_count}, out)
+
+
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
-                                  elastic_train, count_steps, routed_train, stop_while_pulling)}
+                                  elastic_train, count_steps, routed_train, stop_while_pulling,
+                                  emb_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -1,0 +1,105 @@
+"""Answering pulls: when the policy allows, through the lane or the socket, within the peer's credits.
+
+A pull waits in its unit's ``pulls`` (a block's, or the row channel's) until the policy says it may
+be answered; then its values go out through the worker's lane, or over the socket as long as the
+peer's reply credits allow (``credits.py``; beyond them it waits, as bookkeeping only). Waits that
+can never be answered (a worker left, the job rolled back, the workers push different tensors)
+are answered with an error instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from .. import protocol as P
+from ..transport import Socket
+from .credits import ReplyCredits
+from .device import DeviceIO
+from .lanes import ServerLanes
+from .policy import Policy
+from .rows import RowPending, RowStore
+
+
+class Answers:
+    def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, rows: RowStore, policy: Policy,
+                 credits: ReplyCredits, rank: int):
+        self.data, self.io, self.lanes, self.rows = data, io, lanes, rows
+        self.policy, self.credits, self.rank = policy, credits, rank
+
+    def ready(self, units: Iterable[Any]) -> None:
+        """Answer the waiting pulls of these units that the policy now allows."""
+        for unit in units:
+            waiting = []
+            for pending in unit.pulls:
+                if self.policy.pull_ready(unit, pending):
+                    self.send(unit, pending)
+                else:
+                    waiting.append(pending)
+            unit.pulls = waiting
+
+    def send(self, unit: Any, pending: Any) -> None:
+        if isinstance(pending, RowPending):
+            rows = self.rows.lookup(pending)
+            head = P.encode(P.RowValues(req=pending.req, version=unit.version))
+            nbytes = sum(r.numel() * r.element_size() for r in rows)
+            self._within_credits(unit, pending, nbytes, lambda on_sent: self.io.send_rows(pending, head, rows, on_sent))
+            return
+        values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=pending.lane)
+        if pending.lane:
+            self.lanes.answer(unit, pending, values)
+            return
+        nbytes = sum(unit.nbytes[i] for i in pending.segs)
+        self._within_credits(unit, pending, nbytes,
+                             lambda on_sent: self.io.send_values(unit, pending, P.encode(values), on_sent))
+
+    def _within_credits(self, unit: Any, pending: Any, nbytes: int, send: Callable) -> None:
+        if not self.credits.room(pending.peer, nbytes):
+            if not self.credits.defer(pending.peer, (unit, pending)):
+                why = (f"worker {pending.rank} has {self.credits.max_deferred} pulls waiting for it to read earlier "
+                       "answers; read your answers (wait() for your futures)")
+                self.error(pending, P.Rejected(P.BAD_REQUEST, why))
+            return
+        send(lambda tracker: self.credits.sent(pending.peer, nbytes, tracker))
+
+    def release_deferred(self) -> None:
+        """Send the deferred answers whose peers have room again."""
+        for unit, pending in self.credits.release():
+            self.send(unit, pending)
+
+    def error(self, pending: Any, error: P.Rejected) -> None:
+        self.data.send([P.encode(error.reply(pending.req))], peer=pending.peer)
+
+    def fail(self, failed: list[tuple[Any, str]]) -> None:
+        """These units can never complete a step: answer their waits, and every later request, with why."""
+        for unit, why in failed:
+            unit.broken = why
+            for pending in unit.pulls:
+                self.error(pending, P.Rejected(P.CONFIG, why))
+            unit.pulls = []
+
+    def fail_all(self, units: Iterable[Any], error: P.Rejected) -> None:
+        """Every waiting pull, deferred ones too, gets ``error``."""
+        units = list(units)
+        waiting = [pending for unit in units for pending in unit.pulls]
+        waiting += [pending for _, pending in self.credits.release(everything=True)]
+        for unit in units:
+            unit.pulls = []
+        for pending in waiting:
+            self.error(pending, error)
+
+    def fail_impossible(self, units: Iterable[Any], gone: dict[int, str]) -> None:
+        """Answer waits that can never be satisfied because a worker left or died."""
+        units = list(units)
+        for unit in units:
+            still = []
+            for pending in unit.pulls:
+                reason = self.policy.impossible(unit, pending, gone)
+                if reason is None:
+                    still.append(pending)
+                else:
+                    self.error(pending, P.Rejected(P.PEER_LOST, reason))
+            unit.pulls = still
+        self.ready(units)
+
+
+__all__ = ["Answers"]

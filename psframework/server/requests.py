@@ -1,0 +1,92 @@
+"""A server's handling of workers' data requests: blocks (push, pull, push_pull, init) and rows.
+
+Each request is resolved against its store (which block, which segments; which tables and ids),
+its tensors are taken from the lane or the socket, a push goes to the consistency policy, and a
+pull waits in its unit until ``answers.Answers`` may answer it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .. import protocol as P
+from ..transport import Socket
+from .answers import Answers
+from .device import DeviceIO
+from .lanes import ServerLanes
+from .policy import Policy
+from .rows import RowPending, RowPush, RowStore
+from .store import BlockState, DenseStore, Pending
+
+
+class Requests:
+    def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, store: DenseStore, rows: RowStore,
+                 policy: Policy, answers: Answers, num_workers: int, rank: int,
+                 rollback: Callable[[int], None]):
+        self.data, self.io, self.lanes, self.store, self.rows = data, io, lanes, store, rows
+        self.policy, self.answers = policy, answers
+        self.num_workers, self.rank = num_workers, rank
+        self._check_rollback = rollback  # raises for a request of an earlier rollback epoch
+
+    def on_block(self, peer: bytes, request: P.BlockRequest) -> None:
+        self._check_rollback(request.rollback)
+        state, segs, present = self.store.resolve(request, self.num_workers)
+        pushes = not isinstance(request, P.Pull)
+        if pushes:
+            self.policy.more_follow(request.rank, request.more)
+            self.answers.fail(self.policy.went_on(request.rank, request.step))
+        lane = self.lanes.lane_for(request, self.data.more(), self.rank)
+        if isinstance(request, P.Init):
+            self._init(peer, state, segs, request)
+            return
+        pushed = None
+        if pushes:
+            pushed = (self.lanes.pushed(state, present, lane) if lane is not None
+                      else self.io.receive_frames(state, present))
+            self._push(state, pushed, request)
+        else:
+            self.data.skip_rest()
+        if isinstance(request, P.Push):
+            # a lane's push slot is reused once acknowledged: on a GPU, after the upload out of it
+            self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
+        else:
+            state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
+                                       lane=lane is not None))
+        self.answers.ready([state])
+
+    def _push(self, unit, pushed, request) -> None:
+        try:
+            self.policy.push(unit, pushed, request.rank, request.step)
+        except P.Rejected as exc:
+            self.answers.fail([(unit, str(exc))])
+            raise
+
+    def _init(self, peer: bytes, state: BlockState, segs: list[int], request: P.Init) -> None:
+        pushed = self.io.receive_frames(state, segs)
+        self.io.order_after_upload(pushed)
+        self.store.write(state, pushed.grads)
+        self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)
+
+    def on_rows(self, peer: bytes, request: P.RowRequest) -> None:
+        self._check_rollback(request.rollback)
+        parts = self.rows.receive(request, self.data)
+        channel = self.rows.channel
+        if channel.broken is not None:
+            raise P.Rejected(P.CONFIG, channel.broken)
+        if not 0 <= request.rank < self.num_workers:
+            raise P.Rejected(P.BAD_REQUEST, f"bad worker rank {request.rank}")
+        if isinstance(request, P.InitRows):
+            self.rows.load(parts)
+            self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)
+            return
+        if isinstance(request, P.PushRows):
+            self.answers.fail(self.policy.went_on(request.rank, request.step))
+            self._push(channel, RowPush(parts), request)
+            self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)
+        else:
+            need = channel.clocks[request.rank] + request.after
+            channel.pulls.append(RowPending(peer, request.req, request.rank, need, parts, request.train))
+        self.answers.ready([channel])
+
+
+__all__ = ["Requests"]
