@@ -96,7 +96,7 @@ class Trainer:
             if self.worker.shard_map is None:
                 raise
             self.log("register_rolled_back", step=exc.step)
-            self.worker.pull(self.values).wait(timeout=self.o["push_timeout"])
+            self.pull()
         chained = self.worker.client.on_rolled_back  # keeps the worker's own step count right
 
         def heard(step: int) -> None:
@@ -137,10 +137,22 @@ class Trainer:
         self.heard = []
         return error is None
 
+    def pull(self, attempts: int = 5) -> None:
+        """The servers' current values. Each RolledBackError teaches the worker a later rollback epoch
+        (one that joins during a rollback may hear of an older one first), so the pull is retried."""
+        for attempt in range(attempts):
+            try:
+                self.worker.pull(self.values).wait(timeout=self.o["push_timeout"])
+                return
+            except ps.RolledBackError as exc:
+                if attempt == attempts - 1:
+                    raise
+                self.log("pull_rolled_back", step=exc.step)
+
     def refresh(self) -> None:
         """After a failed push: the servers' current values (after a rollback: the checkpoint's)."""
         try:
-            self.worker.pull(self.values).wait(timeout=self.o["push_timeout"])
+            self.pull()
         except ps.PSError as exc:
             self.log("pull_err", err=type(exc).__name__, msg=str(exc)[:300])
         for epoch, step in self.heard:
@@ -169,14 +181,14 @@ class Trainer:
         """Every worker that took part in a checkpoint decides the same after it: the stop file holds
         the time it was written, and counts from the first checkpoint written at least STOP_MARGIN
         seconds later (by then it exists for everyone). So none is left waiting in a checkpoint
-        while the others wait at the final barrier, not even one that joined in the middle."""
-        if created is None:
-            return False
+        while the others wait at the final barrier, not even one that joined in the middle. If the
+        checkpoint failed (the scheduler refuses them all once one is stuck), the file alone counts:
+        a refused checkpoint holds nobody back."""
         try:
             written = float(Path(self.o["stop_file"]).read_text())
         except (OSError, ValueError):
             return False
-        return written + STOP_MARGIN <= created
+        return created is None or written + STOP_MARGIN <= created
 
     def departed(self) -> bool:
         return self.worker.rank in self.worker.membership.departed_workers
@@ -213,7 +225,7 @@ class Trainer:
         record: dict = {}
         try:
             self.worker.barrier(timeout=self.o["push_timeout"])
-            self.worker.pull(self.values).wait(timeout=self.o["push_timeout"])
+            self.pull()
             with torch.no_grad():
                 logits = self.model(x_test)
             record = {"counts": [int(c) for c in self.counts.tolist()],

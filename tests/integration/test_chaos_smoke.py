@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHAOS = ROOT / "benchmarks" / "chaos.py"
 
 
-def _chaos():
-    spec = importlib.util.spec_from_file_location("bench_chaos", CHAOS)
+def _ledger():
+    spec = importlib.util.spec_from_file_location("bench_chaos_ledger", CHAOS.with_name("_chaos_ledger.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -29,7 +29,7 @@ def _push(t: float, ok: bool = True, c: int = 0, ep: int = 0) -> dict:
 
 
 def test_replay_takes_a_rollback_back_to_the_last_write_of_its_checkpoint():
-    chaos = _chaos()
+    chaos = _ledger()
     records = [{"k": "registered", "t": 0.0, "ep": 0}, _push(1.0, c=1), _push(2.0, c=2),  # in step-2
                _push(4.0, c=3), _push(5.0, ok=False), {"k": "rb", "t": 5.0, "ep": 1, "step": 2},
                _push(6.0, c=3, ep=1)]
@@ -38,8 +38,10 @@ def test_replay_takes_a_rollback_back_to_the_last_write_of_its_checkpoint():
     ledger = chaos.replay(records, {"step-00000002": [3.0, 9.0]}, epochs, last_epoch=1)
     assert (ledger.acked, ledger.lost, ledger.expected, dict(ledger.failed)) == (4, 1, 3, {"X": 1})
     assert ledger.mismatches == [] and ledger.unknown == []
-    # a process that died before the rollback did not hear it: replayed at the end all the same
-    dead = chaos.replay(records[:4], {"step-00000002": [3.0]}, epochs, last_epoch=1)
+    # a process that died before the rollbacks did not hear them: replayed at the end all the same,
+    # each at its time (the second goes back to step-3, written after the first rollback)
+    epochs = chaos.Epochs(steps={1: 2, 2: 3}, heard={1: 4.5, 2: 12.0})
+    dead = chaos.replay(records[:4], {"step-00000002": [3.0], "step-00000003": [10.0]}, epochs, last_epoch=2)
     assert (dead.lost, dead.expected) == (1, 2)
 
 
