@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 WRITTEN = re.compile(r"^(\S+ \S+) scheduler INFO checkpoint (\S+) written")
+REFUSED = "a checkpoint operation is already running"
+REFUSAL_WINDOW = 5.0  # seconds: a checkpoint written this soon after a worker's part was refused went without it
 
 
 @dataclass
@@ -27,7 +29,11 @@ class Ledger:
     had drained its pushes and waited in the collective then, and one that did not take part had
     nothing in flight but, if it was killed, one push. A name can be written twice (the first
     checkpoint after a rollback, before any push, has the same step), so the write that counts is
-    the last one before the rollback was first heard of."""
+    the last one before the rollback was first heard of.
+
+    A checkpoint that started without this worker (its part refused: "already running") is no cut
+    through its pushes: those acknowledged between the refusal and the write may or may not be in
+    it. They are counted as ``uncertain`` when the job goes back to that checkpoint."""
 
     writes: dict[str, list[float]]  # checkpoint name -> when it was written, seconds since t0
     heard: dict[int, float]  # rollback epoch -> when it was first heard of (or logged done)
@@ -41,6 +47,9 @@ class Ledger:
     mismatches: list = field(default_factory=list)  # acknowledged pushes whose pulled count disagrees
     straddles: int = 0
     unknown: list = field(default_factory=list)  # rollbacks to checkpoints never written before
+    refused: list = field(default_factory=list)  # when its checkpoint parts were refused
+    acks: list = field(default_factory=list)  # when its pushes were acknowledged
+    uncertain: int = 0
 
     def at(self, t: float) -> int:
         return [e for when, e in self.history if when <= t][-1]
@@ -53,6 +62,7 @@ class Ledger:
         self.acked += 1
         self.expected += 1
         self.history.append((r["t"], self.expected))
+        self.acks.append(r["t"])
         if r["c"] != self.expected and len(self.mismatches) < 20:
             self.mismatches.append({"t": r["t"], "i": r["i"], "pulled": r["c"], "expected": self.expected})
 
@@ -64,6 +74,9 @@ class Ledger:
             self.unknown.append(name)
             return
         back = self.at(written[-1])
+        refusals = [r for r in self.refused if written[-1] - REFUSAL_WINDOW < r < written[-1]]
+        if refusals:
+            self.uncertain += sum(1 for a in self.acks if refusals[0] < a <= written[-1])
         self.lost += self.expected - back
         self.expected = back
         # heard (t) or, for one it did not live to hear, when the job went back: after all it did
@@ -88,6 +101,8 @@ def replay(records: list[dict], writes: dict[str, list[float]], epochs: "Epochs"
             ledger.catch_up(r["ep"], epochs.steps, r["t"])
         elif r["k"] == "registered":
             ledger.epoch = r["ep"]  # it joined after these rollbacks: none of them concerns it
+        elif r["k"] == "ck" and REFUSED in r.get("msg", ""):
+            ledger.refused.append(r["t"])
     ledger.catch_up(last_epoch, epochs.steps, math.inf)  # those it did not live to hear
     return ledger
 
@@ -159,5 +174,5 @@ def idle_spans(records: dict[int, list[dict]], since: float, until: float, longe
     return [(a, b) for a, b in zip(edges, edges[1:]) if b - a > longer]
 
 
-__all__ = ["Epochs", "Ledger", "checkpoint_time", "checkpoint_writes", "final_counts", "idle_spans", "log_time",
+__all__ = ["REFUSED", "REFUSAL_WINDOW", "Epochs", "Ledger", "checkpoint_time", "checkpoint_writes", "final_counts", "idle_spans", "log_time",
            "replay", "rollback_epochs"]
