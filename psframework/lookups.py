@@ -10,40 +10,55 @@ worker's next push is applied, so the rows are as fresh as the mode allows.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, RolledBackError
 from .worker.requests import Future
 from .worker.rows import as_ids
 
 
 class TableLookups:
-    def __init__(self, worker, modules: Mapping[str, Any]):
+    def __init__(self, worker, modules: Mapping[str, Any], before_lookup: Callable[[], None]):
         self.worker = worker
+        self._before_lookup = before_lookup  # the optimizer's chance to take a rolled-back model's values
         self.modules = dict(modules)  # table name -> its module
         self._looked_up: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (table, distinct ids, rows leaf)
         self._prefetched: dict[str, tuple[torch.Tensor, Any]] = {}  # table -> (distinct ids, its pull)
 
     def _distinct(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, spec = self.worker.rows.spec(name)
-        return torch.unique(as_ids(spec, ids, self.worker.config.max_message_bytes), return_inverse=True)
+        return torch.unique(as_ids(spec, ids, self.worker.rows.max_message_bytes), return_inverse=True)
 
     def lookup(self, module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of the distinct ids of ``ids`` on the module's device, and where each id is among them."""
         name = module.bound_name
         distinct, where = self._distinct(name, ids)
-        ahead = self._prefetched.pop(name, None)
-        if ahead is not None and torch.equal(ahead[0], distinct):
-            rows = ahead[1].wait()[name]
-        else:
-            rows = self.worker.rows.pull({name: distinct}, train=module.training, single=True).wait()
+        self._before_lookup()
+        try:
+            rows = self._pull(name, distinct, module.training)
+        except RolledBackError:
+            # the job went back to a checkpoint while we asked: this forward goes on with the
+            # restored model (the optimizer takes its dense values first)
+            self._prefetched = {}
+            self._before_lookup()
+            rows = self._pull(name, distinct, module.training)
         rows = rows.to(module.device)
         if module.training and torch.is_grad_enabled():
             rows.requires_grad_(True)
             self._looked_up.append((name, distinct, rows))
         return rows, where.to(module.device)
+
+    def _pull(self, name: str, distinct: torch.Tensor, train: bool) -> torch.Tensor:
+        ahead = self._prefetched.pop(name, None)
+        if ahead is not None and torch.equal(ahead[0], distinct):
+            return ahead[1].wait()[name]
+        return self.worker.rows.pull({name: distinct}, train=train, single=True).wait()
+
+    def forget(self) -> None:
+        """Drop this step's lookups and prefetches (the job went back to a checkpoint)."""
+        self._looked_up, self._prefetched = [], {}
 
     def prefetch(self, inputs: Mapping[Any, torch.Tensor]) -> None:
         """Start the pulls of the next batch's rows: ``inputs`` maps a module (or its table's name)

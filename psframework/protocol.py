@@ -83,6 +83,7 @@ class Welcome(Message, tag="welcome"):
     server_device: Optional[str] = None
     elastic: bool = False
     token: str = ""  # this node's proof of who it is: heartbeats carry it, a worker introduces itself to servers with it
+    max_message_bytes: int = 0  # the largest frame the job's processes accept (0: not said)
     worker_keys: dict[int, str] = {}  # servers: sha256 of each worker's token, to check introductions
 
 

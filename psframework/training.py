@@ -66,14 +66,16 @@ class DistributedOptimizer:
         tables = _tables_of(model)
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
+        self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
         config = self.worker.config
         self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
         self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
         self.start_step = 0
         try:
             self.worker.register(self.params, optimizer=optimizer, tables=tables, sparse_optimizer=sparse_optimizer)
+            self.worker.on_rollback(self._note_rollback)
             if tables:
-                self._tables = TableLookups(self.worker, tables)
+                self._tables = TableLookups(self.worker, tables, self._refresh_if_rolled_back)
                 for name, module in tables.items():
                     module.bind(self._tables, name)
             if (config.resume if resume is None else resume) and self.checkpoint_dir:
@@ -113,19 +115,43 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         push_rows = self._tables.push if self._tables is not None else None
+        if self._rolled_back is not None:  # heard of after this step's forward: its gradients belong to the old model
+            self._drop_step(self._rolled_back)
+            return
         try:
             if self._overlap is None:
                 self._step_without_overlap(push_rows)
             else:
                 self._overlap.finish(self._grad, push_rows)
         except RolledBackError as exc:
-            # a server was restarted and the whole job went back to a checkpoint: this step is lost;
-            # take the restored values and go on (step_count is now the checkpoint's step)
-            log.warning("worker %d: the job went back to step %d; this step is dropped", self.worker.rank, exc.step)
-            self.worker.pull(self.params).wait()
+            self._drop_step(exc.step)
             return
         if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
             self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+
+    def _note_rollback(self, step: int) -> None:
+        self._rolled_back = step
+
+    def _drop_step(self, step: int) -> None:
+        """A server was restarted and the whole job went back to a checkpoint: this step is lost;
+        take the restored values and go on (step_count is now the checkpoint's step)."""
+        log.warning("worker %d: the job went back to step %d; this step is dropped", self.worker.rank, step)
+        self._refresh()
+
+    def _refresh_if_rolled_back(self) -> None:
+        """Before a forward's first lookup: if the job went back, take the restored dense values,
+        so that this step runs on the restored model."""
+        if self._rolled_back is not None:
+            log.warning("worker %d: the job went back to step %d; going on from there", self.worker.rank,
+                        self._rolled_back)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self._rolled_back = None
+        if self._tables is not None:
+            self._tables.forget()
+        if self.params:
+            self.worker.pull(self.params).wait()
 
     def _step_without_overlap(self, push_rows) -> None:
         futures = [self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params)] \

@@ -106,7 +106,7 @@ class Roster:
                          heartbeat_interval=c.timing.heartbeat_interval,
                          heartbeat_timeout=c.timing.heartbeat_timeout, chunk_bytes=c.chunk_bytes,
                          host=c.host, version=P.VERSION, server_device=c.server_device, elastic=c.elastic,
-                         token=node.token, worker_keys=keys)
+                         token=node.token, worker_keys=keys, max_message_bytes=c.max_message_bytes)
 
     # -- lookups -------------------------------------------------------------------------
 

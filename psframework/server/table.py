@@ -3,9 +3,10 @@ eviction. No Python object per row and no Python loop over rows.
 
 - Values and each piece of optimizer state are slabs of ``[slots, ...]`` that double when full;
   ``ids[slot]`` says which id a slot holds. Freed slots (evictions) are reused first.
-- A row is created on a training lookup: at once, or with ``admit_after=k`` on its k-th
-  occurrence (one per lookup that contains it; counted in a count-min sketch, so the memory of the
-  counts is bounded). Until then it reads as its initial value and its gradients are dropped.
+- A row is created on its first touch in training (a training lookup, or a push), or with
+  ``admit_after=k`` on its k-th occurrence in training lookups (one per lookup that contains it;
+  counted in a count-min sketch, so the memory of the counts is bounded). Until then it reads as
+  its initial value and its gradients are dropped.
 - ``capacity``: when creating rows would exceed it, the least recently used rows are evicted.
   ``ttl_steps``: after each update, rows untouched for that many of the table's steps are evicted.
   An evicted row starts afresh on its next touch.
@@ -143,11 +144,15 @@ class Table:
     # -- updates -------------------------------------------------------------------------
 
     def update(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
-        """One step of the update rule on the rows of ``ids`` (distinct) that exist; gradients of
-        rows that do not (not admitted, evicted) are dropped."""
+        """One step of the update rule on the rows of ``ids`` (distinct). A missing row is created
+        first, unless admission holds it back: then its gradient is dropped."""
         self.tick += 1
         self.step += 1
         slots = self.index.lookup(ids)
+        missing = slots < 0
+        if missing.any() and self.sketch is None:
+            slots[missing] = self._create(torch.ones(int(missing.sum()), dtype=torch.bool, device=self.device),
+                                          ids[missing])
         known = slots >= 0
         if known.any():
             slots, grads = slots[known], grads[known]

@@ -39,6 +39,7 @@ class Exchange:
         self.op = op
         self.step = step  # which of the worker's pushing steps this is (-1: not a push)
         self.future = Future(worker.client).unsealed()
+        self._epoch = worker.client.rollback  # a rollback while it is sent drops the rest of it
         self._blocks: dict[int, tuple[Block, list[Part]]] = {}
         for name in names:
             for block, i, seg in worker.shard_map.pieces_of(name):
@@ -171,7 +172,7 @@ class Exchange:
 
     def _send_block(self, block: Block, parts: list[Part]) -> None:
         client = self.worker.client
-        client.catch_up()
+        client.same_epoch(self._epoch)
         req = client.next_id()
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1

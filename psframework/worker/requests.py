@@ -180,6 +180,15 @@ class Client:
         """The rollback epoch this client's requests are sent with."""
         return self._rollback
 
+    def same_epoch(self, epoch: int) -> None:
+        """Catch up with the job's rollbacks; ``RolledBackError`` if that moved past ``epoch`` (what
+        began before must not go on half in the restored model: it is dropped whole)."""
+        self.catch_up()
+        if self._rollback != epoch:
+            step = self.membership.rollback[1]
+            raise RolledBackError(f"worker {self.membership.rank}: the job went back to the checkpoint of step "
+                                  f"{step} while this exchange was being sent; it is dropped", step=step)
+
     def catch_up(self) -> None:
         """The job went back to a checkpoint (a server was restarted): fail what was sent before
         with a ``RolledBackError`` naming the step, and go on from that step."""
@@ -198,6 +207,17 @@ class Client:
                 f"of step {step}; pull the values again and go on from there", step=step))
         log.warning("worker %d: the job went back to step %d (a server was restarted)", self.membership.rank, step)
         self.on_rolled_back(step)
+
+    def stats(self) -> list[dict]:
+        """Every server's counters, by rank (``Worker.server_stats``)."""
+        future = Future(self)
+        requests = []
+        for server in range(len(self.servers)):
+            req = self.next_id()
+            requests.append(Request(future, server, frames=[P.encode(P.Stats(req=req))]))
+            self.submit(requests[-1], req)
+        future.wait()
+        return [dict(request.reply.counters) for request in requests]
 
     def wait_all(self, timeout: Optional[float] = None) -> None:
         self.wait_until(lambda: not self.pending, timeout)

@@ -58,7 +58,8 @@ class RowClient:
     def __init__(self, worker: "Worker"):
         self.worker = worker
         self._buckets = torch.tensor(worker.shard_map.buckets, dtype=torch.int64)
-        self._max = worker.config.max_message_bytes
+        # the largest frame any process of the job takes (the job's setting may be below ours)
+        self.max_message_bytes = min(worker.config.max_message_bytes, worker.membership.welcome.max_message_bytes or 1 << 62)
 
     def spec(self, name: str) -> tuple[int, TableSpec]:
         index = self.worker.shard_map.table_index(name)
@@ -71,11 +72,13 @@ class RowClient:
              device: Optional[torch.device] = None, single: bool = False) -> RowsFuture:
         """The rows of ``lookups`` (table name -> ids, repeats allowed), in the order asked, on ``device``."""
         client = self.worker.client
+        client.catch_up()
         future = RowsFuture(client, list(lookups), single)
+        epoch = client.rollback
         tables = []
         for name, ids in lookups.items():
             index, spec = self.spec(name)
-            flat = as_ids(spec, ids, self._max)
+            flat = as_ids(spec, ids, self.max_message_bytes)
             unique, inverse = torch.unique(flat, return_inverse=True)
             tables.append((name, index, spec, unique, inverse, torch.empty(unique.numel(), spec.dim)))
         for server in range(self.worker.num_servers):
@@ -92,7 +95,7 @@ class RowClient:
                 request.keep.append(landing)
                 request.dest.append((byte_view(landing), _scatter(host, mine, landing)))
             if header["tables"]:
-                self._send(request, P.PullRows, header, train=train, after=after)
+                self._send(request, epoch, P.PullRows, header, train=train, after=after)
         future.add_finalizer(lambda: future.rows.update(
             {name: host[inverse].reshape(*lookups[name].shape, spec.dim).to(device or "cpu")
              for name, _, spec, _, inverse, host in tables}))
@@ -101,12 +104,13 @@ class RowClient:
     def push(self, pushes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Future:
         """Push row gradients (table name -> (ids, grads)); repeated ids are summed first."""
         client = self.worker.client
-        future = Future(client)
+        client.catch_up()
+        future, epoch = Future(client), client.rollback
         step = self.worker.next_push_step()
         tables = []
         for name, (ids, grads) in pushes.items():
             index, spec = self.spec(name)
-            flat = as_ids(spec, ids, self._max)
+            flat = as_ids(spec, ids, self.max_message_bytes)
             grads = _check_grads(spec, grads, flat.numel())
             unique, total = rowhash.summed(flat, grads)
             tables.append((index, unique, total.contiguous()))
@@ -121,7 +125,7 @@ class RowClient:
                 header["counts"].append(mine.numel())
                 request.frames += [byte_view(unique[mine].contiguous()), byte_view(total[mine].contiguous())]
             if header["tables"] or sync:
-                self._send(request, P.PushRows, header, step=step)
+                self._send(request, epoch, P.PushRows, header, step=step)
         return future
 
     def load_pretrained(self, tables) -> None:
@@ -135,7 +139,7 @@ class RowClient:
         """Rank 0's pretrained rows go to their servers (in pieces that fit in a message)."""
         index, spec = self.spec(name)
         values = values.detach().to("cpu", torch.float32).reshape(-1, spec.dim)
-        rows_per_message = max(1, self._max // (spec.dim * 4 + 8) // 2)
+        rows_per_message = max(1, self.max_message_bytes // (spec.dim * 4 + 8) // 2)
         for start in range(0, ids.numel(), rows_per_message):
             piece = ids[start:start + rows_per_message]
             future = Future(self.worker.client)
@@ -145,12 +149,13 @@ class RowClient:
                     request = Request(future, server)
                     request.frames += [byte_view(piece[mine].contiguous()),
                                        byte_view(values[start:start + rows_per_message][mine].contiguous())]
-                    self._send(request, P.InitRows, {"tables": [index], "counts": [mine.numel()]})
+                    self._send(request, self.worker.client.rollback, P.InitRows,
+                               {"tables": [index], "counts": [mine.numel()]})
             future.wait()
 
-    def _send(self, request: Request, kind: type, header: dict, **more) -> None:
+    def _send(self, request: Request, epoch: int, kind: type, header: dict, **more) -> None:
         client = self.worker.client
-        client.catch_up()
+        client.same_epoch(epoch)
         req = client.next_id()
         message = kind(req=req, rank=self.worker.rank, rollback=client.rollback, **header, **more)
         request.frames.insert(0, P.encode(message))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ from ..transport import Transport, ZmqTransport
 from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
 from .exchange import Exchange
 from .lanes import WorkerLanes
-from .requests import Client, Future, Request
+from .requests import Client, Future
 from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
 
@@ -58,6 +58,7 @@ class Worker:
         self._barrier_seq = 0
         self.steps = 0  # pushes and push_pulls completed; the default step number of a checkpoint
         self._push_steps = 0  # pushes and push_pulls started: numbers each push (see server/steps.py)
+        self._rollback_listeners: list[Callable[[int], None]] = []
 
     # -- identity ------------------------------------------------------------------------
 
@@ -258,18 +259,13 @@ class Worker:
 
     def server_stats(self) -> list[dict]:
         """Counters of every server, by rank: ``applied`` updates, ``pushes`` received, ``blocks``
-        held, its ``device``, the workers with ``lanes`` and the ``lane_requests`` they made, and
+        held, its ``device``, the workers with ``lanes`` and the ``lane_requests`` they made,
         ``apply_bursts`` (optimizer steps over complete sync blocks; on a GPU several blocks go in
-        one) of which ``timed_applies`` went out because the blocks had waited 5 ms."""
+        one) of which ``timed_applies`` went out because the blocks had waited 5 ms,
+        ``deferred_replies`` and ``dropped_replies`` (credits, high-water marks), and ``tables``:
+        per embedding table its ``rows``, ``evictions``, ``admissions`` and ``step``."""
         self._check_open()
-        future = Future(self.client)
-        requests = []
-        for rank in range(self.num_servers):
-            req = self.client.next_id()
-            requests.append(Request(future, rank, frames=[P.encode(P.Stats(req=req))]))
-            self.client.submit(requests[-1], req)
-        future.wait()
-        return [dict(request.reply.counters) for request in requests]
+        return self.client.stats()
 
     # -- closing -------------------------------------------------------------------------
 
@@ -306,9 +302,15 @@ class Worker:
                 self.transport.close()
                 self._own_transport = False
 
+    def on_rollback(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(step)`` whenever the job goes back to the checkpoint of ``step``."""
+        self._rollback_listeners.append(listener)
+
     def _rolled_back(self, step: int) -> None:
         self.steps = self._push_steps = step
         self.membership.stats = {"steps": self.steps}
+        for listener in self._rollback_listeners:
+            listener(step)
 
     def _drain(self, timeout: float) -> None:
         if self.client is None or not self.client.pending:

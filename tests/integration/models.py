@@ -183,13 +183,14 @@ class EmbNet(torch.nn.Module):
         return self.head(self.bag(ids, per_sample_weights=weights))
 
 
-def emb_reference(rule: str, mode: str, weighted: bool, steps: int) -> dict[str, torch.Tensor]:
-    """One process, whole batches: torch's EmbeddingBag(sparse=True) with the matching sparse optimizer."""
+def emb_reference(rule: str, mode: str, weighted: bool, steps) -> dict[str, torch.Tensor]:
+    """One process, whole batches: torch's EmbeddingBag(sparse=True) with the matching sparse
+    optimizer; ``steps``: how many, or which batches in order."""
     model = EmbNet(torch.nn.EmbeddingBag.from_pretrained(emb_weight(), freeze=False, mode=mode, sparse=True))
     spec = SPARSE_RULES[rule]
     sparse = spec.torch_class([model.bag.weight], **spec.hyperparameters())
     dense = torch.optim.SGD(model.head.parameters(), lr=0.1)
-    for step in range(steps):
+    for step in (range(steps) if isinstance(steps, int) else steps):
         ids, weights, y = emb_batch(step)
         sparse.zero_grad()
         dense.zero_grad()

@@ -27,3 +27,273 @@ def test_sync_tables_equal_single_process_torch(make_cluster, worker_procs, work
         assert got["steps"] == STEPS
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+# ---------------------------------------------------------------------------------------- placement
+
+
+class HashedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.users = ps.nn.EmbeddingBag(None, 4, mode="sum")
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.head(self.users(ids))
+
+
+def _train_hashed(cluster, steps: int = 6) -> dict:
+    model = HashedNet()
+    g = torch.Generator().manual_seed(11)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                 sparse_optimizer=ps.optim.RowWiseAdagrad(lr=0.3)) as opt:
+        seen = []
+        for _ in range(steps):
+            ids = torch.randint(-2**62, 2**62, (5, 3), generator=g)
+            ids[0, 0] = seen[-1][1, 1] if seen else ids[0, 0]  # a row used again
+            seen.append(ids)
+            opt.zero_grad()
+            model(ids).pow(2).mean().backward()
+            opt.step()
+        every = torch.cat([s.reshape(-1) for s in seen])
+        rows = opt.worker.pull_rows("users", every, train=False).wait()
+        opt.worker.close()
+    return {"rows": rows, "head": model.head.weight.detach().clone()}
+
+
+def test_hashed_tables_train_alike_on_1_and_3_servers(make_cluster):
+    one = _train_hashed(make_cluster(num_servers=1, num_workers=1))
+    three = _train_hashed(make_cluster(num_servers=3, num_workers=1))
+    assert torch.equal(one["rows"], three["rows"]) and torch.equal(one["head"], three["head"])
+
+
+# ---------------------------------------------------------------------------------------- async
+
+
+def test_async_applies_every_row_push_exactly(make_cluster):
+    from tests.threads import run_in_threads
+
+    workers, pushes = 3, 12
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode="async")
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            table = ps.nn.Embedding(50, 3, init=ps.nn.RowInit("constant", 0.0))
+            worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": table},
+                            sparse_optimizer=ps.optim.SGD(lr=1.0))
+            futures = []
+            for k in range(pushes):
+                ids = torch.tensor([k % 5, 7, 7, 40 + worker.rank])  # 7 twice: summed before it is sent
+                futures.append(worker.push_rows("t", ids, torch.full((4, 3), float(worker.rank + 1))))
+            for f in futures:
+                f.wait(timeout=30)
+            worker.barrier()
+            rows = worker.pull_rows("t", torch.arange(50), train=False).wait()
+            worker.barrier()
+            return rows
+
+    expected = torch.zeros(50, 3)
+    for rank in range(workers):
+        for k in range(pushes):
+            expected[k % 5] -= rank + 1
+            expected[7] -= 2 * (rank + 1)
+            expected[40 + rank] -= rank + 1
+    for rows in run_in_threads(workers, work, timeout=60):
+        assert torch.equal(rows, expected)
+
+
+# ---------------------------------------------------------------------------------------- admission, eviction
+
+
+def _one_table(cluster, **table):
+    worker = ps.init(scheduler=cluster.scheduler)
+    module = ps.nn.Embedding(None, 2, init=ps.nn.RowInit("constant", 1.0), **table)
+    worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": module}, sparse_optimizer=ps.optim.SGD(lr=1.0))
+    return worker
+
+
+def _stats(worker) -> dict:
+    return worker.server_stats()[0]["tables"]["t"]
+
+
+def _touch(worker, ids: list[int]) -> torch.Tensor:
+    """A training step on these ids: pull (creates or counts them), push gradients of ones."""
+    ids = torch.tensor(ids)
+    rows = worker.pull_rows("t", ids).wait()
+    worker.push_rows("t", ids, torch.ones(len(ids), 2)).wait()
+    return rows
+
+
+def test_a_row_is_admitted_on_its_kth_occurrence(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster, admit_after=3) as worker:
+        for _ in range(2):
+            assert torch.equal(_touch(worker, [5]), torch.ones(1, 2))  # the initial value; gradient dropped
+        assert _stats(worker)["rows"] == 0 and _stats(worker)["admissions"] == 0
+        assert torch.equal(_touch(worker, [5]), torch.ones(1, 2))  # the 3rd occurrence creates it, then updated
+        assert _stats(worker)["rows"] == 1 and _stats(worker)["admissions"] == 1
+        assert torch.equal(worker.pull_rows("t", torch.tensor([5]), train=False).wait(), torch.zeros(1, 2))
+
+
+def test_a_full_table_evicts_the_least_recently_used_row(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster, capacity=3) as worker:
+        for ids in ([1], [2], [3], [1]):  # 2 is now the least recently used
+            _touch(worker, ids)
+        _touch(worker, [4])
+        stats = _stats(worker)
+        assert stats["rows"] == 3 and stats["evictions"] == 1
+        rows = worker.pull_rows("t", torch.tensor([1, 2, 3, 4]), train=False).wait()
+        assert rows[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]  # 2 starts afresh: its initial value
+
+
+def test_rows_untouched_for_ttl_steps_are_evicted(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster, ttl_steps=2) as worker:
+        _touch(worker, [1])
+        _touch(worker, [2])
+        _touch(worker, [2])
+        assert _stats(worker)["rows"] == 2
+        _touch(worker, [2])  # step 4: row 1 was last touched at step 1
+        assert _stats(worker)["rows"] == 1 and _stats(worker)["evictions"] == 1
+        assert worker.pull_rows("t", torch.tensor([1]), train=False).wait().tolist() == [[1.0, 1.0]]
+
+
+def test_an_evaluation_lookup_creates_no_row(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster) as worker:
+        rows = worker.pull_rows("t", torch.tensor([3, 9, 3]), train=False).wait()
+        assert torch.equal(rows, torch.ones(3, 2)) and _stats(worker)["rows"] == 0
+        worker.pull_rows("t", torch.tensor([3, 9, 3])).wait()
+        assert _stats(worker)["rows"] == 2
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def test_stopped_and_resumed_with_tables_equals_a_straight_run(make_cluster, worker_procs, tmp_path):
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync")
+    straight = worker_procs(cluster, "emb_checkpointed", 2, total_steps=10).join(timeout=120)
+    for phase, env in (("first", {"PS_CHECKPOINT_EVERY": "7"}), ("resumed", {"PS_RESUME": "1"})):
+        cluster = make_cluster(num_servers=2, num_workers=2, mode="sync")
+        env = {"PS_CHECKPOINT_DIR": str(tmp_path / "ckpt"), **env}
+        results = worker_procs(cluster, "emb_checkpointed", 2, env=env, total_steps=10,
+                               stop_after=7 if phase == "first" else 0).join(timeout=120)
+    assert [r["start_step"] for r in results] == [7, 7]
+    for result in results:
+        assert torch.equal(result["head"], straight[0]["head"])
+        for table in ("items", "users"):
+            assert torch.equal(result["rows"][table], straight[0]["rows"][table]), table
+        assert result["tables"] == straight[0]["tables"]  # rows, admissions, evictions, steps: the same
+    assert straight[0]["tables"][0]["users"]["admissions"] > 0
+
+
+def test_a_restarted_server_brings_the_tables_back_to_the_checkpoint(make_cluster, tmp_path):
+    """Server 1 is killed and restarted after step 4: the tables, like the dense parameters, go
+    back to the checkpoint of step 4; the next forward takes the restored model (batch 4 is lost
+    with the steps after the checkpoint), and training ends as one process that saw batches 0-3 and
+    5-7."""
+    import os
+    import signal
+    import time
+
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", restart_servers=True,
+                           checkpoint_dir=tmp_path / "ckpt")
+    model = models.EmbNet(ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode="sum"))
+    worker = ps.init(scheduler=cluster.scheduler)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), worker, sparse_optimizer=models.SPARSE_RULES["sparse_adam"],
+                                 checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4) as opt:
+        for step in range(8):
+            if step == 5:
+                os.kill(cluster.processes()["server-1"].pid, signal.SIGKILL)
+                cluster.restart_server(1)
+                deadline = time.monotonic() + 20
+                while "the job rolled back" not in cluster.output("scheduler", 50) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            ids, _, y = models.emb_batch(step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(ids), y).backward()
+            opt.step()
+        assert opt.step_count == 7
+        rows = worker.pull_rows("bag", torch.arange(models.EMB_ROWS), train=False).wait()
+    worker.close()
+    want = models.emb_reference("sparse_adam", "sum", False, [0, 1, 2, 3, 5, 6, 7])
+    torch.testing.assert_close(rows, want["weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.head.weight.detach(), want["head.weight"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def with_tables(make_cluster):
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", max_message_bytes=1 << 22)
+    model = torch.nn.Module()
+    model.fixed = ps.nn.EmbeddingBag(10, 3, mode="sum")
+    model.hashed = ps.nn.Embedding(None, 3)
+    worker = ps.init(scheduler=cluster.scheduler)
+    opt = ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), worker, sparse_optimizer=ps.optim.SGD(lr=0.1))
+    yield model, opt
+    opt.close()
+    worker.close()
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda m: m.fixed(torch.tensor([[1.0, 2.0]])), ["'fixed'", "int64", "float32"]),
+    (lambda m: m.fixed(torch.tensor([[1, -2]])), ["'fixed'", "0..9", "id -2"]),
+    (lambda m: m.fixed(torch.tensor([[1, 10]])), ["'fixed'", "id 10"]),
+    (lambda m: m.fixed(torch.tensor([[1, 2]]), torch.tensor([0])), ["2-D input", "no offsets"]),
+    (lambda m: m.fixed(torch.tensor([1, 2, 3]), torch.tensor([0, 4])), ["offsets", "within the 3 ids"]),
+    (lambda m: m.fixed(torch.tensor([1, 2, 3])), ["needs offsets"]),
+    (lambda m: m.hashed(torch.zeros(1 << 20, dtype=torch.int64)), ["'hashed'", "PS_MAX_MESSAGE_BYTES"]),
+])
+def test_bad_input_is_a_clear_error_and_changes_nothing(with_tables, call, words):
+    model, opt = with_tables
+    with pytest.raises(ps.ConfigError) as info:
+        call(model)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    # nothing was pulled, nothing is half done: a good step still works
+    opt.zero_grad()
+    (model.fixed(torch.tensor([[1, 2]])).sum() + model.hashed(torch.tensor([5])).sum()).backward()
+    opt.step()
+
+
+def test_a_table_name_registered_twice_or_differently_is_refused(make_cluster):
+    from tests.threads import run_in_threads
+
+    model = torch.nn.Module()
+    model.a = ps.nn.Embedding(10, 3, name="same")
+    model.b = ps.nn.Embedding(10, 4, name="same")
+    with pytest.raises(ps.ConfigError, match="both called 'same'"):
+        ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), worker=object(), sparse_optimizer=ps.optim.SGD(lr=0.1))
+    cluster = make_cluster(num_servers=1, num_workers=2)
+
+    def work(i):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            table = ps.nn.Embedding(10, 3 + worker.rank)
+            try:
+                worker.register({}, optimizer=ps.optim.SGD(lr=0.1), tables={"t": table},
+                                sparse_optimizer=ps.optim.SGD(lr=0.1))
+            except ps.RegistrationError as exc:
+                return str(exc)
+
+    for message in run_in_threads(2, work):
+        assert message is not None and "table 't'" in message and "dim" in message, message
+
+
+# ---------------------------------------------------------------------------------------- GPUs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("server_device", ["cpu", "cuda"])
+def test_tables_with_gpu_workers_equal_single_process_torch(make_cluster, worker_procs, server_device):
+    """The model, and so each batch's rows, on the GPU; the servers' tables in host or GPU memory."""
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", server_device=server_device)
+    results = worker_procs(cluster, "emb_train", 2, rule="sparse_adam", mode="mean", weighted=False, steps=STEPS,
+                           device="cuda").join(timeout=120)
+    want = models.emb_reference("sparse_adam", "mean", False, STEPS)
+    for got in results:
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

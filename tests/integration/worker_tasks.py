@@ -195,29 +195,63 @@ def stop_while_pulling(out: str, victim: int, steps: int, mib: int) -> None:
     worker.close()
 
 
-def emb_train(out: str, rule: str, mode: str, weighted: bool, steps: int, overlap: bool = True) -> None:
+def emb_train(out: str, rule: str, mode: str, weighted: bool, steps: int, overlap: bool = True,
+              device: str = "cpu") -> None:
     """models.EmbNet with a ps.nn.EmbeddingBag.from_pretrained, the batch's bags split among the
-    workers; saves the dense parameters and every row of the table (pulled for eval, creating none)."""
-    model = models.EmbNet(ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode=mode))
+    workers; saves the dense parameters and every row of the table (pulled for eval, creating none).
+    ``device``: where the model, and so the rows of each batch, live."""
+    model = models.EmbNet(ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode=mode)).to(device)
     with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), sparse_optimizer=models.SPARSE_RULES[rule],
                                  overlap=overlap) as opt:
         rank, n = opt.worker.rank, opt.worker.num_workers
         per = models.EMB_BAGS // n
         mine = slice(rank * per, (rank + 1) * per)
         for step in range(steps):
-            ids, weights, y = models.emb_batch(step)
+            ids, weights, y = (t.to(device) for t in models.emb_batch(step))
             opt.zero_grad()
             pred = model(ids[mine], weights[mine] if weighted else None)
             torch.nn.functional.mse_loss(pred, y[mine]).backward()
             opt.step()
         weight = opt.worker.pull_rows("bag", torch.arange(models.EMB_ROWS), train=False).wait()
-        torch.save({"weight": weight, "head.weight": model.head.weight.detach().clone(),
-                    "head.bias": model.head.bias.detach().clone(), "steps": opt.step_count}, out)
+        torch.save({"weight": weight, "head.weight": model.head.weight.detach().cpu(),
+                    "head.bias": model.head.bias.detach().cpu(), "steps": opt.step_count}, out)
+
+
+def emb_checkpointed(out: str, total_steps: int, stop_after: int = 0) -> None:
+    """A fixed and a hashed table (SparseAdam, admission) and a linear layer, with PS_CHECKPOINT_*
+    from the environment; saves the dense parameters and every row it touched."""
+    torch.manual_seed(1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.items = ps.nn.EmbeddingBag(40, 4, mode="mean")
+            self.users = ps.nn.Embedding(None, 4, admit_after=2, capacity=64)
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, items, users):
+            return self.head(torch.cat([self.items(items), self.users(users)], dim=1))
+
+    model = Net()
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), sparse_optimizer=ps.optim.SparseAdam(lr=0.05)) as opt:
+        rank, n = opt.worker.rank, opt.worker.num_workers
+        for step in range(opt.start_step, stop_after or total_steps):
+            g = torch.Generator().manual_seed(500 + step)
+            items, users = torch.randint(0, 40, (8, 3), generator=g), torch.randint(0, 30, (8,), generator=g) * 1000
+            mine = slice(rank * 8 // n, (rank + 1) * 8 // n)
+            opt.zero_grad()
+            model(items[mine], users[mine]).pow(2).mean().backward()
+            opt.step()
+        rows = {"items": opt.worker.pull_rows("items", torch.arange(40), train=False).wait(),
+                "users": opt.worker.pull_rows("users", torch.arange(30) * 1000, train=False).wait()}
+        stats = opt.worker.server_stats()
+        torch.save({"start_step": opt.start_step, "rows": rows, "head": model.head.weight.detach().clone(),
+                    "tables": [s["tables"] for s in stats]}, out)
 
 
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
-                                  emb_train)}
+                                  emb_train, emb_checkpointed)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
