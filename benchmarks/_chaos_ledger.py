@@ -52,6 +52,9 @@ class Ledger:
     uncertain: int = 0
 
     def at(self, t: float) -> int:
+        """The count at time ``t``: the last entry (in the order things happened to this worker) from
+        then or before; a rollback's entry has the time the job went back, which may be earlier
+        than that of the acknowledgements recorded before it (pushes applied before the reload)."""
         return [e for when, e in self.history if when <= t][-1]
 
     def push(self, r: dict) -> None:
@@ -79,8 +82,9 @@ class Ledger:
             self.uncertain += sum(1 for a in self.acks if refusals[0] < a <= written[-1])
         self.lost += self.expected - back
         self.expected = back
-        # heard (t) or, for one it did not live to hear, when the job went back: after all it did
-        self.history.append((t if t < math.inf else max(before, self.history[-1][0]), back))
+        # from when the job went back, not when this worker heard: it may hear late (waiting in a
+        # checkpoint, stopped, dead), and a checkpoint written in between holds the state after it
+        self.history.append((before, back))
 
     def catch_up(self, epoch: int, steps: dict[int, int], t: float) -> None:
         """Rollbacks up to ``epoch`` not replayed yet, in order (one heard late stands for those skipped)."""

@@ -648,6 +648,25 @@ def findings(run: Run, accounting: dict, records: dict[int, list[dict]]) -> list
     return found + checkpoint_findings(run, accounting["writes"], records)
 
 
+def across_rollbacks(run: Run, writes: dict[str, list[float]], records: dict[int, list[dict]]) -> list[str]:
+    """Checkpoints whose workers handed in their parts before a rollback and that were written after
+    it: named after the steps the workers had reached, they hold the state the job went back to."""
+    names = set()
+    for rs in records.values():
+        began = None
+        for r in rs:
+            if r["k"] == "ck0":
+                began = r["t"]
+            elif r["k"] == "ck" and "path" in r and began is not None:
+                written = max((w for w in writes.get(r["path"], []) if w <= r["t"] + 0.5), default=r["t"])
+                if any(began < rb["t"] < written for rb in run.rollbacks):
+                    names.add(r["path"])
+    if not names:
+        return []
+    return [f"{len(names)} checkpoint(s) collected before a rollback and written after it, under the step the "
+            f"workers had reached before it ({', '.join(sorted(names)[:6])}): going back to one goes further back"]
+
+
 def checkpoint_findings(run: Run, writes: dict[str, list[float]], records: dict[int, list[dict]]) -> list[str]:
     """Checkpoints that started without a live worker (its part refused, then written at once), and
     refusals that no write followed: a checkpoint operation that never ended."""
@@ -659,7 +678,7 @@ def checkpoint_findings(run: Run, writes: dict[str, list[float]], records: dict[
             if r["k"] == "ck" and REFUSED in r.get("msg", "") and r["t"] < dead[slot]:
                 soon = [t for t in times if r["t"] < t < r["t"] + REFUSAL_WINDOW]
                 (without if soon else stuck).append((slot, r["t"]))
-    found = []
+    found = across_rollbacks(run, writes, records)
     if without:
         found.append(f"{len(without)} checkpoint(s) started without a live worker's part (refused: '{REFUSED}', "
                      f"then written within {REFUSAL_WINDOW:g} s): " +

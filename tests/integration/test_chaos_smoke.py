@@ -45,6 +45,18 @@ def test_replay_takes_a_rollback_back_to_the_last_write_of_its_checkpoint():
     assert (dead.lost, dead.expected) == (1, 2)
 
 
+def test_replay_a_checkpoint_written_after_a_rollback_that_the_worker_heard_of_late_holds_the_reset():
+    chaos = _ledger()
+    records = [{"k": "registered", "t": 0.0, "ep": 0}, _push(1.0, c=1), _push(2.0, c=2),
+               {"k": "rb", "t": 5.0, "ep": 1, "step": 1}, _push(6.0, c=2, ep=1),
+               {"k": "rb", "t": 7.0, "ep": 2, "step": 9}]
+    # step-1 written at 1.5; the job went back to it at 3.0 (others heard then), this worker waited in
+    # a checkpoint (step-9, written at 4.0, after the rollback) and heard only at 5.0
+    epochs = chaos.Epochs(steps={1: 1, 2: 9}, heard={1: 3.0, 2: 7.0})
+    ledger = chaos.replay(records, {"step-00000001": [1.5], "step-00000009": [4.0]}, epochs, last_epoch=2)
+    assert (ledger.acked, ledger.lost, ledger.expected) == (3, 2, 1)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_quick_chaos_balances_exactly_and_leaves_no_process(tmp_path):
