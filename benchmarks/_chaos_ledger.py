@@ -178,5 +178,5 @@ def idle_spans(records: dict[int, list[dict]], since: float, until: float, longe
     return [(a, b) for a, b in zip(edges, edges[1:]) if b - a > longer]
 
 
-__all__ = ["REFUSED", "REFUSAL_WINDOW", "Epochs", "Ledger", "checkpoint_time", "checkpoint_writes", "final_counts", "idle_spans", "log_time",
-           "replay", "rollback_epochs"]
+__all__ = ["REFUSAL_WINDOW", "REFUSED", "Epochs", "Ledger", "checkpoint_time", "checkpoint_writes", "final_counts",
+           "idle_spans", "log_time", "replay", "rollback_epochs"]

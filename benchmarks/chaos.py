@@ -383,8 +383,10 @@ def check_exits(run: Run) -> None:
         if w.state == "gone" or w.alive():
             continue
         code = w.popen.returncode
-        w.fate = w.fate or ("survived" if code == 0 else f"exited (code {code})") + \
-            (f" after {w.fatal.split(':')[1].strip()}" if w.fatal else "")
+        if not w.fate:
+            w.fate = "survived" if code == 0 else f"exited (code {code})"
+            if w.fatal:
+                w.fate += f" after {w.fatal.split(':')[1].strip()}"  # the error's type
         run.note("worker exited", slot=w.slot, pid=w.popen.pid, code=code, fatal=w.fatal[:200])
         if w.registered is None and w.declared_dead is None:
             lost_joiner(run, w)
@@ -523,7 +525,10 @@ def finish_cluster(run: Run, timeout: float) -> dict:
     left = run_processes(run.env[MARKER])
     run.cluster.stop()
     for pid, _ in run_processes(run.env[MARKER]):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     time.sleep(0.5)
     after = run_processes(run.env[MARKER])
     return {"exit_codes": codes, "left_after_the_job_ended": left, "left_after_cleanup": after}
@@ -577,7 +582,8 @@ def account(run: Run, records: dict[int, list[dict]]) -> dict:
     balanced = counts is not None and all(r["balanced"] for r in rows) and not problems
     totals["applied_though_failed"] = sum(r["applied_though_failed"] for r in rows)
     totals["uncertain"] = sum(r["uncertain"] for r in rows)
-    return {"slots": rows, "totals": totals, "balanced": balanced, "problems": problems, "notes": notes, "writes": writes,
+    return {"slots": rows, "totals": totals, "balanced": balanced, "problems": problems, "notes": notes,
+            "writes": writes,
             "exact": balanced and all(r["exact"] or (not r["survivor"] and 0 <= r["diff"] <= r["unresolved"])
                                       for r in rows),
             "rollback_steps": epochs.steps, "checkpoints_written": sum(len(ts) for ts in writes.values())}
@@ -595,7 +601,8 @@ def slot_row(w: WorkerProc, records: list[dict], ledger: Ledger, counts: Optiona
     diff = None if applied is None else applied - ledger.expected
     dead = w.declared_dead if w.declared_dead is not None else math.inf
     failed_dead = sum(1 for r in records if r["k"] == "p" and not r["ok"] and r["t"] > dead)
-    acked_dead = sum(1 for r in records if r["k"] == "p" and r["ok"] and r["t"] > dead)
+    sent_at = {r["i"]: r["t"] for r in records if r["k"] == "s"}
+    acked_dead = [sent_at.get(r["i"], 0.0) for r in records if r["k"] == "p" and r["ok"] and r["t"] > dead]
     high = 0 if survivor else unresolved + failed_dead
     explained = diff is not None and -ledger.uncertain <= diff <= high
     return {"slot": w.slot, "rank": w.rank, "pid": w.popen.pid, "fate": w.fate, "survivor": survivor,
@@ -603,7 +610,8 @@ def slot_row(w: WorkerProc, records: list[dict], ledger: Ledger, counts: Optiona
             "unresolved": unresolved, "lost": ledger.lost, "expected": ledger.expected, "applied": applied,
             "diff": diff, "exact": diff == 0, "balanced": diff == 0 or explained,
             "declared_dead_at": None if w.declared_dead is None else round(w.declared_dead, 3),
-            "failed_after_declared_dead": failed_dead, "acked_after_declared_dead": acked_dead,
+            "failed_after_declared_dead": failed_dead, "acked_after_declared_dead": len(acked_dead),
+            "sent_and_acked_after_declared_dead": sum(1 for t in acked_dead if t > dead),
             "applied_though_failed": max(0, (diff or 0) - unresolved) if explained else 0,
             "uncertain": ledger.uncertain, "refused_checkpoints": len(ledger.refused),
             "straddles": ledger.straddles, "first_mismatch": ledger.mismatches[0] if ledger.mismatches else None}
@@ -628,7 +636,9 @@ def stalls(run: Run, records: dict[int, list[dict]]) -> list[dict]:
 
 
 def findings(run: Run, accounting: dict, records: dict[int, list[dict]]) -> list[str]:
-    """What the framework did that it should not have, as the run saw it."""
+    """What the framework did that it should not have, as the run saw it. (A push sent before its
+    worker was stopped and answered after the worker was declared dead is no finding: the servers
+    applied it while the worker was alive.)"""
     found = []
     hung = [e for e in run.events if e["what"].startswith("REGISTER HUNG")]
     if hung:
@@ -639,9 +649,9 @@ def findings(run: Run, accounting: dict, records: dict[int, list[dict]]) -> list
         if r["applied_though_failed"]:
             found.append(f"slot {r['slot']} (rank {r['rank']}, declared dead at {r['declared_dead_at']} s): "
                          f"{r['applied_though_failed']} push(es) failed in the worker but were applied by the servers")
-        if r["acked_after_declared_dead"]:
-            found.append(f"slot {r['slot']}: {r['acked_after_declared_dead']} push(es) acknowledged after the "
-                         "scheduler had declared the process dead")
+        if r["sent_and_acked_after_declared_dead"]:
+            found.append(f"slot {r['slot']}: {r['sent_and_acked_after_declared_dead']} push(es) sent and acknowledged "
+                         "after the scheduler had declared the process dead")
         if r["uncertain"]:
             found.append(f"slot {r['slot']}: {r['uncertain']} acknowledged push(es) may or may not be in a checkpoint "
                          "that was taken without it and that the job went back to")
@@ -659,12 +669,14 @@ def across_rollbacks(run: Run, writes: dict[str, list[float]], records: dict[int
                 began = r["t"]
             elif r["k"] == "ck" and "path" in r and began is not None:
                 written = max((w for w in writes.get(r["path"], []) if w <= r["t"] + 0.5), default=r["t"])
-                if any(began < rb["t"] < written for rb in run.rollbacks):
-                    names.add(r["path"])
+                step = int(r["path"].split("-")[1])
+                names.update(f"{r['path']} (the job went back to step {rb['to_step']} at "
+                             f"{rb['t'] - run.train_start:.1f} s)"
+                             for rb in run.rollbacks if began < rb["t"] < written and rb["to_step"] != step)
     if not names:
         return []
-    return [f"{len(names)} checkpoint(s) collected before a rollback and written after it, under the step the "
-            f"workers had reached before it ({', '.join(sorted(names)[:6])}): going back to one goes further back"]
+    return [f"{len(names)} checkpoint(s) collected before a rollback and written after it, named after the step the "
+            f"workers had reached before it but holding the state after it: {'; '.join(sorted(names)[:6])}"]
 
 
 def checkpoint_findings(run: Run, writes: dict[str, list[float]], records: dict[int, list[dict]]) -> list[str]:
@@ -870,7 +882,8 @@ def results_of(run: Run, processes: dict) -> dict:
                "test_loss": finals[0]["test_loss"] if finals else None,
                "fault_list": [vars(f) for f in run.faults], "events": run.events}
     title = (f"chaos: {run.o.workers} async workers, {run.o.servers} servers, {len(run.faults)} faults, "
-             f"{len(run.rollbacks)} rollbacks; accounting {'balanced' if results['accounting']['balanced'] else 'NOT balanced'}")
+             f"{len(run.rollbacks)} rollbacks; accounting "
+             f"{'balanced' if results['accounting']['balanced'] else 'NOT balanced'}")
     plot(run, records, idle, run.o.plot, title)
     return results
 
