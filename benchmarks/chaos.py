@@ -636,7 +636,8 @@ def stalls(run: Run, records: dict[int, list[dict]]) -> list[dict]:
 
 
 def findings(run: Run, accounting: dict, records: dict[int, list[dict]]) -> list[str]:
-    """What the framework did that it should not have, as the run saw it. (A push sent before its
+    """What the framework did that it should not have, as the run saw it; times in seconds since
+    training began (in the JSON, ``t`` is seconds since the cluster started). (A push sent before its
     worker was stopped and answered after the worker was declared dead is no finding: the servers
     applied it while the worker was alive.)"""
     found = []
@@ -647,7 +648,8 @@ def findings(run: Run, accounting: dict, records: dict[int, list[dict]]) -> list
                      "meanwhile every checkpoint waited for them")
     for r in accounting["slots"]:
         if r["applied_though_failed"]:
-            found.append(f"slot {r['slot']} (rank {r['rank']}, declared dead at {r['declared_dead_at']} s): "
+            found.append(f"slot {r['slot']} (rank {r['rank']}, declared dead at "
+                         f"{r['declared_dead_at'] - run.train_start:.1f} s): "
                          f"{r['applied_though_failed']} push(es) failed in the worker but were applied by the servers")
         if r["sent_and_acked_after_declared_dead"]:
             found.append(f"slot {r['slot']}: {r['sent_and_acked_after_declared_dead']} push(es) sent and acknowledged "
@@ -708,12 +710,14 @@ def checkpoint_findings(run: Run, writes: dict[str, list[float]], records: dict[
 
 
 def fault_summary(run: Run) -> dict:
-    """Faults by kind; a stop counts as 'declared dead' if the scheduler declared its process dead."""
-    dead_pids = {e["pid"] for e in run.events if e["what"] == "scheduler: dead"}
+    """Faults by kind; a stop counts as 'declared dead' if the scheduler declared its process dead
+    while it was stopped (or just after: the heartbeats it missed were already late)."""
+    deaths = [(e["pid"], e["t"]) for e in run.events if e["what"] == "scheduler: dead"]
     kinds: Counter = Counter()
     for f in run.faults:
         role = "worker" if f.target.startswith("w") else "server"
-        f.outcome = ("declared dead" if f.pid in dead_pids else "continued in time") if f.kind == "stop" else ""
+        dead = any(pid == f.pid and f.t <= t <= f.t + f.seconds + 0.5 for pid, t in deaths)
+        f.outcome = ("declared dead" if dead else "continued in time") if f.kind == "stop" else ""
         kinds[f"{f.kind} {role}" + (f" ({f.outcome})" if f.outcome else "")] += 1
     return {"total": len(run.faults), "by_kind": dict(sorted(kinds.items())), "skipped": run.skipped}
 
@@ -803,6 +807,9 @@ def plot(run: Run, records: dict[int, list[dict]], idle: list[tuple], path: Path
         ax.text(t, top, " " + f.label, rotation=90, va="top", ha="right", fontsize=7, color=colors[f.kind])
     for rb in run.rollbacks:
         ax.axvline(rb["t"] - run.train_start, color="tab:purple", lw=1.2, ls=":")
+    if run.stopped_at < math.inf:
+        ax.axvline(run.stopped_at - run.train_start, color="0.4", lw=1.0, ls="-.")
+        ax.text(run.stopped_at - run.train_start, top, " stop file", rotation=90, va="top", ha="right", fontsize=7)
     ax.plot([], [], color="tab:red", label="SIGKILL"), ax.plot([], [], color="tab:orange", ls="--",
                                                                  label="SIGSTOP (for the time shown)")
     ax.plot([], [], color="tab:purple", ls=":", label="rollback to a checkpoint done")
