@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+
 import click
 import torch
 import torch.nn.functional as F
