@@ -127,6 +127,7 @@ class NodeConfig:
     checkpoint_every: int = 0
     resume: bool = False
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
+    cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
 
     def __post_init__(self) -> None:
@@ -278,6 +279,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         checkpoint_every=_env(env, "PS_CHECKPOINT_EVERY", int, 0),
         resume=_flag(env, "PS_RESUME"),
         shm=_flag(env, "PS_SHM", default=True),
+        cuda_ipc=_flag(env, "PS_CUDA_IPC", default=True),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -10,8 +10,8 @@ received into preallocated memory. Nothing is ever pickled.
 A node's ``Hello`` and the scheduler's ``Welcome`` carry ``VERSION``: a peer that speaks another
 version is refused with an error that names both versions and both hosts.
 
->>> decode(encode(Pull(req=1, block=0, rank=0)))
-Pull(req=1, block=0, rank=0, dtype='', segs=None, more=False, shm=False)
+>>> decode(encode(Pull(req=1, block=0, rank=0))) == Pull(req=1, block=0, rank=0)
+True
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 2
+VERSION = 3
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -204,7 +204,8 @@ class Activated(Message, tag="activated"):
 
 class BlockRequest(Message):
     """A request about one block: ``segs`` None means all its segments. ``more``: more pushes of the
-    same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane.
+    same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane;
+    ``ipc``: in its device lane (``datapath/cuda_ipc.py``).
     ``step``: which of the worker's pushing steps a push belongs to (-1: not counted). ``absent``:
     segments (of ``segs``) pushed without a gradient; no frame or lane data carries them."""
     req: int
@@ -214,6 +215,7 @@ class BlockRequest(Message):
     segs: Optional[list[int]] = None
     more: bool = False
     shm: bool = False
+    ipc: bool = False
     step: int = -1
     absent: list[int] = []
     rollback: int = 0  # the rollback epoch the worker knows of: requests of an earlier one are refused
@@ -290,6 +292,23 @@ class Attach(Message, tag="attach"):
     token: bytes
 
 
+class AttachDevice(Message, tag="attach_device"):
+    """Map my device lane by CUDA IPC (a worker whose lane the server took, tensors on a GPU): the
+    fields of torch's sharing of a CUDA storage, the lane's size and the token at its start."""
+    req: int
+    rank: int
+    token: bytes
+    device: int
+    handle: bytes
+    size: int
+    offset: int
+    counter_handle: bytes
+    counter_offset: int
+    event_handle: bytes
+    event_sync: bool
+    nbytes: int
+
+
 class Ack(Message, tag="ack"):
     req: int
 
@@ -323,7 +342,7 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, Ack, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, AttachDevice, Ack, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -390,7 +409,7 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 
 
 __all__ = [
-    "ALL", "Ack", "Activate", "Activated", "Attach", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
+    "ALL", "Ack", "Activate", "Activated", "Attach", "AttachDevice", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
     "Hello", "Init", "InitRows", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",

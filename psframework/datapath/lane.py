@@ -74,17 +74,17 @@ def remove_stale_lane_files() -> list[Path]:
     return removed
 
 
-class Lane:
-    """One worker's shared-memory lane to one server: the mapped file, and where each block's slots are."""
+class Slots:
+    """A push slot and a pull slot for every block, in one buffer (a lane file, or GPU memory), and
+    which blocks a request holds. Subclasses say where the areas start (``_base``)."""
 
-    def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int,
-                 fd: Optional[int] = None):
-        self.path = path  # where the other side opens the file: the creator's descriptor of it
-        self.fd = fd  # the creator's descriptor, kept until the server has mapped the file
-        self.memory = memory  # uint8, the whole file
+    on_device = False  # the slots are in GPU memory (``cuda_ipc.DeviceLane``)
+    _base = 0
+
+    def __init__(self, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int):
+        self.memory = memory  # uint8, the whole buffer
         self.offsets = offsets
         self.area_bytes = area_bytes
-        self._registered = False
         # blocks whose slots a request holds: None while it is in flight, then the events of the
         # copies out of the pull slot (copies onto a GPU may still be reading it)
         self._reserved: dict[int, Optional[list]] = {}
@@ -108,11 +108,32 @@ class Lane:
         else:
             self._reserved[block_id] = copied
 
-    def copy_push_area(self, other: "Lane") -> None:
-        """Take over another lane's push area (a restarted server gets a fresh lane, same contents)."""
-        self.memory[HEADER_BYTES:HEADER_BYTES + self.area_bytes].copy_(
-            other.memory[HEADER_BYTES:HEADER_BYTES + other.area_bytes])
+    def copy_push_area(self, other: "Slots") -> None:
+        """Take over another buffer's push area (a restarted server gets a fresh one, same contents)."""
+        self.memory[self._base:self._base + self.area_bytes].copy_(
+            other.memory[other._base:other._base + other.area_bytes])
         self._reserved = dict(other._reserved)
+
+    def push_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
+        start = self._base + self.offsets[block_id] + byte_offset
+        return self.memory[start:start + nbytes]
+
+    def pull_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
+        start = self._base + self.area_bytes + self.offsets[block_id] + byte_offset
+        return self.memory[start:start + nbytes]
+
+
+class Lane(Slots):
+    """One worker's shared-memory lane to one server: the mapped file, and where each block's slots are."""
+
+    _base = HEADER_BYTES
+
+    def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int,
+                 fd: Optional[int] = None):
+        super().__init__(memory, offsets, area_bytes)
+        self.path = path  # where the other side opens the file: the creator's descriptor of it
+        self.fd = fd  # the creator's descriptor, kept until the server has mapped the file
+        self._registered = False
 
     @classmethod
     def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "Lane":
@@ -158,14 +179,6 @@ class Lane:
     def token(self) -> bytes:
         return bytes(self.memory[:TOKEN_BYTES].numpy())
 
-    def push_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
-        start = HEADER_BYTES + self.offsets[block_id] + byte_offset
-        return self.memory[start:start + nbytes]
-
-    def pull_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
-        start = HEADER_BYTES + self.area_bytes + self.offsets[block_id] + byte_offset
-        return self.memory[start:start + nbytes]
-
     @property
     def pinned(self) -> bool:
         return self._registered
@@ -195,4 +208,4 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "lane_layout", "lane_name", "remove_stale_lane_files", "shm_available"]
+__all__ = ["Lane", "Slots", "lane_layout", "lane_name", "remove_stale_lane_files", "shm_available"]

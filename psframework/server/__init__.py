@@ -282,10 +282,11 @@ class Server:
         elif isinstance(message, P.Stats):
             self.data.skip_rest()
             self._send(peer, P.StatsReply(req=message.req, counters=self.counters()))
-        elif isinstance(message, P.Attach):
+        elif isinstance(message, (P.Attach, P.AttachDevice)):
             self.data.skip_rest()
             blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
-            self.lanes.attach(message, blocks, self.membership.num_workers, self.membership.rank)
+            attach = self.lanes.attach if isinstance(message, P.Attach) else self.lanes.attach_device
+            attach(message, blocks, self.membership.num_workers, self.membership.rank)
             self._send(peer, P.Ack(req=message.req))
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
@@ -294,6 +295,7 @@ class Server:
         """What ``Worker.server_stats()`` reports."""
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
+                "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), **self.policy.counters()}
 

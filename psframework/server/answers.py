@@ -44,8 +44,9 @@ class Answers:
             nbytes = sum(r.numel() * r.element_size() for r in rows)
             self._within_credits(unit, pending, nbytes, lambda on_sent: self.io.send_rows(pending, head, rows, on_sent))
             return
-        values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=pending.lane)
-        if pending.lane:
+        values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks),
+                          shm=pending.lane is not None)
+        if pending.lane is not None:
             self.lanes.answer(unit, pending, values)
             return
         nbytes = sum(unit.nbytes[i] for i in pending.segs)

@@ -1,8 +1,9 @@
-"""The server's end of the shared-memory lanes (``psframework/datapath/lane.py``).
+"""The server's end of the lanes: shared memory (``datapath/lane.py``) and CUDA IPC (``datapath/cuda_ipc.py``).
 
-A worker on the server's host offers its lane with an ``Attach``; a request that says ``shm`` then
-carries no frames: its gradients are in the worker's push slot of the block, and its values are
-written into the pull slot before the answer (a bare header) goes out.
+A worker on the server's host offers its lane with an ``Attach``, and a GPU worker then its device
+lane with an ``AttachDevice``; a request that says ``shm`` (or ``ipc``) then carries no frames: its
+gradients are in the worker's push slot of the block, and its values are written into the pull
+slot before the answer (a bare header) goes out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Optional
 import torch
 
 from .. import protocol as P
-from ..datapath.lane import Lane
+from ..datapath.cuda_ipc import DeviceLane
+from ..datapath.lane import Lane, Slots
 from .device import DeviceIO
 from .store import BlockState, Pending, Pushed
 
@@ -25,7 +27,9 @@ class ServerLanes:
         self.io = io
         self.device = device
         self.lanes: dict[int, Lane] = {}  # by worker rank
+        self.device_lanes: dict[int, DeviceLane] = {}  # by worker rank
         self.requests = 0  # that came through a lane
+        self.ipc_requests = 0  # that came through a device lane
 
     def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
         """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
@@ -37,32 +41,48 @@ class ServerLanes:
                 lane.pin(self.device)
         except Exception as exc:  # whatever the reason, the worker goes on over the socket
             raise P.Rejected(P.BAD_REQUEST, f"server {server} cannot map lane {message.path}: {exc}") from None
-        old = self.lanes.pop(message.rank, None)
-        if old is not None:
-            old.close()
-        self.lanes[message.rank] = lane
+        _replace(self.lanes, message.rank, lane)
 
-    def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Lane]:
+    def attach_device(self, message: P.AttachDevice, blocks: list[tuple[int, int]], num_workers: int,
+                      server: int) -> None:
+        """Map a worker's device lane by CUDA IPC; ``Rejected`` (it goes on through its lane) if we cannot."""
+        if not 0 <= message.rank < num_workers or message.rank not in self.lanes:
+            raise P.Rejected(P.BAD_REQUEST, f"device lane from worker {message.rank}, which has no lane here")
+        if self.device.type != "cuda":
+            raise P.Rejected(P.BAD_REQUEST, f"server {server} keeps its shards on {self.device}, not on a GPU")
+        try:
+            lane = DeviceLane.attach(message, blocks, self.device)
+        except Exception as exc:  # whatever the reason, the worker goes on through its lane
+            raise P.Rejected(P.BAD_REQUEST, f"server {server} on {self.device} cannot map the device lane of "
+                                            f"worker {message.rank}: {exc}") from None
+        _replace(self.device_lanes, message.rank, lane)
+
+    def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Slots]:
         """The lane a request came through, or None for a socket request."""
-        if not request.shm:
+        if not request.shm and not request.ipc:
             return None
-        lane = self.lanes.get(request.rank)
+        kind, lanes = ("device lane", self.device_lanes) if request.ipc else ("shared-memory lane", self.lanes)
+        lane = lanes.get(request.rank)
         if lane is None or isinstance(request, P.Init):
-            raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} through a shared-memory lane, but worker "
+            raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} through a {kind}, but worker "
                                             f"{request.rank} has none attached to server {server}")
         if more_frames:
             raise P.Rejected(P.PROTOCOL, "a lane request carries no frames")
-        self.requests += 1
+        if request.ipc:
+            self.ipc_requests += 1
+        else:
+            self.requests += 1
         return lane
 
-    def pushed(self, state: BlockState, segs: list[int], lane: Lane) -> Pushed:
+    def pushed(self, state: BlockState, segs: list[int], lane: Slots) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards)."""
         return self.io.from_host(state, segs, _slot(lane.push_slot, state))
 
     def answer(self, state: BlockState, pending: Pending, values: P.Values) -> None:
-        lane = self.lanes.get(pending.rank)
-        if lane is None:  # the worker rejoined and its lane went with the old process
+        lane = pending.lane
+        if lane is not self.lanes.get(pending.rank) and lane is not self.device_lanes.get(pending.rank):
+            # the worker rejoined and its lane went with the old process
             error = P.Error(kind=P.PEER_LOST, message=f"worker {pending.rank} has no lane any more", req=pending.req)
             self.io.answer(pending.peer, [P.encode(error)])
             return
@@ -70,9 +90,17 @@ class ServerLanes:
         self.io.answer(pending.peer, [P.encode(values)], after=copied)
 
     def close(self) -> None:
-        for lane in self.lanes.values():
+        for lane in [*self.lanes.values(), *self.device_lanes.values()]:
             lane.close()
         self.lanes.clear()
+        self.device_lanes.clear()
+
+
+def _replace(lanes: dict, rank: int, lane: Slots) -> None:
+    old = lanes.pop(rank, None)
+    if old is not None:
+        old.close()
+    lanes[rank] = lane
 
 
 def _slot(area, state: BlockState) -> torch.Tensor:

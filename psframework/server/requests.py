@@ -51,7 +51,7 @@ class Requests:
             self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
         else:
             state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
-                                       lane=lane is not None))
+                                       lane=lane))
         self.answers.ready([state])
 
     def _push(self, unit, pushed, request) -> None:

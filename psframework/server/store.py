@@ -28,7 +28,7 @@ class Pending:
     rank: int
     segs: list[int]
     need_version: int  # the worker's clock: its pushes that the answer must reflect
-    lane: bool = False  # answer through the worker's shared-memory lane
+    lane: Optional[Any] = None  # answer through this lane of the worker's (``datapath.lane.Slots``)
 
 
 @dataclass
