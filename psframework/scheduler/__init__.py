@@ -214,6 +214,8 @@ class Scheduler:
 
     def _declare_dead(self, node: Node, reason: str) -> None:
         self.roster.mark(node, DEAD, reason)
+        if node.role == "server":
+            self.collectives.server_lost(node)
         tell_launcher(f"PS_DEAD role={node.role} rank={node.rank} host={node.host} pid={node.pid} "
                       f"reason={' '.join(reason.split())}")
         if node.role == "worker" and self.config.elastic:

@@ -108,7 +108,7 @@ class Collectives:
         directory = Path(first.directory) / checkpoint.tag_for(step)
         self._storage = _StorageOp(P.Checkpoint, waiting, directory, step)
         for rank in range(self.config.num_servers):
-            self._send(self.roster.server(rank).identity, P.Save(path=str(directory / f"server-{rank}.pt")))
+            self._send(self.roster.server(rank).identity, P.Save(path=str(_server_file(directory, rank))))
             self._storage.pending.add(rank)
 
     def _start_restore(self, waiting: dict[int, tuple[bytes, WorkerPart]]) -> None:
@@ -133,8 +133,10 @@ class Collectives:
 
     def on_saved_or_loaded(self, server: Node, message: Union[P.Saved, P.Loaded]) -> None:
         op = self._storage
-        if op is None:
-            raise P.Rejected(P.PROTOCOL, f"unexpected {type(message).__name__} from server {server.rank}")
+        if op is None or server.rank not in op.pending or message.path != str(_server_file(op.directory, server.rank)):
+            log.info("ignored %s %s from server %d: its operation was abandoned", type(message).__name__,
+                     message.path, server.rank)
+            return
         op.pending.discard(server.rank)
         if isinstance(message, P.Saved):
             op.files[Path(message.path).name] = {"sha256": message.sha256, "bytes": message.bytes}
@@ -156,21 +158,36 @@ class Collectives:
         self._answer_all(op.waiting, P.CheckpointDone(step=op.step, path=str(op.directory)))
 
     def on_server_error(self, server: Node, message: P.Error) -> None:
-        op = self._storage
-        if op is None:
+        if self._storage is None:
             raise P.Rejected(P.PROTOCOL, f"unexpected error report from server {server.rank}")
-        self._storage = None
-        text = f"server {server.rank} on {server.host}: {message.message}"
-        log.error("%s failed: %s", op.kind.__name__.lower(), text)
+        self._abandon(f"server {server.rank} on {server.host}: {message.message}")
+
+    def server_lost(self, server: Node) -> None:
+        """A server died: a checkpoint or restore still waiting for its part can never complete."""
+        op = self._storage
+        if op is not None and server.rank in op.pending:
+            done = "saved" if op.kind is P.Checkpoint else "loaded"
+            self._abandon(f"{server} died before it {done} its shards ({server.reason}); nothing was written: "
+                          "call it again once the server is back")
+
+    def _abandon(self, why: str) -> None:
+        """End the checkpoint or restore in progress with an error for every worker in it."""
+        op, self._storage = self._storage, None
+        text = f"{op.kind.__name__.lower()} {op.directory.name} abandoned: {why}"
+        log.error("%s", text)
         self._answer_all(op.waiting, P.Error(kind=P.CHECKPOINT_ERROR, message=text))
 
     def _answer_all(self, waiting: dict[int, tuple[bytes, WorkerPart]], message: P.Message) -> None:
         for peer, _ in waiting.values():
             self._send(peer, message)
 
+def _server_file(directory: Path, rank: int) -> Path:
+    return directory / f"server-{rank}.pt"
+
+
 def _load_message(directory: Path, manifest: dict, rank: int) -> P.Load:
-    name = f"server-{rank}.pt"
-    return P.Load(path=str(directory / name), sha256=manifest["files"][name]["sha256"])
+    path = _server_file(directory, rank)
+    return P.Load(path=str(path), sha256=manifest["files"][path.name]["sha256"])
 
 
 __all__ = ["Collectives"]

@@ -1,0 +1,121 @@
+"""Bugs the chaos benchmark found (benchmarks/RESULTS.md, "What the framework did wrong"), each
+reproduced with real processes: servers and workers stopped (SIGSTOP) or killed at the moment that
+hurt. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import psframework as ps
+
+CHUNK = 4096
+N = 4000  # 16 KB: 4 blocks over two servers
+
+
+class Background:
+    """A call in a thread of its own; ``result()`` re-raises what it raised. A call still running
+    at the deadline is interrupted (its waits end with ``ClosedError``), so no thread outlives the test."""
+
+    def __init__(self, call: Callable[[], object], worker: ps.Worker):
+        self._worker = worker
+        self._outcome: list = []
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call) -> None:
+        try:
+            self._outcome.append((True, call()))
+        except BaseException as exc:  # re-raised by result(), in the test's thread
+            self._outcome.append((False, exc))
+
+    def result(self, timeout: float):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._worker.membership.interrupt()
+            self._thread.join(10)
+            self._worker.membership.resume()
+            raise AssertionError(f"still waiting after {timeout} s")
+        ok, value = self._outcome[0]
+        if not ok:
+            raise value
+        return value
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def declared_dead(cluster: ps.LocalCluster, role: str, rank: int) -> bool:
+    return f"PS_DEAD role={role} rank={rank} " in cluster.output("scheduler", 400)
+
+
+def stop_until_dead(cluster: ps.LocalCluster, name: str, role: str, rank: int) -> None:
+    """SIGSTOP a process until the scheduler declares it dead."""
+    os.kill(cluster.processes()[name].pid, signal.SIGSTOP)
+    wait_for(lambda: declared_dead(cluster, role, rank), 15, f"{name} declared dead")
+
+
+def restart_server(cluster: ps.LocalCluster, rank: int, name: Optional[str] = None) -> str:
+    """Kill a (stopped or live) server process and start a new one for its rank, as ps-launch does."""
+    proc = cluster.processes()[name or f"server-{rank}"]
+    proc.kill()
+    proc.wait(timeout=10)
+    return cluster.restart_server(rank)
+
+
+def push_until_ok(worker: ps.Worker, params: dict, value: float = 1.0, timeout: float = 30) -> int:
+    """One push_pull that succeeds, after the RolledBackErrors of a rollback; returns how many failed."""
+    failed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            worker.push_pull({k: torch.full_like(v, value) for k, v in params.items()}, into=params).wait(timeout)
+            return failed
+        except ps.RolledBackError:
+            failed += 1
+            assert time.monotonic() < deadline, "no push succeeded after the rollback"
+
+
+def restartable(make_cluster, tmp_path, **kwargs) -> ps.LocalCluster:
+    kwargs = {"num_servers": 2, "num_workers": 1, "mode": "async", "chunk_bytes": CHUNK, **kwargs}
+    return make_cluster(restart_servers=True, checkpoint_dir=tmp_path / "ckpt", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_server_dying_during_a_checkpoint_fails_it_and_the_next_one_is_written(make_cluster, tmp_path):
+    """Finding 2: server 1 stops while a checkpoint waits for its part and is declared dead; the
+    checkpoint fails at once with an error naming it (it used to wait for ever, and every later one
+    was refused as "already running"); once the server is back the next checkpoint is written."""
+    cluster = restartable(make_cluster, tmp_path)
+    root = tmp_path / "ckpt"
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"big": torch.zeros(N)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(2):
+            push_until_ok(worker, params)
+        worker.save_checkpoint(root)  # step 2: what the restarted server brings the job back to
+        push_until_ok(worker, params)
+        try:
+            os.kill(cluster.processes()["server-1"].pid, signal.SIGSTOP)
+            saving = Background(lambda: worker.save_checkpoint(root), worker)
+            wait_for(lambda: declared_dead(cluster, "server", 1), 15, "server 1 declared dead")
+            with pytest.raises(ps.CheckpointError, match="server 1 .* died"):
+                saving.result(timeout=10)
+        finally:
+            restart_server(cluster, 1)
+        assert push_until_ok(worker, params) >= 1  # the job went back to step 2
+        assert worker.steps == 3
+        path = worker.save_checkpoint(root)
+        assert path.endswith("step-00000003") and (root / "step-00000003" / "manifest.json").exists()
