@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 from .. import checkpoint
 from .. import protocol as P
 from ..errors import PSError
-from .roster import Node, Roster
+from .roster import LIVE, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
 
@@ -53,13 +53,13 @@ class Collectives:
     # -- barriers and the workers' parts -------------------------------------------------
 
     def on_barrier(self, peer: bytes, message: P.Barrier) -> None:
-        node = self.roster.node("worker", message.rank, peer)
+        node = self.roster.live_node("worker", message.rank, peer)
         self._barriers.setdefault(message.seq, {})[node.rank] = peer
         self.recheck()
 
     def on_worker_part(self, peer: bytes, message: WorkerPart) -> None:
         """A worker's part of a checkpoint or restore."""
-        node = self.roster.node("worker", message.rank, peer)
+        node = self.roster.live_node("worker", message.rank, peer)
         what = type(message).__name__.lower()
         if self._shard_map() is None:
             raise P.Rejected(P.CHECKPOINT_ERROR, f"worker {node.rank}: {what} needs registered tensors; "
@@ -70,19 +70,29 @@ class Collectives:
         self.recheck()
 
     def recheck(self) -> None:
-        """Release the barriers, and start the checkpoints, that every live worker has reached."""
-        live = self.roster.live_workers()
+        """Release the barriers, and start the checkpoints, that every live worker has reached. The
+        part of a worker that died meanwhile stands for nobody: not for a live one, nor for the
+        process that took its rank."""
         for seq, waiting in sorted(self._barriers.items()):
-            if waiting and len(waiting) >= live:
+            if waiting and self._all_live_in(waiting):
                 for peer in waiting.values():
                     self._send(peer, P.BarrierDone(seq=seq))
                 del self._barriers[seq]
                 self.barrier_seq_done = max(self.barrier_seq_done, seq)
         for kind, start in ((P.Checkpoint, self._start_checkpoint), (P.Restore, self._start_restore)):
             waiting = self._collecting[kind]
-            if waiting and len(waiting) >= live and self._storage is None:
+            for rank, (peer, _) in list(waiting.items()):
+                why = self.roster.not_counted("worker", rank, peer)
+                if why:
+                    del waiting[rank]
+                    self._send(peer, P.Error(kind=P.PEER_LOST, message=f"the {kind.__name__.lower()} goes on without "
+                                                                       f"this part: {why}"))
+            if waiting and self._all_live_in({r: peer for r, (peer, _) in waiting.items()}) and self._storage is None:
                 self._collecting[kind] = {}
                 start(waiting)
+
+    def _all_live_in(self, peers: dict[int, bytes]) -> bool:
+        return all(peers.get(n.rank) == n.identity for n in self.roster.workers() if n.state == LIVE)
 
     def fail(self, message: str) -> None:
         """Answer every wait with an error: a node the job needs died."""

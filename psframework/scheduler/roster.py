@@ -120,6 +120,26 @@ class Roster:
             raise P.Rejected(P.PROTOCOL, f"a message for {role} {rank} from a socket that is not its own")
         return node
 
+    def live_node(self, role: str, rank: int, peer: bytes) -> Node:
+        """``node()``, refused if the scheduler no longer counts that node in the job."""
+        node = self.node(role, rank, peer)
+        why = self.not_counted(role, rank, peer)
+        if why:
+            raise P.Rejected(P.PEER_LOST, why)
+        return node
+
+    def not_counted(self, role: str, rank: int, peer: bytes) -> str:
+        """Why the node of that rank speaking on ``peer`` is out of the job (it died or left, or another
+        process has its rank now); empty if it is in."""
+        node = self.nodes[(role, rank)]
+        if node.identity != peer:
+            gone = "was declared dead; another process has its rank now"
+        elif node.state != LIVE:
+            gone = f"was declared dead ({node.reason})" if node.state == DEAD else f"is {node.state}"
+        else:
+            return ""
+        return f"{role} {rank} {gone}; the job went on without it: end this process (a new {role} may take its place)"
+
     def by_identity(self, peer: bytes) -> Node:
         for node in self.nodes.values():
             if node.identity == peer:

@@ -4,6 +4,7 @@ hurt. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -119,3 +120,25 @@ def test_a_server_dying_during_a_checkpoint_fails_it_and_the_next_one_is_written
         assert worker.steps == 3
         path = worker.save_checkpoint(root)
         assert path.endswith("step-00000003") and (root / "step-00000003" / "manifest.json").exists()
+
+
+def test_a_checkpoint_never_starts_with_the_part_of_a_dead_worker_in_place_of_a_live_one(make_cluster, worker_procs,
+                                                                                           tmp_path):
+    """Finding 5: worker 0 hands in its part of a checkpoint and is killed. Once it is declared dead
+    its part must not stand for the live worker 1 (the checkpoint used to start with the dead
+    worker's part alone, while worker 1 pushed on); worker 1's own checkpoint is then the one written."""
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", elastic=True)
+    root, flags = tmp_path / "ckpt", tmp_path / "flags"
+    flags.mkdir()
+    victim = worker_procs(cluster, "checkpoint_part", 1, flag_dir=str(flags), directory=str(root), step=3)
+    with ps.init(scheduler=cluster.scheduler, rank=1) as worker:
+        worker.register({"w": torch.zeros(2)}, optimizer=ps.optim.SGD(lr=1.0))
+        wait_for(lambda: (flags / "saving").exists(), 15, "the victim's checkpoint")
+        time.sleep(0.5)  # its part is at the scheduler
+        victim.kill(0)
+        wait_for(lambda: 0 in worker.membership.departed_workers, 15, "worker 0 declared dead")
+        time.sleep(0.5)
+        assert not (root / "step-00000003").exists(), "a checkpoint started without the live worker 1"
+        path = worker.save_checkpoint(root, step=7)
+    manifest = json.loads((root / "step-00000007" / "manifest.json").read_text())
+    assert path.endswith("step-00000007") and manifest["worker_steps"] == {"1": 7}

@@ -195,6 +195,45 @@ def stop_while_pulling(out: str, victim: int, steps: int, mib: int) -> None:
     worker.close()
 
 
+def stop_myself(out: str, flag_dir: str) -> None:
+    """A chaos victim (test_chaos_bugs.py): registers {"w": zeros(2)}, pushes -1 to w[1] without
+    waiting for the answer and stops itself (SIGSTOP) until the test continues it; then records what
+    a liveness check, the wait for that push and one more push do."""
+    import signal
+    from pathlib import Path
+
+    worker = ps.init()
+    params = {"w": torch.zeros(2)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    first = worker.push({"w": torch.tensor([0.0, 1.0])})
+    time.sleep(0.3)  # the answer is in by now
+    (Path(flag_dir) / "stopping").touch()
+    os.kill(os.getpid(), signal.SIGSTOP)
+    result = {}
+    for name, call in (("check", worker.membership.check), ("first", first.wait),
+                       ("second", lambda: worker.push({"w": torch.tensor([0.0, 1.0])}).wait(timeout=10))):
+        try:
+            call()
+            result[name] = None
+        except ps.PSError as exc:
+            result[name] = f"{type(exc).__name__}: {exc}"
+    result["departed"] = worker.rank in worker.membership.departed_workers
+    torch.save(result, out)
+    os._exit(0)  # no close(): it is out of the job
+
+
+def checkpoint_part(out: str, flag_dir: str, directory: str, step: int) -> None:
+    """A chaos victim: registers {"w": zeros(2)}, hands in its part of a checkpoint and waits in it
+    (the test kills it there)."""
+    from pathlib import Path
+
+    worker = ps.init()
+    worker.register({"w": torch.zeros(2)}, optimizer=ps.optim.SGD(lr=1.0))
+    (Path(flag_dir) / "saving").touch()
+    worker.save_checkpoint(directory, step=step)
+    torch.save({"saved": True}, out)
+
+
 def emb_train(out: str, rule: str, mode: str, weighted: bool, steps: int, overlap: bool = True,
               device: str = "cpu") -> None:
     """models.EmbNet with a ps.nn.EmbeddingBag.from_pretrained, the batch's bags split among the
@@ -251,7 +290,7 @@ def emb_checkpointed(out: str, total_steps: int, stop_after: int = 0) -> None:
 
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
-                                  emb_train, emb_checkpointed)}
+                                  stop_myself, checkpoint_part, emb_train, emb_checkpointed)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
