@@ -234,7 +234,9 @@ class Membership:
                 continue
             for reply in self.receive():
                 if isinstance(reply, P.Error):
-                    raise error_for(reply.kind, reply.message)
+                    if reply.kind == P.ROLLED_BACK:
+                        self.note_rollback(reply.rollback, reply.step)
+                    raise error_for(reply.kind, reply.message, reply.step)
                 if isinstance(reply, expect):
                     return reply
                 log.debug("ignoring %s while waiting for %s", type(reply).__name__, expect.__name__)

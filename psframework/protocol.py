@@ -149,6 +149,7 @@ class Checkpoint(Message, tag="checkpoint"):
     rank: int
     directory: str
     step: int
+    rollback: int = 0  # the rollback epoch its step counts in: a part from before a rollback is refused
 
 
 class CheckpointDone(Message, tag="checkpoint_done"):

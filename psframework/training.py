@@ -123,11 +123,10 @@ class DistributedOptimizer:
                 self._step_without_overlap(push_rows)
             else:
                 self._overlap.finish(self._grad, push_rows)
-        except RolledBackError as exc:
+            if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+                self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+        except RolledBackError as exc:  # also a checkpoint abandoned because the job went back meanwhile
             self._drop_step(exc.step)
-            return
-        if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-            self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 
     def _note_rollback(self, step: int) -> None:
         self._rolled_back = step

@@ -50,7 +50,8 @@ class Scheduler:
         self.roster = Roster(config)
         self.registration = Registration(self.roster, self._send, lambda: self.collectives.barrier_seq_done)
         self.collectives = Collectives(self.roster, self._send, lambda: self.registration.shard_map,
-                                       lambda: self.registration.optimizer)
+                                       lambda: self.registration.optimizer,
+                                       lambda: (self.rollback.epoch, self.rollback.step))
         self.rollback = Rollback(self.roster, self._send, self.collectives.checkpoint_dir)
         self._started_at = time.monotonic()
         self._shutdown_at: Optional[float] = None
@@ -200,6 +201,8 @@ class Scheduler:
         if reason is not None:
             server.state, server.fatal, server.reason = DEAD, True, reason
             self._job_failed(server)
+        else:
+            self.collectives.rolled_back()
 
     # -- liveness and leaving ------------------------------------------------------------
 

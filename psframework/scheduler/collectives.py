@@ -38,12 +38,13 @@ class _StorageOp:
 
 class Collectives:
     def __init__(self, roster: Roster, send: Send, shard_map: Callable[[], Optional[dict]],
-                 optimizer: Callable[[], Optional[dict]]):
+                 optimizer: Callable[[], Optional[dict]], rollback: Callable[[], tuple[int, int]]):
         self.roster = roster
         self.config = roster.config
         self._send = send
         self._shard_map = shard_map
         self._optimizer = optimizer
+        self._rollback = rollback  # the job's rollback epoch and the step it went back to
         self._barriers: dict[int, dict[int, bytes]] = {}  # seq -> worker -> its peer
         self.barrier_seq_done = 0
         self._collecting: dict[type, dict[int, tuple[bytes, WorkerPart]]] = {P.Checkpoint: {}, P.Restore: {}}
@@ -66,6 +67,11 @@ class Collectives:
                                                  "call register() first")
         if self._storage is not None:
             raise P.Rejected(P.CHECKPOINT_ERROR, f"worker {node.rank}: a checkpoint operation is already running")
+        epoch, step = self._rollback()
+        if isinstance(message, P.Checkpoint) and message.rollback < epoch:
+            raise P.Rejected(P.ROLLED_BACK, f"worker {node.rank}: the job went back to the checkpoint of step {step}; "
+                                            "this checkpoint's step counts from before: go on from there",
+                             rollback=epoch, step=step)
         self._collecting[type(message)][node.rank] = (peer, message)
         self.recheck()
 
@@ -180,12 +186,25 @@ class Collectives:
             self._abandon(f"{server} died before it {done} its shards ({server.reason}); nothing was written: "
                           "call it again once the server is back")
 
-    def _abandon(self, why: str) -> None:
+    def rolled_back(self) -> None:
+        """The job went back to a checkpoint: a checkpoint collected or saved across that would hold the
+        restored state under a later step's name (or a mix), so none is written; a restore in progress
+        is overtaken by the rollback's own."""
+        epoch, step = self._rollback()
+        why = (f"the job went back to the checkpoint of step {step} (a server was restarted) meanwhile; "
+               f"nothing was written: go on from step {step}")
+        error = P.Error(kind=P.ROLLED_BACK, message=f"checkpoint abandoned: {why}", rollback=epoch, step=step)
+        self._answer_all(self._collecting[P.Checkpoint], error)
+        self._collecting[P.Checkpoint] = {}
+        if self._storage is not None:
+            self._abandon(why, P.ROLLED_BACK, rollback=epoch, step=step)
+
+    def _abandon(self, why: str, kind: str = P.CHECKPOINT_ERROR, **extra: int) -> None:
         """End the checkpoint or restore in progress with an error for every worker in it."""
         op, self._storage = self._storage, None
         text = f"{op.kind.__name__.lower()} {op.directory.name} abandoned: {why}"
         log.error("%s", text)
-        self._answer_all(op.waiting, P.Error(kind=P.CHECKPOINT_ERROR, message=text))
+        self._answer_all(op.waiting, P.Error(kind=kind, message=text, **extra))
 
     def _answer_all(self, waiting: dict[int, tuple[bytes, WorkerPart]], message: P.Message) -> None:
         for peer, _ in waiting.values():

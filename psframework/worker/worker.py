@@ -232,10 +232,9 @@ class Worker:
         """
         self._require_registered("save_checkpoint")
         self.client.wait_all()
-        reply = self.membership.request(
-            P.Checkpoint(rank=self.rank, directory=str(directory), step=self.steps if step is None else int(step)),
-            expect=P.CheckpointDone)
-        return reply.path
+        part = P.Checkpoint(rank=self.rank, directory=str(directory), step=self.steps if step is None else int(step),
+                            rollback=self.client.rollback)  # steps count from the last rollback this client drew
+        return self.membership.request(part, expect=P.CheckpointDone).path
 
     def load_checkpoint(self, directory: str) -> Optional[int]:
         """Collective: restore the newest complete checkpoint under ``directory`` on every server and

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import psframework as ps
+from tests.threads import run_in_threads
 
 CHUNK = 4096
 N = 4000  # 16 KB: 4 blocks over two servers
@@ -142,3 +143,53 @@ def test_a_checkpoint_never_starts_with_the_part_of_a_dead_worker_in_place_of_a_
         path = worker.save_checkpoint(root, step=7)
     manifest = json.loads((root / "step-00000007" / "manifest.json").read_text())
     assert path.endswith("step-00000007") and manifest["worker_steps"] == {"1": 7}
+
+
+def _two_workers(cluster: ps.LocalCluster) -> tuple[list[ps.Worker], list[dict]]:
+    def join(rank: int):
+        worker, params = ps.init(scheduler=cluster.scheduler, rank=rank), {"big": torch.zeros(N)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        return worker, params
+
+    return tuple(map(list, zip(*run_in_threads(2, join, timeout=60))))
+
+
+def _save_together(workers: list[ps.Worker], root) -> list[str]:
+    calls = [Background(lambda w=w: w.save_checkpoint(root), w) for w in workers]
+    return [call.result(timeout=30) for call in calls]
+
+
+def test_a_checkpoint_collected_across_a_rollback_is_abandoned(make_cluster, tmp_path):
+    """Finding 6: worker 1 hands in its part of the checkpoint of step 4; server 1 is restarted
+    and the job goes back to step 2; worker 0 then hands in its part (step 2). That checkpoint used
+    to be written as step-00000004 holding the state of step 2; now worker 1's part fails with a
+    RolledBackError naming step 2, nothing is written, and the next checkpoint is right."""
+    cluster = restartable(make_cluster, tmp_path, num_workers=2)
+    root = tmp_path / "ckpt"
+    workers, params = _two_workers(cluster)
+    try:
+        for _ in range(2):
+            for w, p in zip(workers, params):
+                push_until_ok(w, p)
+        _save_together(workers, root)  # step 2: w = -4
+        for _ in range(2):
+            for w, p in zip(workers, params):
+                push_until_ok(w, p)
+        late = Background(lambda: workers[1].save_checkpoint(root), workers[1])
+        time.sleep(0.5)  # its part is at the scheduler
+        restart_server(cluster, 1)
+        wait_for(lambda: workers[0].membership.rollback == (1, 2), 30, "worker 0 hearing of the rollback")
+        early = Background(lambda: workers[0].save_checkpoint(root), workers[0])
+        with pytest.raises(ps.RolledBackError) as info:
+            late.result(timeout=10)
+        assert info.value.step == 2 and not (root / "step-00000004").exists()
+        push_until_ok(workers[1], params[1])  # worker 1 goes on from step 2: w = -5
+        assert workers[1].save_checkpoint(root).endswith("step-00000003")
+        assert early.result(timeout=10).endswith("step-00000003")
+        manifest = json.loads((root / "step-00000003" / "manifest.json").read_text())
+        assert manifest["worker_steps"] == {"0": 2, "1": 3}
+        workers[0].pull(params[0]).wait(timeout=10)
+        assert torch.equal(params[0]["big"], torch.full((N,), -5.0)), params[0]["big"]
+    finally:
+        for w in workers:
+            w.close()
