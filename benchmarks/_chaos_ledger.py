@@ -27,9 +27,10 @@ class Ledger:
     An acknowledged push adds one. A rollback to a checkpoint takes the count back to what it was
     when that checkpoint was written (the scheduler logs each write): every worker that took part
     had drained its pushes and waited in the collective then, and one that did not take part had
-    nothing in flight but, if it was killed, one push. A name can be written twice (the first
-    checkpoint after a rollback, before any push, has the same step), so the write that counts is
-    the last one before the rollback was first heard of.
+    nothing in flight but, if it was killed, one push. A step can be written twice (the first
+    checkpoint after a rollback, before any push, has the same step: ``step-N-1``, or ``step-N``
+    again before psframework gave it a name of its own), so the write that counts is the last one of
+    that step before the rollback was first heard of.
 
     A checkpoint that started without this worker (its part refused: "already running") is no cut
     through its pushes: those acknowledged between the refusal and the write may or may not be in
@@ -72,7 +73,8 @@ class Ledger:
     def roll_back(self, epoch: int, step: int, t: float) -> None:
         name = f"step-{step:08d}"
         before = min(self.heard.get(epoch, t), t)
-        written = [w for w in self.writes.get(name, []) if w < before]
+        written = sorted(w for n, ts in self.writes.items() if n == name or n.startswith(f"{name}-") for w in ts
+                         if w < before)
         if not written:
             self.unknown.append(name)
             return

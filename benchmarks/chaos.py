@@ -67,7 +67,7 @@ DEAD = re.compile(r"PS_DEAD role=(\w+) rank=(\d+) host=\S+ pid=(\d+) reason=(.*)
 REJOINED = re.compile(r"worker (\d+) on host \S+ \(pid (\d+)\) rejoined the job")
 ACTIVATED = re.compile(r"worker (\d+) takes part again from the servers' next step")
 ROLLED = re.compile(r"^(\S+ \S+) scheduler WARNING (the job rolled back (\d+) steps, from about step (\d+) to step "
-                    r"(\d+): (.*) restarted, and every server reloaded (step-\d+))")
+                    r"(\d+): (.*) restarted, and every server reloaded (step-\d+(?:-\d+)?))")
 
 
 @dataclass

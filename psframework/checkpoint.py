@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     D/step-00000007/server-0.pt      one file per server: its blocks, optimizer state and clocks
     D/step-00000007/server-1.pt
     D/step-00000007/manifest.json    written last: shard map, mode, sha256 of every file
+    D/step-00000007-1/...            step 7 again, after the job went back to it (``directory_for``)
 
 A checkpoint exists once its manifest does. Every file is written to a temporary name, fsynced
 and renamed, so a crash in the middle leaves the previous checkpoint intact and loadable.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -25,11 +27,21 @@ from .errors import CheckpointError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_TAG = re.compile(r"^step-(\d{8,})$")
+_TAG = re.compile(r"^step-(\d{8,})(?:-(\d+))?$")
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def directory_for(root: Path, step: int) -> Path:
+    """Where a new checkpoint of ``step`` goes: ``step-N``, or ``step-N-1``, ``step-N-2``... where a
+    complete checkpoint already has that name (the first one after the job went back to step N,
+    before any push, has step N too). A complete checkpoint is never rewritten in place: a rollback
+    during the rewrite would find files that do not match its manifest. The later one is found first."""
+    tag = tag_for(step)
+    names = (f"{tag}-{n}" if n else tag for n in itertools.count())
+    return next(root / name for name in names if not (root / name / MANIFEST).exists())
 
 
 def write_atomic(path: Path, data: bytes) -> str:
@@ -102,8 +114,9 @@ def find_latest(root: Path) -> Optional[tuple[Path, dict[str, Any]]]:
     """The newest checkpoint under ``root`` whose manifest is complete, or None if there is none."""
     if not root.is_dir():
         return None
-    candidates = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
-    for _, directory in reversed(candidates):
+    candidates = sorted((int(m.group(1)), int(m.group(2) or 0), p) for p in root.iterdir()
+                        if (m := _TAG.match(p.name)) and p.is_dir())
+    for _, _, directory in reversed(candidates):
         try:
             return directory, read_manifest(directory)
         except CheckpointError:

@@ -121,7 +121,7 @@ class Collectives:
         first = waiting[min(waiting)][1]
         self._last_directory = first.directory
         step = max(part.step for _, part in waiting.values())
-        directory = Path(first.directory) / checkpoint.tag_for(step)
+        directory = checkpoint.directory_for(Path(first.directory), step)
         self._storage = _StorageOp(P.Checkpoint, waiting, directory, step)
         for rank in range(self.config.num_servers):
             self._send(self.roster.server(rank).identity, P.Save(path=str(_server_file(directory, rank))))

@@ -34,6 +34,7 @@ class Rollback:
         self._loading: set[int] = set()  # servers that have not reloaded yet
         self._restarted: list[Node] = []  # published once every server has reloaded
         self._directory: Optional[Path] = None
+        self._from_step = 0  # the most steps a live worker had reported when the job went back
 
     def start(self, restarted: Node) -> Optional[str]:
         """A restarted server has its blocks: every server reloads the newest checkpoint. Returns why
@@ -45,6 +46,10 @@ class Rollback:
         self._directory, manifest = found
         self.epoch += 1
         self.step = int(manifest["step"])
+        # now, before the workers hear of it and count from the checkpoint's step; never below that
+        # step (a worker that joined late counts its own pushes only)
+        reported = [int(n.stats.get("steps", 0)) for n in self.roster.workers() if n.state == LIVE]
+        self._from_step = max(self._from_step, self.step, *reported)
         self._restarted.append(restarted)
         for rank in range(self.roster.config.num_servers):
             name = f"server-{rank}.pt"
@@ -61,15 +66,14 @@ class Rollback:
         self._loading.discard(server.rank)
         if self._loading:
             return True
-        newest = max((int(n.stats.get("steps", 0)) for n in self.roster.workers()), default=0)
         for node in self._restarted:
             node.state = LIVE
             node.last_seen = time.monotonic()
             self.roster.publish(node)
         names = ", ".join(f"server {n.rank}" for n in self._restarted)
-        self._restarted = []
+        newest, self._restarted, self._from_step = self._from_step, [], 0
         log.warning("the job rolled back %d steps, from about step %d to step %d: %s restarted, and every server "
-                    "reloaded %s", max(0, newest - self.step), newest, self.step, names, self._directory.name)
+                    "reloaded %s", newest - self.step, newest, self.step, names, self._directory.name)
         return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -75,17 +76,26 @@ def restart_server(cluster: ps.LocalCluster, rank: int, name: Optional[str] = No
     return cluster.restart_server(rank)
 
 
-def push_until_ok(worker: ps.Worker, params: dict, value: float = 1.0, timeout: float = 30) -> int:
-    """One push_pull that succeeds, after the RolledBackErrors of a rollback; returns how many failed."""
+def push_until_ok(worker: ps.Worker, params: dict, times: int = 1, timeout: float = 30) -> int:
+    """``times`` push_pulls of ones that succeed, each after the RolledBackErrors of a rollback;
+    returns how many failed."""
     failed = 0
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            worker.push_pull({k: torch.full_like(v, value) for k, v in params.items()}, into=params).wait(timeout)
-            return failed
-        except ps.RolledBackError:
-            failed += 1
-            assert time.monotonic() < deadline, "no push succeeded after the rollback"
+    for _ in range(times):
+        while True:
+            try:
+                worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout)
+                break
+            except ps.RolledBackError:
+                failed += 1
+                assert time.monotonic() < deadline, "no push succeeded after the rollback"
+    return failed
+
+
+def one_worker(cluster: ps.LocalCluster) -> tuple[ps.Worker, dict]:
+    worker, params = ps.init(scheduler=cluster.scheduler), {"big": torch.zeros(N)}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    return worker, params
 
 
 def restartable(make_cluster, tmp_path, **kwargs) -> ps.LocalCluster:
@@ -102,11 +112,9 @@ def test_a_server_dying_during_a_checkpoint_fails_it_and_the_next_one_is_written
     was refused as "already running"); once the server is back the next checkpoint is written."""
     cluster = restartable(make_cluster, tmp_path)
     root = tmp_path / "ckpt"
-    with ps.init(scheduler=cluster.scheduler) as worker:
-        params = {"big": torch.zeros(N)}
-        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
-        for _ in range(2):
-            push_until_ok(worker, params)
+    worker, params = one_worker(cluster)
+    with worker:
+        push_until_ok(worker, params, 2)
         worker.save_checkpoint(root)  # step 2: what the restarted server brings the job back to
         push_until_ok(worker, params)
         try:
@@ -174,7 +182,7 @@ def test_a_checkpoint_collected_across_a_rollback_is_abandoned(make_cluster, tmp
         _save_together(workers, root)  # step 2: w = -4
         for _ in range(2):
             for w, p in zip(workers, params):
-                push_until_ok(w, p)
+                push_until_ok(w, p)  # in turn: worker 0's last answer had -7
         late = Background(lambda: workers[1].save_checkpoint(root), workers[1])
         time.sleep(0.5)  # its part is at the scheduler
         restart_server(cluster, 1)
@@ -193,3 +201,26 @@ def test_a_checkpoint_collected_across_a_rollback_is_abandoned(make_cluster, tmp
     finally:
         for w in workers:
             w.close()
+
+
+def test_the_first_checkpoint_after_a_rollback_never_rewrites_the_one_the_job_went_back_to(make_cluster, tmp_path):
+    """Finding 8: right after the job went back to step-00000009 the next checkpoint has step 9 too;
+    it used to rewrite step-00000009 in place (a rollback in the middle would find files that do not
+    match the manifest). It goes to a directory of its own now, which the next rollback finds first.
+    And the rollback's log line never says it went back from a step lower than the one it went to
+    (here the worker had reported 5 steps: its checkpoint was given step 9)."""
+    cluster = restartable(make_cluster, tmp_path)
+    root = tmp_path / "ckpt"
+    worker, params = one_worker(cluster)
+    with worker:
+        push_until_ok(worker, params, 3)
+        worker.save_checkpoint(root, step=9)
+        push_until_ok(worker, params, 2)
+        first = {p.name: p.read_bytes() for p in (root / "step-00000009").iterdir()}
+        restart_server(cluster, 1)
+        wait_for(lambda: worker.membership.rollback == (1, 9), 30, "the rollback")
+        path = worker.save_checkpoint(root)  # step 9 again, nothing pushed since the rollback
+        assert path.endswith("step-00000009-1"), path
+        assert {p.name: p.read_bytes() for p in (root / "step-00000009").iterdir()} == first
+    log = cluster.output("scheduler", 100)
+    assert re.search(r"rolled back 0 steps, from about step 9 to step 9: .* reloaded step-00000009$", log, re.M), log

@@ -38,6 +38,9 @@ def test_replay_takes_a_rollback_back_to_the_last_write_of_its_checkpoint():
     ledger = chaos.replay(records, {"step-00000002": [3.0, 9.0]}, epochs, last_epoch=1)
     assert (ledger.acked, ledger.lost, ledger.expected, dict(ledger.failed)) == (4, 1, 3, {"X": 1})
     assert ledger.mismatches == [] and ledger.unknown == []
+    # psframework now names the second checkpoint of a step step-N-1: it counts as a write of step N
+    renamed = chaos.replay(records, {"step-00000002-1": [3.0], "step-00000002": [1.5]}, epochs, last_epoch=1)
+    assert (renamed.acked, renamed.lost, renamed.expected) == (4, 1, 3) and renamed.unknown == []
     # a process that died before the rollbacks did not hear them: replayed at the end all the same,
     # each at its time (the second goes back to step-3, written after the first rollback)
     epochs = chaos.Epochs(steps={1: 2, 2: 3}, heard={1: 4.5, 2: 12.0})

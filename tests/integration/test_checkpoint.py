@@ -117,6 +117,12 @@ def test_write_atomic_and_find_latest(tmp_path):
     (tmp_path / "c" / checkpoint.tag_for(11)).mkdir()  # incomplete
     directory, manifest = checkpoint.find_latest(tmp_path / "c")
     assert directory.name == "step-00000010" and manifest["step"] == 10
+    # a second checkpoint of step 10 (after the job went back to it) gets a name of its own, found first
+    again = checkpoint.directory_for(tmp_path / "c", 10)
+    assert again.name == "step-00000010-1" and checkpoint.directory_for(tmp_path / "c", 11).name == "step-00000011"
+    checkpoint.write_manifest(again, {"step": 10, "files": {}})
+    assert checkpoint.find_latest(tmp_path / "c")[0] == again
+    assert checkpoint.directory_for(tmp_path / "c", 10).name == "step-00000010-2"
     checkpoint.write_manifest(tmp_path / "d" / "step-00000001", {"step": 1, "files": {"x.pt": {}}})
     with pytest.raises(ps.CheckpointError, match="x.pt, which is missing"):
         checkpoint.read_manifest(tmp_path / "d" / "step-00000001")
