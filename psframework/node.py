@@ -22,6 +22,7 @@ from .transport import Socket, Transport
 log = logging.getLogger("psframework.node")
 
 POLL_SLICE = 0.1  # longest a blocking wait goes without checking liveness
+STOPPED = 5 * POLL_SLICE  # the heartbeat thread did not run for this long: this process was stopped (or starved)
 
 
 def describe(node: P.NodeInfo) -> str:
@@ -47,7 +48,9 @@ class _Heartbeat(threading.Thread):
                 sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, token=m.welcome.token, stats=m.stats))])
                 deadline = time.monotonic() + m.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
-                    if m.transport.poll([sock], min(left, POLL_SLICE)):
+                    ready = m.transport.poll([sock], min(left, POLL_SLICE))
+                    m.tick()  # before the answers: time stopped before an answer is no silence after it
+                    if ready:
                         self._receive(sock)
         except Exception as exc:  # a dying heartbeat must surface as a liveness failure, not vanish
             m.record_failure(f"heartbeat thread failed: {exc!r}")
@@ -86,7 +89,8 @@ class Membership:
         self.elastic = welcome.elastic
         self.stats: dict = {}
         self._lock = threading.Lock()
-        self._last_ack = time.monotonic()
+        self._last_ack = self._last_tick = time.monotonic()
+        self._stopped = 0.0  # seconds since the last ack that this process did not run (SIGSTOP)
         self._dead: list[P.NodeInfo] = []
         self._left: set[int] = set()
         self._departed: set[int] = set()
@@ -103,9 +107,19 @@ class Membership:
 
     # -- what the heartbeat thread records --------------------------------------------------
 
+    def tick(self) -> None:
+        """The heartbeat thread runs (every poll slice): a long gap since it last ran is time this
+        process was stopped, which is no silence of the scheduler's."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_tick > STOPPED:
+                self._stopped += now - self._last_tick
+            self._last_tick = now
+
     def record_ack(self, ack: P.HeartbeatAck) -> None:
         with self._lock:
-            self._last_ack = time.monotonic()
+            self._last_ack = self._last_tick = time.monotonic()
+            self._stopped = 0.0
             self._shutdown = ack.shutdown
             if ack.epoch < self._epoch:
                 return  # sent before a membership change we already know of
@@ -191,7 +205,7 @@ class Membership:
         if self._interrupted:
             raise ClosedError(f"{self.role} {self.rank} is closing: its waits are interrupted")
         with self._lock:
-            silent = time.monotonic() - self._last_ack
+            silent = self._silence(time.monotonic())
             dead = list(self._dead)
             failure = self._failure
         if failure:
@@ -208,6 +222,13 @@ class Membership:
             raise PeerLostError(
                 f"the scheduler at {self.scheduler} has not answered heartbeats for {silent:.1f} s "
                 f"(timeout {self.timeout} s); it has probably died", role="scheduler", rank=0)
+
+    def _silence(self, now: float) -> float:
+        """How long the scheduler has not answered while this process ran. Time it was stopped
+        (SIGSTOP) does not count: that the heartbeat thread has not run since is seen here too, before
+        it runs again, so the first wait after a long stop does not blame the scheduler."""
+        unseen = now - self._last_tick
+        return now - self._last_ack - self._stopped - (unseen if unseen > STOPPED else 0.0)
 
     def interrupt(self) -> None:
         """Make every wait that checks liveness (in any thread) end with ``ClosedError``, until ``resume()``."""

@@ -159,9 +159,13 @@ class Client:
         return sock.send(frames, check=self.membership.check, track=track)
 
     def progress(self, timeout: float) -> None:
-        """Receive the replies that arrive within ``timeout`` seconds (after a liveness check)."""
-        self.membership.check()
-        for sock in self.transport.poll(self.servers, timeout):
+        """Receive the replies that arrive within ``timeout`` seconds. Liveness is checked only when
+        none is waiting: an answer already here is taken whatever happened since it came."""
+        ready = self.transport.poll(self.servers, 0)
+        if not ready:
+            self.membership.check()
+            ready = self.transport.poll(self.servers, timeout)
+        for sock in ready:
             while self.transport.poll([sock], 0):
                 self._receive_reply(sock)
 

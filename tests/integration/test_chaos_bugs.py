@@ -224,3 +224,46 @@ def test_the_first_checkpoint_after_a_rollback_never_rewrites_the_one_the_job_we
         assert {p.name: p.read_bytes() for p in (root / "step-00000009").iterdir()} == first
     log = cluster.output("scheduler", 100)
     assert re.search(r"rolled back 0 steps, from about step 9 to step 9: .* reloaded step-00000009$", log, re.M), log
+
+
+# ---------------------------------------------------------------------------------------- stopped processes
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def stopped_victim(cluster: ps.LocalCluster, worker_procs, tmp_path):
+    """Worker 0 runs tests/integration/worker_tasks.py:stop_myself; the caller is worker 1. Once the
+    victim stopped itself and was declared dead, it is continued; returns its result and the
+    servers' w as worker 1 pulled it just before that."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    victim = worker_procs(cluster, "stop_myself", 1, flag_dir=str(flags))
+    pid = victim.procs[0].pid
+    with ps.init(scheduler=cluster.scheduler, rank=1) as worker:
+        params = {"w": torch.zeros(2)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        try:
+            wait_for(lambda: (flags / "stopping").exists() and _stopped(pid), 15, "the victim stopping itself")
+            wait_for(lambda: 0 in worker.membership.departed_workers, 15, "worker 0 declared dead")
+            time.sleep(1.0)  # the server has heard it too
+            worker.pull(params).wait(timeout=10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        result = victim.join_one(0, timeout=30)
+        worker.pull(params).wait(timeout=10)
+    return result, params["w"]
+
+
+def test_a_worker_stopped_past_the_timeout_reads_its_answer_instead_of_blaming_the_scheduler(make_cluster,
+                                                                                              worker_procs, tmp_path):
+    """Finding 4: a worker stopped (SIGSTOP) for longer than the heartbeat timeout, with the answer
+    to its push waiting, used to fail that push with "the scheduler ... has not answered heartbeats
+    ... it has probably died": its own stopped time counted as the scheduler's silence, and the
+    liveness check came before the answer already there was read. The push was applied."""
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", elastic=True)
+    result, w = stopped_victim(cluster, worker_procs, tmp_path)
+    assert result["check"] is None and result["first"] is None, result
+    assert w[1].item() <= -1.0
