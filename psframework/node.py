@@ -153,6 +153,11 @@ class Membership:
         with self._lock:
             return {d.rank for d in self._dead if d.role == "worker"}
 
+    def declared_dead(self, worker: int) -> bool:
+        """Whether the scheduler declared this worker dead (and no new process took its rank since)."""
+        with self._lock:
+            return worker in self._departed or any(d.role == "worker" and d.rank == worker for d in self._dead)
+
     @property
     def departed_workers(self) -> set[int]:
         """Workers an elastic job goes on without (they died; another may take their place)."""

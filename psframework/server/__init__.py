@@ -67,7 +67,7 @@ class Server:
         self.answers: Optional[Answers] = None
         self.requests: Optional[Requests] = None
         self.credits = ReplyCredits(config.peer_buffer_bytes)
-        self._speakers = Speakers()
+        self._speakers = Speakers(lambda worker: self.membership.declared_dead(worker))
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._garbage_log = RateLimitedLog(log)
 

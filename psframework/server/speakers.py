@@ -4,13 +4,16 @@ A worker's first message on a connection is an ``Introduce`` with the token the 
 alone; the server checks it against the token's sha256, which it has from the scheduler (in its
 welcome, or in the ``Activate`` of a worker that joined late), and binds the connection to that
 worker. Every later message on the connection must speak for that worker and no other: the rank in
-a request, an attach (a lane), a mark. A connection that has not introduced itself gets nothing.
+a request, an attach (a lane), a mark. A connection that has not introduced itself gets nothing, nor
+does a worker the scheduler declared dead (the job went on without it), from the moment this server
+hears of it until a new process takes its rank.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from typing import Callable
 
 from .. import protocol as P
 from ..logs import RateLimitedLog
@@ -19,7 +22,8 @@ log = logging.getLogger("psframework.server")
 
 
 class Speakers:
-    def __init__(self) -> None:
+    def __init__(self, declared_dead: Callable[[int], bool] = lambda worker: False) -> None:
+        self._declared_dead = declared_dead
         self._keys: dict[int, str] = {}  # worker -> sha256 of its token
         self._bound: dict[bytes, int] = {}  # connection -> the worker it introduced itself as
         self._refusals = RateLimitedLog(log)
@@ -51,6 +55,12 @@ class Speakers:
             self._refusals.warning("refused %s from %r: it claims worker %d but introduced itself as worker %d",
                                    type(message).__name__, peer, claimed, bound)
             raise P.Rejected(P.PROTOCOL, f"a message for worker {claimed} on a connection of worker {bound}")
+        if self._declared_dead(bound):
+            self._refusals.warning("refused %s from worker %d: the scheduler declared it dead", type(message).__name__,
+                                   bound)
+            raise P.Rejected(P.PEER_LOST, f"worker {bound} was declared dead by the scheduler (its heartbeats "
+                                          "stopped) and the job went on without it; the servers refuse its requests: "
+                                          "end this process (a new worker may take its rank)")
 
 
 __all__ = ["Speakers"]

@@ -267,3 +267,14 @@ def test_a_worker_stopped_past_the_timeout_reads_its_answer_instead_of_blaming_t
     result, w = stopped_victim(cluster, worker_procs, tmp_path)
     assert result["check"] is None and result["first"] is None, result
     assert w[1].item() <= -1.0
+
+
+def test_a_worker_declared_dead_cannot_push_any_more(make_cluster, worker_procs, tmp_path):
+    """Finding 3: a worker stopped until it was declared dead is continued and pushes again: the
+    server refuses that push, with an error that says so (it used to apply it, on the connection the
+    worker had introduced, until another process took the rank)."""
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", elastic=True)
+    result, w = stopped_victim(cluster, worker_procs, tmp_path)
+    assert result["second"] is not None and "worker 0" in result["second"] and "declared dead" in result["second"], \
+        result
+    assert w.tolist() == [0.0, -1.0]  # its first push only, from before its death
