@@ -26,7 +26,7 @@ from typing import Optional
 from .hostfile import HostEntry
 from .hosts import split_host_port
 from .placement import JobLayout, plan_job
-from ..config import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PEER_BUFFER_BYTES, SchedulerConfig,
+from ..config import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PEER_BUFFER_BYTES, SchedulerConfig,
                       Timing, exported_value)
 from ..errors import ConfigError
 from ..security import MECHANISMS
@@ -85,7 +85,7 @@ class LaunchConfig:
     forward_env: tuple[tuple[str, str], ...] = ()
     log_dir: Optional[str] = None
     timing: Timing = field(default_factory=Timing)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: Optional[int] = None  # None: by where the shards are (SchedulerConfig)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .errors import ConfigError
-from .sharding import DEFAULT_CHUNK_BYTES
+from .sharding import DEFAULT_CHUNK_BYTES, default_chunk_bytes
 
 MODES = ("sync", "async", "ssp")
 DEFAULT_PEER_BUFFER_BYTES = 256 << 20
@@ -47,6 +47,7 @@ ENV_VARS = {
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
+    "PS_CUDA_IPC": "0: GPU workers and GPU servers of one host use the shared-memory lanes, not device lanes by CUDA IPC (default 1)",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -82,7 +83,7 @@ class SchedulerConfig:
     staleness: int = 2
     bind_host: str = "127.0.0.1"
     port: int = 0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: Optional[int] = None  # None: by where the shards are (sharding.default_chunk_bytes)
     server_device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timing: Timing = field(default_factory=Timing)
@@ -95,6 +96,8 @@ class SchedulerConfig:
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
 
     def __post_init__(self) -> None:
+        if self.chunk_bytes is None:
+            object.__setattr__(self, "chunk_bytes", default_chunk_bytes(self.server_device))
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
@@ -206,7 +209,7 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         mode=_env(env, "PS_MODE", str, "sync"),
         staleness=_env(env, "PS_STALENESS", int, 2),
         bind_host=_env(env, "PS_BIND", str, "127.0.0.1"),
-        chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, DEFAULT_CHUNK_BYTES),
+        chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, None),
         server_device=_env(env, "PS_SERVER_DEVICE", str, None),
         max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
         timing=timing_from_env(env),
@@ -229,7 +232,7 @@ class Tuning:
     """Settings without a ps-launch option that ps-launch passes on from its own environment."""
 
     timing: Timing = field(default_factory=Timing)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: Optional[int] = None  # None: the job's default (SchedulerConfig)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "INFO"
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
@@ -238,7 +241,7 @@ class Tuning:
 def tuning_from_env(environ: Optional[Mapping[str, str]] = None) -> Tuning:
     env = os.environ if environ is None else environ
     return Tuning(timing=timing_from_env(env),
-                  chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, DEFAULT_CHUNK_BYTES),
+                  chunk_bytes=_env(env, "PS_CHUNK_BYTES", int, None),
                   max_message_bytes=_env(env, "PS_MAX_MESSAGE_BYTES", int, DEFAULT_MAX_MESSAGE_BYTES),
                   log_level=log_level_from_env(env),
                   peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES))

@@ -54,14 +54,14 @@ class DeviceLane(Slots):
         memory[:TOKEN_BYTES].copy_(token)
         return cls(memory, offsets, area)
 
-    def export(self, rank: int) -> P.AttachDevice:
-        """What a server needs to map this lane (sent with the request id filled in by the caller)."""
+    def export(self, rank: int, req: int) -> P.AttachDevice:
+        """What a server needs to map this lane: the request that offers it."""
         (device, handle, size, offset, counter_handle, counter_offset, event_handle,
          event_sync) = self.memory.untyped_storage()._share_cuda_()
-        return P.AttachDevice(req=0, rank=rank, token=self.token, device=int(device), handle=bytes(handle),
+        return P.AttachDevice(req=req, rank=rank, token=self.token, device=int(device), handle=bytes(handle),
                               size=int(size), offset=int(offset), counter_handle=bytes(counter_handle),
                               counter_offset=int(counter_offset),
-                              event_handle=bytes(event_handle) if event_handle else b"",
+                              event_handle=bytes(event_handle or b""),
                               event_sync=bool(event_sync), nbytes=self.memory.numel())
 
     @classmethod
@@ -76,7 +76,7 @@ class DeviceLane(Slots):
         storage = torch.UntypedStorage._new_shared_cuda(
             device.index if device.index is not None else torch.cuda.current_device(), message.handle,
             message.size, message.offset, message.counter_handle, message.counter_offset,
-            message.event_handle or None, message.event_sync)
+            message.event_handle, message.event_sync)
         whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         lane = cls(whole[:expected], offsets, area)
         if lane.token != message.token:

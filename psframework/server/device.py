@@ -44,7 +44,8 @@ class DeviceIO:
         raise NotImplementedError
 
     def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
-        """Gradients of ``segs`` from ``host``, a flat tensor laid out like the block (a lane slot)."""
+        """Gradients of ``segs`` from ``host``, a flat tensor laid out like the block (a lane slot,
+        in host memory or, for a device lane, on a GPU)."""
         raise NotImplementedError
 
     def order_after_upload(self, pushed: Pushed) -> None:
@@ -167,13 +168,13 @@ class CudaIO(DeviceIO):
         the device: a stream of ours that waits keeps our process on a GPU that a worker's backward
         pass is using, so our kernels go out only once the upload has landed (``Sync.apply_due``)."""
         whole = None
-        with torch.cuda.stream(self.upload):
+        with torch.cuda.stream(self.upload):  # copy=True: a device lane's slot is on a GPU already
             if state.covers(segs):
-                whole = host.to(self.device, non_blocking=True)
+                whole = host.to(self.device, non_blocking=True, copy=True)
                 values, fresh = state.split(whole), [whole]
             else:
                 views = state.split(host)
-                values = {i: views[i].to(self.device, non_blocking=True) for i in segs}
+                values = {i: views[i].to(self.device, non_blocking=True, copy=True) for i in segs}
                 fresh = list(values.values())
         uploaded = torch.cuda.Event()
         uploaded.record(self.upload)

@@ -1,9 +1,11 @@
-"""The worker's end of the shared-memory lanes (``psframework/datapath/lane.py``).
+"""The worker's end of the lanes: shared memory (``datapath/lane.py``) and CUDA IPC (``datapath/cuda_ipc.py``).
 
-After ``register`` the worker offers every server a lane; the servers of its own host map it.
-A request that goes through a lane reserves its block's slots, writes its gradients into the push
-slot, sends only the header, and once answered copies the values out of the pull slot (straight
-onto the GPU for a GPU destination) and frees the slots.
+After ``register`` the worker offers every server a lane; the servers of its own host map it. A
+worker whose tensors are on a GPU then offers the servers that took its lane a device lane, which
+GPU servers map by CUDA IPC; their blocks go through it, the others' through the lane. A request
+that goes through either reserves its block's slots, writes its gradients into the push slot,
+sends only the header, and once answered copies the values out of the pull slot (straight onto the
+GPU for a GPU destination) and frees the slots.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from .. import protocol as P
 from ..buffers import host_copy
-from ..datapath.lane import Lane, lane_name, remove_stale_lane_files
+from ..datapath.cuda_ipc import DeviceLane
+from ..datapath.lane import Lane, Slots, lane_name, remove_stale_lane_files
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
 from .requests import Client, Future, Request
@@ -40,12 +43,15 @@ def lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Te
 
 
 class WorkerLanes:
-    def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None]):
+    def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
+                 cuda_ipc: bool = True):
         self.client = client
         self.rank = rank
         self.shard_map = shard_map
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
+        self._cuda_ipc = cuda_ipc
         self.lanes: dict[int, Lane] = {}  # by server rank
+        self.device_lanes: dict[int, DeviceLane] = {}  # by server rank
 
     def _blocks(self, server: int) -> list[tuple[int, int]]:
         return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
@@ -79,20 +85,50 @@ class WorkerLanes:
                 lane.pin(device)
         if offers:
             log.info("worker %d: shared-memory lanes to servers %s", self.rank, sorted(self.lanes))
+        if device is not None and device.type == "cuda" and self._cuda_ipc and self.lanes:
+            self._attach_devices(device)
 
-    def request_attach(self, server: int, lane: Lane) -> Future:
+    def _attach_devices(self, device: torch.device) -> None:
+        """Offer a device lane to each server that took our lane; GPU servers map it by CUDA IPC."""
+        offers = []
+        for server in sorted(self.lanes):
+            try:
+                lane = DeviceLane.create(device, self._blocks(server))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                log.warning("worker %d: no device lanes (%s); using the shared-memory lanes", self.rank, exc)
+                break
+            offers.append((server, lane, self.request_attach(server, lane)))
+        refused = []
+        for server, lane, future in offers:
+            try:
+                future.wait(timeout=30)
+            except PSError as exc:
+                refused.append(f"server {server}: {exc}")
+                lane.close()
+                continue
+            self.device_lanes[server] = lane
+        if self.device_lanes:
+            log.info("worker %d: device lanes (CUDA IPC) to servers %s", self.rank, sorted(self.device_lanes))
+        if refused:
+            log.info("worker %d: no device lane, the shared-memory lane instead, for %s", self.rank,
+                     "; ".join(refused))
+
+    def request_attach(self, server: int, lane: Slots) -> Future:
         future = Future(self.client)
         req = self.client.next_id()
-        attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token)
+        if isinstance(lane, DeviceLane):
+            attach = lane.export(self.rank, req)
+        else:
+            attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token)
         self.client.submit(Request(future, server, frames=[P.encode(attach)]), req)
         return future
 
     def renew(self, server: int) -> None:
-        """The new process of a restarted server gets a fresh lane with the old one's push area
+        """The new process of a restarted server gets fresh lanes with the old ones' push areas
         (requests in flight still have their gradients there)."""
         if server not in self.lanes:
             return
-        self._sync_copies()  # copies into the old push area have landed
+        self._sync_copies()  # copies into the old push areas have landed
         old = self.lanes.pop(server)
         lane = Lane.create(lane_name(self.rank, server), self._blocks(server))
         lane.copy_push_area(old)
@@ -101,23 +137,31 @@ class WorkerLanes:
         old.close()
         self.lanes[server] = lane
         self.request_attach(server, lane).on_complete(lane.mapped)
+        old_device = self.device_lanes.pop(server, None)
+        if old_device is not None:  # offered after the lane, so the server maps it after the lane
+            device_lane = DeviceLane.create(old_device.memory.device, self._blocks(server))
+            device_lane.copy_push_area(old_device)
+            old_device.close()
+            self.device_lanes[server] = device_lane
+            self.request_attach(server, device_lane)
 
-    def reserve(self, block: Block) -> Optional[Lane]:
-        """The lane for a request on ``block``, if its server has one and the block's slots are free."""
-        lane = self.lanes.get(block.server)
+    def reserve(self, block: Block) -> Optional[Slots]:
+        """The lane for a request on ``block`` (the device lane, if its server has one), if its
+        server has one and the block's slots are free."""
+        lane = self.device_lanes.get(block.server) or self.lanes.get(block.server)
         return lane if lane is not None and lane.reserve(block.block_id) else None
 
-    def answered(self, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message, ok: bool) -> None:
+    def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message,
+                 ok: bool) -> None:
         """A lane request's answer is in: copy its values out of the pull slot (if it carries them)
         and free the block's slots."""
-        lane = self.lanes.get(block.server)
-        if lane is None:
-            return
+        if lane is not self.lanes.get(block.server) and lane is not self.device_lanes.get(block.server):
+            return  # closed, or replaced for a restarted server
         to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
         for copy in copies if ok and isinstance(reply, P.Values) else ():
             source = lane_piece(lane.pull_slot, copy.block, copy.seg, copy.target.dtype)
             if copy.stream is None:
-                host_copy(copy.target, source)
+                _copy_to_host(copy.target, source)
             else:
                 targets, sources = to_devices.setdefault(copy.stream, ([], []))
                 targets.append(copy.target)
@@ -133,9 +177,16 @@ class WorkerLanes:
         lane.release(block.block_id, copied)
 
     def close(self) -> None:
-        for lane in self.lanes.values():
+        for lane in [*self.lanes.values(), *self.device_lanes.values()]:
             lane.close()
-        self.lanes = {}
+        self.lanes, self.device_lanes = {}, {}
+
+
+def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:
+    if source.is_cuda:
+        target.copy_(source)  # a host tensor pulled through a device lane: waits for the copy
+    else:
+        host_copy(target, source)
 
 
 __all__ = ["LaneCopy", "WorkerLanes", "lane_piece"]

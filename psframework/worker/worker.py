@@ -114,7 +114,8 @@ class Worker:
         self.shard_map = ShardMap.from_wire(reply.shard_map)
         self._specs = {s.name: s for s in specs}
         self._registered = tensors
-        self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize)
+        self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
+                                 self.config.cuda_ipc)
         self.client.on_server_moved = self.lanes.renew
         self.client.on_rolled_back = self._rolled_back
         self.rows = RowClient(self)

@@ -133,3 +133,15 @@ def test_reply_credits_hold_back_what_exceeds_a_peers_budget_and_release_it_in_o
     assert credits.release() == ["x", "y"] and not credits.waiting
     credits.sent(b"b", 50, None)  # copied: nothing in flight
     assert credits.room(b"b", 100)
+
+
+def test_blocks_are_larger_by_default_where_the_shards_are_on_gpus():
+    from psframework.sharding import DEFAULT_CHUNK_BYTES, GPU_CHUNK_BYTES
+
+    assert SchedulerConfig(num_workers=1, num_servers=1).chunk_bytes == DEFAULT_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cpu").chunk_bytes == DEFAULT_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda:1").chunk_bytes == GPU_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda", chunk_bytes=4096).chunk_bytes == 4096
+    env = {"PS_SERVER_DEVICE": "cuda"}
+    assert scheduler_config_from_env(env).chunk_bytes == GPU_CHUNK_BYTES
+    assert scheduler_config_from_env({**env, "PS_CHUNK_BYTES": "8192"}).chunk_bytes == 8192

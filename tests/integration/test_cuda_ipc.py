@@ -1,0 +1,191 @@
+"""Device lanes: GPU workers and GPU servers of one host exchange tensors by CUDA IPC.
+
+All marked ``gpu``: skipped where torch sees no GPU, run on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+import psframework as ps
+
+from tests.integration import models
+from tests.integration.test_core import CHUNK
+from tests.threads import run_in_threads
+
+pytestmark = pytest.mark.gpu
+GPU_VS_CPU = {"rtol": 1e-4, "atol": 1e-5}
+ONE_BLOCK = 16 << 20  # 4M float32 in one block: its update and copies take long enough to race
+
+
+def _sync_train(cluster, workers: int, optimizer: str, steps: int) -> list[tuple[dict, list]]:
+    """``models`` trained in sync mode by worker threads with their tensors on the GPU; each
+    returns its final parameters and the servers' counters."""
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {k: v.cuda() for k, v in models.make_params(17 * worker.rank).items()}
+            worker.register(params, optimizer=models.optimizer_spec(optimizer))
+            per = models.BATCH // worker.num_workers
+            for step in range(steps):
+                x, y = (t.cuda() for t in models.batch(step))
+                mine = slice(worker.rank * per, (worker.rank + 1) * per)
+                leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+                models.loss_fn(leaves, x[mine], y[mine]).backward()
+                worker.push_pull({k: v.grad for k, v in leaves.items()}, into=params).wait(timeout=30)
+            worker.barrier()
+            return {k: v.cpu() for k, v in params.items()}, worker.server_stats()
+
+    return run_in_threads(workers, work)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sync_through_device_lanes_equals_single_process_training_and_the_lanes(make_cluster, monkeypatch,
+                                                                                  optimizer):
+    """The same job through device lanes and through the shared-memory lanes (``PS_CUDA_IPC=0``):
+    bitwise the same values, equal to one process's training; only the first used CUDA IPC."""
+    steps, runs = 5, {}
+    for ipc in ("1", "0"):
+        monkeypatch.setenv("PS_CUDA_IPC", ipc)
+        cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
+        runs[ipc] = _sync_train(cluster, 2, optimizer, steps)
+    want = models.reference(optimizer, steps)
+    for params, _ in runs["1"] + runs["0"]:
+        for key, value in want.items():
+            torch.testing.assert_close(params[key], value, **GPU_VS_CPU)
+    for (through_ipc, _), (through_lanes, _) in zip(runs["1"], runs["0"]):
+        assert all(torch.equal(through_ipc[k], through_lanes[k]) for k in want)
+    ipc_stats, lane_stats = runs["1"][0][1], runs["0"][0][1]
+    assert [s["device_lanes"] for s in ipc_stats] == [[0, 1], [0, 1]]
+    assert all(s["ipc_requests"] >= 2 * steps and s["lane_requests"] == 0 for s in ipc_stats)
+    assert [s["device_lanes"] for s in lane_stats] == [[], []]
+    assert all(s["ipc_requests"] == 0 and s["lane_requests"] >= 2 * steps for s in lane_stats)
+
+
+def test_async_pushes_through_device_lanes_are_each_applied_once(make_cluster):
+    """Three workers push without waiting for their answers: every push lands exactly once, those
+    whose block was still held by an earlier request going over the socket instead."""
+    workers, pushes = 3, 30
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode="async", chunk_bytes=1 << 18,
+                           server_device="cuda")
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"big": torch.zeros(300000, device="cuda"), "small": torch.zeros((), device="cuda")}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            futures = [worker.push({n: torch.full_like(t, float(worker.rank * 100 + k + 1)) for n, t in params.items()})
+                       for k in range(pushes)]
+            for future in futures:
+                future.wait(timeout=30)
+            worker.barrier()
+            worker.pull(params).wait(timeout=30)
+            return {n: t.cpu() for n, t in params.items()}, worker.server_stats(), len(worker.shard_map.blocks)
+
+    expected = -float(sum(r * 100 + k + 1 for r in range(workers) for k in range(pushes)))
+    results = run_in_threads(workers, work)
+    for params, _, _ in results:
+        assert torch.equal(params["big"], torch.full((300000,), expected))
+        assert params["small"].item() == expected
+    stats, blocks = results[0][1], results[0][2]
+    assert sum(s["ipc_requests"] for s in stats) > 0
+    assert sum(s["pushes"] for s in stats) == blocks * workers * pushes  # counted per block
+
+
+def test_a_pull_through_a_device_lane_never_sees_a_block_half_updated(make_cluster):
+    """One worker pushes ones into a 16 MiB block (every element goes down by one per push) while
+    another pulls it over and over: each pull is one version of the block, every element equal."""
+    pushes = 60
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", chunk_bytes=ONE_BLOCK, server_device="cuda")
+    done = threading.Event()
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"w": torch.zeros(ONE_BLOCK // 4, device="cuda")}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            seen = set()
+            if worker.rank == 0:
+                for k in range(pushes):
+                    worker.push({"w": torch.full_like(params["w"], float(k % 3 + 1))}).wait(timeout=30)
+                done.set()
+            else:
+                while not done.is_set():
+                    worker.pull(params).wait(timeout=30)
+                    low, high = params["w"].min().item(), params["w"].max().item()
+                    assert low == high, f"a torn pull: elements from {low} to {high}"
+                    seen.add(low)
+            worker.barrier()
+            worker.pull(params).wait(timeout=30)
+            return params["w"].min().item(), params["w"].max().item(), len(seen), worker.server_stats()
+
+    results = run_in_threads(2, work)
+    final = -float(sum(k % 3 + 1 for k in range(pushes)))
+    assert all(low == high == final for low, high, _, _ in results)
+    assert results[1][2] > 1, "the reader should have seen several versions"
+    assert results[0][3][0]["device_lanes"] == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["host tensors", "server on the host", "PS_CUDA_IPC=0"])
+def test_without_cuda_ipc_the_lanes_carry_the_blocks(make_cluster, monkeypatch, where):
+    """No device lane where one side is on the host or IPC is off: the shared-memory lane instead,
+    with the same results."""
+    if where == "PS_CUDA_IPC=0":
+        monkeypatch.setenv("PS_CUDA_IPC", "0")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=CHUNK,
+                           server_device="cpu" if where == "server on the host" else "cuda")
+    device = "cpu" if where == "host tensors" else "cuda"
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(5000, device=device)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(3):
+            worker.push_pull({"w": torch.ones(5000, device=device)}, into=params).wait(timeout=30)
+        stats = worker.server_stats()[0]
+        assert worker.lanes.device_lanes == {} and stats["device_lanes"] == []
+        assert stats["lane_requests"] >= 3 and stats["ipc_requests"] == 0
+    assert torch.equal(params["w"].cpu(), torch.full((5000,), -3.0))
+
+
+def test_host_tensors_of_a_gpu_worker_go_through_its_device_lane(make_cluster):
+    """A worker registered with GPU tensors may push and pull host tensors too: copied into and out
+    of its device lane."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(5000, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        host = {"w": torch.zeros(5000)}
+        worker.push_pull({"w": torch.ones(5000)}, into=host).wait(timeout=30)
+        worker.push_pull({"w": torch.ones(5000, device="cuda")}, into=params).wait(timeout=30)
+        assert worker.server_stats()[0]["ipc_requests"] >= 2 * 5
+    assert torch.equal(host["w"], torch.full((5000,), -1.0))
+    assert torch.equal(params["w"].cpu(), torch.full((5000,), -2.0))
+
+
+def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path):
+    cluster = make_cluster(num_servers=2, num_workers=1, restart_servers=True, checkpoint_dir=tmp_path / "ckpt",
+                           chunk_bytes=CHUNK, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"big": torch.zeros(4000, device="cuda")}  # 16 KB: 4 blocks over both servers
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        ones = {"big": torch.ones(4000, device="cuda")}
+        for step in range(3):
+            worker.push_pull(ones, into=params).wait(timeout=10)
+        worker.save_checkpoint(tmp_path / "ckpt")
+        old_lane = worker.lanes.device_lanes[1]
+        os.kill(cluster.processes()["server-1"].pid, signal.SIGKILL)
+        cluster.restart_server(1)
+        with pytest.raises(ps.RolledBackError):
+            worker.push_pull(ones, into=params).wait(timeout=30)
+        worker.pull(params).wait(timeout=30)
+        assert torch.equal(params["big"].cpu(), torch.full((4000,), -3.0))
+        before = worker.server_stats()[1]
+        for _ in range(2):
+            worker.push_pull(ones, into=params).wait(timeout=30)
+        after = worker.server_stats()[1]
+        assert worker.lanes.device_lanes[1] is not old_lane
+        blocks = len(worker.shard_map.blocks_of_server(1))
+        assert after["device_lanes"] == [0] and after["ipc_requests"] - before["ipc_requests"] == 2 * blocks
+    assert torch.equal(params["big"].cpu(), torch.full((4000,), -5.0))
