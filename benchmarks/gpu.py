@@ -10,9 +10,11 @@
    Adam reads param, grad, m, v and writes param, m, v (7 x shard); the copy reads and writes
    (2 x shard). CUDA events around each step, warm-up first, the median of ``--repeats``.
 2. ``pushpull``: ``push_pull(grads, into=params).wait()`` of one tensor of 4, 64 and 256 MiB, one
-   worker and one server with its shards on cuda, worker tensors on the GPU against on the host.
-   GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as benchmarks/pushpull.py.
-   A GPU round trip ends after torch.cuda.synchronize(), so its copies are included.
+   worker and one server with its shards on cuda: worker tensors on the host, on the GPU (through
+   the device lanes, CUDA IPC), and on the GPU with ``PS_CUDA_IPC=0`` (through the shared-memory
+   lanes). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
+   benchmarks/pushpull.py. A GPU round trip ends after torch.cuda.synchronize(), so its copies are
+   included.
 3. ``e2e``: a ResNet-50 (torchvision; ``--model tiny`` is a small CNN for smoke runs) on synthetic
    224x224 images, one process per GPU on two GPUs, SGD(lr=0.01, momentum=0.9), the same batch
    per GPU everywhere: torch DistributedDataParallel with NCCL and with gloo, the parameter server
@@ -24,6 +26,11 @@
    ``--chunk-mib 16`` adds PS sync rows with blocks of that size (``PS_CHUNK_BYTES``);
    ``--trace DIR`` writes a torch.profiler timeline of three steps of each rank of every setup
    (gzipped Chrome traces: chrome://tracing or https://ui.perfetto.dev open them).
+4. ``onegpu``: one worker and one server on the same GPU against single-process torch, for the
+   models of ``--onegpu-models`` (``benchmarks/_one_gpu.py``: a GPT-like 106M-parameter language
+   model with bf16 autocast and Adam, ResNet-50 with SGD): PS sync with overlap on and off, and
+   without CUDA IPC (``PS_CUDA_IPC=0``, the shared-memory lanes). samples/s = batch x timed steps /
+   time; the loss of every step against the single process's (largest relative difference).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import psframework as ps  # noqa: E402
+from benchmarks import _one_gpu as one  # noqa: E402
 from psframework.optim import ShardOptimizer  # noqa: E402
 
 GB = 1e9
@@ -115,36 +123,47 @@ def bench_apply(shard_bytes: int, repeats: int, warmup: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------ 2. push_pull
 
 
-def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int) -> list[dict]:
-    rows = []
-    with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda") as cluster:
-        with ps.init(scheduler=cluster.scheduler) as worker:
-            keys = {f"t{m}": torch.zeros(m * MiB // 4) for m in sizes_mib}
-            worker.register(keys, optimizer=ps.optim.SGD(lr=1e-6))
-            for mib in sizes_mib:
-                row = {"MiB": mib}
-                for where in ("cpu", "cuda"):
-                    params = {f"t{mib}": torch.zeros(mib * MiB // 4, device=where)}
-                    grads = {f"t{mib}": torch.randn(mib * MiB // 4, device=where)}
-
-                    def round_trip():
-                        worker.push_pull(grads, into=params).wait(timeout=120)
-                        if where == "cuda":
-                            torch.cuda.synchronize()
-
-                    for _ in range(warmup):
-                        round_trip()
-                    times = []
-                    for _ in range(repeats if mib < 256 else max(3, repeats // 2)):
-                        start = time.perf_counter()
-                        round_trip()
-                        times.append(time.perf_counter() - start)
-                    seconds = statistics.median(times)
+def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: Optional[int] = None) -> list[dict]:
+    """Host tensors, GPU tensors through the device lanes (CUDA IPC), and GPU tensors through the
+    shared-memory lanes (``PS_CUDA_IPC=0``), each with a cluster of its own; blocks of
+    ``chunk_mib`` (default: ``PS_CHUNK_BYTES``'s)."""
+    rows = [{"MiB": mib, "blocks MiB": chunk_mib or "default"} for mib in sizes_mib]
+    for where, ipc in (("cpu", "1"), ("cuda", "1"), ("cuda, no IPC", "0")):
+        os.environ["PS_CUDA_IPC"] = ipc  # read by ps.init below
+        device = where.split(",")[0]
+        with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda",
+                             chunk_bytes=chunk_mib * MiB if chunk_mib else None) as cluster:
+            with ps.init(scheduler=cluster.scheduler) as worker:
+                worker.register({f"t{m}": torch.zeros(m * MiB // 4, device=device) for m in sizes_mib},
+                                optimizer=ps.optim.SGD(lr=1e-6))
+                for row, mib in zip(rows, sizes_mib):
+                    seconds = _round_trip_seconds(worker, mib, device, repeats if mib < 256 else max(3, repeats // 2),
+                                                  warmup)
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
-                row["gpu/cpu"] = row["cuda GB/s"] / row["cpu GB/s"]
-                rows.append(row)
+    os.environ.pop("PS_CUDA_IPC")
+    for row in rows:
+        row["IPC/no IPC"] = row["cuda GB/s"] / row["cuda, no IPC GB/s"]
     return rows
+
+
+def _round_trip_seconds(worker, mib: int, device: str, repeats: int, warmup: int) -> float:
+    params = {f"t{mib}": torch.zeros(mib * MiB // 4, device=device)}
+    grads = {f"t{mib}": torch.randn(mib * MiB // 4, device=device)}
+
+    def round_trip():
+        worker.push_pull(grads, into=params).wait(timeout=120)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        round_trip()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        round_trip()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------ 3. end to end
@@ -283,7 +302,46 @@ def run_ps(args: dict) -> dict:
     return {"seconds": seconds}
 
 
-CHILDREN = {"local": run_local, "ddp": run_ddp, "ps": run_ps}
+def run_local_one_gpu(args: dict) -> dict:
+    device = _child_setup(0, args["device"])
+    model = one.make_model(args["model"], device)
+    data = one.batches(args["model"], args["warmup"] + args["steps"], device)
+    opt = one.optimizers(args["model"])[0](model.parameters())
+    result = one.train(args["model"], model, opt, data, args["warmup"], lambda: _synchronize(device))
+    _profile_one_gpu(args, model, opt, data)
+    return result
+
+
+def run_ps_one_gpu(args: dict) -> dict:
+    worker = ps.init()
+    device = _child_setup(0, args["device"])
+    model = one.make_model(args["model"], device)
+    data = one.batches(args["model"], args["warmup"] + args["steps"], device)
+    with ps.DistributedOptimizer(model, one.optimizers(args["model"])[1], worker=worker,
+                                 overlap=args["overlap"]) as opt:
+        before = []
+        result = one.train(args["model"], model, opt, data, args["warmup"], lambda: _synchronize(device),
+                           before_timing=lambda: (worker.barrier(), before.extend(worker.server_stats())))
+        result["stats"] = worker.server_stats()
+        result["busy_s"] = sum(s["busy_s"] for s in result["stats"]) - sum(s["busy_s"] for s in before)
+        _profile_one_gpu(args, model, opt, data)
+        worker.barrier()
+    worker.close()
+    return result
+
+
+def _profile_one_gpu(args: dict, model, opt, data: list) -> None:
+    if args.get("trace"):
+        Path(args["trace"]).mkdir(parents=True, exist_ok=True)
+        one.profile(args["model"], model, opt, data, str(Path(args["trace"]) / f"{args['label']}.json.gz"))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CHILDREN = {"local": run_local, "ddp": run_ddp, "ps": run_ps, "local1": run_local_one_gpu, "ps1": run_ps_one_gpu}
 
 
 def _free_port() -> int:
@@ -381,6 +439,54 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
     return rows
 
 
+def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_dir: Path,
+                  timeout: float, chunk_mibs: tuple = (), trace: Optional[str] = None,
+                  only: Optional[set] = None) -> list[dict]:
+    setups = [("single process, torch.optim", "local1", {}),
+              ("PS sync, overlap on", "ps1", {"overlap": True, "ipc": "1"}),
+              ("PS sync, overlap off", "ps1", {"overlap": False, "ipc": "1"}),
+              ("PS sync, overlap on, no CUDA IPC", "ps1", {"overlap": True, "ipc": "0"})]
+    for mib in chunk_mibs:
+        setups += [(f"PS sync, overlap {'on' if overlap else 'off'}, {mib} MiB blocks", "ps1",
+                    {"overlap": overlap, "ipc": "1", "chunk_mib": mib}) for overlap in (True, False)]
+    rows = []
+    for model in models:
+        batch = 128 if model == "resnet50" else one.SPECS[model]["batch"]
+        reference = None
+        for label, kind, extra in setups:
+            if only and label not in only:
+                continue
+            args = {"model": model, "steps": steps, "warmup": warmup, "device": device, **extra, "trace": trace,
+                    "label": f"{model}-" + "".join(c if c.isalnum() else "_" for c in label)}
+            print(f"onegpu: {model}, {label} ...", flush=True)
+            try:
+                result = _one_gpu_child(kind, args, log_dir, timeout)
+            except Exception as exc:  # one failed setup should not cost the others' numbers
+                print(f"onegpu: {model}, {label} FAILED: {exc}", flush=True)
+                rows.append({"model": model, "setup": label, "error": str(exc).splitlines()[0][:200]})
+                continue
+            reference = reference or result  # the single process, unless --e2e-only left it out
+            row = {"model": model, "setup": label, "samples/s": batch * result["steps"] / result["seconds"],
+                   "step ms": result["seconds"] / result["steps"] * 1e3}
+            row["vs single process"] = row["samples/s"] / (batch * reference["steps"] / reference["seconds"])
+            row["loss diff"] = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
+            if "stats" in result:
+                row["IPC requests"] = sum(s["ipc_requests"] for s in result["stats"])
+                row["server busy ms/step"] = result["busy_s"] * 1e3 / result["steps"]
+            rows.append(row)
+    return rows
+
+
+def _one_gpu_child(kind: str, args: dict, log_dir: Path, timeout: float) -> dict:
+    if kind == "local1":
+        return _spawn_children(kind, 1, args, {}, timeout, log_dir)[0]
+    chunk = args.get("chunk_mib")
+    with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=args["device"],
+                         chunk_bytes=chunk * MiB if chunk else None) as cluster:
+        env = {**cluster.env(), "PS_CUDA_IPC": args["ipc"]}
+        return _spawn_children(kind, 1, args, env, timeout, log_dir)[0]
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -400,7 +506,8 @@ def _table(title: str, rows: list[dict]) -> str:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--only", default="apply,pushpull,e2e", help="comma-separated: apply, pushpull, e2e")
+@click.option("--only", default="apply,pushpull,e2e,onegpu", help="comma-separated: apply, pushpull, e2e, onegpu")
+@click.option("--onegpu-models", default="gpt,resnet50", help="onegpu: gpt, resnet50, tinygpt (comma-separated)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="markdown fragment for RESULTS.md")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 @click.option("--shard-mib", type=int, default=1024)
@@ -412,13 +519,13 @@ def _table(title: str, rows: list[dict]) -> str:
 @click.option("--steps", type=int, default=20)
 @click.option("--warmup", type=int, default=5)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", help="e2e only")
-@click.option("--e2e-only", default="", help="e2e setup labels to run, separated by ';' (default all)")
+@click.option("--e2e-only", default="", help="e2e and onegpu setup labels to run, separated by ';' (default all)")
 @click.option("--timeout", type=float, default=150.0, help="seconds for one e2e setup")
-@click.option("--chunk-mib", default="", help="e2e: also run PS sync with blocks of these MiB (comma-separated)")
+@click.option("--chunk-mib", default="", help="pushpull, e2e, onegpu: also run with blocks of these MiB (comma-separated)")
 @click.option("--trace", type=click.Path(file_okay=False), default=None,
               help="e2e: write a torch.profiler timeline of three steps of each rank of each setup here")
 @click.pass_context
-def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
+def main(ctx, only, onegpu_models, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
          e2e_only, timeout, chunk_mib, trace) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -433,7 +540,9 @@ def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, imag
                              "(GB/s of device-memory traffic)", results["apply"]))
         print(report[-1], flush=True)
     if "pushpull" in parts:
-        results["pushpull"] = bench_pushpull([int(s) for s in sizes.split(",")], max(5, repeats // 2), warmup=2)
+        sizes_mib = [int(s) for s in sizes.split(",")]
+        results["pushpull"] = [row for mib in [None, *(int(c) for c in chunk_mib.split(",") if c.strip())]
+                               for row in bench_pushpull(sizes_mib, max(5, repeats // 2), 2, mib)]
         report.append(_table("2. push_pull, 1 worker, 1 server on cuda:0, GB/s = 2 x bytes / median round trip",
                              results["pushpull"]))
         print(report[-1], flush=True)
@@ -453,6 +562,18 @@ def main(ctx, only, out, json_out, shard_mib, repeats, sizes, model, batch, imag
             report.append(_table(f"3. End to end, {model}, batch {batch} per GPU, {image_size}x{image_size}, "
                                  f"{n} GPUs, {steps} timed steps after {warmup}", results["e2e"]))
             print(report[-1], flush=True)
+    if "onegpu" in parts:
+        with tempfile.TemporaryDirectory(prefix="ps-gpu-bench-") as tmp:
+            log_dir = Path(os.environ.get("PS_BENCH_LOGS", tmp))
+            log_dir.mkdir(parents=True, exist_ok=True)
+            selected = {s.strip() for s in e2e_only.split(";") if s.strip()} or None
+            results["onegpu"] = bench_one_gpu(onegpu_models.split(","), steps, warmup, device, log_dir, timeout,
+                                              tuple(int(c) for c in chunk_mib.split(",") if c.strip()),
+                                              str(Path(trace).resolve()) if trace else None, selected)
+        report.append(_table(f"4. One GPU: 1 worker and 1 server on it against single-process torch, {steps} "
+                             f"timed steps after {warmup}; loss diff: largest relative difference of a step's "
+                             "loss from the single process's", results["onegpu"]))
+        print(report[-1], flush=True)
     if out:
         Path(out).write_text("\n".join(report))
     if json_out:

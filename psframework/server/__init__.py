@@ -70,6 +70,7 @@ class Server:
         self._speakers = Speakers(lambda worker: self.membership.declared_dead(worker))
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._garbage_log = RateLimitedLog(log)
+        self._busy_s = 0.0  # in the loop but not waiting in poll: handling requests, waiting for the device
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class Server:
         membership = self.membership
         while True:
             ready = self.transport.poll([self.data, membership.socket], self._poll_timeout())
+            started = time.perf_counter()
             if membership.socket in ready:
                 for message in membership.receive():
                     self._on_control(message)
@@ -152,6 +154,7 @@ class Server:
             self.answers.release_deferred()
             self._check()
             membership.stats = {"applied": self.store.applied, "pushes": self.policy.pushes}
+            self._busy_s += time.perf_counter() - started
 
     def _poll_timeout(self) -> float:
         if self._waiting:
@@ -297,7 +300,8 @@ class Server:
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
-                "dropped_replies": self.data.dropped, "tables": self.rows.counters(), **self.policy.counters()}
+                "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
+                **self.policy.counters()}
 
 
 def main(config: NodeConfig) -> int:
