@@ -38,14 +38,14 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import nn, optim
+    from . import compress, nn, optim
     from .cluster import LocalCluster
     from .training import DistributedOptimizer
     from .worker import Future, Worker, init
 
 
 def __getattr__(name: str):
-    if name in ("optim", "nn"):
+    if name in ("compress", "optim", "nn"):
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
@@ -73,6 +73,7 @@ __all__ = [
     "RegistrationError",
     "RolledBackError",
     "Worker",
+    "compress",
     "init",
     "nn",
     "optim",
