@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -12,7 +13,7 @@ from .. import protocol as P
 from ..config import NodeConfig, node_config_from_env
 from ..datapath.lane import shm_available
 from ..devices import init_cuda_early
-from ..errors import ClosedError, ConfigError, PSError, RegistrationError
+from ..errors import ClosedError, ConfigError, PSError, PSTimeoutError, RegistrationError, RolledBackError
 from ..node import Membership, join_cluster
 from ..optim import OptimizerSpec
 from ..security import load_secret
@@ -129,10 +130,29 @@ class Worker:
                 self.rows.load_pretrained(tables or {})
             self.barrier()
         if tensors:
-            self.pull(tensors).wait()
+            self._pull_current(tensors)
         if self.config.shm and shm_available():
             devices = [t.device for t in tensors.values() if t.is_cuda]
             self.lanes.attach_all(range(self.num_servers), devices[0] if devices else None)
+
+    def _pull_current(self, tensors: dict[str, torch.Tensor]) -> None:
+        """register()'s pull of the current values. The job may go back to a checkpoint meanwhile (a
+        server was restarted): that fails the pull, after the registration itself is done, so the
+        restored values are pulled again here (each refusal teaches the client a later rollback epoch),
+        until ``start_timeout``."""
+        deadline = time.monotonic() + self.config.start_timeout
+        while True:
+            try:
+                self.pull(tensors).wait()
+                return
+            except RolledBackError as exc:
+                if time.monotonic() > deadline:
+                    raise PSTimeoutError(
+                        f"worker {self.rank}: register() could not pull the current values within "
+                        f"{self.config.start_timeout} s: the job kept going back to checkpoints (last to step "
+                        f"{exc.step}); check the servers' output for why they keep restarting") from exc
+                log.warning("worker %d: the job went back to step %d during register(); pulling its values again",
+                            self.rank, exc.step)
 
     # -- rows of embedding tables ------------------------------------------------------------
 

@@ -278,3 +278,56 @@ def test_a_worker_declared_dead_cannot_push_any_more(make_cluster, worker_procs,
     assert result["second"] is not None and "worker 0" in result["second"] and "declared dead" in result["second"], \
         result
     assert w.tolist() == [0.0, -1.0]  # its first push only, from before its death
+
+
+# ---------------------------------------------------------------------------------------- late workers
+
+
+def _rank_1_free(cluster: ps.LocalCluster, root) -> tuple[ps.Worker, dict]:
+    """Workers 0 and 1 push twice each and checkpoint (step 2, w = -4); worker 1 then leaves, so that
+    a late worker takes rank 1. Returns worker 0."""
+    workers, params = _two_workers(cluster)
+    for _ in range(2):
+        for w, p in zip(workers, params):
+            push_until_ok(w, p)
+    _save_together(workers, root)
+    workers[1].close()
+    return workers[0], params[0]
+
+
+def _register_late(late: ps.Worker, params: dict) -> Background:
+    return Background(lambda: late.register(params, optimizer=ps.optim.SGD(lr=1.0)), late)
+
+
+def test_a_rollback_during_a_late_workers_first_pull_is_handled_by_register(make_cluster, tmp_path):
+    """Finding 7: register() ends with a pull of the current values; server 1 stops just as that
+    pull goes out, and is restarted, so the job goes back to step 2. register() used to raise
+    RolledBackError after the registration was done (a second register() is refused); now it takes
+    the restored values itself."""
+    cluster = restartable(make_cluster, tmp_path, num_workers=2, elastic=True)
+    root = tmp_path / "ckpt"
+    worker, params = _rank_1_free(cluster, root)
+    with worker:
+        push_until_ok(worker, params)  # w = -5, lost in the rollback
+        late, late_params = ps.init(scheduler=cluster.scheduler), {"big": torch.zeros(N)}
+        with late:
+            pull = late.pull
+
+            def pull_with_server_1_stopped(tensors):
+                late.pull = pull
+                os.kill(cluster.processes()["server-1"].pid, signal.SIGSTOP)
+                return pull(tensors)
+
+            late.pull = pull_with_server_1_stopped
+            try:
+                registering = _register_late(late, late_params)
+                wait_for(lambda: declared_dead(cluster, "server", 1), 15, "server 1 declared dead")
+            finally:
+                restart_server(cluster, 1)
+            registering.result(timeout=30)
+            assert late.membership.rollback == (1, 2)
+            assert torch.equal(late_params["big"], torch.full((N,), -4.0)), late_params["big"]
+            push_until_ok(late, late_params)
+            push_until_ok(worker, params)
+            worker.pull(params).wait(timeout=10)
+            assert torch.equal(params["big"], torch.full((N,), -6.0)), params["big"]
