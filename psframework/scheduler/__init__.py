@@ -192,6 +192,7 @@ class Scheduler:
         self._send(peer, self.roster.welcome(node))
         if restoring:
             self._send(peer, self.registration.setup_message())
+            self.registration.server_back(node)
 
     def _on_setup_done(self, server: Node) -> None:
         if server.state != RESTORING:
@@ -209,6 +210,7 @@ class Scheduler:
     def _check_heartbeats(self, now: float) -> None:
         for node in self.roster.silent(now):
             self._declare_dead(node, f"no heartbeat for {now - node.last_seen:.1f} s")
+        self.registration.expire(now)
         for node in list(self.roster.nodes.values()):
             if node.state == DEAD and not node.fatal and node.role == "server" and now > node.deadline:
                 node.fatal = True

@@ -1,21 +1,34 @@
 """Registration: every worker registers the same tensors; the scheduler places them and sets the
 servers up. A worker that joins an elastic job late is checked against the job's tensors and
-activated on every server."""
+activated on every server: a server that is dead is told once its new process joins, and the
+register fails if the servers do not confirm in time or the job fails."""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .. import protocol as P
 from ..errors import PSError, RegistrationError
 from ..sharding import TensorSpec, assign_shards
 from ..tables import TableSpec
-from .roster import LIVE, Node, Roster
+from .roster import DEAD, LIVE, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
 
 Send = Callable[[bytes, P.Message], None]
+
+
+@dataclass
+class _Activation:
+    """A late worker's registration, until every server confirmed it may take part."""
+
+    peer: bytes
+    key: str  # sha256 of its token, for the servers
+    pending: set[int]  # servers that have not confirmed
+    deadline: float
 
 
 class Registration:
@@ -31,7 +44,7 @@ class Registration:
         self._reference: list[P.TensorInfo] = []
         self._reference_tables: list[dict] = []
         self._late: set[int] = set()  # workers that joined a running job and have not registered
-        self._activating: dict[int, tuple[bytes, set[int]]] = {}  # worker -> (its peer, servers pending)
+        self._activating: dict[int, _Activation] = {}  # late worker -> its activation
 
     @property
     def done(self) -> bool:
@@ -54,6 +67,7 @@ class Registration:
     def recheck(self) -> None:
         """Place the tensors once every live worker has registered, also when one leaves: an
         elastic job goes on with the others, any other job fails with an error naming it."""
+        self._drop_gone_activations()
         if self.done or not self._pending or self._setting_up:
             return
         gone = [n for n in self.roster.workers() if n.state != LIVE and n.rank not in self._pending]
@@ -108,9 +122,11 @@ class Registration:
 
     def fail(self, kind: str, message: str) -> None:
         """Answer every waiting registration with an error."""
-        for peer, _ in self._pending.values():
+        peers = [peer for peer, _ in self._pending.values()] + [a.peer for a in self._activating.values()]
+        for peer in peers:
             self._send(peer, P.Error(kind=kind, message=message))
         self._pending.clear()
+        self._activating.clear()
 
     # -- late workers --------------------------------------------------------------------
 
@@ -123,21 +139,64 @@ class Registration:
                                                                   f"tensors than the job: {mismatch}"))
             return
         self._late.discard(node.rank)
-        self._activating[node.rank] = (peer, set(range(self.config.num_servers)))
-        for rank in range(self.config.num_servers):
-            self._send(self.roster.server(rank).identity,
-                       P.Activate(worker=node.rank, epoch=self.roster.epoch, key=P.token_key(node.token)))
+        servers = range(self.config.num_servers)
+        self._activating[node.rank] = _Activation(peer, P.token_key(node.token), set(servers), self._deadline())
+        for rank in servers:
+            self._tell(self.roster.server(rank), node.rank)
+
+    def _tell(self, server: Node, worker: int) -> None:
+        if server.state != DEAD:  # else its new process is told when it joins (server_back)
+            activation = self._activating[worker]
+            self._send(server.identity, P.Activate(worker=worker, epoch=self.roster.epoch, key=activation.key))
+
+    @property
+    def _patience(self) -> float:
+        # a stopped server is declared dead within the heartbeat timeout, and must be back within the start timeout
+        return self.config.timing.heartbeat_timeout + self.config.timing.start_timeout
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self._patience
+
+    def server_back(self, server: Node) -> None:
+        """A server's new process joined: the activations its old one never confirmed go to it (after its
+        Setup, so it holds its blocks by then)."""
+        for worker, activation in self._activating.items():
+            if server.rank in activation.pending:
+                activation.deadline = self._deadline()
+                self._tell(server, worker)
 
     def on_activated(self, server: Node, message: P.Activated) -> None:
-        pending = self._activating.get(message.worker)
-        if pending is None:
+        activation = self._activating.get(message.worker)
+        if activation is None or server.state == DEAD:  # its new process is asked again (server_back)
             return
-        pending[1].discard(server.rank)
-        if not pending[1]:
+        activation.pending.discard(server.rank)
+        if not activation.pending:
             del self._activating[message.worker]
-            self._send(pending[0], P.Registered(shard_map=self.shard_map, joined=True,
-                                                barrier_seq=self._barrier_seq()))
+            self._send(activation.peer, P.Registered(shard_map=self.shard_map, joined=True,
+                                                     barrier_seq=self._barrier_seq()))
             log.info("worker %d takes part again from the servers' next step", message.worker)
+
+    def expire(self, now: float) -> None:
+        """Fail the register of a late worker whose activation some server did not confirm in time; it
+        may register again."""
+        for worker, activation in list(self._activating.items()):
+            if now <= activation.deadline:
+                continue
+            del self._activating[worker]
+            self._late.add(worker)
+            names = ", ".join(f"{self.roster.server(r)} ({self.roster.server(r).state})"
+                              for r in sorted(activation.pending))
+            message = (f"worker {worker}: register() cannot complete: {names} did not confirm that this worker "
+                       f"takes part within {self._patience:g} s; check that server's output, and call register() "
+                       "again once it is back")
+            log.error("%s", message)
+            self._send(activation.peer, P.Error(kind=P.TIMEOUT, message=message))
+
+    def _drop_gone_activations(self) -> None:
+        """A late worker that died or left while activated: no server need hear of it any more."""
+        for worker, activation in list(self._activating.items()):
+            if self.roster.not_counted("worker", worker, activation.peer):
+                del self._activating[worker]
 
 
 

@@ -299,6 +299,31 @@ def _register_late(late: ps.Worker, params: dict) -> Background:
     return Background(lambda: late.register(params, optimizer=ps.optim.SGD(lr=1.0)), late)
 
 
+def test_a_late_worker_registering_while_a_server_is_stopped_takes_part_once_it_is_back(make_cluster, tmp_path):
+    """Finding 1: a worker joins while server 0 is stopped (SIGSTOP); server 0 is declared dead and
+    restarted. The activation the scheduler sent to the stopped process used to be lost, and
+    register() waited for ever (the worker, live and heartbeating, held up every barrier and
+    checkpoint); now it is sent again to the new process, and register() returns once it is back."""
+    cluster = restartable(make_cluster, tmp_path, num_workers=2, elastic=True)
+    root = tmp_path / "ckpt"
+    worker, params = _rank_1_free(cluster, root)
+    with worker:
+        try:
+            os.kill(cluster.processes()["server-0"].pid, signal.SIGSTOP)
+            late, late_params = ps.init(scheduler=cluster.scheduler), {"big": torch.zeros(N)}
+            registering = _register_late(late, late_params)
+            wait_for(lambda: declared_dead(cluster, "server", 0), 15, "server 0 declared dead")
+        finally:
+            restart_server(cluster, 0)
+        with late:
+            registering.result(timeout=30)
+            assert late.rank == 1 and torch.equal(late_params["big"], torch.full((N,), -4.0))
+            push_until_ok(late, late_params)
+            push_until_ok(worker, params)
+            worker.pull(params).wait(timeout=10)
+            assert torch.equal(params["big"], torch.full((N,), -6.0)), params["big"]
+
+
 def test_a_rollback_during_a_late_workers_first_pull_is_handled_by_register(make_cluster, tmp_path):
     """Finding 7: register() ends with a pull of the current values; server 1 stops just as that
     pull goes out, and is restarted, so the job goes back to step 2. register() used to raise
