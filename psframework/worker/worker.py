@@ -130,29 +130,10 @@ class Worker:
                 self.rows.load_pretrained(tables or {})
             self.barrier()
         if tensors:
-            self._pull_current(tensors)
+            _pull_through_rollbacks(self, tensors)
         if self.config.shm and shm_available():
             devices = [t.device for t in tensors.values() if t.is_cuda]
             self.lanes.attach_all(range(self.num_servers), devices[0] if devices else None)
-
-    def _pull_current(self, tensors: dict[str, torch.Tensor]) -> None:
-        """register()'s pull of the current values. The job may go back to a checkpoint meanwhile (a
-        server was restarted): that fails the pull, after the registration itself is done, so the
-        restored values are pulled again here (each refusal teaches the client a later rollback epoch),
-        until ``start_timeout``."""
-        deadline = time.monotonic() + self.config.start_timeout
-        while True:
-            try:
-                self.pull(tensors).wait()
-                return
-            except RolledBackError as exc:
-                if time.monotonic() > deadline:
-                    raise PSTimeoutError(
-                        f"worker {self.rank}: register() could not pull the current values within "
-                        f"{self.config.start_timeout} s: the job kept going back to checkpoints (last to step "
-                        f"{exc.step}); check the servers' output for why they keep restarting") from exc
-                log.warning("worker %d: the job went back to step %d during register(); pulling its values again",
-                            self.rank, exc.step)
 
     # -- rows of embedding tables ------------------------------------------------------------
 
@@ -346,6 +327,26 @@ class Worker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pull_through_rollbacks(worker: Worker, tensors: dict[str, torch.Tensor]) -> None:
+    """register()'s pull of the current values. The job may go back to a checkpoint meanwhile (a
+    server was restarted): that fails the pull, after the registration itself is done, so the
+    restored values are pulled again here (each refusal teaches the client a later rollback epoch),
+    until ``start_timeout``."""
+    deadline = time.monotonic() + worker.config.start_timeout
+    while True:
+        try:
+            worker.pull(tensors).wait()
+            return
+        except RolledBackError as exc:
+            if time.monotonic() > deadline:
+                raise PSTimeoutError(
+                    f"worker {worker.rank}: register() could not pull the current values within "
+                    f"{worker.config.start_timeout} s: the job kept going back to checkpoints (last to step "
+                    f"{exc.step}); check the servers' output for why they keep restarting") from exc
+            log.warning("worker %d: the job went back to step %d during register(); pulling its values again",
+                        worker.rank, exc.step)
 
 
 def init(scheduler: Optional[str] = None, *, rank: Optional[int] = None, timeout: Optional[float] = None,
