@@ -155,8 +155,11 @@ class WorkerLanes:
                  ok: bool) -> None:
         """A lane request's answer is in: copy its values out of the pull slot (if it carries them)
         and free the block's slots."""
-        if lane is not self.lanes.get(block.server) and lane is not self.device_lanes.get(block.server):
-            return  # closed, or replaced for a restarted server
+        # the request's lane, or the one that replaced it for a restarted server: the request was resent
+        # through that one, which took over its reservation (renew)
+        lane = (self.device_lanes if lane.on_device else self.lanes).get(block.server)
+        if lane is None:
+            return  # closed
         to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
         for copy in copies if ok and isinstance(reply, P.Values) else ():
             source = lane_piece(lane.pull_slot, copy.block, copy.seg, copy.target.dtype)
