@@ -50,6 +50,8 @@ def _option(*decls: str, **kwargs):
               help="Export a variable to every process (like mpirun -x); repeatable.")
 @_option("--log-dir", envvar="PS_LOG_DIR", type=click.Path(file_okay=False),
               help="Write one log file per process here (worker-1.log, ...).")
+@_option("-v", "--verbose", envvar="PS_VERBOSE", is_flag=True,
+         help="Also show the scheduler's and servers' INFO lines (always in --log-dir's files).")
 @_option("--start-timeout", envvar="PS_START_TIMEOUT", type=float, default=60.0, show_default=True,
               metavar="SECONDS", help="Deadline for the whole cluster to come up.")
 @_option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),

@@ -44,6 +44,7 @@ LAUNCH_ENV_VARS = {
     "PS_ENV": ("-x, --env", "space-separated NAME[=VALUE] list to export"),
     "PS_LOG_DIR": ("--log-dir", "directory for one log file per process"),
     "PS_START_TIMEOUT": ("--start-timeout", "seconds for the whole cluster to come up"),
+    "PS_VERBOSE": ("-v, --verbose", "also show the scheduler's and servers' INFO lines"),
     "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
     "PS_JOB_ID": ("--job-id", "job id exported to every process"),
     "PS_AUTH": ("--auth", "token (default), curve or none: how processes of the job authenticate"),
@@ -84,6 +85,7 @@ class LaunchConfig:
     env: tuple[tuple[str, str], ...] = ()
     forward_env: tuple[tuple[str, str], ...] = ()
     log_dir: Optional[str] = None
+    verbose: bool = False  # the scheduler's and servers' INFO lines on the console too
     timing: Timing = field(default_factory=Timing)
     chunk_bytes: Optional[int] = None  # None: by where the shards are (SchedulerConfig)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

@@ -125,6 +125,8 @@ class Job:
         self._restarts: dict[int, int] = {}
         self._log_dir = Path(cfg.log_dir) if cfg.log_dir else None
         self._deadline = 0.0
+        self._started = time.monotonic()
+        self._announced = False
 
     def request_stop(self, signum: int) -> None:
         """From a signal handler: the watch loop notices within one tick."""
@@ -169,7 +171,8 @@ class Job:
     def _launch(self, spec: ProcessSpec) -> JobProcess:
         proc = JobProcess(spec, self.console, log_dir=self._log_dir, ssh_config=self.cfg.ssh_config,
                           cwd=self.cfg.cwd, python=self.cfg.python, stop_grace=self.cfg.stop_grace,
-                          on_line=self.scheduler.on_line if spec.role == "scheduler" else None)
+                          on_line=self.scheduler.on_line if spec.role == "scheduler" else None,
+                          quiet=spec.role != "worker" and not self.cfg.verbose)
         self.procs.append(proc)
         proc.start()
         return proc
@@ -193,6 +196,7 @@ class Job:
             if self._signal is not None:
                 return self._interrupted()
             self._tend()
+            self._announce_up()
             # a process declared dead is the cause of what follows: wait (within its grace) until it is gone
             failed = None if self._ending_dead() else self._first_failure()
             if failed is not None and not self._survive(failed):
@@ -212,6 +216,18 @@ class Job:
             elif not self.scheduler.up.is_set() and now >= self._deadline:
                 return self._timed_out()
             time.sleep(TICK)
+
+    def _announce_up(self) -> None:
+        """One line once every process of the job has joined."""
+        if self._announced or not self.scheduler.up.is_set():
+            return
+        self._announced = True
+        cfg, layout = self.cfg, self.cfg.layout
+        device = cfg.server_device or "cuda where available, else cpu"
+        where = f"; logs: {self._log_dir}/" if self._log_dir is not None else ""
+        self.console.message(f"job up in {time.monotonic() - self._started:.1f} s: {len(layout.workers)} workers, "
+                             f"{len(layout.servers)} servers (shards on {device}), {cfg.mode}; scheduler "
+                             f"{self.scheduler.address}{where}")
 
     def _first_failure(self) -> Optional[JobProcess]:
         failed = self._failures()
@@ -283,7 +299,7 @@ class Job:
         restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
         notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
                          f"; restarted: {', '.join(restarted)}" if restarted else ""])
-        return Outcome(0, f"job finished: {who} {'still in the job ' if lost else ''}exited 0{notes}")
+        return Outcome(0, f"job finished in {time.monotonic() - self._started:.1f} s: {who} {'still in the job ' if lost else ''}exited 0{notes}")
 
     def _failed(self, root: JobProcess) -> Outcome:
         return Outcome(EXIT_FAILED, f"job failed: {root.where()} {root.describe_exit()}; stopping the job",

@@ -8,13 +8,16 @@ stop is a SIGTERM with a SIGCONT, so that a stopped process ends too.
 
 Each process's stdout and stderr go to one pipe, read line by line by a reader thread that this
 object owns: it echoes ``[worker 1] line`` to the console, appends the raw line to the log file
-and keeps the last lines for the failure report.
+and keeps the last lines for the failure report. A quiet process (the scheduler and the servers,
+unless ``--verbose``) keeps its INFO lines and its lines for ps-launch out of the console: the
+terminal shows the workers' output and the infrastructure's warnings and errors.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +31,14 @@ from .remote_child import MARKER, process_state, terminate_group
 from ..procs import exit_description, spawn
 
 TAIL_LINES = 200
+# psframework's own log format (psframework/__main__.py) at DEBUG or INFO, and the scheduler's lines for ps-launch
+_ROUTINE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (DEBUG|INFO) |PS_[A-Z_]+(=| |$))")
+
+
+def is_routine(text: str) -> bool:
+    """Whether a line of the scheduler or a server is routine: shown on the console only with --verbose."""
+    return _ROUTINE_LINE.match(text) is not None
+
 OUTPUT_JOIN_TIMEOUT = 2.0  # for the rest of a pipe after its process ended
 
 
@@ -65,7 +76,8 @@ class JobProcess:
 
     def __init__(self, spec: ProcessSpec, console: Console, *, log_dir: Optional[Path] = None,
                  ssh_config: Optional[str] = None, cwd: str = ".", python: str = sys.executable,
-                 stop_grace: float = 3.0, on_line: Optional[Callable[["JobProcess", str], None]] = None):
+                 stop_grace: float = 3.0, on_line: Optional[Callable[["JobProcess", str], None]] = None,
+                 quiet: bool = False):
         self.spec = spec
         self.console = console
         self.log_dir = log_dir
@@ -74,6 +86,7 @@ class JobProcess:
         self.python = python
         self.stop_grace = stop_grace  # for a remote one: its agent's SIGTERM -> SIGKILL
         self.on_line = on_line
+        self.quiet = quiet  # routine lines to the log file only (is_routine)
         self.popen: Optional[subprocess.Popen] = None
         self.start_error: Optional[str] = None
         self.stopped_by_launcher = False
@@ -155,7 +168,8 @@ class JobProcess:
         self._keep(text)
         if self._log is not None:
             self._log.write(raw if raw.endswith(b"\n") else raw + b"\n")
-        self.console.line(self._prefix, raw)
+        if not (self.quiet and is_routine(text)):
+            self.console.line(self._prefix, raw)
         if self.on_line is not None:
             self.on_line(self, text)
 

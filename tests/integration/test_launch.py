@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -65,16 +66,32 @@ def test_sync_training_job(launch, tmp_path):
         assert info["bind"] == "127.0.0.1"
         assert info["test_env"] == {"PS_TEST_GIVEN": "a b'c", "PS_TEST_INHERITED": "from-env"}
 
+    # quiet by default: the workers' output; the infrastructure's INFO lines only in the log files
     lines = result.stdout.splitlines()
-    assert any(line.startswith("[scheduler] PS_SCHEDULER_ADDRESS=tcp://127.0.0.1:") for line in lines)
+    assert not [line for line in lines if line.startswith(("[scheduler]", "[server"))], result.stdout
     for rank in range(2):
         assert f"[worker {rank}] worker {rank} step 4 loss" in result.stdout
-        assert any(line.startswith(f"[server {rank}] ") for line in lines)
+        assert f"server {rank} serving on tcp://127.0.0.1:" in (logs / f"server-{rank}.log").read_text()
+    assert "PS_SCHEDULER_ADDRESS=tcp://127.0.0.1:" in (logs / "scheduler.log").read_text()
+    up = [line for line in result.stderr.splitlines() if "job up in" in line]
+    assert len(up) == 1 and "2 workers, 2 servers (shards on cpu), sync; scheduler tcp://127.0.0.1:" in up[0], \
+        result.stderr
+    assert re.search(r"job finished in [0-9.]+ s: all 2 workers exited 0", result.stderr), result.stderr
     for name in ("scheduler", "server-0", "server-1", "worker-0", "worker-1"):
         assert (logs / f"{name}.log").stat().st_size > 0, name
     worker_log = (logs / "worker-1.log").read_text()
     assert "worker 1 step 4 loss" in worker_log and "[worker" not in worker_log
     assert_no_leftovers(run.job_id)
+
+
+def test_verbose_shows_the_infrastructure_lines(launch, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = launch("-n", "1", "-s", "1", "--server-device", "cpu", "--verbose", "--",
+                    PY, str(TRAIN_SCRIPT), str(out)).wait(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "[scheduler] PS_SCHEDULER_ADDRESS=tcp://127.0.0.1:" in result.stdout
+    assert "[server 0] " in result.stdout and " INFO server 0 serving on tcp://" in result.stdout
 
 
 def test_failing_worker_is_reported_as_the_root_cause(launch, tmp_path):

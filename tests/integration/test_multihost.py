@@ -68,7 +68,8 @@ def _only_sshd_left(cluster, timeout: float = 5.0) -> dict:
 def test_sync_job_over_ssh(cluster, launch, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    result = launch("-n", "2", "-s", "2", "--mode", "sync", "--", PY, str(TRAIN_SCRIPT), str(out)).wait(timeout=90)
+    result = launch("-n", "2", "-s", "2", "--mode", "sync", "--verbose", "--", PY, str(TRAIN_SCRIPT),
+                    str(out)).wait(timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
 
     reference = reference_params()

@@ -14,6 +14,7 @@ from psframework.launch.commands import host_addresses, node_processes, schedule
 from psframework.launch.config import LAUNCH_ENV_VARS, RESERVED_VARS, LaunchConfig, parse_exports
 from psframework.launch.hostfile import parse_hostfile
 from psframework.launch.job import Death, SchedulerWatch
+from psframework.launch.process import is_routine
 from psframework.config import ENV_VARS
 from psframework.errors import ConfigError
 
@@ -145,6 +146,21 @@ def test_scheduler_lines_are_understood():
     assert watch.take_deaths() == []  # each death is taken once
 
 
+@pytest.mark.parametrize("line, routine", [
+    ("2026-12-01 17:36:18,038 scheduler INFO all workers are done; shutting the job down", True),
+    ("2026-12-01 17:36:18,538 server DEBUG server 0: block 3 applied", True),
+    ("2026-12-01 17:36:18,538 server WARNING server 0: worker 2 did not read its reply", False),
+    ("2026-12-01 17:36:18,538 server ERROR server 0: cannot write the checkpoint", False),
+    ("PS_SCHEDULER_ADDRESS=tcp://10.0.0.1:4000", True),
+    ("PS_CLUSTER_UP", True),
+    ("PS_JOINED role=worker rank=1 host=10.0.0.2", True),
+    ("Traceback (most recent call last):", False),
+    ("loss 0.25 INFO", False),
+])
+def test_routine_lines_of_the_infrastructure_are_told_apart(line, routine):
+    assert is_routine(line) is routine
+
+
 # -- the click layer ------------------------------------------------------------------------
 
 def _envvars() -> dict[str, str]:
@@ -164,7 +180,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     (tmp_path / "hosts").write_text("node1 slots=3 servers=2\n")
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
            "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs",
-           "PS_STOP_GRACE": "1.5"}
+           "PS_STOP_GRACE": "1.5", "PS_VERBOSE": "1"}
     captured = {}
     monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
@@ -173,7 +189,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     assert (cfg.mode, cfg.staleness, len(cfg.layout.workers), len(cfg.layout.servers)) == ("async", 5, 2, 2)
     assert cfg.start_timeout == 9 and cfg.env == (("A", "1"), ("B", "2")) and cfg.job_id == "abc"
     assert cfg.log_dir == "logs" and cfg.cwd == str(tmp_path)
-    assert cfg.stop_grace == 1.5
+    assert cfg.stop_grace == 1.5 and cfg.verbose
 
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):
