@@ -116,7 +116,7 @@ class Worker:
         self._specs = {s.name: s for s in specs}
         self._registered = tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
-                                 self.config.cuda_ipc)
+                                 self.config.cuda_ipc and self.membership.welcome.server_device != "cpu")
         self.client.on_server_moved = self.lanes.renew
         self.client.on_rolled_back = self._rolled_back
         self.rows = RowClient(self)
