@@ -52,6 +52,9 @@ def _option(*decls: str, **kwargs):
               help="Write one log file per process here (worker-1.log, ...).")
 @_option("-v", "--verbose", envvar="PS_VERBOSE", is_flag=True,
          help="Also show the scheduler's and servers' INFO lines (always in --log-dir's files).")
+@_option("--metrics-port", envvar="PS_METRICS_PORT", type=click.IntRange(0, 65535), metavar="PORT",
+         help="The scheduler serves the job's Prometheus metrics at http://HOST:PORT/metrics (0: a free port, "
+              "printed when the job is up). Needs prometheus-client (psframework[metrics]).")
 @_option("--start-timeout", envvar="PS_START_TIMEOUT", type=float, default=60.0, show_default=True,
               metavar="SECONDS", help="Deadline for the whole cluster to come up.")
 @_option("--ssh-config", envvar="PS_SSH_CONFIG", type=click.Path(exists=True, dir_okay=False),

@@ -45,6 +45,7 @@ LAUNCH_ENV_VARS = {
     "PS_LOG_DIR": ("--log-dir", "directory for one log file per process"),
     "PS_START_TIMEOUT": ("--start-timeout", "seconds for the whole cluster to come up"),
     "PS_VERBOSE": ("-v, --verbose", "also show the scheduler's and servers' INFO lines"),
+    "PS_METRICS_PORT": ("--metrics-port", "serve the job's Prometheus metrics on this port (0: a free one)"),
     "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
     "PS_JOB_ID": ("--job-id", "job id exported to every process"),
     "PS_AUTH": ("--auth", "token (default), curve or none: how processes of the job authenticate"),
@@ -86,6 +87,7 @@ class LaunchConfig:
     forward_env: tuple[tuple[str, str], ...] = ()
     log_dir: Optional[str] = None
     verbose: bool = False  # the scheduler's and servers' INFO lines on the console too
+    metrics_port: Optional[int] = None  # the scheduler's Prometheus endpoint; 0: a free port
     timing: Timing = field(default_factory=Timing)
     chunk_bytes: Optional[int] = None  # None: by where the shards are (SchedulerConfig)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -147,7 +149,8 @@ class LaunchConfig:
             staleness=self.staleness, port=self.scheduler_port, chunk_bytes=self.chunk_bytes,
             server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
             secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
-            checkpoint_dir=self.checkpoint_dir, log_level=self.log_level, peer_buffer_bytes=self.peer_buffer_bytes)
+            checkpoint_dir=self.checkpoint_dir, log_level=self.log_level, peer_buffer_bytes=self.peer_buffer_bytes,
+            metrics_port=self.metrics_port)
 
     def worker_env(self) -> dict[str, str]:
         """What only workers need: DistributedOptimizer's checkpoint schedule."""

@@ -74,6 +74,7 @@ class SchedulerWatch:
 
     def __init__(self) -> None:
         self.address: Optional[str] = None
+        self.metrics_address: Optional[str] = None
         self.joined: list[tuple[str, Optional[int], str]] = []
         self.up = threading.Event()
         self._lock = threading.Lock()
@@ -82,6 +83,8 @@ class SchedulerWatch:
     def on_line(self, proc: JobProcess, text: str) -> None:
         if text.startswith("PS_SCHEDULER_ADDRESS="):
             self.address = text.split("=", 1)[1].strip()
+        elif text.startswith("PS_METRICS_ADDRESS="):
+            self.metrics_address = text.split("=", 1)[1].strip()
         elif text.startswith("PS_CLUSTER_UP"):
             self.up.set()
         elif match := _JOINED_RE.match(text):
@@ -224,10 +227,11 @@ class Job:
         self._announced = True
         cfg, layout = self.cfg, self.cfg.layout
         device = cfg.server_device or "cuda where available, else cpu"
+        metrics = f"; metrics {self.scheduler.metrics_address}" if self.scheduler.metrics_address else ""
         where = f"; logs: {self._log_dir}/" if self._log_dir is not None else ""
         self.console.message(f"job up in {time.monotonic() - self._started:.1f} s: {len(layout.workers)} workers, "
                              f"{len(layout.servers)} servers (shards on {device}), {cfg.mode}; scheduler "
-                             f"{self.scheduler.address}{where}")
+                             f"{self.scheduler.address}{metrics}{where}")
 
     def _first_failure(self) -> Optional[JobProcess]:
         failed = self._failures()

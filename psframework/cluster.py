@@ -27,7 +27,8 @@ class LocalCluster:
                  server_device: Optional[str] = "cpu", chunk_bytes: Optional[int] = None,
                  timing: Optional[Timing] = None, start_timeout: float = 30.0, auth: str = "none",
                  max_message_bytes: Optional[int] = None, elastic: bool = False, restart_servers: bool = False,
-                 checkpoint_dir: Optional[str] = None, peer_buffer_bytes: Optional[int] = None):
+                 checkpoint_dir: Optional[str] = None, peer_buffer_bytes: Optional[int] = None,
+                 metrics_port: Optional[int] = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))  # mode 0700: the secret lives here
@@ -44,7 +45,8 @@ class LocalCluster:
                                       staleness=staleness, server_device=server_device,
                                       timing=timing or Timing(), elastic=elastic,
                                       restart_servers=restart_servers,
-                                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, **extra)
+                                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                                      metrics_port=metrics_port, **extra)
         self.start_timeout = start_timeout
         self.scheduler: str = ""
         self._procs: list[tuple[str, subprocess.Popen]] = []
@@ -71,6 +73,20 @@ class LocalCluster:
         name = f"server-{rank}.restart{sum(1 for n, _ in self._procs if n.startswith(f'server-{rank}.'))}"
         self._start_server(rank, name)
         return name
+
+    @property
+    def metrics_address(self) -> str:
+        """``http://host:port/metrics`` of the scheduler (``metrics_port=`` given), as it printed it."""
+        if self.config.metrics_port is None:
+            raise ConfigError("this LocalCluster serves no metrics: pass metrics_port= (0: a free port)")
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            for line in self.output("scheduler", lines=50).splitlines():
+                if line.startswith("PS_METRICS_ADDRESS="):
+                    return line.split("=", 1)[1].strip()
+            time.sleep(0.02)
+        raise PSTimeoutError(f"the scheduler printed no metrics address within {self.start_timeout} s:\n"
+                             f"{self.output('scheduler')}")
 
     def env(self) -> dict[str, str]:
         """The PS_* variables for a worker process of this cluster."""

@@ -47,6 +47,7 @@ ENV_VARS = {
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
+    "PS_METRICS_PORT": "the scheduler serves the job's Prometheus metrics on this port (0: a free one, printed); default off",
     "PS_CUDA_IPC": "0: GPU workers and GPU servers of one host use the shared-memory lanes, not device lanes by CUDA IPC (default 1)",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -94,6 +95,7 @@ class SchedulerConfig:
     host: str = field(default_factory=socket.gethostname)
     log_level: str = "INFO"
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
+    metrics_port: Optional[int] = None  # None: no metrics endpoint; 0: a free port
 
     def __post_init__(self) -> None:
         if self.chunk_bytes is None:
@@ -105,6 +107,8 @@ class SchedulerConfig:
         _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         _check(self.staleness >= 0, f"staleness must be >= 0, got {self.staleness}")
         _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+               f"metrics port must be in 0..65535 (0: a free one), got {self.metrics_port}")
         _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
         _check(self.max_message_bytes >= 1024, f"max message size too small: {self.max_message_bytes}")
         _check(self.chunk_bytes <= self.max_message_bytes,
@@ -220,6 +224,7 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         host=_env(env, "PS_HOST", str, None),
         log_level=log_level_from_env(env),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
+        metrics_port=_env(env, "PS_METRICS_PORT", int, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["host"] is None:
@@ -328,6 +333,8 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         env["PS_RESTART_FAILED_SERVERS"] = "1"
     if config.checkpoint_dir:
         env["PS_CHECKPOINT_DIR"] = config.checkpoint_dir
+    if config.metrics_port is not None:
+        env["PS_METRICS_PORT"] = str(config.metrics_port)
     return env
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from . import protocol as P
 from .config import NodeConfig
 from .errors import ClosedError, PeerLostError, ProtocolError, PSTimeoutError, error_for
+from .metrics import resident_bytes
 from .transport import Socket, Transport
 
 log = logging.getLogger("psframework.node")
@@ -45,7 +46,8 @@ class _Heartbeat(threading.Thread):
         sock = m.transport.connect(m.scheduler)
         try:
             while not self._stop_event.is_set():
-                sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, token=m.welcome.token, stats=m.stats))])
+                stats = {**m.stats, "rss_bytes": resident_bytes() or 0}
+                sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, token=m.welcome.token, stats=stats))])
                 deadline = time.monotonic() + m.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
                     ready = m.transport.poll([sock], min(left, POLL_SLICE))

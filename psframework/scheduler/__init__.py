@@ -29,6 +29,7 @@ from .. import protocol as P
 from ..config import SchedulerConfig
 from ..errors import ProtocolError
 from ..logs import RateLimitedLog
+from ..metrics import MetricsServer, NodeSample
 from ..node import POLL_SLICE
 from ..security import load_secret
 from ..transport import Transport, ZmqTransport
@@ -57,6 +58,22 @@ class Scheduler:
         self._shutdown_at: Optional[float] = None
         self._failed = False
         self._garbage_log = RateLimitedLog(log)
+        self.metrics: Optional[MetricsServer] = None
+        self._published_at = 0.0
+        if config.metrics_port is not None:
+            try:
+                self.metrics = MetricsServer(config.bind_host, config.metrics_port)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def metrics_address(self) -> Optional[str]:
+        """Where Prometheus scrapes this job, once a metrics port was given."""
+        if self.metrics is None:
+            return None
+        host = self.address.rsplit(":", 1)[0].split("//", 1)[1]
+        return f"http://{host}:{self.metrics.port}/metrics"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -67,6 +84,7 @@ class Scheduler:
                 if self.transport.poll([self.socket], POLL_SLICE):
                     self._drain()
                 now = time.monotonic()
+                self._publish_metrics(now)
                 if not self.roster.running:
                     if self._start_deadline_passed(now):
                         return 1
@@ -78,12 +96,23 @@ class Scheduler:
             self.close()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.socket is not None:
             self.socket.close()
             self.socket = None
         if self._own_transport:
             self.transport.close()
             self._own_transport = False
+
+    def _publish_metrics(self, now: float) -> None:
+        """A snapshot of the roster for the metrics endpoint, a few times per heartbeat interval."""
+        if self.metrics is None or now - self._published_at < self.config.timing.heartbeat_interval / 4:
+            return
+        self._published_at = now
+        self.metrics.publish([NodeSample(n.role, n.rank, n.host, n.state == LIVE, now - n.last_seen, dict(n.stats))
+                              for n in self.roster.nodes.values()])
 
     def _drain(self) -> None:
         for _ in range(256):
@@ -283,6 +312,8 @@ def announce(address: str, address_file: Optional[str]) -> None:
 def main(config: SchedulerConfig, address_file: Optional[str] = None) -> int:
     scheduler = Scheduler(config)
     announce(scheduler.address, address_file)
+    if scheduler.metrics_address:
+        tell_launcher(f"PS_METRICS_ADDRESS={scheduler.metrics_address}")
     code = scheduler.run()
     sys.stdout.flush()
     return code

@@ -84,12 +84,14 @@ def test_sync_training_job(launch, tmp_path):
     assert_no_leftovers(run.job_id)
 
 
-def test_verbose_shows_the_infrastructure_lines(launch, tmp_path):
+def test_verbose_shows_the_infrastructure_lines_and_metrics_are_announced(launch, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    result = launch("-n", "1", "-s", "1", "--server-device", "cpu", "--verbose", "--",
+    result = launch("-n", "1", "-s", "1", "--server-device", "cpu", "--verbose", "--metrics-port", "0", "--",
                     PY, str(TRAIN_SCRIPT), str(out)).wait(timeout=60)
     assert result.returncode == 0, result.stderr
+    up = next(line for line in result.stderr.splitlines() if "job up in" in line)
+    assert re.search(r"; metrics http://127\.0\.0\.1:\d+/metrics", up), up
     assert "[scheduler] PS_SCHEDULER_ADDRESS=tcp://127.0.0.1:" in result.stdout
     assert "[server 0] " in result.stdout and " INFO server 0 serving on tcp://" in result.stdout
 

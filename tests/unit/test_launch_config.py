@@ -180,7 +180,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     (tmp_path / "hosts").write_text("node1 slots=3 servers=2\n")
     env = {"PS_HOSTFILE": "hosts", "PS_MODE": "async", "PS_STALENESS": "5", "PS_NUM_WORKERS": "2",
            "PS_START_TIMEOUT": "9", "PS_ENV": "A=1 B=2", "PS_JOB_ID": "abc", "PS_LOG_DIR": "logs",
-           "PS_STOP_GRACE": "1.5", "PS_VERBOSE": "1"}
+           "PS_STOP_GRACE": "1.5", "PS_VERBOSE": "1", "PS_METRICS_PORT": "0"}
     captured = {}
     monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["--", "true"], env=env)
@@ -190,6 +190,7 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     assert cfg.start_timeout == 9 and cfg.env == (("A", "1"), ("B", "2")) and cfg.job_id == "abc"
     assert cfg.log_dir == "logs" and cfg.cwd == str(tmp_path)
     assert cfg.stop_grace == 1.5 and cfg.verbose
+    assert cfg.metrics_port == 0 and cfg.scheduler_config().metrics_port == 0
 
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):
