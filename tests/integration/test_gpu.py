@@ -12,7 +12,6 @@ import torch
 
 import psframework as ps
 
-from psframework import protocol as P
 from tests.integration import models
 from tests.integration.test_core import CHUNK, _raw_client, assert_one_step_of_ones, assert_params_equal
 from tests.threads import run_in_threads as _run_threads

@@ -6,7 +6,6 @@ really taken, that both paths give the same numbers, and what happens where a la
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
