@@ -21,6 +21,7 @@ from .sharding import DEFAULT_CHUNK_BYTES, default_chunk_bytes
 MODES = ("sync", "async", "ssp")
 DEFAULT_PEER_BUFFER_BYTES = 256 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+DEFAULT_COMPRESS_MIN_BYTES = 64 << 10
 
 ENV_VARS = {
     "PS_SCHEDULER": "scheduler address, tcp://HOST:PORT (set by ps-launch for every process)",
@@ -49,6 +50,8 @@ ENV_VARS = {
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
     "PS_METRICS_PORT": "the scheduler serves the job's Prometheus metrics on this port (0: a free one, printed); default off",
     "PS_CUDA_IPC": "0: GPU workers and GPU servers of one host use the shared-memory lanes, not device lanes by CUDA IPC (default 1)",
+    "PS_COMPRESS_MIN_BYTES": "workers: tensors smaller than this are pushed as they are, whatever compression= says (default 64 KiB)",
+    "PS_COMPRESS_LOCAL": "1: workers compress pushes to servers of their own host too, over the socket instead of the lanes (default 0)",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -136,9 +139,12 @@ class NodeConfig:
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
     cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
+    compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
+    compress_local: bool = False  # workers: compress to servers of their own host too (not through lanes)
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
+        _check(self.compress_min_bytes >= 0, f"PS_COMPRESS_MIN_BYTES must be >= 0, got {self.compress_min_bytes}")
         _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
@@ -289,6 +295,8 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         shm=_flag(env, "PS_SHM", default=True),
         cuda_ipc=_flag(env, "PS_CUDA_IPC", default=True),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
+        compress_min_bytes=_env(env, "PS_COMPRESS_MIN_BYTES", int, DEFAULT_COMPRESS_MIN_BYTES),
+        compress_local=_flag(env, "PS_COMPRESS_LOCAL"),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -340,6 +348,7 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_COMPRESS_MIN_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ENV_VARS",
     "LOG_LEVELS",

@@ -24,7 +24,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 3
+VERSION = 4  # 4: block requests name the codecs of compressed segments
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -208,7 +208,9 @@ class BlockRequest(Message):
     same exchange to this server follow. ``shm``: the tensors are in the worker's shared-memory lane;
     ``ipc``: in its device lane (``datapath/cuda_ipc.py``).
     ``step``: which of the worker's pushing steps a push belongs to (-1: not counted). ``absent``:
-    segments (of ``segs``) pushed without a gradient; no frame or lane data carries them."""
+    segments (of ``segs``) pushed without a gradient; no frame or lane data carries them. ``codecs``:
+    the codec of each pushed segment's frame (``ps.compress``; "" raw; empty: all raw);
+    ``pull_codecs``: of each segment of ``segs`` in the answer (socket requests only)."""
     req: int
     block: int
     rank: int
@@ -220,6 +222,8 @@ class BlockRequest(Message):
     step: int = -1
     absent: list[int] = []
     rollback: int = 0  # the rollback epoch the worker knows of: requests of an earlier one are refused
+    codecs: list[str] = []
+    pull_codecs: list[str] = []
 
 
 class Push(BlockRequest, tag="push"):

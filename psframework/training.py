@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 
 from . import protocol as P
+from .compress import Codec
+from .datapath.compression import CompressionArg
 from .errors import ClosedError, ConfigError, RolledBackError
 from .lookups import TableLookups
 from .nn import TableModule
@@ -54,12 +56,18 @@ class DistributedOptimizer:
     Checkpoints (defaults from ps-launch's ``--checkpoint-dir``, ``--checkpoint-every`` and
     ``--resume``): every ``checkpoint_every`` steps ``step()`` saves one; with ``resume`` the
     newest complete one is restored at start, and ``start_step`` says where to continue.
+
+    ``compression``: a ``ps.compress`` codec for the pushed gradients, or a dict of name patterns
+    to codecs; ``pull_compression``: ``ps.compress.FP16()`` or ``BF16()`` for rounded pulls
+    (``Worker.register``). Error-feedback residuals are not in checkpoints: a resumed worker
+    starts with none.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None, *,
                  sparse_optimizer: Optional[OptimizerSpec] = None, overlap: bool = True,
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 resume: Optional[bool] = None):
+                 resume: Optional[bool] = None, compression: CompressionArg = None,
+                 pull_compression: Optional[Codec] = None):
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -72,7 +80,8 @@ class DistributedOptimizer:
         self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
         self.start_step = 0
         try:
-            self.worker.register(self.params, optimizer=optimizer, tables=tables, sparse_optimizer=sparse_optimizer)
+            self.worker.register(self.params, optimizer=optimizer, tables=tables, sparse_optimizer=sparse_optimizer,
+                                 compression=compression, pull_compression=pull_compression)
             self.worker.on_rollback(self._note_rollback)
             if tables:
                 self._tables = TableLookups(self.worker, tables, self._refresh_if_rolled_back)

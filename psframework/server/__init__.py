@@ -301,6 +301,7 @@ class Server:
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
+                "push_bytes": self.io.push_bytes,
                 **self.policy.counters()}
 
 

@@ -10,6 +10,9 @@ overlaps the copy of the last; the update runs on the server's stream with torch
 replies are copied from the device into a pinned buffer per block (once per version, however many
 workers pull it) and go on the wire once that copy has finished (the outbox), while the server
 goes on receiving.
+
+Compressed frames (``ps.compress``) are decoded on the server's device before aggregation; a
+pull that asks for rounded values gets them encoded from the full-precision values.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import torch
 
 from .. import protocol as P
 from ..buffers import byte_view, host_copy
+from ..compress import Codec, payload_bytes
 from ..devices import Staging, StagingRing
 from ..transport import Socket
 from .store import BlockState, Pending, Pushed
 
 OnSent = Callable[[Optional[object]], None]
+Codecs = Optional[list[Optional[Codec]]]  # one per segment received or sent (None: raw)
 
 
 class DeviceIO:
@@ -35,12 +40,14 @@ class DeviceIO:
 
     def __init__(self, data: Socket):
         self.data = data
+        self.push_bytes = 0  # of the tensor frames of pushes received over the socket, as they came
 
     def setup(self, blocks: list) -> None:
         """The server now holds these blocks (of the shard map)."""
 
-    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
-        """One frame per segment from the data socket, checked against the block's layout."""
+    def receive_frames(self, state: BlockState, segs: list[int], codecs: Codecs = None) -> Pushed:
+        """One frame per segment from the data socket, checked against the block's layout (and
+        against each codec's size), decoded where it has a codec."""
         raise NotImplementedError
 
     def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
@@ -80,38 +87,46 @@ class DeviceIO:
     def close(self) -> None:
         """Forget the answers still waiting (we are shutting down)."""
 
-    def frame_sizes_check(self, state: BlockState, segs: list[int], receive: Callable[[int, int], int]) -> None:
+    def frame_sizes_check(self, state: BlockState, segs: list[int], receive: Callable[[int, int], int],
+                          codecs: Codecs = None) -> None:
         """Receive one frame per segment with ``receive(i, expected) -> got``, refusing a request
         whose frames do not match the block."""
-        for i in segs:
+        for k, i in enumerate(segs):
             if not self.data.more():
                 raise P.Rejected(P.PROTOCOL, f"block {state.block.block_id}: {len(segs)} frames announced, "
                                              "fewer sent")
-            expected = state.nbytes[i]
+            codec = codecs[k] if codecs else None
+            seg = state.block.segments[i]
+            expected = state.nbytes[i] if codec is None else payload_bytes(codec, seg.numel)
             got = receive(i, expected)
+            self.push_bytes += max(got, 0)
             if got != expected:
-                seg = state.block.segments[i]
                 raise P.Rejected(P.BAD_REQUEST, f"frame for {seg.key!r} (elements {seg.offset}.."
-                                                f"{seg.offset + seg.numel}) has {got} bytes, expected {expected}")
+                                                f"{seg.offset + seg.numel}{', ' + codec.wire if codec else ''}) "
+                                                f"has {got} bytes, expected {expected}")
         if self.data.more():
             raise P.Rejected(P.PROTOCOL, f"block {state.block.block_id}: more frames than announced")
 
 
 class HostIO(DeviceIO):
-    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
+    def receive_frames(self, state: BlockState, segs: list[int], codecs: Codecs = None) -> Pushed:
         """The received messages themselves, ours to keep and sum into (copying each into a
         preallocated buffer took a third of the server's CPU time per round trip,
-        benchmarks/pushpull.py)."""
+        benchmarks/pushpull.py), or what they decode to."""
         tensors: dict[int, torch.Tensor] = {}
+        codec_of = dict(zip(segs, codecs or []))
 
         def receive(i: int, expected: int) -> int:
             frame = self.data.recv_buffer()
             got = len(memoryview(frame))
-            if got == expected:
+            codec = codec_of.get(i)
+            if got == expected and codec is None:
                 tensors[i] = host_tensor(frame, state.params[i].dtype)
+            elif got == expected:
+                tensors[i] = codec.decode(host_tensor(frame, torch.uint8), state.params[i].numel())
             return got
 
-        self.frame_sizes_check(state, segs, receive)
+        self.frame_sizes_check(state, segs, receive, codecs)
         return Pushed(tensors)
 
     def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
@@ -119,7 +134,8 @@ class HostIO(DeviceIO):
         return Pushed({i: views[i] for i in segs}, owned=False)
 
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
-        frames = [head] + [byte_view(state.params[i]) for i in pending.segs]
+        frames = [head] + [byte_view(state.params[i] if codec is None else codec.encode(state.params[i]))
+                           for i, codec in _with_codecs(pending)]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done:
             state.trackers.append(tracker)
@@ -153,13 +169,35 @@ class CudaIO(DeviceIO):
         if blocks:
             self._ring = StagingRing(max(b.nbytes for b in blocks))
 
-    def receive_frames(self, state: BlockState, segs: list[int]) -> Pushed:
-        """Fresh device tensors, copied from a reused pinned receive slot on the upload stream."""
+    def receive_frames(self, state: BlockState, segs: list[int], codecs: Codecs = None) -> Pushed:
+        """Fresh device tensors, copied from a reused pinned receive slot on the upload stream;
+        compressed frames are uploaded as they came and decoded there."""
         slot = self._ring.take()
-        self.frame_sizes_check(state, segs,
-                               lambda i, expected: self.data.recv_into(slot.view(state.byte_offset(i), expected)))
-        pushed = self.from_host(state, segs, slot.typed(state.flat.dtype, 0, state.block.numel))
+        codec_of = dict(zip(segs, codecs or []))
+        packed: dict[int, object] = {}
+
+        def receive(i: int, expected: int) -> int:
+            if codec_of.get(i) is None:
+                return self.data.recv_into(slot.view(state.byte_offset(i), expected))
+            packed[i] = self.data.recv_buffer()
+            return len(memoryview(packed[i]))
+
+        self.frame_sizes_check(state, segs, receive, codecs)
+        raw = [i for i in segs if i not in packed]
+        pushed = self.from_host(state, raw, slot.typed(state.flat.dtype, 0, state.block.numel))
         slot.copied(self.upload)  # the slot is reused once these copies are done
+        return self._decoded(state, pushed, {i: (packed[i], codec_of[i]) for i in packed}) if packed else pushed
+
+    def _decoded(self, state: BlockState, pushed: Pushed, packed: dict) -> Pushed:
+        """``pushed`` with the compressed segments uploaded and decoded on the upload stream."""
+        with torch.cuda.stream(self.upload):
+            for i, (frame, codec) in packed.items():
+                payload = host_tensor(frame, torch.uint8).to(self.device, non_blocking=True)
+                pushed.grads[i] = codec.decode(payload, state.params[i].numel()).to(state.flat.dtype)
+                pushed.grads[i].record_stream(self.stream)
+        pushed.uploaded = torch.cuda.Event()
+        pushed.uploaded.record(self.upload)
+        pushed.whole = None
         return pushed
 
     def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
@@ -199,6 +237,9 @@ class CudaIO(DeviceIO):
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
         """Copy the values to the block's pinned reply buffer (unless this version is there already)
         and queue the reply; it goes on the wire once the copy has finished."""
+        if pending.codecs:
+            self._send_encoded(state, pending, head, on_sent)
+            return
         stale = [i for i in pending.segs if state.staged[i] != state.version]
         if stale:
             if state.queued_replies:
@@ -217,6 +258,17 @@ class CudaIO(DeviceIO):
         frames = [head] + [state.reply.view(state.byte_offset(i), state.nbytes[i]) for i in pending.segs]
         state.queued_replies += 1
         self._outbox.append((self._work_so_far(), pending.peer, frames, state, on_sent))
+
+    def _send_encoded(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
+        """Rounded values: encoded on our stream into fresh pinned buffers, not the reply cache."""
+        frames = [head]
+        with torch.cuda.stream(self.stream):
+            for i, codec in _with_codecs(pending):
+                payload = state.params[i].view(torch.uint8) if codec is None else codec.encode(state.params[i])
+                host = torch.empty(payload.numel(), dtype=torch.uint8, pin_memory=True)
+                host.copy_(payload, non_blocking=True)
+                frames.append(byte_view(host))
+        self._outbox.append((self._work_so_far(), pending.peer, frames, None, on_sent))
 
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
         self._download(state, segs, host)
@@ -262,6 +314,10 @@ def host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
     tensor = torch.frombuffer(frame, dtype=dtype)
     # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
     return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
+
+
+def _with_codecs(pending: Pending) -> list[tuple[int, Optional[Codec]]]:
+    return list(zip(pending.segs, pending.codecs or [None] * len(pending.segs)))
 
 
 def device_io(data: Socket, device: torch.device) -> DeviceIO:

@@ -1,8 +1,9 @@
 """A server's handling of workers' data requests: blocks (push, pull, push_pull, init) and rows.
 
 Each request is resolved against its store (which block, which segments; which tables and ids),
-its tensors are taken from the lane or the socket, a push goes to the consistency policy, and a
-pull waits in its unit until ``answers.Answers`` may answer it.
+its tensors are taken from the lane or the socket (compressed frames decoded:
+``datapath/compression.py``), a push goes to the consistency policy, and a pull waits in its unit
+until ``answers.Answers`` may answer it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .. import protocol as P
+from ..datapath.compression import wire_codecs
 from ..transport import Socket
 from .answers import Answers
 from .device import DeviceIO
@@ -36,13 +38,14 @@ class Requests:
             self.policy.more_follow(request.rank, request.more)
             self.answers.fail(self.policy.went_on(request.rank, request.step))
         lane = self.lanes.lane_for(request, self.data.more(), self.rank)
+        codecs, pull_codecs = self._codecs(request, state, segs, present, lane is not None)
         if isinstance(request, P.Init):
             self._init(peer, state, segs, request)
             return
         pushed = None
         if pushes:
             pushed = (self.lanes.pushed(state, present, lane) if lane is not None
-                      else self.io.receive_frames(state, present))
+                      else self.io.receive_frames(state, present, codecs))
             self._push(state, pushed, request)
         else:
             self.data.skip_rest()
@@ -51,8 +54,20 @@ class Requests:
             self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
         else:
             state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
-                                       lane=lane))
+                                       lane=lane, codecs=pull_codecs))
         self.answers.ready([state])
+
+    @staticmethod
+    def _codecs(request: P.BlockRequest, state: BlockState, segs: list[int], present: list[int], lane: bool):
+        """The codecs of the pushed frames and of the answer's, by segment; ``Rejected`` if they do not fit."""
+        what = f"{type(request).__name__} of {state.describe()}"
+        pushes = isinstance(request, (P.Push, P.PushPull))
+        pulls = isinstance(request, (P.Pull, P.PushPull))
+        if (request.codecs and (lane or not pushes)) or (request.pull_codecs and (lane or not pulls)):
+            raise P.Rejected(P.BAD_REQUEST, f"{what}: codecs only for what a socket request sends or is answered")
+        dtype = state.block.dtype
+        return (wire_codecs(request.codecs, len(present), what, dtype) if pushes else [],
+                wire_codecs(request.pull_codecs, len(segs), what, dtype, pulls=True) if request.pull_codecs else [])
 
     def _push(self, unit, pushed, request) -> None:
         try:

@@ -29,6 +29,7 @@ class Pending:
     segs: list[int]
     need_version: int  # the worker's clock: its pushes that the answer must reflect
     lane: Optional[Any] = None  # answer through this lane of the worker's (``datapath.lane.Slots``)
+    codecs: list = field(default_factory=list)  # of each of ``segs`` in the answer (None: raw; []: all raw)
 
 
 @dataclass

@@ -8,6 +8,9 @@ A block whose server has a lane to this worker, with the block's slots free, goe
 instead: sources are copied into its push slot (straight from the GPU, for a GPU tensor; device to
 device for a device lane), only the header is sent once the copies have landed, and the values are
 copied out of its pull slot.
+
+A tensor with a codec (``datapath/compression.py``) is encoded when it is added, on its device, for
+the blocks that go over the socket; the payloads are its frames, and the header names their codecs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from .. import protocol as P
 from ..buffers import byte_view, host_copy
+from ..compress import Codec
 from ..datapath.lane import Slots
 from ..devices import Staging
 from ..errors import ConfigError
@@ -62,8 +66,11 @@ class Exchange:
             self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
         self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
         self._lane_blocks: dict[int, Slots] = {}
+        self._payloads: dict[tuple[str, int], torch.Tensor] = {}  # encoded sources by (key, segment offset)
         if op is not P.Init:
-            for block_id, (block, _) in self._blocks.items():
+            for block_id, (block, parts) in self._blocks.items():
+                if worker.compression.keeps_off_lane(op, [name for _, _, name in parts]):
+                    continue
                 lane = worker.lanes.reserve(block)
                 if lane is not None:
                     self._lane_blocks[block_id] = lane
@@ -102,19 +109,42 @@ class Exchange:
         if tensor is None:
             self._absent.add(name)
             flat = None
-        elif tensor.device.type == "cpu":
-            self.worker.check_tensor(name, tensor, self.op.__name__)
-            flat = tensor.detach().contiguous().reshape(-1)
         else:
             self.worker.check_tensor(name, tensor, self.op.__name__)
-            flat = self._copy_from_device(name, tensor, pieces, after)
-            self._from_device.add(name)
+            raw = self._encode(name, tensor, pieces, after)
+            if tensor.device.type == "cpu":
+                flat = tensor.detach().contiguous().reshape(-1)
+            else:
+                flat = self._copy_from_device(name, tensor, raw, after) if raw else None
+                self._from_device.add(name)
         self._sources[name] = flat
         for block, _, _ in pieces:
             self._missing[block.block_id] -= 1
             if self._missing[block.block_id] == 0:
                 self._ready.append(block.block_id)
                 self._launch_copies()
+
+    def _encode(self, name: str, tensor: torch.Tensor, pieces: list, after) -> list:
+        """Encode the pieces that go compressed over the socket (on the tensor's device, after
+        ``after``); the pieces left to send as they are."""
+        codec = self.worker.compression.push_codec(name) if self.op in (P.Push, P.PushPull) else None
+        packed = [p for p in pieces if codec is not None and p[0].block_id not in self._lane_blocks]
+        if not packed:
+            return pieces
+        segments = [seg for _, _, seg in packed]
+        if tensor.device.type == "cpu":
+            payloads = self.worker.compression.encode(name, tensor, segments)
+        else:
+            stream = self.worker.staging.stream(tensor.device, "push")
+            if after is not None:
+                stream.wait_event(after)
+            else:
+                self._after_caller(stream, tensor.device, "push")
+            with torch.cuda.stream(stream):  # the payloads, a fraction of the tensor, come to the host
+                payloads = [p.cpu() for p in self.worker.compression.encode(name, tensor, segments)]
+        for seg, payload in zip(segments, payloads):
+            self._payloads[(name, seg.offset)] = payload
+        return [p for p in pieces if p not in packed]
 
     def _copy_from_device(self, name: str, tensor: torch.Tensor, pieces: list, after) -> Optional[torch.Tensor]:
         """Start the copies of a GPU tensor's blocks to the host: into their lane's push slot, or
@@ -194,13 +224,15 @@ class Exchange:
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1
         lane = self._lane_blocks.get(block.block_id)
+        codecs, pull_codecs = self._codec_names(parts) if lane is None else ([], [])
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
                          more=bool(self._unsent_to[block.server]) and self.op is not P.Pull,
                          shm=lane is not None and not lane.on_device, ipc=lane is not None and lane.on_device,
                          step=self.step, rollback=client.rollback,
-                         absent=[i for i, _, name in parts if name in self._absent])
+                         absent=[i for i, _, name in parts if name in self._absent],
+                         codecs=codecs, pull_codecs=pull_codecs)
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
             copies = [self._through_lane(lane, block, seg, name) for _, seg, name in parts]
@@ -210,16 +242,30 @@ class Exchange:
         staged: dict[int, Staging] = {}
         for _, seg, name in parts:
             if self.op is not P.Pull and name not in self._absent:
-                piece = self._sources[name][seg.offset:seg.offset + seg.numel]
+                piece = self._payloads.get((name, seg.offset))
+                if piece is None:
+                    piece = self._sources[name][seg.offset:seg.offset + seg.numel]
+                    if name in self._staged:
+                        staged[id(self._staged[name])] = self._staged[name]
                 request.frames.append(byte_view(piece))
                 request.keep.append(piece)
-                if name in self._staged:
-                    staged[id(self._staged[name])] = self._staged[name]
             if self._dests:
-                request.dest.append(self._dests[name].piece(seg, request.keep))
+                codec = self.worker.compression.pull_codec(name)
+                dest = self._dests[name]
+                request.dest.append(dest.piece(seg, request.keep) if codec is None
+                                    else dest.packed(seg, request.keep, codec))
         tracker = client.submit(request, req, track=bool(staged))
         for buffer in staged.values():
             buffer.sent(tracker)  # reused only once ZeroMQ is done reading it
+
+    def _codec_names(self, parts: list[Part]) -> tuple[list[str], list[str]]:
+        """The header's codecs of the pushed segments and of the pulled ones ([]: none compressed)."""
+        compression = self.worker.compression
+        codecs = [compression.push_codec(name).wire if (name, seg.offset) in self._payloads else ""
+                  for _, seg, name in parts if self.op is not P.Pull and name not in self._absent]
+        pull = [getattr(compression.pull_codec(name), "wire", "") for _, _, name in parts] \
+            if self.op in (P.Pull, P.PushPull) else []
+        return (codecs if any(codecs) else []), (pull if any(pull) else [])
 
     def _through_lane(self, lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
         """One segment of a lane request: its source into the push slot (a GPU source is there
@@ -285,6 +331,20 @@ class Destination:
             staging.copied(stream)  # the next pull into this buffer waits for the copy
 
         return byte_view(host), copy_to_device
+
+    def packed(self, seg: Segment, keep: list, codec: Codec) -> tuple[memoryview, Callable[[], None]]:
+        """Like ``piece``, for values that come encoded: received apart, decoded into place."""
+        view, landed = self.piece(seg, keep)
+        host = self.host[seg.offset:seg.offset + seg.numel]
+        payload = torch.empty(codec.nbytes(seg.numel), dtype=torch.uint8)
+        keep.append(payload)
+
+        def unpack() -> None:
+            host.copy_(codec.decode(payload, seg.numel))
+            if landed is not None:
+                landed()
+
+        return byte_view(payload), unpack
 
     def from_lane(self, block: Block, seg: Segment) -> LaneCopy:
         """The copy of one segment out of a lane's pull slot."""

@@ -10,7 +10,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import protocol as P
+from ..compress import Codec
 from ..config import NodeConfig, node_config_from_env
+from ..datapath.compression import Compression, CompressionArg
 from ..datapath.lane import shm_available
 from ..devices import init_cuda_early
 from ..errors import ClosedError, ConfigError, PSError, PSTimeoutError, RegistrationError, RolledBackError
@@ -44,7 +46,7 @@ class Worker:
         self.membership: Optional[Membership] = None
         self.client: Optional[Client] = None
         self.lanes: Optional[WorkerLanes] = None
-        self.staging = DeviceStaging()
+        self.staging, self.compression = DeviceStaging(), Compression()  # compression: planned by register()
         init_cuda_early(None)  # the training loop's tensors may well be on a GPU
         try:
             self.membership = join_cluster(self.transport, config, role="worker")
@@ -91,7 +93,8 @@ class Worker:
     # -- registration --------------------------------------------------------------------
 
     def register(self, params: TensorsLike, optimizer: Optional[OptimizerSpec] = None, *,
-                 tables: Optional[Mapping[str, Any]] = None, sparse_optimizer: Optional[OptimizerSpec] = None) -> None:
+                 tables: Optional[Mapping[str, Any]] = None, sparse_optimizer: Optional[OptimizerSpec] = None,
+                 compression: CompressionArg = None, pull_compression: Optional[Codec] = None) -> None:
         """Collective: every worker registers the same tensors; afterwards all hold rank 0's values.
 
         ``tables``: embedding tables, name -> a ``ps.nn.Embedding``/``EmbeddingBag`` (or its
@@ -108,13 +111,13 @@ class Worker:
             raise ConfigError("register() got no tensors and no tables")
         check_dense(tensors, optimizer)
         specs = [TensorSpec.of(name, t) for name, t in tensors.items()]
+        self.compression = Compression.plan(specs, compression, pull_compression, self.config)  # README: compression
         reply = self.membership.request(
             P.Register(rank=self.rank, tensors=[P.TensorInfo(s.name, list(s.shape), s.dtype) for s in specs],
                        optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()]),
             expect=P.Registered)
         self.shard_map = ShardMap.from_wire(reply.shard_map)
-        self._specs = {s.name: s for s in specs}
-        self._registered = tensors
+        self._specs, self._registered = {s.name: s for s in specs}, tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
                                  self.config.cuda_ipc and self.membership.welcome.server_device != "cpu")
         self.client.on_server_moved = self.lanes.renew

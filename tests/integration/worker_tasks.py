@@ -288,9 +288,52 @@ def emb_checkpointed(out: str, total_steps: int, stop_after: int = 0) -> None:
                     "tables": [s["tables"] for s in stats]}, out)
 
 
+class _Params(torch.nn.Module):
+    """models' parameters as a module, for DistributedOptimizer."""
+
+    def __init__(self, params: dict):
+        super().__init__()
+        for name, value in params.items():
+            setattr(self, name, torch.nn.Parameter(value))
+
+
+def compressed_train(out: str, codec: str, steps: int, pull: str = "None", overlap: bool = False,
+                     optimizer: str = "sgd", device: str = "cpu") -> None:
+    """sync_train with ``compression=eval(codec)`` (and ``pull_compression=eval(pull)``); with
+    ``overlap``, through DistributedOptimizer. Saves the values, each tensor's segments and the
+    servers' counters."""
+    compression, pull_compression = eval(codec, {"ps": ps}), eval(pull, {"ps": ps})
+    params = {k: v.to(device) for k, v in models.make_params(0).items()}
+    if overlap:
+        model = _Params(params)
+        opt = ps.DistributedOptimizer(model, models.optimizer_spec(optimizer), compression=compression,
+                                      pull_compression=pull_compression)
+        worker, params = opt.worker, dict(model.named_parameters())
+    else:
+        worker = ps.init()
+        worker.register(params, optimizer=models.optimizer_spec(optimizer), compression=compression,
+                        pull_compression=pull_compression)
+    per = models.BATCH // worker.num_workers
+    for step in range(steps):
+        x, y = (t.to(device) for t in models.batch(step))
+        mine = slice(worker.rank * per, (worker.rank + 1) * per)
+        if overlap:
+            opt.zero_grad()
+            models.loss_fn(params, x[mine], y[mine]).backward()
+            opt.step()
+        else:
+            leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            models.loss_fn(leaves, x[mine], y[mine]).backward()
+            worker.push_pull({k: v.grad for k, v in leaves.items()}, into=params).wait(timeout=30)
+    segments = {k: [(seg.offset, seg.numel) for _, seg in worker.shard_map.segments_of(k)] for k in params}
+    torch.save({"params": {k: v.detach().cpu() for k, v in params.items()}, "segments": segments,
+                "stats": worker.server_stats()}, out)
+    (opt if overlap else worker).close()
+
+
 TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
-                                  stop_myself, checkpoint_part, emb_train, emb_checkpointed)}
+                                  stop_myself, checkpoint_part, emb_train, emb_checkpointed, compressed_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
