@@ -74,6 +74,24 @@ def test_randomk_keeps_k_values_where_its_seeded_generator_says():
     assert not torch.equal(first, second)  # the generator moves on (with this seed, 3 of 10 differ)
 
 
+@pytest.mark.parametrize("x", [torch.randn(300_000, generator=torch.Generator().manual_seed(2)),
+                               torch.cat([torch.ones(200_000), torch.zeros(100_000)]),  # ties everywhere
+                               torch.linspace(0, 1, 300_000) ** 4],  # the sample misjudges: the full top-k
+                         ids=["random", "ties", "skewed"])
+def test_topk_of_a_large_tensor_is_the_full_top_k(x):
+    codec = C.TopK(0.01)
+    got = codec.indices(x)
+    assert got.numel() == codec.k(x.numel()) == got.unique().numel()
+    assert x.abs()[got].min() >= x.abs().topk(codec.k(x.numel())).values.min()
+
+
+def test_randomk_of_a_large_tensor_draws_k_distinct_indices():
+    codec = C.RandomK(0.01, seed=5)
+    got = codec.indices(torch.zeros(1_000_000))
+    assert got.numel() == 10_000 == got.unique().numel() and 0 <= got.min() and got.max() < 1_000_000
+    assert not torch.equal(got.sort().values, codec.indices(torch.zeros(1_000_000)).sort().values)
+
+
 @pytest.mark.parametrize("codec", [C.FP16(), C.BF16(), C.Int8(), C.Int8(block=5), C.OneBit(), C.OneBit(block=7),
                                    C.TopK(0.1), C.RandomK(0.1)], ids=repr)
 @pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 1001])
