@@ -1,6 +1,7 @@
 # `make train` and `make test` do all set-up on a fresh machine: a virtualenv in .venv, torch
 # (the local CPU wheel, torch==2.13.0, unless a torch is already installed), this package with
-# its dev extras, and, for the multi-host tests, OpenSSH and iproute2 from Debian when root.
+# its dev extras, and, for the multi-host tests, OpenSSH and iproute2 from Debian when root
+# (and Slurm with munge for the Slurm tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,6 +25,11 @@ sysdeps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			openssh-server openssh-client iproute2 >/dev/null) \
 		|| echo "sysdeps: could not install openssh-server; the multi-host tests will be skipped"; \
+	fi
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -x /usr/sbin/slurmd ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			slurmctld slurmd slurm-client munge >/dev/null) \
+		|| echo "sysdeps: could not install Slurm; the Slurm tests will be skipped"; \
 	fi
 
 train: $(VENV)/.ready

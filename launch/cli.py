@@ -19,6 +19,7 @@ import click
 from .config import DEFAULT_STOP_GRACE, LaunchConfig, parse_exports
 from .hostfile import read_hostfile
 from .job import run_job
+from .slurm import LAUNCHERS, allocation_from_env, node_addresses
 from ..config import MODES, remote_forwarded, tuning_from_env
 from ..errors import ConfigError
 from ..security import MECHANISMS
@@ -75,6 +76,11 @@ def _option(*decls: str, **kwargs):
 @_option("--stop-grace", envvar="PS_STOP_GRACE", type=float, default=DEFAULT_STOP_GRACE, show_default=True,
          metavar="SECONDS", help="When ps-launch ends a process (job over, failed, declared dead, Ctrl-C): "
                                  "seconds from SIGTERM (with SIGCONT) to SIGKILL.")
+@_option("--launcher", envvar="PS_LAUNCHER", type=click.Choice(LAUNCHERS),
+         help="How processes of other hosts start: ssh, or slurm (srun steps, hosts from the allocation); "
+              "default: slurm inside an allocation without --hostfile, else ssh.")
+@_option("--servers-per-node", envvar="PS_SERVERS_PER_NODE", type=int, metavar="N",
+         help="N servers on every host (every Slurm node, every hostfile line; N in all without either).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
@@ -82,7 +88,12 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
     """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
 
     Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
+    `ps-launch top HOST:PORT` watches a running job through its --metrics-port instead.
     """
+    if command[:1] == ("top",):
+        from ..top import main as top
+
+        top.main(args=list(command[1:]), prog_name="ps-launch top")
     try:
         cfg = build_config(command, hostfile, exports, start_timeout, **options)
         code = run_job(cfg)
@@ -92,16 +103,28 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
 
 
 def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
-                 start_timeout: float, job_id: Optional[str] = None, **options) -> LaunchConfig:
-    """The ``LaunchConfig`` for these option values; reads the hostfile and, through
-    ``psframework.config``, the settings of this environment that have no option."""
+                 start_timeout: float, job_id: Optional[str] = None, launcher: Optional[str] = None,
+                 environ: Optional[dict[str, str]] = None, **options) -> LaunchConfig:
+    """The ``LaunchConfig`` for these option values; reads the hostfile, the Slurm allocation
+    (``environ``, default this process's, and ``scontrol``) and, through ``psframework.config``,
+    the settings of this environment that have no option."""
     # PS_CHUNK_BYTES, PS_HEARTBEAT_*, PS_MAX_MESSAGE_BYTES and PS_LOG_LEVEL have no option; they pass through
     tuning = tuning_from_env()
     extra = {"job_id": job_id} if job_id else {}
+    allocation = allocation_from_env(os.environ if environ is None else environ)
+    launcher = launcher or ("slurm" if allocation is not None and not hostfile else "ssh")
+    hosts = read_hostfile(hostfile) if hostfile else None
+    addresses: tuple[tuple[str, str], ...] = ()
+    if launcher == "slurm" and allocation is not None:
+        hosts = hosts if hosts is not None else allocation.host_entries()
+        addresses = tuple(node_addresses([h.host for h in hosts]).items())
     return LaunchConfig(
         command=tuple(command),
-        hosts=read_hostfile(hostfile) if hostfile else None,
+        hosts=hosts,
         hostfile=hostfile,
+        launcher=launcher,
+        slurm=allocation,
+        node_addresses=addresses,
         env=parse_exports(exports),
         forward_env=remote_forwarded(),
         timing=dataclasses.replace(tuning.timing, start_timeout=start_timeout),

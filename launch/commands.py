@@ -11,7 +11,8 @@ Example::
     >>> worker.name, worker.argv, worker.environ["PS_RANK"], worker.environ["PS_SCHEDULER"]
     ('worker 1', ('python', 'train.py'), '1', 'tcp://127.0.0.1:5000')
 
-Processes on a host that is this machine run directly; the others through ssh (``launch/remote.py``).
+Processes on a host that is this machine run directly; the others through ssh (``launch/remote.py``),
+or srun inside a Slurm allocation (``launch/slurm.py``).
 A process binds and advertises its host's address, so the other hosts can reach it: 127.0.0.1 when
 the whole job runs here, otherwise the host's hostfile address (``--bind`` for this host).
 """
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from .config import LaunchConfig
-from .hosts import is_local_host
 from .placement import Placement
 from .remote import remote_secret_path
 from ..config import config_to_env
@@ -42,6 +42,7 @@ class ProcessSpec:
     local: bool
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
+    launcher: str = "ssh"  # how it starts when not local: ssh, or srun ("slurm")
 
     @property
     def name(self) -> str:
@@ -60,10 +61,24 @@ class ProcessSpec:
 def host_addresses(cfg: LaunchConfig) -> dict[str, str]:
     """The address that processes on each host of the layout bind and advertise."""
     hosts = cfg.layout.hosts()
-    local = {host: cfg.hosts is None or is_local_host(host) for host in hosts}
+    local = {host: cfg.runs_here(host) for host in hosts}
+    if cfg.launcher == "slurm":
+        return _node_addresses(cfg, hosts, local)
     if all(local.values()):
         return {host: cfg.bind or "127.0.0.1" for host in hosts}
     return {host: _reachable_address(host, local[host], cfg.bind) for host in hosts}
+
+
+def _node_addresses(cfg: LaunchConfig, hosts: tuple[str, ...], local: Mapping[str, bool]) -> dict[str, str]:
+    """Slurm nodes bind their NodeAddr: their names need not resolve. Nodes that all have loopback
+    addresses are one machine (a test cluster); one loopback node among others is unreachable."""
+    node_addr = dict(cfg.node_addresses)
+    addresses = {host: cfg.bind if local[host] and cfg.bind else resolve(node_addr.get(host, host)) for host in hosts}
+    loopback = [host for host, address in addresses.items() if _is_loopback(address)]
+    if loopback and len(loopback) < len(addresses):
+        raise ConfigError(f"Slurm node {loopback[0]!r} has the loopback address {addresses[loopback[0]]}, which the "
+                          "other nodes cannot reach; fix its NodeAddr in slurm.conf, or pass --bind on that node")
+    return addresses
 
 
 def scheduler_process(cfg: LaunchConfig, addresses: Mapping[str, str]) -> ProcessSpec:
@@ -90,9 +105,10 @@ def node_processes(cfg: LaunchConfig, addresses: Mapping[str, str], scheduler_ad
 
 def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str],
           scheduler_address: Optional[str]) -> ProcessSpec:
-    local = cfg.hosts is None or is_local_host(placement.host)
-    # later entries win: forwarded (remote only) < unbuffered default < -x < what defines the job
-    env = dict(cfg.forward_env) if not local else {}
+    local = cfg.runs_here(placement.host)
+    # later entries win: forwarded (over ssh) < unbuffered default < -x < what defines the job;
+    # srun passes its own environment (this host's) on, like a local process's
+    env = dict(cfg.forward_env) if not local and cfg.launcher == "ssh" else {}
     env["PYTHONUNBUFFERED"] = "1"  # so the last lines before a crash reach the root-cause report
     env.update(cfg.env)
     env.update(config_to_env(cfg.scheduler_config()))
@@ -104,8 +120,8 @@ def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str]
         env["PS_SCHEDULER"] = scheduler_address or ""
     if placement.role == "worker":
         env.update(cfg.worker_env())
-    return ProcessSpec(role=placement.role, rank=placement.rank, host=placement.host,
-                       ssh_port=placement.ssh_port, local=local, argv=tuple(argv), env=tuple(env.items()))
+    return ProcessSpec(role=placement.role, rank=placement.rank, host=placement.host, ssh_port=placement.ssh_port,
+                       local=local, argv=tuple(argv), env=tuple(env.items()), launcher=cfg.launcher)
 
 
 def _reachable_address(host: str, local: bool, bind: Optional[str]) -> str:

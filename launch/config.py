@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .hostfile import HostEntry
-from .hosts import split_host_port
+from .hosts import is_local_host, split_host_port
 from .placement import JobLayout, plan_job
+from .slurm import LAUNCHERS, SlurmAllocation
 from ..config import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PEER_BUFFER_BYTES, SchedulerConfig,
                       Timing, exported_value)
 from ..errors import ConfigError
@@ -55,6 +57,8 @@ LAUNCH_ENV_VARS = {
     "PS_RESTART_FAILED_SERVERS": ("--restart-failed-servers", "restart a dead server from the newest checkpoint"),
     "PS_ELASTIC": ("--elastic", "workers may die (the others go on) and join"),
     "PS_STOP_GRACE": ("--stop-grace", "seconds from SIGTERM to SIGKILL when ps-launch ends a process"),
+    "PS_LAUNCHER": ("--launcher", "ssh or slurm: how processes of other hosts start"),
+    "PS_SERVERS_PER_NODE": ("--servers-per-node", "servers on every host"),
 }
 
 # Set by ps-launch for each process; a user value (-x) would silently break the job.
@@ -106,6 +110,10 @@ class LaunchConfig:
     max_restarts: int = 3
     stop_grace: float = DEFAULT_STOP_GRACE  # SIGTERM (with SIGCONT) -> SIGKILL, whenever ps-launch ends a process
     secret_file: Optional[str] = None  # set by the job once it has written the secret
+    launcher: str = "ssh"  # how processes of other hosts start: ssh, or srun ("slurm")
+    slurm: Optional[SlurmAllocation] = None  # the allocation ps-launch runs in, if any
+    node_addresses: tuple[tuple[str, str], ...] = ()  # Slurm's NodeAddr of each node
+    servers_per_node: Optional[int] = None
     layout: JobLayout = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,10 +136,37 @@ class LaunchConfig:
             raise ConfigError(f"--stop-grace must be a number of seconds >= 0, got {self.stop_grace}")
         if not _JOB_ID_RE.fullmatch(self.job_id):
             raise ConfigError(f"job id must be letters, digits, '.', '_' or '-'; got {self.job_id!r}")
-        layout = plan_job(self.hosts, self.num_workers, self.num_servers, scheduler_host=self.scheduler,
-                          source=self.hostfile or "<hostfile>", local_host=self.bind or "127.0.0.1")
+        self._check_launcher()
+        num_servers = self.num_servers
+        if self.servers_per_node is not None:
+            if self.servers_per_node < 1:
+                raise ConfigError(f"--servers-per-node must be at least 1, got {self.servers_per_node}")
+            if self.hosts is None:
+                num_servers = num_servers or self.servers_per_node
+            else:
+                object.__setattr__(self, "hosts", tuple(dataclasses.replace(h, servers=self.servers_per_node)
+                                                        for h in self.hosts))
+        source = self.hostfile or (self.slurm.source if self.slurm else "<hostfile>")
+        layout = plan_job(self.hosts, self.num_workers, num_servers, scheduler_host=self.scheduler,
+                          source=source, local_host=self.bind or "127.0.0.1")
         object.__setattr__(self, "layout", layout)
         self.scheduler_config()  # checks mode, staleness and device with the core's own rules
+
+    def _check_launcher(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}; got {self.launcher!r}")
+        if self.launcher == "slurm" and self.slurm is None:
+            raise ConfigError("--launcher slurm needs a Slurm allocation (SLURM_JOB_ID and SLURM_JOB_NODELIST "
+                              "are not set): run ps-launch in an sbatch script or under salloc")
+
+    def runs_here(self, host: str) -> bool:
+        """Whether processes placed on ``host`` run on this machine, directly; under Slurm, only
+        those of the node ps-launch runs on (nodes may share an address, as in a test cluster)."""
+        if self.hosts is None:
+            return True
+        if self.launcher == "slurm":
+            return host == self.slurm.this_node
+        return is_local_host(host)
 
     @property
     def start_timeout(self) -> float:

@@ -175,7 +175,8 @@ class Job:
         proc = JobProcess(spec, self.console, log_dir=self._log_dir, ssh_config=self.cfg.ssh_config,
                           cwd=self.cfg.cwd, python=self.cfg.python, stop_grace=self.cfg.stop_grace,
                           on_line=self.scheduler.on_line if spec.role == "scheduler" else None,
-                          quiet=spec.role != "worker" and not self.cfg.verbose)
+                          quiet=spec.role != "worker" and not self.cfg.verbose,
+                          slurm_job=self.cfg.slurm.job_id if self.cfg.slurm else None)
         self.procs.append(proc)
         proc.start()
         return proc

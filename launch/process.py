@@ -2,7 +2,7 @@
 
 A local process runs in a session of its own, so ps-launch can signal its whole process group
 and a Ctrl-C in the terminal reaches only ps-launch, which then stops the job in order. A remote
-process is an ssh client running ``psframework.launch.remote_child`` there; closing the client's stdin stops
+process is an ssh client (or, under Slurm, an srun client) running ``psframework.launch.remote_child`` there; closing the client's stdin stops
 it (see that module). Either way the child dies with ps-launch (``procs.spawn``), and a request to
 stop is a SIGTERM with a SIGCONT, so that a stopped process ends too.
 
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO, Callable, Optional
 
 from .commands import ProcessSpec
-from .remote import ssh_argv, ssh_kill_argv
+from .remote import kill_group_script, ssh_argv, ssh_kill_argv
+from .slurm import srun_argv, srun_script_argv
 from .remote_child import MARKER, process_state, terminate_group
 from ..procs import exit_description, spawn
 
@@ -77,8 +78,9 @@ class JobProcess:
     def __init__(self, spec: ProcessSpec, console: Console, *, log_dir: Optional[Path] = None,
                  ssh_config: Optional[str] = None, cwd: str = ".", python: str = sys.executable,
                  stop_grace: float = 3.0, on_line: Optional[Callable[["JobProcess", str], None]] = None,
-                 quiet: bool = False):
+                 quiet: bool = False, slurm_job: Optional[str] = None):
         self.spec = spec
+        self.slurm_job = slurm_job  # the allocation whose steps run it, when spec.launcher is slurm
         self.console = console
         self.log_dir = log_dir
         self.ssh_config = ssh_config
@@ -139,6 +141,9 @@ class JobProcess:
             return list(self.spec.argv), self.spec.environ
         wrapped = [self.python, "-m", "psframework.launch.remote_child", "--grace", f"{self.stop_grace:g}", "--",
                    *self.spec.argv]
+        if self.spec.launcher == "slurm":
+            # srun passes its environment on to the step: this host's, plus the job's (spawn merges them)
+            return srun_argv(self.slurm_job, self.spec.host, wrapped, self.cwd), self.spec.environ
         # the ssh client carries the job id too, so that anything of the job can be found by it
         return ssh_argv(self.spec.host, self.spec.ssh_port, wrapped, self.spec.environ, self.cwd,
                         self.ssh_config), {"PS_JOB_ID": self.spec.environ.get("PS_JOB_ID", "")}
@@ -260,8 +265,9 @@ class JobProcess:
         if code is None:
             return "still running"
         if not self.spec.local and self.remote_exit is None:
-            return (f"ssh to {self.spec.host} ended with exit code {code} before the remote process reported "
-                    "its exit (ssh could not connect or run the command, or the connection broke)")
+            how = f"srun on node {self.spec.host}" if self.spec.launcher == "slurm" else f"ssh to {self.spec.host}"
+            return (f"{how} ended with exit code {code} before the remote process reported its exit "
+                    f"({how.split()[0]} could not start the command there, or the connection broke)")
         return exit_description(code)
 
     def join_output(self, timeout: float = OUTPUT_JOIN_TIMEOUT) -> None:
@@ -287,13 +293,18 @@ class JobProcess:
         fallback = None
         if not self.spec.local and self.remote_pgid is not None:
             try:
-                argv = ssh_kill_argv(self.spec.host, self.spec.ssh_port, self.remote_pgid, self.ssh_config)
+                argv = self._kill_argv()
                 fallback = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, new_session=True)
             except (OSError, ValueError):
                 pass
         if self.running():
             _kill_group(self.popen.pid, signal.SIGKILL)
         return fallback
+
+    def _kill_argv(self) -> list[str]:
+        if self.spec.launcher == "slurm":
+            return srun_script_argv(self.slurm_job, self.spec.host, kill_group_script(self.remote_pgid))
+        return ssh_kill_argv(self.spec.host, self.spec.ssh_port, self.remote_pgid, self.ssh_config)
 
     def close(self) -> None:
         """After it ended: kill what it left in its group, finish reading its output."""

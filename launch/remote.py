@@ -1,4 +1,5 @@
 """Command lines that run a process on another host over OpenSSH. Pure functions: data in, argv out.
+(The shell scripts, ``*_script``, also run through srun: ``launch/slurm.py``.)
 
 Example::
 
@@ -38,28 +39,41 @@ def ssh_argv(host: str, port: Optional[int], argv: Sequence[str], env: Mapping[s
 def ssh_kill_argv(host: str, port: Optional[int], pgid: int, ssh_config: Optional[str] = None,
                   signal_name: str = "KILL") -> list[str]:
     """argv that sends a signal to a whole process group on ``host`` (the fallback when stopping)."""
+    return [*ssh_prefix(host, port, ssh_config), kill_group_script(pgid, signal_name)]
+
+
+def kill_group_script(pgid: int, signal_name: str = "KILL") -> str:
+    """The shell command that sends a signal to a whole process group."""
     pgid = int(pgid)
     if pgid <= 1:
         raise ValueError(f"refusing to signal process group {pgid}: 'kill -- -1' would hit every process")
-    return [*ssh_prefix(host, port, ssh_config), f"kill -{signal_name} -- -{pgid}"]
+    return f"kill -{signal_name} -- -{pgid}"
 
 
 def ssh_install_file_argv(host: str, port: Optional[int], path: str, ssh_config: Optional[str] = None) -> list[str]:
     """argv that writes its stdin to ``path`` on ``host``, readable by the user only (the job secret:
     it travels on stdin, never on a command line that ``ps`` would show)."""
+    return [*ssh_prefix(host, port, ssh_config), install_file_script(path)]
+
+
+def install_file_script(path: str) -> str:
+    """The shell command that writes its stdin to ``path``, readable by the user only."""
     directory = path.rsplit("/", 1)[0] or "/"
     tmp = f"{path}.tmp"
-    script = (f"umask 077 && mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(tmp)} && "
-              f"mv {shlex.quote(tmp)} {shlex.quote(path)}")
-    return [*ssh_prefix(host, port, ssh_config), script]
+    return (f"umask 077 && mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(tmp)} && "
+            f"mv {shlex.quote(tmp)} {shlex.quote(path)}")
 
 
 def ssh_remove_file_argv(host: str, port: Optional[int], path: str, ssh_config: Optional[str] = None) -> list[str]:
     """argv that removes what ``ssh_install_file_argv`` wrote on ``host``: the file, its temporary
     name and its directory (only if nothing else is in it)."""
+    return [*ssh_prefix(host, port, ssh_config), remove_file_script(path)]
+
+
+def remove_file_script(path: str) -> str:
+    """The shell command that removes what ``install_file_script`` wrote."""
     directory = path.rsplit("/", 1)[0] or "/"
-    script = f"rm -f -- {shlex.quote(path)} {shlex.quote(path + '.tmp')} && rmdir -- {shlex.quote(directory)}"
-    return [*ssh_prefix(host, port, ssh_config), script]
+    return f"rm -f -- {shlex.quote(path)} {shlex.quote(path + '.tmp')} && rmdir -- {shlex.quote(directory)}"
 
 
 def remote_secret_path(local_path: str, host: str, port: Optional[int]) -> str:
@@ -85,5 +99,6 @@ def ssh_prefix(host: str, port: Optional[int], ssh_config: Optional[str] = None)
     return [*argv, "--", host]
 
 
-__all__ = ["remote_secret_path", "remote_shell_command", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv",
-           "ssh_prefix", "ssh_remove_file_argv"]
+__all__ = ["install_file_script", "kill_group_script", "remote_secret_path", "remote_shell_command",
+           "remove_file_script", "ssh_argv", "ssh_install_file_argv", "ssh_kill_argv", "ssh_prefix",
+           "ssh_remove_file_argv"]

@@ -1,7 +1,7 @@
 """The job secret's files: one here, one copy on every other host of the job, all removed when it ends.
 
 ``SecretFiles(cfg).write()`` writes a fresh secret in a directory only this user can read and
-installs a copy on each remote host over ssh's stdin (``remote.ssh_install_file_argv``), at the
+installs a copy on each remote host over ssh's (or srun's) stdin (``remote.ssh_install_file_argv``), at the
 path ``remote.remote_secret_path`` gives that host (the one its processes get as
 ``PS_SECRET_FILE``); ``remove()`` deletes them all again, the remote ones in parallel and within a
 deadline, and says what it could not remove.
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 from .config import LaunchConfig
-from .hosts import is_local_host
-from .remote import remote_secret_path, ssh_install_file_argv, ssh_remove_file_argv
+from .remote import (install_file_script, remote_secret_path, remove_file_script, ssh_install_file_argv,
+                     ssh_remove_file_argv)
+from .slurm import srun_script_argv
 from .stopping import KILL_WAIT
 from ..errors import ConfigError
 from ..procs import spawn
@@ -42,11 +43,10 @@ class SecretFiles:
         self._directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
         path = str(JobSecret.generate(self.cfg.auth).write(Path(self._directory) / "secret.json"))
         payload = Path(path).read_bytes()
-        hosts = {(p.host, p.ssh_port) for p in self.cfg.layout.all()
-                 if self.cfg.hosts is not None and not is_local_host(p.host)}
+        hosts = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not self.cfg.runs_here(p.host)}
         for host, port in sorted(hosts, key=str):
             remote_path = remote_secret_path(path, host, port)
-            argv = ssh_install_file_argv(host, port, remote_path, self.cfg.ssh_config)
+            argv = self._install_argv(host, port, remote_path)
             done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
             if done.returncode != 0:
                 self.remove()
@@ -61,7 +61,7 @@ class SecretFiles:
             shutil.rmtree(self._directory, ignore_errors=True)
         removals = []
         for host, port, path in self._remote:
-            argv = ssh_remove_file_argv(host, port, path, self.cfg.ssh_config)
+            argv = self._remove_argv(host, port, path)
             try:
                 removals.append((host, path, spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
             except OSError as exc:
@@ -69,6 +69,16 @@ class SecretFiles:
         self._remote.clear()
         deadline = time.monotonic() + REMOVE_TIMEOUT
         return [problem for problem in (_finish(*removal, deadline) for removal in removals) if problem]
+
+    def _install_argv(self, host: str, port: Optional[int], path: str) -> list[str]:
+        if self.cfg.launcher == "slurm":
+            return srun_script_argv(self.cfg.slurm.job_id, host, install_file_script(path))
+        return ssh_install_file_argv(host, port, path, self.cfg.ssh_config)
+
+    def _remove_argv(self, host: str, port: Optional[int], path: str) -> list[str]:
+        if self.cfg.launcher == "slurm":
+            return srun_script_argv(self.cfg.slurm.job_id, host, remove_file_script(path))
+        return ssh_remove_file_argv(host, port, path, self.cfg.ssh_config)
 
 
 def _finish(host: str, path: str, removal, deadline: float) -> Optional[str]:

@@ -3,7 +3,7 @@
     python train_check.py OUTDIR [--fail-rank R --fail-step S --fail-code C] [--pause-rank R]
 
 Writes OUTDIR/worker-RANK.pt (final parameters) and OUTDIR/worker-RANK.json (what the worker saw:
-rank, host, bind address, pid, network namespace, the PS_TEST_* variables, where its job secret was). ``make_data`` and ``STEPS`` are imported
+rank, host, bind address, pid, network namespace, Slurm node, the PS_TEST_* variables, where its job secret was). ``make_data`` and ``STEPS`` are imported
 by the tests to compute the single-process reference.
 """
 
@@ -56,6 +56,7 @@ def main() -> int:
         info = {"rank": rank, "pid": os.getpid(), "host": os.environ.get("PS_HOST"),
                 "bind": os.environ.get("PS_BIND"), "role": os.environ.get("PS_ROLE"),
                 "netns": os.readlink("/proc/self/ns/net"), "secret_file": os.environ.get("PS_SECRET_FILE"),
+                "slurm_node": os.environ.get("SLURMD_NODENAME"),
                 "test_env": {k: v for k, v in os.environ.items() if k.startswith("PS_TEST_")}}
         (outdir / f"worker-{rank}.json").write_text(json.dumps(info))
         opt = ps.DistributedOptimizer(model, ps.optim.SGD(lr=LR), worker=worker)
