@@ -88,12 +88,7 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
     """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
 
     Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
-    `ps-launch top HOST:PORT` watches a running job through its --metrics-port instead.
     """
-    if command[:1] == ("top",):
-        from ..top import main as top
-
-        top.main(args=list(command[1:]), prog_name="ps-launch top")
     try:
         cfg = build_config(command, hostfile, exports, start_timeout, **options)
         code = run_job(cfg)
