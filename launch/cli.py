@@ -16,11 +16,13 @@ from typing import Optional
 
 import click
 
+from .commands import ProcessSpec, node_processes, resolve, scheduler_process
 from .config import DEFAULT_STOP_GRACE, LaunchConfig, parse_exports
+from .from_slurm import exec_process, scheduler_endpoint, task_from_env, task_role
 from .hostfile import read_hostfile
 from .job import run_job
 from .slurm import LAUNCHERS, allocation_from_env, node_addresses
-from ..config import MODES, remote_forwarded, tuning_from_env
+from ..config import MODES, host_environment, remote_forwarded, tuning_from_env
 from ..errors import ConfigError
 from ..security import MECHANISMS
 
@@ -81,15 +83,21 @@ def _option(*decls: str, **kwargs):
               "default: slurm inside an allocation without --hostfile, else ssh.")
 @_option("--servers-per-node", envvar="PS_SERVERS_PER_NODE", type=int, metavar="N",
          help="N servers on every host (every Slurm node, every hostfile line; N in all without either).")
+@_option("--from-slurm", envvar="PS_FROM_SLURM", is_flag=True,
+         help="Run as one task of srun -n 1+S+W: task 0 the scheduler, the next S the servers, the rest "
+              "the workers (needs --auth none).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], exports: tuple[str, ...],
-         start_timeout: float, **options) -> None:
+         start_timeout: float, from_slurm: bool, **options) -> None:
     """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
 
     Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
     """
     try:
+        if from_slurm:
+            spec = slurm_task_process(command, exports, start_timeout, dict(os.environ), **options)
+            exec_process(spec.argv, {**host_environment(), **spec.environ})
         cfg = build_config(command, hostfile, exports, start_timeout, **options)
         code = run_job(cfg)
     except ConfigError as exc:
@@ -132,6 +140,34 @@ def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tup
         **extra,
         **options,
     )
+
+
+def slurm_task_process(command: tuple[str, ...], exports: tuple[str, ...], start_timeout: float,
+                       environ: dict[str, str], num_workers: Optional[int] = None, num_servers: Optional[int] = None,
+                       scheduler: Optional[str] = None, bind: Optional[str] = None, job_id: Optional[str] = None,
+                       launcher: Optional[str] = None, **options) -> ProcessSpec:
+    """What this task of ``srun -n 1+S+W ... --from-slurm`` runs: its role by SLURM_PROCID."""
+    task = task_from_env(environ)
+    servers = num_servers or 1
+    role, rank = task_role(task.procid, task.ntasks, servers)
+    workers = task.ntasks - 1 - servers
+    if num_workers is not None and num_workers != workers:
+        raise ConfigError(f"--from-slurm: srun gave {task.ntasks} tasks, so {workers} workers, not -n {num_workers}")
+    if options.get("auth") != "none":
+        raise ConfigError("--from-slurm has no launcher to hand the job secret to every task: pass --auth none "
+                          "(only on a network you trust), or let ps-launch start the job inside the allocation")
+    addrs = node_addresses(sorted({task.first_node, task.node}))
+    first, own = (resolve(addrs.get(node, node)) for node in (task.first_node, task.node))
+    own = bind or own
+    endpoint = scheduler_endpoint(task, scheduler, first)
+    cfg = build_config(command, None, exports, start_timeout, job_id=job_id or f"slurm-{task.job_id}",
+                       launcher="ssh", environ={}, num_workers=workers, num_servers=servers, scheduler=endpoint,
+                       bind=own, **options)
+    addresses = {cfg.layout.scheduler.host: own if role == "scheduler" else first, own: own}
+    if role == "scheduler":
+        return scheduler_process(cfg, addresses)
+    return next(spec for spec in node_processes(cfg, addresses, f"tcp://{endpoint}")
+                if (spec.role, spec.rank) == (role, rank))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ LAUNCH_ENV_VARS = {
     "PS_STOP_GRACE": ("--stop-grace", "seconds from SIGTERM to SIGKILL when ps-launch ends a process"),
     "PS_LAUNCHER": ("--launcher", "ssh or slurm: how processes of other hosts start"),
     "PS_SERVERS_PER_NODE": ("--servers-per-node", "servers on every host"),
+    "PS_FROM_SLURM": ("--from-slurm", "run as one task of srun -n 1+S+W, the role by SLURM_PROCID"),
 }
 
 # Set by ps-launch for each process; a user value (-x) would silently break the job.

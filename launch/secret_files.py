@@ -93,7 +93,7 @@ def _finish(host: str, path: str, removal, deadline: float) -> Optional[str]:
             removal.wait(timeout=KILL_WAIT)
         except subprocess.TimeoutExpired:
             pass
-        return f"{failed}: ssh did not finish within {REMOVE_TIMEOUT:g} s"
+        return f"{failed}: ssh (or srun) did not finish within {REMOVE_TIMEOUT:g} s"
     if removal.returncode != 0:
         return f"{failed}: {err.decode(errors='replace').strip() or f'exit code {removal.returncode}'}"
     return None

@@ -144,3 +144,21 @@ def test_scancel_leaves_no_process(batch, cluster, tmp_path):
     assert job.wait()[0] == "CANCELLED", job.text()
     assert_no_leftovers(job.ps_job_id, timeout=10)
     assert time.monotonic() - cancelled_at < 15
+
+
+def test_plain_srun_with_from_slurm(batch, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    task = shlex.join([PY, "-m", "psframework.launch", "--from-slurm", "-s", "1", "--auth", "none",
+                       "--server-device", "cpu", "--", PY, str(TRAIN_SCRIPT), str(out)])
+    job = batch(f"exec srun -n 4 --kill-on-bad-exit=1 {task}", "-N", "2", "--ntasks-per-node", "2")
+    state, code = job.wait()
+    assert (state, code) == ("COMPLETED", "0:0"), job.text()
+    reference = reference_params()
+    for rank, node in enumerate(("n2", "n2")):  # tasks 0, 1 (scheduler, server) on n1; 2, 3 on n2
+        info = json.loads((out / f"worker-{rank}.json").read_text())
+        assert (info["role"], info["slurm_node"]) == ("worker", node), info
+        params = torch.load(out / f"worker-{rank}.pt")
+        for name, value in reference.items():
+            assert torch.allclose(params[name], value, atol=1e-6), name
+    assert_no_leftovers(job.ps_job_id)

@@ -62,3 +62,35 @@ def test_launcher_slurm_needs_an_allocation():
 def test_tasks_must_match_the_nodes():
     with pytest.raises(ConfigError, match="2 nodes"):
         allocation_from_env({**ALLOCATION, "SLURM_TASKS_PER_NODE": "2(x3)"})
+
+
+TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "4", "SLURMD_NODENAME": "n2"}
+
+
+def _task(procid, **options):
+    options.setdefault("auth", "none")
+    return cli.slurm_task_process(("python", "train.py"), (), 30.0, {**TASK, "SLURM_PROCID": str(procid)},
+                                  num_servers=1, **options)
+
+
+def test_from_slurm_roles_by_procid():
+    scheduler = _task(0)
+    assert scheduler.role == "scheduler"
+    assert scheduler.argv[-4:] == ("--bind", "10.9.0.2", "--port", "21234")
+    server, worker = _task(1), _task(3)
+    assert (server.role, server.rank, worker.role, worker.rank) == ("server", 0, "worker", 1)
+    assert worker.argv == ("python", "train.py")
+    env = worker.environ
+    assert (env["PS_SCHEDULER"], env["PS_BIND"], env["PS_NUM_WORKERS"]) == ("tcp://10.9.0.1:21234", "10.9.0.2", "2")
+    assert "PS_SECRET_FILE" not in env and env["PS_JOB_ID"] == "slurm-1234"
+
+
+def test_from_slurm_refuses_what_cannot_work():
+    with pytest.raises(ConfigError, match="--auth none"):
+        _task(1, auth="token")
+    with pytest.raises(ConfigError, match="needs at least 3"):
+        cli.slurm_task_process(("x",), (), 30.0, {**TASK, "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, auth="none")
+    with pytest.raises(ConfigError, match="SLURM_PROCID"):
+        cli.slurm_task_process(("x",), (), 30.0, {}, auth="none")
+    with pytest.raises(ConfigError, match="not -n 3"):
+        _task(2, num_workers=3)
