@@ -16,6 +16,7 @@ from typing import Optional
 
 import click
 
+from . import k8s_cli as k8s
 from .commands import ProcessSpec, node_processes, resolve, scheduler_process
 from .config import DEFAULT_STOP_GRACE, LaunchConfig, parse_exports
 from .from_slurm import exec_process, scheduler_endpoint, task_from_env, task_role
@@ -93,7 +94,10 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
     """Run COMMAND as the workers of a parameter-server job, with its scheduler and servers.
 
     Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
+    `ps-launch k8s --name NAME --image IMAGE -- COMMAND` writes the job's Kubernetes manifests instead.
     """
+    if command[:1] == ("k8s",):
+        k8s.main(args=list(command[1:]), prog_name="ps-launch k8s")
     try:
         if from_slurm:
             spec = slurm_task_process(command, exports, start_timeout, dict(os.environ), **options)
