@@ -95,7 +95,12 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
 
     Every option can also be set by its PS_* variable (launch/README_ENV.md lists them all).
     `ps-launch k8s --name NAME --image IMAGE -- COMMAND` writes the job's Kubernetes manifests instead.
+    `ps-launch top HOST:PORT` watches a running job through its --metrics-port instead.
     """
+    if command[:1] == ("top",):
+        from ..top import main as top
+
+        top.main(args=list(command[1:]), prog_name="ps-launch top")
     if command[:1] == ("k8s",):
         k8s.main(args=list(command[1:]), prog_name="ps-launch k8s")
     try:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from . import protocol as P
 from .config import NodeConfig
 from .errors import ClosedError, PeerLostError, ProtocolError, PSTimeoutError, error_for
-from .metrics import resident_bytes
+from .metrics import process_stats
 from .transport import Socket, Transport
 
 log = logging.getLogger("psframework.node")
@@ -46,7 +46,7 @@ class _Heartbeat(threading.Thread):
         sock = m.transport.connect(m.scheduler)
         try:
             while not self._stop_event.is_set():
-                stats = {**m.stats, "rss_bytes": resident_bytes() or 0}
+                stats = {**m.stats, **m.stats_source(), **process_stats()}
                 sock.send([P.encode(P.Heartbeat(role=m.role, rank=m.rank, token=m.welcome.token, stats=stats))])
                 deadline = time.monotonic() + m.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._stop_event.is_set():
@@ -90,6 +90,7 @@ class Membership:
         self.timeout = welcome.heartbeat_timeout
         self.elastic = welcome.elastic
         self.stats: dict = {}
+        self.stats_source: Callable[[], dict] = dict  # more stats, read on the heartbeat thread (metrics.py)
         self._lock = threading.Lock()
         self._last_ack = self._last_tick = time.monotonic()
         self._stopped = 0.0  # seconds since the last ack that this process did not run (SIGSTOP)

@@ -29,7 +29,7 @@ from .. import protocol as P
 from ..config import SchedulerConfig
 from ..errors import ProtocolError
 from ..logs import RateLimitedLog
-from ..metrics import MetricsServer, NodeSample
+from ..metrics import MetricsServer, NodeSample, Recorder, process_stats
 from ..node import POLL_SLICE
 from ..security import load_secret
 from ..transport import Transport, ZmqTransport
@@ -44,6 +44,7 @@ log = logging.getLogger("psframework.scheduler")
 class Scheduler:
     def __init__(self, config: SchedulerConfig, transport: Optional[Transport] = None):
         self.config = config
+        self.recorder = Recorder()  # the scheduler's own metrics: checkpoints, restarts
         self._own_transport = transport is None
         self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self.socket = self.transport.listen(config.bind_host, config.port, max_message_bytes=config.max_message_bytes)
@@ -52,7 +53,7 @@ class Scheduler:
         self.registration = Registration(self.roster, self._send, lambda: self.collectives.barrier_seq_done)
         self.collectives = Collectives(self.roster, self._send, lambda: self.registration.shard_map,
                                        lambda: self.registration.optimizer,
-                                       lambda: (self.rollback.epoch, self.rollback.step))
+                                       lambda: (self.rollback.epoch, self.rollback.step), self.recorder)
         self.rollback = Rollback(self.roster, self._send, self.collectives.checkpoint_dir)
         self._started_at = time.monotonic()
         self._shutdown_at: Optional[float] = None
@@ -111,8 +112,9 @@ class Scheduler:
         if self.metrics is None or now - self._published_at < self.config.timing.heartbeat_interval / 4:
             return
         self._published_at = now
-        self.metrics.publish([NodeSample(n.role, n.rank, n.host, n.state == LIVE, now - n.last_seen, dict(n.stats))
-                              for n in self.roster.nodes.values()])
+        own = NodeSample("scheduler", 0, self.config.host, True, 0.0, {**self.recorder.stats(), **process_stats()})
+        self.metrics.publish([own] + [NodeSample(n.role, n.rank, n.host, n.state == LIVE, now - n.last_seen,
+                                                 dict(n.stats)) for n in self.roster.nodes.values()])
 
     def _drain(self) -> None:
         for _ in range(256):
@@ -215,6 +217,8 @@ class Scheduler:
         if replaced is not None:
             self._declare_dead(replaced, f"replaced by a new server process (pid {hello.pid})")
         restoring = role == "server" and self.registration.done
+        if restoring:
+            self.recorder.add("psframework_restarts")
         node = self.roster.rejoin(peer, hello, restoring)
         if role == "worker":
             self.registration.joined_late(node.rank)

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 from .. import checkpoint
 from .. import protocol as P
 from ..errors import PSError
+from ..metrics import Recorder
 from .roster import LIVE, Node, Roster
 
 log = logging.getLogger("psframework.scheduler")
@@ -34,12 +35,15 @@ class _StorageOp:
     step: int
     pending: set[int] = field(default_factory=set)
     files: dict[str, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
 
 class Collectives:
     def __init__(self, roster: Roster, send: Send, shard_map: Callable[[], Optional[dict]],
-                 optimizer: Callable[[], Optional[dict]], rollback: Callable[[], tuple[int, int]]):
+                 optimizer: Callable[[], Optional[dict]], rollback: Callable[[], tuple[int, int]],
+                 recorder: Optional[Recorder] = None):
         self.roster = roster
+        self.recorder = recorder or Recorder()
         self.config = roster.config
         self._send = send
         self._shard_map = shard_map
@@ -171,6 +175,7 @@ class Collectives:
             "created": time.time(),
         })
         log.info("checkpoint %s written (%d files)", op.directory, len(op.files))
+        self.recorder.observe("psframework_checkpoint_seconds", time.monotonic() - op.started)
         self._answer_all(op.waiting, P.CheckpointDone(step=op.step, path=str(op.directory)))
 
     def on_server_error(self, server: Node, message: P.Error) -> None:

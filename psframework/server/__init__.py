@@ -29,6 +29,7 @@ from ..config import NodeConfig
 from ..devices import init_cuda_early, pick_server_device
 from ..errors import ProtocolError, PSError
 from ..logs import RateLimitedLog
+from ..metrics import Recorder, stat_key
 from ..node import POLL_SLICE, Membership, join_cluster
 from ..optim import optimizer_from_wire
 from ..security import load_secret
@@ -71,6 +72,7 @@ class Server:
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._garbage_log = RateLimitedLog(log)
         self._busy_s = 0.0  # in the loop but not waiting in poll: handling requests, waiting for the device
+        self.recorder = Recorder()  # metrics (psframework/metrics.py)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -98,13 +100,15 @@ class Server:
         self.device = torch.device(pick_server_device(requested, m.rank, m.servers, gpus))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.store, self.rows = DenseStore(self.device), RowStore(self.device)
+        self.store, self.rows = DenseStore(self.device, self.recorder), RowStore(self.device)
         self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
-        self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes)
-        self.answers = Answers(self.data, self.io, self.lanes, self.rows, self.policy, self.credits, m.rank)
+        self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes, self.recorder)
+        self.answers = Answers(self.data, self.io, self.lanes, self.rows, self.policy, self.credits, m.rank,
+                               self.recorder)
         self.requests = Requests(self.data, self.io, self.lanes, self.store, self.rows, self.policy, self.answers,
-                                 m.num_workers, m.rank, self._check_rollback)
+                                 m.num_workers, m.rank, self._check_rollback, self.recorder)
+        m.stats_source = self._metrics
         self._speakers.know(m.welcome.worker_keys)
 
     def close(self) -> None:
@@ -153,8 +157,17 @@ class Server:
                 self.io.flush(wait=True)
             self.answers.release_deferred()
             self._check()
-            membership.stats = {"applied": self.store.applied, "pushes": self.policy.pushes}
             self._busy_s += time.perf_counter() - started
+
+    def _metrics(self) -> dict:
+        """This server's metrics for its heartbeats (read on the heartbeat thread)."""
+        stats = {**self.recorder.stats(), "psframework_server_pushes": self.policy.pushes,
+                 "psframework_server_updates": self.store.applied,
+                 "psframework_server_queue_depth": sum(len(u.pulls) for u in self._units()) + self.credits.deferred}
+        for table, counts in self.rows.counters().items():
+            for what in ("rows", "evictions", "admissions"):
+                stats[stat_key(f"psframework_table_{what}", table)] = counts[what]
+        return stats
 
     def _poll_timeout(self) -> float:
         if self._waiting:

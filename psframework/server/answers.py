@@ -9,9 +9,10 @@ are answered with an error instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from .. import protocol as P
+from ..metrics import Recorder
 from ..transport import Socket
 from .credits import ReplyCredits
 from .device import DeviceIO
@@ -20,11 +21,17 @@ from .policy import Policy
 from .rows import RowPending, RowStore
 
 
+def path_of(lane: Any) -> str:
+    """The data path of a request or answer, as the metrics name it."""
+    return "socket" if lane is None else "cuda_ipc" if lane.on_device else "lane"
+
+
 class Answers:
     def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, rows: RowStore, policy: Policy,
-                 credits: ReplyCredits, rank: int):
+                 credits: ReplyCredits, rank: int, recorder: Optional[Recorder] = None):
         self.data, self.io, self.lanes, self.rows = data, io, lanes, rows
         self.policy, self.credits, self.rank = policy, credits, rank
+        self.recorder = recorder or Recorder()
 
     def ready(self, units: Iterable[Any]) -> None:
         """Answer the waiting pulls of these units that the policy now allows."""
@@ -46,10 +53,12 @@ class Answers:
             return
         values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks),
                           shm=pending.lane is not None)
+        nbytes = sum(unit.nbytes[i] for i in pending.segs)
+        self.recorder.add("psframework_server_pull_bytes", nbytes)
+        self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(pending.lane))
         if pending.lane is not None:
             self.lanes.answer(unit, pending, values)
             return
-        nbytes = sum(unit.nbytes[i] for i in pending.segs)
         self._within_credits(unit, pending, nbytes,
                              lambda on_sent: self.io.send_values(unit, pending, P.encode(values), on_sent))
 

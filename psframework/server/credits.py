@@ -78,6 +78,11 @@ class ReplyCredits:
         return ready
 
     @property
+    def deferred(self) -> int:
+        """Answers held back until their peers have room."""
+        return sum(len(items) for items in list(self._deferred.values()))
+
+    @property
     def waiting(self) -> bool:
         """Deferred replies wait for earlier ones to leave."""
         return bool(self._deferred)

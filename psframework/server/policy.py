@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from ..metrics import Recorder
 from ..node import Membership
 from .steps import StepCheck
 
@@ -46,15 +47,18 @@ class Accum:
 class Policy:
     """What every mode shares, with async semantics; ``Async`` is this, the others override."""
 
-    def __init__(self, membership: Membership, units: Units, on_gpu: bool = False):
+    def __init__(self, membership: Membership, units: Units, on_gpu: bool = False,
+                 recorder: Optional[Recorder] = None):
         self.membership = membership
         self.units = units
         self.on_gpu = on_gpu
+        self.recorder = recorder or Recorder()
         self.pushes = 0  # received
 
     def push(self, unit: Unit, pushed: Any, rank: int, step: int = -1) -> None:
         """Apply or keep one worker's push (``step``: which of the worker's steps it belongs to)."""
         self.pushes += 1
+        self.recorder.observe("psframework_server_staleness_steps", max(unit.clocks) - unit.clocks[rank])
         unit.clocks[rank] += 1
         unit.store.apply_now(unit, pushed)
         unit.version += 1
@@ -123,8 +127,8 @@ class SSP(Policy):
 
 class Sync(Policy):
     def __init__(self, membership: Membership, units: Units, on_gpu: bool = False,
-                 total_bytes: Callable[[], int] = lambda: 0):
-        super().__init__(membership, units, on_gpu)
+                 total_bytes: Callable[[], int] = lambda: 0, recorder: Optional[Recorder] = None):
+        super().__init__(membership, units, on_gpu, recorder)
         self._total_bytes = total_bytes
         self._due: dict[Any, Unit] = {}  # units whose current step is complete
         self._due_since = 0.0
@@ -260,10 +264,10 @@ def _never(why: str, unit: Unit, worker: int, pending: Any) -> str:
 
 
 def policy_for(mode: str, membership: Membership, units: Units, on_gpu: bool,
-               total_bytes: Callable[[], int]) -> Policy:
+               total_bytes: Callable[[], int], recorder: Optional[Recorder] = None) -> Policy:
     if mode == "sync":
-        return Sync(membership, units, on_gpu, total_bytes)
-    return {"async": Async, "ssp": SSP}[mode](membership, units, on_gpu)
+        return Sync(membership, units, on_gpu, total_bytes, recorder)
+    return {"async": Async, "ssp": SSP}[mode](membership, units, on_gpu, recorder)
 
 
 __all__ = ["Accum", "Async", "Policy", "SSP", "Sync", "policy_for"]

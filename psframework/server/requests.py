@@ -8,12 +8,13 @@ until ``answers.Answers`` may answer it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from .. import protocol as P
 from ..datapath.compression import wire_codecs
+from ..metrics import Recorder
 from ..transport import Socket
-from .answers import Answers
+from .answers import Answers, path_of
 from .device import DeviceIO
 from .lanes import ServerLanes
 from .policy import Policy
@@ -24,8 +25,9 @@ from .store import BlockState, DenseStore, Pending
 class Requests:
     def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, store: DenseStore, rows: RowStore,
                  policy: Policy, answers: Answers, num_workers: int, rank: int,
-                 rollback: Callable[[int], None]):
+                 rollback: Callable[[int], None], recorder: Optional[Recorder] = None):
         self.data, self.io, self.lanes, self.store, self.rows = data, io, lanes, store, rows
+        self.recorder = recorder or Recorder()
         self.policy, self.answers = policy, answers
         self.num_workers, self.rank = num_workers, rank
         self._check_rollback = rollback  # raises for a request of an earlier rollback epoch
@@ -44,8 +46,11 @@ class Requests:
             return
         pushed = None
         if pushes:
+            before = self.io.push_bytes
             pushed = (self.lanes.pushed(state, present, lane) if lane is not None
                       else self.io.receive_frames(state, present, codecs))
+            self._count_push(lane, sum(state.nbytes[i] for i in present) if lane is not None
+                             else self.io.push_bytes - before)
             self._push(state, pushed, request)
         else:
             self.data.skip_rest()
@@ -56,6 +61,10 @@ class Requests:
             state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
                                        lane=lane, codecs=pull_codecs))
         self.answers.ready([state])
+
+    def _count_push(self, lane, nbytes: int) -> None:
+        self.recorder.add("psframework_server_push_bytes", nbytes)
+        self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(lane))
 
     @staticmethod
     def _codecs(request: P.BlockRequest, state: BlockState, segs: list[int], present: list[int], lane: bool):

@@ -8,6 +8,7 @@ and, for shards on a GPU, the pinned buffer its replies are sent from.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ import torch
 from .. import protocol as P
 from ..buffers import dtype_from_name
 from ..devices import Staging
+from ..metrics import Recorder
 from ..optim import OptimizerSpec, ShardOptimizer
 from ..sharding import Block, ShardMap
 
@@ -122,8 +124,9 @@ class _Sums:
 class DenseStore:
     """The blocks one server holds, and one optimizer over all their segments."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, recorder: Optional[Recorder] = None):
         self.device = device
+        self.recorder = recorder or Recorder()
         self.blocks: dict[int, BlockState] = {}
         self.optimizer: Optional[ShardOptimizer] = None
         self.nbytes = 0
@@ -185,7 +188,9 @@ class DenseStore:
             state.make_writable()  # replies of host shards are sent straight from the parameters
             for i, grad in tensors.items():
                 grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
+        started = time.perf_counter()
         self.optimizer.step(grads, scale=scale)
+        self.recorder.observe("psframework_server_apply_seconds", time.perf_counter() - started)
         self.applied += len(group)
 
     # -- what the consistency policy asks of a store (policy.py) ------------------------

@@ -19,6 +19,7 @@ import torch
 
 from .. import protocol as P
 from ..errors import ClosedError, PSError, PSTimeoutError, ProtocolError, RolledBackError, error_for
+from ..metrics import Recorder
 from ..node import POLL_SLICE, Membership
 from ..transport import Socket, Transport
 
@@ -125,8 +126,10 @@ class Request:
 class Client:
     """The worker's sockets to the servers and the requests awaiting answers on them."""
 
-    def __init__(self, transport: Transport, membership: Membership, max_message_bytes: int):
+    def __init__(self, transport: Transport, membership: Membership, max_message_bytes: int,
+                 recorder: Optional[Recorder] = None):
         self.transport = transport
+        self.recorder = recorder or Recorder()
         self.membership = membership
         self._max_message_bytes = max_message_bytes
         self.servers: list[Socket] = [transport.connect(a, max_message_bytes=max_message_bytes)
@@ -171,13 +174,17 @@ class Client:
 
     def wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         self.catch_up()
+        if done():
+            return
         while not done():
             self._follow_moved_servers()
             if deadline is not None and time.monotonic() > deadline:
                 raise PSTimeoutError(f"worker {self.membership.rank}: request not answered within {timeout} s")
             self.progress(POLL_SLICE)
+        self.recorder.observe("psframework_worker_wait_seconds", time.monotonic() - started)
 
     @property
     def rollback(self) -> int:

@@ -16,6 +16,7 @@ from ..datapath.compression import Compression, CompressionArg
 from ..datapath.lane import shm_available
 from ..devices import init_cuda_early
 from ..errors import ClosedError, ConfigError, PSError, PSTimeoutError, RegistrationError, RolledBackError
+from ..metrics import Recorder
 from ..node import Membership, join_cluster
 from ..optim import OptimizerSpec
 from ..security import load_secret
@@ -29,6 +30,10 @@ from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
 
 log = logging.getLogger("psframework.worker")
+
+def _from_membership(name: str) -> property:
+    return property(lambda self: getattr(self.membership, name), doc=f"The job's {name}, from the scheduler.")
+
 
 class Worker:
     """A member of the job that trains. Create it with ``ps.init()``.
@@ -47,10 +52,12 @@ class Worker:
         self.client: Optional[Client] = None
         self.lanes: Optional[WorkerLanes] = None
         self.staging, self.compression = DeviceStaging(), Compression()  # compression: planned by register()
+        self.recorder = Recorder()  # metrics (psframework/metrics.py)
         init_cuda_early(None)  # the training loop's tensors may well be on a GPU
         try:
             self.membership = join_cluster(self.transport, config, role="worker")
-            self.client = Client(self.transport, self.membership, config.max_message_bytes)
+            self.client = Client(self.transport, self.membership, config.max_message_bytes, self.recorder)
+            self.membership.stats_source = lambda: {**self.recorder.stats(), "psframework_worker_steps": self.steps}
         except BaseException:
             self.close()
             raise
@@ -65,25 +72,11 @@ class Worker:
 
     # -- identity ------------------------------------------------------------------------
 
-    @property
-    def rank(self) -> int:
-        return self.membership.rank
-
-    @property
-    def num_workers(self) -> int:
-        return self.membership.num_workers
-
-    @property
-    def num_servers(self) -> int:
-        return self.membership.num_servers
-
-    @property
-    def mode(self) -> str:
-        return self.membership.mode
-
-    @property
-    def staleness(self) -> int:
-        return self.membership.staleness
+    rank = _from_membership("rank")
+    num_workers = _from_membership("num_workers")
+    num_servers = _from_membership("num_servers")
+    mode = _from_membership("mode")
+    staleness = _from_membership("staleness")
 
     def __repr__(self) -> str:
         if self.membership is None:
@@ -181,6 +174,7 @@ class Worker:
     def counted(self, future: Future) -> Future:
         """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
         def done() -> None:
+            self.recorder.tick("psframework_worker_step_seconds")
             self.steps += 1
             self.membership.stats = {"steps": self.steps}  # heartbeats report it, for rollback reports
 

@@ -14,6 +14,7 @@ import psframework as ps
 from psframework.errors import ConfigError
 from psframework.metrics import MetricsServer
 from psframework.procs import spawn, stop_all
+from tests.threads import run_in_threads
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is in the dev extras")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -41,33 +42,50 @@ def scrape_until(address: str, done, timeout: float = 10.0) -> dict:
         time.sleep(0.1)
 
 
+def _buckets(samples: dict, name: str, **labels) -> dict[str, float]:
+    want = tuple(sorted((k, str(v)) for k, v in labels.items()))
+    return {dict(key)["le"]: v for (n, key), v in samples.items()
+            if n == f"{name}_bucket" and tuple(kv for kv in key if kv[0] != "le") == want}
+
+
 def test_a_scrape_counts_what_the_job_did(make_cluster):
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", metrics_port=0)
     address = cluster.metrics_address
     assert address.startswith("http://127.0.0.1:") and address.endswith("/metrics")
-    steps = 5
+    steps, numel = 5, 1000
     with ps.init(scheduler=cluster.scheduler) as worker:
-        params = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
+        params = {"a": torch.zeros(numel), "b": torch.zeros(numel)}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         for _ in range(steps):
-            worker.push_pull({k: torch.ones(1000) for k in params}, into=params).wait(timeout=10)
+            worker.push_pull({k: torch.ones(numel) for k in params}, into=params).wait(timeout=10)
         host = worker.membership.welcome.host
         pushes = {rank: s["pushes"] for rank, s in enumerate(worker.server_stats())}
+        me = {"role": "worker", "rank": 0, "host": host}
+        servers = [{"role": "server", "rank": r, "host": host} for r in range(2)]
 
         def caught_up(s: dict) -> bool:  # every node's heartbeat since the last step
-            return value(s, "psframework_worker_steps_total", rank=0, host=host) == steps and all(
-                value(s, "psframework_server_pushes_total", rank=r, host=host) == pushes[r] for r in range(2))
+            return value(s, "psframework_worker_steps_total", **me) == steps and all(
+                value(s, "psframework_server_pushes_total", **labels) == pushes[labels["rank"]] for labels in servers)
 
         samples = scrape_until(address, caught_up)
-        assert value(samples, "psframework_worker_steps_total", rank=0, host=host) == steps
-        for rank in range(2):
-            assert pushes[rank] >= 1
-            assert value(samples, "psframework_server_pushes_total", rank=rank, host=host) == pushes[rank]
-        for role, rank in (("worker", 0), ("server", 0), ("server", 1)):
-            labels = {"role": role, "rank": rank, "host": host}
-            assert value(samples, "psframework_node_up", **labels) == 1.0
-            assert 0 <= value(samples, "psframework_heartbeat_age_seconds", **labels) < 2.0
-            assert value(samples, "psframework_process_resident_bytes", **labels) > 10e6
+    assert value(samples, "psframework_worker_steps_total", **me) == steps
+    assert value(samples, "psframework_worker_step_seconds_count", **me) == steps - 1  # between steps
+    assert value(samples, "psframework_worker_wait_seconds_count", **me) >= steps
+    step_buckets = _buckets(samples, "psframework_worker_step_seconds", **me)
+    assert step_buckets["+Inf"] == steps - 1 and list(step_buckets.values()) == sorted(step_buckets.values())
+    nbytes = numel * 4
+    for labels in servers:
+        assert value(samples, "psframework_server_pushes_total", **labels) == pushes[labels["rank"]] == steps
+        assert value(samples, "psframework_server_updates_total", **labels) == steps
+        assert value(samples, "psframework_server_apply_seconds_count", **labels) == steps
+        # the socket or the shared-memory lane, whichever this machine allows: the bytes are the same
+        paths = {p: value(samples, "psframework_data_path_bytes_total", path=p, **labels) for p in ("socket", "lane")}
+        assert sum(v for v in paths.values() if v == v) == (2 * steps + 1) * nbytes  # pushed, pulled, register()'s pull
+        assert value(samples, "psframework_server_queue_depth", **labels) == 0
+    for labels in (me, *servers, {"role": "scheduler", "rank": 0, "host": host}):
+        assert value(samples, "psframework_node_up", **labels) == 1.0
+        assert 0 <= value(samples, "psframework_heartbeat_age_seconds", **labels) < 2.0
+        assert value(samples, "psframework_process_resident_bytes", **labels) > 10e6
 
 
 def test_a_killed_worker_is_down(make_cluster):
@@ -108,3 +126,104 @@ def test_a_busy_metrics_port_is_a_clear_error():
             MetricsServer("127.0.0.1", first.port)
     finally:
         first.close()
+
+
+def test_staleness_tables_and_checkpoints_are_measured(make_cluster, tmp_path):
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", metrics_port=0, checkpoint_dir=str(tmp_path))
+    pushes = 5
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            worker.register({"w": torch.zeros(10)}, optimizer=ps.optim.SGD(lr=1.0),
+                            tables={"emb": ps.nn.Embedding(100, 4)}, sparse_optimizer=ps.optim.SGD(lr=1.0))
+            for _ in range(pushes):
+                worker.push({"w": torch.ones(10)}).wait(timeout=10)
+            worker.push_rows("emb", torch.tensor([1, 2, 3]), torch.ones(3, 4)).wait(timeout=10)
+            worker.save_checkpoint(str(tmp_path))
+            samples = None
+            if worker.rank == 0:
+                server = {"role": "server", "rank": 0, "host": worker.membership.welcome.host}
+                samples = scrape_until(cluster.metrics_address, lambda s: value(
+                    s, "psframework_server_staleness_steps_count", **server) == 2 * (pushes + 1)), server
+            worker.barrier()
+            return samples
+
+    samples, server = next(r for r in run_in_threads(2, work) if r is not None)
+    # every async push is one observation: the dense block's and the row channel's
+    assert value(samples, "psframework_server_staleness_steps_count", **server) == 2 * (pushes + 1)
+    assert value(samples, "psframework_server_staleness_steps_sum", **server) >= 0
+    assert value(samples, "psframework_table_rows", table="emb", **server) == 3
+    assert value(samples, "psframework_table_admissions_total", table="emb", **server) == 3
+    assert value(samples, "psframework_table_evictions_total", table="emb", **server) == 0
+    scheduler = {"role": "scheduler", "rank": 0, "host": server["host"]}
+    assert value(samples, "psframework_checkpoint_seconds_count", **scheduler) == 1
+
+
+def test_a_restarted_server_is_counted_and_up_again(make_cluster, tmp_path):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async", restart_servers=True,
+                           checkpoint_dir=str(tmp_path), metrics_port=0)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"w": torch.zeros(10)}, optimizer=ps.optim.SGD(lr=1.0))
+        worker.push({"w": torch.ones(10)}).wait(timeout=10)
+        worker.save_checkpoint(str(tmp_path))
+        host = worker.membership.welcome.host
+        server = {"role": "server", "rank": 0, "host": host}
+        scheduler = {"role": "scheduler", "rank": 0, "host": host}
+        old = cluster.processes()["server-0"]
+        old.kill()
+        old.wait(timeout=10)
+        down = scrape_until(cluster.metrics_address, lambda s: value(s, "psframework_node_up", **server) == 0.0)
+        assert value(down, "psframework_node_up", **server) == 0.0
+        cluster.restart_server(0)
+        back = scrape_until(cluster.metrics_address, lambda s: value(s, "psframework_restarts_total", **scheduler) == 1
+                            and value(s, "psframework_node_up", **server) == 1.0, timeout=20)
+        assert value(back, "psframework_restarts_total", **scheduler) == 1
+        assert value(back, "psframework_node_up", **server) == 1.0
+
+
+@pytest.mark.gpu
+def test_gpu_memory_of_a_gpu_server_is_reported(make_cluster):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda", metrics_port=0)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(1 << 20, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        worker.push_pull({"w": torch.ones(1 << 20, device="cuda")}, into=params).wait(timeout=30)
+        host = worker.membership.welcome.host
+        server, me = {"role": "server", "rank": 0, "host": host}, {"role": "worker", "rank": 0, "host": host}
+        samples = scrape_until(cluster.metrics_address,
+                               lambda s: value(s, "psframework_gpu_memory_bytes", **server) >= 4 << 20)
+    assert value(samples, "psframework_gpu_memory_bytes", **server) >= 4 << 20  # its shard, at least
+    assert value(samples, "psframework_gpu_memory_bytes", **me) >= 4 << 20
+
+
+def test_ps_launch_top_shows_a_running_job(make_cluster):
+    import subprocess
+    import threading
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", metrics_port=0)
+    stop, stepping = threading.Event(), threading.Event()
+
+    def train() -> None:
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"w": torch.zeros(1000)}
+            worker.register(params, optimizer=ps.optim.SGD(lr=0.01))
+            while not stop.is_set():
+                worker.push_pull({"w": torch.ones(1000)}, into=params).wait(timeout=10)
+                stepping.set()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    try:
+        assert stepping.wait(timeout=60), "the worker took no step"
+        address = cluster.metrics_address.split("//", 1)[1].rsplit("/", 1)[0]  # host:port, as people type it
+        result = subprocess.run([sys.executable, "-m", "psframework.launch", "top", address, "--frames", "2",
+                                 "--every", "0.5"], capture_output=True, text=True, timeout=30)
+    finally:
+        stop.set()
+        trainer.join(timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert f"psframework job at {cluster.metrics_address}" in result.stdout
+    assert "workers" in result.stdout and "servers" in result.stdout and "no failures" in result.stdout
+    rows = [[c for c in line.split() if c not in "│┃"] for line in result.stdout.split("servers")[0].splitlines()]
+    worker = next(cells for cells in rows if cells[:1] == ["0"])  # rank, host, steps, steps/s, ...
+    assert float(worker[2]) >= 1 and float(worker[3]) > 0, result.stdout  # it steps while we watch
