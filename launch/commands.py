@@ -115,6 +115,8 @@ def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str]
     env.update(PS_JOB_ID=cfg.job_id, PS_ROLE=placement.role, PS_HOST=placement.host, PS_BIND=address)
     if cfg.secret_file and not local:
         env["PS_SECRET_FILE"] = remote_secret_path(cfg.secret_file, placement.host, placement.ssh_port)
+        if cfg.launcher == "slurm":  # a copy per process, written and removed by its agent (remote_child)
+            env["PS_SECRET_FILE"] = env["PS_SECRET_FILE"].rsplit("/", 1)[0] + f"/{_role_rank(placement)}.json"
     if placement.role != "scheduler":
         env["PS_RANK"] = str(placement.rank)
         env["PS_SCHEDULER"] = scheduler_address or ""
@@ -122,6 +124,10 @@ def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str]
         env.update(cfg.worker_env())
     return ProcessSpec(role=placement.role, rank=placement.rank, host=placement.host, ssh_port=placement.ssh_port,
                        local=local, argv=tuple(argv), env=tuple(env.items()), launcher=cfg.launcher)
+
+
+def _role_rank(placement: Placement) -> str:
+    return placement.role if placement.role == "scheduler" else f"{placement.role}-{placement.rank}"
 
 
 def _reachable_address(host: str, local: bool, bind: Optional[str]) -> str:

@@ -176,10 +176,17 @@ class Job:
                           cwd=self.cfg.cwd, python=self.cfg.python, stop_grace=self.cfg.stop_grace,
                           on_line=self.scheduler.on_line if spec.role == "scheduler" else None,
                           quiet=spec.role != "worker" and not self.cfg.verbose,
-                          slurm_job=self.cfg.slurm.job_id if self.cfg.slurm else None)
+                          slurm_job=self.cfg.slurm.job_id if self.cfg.slurm else None,
+                          secret=self._secret_for(spec))
         self.procs.append(proc)
         proc.start()
         return proc
+
+    def _secret_for(self, spec: ProcessSpec) -> Optional[bytes]:
+        """Under Slurm, a remote process's agent gets the job secret on its stdin (see remote_child)."""
+        if spec.local or spec.launcher != "slurm" or not self.cfg.secret_file:
+            return None
+        return Path(self.cfg.secret_file).read_bytes()
 
     def _wait_for_address(self, scheduler: JobProcess) -> Optional[Outcome]:
         while self.scheduler.address is None:

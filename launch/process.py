@@ -78,9 +78,10 @@ class JobProcess:
     def __init__(self, spec: ProcessSpec, console: Console, *, log_dir: Optional[Path] = None,
                  ssh_config: Optional[str] = None, cwd: str = ".", python: str = sys.executable,
                  stop_grace: float = 3.0, on_line: Optional[Callable[["JobProcess", str], None]] = None,
-                 quiet: bool = False, slurm_job: Optional[str] = None):
+                 quiet: bool = False, slurm_job: Optional[str] = None, secret: Optional[bytes] = None):
         self.spec = spec
         self.slurm_job = slurm_job  # the allocation whose steps run it, when spec.launcher is slurm
+        self.secret = secret  # for its agent to write (and remove) under Slurm: a line on its stdin
         self.console = console
         self.log_dir = log_dir
         self.ssh_config = ssh_config
@@ -127,6 +128,9 @@ class JobProcess:
             argv, env = self._argv_env()
             self.popen = spawn(argv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, new_session=True,
                                stdin=subprocess.DEVNULL if self.spec.local else subprocess.PIPE)
+            if self.secret is not None:
+                self.popen.stdin.write(self.secret.rstrip(b"\n") + b"\n")
+                self.popen.stdin.flush()
         except OSError as exc:
             self.start_error = f"could not start: {exc}"
             self._keep(self.start_error)
@@ -142,6 +146,8 @@ class JobProcess:
         wrapped = [self.python, "-m", "psframework.launch.remote_child", "--grace", f"{self.stop_grace:g}", "--",
                    *self.spec.argv]
         if self.spec.launcher == "slurm":
+            if self.secret is not None:
+                wrapped[3:3] = ["--secret-file", self.spec.environ["PS_SECRET_FILE"]]
             # srun passes its environment on to the step: this host's, plus the job's (spawn merges them)
             return srun_argv(self.slurm_job, self.spec.host, wrapped, self.cwd), self.spec.environ
         # the ssh client carries the job id too, so that anything of the job can be found by it

@@ -1,4 +1,5 @@
-"""``python -m psframework.launch.remote_child [--grace S] -- COMMAND [ARGS]...``: ps-launch's agent on a remote host.
+"""``python -m psframework.launch.remote_child [--grace S] [--secret-file PATH] -- COMMAND [ARGS]...``: ps-launch's
+agent on a remote host.
 
 ps-launch runs this over ssh with a pipe as the ssh client's stdin, and never writes to it. sshd
 does not stop a command without a terminal when the client goes away, so this wrapper does: it
@@ -16,6 +17,11 @@ It tells ps-launch, on stdout (which COMMAND's output shares)::
 
 and exits with COMMAND's exit code (128 + N for signal N). This module imports only the standard
 library so that it starts in milliseconds.
+
+With ``--secret-file PATH`` (under Slurm) the first line on stdin is the job secret: the agent
+writes it to PATH (readable by the user only) before it starts COMMAND, and removes it, and its
+directory once empty, when COMMAND has ended; so the copy goes with the process, also after
+``scancel``, when no new job step could remove it.
 """
 
 from __future__ import annotations
@@ -40,10 +46,25 @@ _STATES = {"R": "running", "S": "sleeping", "D": "uninterruptible", "T": "stoppe
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        grace, command = parse_args(list(sys.argv[1:] if argv is None else argv))
+        grace, secret_file, command = parse_args(list(sys.argv[1:] if argv is None else argv))
     except ValueError as exc:
         print(f"remote_child: {exc}", file=sys.stderr, flush=True)
         return 2
+    if secret_file is None:
+        return run(command, grace)
+    try:
+        try:
+            _write_secret(secret_file, _read_line(0))
+        except (OSError, ValueError) as exc:
+            print(f"remote_child: cannot write the job secret to {secret_file}: {exc}", flush=True)
+            tell("exit=127")
+            return 127
+        return run(command, grace)
+    finally:
+        _remove_secret(secret_file)
+
+
+def run(command: list[str], grace: float) -> int:
     stop_requested = _install_stop_handlers()
     try:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
@@ -58,16 +79,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code if code >= 0 else 128 - code
 
 
-def parse_args(args: list[str]) -> tuple[float, list[str]]:
-    grace = DEFAULT_GRACE
-    if args[:1] == ["--grace"] and len(args) >= 2:
-        grace = float(args[1])
+def parse_args(args: list[str]) -> tuple[float, Optional[str], list[str]]:
+    grace, secret_file = DEFAULT_GRACE, None
+    while args[:1] in (["--grace"], ["--secret-file"]) and len(args) >= 2:
+        if args[0] == "--grace":
+            grace = float(args[1])
+        else:
+            secret_file = args[1]
         args = args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        raise ValueError("usage: python -m psframework.launch.remote_child [--grace S] -- COMMAND [ARGS]...")
-    return grace, args
+        raise ValueError("usage: python -m psframework.launch.remote_child [--grace S] [--secret-file PATH] "
+                         "-- COMMAND [ARGS]...")
+    return grace, secret_file, args
 
 
 def supervise(child: subprocess.Popen, grace: float, stop_requested: list[int]) -> int:
@@ -118,6 +143,32 @@ def process_state(pid: int) -> str:
         return "unknown"
     fields = stat.rsplit(")", 1)[-1].split()  # the command name may hold spaces and parentheses
     return _STATES.get(fields[0], fields[0]) if fields else "unknown"
+
+
+def _read_line(fd: int) -> bytes:
+    """One line from ``fd``, read without a buffer that could hold back the end-of-file we wait for later."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise ValueError("stdin ended before the job secret's line")
+        data += chunk
+    return data
+
+
+def _write_secret(path: str, line: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(line)
+
+
+def _remove_secret(path: str) -> None:
+    for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
+        try:
+            remove(target)
+        except OSError:
+            pass  # gone already, or the directory still holds the copy of another process of this host
 
 
 def _stdin_still_open(timeout: float) -> bool:

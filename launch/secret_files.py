@@ -1,7 +1,8 @@
 """The job secret's files: one here, one copy on every other host of the job, all removed when it ends.
 
 ``SecretFiles(cfg).write()`` writes a fresh secret in a directory only this user can read and
-installs a copy on each remote host over ssh's (or srun's) stdin (``remote.ssh_install_file_argv``), at the
+installs a copy on each remote host over ssh's stdin (under Slurm, each remote process's agent
+writes and removes its own copy: ``remote_child --secret-file``) (``remote.ssh_install_file_argv``), at the
 path ``remote.remote_secret_path`` gives that host (the one its processes get as
 ``PS_SECRET_FILE``); ``remove()`` deletes them all again, the remote ones in parallel and within a
 deadline, and says what it could not remove.
@@ -17,9 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import LaunchConfig
-from .remote import (install_file_script, remote_secret_path, remove_file_script, ssh_install_file_argv,
-                     ssh_remove_file_argv)
-from .slurm import srun_script_argv
+from .remote import remote_secret_path, ssh_install_file_argv, ssh_remove_file_argv
 from .stopping import KILL_WAIT
 from ..errors import ConfigError
 from ..procs import spawn
@@ -43,10 +42,12 @@ class SecretFiles:
         self._directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
         path = str(JobSecret.generate(self.cfg.auth).write(Path(self._directory) / "secret.json"))
         payload = Path(path).read_bytes()
-        hosts = {(p.host, p.ssh_port) for p in self.cfg.layout.all() if not self.cfg.runs_here(p.host)}
+        # under Slurm each remote process's agent writes its own copy (remote_child --secret-file)
+        hosts = {(p.host, p.ssh_port) for p in self.cfg.layout.all()
+                 if not self.cfg.runs_here(p.host) and self.cfg.launcher == "ssh"}
         for host, port in sorted(hosts, key=str):
             remote_path = remote_secret_path(path, host, port)
-            argv = self._install_argv(host, port, remote_path)
+            argv = ssh_install_file_argv(host, port, remote_path, self.cfg.ssh_config)
             done = subprocess.run(argv, input=payload, capture_output=True, timeout=self.cfg.start_timeout)
             if done.returncode != 0:
                 self.remove()
@@ -61,7 +62,7 @@ class SecretFiles:
             shutil.rmtree(self._directory, ignore_errors=True)
         removals = []
         for host, port, path in self._remote:
-            argv = self._remove_argv(host, port, path)
+            argv = ssh_remove_file_argv(host, port, path, self.cfg.ssh_config)
             try:
                 removals.append((host, path, spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
             except OSError as exc:
@@ -69,16 +70,6 @@ class SecretFiles:
         self._remote.clear()
         deadline = time.monotonic() + REMOVE_TIMEOUT
         return [problem for problem in (_finish(*removal, deadline) for removal in removals) if problem]
-
-    def _install_argv(self, host: str, port: Optional[int], path: str) -> list[str]:
-        if self.cfg.launcher == "slurm":
-            return srun_script_argv(self.cfg.slurm.job_id, host, install_file_script(path))
-        return ssh_install_file_argv(host, port, path, self.cfg.ssh_config)
-
-    def _remove_argv(self, host: str, port: Optional[int], path: str) -> list[str]:
-        if self.cfg.launcher == "slurm":
-            return srun_script_argv(self.cfg.slurm.job_id, host, remove_file_script(path))
-        return ssh_remove_file_argv(host, port, path, self.cfg.ssh_config)
 
 
 def _finish(host: str, path: str, removal, deadline: float) -> Optional[str]:
@@ -93,7 +84,7 @@ def _finish(host: str, path: str, removal, deadline: float) -> Optional[str]:
             removal.wait(timeout=KILL_WAIT)
         except subprocess.TimeoutExpired:
             pass
-        return f"{failed}: ssh (or srun) did not finish within {REMOVE_TIMEOUT:g} s"
+        return f"{failed}: ssh did not finish within {REMOVE_TIMEOUT:g} s"
     if removal.returncode != 0:
         return f"{failed}: {err.decode(errors='replace').strip() or f'exit code {removal.returncode}'}"
     return None

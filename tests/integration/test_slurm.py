@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -144,6 +145,8 @@ def test_scancel_leaves_no_process(batch, cluster, tmp_path):
     assert job.wait()[0] == "CANCELLED", job.text()
     assert_no_leftovers(job.ps_job_id, timeout=10)
     assert time.monotonic() - cancelled_at < 15
+    # no job step can run after scancel: the secret's copy on n2 went with its agent
+    assert not list(Path(tempfile.gettempdir()).glob(f"ps-launch-{job.ps_job_id}-*")), "job secret left behind"
 
 
 def test_plain_srun_with_from_slurm(batch, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from psframework.launch import cli
@@ -32,6 +34,9 @@ def test_inside_an_allocation_hosts_come_from_slurm_and_others_start_by_srun():
     assert scheduler_process(cfg, addresses).local
     remote = node_processes(cfg, addresses, "tcp://10.9.0.1:5000")[-1]
     assert (remote.local, remote.launcher, remote.environ["PS_BIND"]) == (False, "slurm", "10.9.0.2")
+    with_secret = node_processes(dataclasses.replace(cfg, secret_file="/tmp/ps-launch-j-x/secret.json"), addresses,
+                                 "tcp://10.9.0.1:5000")[-1]
+    assert with_secret.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j-x-on-n2/worker-2.json"  # its agent's own copy
 
 
 def test_outside_this_node_everything_is_remote():

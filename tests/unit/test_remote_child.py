@@ -119,7 +119,30 @@ def test_missing_command_reports_127(procs):
 
 
 def test_arguments():
-    assert parse_args(["--grace", "0.5", "--", "a", "--grace"]) == (0.5, ["a", "--grace"])
-    assert parse_args(["cmd"]) == (2.0, ["cmd"])
+    assert parse_args(["--grace", "0.5", "--", "a", "--grace"]) == (0.5, None, ["a", "--grace"])
+    assert parse_args(["cmd"]) == (2.0, None, ["cmd"])
+    assert parse_args(["--grace", "1", "--secret-file", "/s/x.json", "--", "a"]) == (1.0, "/s/x.json", ["a"])
     with pytest.raises(ValueError):
         parse_args(["--"])
+
+
+def test_secret_file_lives_as_long_as_the_command(tmp_path):
+    secret = tmp_path / "job-x-on-n2" / "worker-1.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = f"import os, stat; s = os.stat({str(secret)!r}); print(oct(s.st_mode & 0o777), open({str(secret)!r}).read())"
+    p = subprocess.Popen([sys.executable, "-m", "psframework.launch.remote_child", "--secret-file", str(secret), "--",
+                          sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env=env, text=True)
+    p.stdin.write('{"token": "t"}\n')
+    p.stdin.flush()
+    out = _finish(p)
+    p.stdin.close()
+    assert '0o600 {"token": "t"}' in out, out
+    assert p.returncode == 0 and not secret.exists() and not secret.parent.exists()
+
+
+def test_no_secret_line_is_reported():
+    p = subprocess.run([sys.executable, "-m", "psframework.launch.remote_child", "--secret-file", "/nonexistent/x",
+                        "--", "true"], input="", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       timeout=20)
+    assert p.returncode == 127 and "cannot write the job secret" in p.stdout
