@@ -52,6 +52,13 @@ def test_servers_per_node():
         _config({}, servers_per_node=0)
 
 
+def test_servers_per_node_with_a_hostfile(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("10.9.0.1 slots=2 servers=3\n10.9.0.2 slots=2\n")
+    cfg = _config({}, str(hostfile), servers_per_node=1)
+    assert [p.host for p in cfg.layout.servers] == ["10.9.0.1", "10.9.0.2"]
+
+
 def test_a_hostfile_wins_and_ssh_is_the_default_outside_slurm(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.1 slots=1\n")
