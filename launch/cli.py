@@ -23,7 +23,7 @@ from .from_slurm import exec_process, scheduler_endpoint, task_from_env, task_ro
 from .hostfile import read_hostfile
 from .job import run_job
 from .slurm import LAUNCHERS, allocation_from_env, node_addresses
-from ..config import MODES, host_environment, remote_forwarded, tuning_from_env
+from ..config import MODES, host_environment, process_environment, remote_forwarded, tuning_from_env
 from ..errors import ConfigError
 from ..security import MECHANISMS
 
@@ -56,6 +56,10 @@ def _option(*decls: str, **kwargs):
               help="Write one log file per process here (worker-1.log, ...).")
 @_option("-v", "--verbose", envvar="PS_VERBOSE", is_flag=True,
          help="Also show the scheduler's and servers' INFO lines (always in --log-dir's files).")
+@_option("--trace", "trace_dir", envvar="PS_TRACE_DIR", type=click.Path(file_okay=False), metavar="DIR",
+         help="Every process records Chrome trace events under DIR; at the end ps-launch merges them into "
+              "DIR/trace.json (open it in Perfetto).")
+@_option("--trace-steps", envvar="PS_TRACE_STEPS", metavar="A:B", help="Trace only the workers' steps A to B-1.")
 @_option("--metrics-port", envvar="PS_METRICS_PORT", type=click.IntRange(0, 65535), metavar="PORT",
          help="The scheduler serves the job's Prometheus metrics at http://HOST:PORT/metrics (0: a free port, "
               "printed when the job is up). Needs prometheus-client (psframework[metrics]).")
@@ -105,7 +109,7 @@ def main(ctx: click.Context, command: tuple[str, ...], hostfile: Optional[str], 
         k8s.main(args=list(command[1:]), prog_name="ps-launch k8s")
     try:
         if from_slurm:
-            spec = slurm_task_process(command, exports, start_timeout, dict(os.environ), **options)
+            spec = slurm_task_process(command, exports, start_timeout, process_environment(), **options)
             exec_process(spec.argv, {**host_environment(), **spec.environ})
         cfg = build_config(command, hostfile, exports, start_timeout, **options)
         code = run_job(cfg)
@@ -123,7 +127,7 @@ def build_config(command: tuple[str, ...], hostfile: Optional[str], exports: tup
     # PS_CHUNK_BYTES, PS_HEARTBEAT_*, PS_MAX_MESSAGE_BYTES and PS_LOG_LEVEL have no option; they pass through
     tuning = tuning_from_env()
     extra = {"job_id": job_id} if job_id else {}
-    allocation = allocation_from_env(os.environ if environ is None else environ)
+    allocation = allocation_from_env(process_environment() if environ is None else environ)
     launcher = launcher or ("slurm" if allocation is not None and not hostfile else "ssh")
     hosts = read_hostfile(hostfile) if hostfile else None
     addresses: tuple[tuple[str, str], ...] = ()

@@ -32,6 +32,7 @@ from ..config import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PEER_BUFFER_BYTES, Sche
                       Timing, exported_value)
 from ..errors import ConfigError
 from ..security import MECHANISMS
+from ..trace import parse_steps
 
 # Every variable ps-launch reads, with the option it stands for (README_ENV.md shows this table).
 LAUNCH_ENV_VARS = {
@@ -47,6 +48,8 @@ LAUNCH_ENV_VARS = {
     "PS_LOG_DIR": ("--log-dir", "directory for one log file per process"),
     "PS_START_TIMEOUT": ("--start-timeout", "seconds for the whole cluster to come up"),
     "PS_VERBOSE": ("-v, --verbose", "also show the scheduler's and servers' INFO lines"),
+    "PS_TRACE_DIR": ("--trace", "directory for every process's trace events and the merged trace.json"),
+    "PS_TRACE_STEPS": ("--trace-steps", "a:b: trace only the workers' steps a to b-1"),
     "PS_METRICS_PORT": ("--metrics-port", "serve the job's Prometheus metrics on this port (0: a free one)"),
     "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
     "PS_JOB_ID": ("--job-id", "job id exported to every process"),
@@ -93,6 +96,8 @@ class LaunchConfig:
     log_dir: Optional[str] = None
     verbose: bool = False  # the scheduler's and servers' INFO lines on the console too
     metrics_port: Optional[int] = None  # the scheduler's Prometheus endpoint; 0: a free port
+    trace_dir: Optional[str] = None  # every process's trace events, merged into trace.json at the end
+    trace_steps: Optional[str] = None
     timing: Timing = field(default_factory=Timing)
     chunk_bytes: Optional[int] = None  # None: by where the shards are (SchedulerConfig)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -131,6 +136,7 @@ class LaunchConfig:
                              ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every)):
             if wanted and not self.checkpoint_dir:
                 raise ConfigError(f"{flag} needs --checkpoint-dir: that is where checkpoints are written and read")
+        parse_steps(self.trace_steps)
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
         if not (math.isfinite(self.stop_grace) and self.stop_grace >= 0):
@@ -186,7 +192,8 @@ class LaunchConfig:
             server_device=self.server_device, max_message_bytes=self.max_message_bytes, timing=self.timing,
             secret_file=self.secret_file, elastic=self.elastic, restart_servers=self.restart_failed_servers,
             checkpoint_dir=self.checkpoint_dir, log_level=self.log_level, peer_buffer_bytes=self.peer_buffer_bytes,
-            metrics_port=self.metrics_port)
+            metrics_port=self.metrics_port, trace_dir=self.trace_dir and os.path.abspath(self.trace_dir),
+            trace_steps=self.trace_steps)
 
     def worker_env(self) -> dict[str, str]:
         """What only workers need: DistributedOptimizer's checkpoint schedule."""

@@ -38,6 +38,7 @@ from .process import Console, JobProcess
 from .secret_files import SecretFiles
 from .stopping import TICK, Stopper
 from ..errors import ConfigError
+from ..trace import merge
 
 DRAIN_TIMEOUT = 10.0   # scheduler and servers end by themselves once the workers are done
 SHOWN_LINES = 20
@@ -153,10 +154,16 @@ class Job:
             self.stopper.stop_all(self.procs)
             for proc in self.procs:
                 proc.close()
+            self._merge_trace()
             for problem in secrets.remove():
                 self.console.message(problem)
         self._report(outcome)
         return outcome.exit_code
+
+    def _merge_trace(self) -> None:
+        if self.cfg.trace_dir and Path(self.cfg.trace_dir).is_dir():
+            path, processes = merge(self.cfg.trace_dir)
+            self.console.message(f"trace of {processes} processes: {path} (open it in https://ui.perfetto.dev)")
 
     # -- starting ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .errors import ConfigError
+from .trace import parse_steps
 from .sharding import DEFAULT_CHUNK_BYTES, default_chunk_bytes
 
 MODES = ("sync", "async", "ssp")
@@ -48,6 +49,8 @@ ENV_VARS = {
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
+    "PS_TRACE_DIR": "every process appends Chrome trace events to a file of its own here (ps-launch --trace merges them)",
+    "PS_TRACE_STEPS": "a:b: trace the workers' steps a to b-1 only (default all)",
     "PS_METRICS_PORT": "the scheduler serves the job's Prometheus metrics on this port (0: a free one, printed); default off",
     "PS_CUDA_IPC": "0: GPU workers and GPU servers of one host use the shared-memory lanes, not device lanes by CUDA IPC (default 1)",
     "PS_COMPRESS_MIN_BYTES": "workers: tensors smaller than this are pushed as they are, whatever compression= says (default 64 KiB)",
@@ -99,6 +102,8 @@ class SchedulerConfig:
     log_level: str = "INFO"
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES
     metrics_port: Optional[int] = None  # None: no metrics endpoint; 0: a free port
+    trace_dir: Optional[str] = None  # every process's trace events (psframework/trace.py)
+    trace_steps: Optional[str] = None  # "a:b", as PS_TRACE_STEPS
 
     def __post_init__(self) -> None:
         if self.chunk_bytes is None:
@@ -110,6 +115,7 @@ class SchedulerConfig:
         _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         _check(self.staleness >= 0, f"staleness must be >= 0, got {self.staleness}")
         _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        parse_steps(self.trace_steps)
         _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535,
                f"metrics port must be in 0..65535 (0: a free one), got {self.metrics_port}")
         _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
@@ -141,6 +147,8 @@ class NodeConfig:
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
     compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
     compress_local: bool = False  # workers: compress to servers of their own host too (not through lanes)
+    trace_dir: Optional[str] = None  # psframework/trace.py
+    trace_steps: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
@@ -231,6 +239,8 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
         log_level=log_level_from_env(env),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
         metrics_port=_env(env, "PS_METRICS_PORT", int, None),
+        trace_dir=_env(env, "PS_TRACE_DIR", str, None),
+        trace_steps=_env(env, "PS_TRACE_STEPS", str, None),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["host"] is None:
@@ -266,6 +276,11 @@ def host_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, s
     return {k: v for k, v in env.items() if not k.startswith("PS_")}
 
 
+def process_environment() -> dict[str, str]:
+    """This process's whole environment: where ps-launch finds a Slurm allocation (SLURM_*)."""
+    return dict(os.environ)
+
+
 def exported_value(name: str, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The value of ``name`` here, for ``ps-launch -x NAME`` (None if unset)."""
     return (os.environ if environ is None else environ).get(name)
@@ -297,6 +312,8 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
         compress_min_bytes=_env(env, "PS_COMPRESS_MIN_BYTES", int, DEFAULT_COMPRESS_MIN_BYTES),
         compress_local=_flag(env, "PS_COMPRESS_LOCAL"),
+        trace_dir=_env(env, "PS_TRACE_DIR", str, None),
+        trace_steps=parse_steps(env.get("PS_TRACE_STEPS")),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["scheduler"] is None:
@@ -343,6 +360,10 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         env["PS_CHECKPOINT_DIR"] = config.checkpoint_dir
     if config.metrics_port is not None:
         env["PS_METRICS_PORT"] = str(config.metrics_port)
+    if config.trace_dir:
+        env["PS_TRACE_DIR"] = config.trace_dir
+    if config.trace_steps:
+        env["PS_TRACE_STEPS"] = config.trace_steps
     return env
 
 

@@ -31,6 +31,7 @@ from ..errors import ProtocolError
 from ..logs import RateLimitedLog
 from ..metrics import MetricsServer, NodeSample, Recorder, process_stats
 from ..node import POLL_SLICE
+from ..trace import Tracer, parse_steps
 from ..security import load_secret
 from ..transport import Transport, ZmqTransport
 from .collectives import Collectives
@@ -45,6 +46,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, transport: Optional[Transport] = None):
         self.config = config
         self.recorder = Recorder()  # the scheduler's own metrics: checkpoints, restarts
+        self.tracer = Tracer(config.trace_dir, parse_steps(config.trace_steps))
+        self.tracer.start("scheduler", 0)
         self._own_transport = transport is None
         self.transport = transport or ZmqTransport(secret=load_secret(config.secret_file))
         self.socket = self.transport.listen(config.bind_host, config.port, max_message_bytes=config.max_message_bytes)
@@ -97,6 +100,7 @@ class Scheduler:
             self.close()
 
     def close(self) -> None:
+        self.tracer.close()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -192,6 +196,7 @@ class Scheduler:
             log.info("all %d servers and %d workers joined; mode %s", self.config.num_servers,
                      self.config.num_workers, self.config.mode)
             tell_launcher("PS_CLUSTER_UP")
+            self.tracer.instant("cluster up", "membership")
 
     def _start_deadline_passed(self, now: float) -> bool:
         if now - self._started_at <= self.config.timing.start_timeout:

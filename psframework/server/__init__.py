@@ -34,6 +34,7 @@ from ..node import POLL_SLICE, Membership, join_cluster
 from ..optim import optimizer_from_wire
 from ..security import load_secret
 from ..sharding import ShardMap
+from ..trace import Tracer
 from ..transport import Socket, Transport, ZmqTransport
 from . import checkpoints
 from .answers import Answers
@@ -72,7 +73,7 @@ class Server:
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
         self._garbage_log = RateLimitedLog(log)
         self._busy_s = 0.0  # in the loop but not waiting in poll: handling requests, waiting for the device
-        self.recorder = Recorder()  # metrics (psframework/metrics.py)
+        self.recorder, self.tracer = Recorder(), Tracer(config.trace_dir, config.trace_steps)  # metrics, trace.py
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -83,6 +84,7 @@ class Server:
                                               max_message_bytes=self.config.max_message_bytes)
             init_cuda_early(self.config.device)
             self.membership = join_cluster(self.transport, self.config, role="server", address=self.data.address)
+            self.tracer.start("server", self.membership.rank)
             self._place()
             log.info("server %d serving on %s, shards on %s", self.membership.rank, self.data.address, self.device)
             return self._loop()
@@ -100,14 +102,14 @@ class Server:
         self.device = torch.device(pick_server_device(requested, m.rank, m.servers, gpus))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.store, self.rows = DenseStore(self.device, self.recorder), RowStore(self.device)
+        self.store, self.rows = DenseStore(self.device, self.recorder, self.tracer), RowStore(self.device)
         self.io = device_io(self.data, self.device)
         self.lanes = ServerLanes(self.io, self.device)
         self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes, self.recorder)
         self.answers = Answers(self.data, self.io, self.lanes, self.rows, self.policy, self.credits, m.rank,
-                               self.recorder)
+                               self.recorder, self.tracer)
         self.requests = Requests(self.data, self.io, self.lanes, self.store, self.rows, self.policy, self.answers,
-                                 m.num_workers, m.rank, self._check_rollback, self.recorder)
+                                 m.num_workers, m.rank, self._check_rollback, self.recorder, self.tracer)
         m.stats_source = self._metrics
         self._speakers.know(m.welcome.worker_keys)
 
@@ -124,6 +126,7 @@ class Server:
         if self.data is not None:
             self.data.close()
             self.data = None
+        self.tracer.close()
         if self._own_transport:
             self.transport.close()
             self._own_transport = False

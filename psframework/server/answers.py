@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import protocol as P
 from ..metrics import Recorder
+from ..trace import Tracer
 from ..transport import Socket
 from .credits import ReplyCredits
 from .device import DeviceIO
@@ -28,10 +29,11 @@ def path_of(lane: Any) -> str:
 
 class Answers:
     def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, rows: RowStore, policy: Policy,
-                 credits: ReplyCredits, rank: int, recorder: Optional[Recorder] = None):
+                 credits: ReplyCredits, rank: int, recorder: Optional[Recorder] = None,
+                 tracer: Optional[Tracer] = None):
         self.data, self.io, self.lanes, self.rows = data, io, lanes, rows
         self.policy, self.credits, self.rank = policy, credits, rank
-        self.recorder = recorder or Recorder()
+        self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
 
     def ready(self, units: Iterable[Any]) -> None:
         """Answer the waiting pulls of these units that the policy now allows."""
@@ -45,6 +47,12 @@ class Answers:
             unit.pulls = waiting
 
     def send(self, unit: Any, pending: Any) -> None:
+        if not self.tracer.enabled:
+            return self._send(unit, pending)
+        with self.tracer.span(f"answer {unit.describe()}", "answer", worker=pending.rank):
+            self._send(unit, pending)
+
+    def _send(self, unit: Any, pending: Any) -> None:
         if isinstance(pending, RowPending):
             rows = self.rows.lookup(pending)
             head = P.encode(P.RowValues(req=pending.req, version=unit.version))

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from .. import protocol as P
 from ..datapath.compression import wire_codecs
 from ..metrics import Recorder
+from ..trace import Tracer
 from ..transport import Socket
 from .answers import Answers, path_of
 from .device import DeviceIO
@@ -25,14 +26,23 @@ from .store import BlockState, DenseStore, Pending
 class Requests:
     def __init__(self, data: Socket, io: DeviceIO, lanes: ServerLanes, store: DenseStore, rows: RowStore,
                  policy: Policy, answers: Answers, num_workers: int, rank: int,
-                 rollback: Callable[[int], None], recorder: Optional[Recorder] = None):
+                 rollback: Callable[[int], None], recorder: Optional[Recorder] = None,
+                 tracer: Optional[Tracer] = None):
         self.data, self.io, self.lanes, self.store, self.rows = data, io, lanes, store, rows
-        self.recorder = recorder or Recorder()
+        self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
         self.policy, self.answers = policy, answers
         self.num_workers, self.rank = num_workers, rank
         self._check_rollback = rollback  # raises for a request of an earlier rollback epoch
 
     def on_block(self, peer: bytes, request: P.BlockRequest) -> None:
+        if not self.tracer.enabled:
+            return self._on_block(peer, request)
+        self.tracer.step = request.step if request.step >= 0 else self.tracer.step
+        with self.tracer.span(f"{type(request).__name__} block {request.block}", "request", worker=request.rank,
+                              step=request.step if request.step >= 0 else None):
+            self._on_block(peer, request)
+
+    def _on_block(self, peer: bytes, request: P.BlockRequest) -> None:
         self._check_rollback(request.rollback)
         state, segs, present = self.store.resolve(request, self.num_workers)
         pushes = not isinstance(request, P.Pull)

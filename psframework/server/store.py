@@ -20,6 +20,7 @@ from ..devices import Staging
 from ..metrics import Recorder
 from ..optim import OptimizerSpec, ShardOptimizer
 from ..sharding import Block, ShardMap
+from ..trace import Tracer
 
 
 @dataclass
@@ -124,9 +125,9 @@ class _Sums:
 class DenseStore:
     """The blocks one server holds, and one optimizer over all their segments."""
 
-    def __init__(self, device: torch.device, recorder: Optional[Recorder] = None):
+    def __init__(self, device: torch.device, recorder: Optional[Recorder] = None, tracer: Optional[Tracer] = None):
         self.device = device
-        self.recorder = recorder or Recorder()
+        self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
         self.blocks: dict[int, BlockState] = {}
         self.optimizer: Optional[ShardOptimizer] = None
         self.nbytes = 0
@@ -188,9 +189,10 @@ class DenseStore:
             state.make_writable()  # replies of host shards are sent straight from the parameters
             for i, grad in tensors.items():
                 grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
-        started = time.perf_counter()
+        started, started_us = time.perf_counter(), self.tracer.now_us()
         self.optimizer.step(grads, scale=scale)
         self.recorder.observe("psframework_server_apply_seconds", time.perf_counter() - started)
+        self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _ in group])
         self.applied += len(group)
 
     # -- what the consistency policy asks of a store (policy.py) ------------------------

@@ -21,6 +21,7 @@ from .. import protocol as P
 from ..errors import ClosedError, PSError, PSTimeoutError, ProtocolError, RolledBackError, error_for
 from ..metrics import Recorder
 from ..node import POLL_SLICE, Membership
+from ..trace import Tracer
 from ..transport import Socket, Transport
 
 log = logging.getLogger("psframework.worker")
@@ -39,7 +40,7 @@ class Future:
         self._abandoned = False  # its answers are no longer wanted: they must not write anywhere
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
-        self._on_complete: Optional[Callable[[], None]] = None
+        self._on_complete: list[Callable[[], None]] = []
         self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # that copied onto GPUs
 
     def done(self) -> bool:
@@ -86,13 +87,14 @@ class Future:
         self._maybe_complete()
 
     def _maybe_complete(self) -> None:
-        if self.done() and self._error is None and self._on_complete is not None:
-            on_complete, self._on_complete = self._on_complete, None
-            on_complete()
+        if self.done() and self._error is None and self._on_complete:
+            callbacks, self._on_complete = self._on_complete, []
+            for callback in callbacks:
+                callback()
 
     def on_complete(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once, when every request succeeded."""
-        self._on_complete = callback
+        """Run ``callback`` once, when every request succeeded (callbacks in the order given)."""
+        self._on_complete.append(callback)
         self._maybe_complete()
 
     def add_finalizer(self, finalize: Callable[[], None]) -> None:
@@ -121,15 +123,16 @@ class Request:
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
     rollback: int = 0  # the job's rollback epoch when it was sent
     on_answer: Optional[Callable[["Request", P.Message, bool], None]] = None  # lane requests: (req, reply, ok)
+    sent_us: float = 0.0  # for its trace event
 
 
 class Client:
     """The worker's sockets to the servers and the requests awaiting answers on them."""
 
     def __init__(self, transport: Transport, membership: Membership, max_message_bytes: int,
-                 recorder: Optional[Recorder] = None):
+                 recorder: Optional[Recorder] = None, tracer: Optional[Tracer] = None):
         self.transport = transport
-        self.recorder = recorder or Recorder()
+        self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
         self.membership = membership
         self._max_message_bytes = max_message_bytes
         self.servers: list[Socket] = [transport.connect(a, max_message_bytes=max_message_bytes)
@@ -148,6 +151,7 @@ class Client:
         """Send a request's frames to its server and await its answer as ``req``; returns the tracker."""
         self.catch_up()
         request.rollback = self._rollback
+        request.sent_us = self.tracer.now_us()
         self.pending[req] = request
         request.future.expect()
         return self.send(request.server, request.frames, track=track)
@@ -174,7 +178,7 @@ class Client:
 
     def wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
-        started = time.monotonic()
+        started, started_us = time.monotonic(), self.tracer.now_us()
         deadline = None if timeout is None else started + timeout
         self.catch_up()
         if done():
@@ -185,6 +189,7 @@ class Client:
                 raise PSTimeoutError(f"worker {self.membership.rank}: request not answered within {timeout} s")
             self.progress(POLL_SLICE)
         self.recorder.observe("psframework_worker_wait_seconds", time.monotonic() - started)
+        self.tracer.complete("wait", started_us, "wait")
 
     @property
     def rollback(self) -> int:
@@ -269,6 +274,8 @@ class Client:
         if request is None:
             sock.skip_rest()
             return
+        if request.sent_us:
+            self.tracer.complete(f"server {request.server}", request.sent_us, "request")
         if isinstance(message, P.Error):
             sock.skip_rest()
             if request.on_answer is not None:

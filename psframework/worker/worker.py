@@ -21,6 +21,7 @@ from ..node import Membership, join_cluster
 from ..optim import OptimizerSpec
 from ..security import load_secret
 from ..sharding import ShardMap, TensorSpec
+from ..trace import Tracer
 from ..transport import Transport, ZmqTransport
 from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
 from .exchange import Exchange
@@ -30,6 +31,14 @@ from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
 
 log = logging.getLogger("psframework.worker")
+
+def _traced(tracer: Tracer, exchange: Exchange, step: int) -> Exchange:
+    """Trace an exchange from its start until every answer is in (``trace.py``)."""
+    if tracer.wants(step):
+        started, name = tracer.now_us(), exchange.op.__name__
+        exchange.future.on_complete(lambda: tracer.complete(name, started, "exchange", step=step))
+    return exchange
+
 
 def _from_membership(name: str) -> property:
     return property(lambda self: getattr(self.membership, name), doc=f"The job's {name}, from the scheduler.")
@@ -52,11 +61,13 @@ class Worker:
         self.client: Optional[Client] = None
         self.lanes: Optional[WorkerLanes] = None
         self.staging, self.compression = DeviceStaging(), Compression()  # compression: planned by register()
-        self.recorder = Recorder()  # metrics (psframework/metrics.py)
+        self.recorder, self.tracer = Recorder(), Tracer(config.trace_dir, config.trace_steps)  # metrics, trace.py
         init_cuda_early(None)  # the training loop's tensors may well be on a GPU
         try:
             self.membership = join_cluster(self.transport, config, role="worker")
-            self.client = Client(self.transport, self.membership, config.max_message_bytes, self.recorder)
+            self.client = Client(self.transport, self.membership, config.max_message_bytes,
+                                 self.recorder, self.tracer)
+            self.tracer.start("worker", self.membership.rank, step=0)
             self.membership.stats_source = lambda: {**self.recorder.stats(), "psframework_worker_steps": self.steps}
         except BaseException:
             self.close()
@@ -175,7 +186,7 @@ class Worker:
         """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
         def done() -> None:
             self.recorder.tick("psframework_worker_step_seconds")
-            self.steps += 1
+            self.steps = self.tracer.step = self.steps + 1
             self.membership.stats = {"steps": self.steps}  # heartbeats report it, for rollback reports
 
         future.on_complete(done)
@@ -209,7 +220,7 @@ class Worker:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
         step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
-        return Exchange(self, op, names, dests, step=step, after_caller=after_caller)
+        return _traced(self.tracer, Exchange(self, op, names, dests, step=step, after_caller=after_caller), self.steps)
 
     def next_push_step(self) -> int:
         """The number of the pushing step that starts now (see server/steps.py)."""
@@ -296,6 +307,7 @@ class Worker:
                 self.lanes.close()
             if self.membership is not None:
                 self.membership.close()
+            self.tracer.close()
             if self._own_transport:
                 self.transport.close()
                 self._own_transport = False

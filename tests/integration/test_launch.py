@@ -96,6 +96,30 @@ def test_verbose_shows_the_infrastructure_lines_and_metrics_are_announced(launch
     assert "[server 0] " in result.stdout and " INFO server 0 serving on tcp://" in result.stdout
 
 
+def test_trace_merges_every_process_into_one_timeline(launch, tmp_path):
+    out, traces = tmp_path / "out", tmp_path / "traces"
+    out.mkdir()
+    result = launch("-n", "2", "-s", "2", "--server-device", "cpu", "--trace", str(traces), "--trace-steps", "1:3",
+                    "--", PY, str(TRAIN_SCRIPT), str(out)).wait(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"trace of 5 processes: {traces / 'trace.json'}" in result.stderr
+    events = json.loads((traces / "trace.json").read_text())["traceEvents"]
+    tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(tracks.values()) == ["scheduler 0", "server 0", "server 1", "worker 0", "worker 1"]
+    spans: dict[str, list] = {}
+    for e in events:
+        if e["ph"] == "X":
+            spans.setdefault(tracks[e["pid"]], []).append(e)
+    for worker in ("worker 0", "worker 1"):
+        steps = {e["args"]["step"] for e in spans[worker] if e["cat"] == "exchange"}
+        assert steps == {1, 2}, (worker, steps)  # --trace-steps 1:3
+        assert {e["cat"] for e in spans[worker]} >= {"exchange", "request", "wait"}
+    for server in ("server 0", "server 1"):
+        assert {e["cat"] for e in spans[server]} >= {"request", "apply", "answer"}
+        assert all(e["dur"] >= 0 and e["ts"] > 0 for e in spans[server])
+    assert any(e["ph"] == "i" and e["name"] == "cluster up" for e in events)
+
+
 def test_failing_worker_is_reported_as_the_root_cause(launch, tmp_path):
     run = launch("-n", "2", "-s", "1", "--server-device", "cpu", "--",
                  PY, str(TRAIN_SCRIPT), str(tmp_path), "--fail-rank", "1", "--fail-step", "2", "--fail-code", "3")
