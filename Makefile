@@ -1,7 +1,7 @@
 # `make train` and `make test` do all set-up on a fresh machine: a virtualenv in .venv, torch
 # (the local CPU wheel, torch==2.13.0, unless a torch is already installed), this package with
 # its dev extras, and, for the multi-host tests, OpenSSH and iproute2 from Debian when root
-# (and Slurm with munge for the Slurm tests).
+# (and Slurm with munge for the Slurm tests, Prometheus for the metrics test).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,11 @@ sysdeps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			slurmctld slurmd slurm-client munge >/dev/null) \
 		|| echo "sysdeps: could not install Slurm; the Slurm tests will be skipped"; \
+	fi
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v prometheus >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null) \
+		|| echo "sysdeps: could not install Prometheus; the test with a real Prometheus will be skipped"; \
 	fi
 
 train: $(VENV)/.ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -227,3 +228,52 @@ def test_ps_launch_top_shows_a_running_job(make_cluster):
     rows = [[c for c in line.split() if c not in "│┃"] for line in result.stdout.split("servers")[0].splitlines()]
     worker = next(cells for cells in rows if cells[:1] == ["0"])  # rank, host, steps, steps/s, ...
     assert float(worker[2]) >= 1 and float(worker[3]) > 0, result.stdout  # it steps while we watch
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (make sysdeps installs it as root)")
+def test_a_real_prometheus_scrapes_the_job(make_cluster, tmp_path):
+    import json
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", metrics_port=0)
+    target = cluster.metrics_address.split("//", 1)[1].rsplit("/", 1)[0]
+    config, port = tmp_path / "prometheus.yml", _free_port()
+    config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: psframework\n"
+                      f"    static_configs:\n      - targets: ['{target}']\n")
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prometheus = spawn([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                            f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+    try:
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"w": torch.zeros(100)}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            for _ in range(3):
+                worker.push_pull({"w": torch.ones(100)}, into=params).wait(timeout=10)
+            query = f"http://127.0.0.1:{port}/api/v1/query?query=psframework_worker_steps_total"
+            deadline, result = time.monotonic() + 40, []
+            while time.monotonic() < deadline:
+                try:
+                    answer = json.loads(urllib.request.urlopen(query, timeout=5).read())
+                    result = answer["data"]["result"]
+                    if result and result[0]["value"][1] == "3":
+                        break
+                except OSError:
+                    pass  # not listening yet
+                time.sleep(0.5)
+        assert result, (tmp_path / "prometheus.log").read_text()[-2000:]
+        series = result[0]
+        assert series["value"][1] == "3"
+        assert series["metric"]["role"] == "worker" and series["metric"]["rank"] == "0"
+        assert series["metric"]["job"] == "psframework" and series["metric"]["instance"] == target
+    finally:
+        stop_all([prometheus])
