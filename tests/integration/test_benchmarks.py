@@ -120,3 +120,15 @@ def test_sync_vs_async_local_stand_in(tmp_path):
     _run("sync_vs_async.py", "--no-launcher", "--workers", "2", "--servers", "1", "--modes", "ssp1", "--steps",
          "60", "--lr", "0.025", "--straggler", "1", "--out-dir", str(out_dir), "--plot", str(plot))
     _check_sva(out_dir, plot, [("no straggler", "ssp1")])
+
+
+@pytest.mark.timeout(300)
+def test_observability_quick_run_compares_every_variant_with_off(tmp_path):
+    out = tmp_path / "observability.md"
+    _run("observability.py", "--rounds", "1", "--repeats", "2", "--epochs", "1", "--mib", "1", "--out", str(out),
+         timeout=300)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["off", "metrics", "trace"]
+    for row in rows:
+        assert all(float(cell) > 0 for cell in row[1:]), row
+    assert rows[0][2].strip() == rows[0][4].strip() == "1.000"
