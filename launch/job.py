@@ -48,6 +48,7 @@ EXIT_FAILED = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _JOINED_RE = re.compile(r"PS_JOINED role=(\w+) rank=(\S+) host=(\S+)")
+_SUMMARY_RE = re.compile(r"PS_SUMMARY steps=(\d+) bytes=(\d+)")
 _DEAD_RE = re.compile(r"PS_DEAD role=(\w+) rank=(\d+) host=(\S+) pid=(\d+) reason=(.*)")
 
 
@@ -76,6 +77,7 @@ class SchedulerWatch:
     def __init__(self) -> None:
         self.address: Optional[str] = None
         self.metrics_address: Optional[str] = None
+        self.summary: Optional[tuple[int, int]] = None  # the workers' steps, the bytes the servers moved
         self.joined: list[tuple[str, Optional[int], str]] = []
         self.up = threading.Event()
         self._lock = threading.Lock()
@@ -86,6 +88,8 @@ class SchedulerWatch:
             self.address = text.split("=", 1)[1].strip()
         elif text.startswith("PS_METRICS_ADDRESS="):
             self.metrics_address = text.split("=", 1)[1].strip()
+        elif match := _SUMMARY_RE.match(text):
+            self.summary = (int(match.group(1)), int(match.group(2)))
         elif text.startswith("PS_CLUSTER_UP"):
             self.up.set()
         elif match := _JOINED_RE.match(text):
@@ -318,7 +322,21 @@ class Job:
         restarted = sorted({p.name for p in self._lost if p.spec.role == "server"})
         notes = "".join([f"; lost on the way (--elastic): {', '.join(lost)}" if lost else "",
                          f"; restarted: {', '.join(restarted)}" if restarted else ""])
-        return Outcome(0, f"job finished in {time.monotonic() - self._started:.1f} s: {who} {'still in the job ' if lost else ''}exited 0{notes}")
+        still, elapsed = "still in the job " if lost else "", time.monotonic() - self._started
+        return Outcome(0, f"job finished in {elapsed:.1f} s: {who} {still}exited 0{notes}{self._totals()}")
+
+    def _totals(self) -> str:
+        """Steps and bytes (as the scheduler summed them up), and every role's exit statuses."""
+        totals = ""
+        if self.scheduler.summary is not None:
+            steps, moved = self.scheduler.summary
+            totals = f"; {steps} steps, {moved / 1e6:.1f} MB through the servers"
+        statuses = {}
+        for proc in self.procs:
+            code = proc.exit_code()
+            statuses.setdefault(proc.spec.role, []).append("running" if code is None else str(code))
+        return totals + "; exit status: " + ", ".join(f"{role}s {' '.join(codes)}" if role != "scheduler"
+                                                       else f"scheduler {codes[0]}" for role, codes in statuses.items())
 
     def _failed(self, root: JobProcess) -> Outcome:
         return Outcome(EXIT_FAILED, f"job failed: {root.where()} {root.describe_exit()}; stopping the job",

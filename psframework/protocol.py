@@ -138,6 +138,7 @@ class BarrierDone(Message, tag="barrier_done"):
 
 class Bye(Message, tag="bye"):
     rank: int
+    steps: int = -1  # the steps it completed, for the job's summary (-1: not said)
 
 
 class ByeAck(Message, tag="bye_ack"):

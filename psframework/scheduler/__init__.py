@@ -95,6 +95,7 @@ class Scheduler:
                 else:
                     self._check_heartbeats(now)
                 if self._shutdown_at is not None and now >= self._shutdown_at:
+                    tell_launcher(self._summary())
                     return 1 if self._failed else 0
         finally:
             self.close()
@@ -284,6 +285,8 @@ class Scheduler:
 
     def _on_bye(self, peer: bytes, bye: P.Bye) -> None:
         node = self.roster.node("worker", bye.rank, peer)
+        if bye.steps >= 0:
+            node.stats = {**node.stats, "psframework_worker_steps": bye.steps}
         if node.state == LIVE:
             self.roster.mark(node, LEFT)
             log.info("worker %d on %s finished", node.rank, node.host)
@@ -295,6 +298,14 @@ class Scheduler:
         """A worker left or died: waits that no longer need it may complete."""
         self.collectives.recheck()
         self.registration.recheck()
+
+    def _summary(self) -> str:
+        """The job's totals for ps-launch's last line: the workers' steps, the bytes the servers moved."""
+        nodes = self.roster.nodes.values()
+        steps = max((int(n.stats.get("psframework_worker_steps", 0)) for n in nodes if n.role == "worker"), default=0)
+        moved = sum(int(n.stats.get(k, 0)) for n in nodes if n.role == "server"
+                    for k in ("psframework_server_push_bytes", "psframework_server_pull_bytes"))
+        return f"PS_SUMMARY steps={steps} bytes={moved}"
 
     def _maybe_finish(self) -> None:
         if self._shutdown_at is None and all(n.state != LIVE for n in self.roster.workers()):

@@ -297,7 +297,7 @@ class Worker:
         try:
             self._drain(timeout)
             if self.membership is not None:
-                self.membership.request(P.Bye(rank=self.rank), expect=P.ByeAck, timeout=5.0)
+                self.membership.request(P.Bye(rank=self.rank, steps=self.steps), expect=P.ByeAck, timeout=5.0)
         except PSError as exc:
             log.debug("worker close: %s", exc)
         finally:

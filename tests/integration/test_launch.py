@@ -76,7 +76,8 @@ def test_sync_training_job(launch, tmp_path):
     up = [line for line in result.stderr.splitlines() if "job up in" in line]
     assert len(up) == 1 and "2 workers, 2 servers (shards on cpu), sync; scheduler tcp://127.0.0.1:" in up[0], \
         result.stderr
-    assert re.search(r"job finished in [0-9.]+ s: all 2 workers exited 0", result.stderr), result.stderr
+    assert re.search(r"job finished in [0-9.]+ s: all 2 workers exited 0; 5 steps, [0-9.]+ MB through the servers; "
+                     r"exit status: scheduler 0, servers 0 0, workers 0 0", result.stderr), result.stderr
     for name in ("scheduler", "server-0", "server-1", "worker-0", "worker-1"):
         assert (logs / f"{name}.log").stat().st_size > 0, name
     worker_log = (logs / "worker-1.log").read_text()
