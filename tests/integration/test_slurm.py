@@ -120,6 +120,18 @@ def test_sbatch_job_spans_two_nodes(batch, tmp_path):
     assert_no_leftovers(job.ps_job_id)
 
 
+def test_sbatch_trains_the_digits_model(batch):
+    """The issue's job: ps-launch with 1 server and 2 workers training the digits model under
+    sbatch --wait; it finishes and the accuracy is in the job's output."""
+    job = batch(_ps_launch("-s", "1", "--", PY, str(REPO / "examples" / "train_digits.py"), "--epochs", "2"),
+                "-N", "2", "--ntasks-per-node", "1")
+    state, code = job.wait()
+    assert (state, code) == ("COMPLETED", "0:0"), job.text()
+    accuracy = re.findall(r"epoch 2/2 .*held-out accuracy (\d\.\d+)", job.text())
+    assert accuracy and float(accuracy[-1]) > 0.8, job.text()
+    assert_no_leftovers(job.ps_job_id)
+
+
 def test_failing_worker_on_the_other_node_is_the_root_cause(batch, tmp_path):
     job = batch(_ps_launch("--", PY, str(TRAIN_SCRIPT), str(tmp_path), "--fail-rank", "1", "--fail-code", "3"),
                 "-N", "2", "--ntasks-per-node", "1")
