@@ -192,7 +192,8 @@ class DenseStore:
         started, started_us = time.perf_counter(), self.tracer.now_us()
         self.optimizer.step(grads, scale=scale)
         self.recorder.observe("psframework_server_apply_seconds", time.perf_counter() - started)
-        self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _ in group])
+        if self.tracer.enabled:  # the block list is built only for a trace
+            self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _ in group])
         self.applied += len(group)
 
     # -- what the consistency policy asks of a store (policy.py) ------------------------

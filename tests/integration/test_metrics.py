@@ -15,19 +15,12 @@ import psframework as ps
 from psframework.errors import ConfigError
 from psframework.metrics import MetricsServer
 from psframework.procs import spawn, stop_all
+from psframework.top import scrape  # every sample: (name, sorted labels) -> value
 from tests.threads import run_in_threads
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is in the dev extras")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def scrape(address: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of the endpoint: (name, sorted labels) -> value."""
-    text = urllib.request.urlopen(address, timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def value(samples: dict, name: str, **labels) -> float:
