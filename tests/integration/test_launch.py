@@ -67,8 +67,9 @@ def test_sync_training_job(launch, tmp_path):
         assert info["test_env"] == {"PS_TEST_GIVEN": "a b'c", "PS_TEST_INHERITED": "from-env"}
 
     # quiet by default: the workers' output; the infrastructure's INFO lines only in the log files
-    lines = result.stdout.splitlines()
-    assert not [line for line in lines if line.startswith(("[scheduler]", "[server"))], result.stdout
+    # (its warnings still show: on a shared machine a stranger's process may knock on a server's port)
+    infra = [line for line in result.stdout.splitlines() if line.startswith(("[scheduler]", "[server"))]
+    assert not [line for line in infra if not re.search(r" (WARNING|ERROR|CRITICAL) ", line)], result.stdout
     for rank in range(2):
         assert f"[worker {rank}] worker {rank} step 4 loss" in result.stdout
         assert f"server {rank} serving on tcp://127.0.0.1:" in (logs / f"server-{rank}.log").read_text()
