@@ -97,9 +97,10 @@ def worker(sizes: str, repeats: int, warmup: int, echo_address: str | None, mini
                     dest = memoryview(params[key].numpy()).cast("B")
                     times: dict[str, list[float]] = {kind: [] for kind in _KINDS}
                     for r in range(warmup + repeats):
-                        w.barrier()
                         # rotate the order so that none of them always runs on a warmer cache
                         for kind in _ORDERS[r % len(_ORDERS)]:
+                            # every kind starts together: a PS round must not wait for rank 0's baselines
+                            w.barrier()
                             if kind == "ps":
                                 start = time.perf_counter()
                                 w.push_pull({key: grads[key]}, into={key: params[key]}).wait()

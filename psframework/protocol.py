@@ -24,7 +24,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 4  # 4: block requests name the codecs of compressed segments
+VERSION = 5  # 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -211,7 +211,9 @@ class BlockRequest(Message):
     ``step``: which of the worker's pushing steps a push belongs to (-1: not counted). ``absent``:
     segments (of ``segs``) pushed without a gradient; no frame or lane data carries them. ``codecs``:
     the codec of each pushed segment's frame (``ps.compress``; "" raw; empty: all raw);
-    ``pull_codecs``: of each segment of ``segs`` in the answer (socket requests only)."""
+    ``pull_codecs``: of each segment of ``segs`` in the answer (socket requests only). ``shared``:
+    a lane request whose answer may leave the values in the server's shared values
+    (``datapath/values.py``) instead of the lane's pull slot."""
     req: int
     block: int
     rank: int
@@ -225,6 +227,7 @@ class BlockRequest(Message):
     rollback: int = 0  # the rollback epoch the worker knows of: requests of an earlier one are refused
     codecs: list[str] = []
     pull_codecs: list[str] = []
+    shared: bool = False
 
 
 class Push(BlockRequest, tag="push"):
@@ -319,11 +322,20 @@ class Ack(Message, tag="ack"):
     req: int
 
 
+class Attached(Message, tag="attached"):
+    """A server mapped a worker's lane; ``values``, if not empty: where the worker may map the
+    server's block values (``datapath/values.py``), with the token at their start."""
+    req: int
+    values: str = ""
+    token: bytes = b""
+
+
 class Values(Message, tag="values"):
     req: int
     version: int
     min_clock: int
     shm: bool = False
+    shared: bool = False  # the values are in the server's shared values, not in the lane's pull slot
 
 
 class Stats(Message, tag="stats"):
@@ -348,7 +360,7 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, AttachDevice, Ack, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, AttachDevice, Ack, Attached, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -415,7 +427,7 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 
 
 __all__ = [
-    "ALL", "Ack", "Activate", "Activated", "Attach", "AttachDevice", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
+    "ALL", "Ack", "Activate", "Activated", "Attach", "AttachDevice", "Attached", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
     "Hello", "Init", "InitRows", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",

@@ -38,7 +38,7 @@ log = logging.getLogger("psframework.shm")
 
 SHM_DIR = Path("/dev/shm")  # where lane files of the old, named kind may have been left
 HEADER_BYTES = 4096  # the token, then page-aligned areas
-_LANE_PATH = re.compile(r"/proc/\d+/fd/\d+")
+LANE_PATH = re.compile(r"/proc/\d+/fd/\d+")
 _STALE_NAME = re.compile(r"psf-(\d+)-")
 TOKEN_BYTES = 16
 _ALIGN = 64
@@ -72,6 +72,36 @@ def remove_stale_lane_files() -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def create_mapped(name: str, size: int) -> tuple[int, Path, torch.Tensor]:
+    """A new anonymous memory file of ``size`` bytes with a random token at its start, mapped:
+    its descriptor, the path another process of this user opens it by, and the mapping. OSError
+    if the memory is not there."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        # reserve the pages now: touching an unbacked page of a full tmpfs is SIGBUS, not an error
+        os.posix_fallocate(fd, 0, size)
+        path = Path(f"/proc/{os.getpid()}/fd/{fd}")
+        memory = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+    except BaseException:
+        os.close(fd)
+        raise
+    memory[:TOKEN_BYTES].copy_(torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8))
+    return fd, path, memory
+
+
+def map_checked(path: str, size: int, token: bytes, what: str) -> torch.Tensor:
+    """Map another process's file (``/proc/PID/fd/N``), checking its size and token."""
+    if not LANE_PATH.fullmatch(path):
+        raise ConfigError(f"{what} {path!r} is not a psframework process's file (/proc/PID/fd/N)")
+    actual = Path(path).stat().st_size
+    if actual != size:
+        raise ConfigError(f"{what} {path} has {actual} bytes, the shard map needs {size}")
+    memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    if bytes(memory[:TOKEN_BYTES].numpy()) != token:
+        raise ConfigError(f"{what} {path} holds another token: not the file offered (another host?)")
+    return memory
 
 
 class Slots:
@@ -139,35 +169,15 @@ class Lane(Slots):
     def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "Lane":
         """Create and map a new lane file (the worker's side); OSError if the memory is not there."""
         offsets, area = lane_layout(blocks)
-        size = HEADER_BYTES + 2 * area
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            # reserve the pages now: touching an unbacked page of a full tmpfs is SIGBUS, not an error
-            os.posix_fallocate(fd, 0, size)
-            path = Path(f"/proc/{os.getpid()}/fd/{fd}")
-            memory = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-        except BaseException:
-            os.close(fd)
-            raise
-        lane = cls(path, memory, offsets, area, fd=fd)
-        memory[:TOKEN_BYTES].copy_(torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8))
-        return lane
+        fd, path, memory = create_mapped(name, HEADER_BYTES + 2 * area)
+        return cls(path, memory, offsets, area, fd=fd)
 
     @classmethod
     def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "Lane":
         """Map a worker's lane (the server's side), checking its size and token."""
         offsets, area = lane_layout(blocks)
-        if not _LANE_PATH.fullmatch(path):
-            raise ConfigError(f"lane {path!r} is not a psframework lane (a worker's /proc/PID/fd/N)")
-        file = Path(path)
-        size = HEADER_BYTES + 2 * area
-        actual = file.stat().st_size
-        if actual != size:
-            raise ConfigError(f"lane {path} has {actual} bytes, the shard map needs {size}")
-        memory = torch.from_file(str(file), shared=True, size=size, dtype=torch.uint8)
-        if bytes(memory[:TOKEN_BYTES].numpy()) != token:
-            raise ConfigError(f"lane {path} holds another token: not the worker's file (another host?)")
-        return cls(file, memory, offsets, area)
+        memory = map_checked(path, HEADER_BYTES + 2 * area, token, "lane")
+        return cls(Path(path), memory, offsets, area)
 
     def mapped(self) -> None:
         """The other side has mapped the file: our descriptor is no longer needed (the mappings keep it)."""
@@ -208,4 +218,4 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "Slots", "lane_layout", "lane_name", "remove_stale_lane_files", "shm_available"]
+__all__ = ["LANE_PATH", "Lane", "Slots", "create_mapped", "lane_layout", "map_checked", "lane_name", "remove_stale_lane_files", "shm_available"]

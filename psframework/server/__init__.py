@@ -26,6 +26,7 @@ import torch
 
 from .. import protocol as P
 from ..config import NodeConfig
+from ..datapath.values import values_name
 from ..devices import init_cuda_early, pick_server_device
 from ..errors import ProtocolError, PSError
 from ..logs import RateLimitedLog
@@ -118,6 +119,7 @@ class Server:
             self.io.close()
         if self.lanes is not None:
             self.lanes.close()
+        self.store.close()
         for state in self.store.blocks.values():
             state.trackers.clear()
         if self.membership is not None:
@@ -156,8 +158,10 @@ class Server:
                 return 0
             if membership.peers_changed:
                 self.answers.ready(self.policy.peers_changed())
-                self.answers.fail_impossible(self._units(), membership.gone_workers())
+                gone = membership.gone_workers()
+                self.answers.fail_impossible(self._units(), gone)
                 self.io.flush(wait=True)
+                self.lanes.forget(set(gone) | membership.departed_workers)
             self.answers.release_deferred()
             self._check()
             self._busy_s += time.perf_counter() - started
@@ -306,15 +310,28 @@ class Server:
             blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
             attach = self.lanes.attach if isinstance(message, P.Attach) else self.lanes.attach_device
             attach(message, blocks, self.membership.num_workers, self.membership.rank)
-            self._send(peer, P.Ack(req=message.req))
+            self._send(peer, self._attached(message.req) if isinstance(message, P.Attach) else P.Ack(req=message.req))
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
+
+    def _attached(self, req: int) -> P.Attached:
+        """The answer to a lane: with our shared values where the workers of this host may read them."""
+        if not self.policy.shares_values or self.device.type != "cpu" or not self.store.blocks:
+            return P.Attached(req=req)
+        try:
+            shared = self.store.share(values_name(self.membership.rank))
+        except OSError as exc:
+            log.warning("server %d: no shared values (%s); answers go through each worker's lane", self.membership.rank,
+                        exc)
+            return P.Attached(req=req)
+        return P.Attached(req=req, values=str(shared.path), token=shared.token)
 
     def counters(self) -> dict:
         """What ``Worker.server_stats()`` reports."""
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
+                "shared_answers": self.lanes.shared_answers,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
                 "push_bytes": self.io.push_bytes,

@@ -134,10 +134,12 @@ class HostIO(DeviceIO):
         return Pushed({i: views[i] for i in segs}, owned=False)
 
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
-        frames = [head] + [byte_view(state.params[i] if codec is None else codec.encode(state.params[i]))
+        # shared values change in place, where the workers of this host read them: send a copy
+        raw = (lambda i: state.params[i].clone()) if state.shared else (lambda i: state.params[i])
+        frames = [head] + [byte_view(raw(i) if codec is None else codec.encode(state.params[i]))
                            for i, codec in _with_codecs(pending)]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
-        if tracker is not None and not tracker.done:
+        if tracker is not None and not tracker.done and not state.shared:
             state.trackers.append(tracker)
         on_sent(tracker)
 

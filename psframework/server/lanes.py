@@ -30,6 +30,7 @@ class ServerLanes:
         self.device_lanes: dict[int, DeviceLane] = {}  # by worker rank
         self.requests = 0  # that came through a lane
         self.ipc_requests = 0  # that came through a device lane
+        self.shared_answers = 0  # that left the values in our shared values
 
     def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
         """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
@@ -74,10 +75,12 @@ class ServerLanes:
             self.requests += 1
         return lane
 
-    def pushed(self, state: BlockState, segs: list[int], lane: Slots) -> Pushed:
+    def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
-        of it (GPU shards)."""
-        return self.io.from_host(state, segs, _slot(lane.push_slot, state))
+        of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
+        pushed = self.io.from_host(state, segs, _slot(lane.push_slot, state))
+        pushed.held = held
+        return pushed
 
     def answer(self, state: BlockState, pending: Pending, values: P.Values) -> None:
         lane = pending.lane
@@ -86,8 +89,21 @@ class ServerLanes:
             error = P.Error(kind=P.PEER_LOST, message=f"worker {pending.rank} has no lane any more", req=pending.req)
             self.io.answer(pending.peer, [P.encode(error)])
             return
+        if values.shared:  # the worker copies them out of our shared values: nothing to write
+            self.shared_answers += 1
+            self.io.answer(pending.peer, [P.encode(values)])
+            return
         copied = self.io.values_into(state, pending.segs, _slot(lane.pull_slot, state))
         self.io.answer(pending.peer, [P.encode(values)], after=copied)
+
+    def forget(self, workers) -> None:
+        """Unmap the lanes of workers that closed or died: their memory goes back to the system
+        (a sync step they pushed to keeps its views of their slots until it is applied)."""
+        for rank in workers:
+            for lanes in (self.lanes, self.device_lanes):
+                lane = lanes.pop(rank, None)
+                if lane is not None:
+                    lane.close()
 
     def close(self) -> None:
         for lane in [*self.lanes.values(), *self.device_lanes.values()]:

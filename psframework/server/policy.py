@@ -47,6 +47,10 @@ class Accum:
 class Policy:
     """What every mode shares, with async semantics; ``Async`` is this, the others override."""
 
+    # whether the workers of our host may read answers straight from our shared values: only where
+    # a block never changes while a worker that was answered reads it (``datapath/values.py``)
+    shares_values = False
+
     def __init__(self, membership: Membership, units: Units, on_gpu: bool = False,
                  recorder: Optional[Recorder] = None):
         self.membership = membership
@@ -126,6 +130,8 @@ class SSP(Policy):
 
 
 class Sync(Policy):
+    shares_values = True
+
     def __init__(self, membership: Membership, units: Units, on_gpu: bool = False,
                  total_bytes: Callable[[], int] = lambda: 0, recorder: Optional[Recorder] = None):
         super().__init__(membership, units, on_gpu, recorder)

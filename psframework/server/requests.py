@@ -57,7 +57,7 @@ class Requests:
         pushed = None
         if pushes:
             before = self.io.push_bytes
-            pushed = (self.lanes.pushed(state, present, lane) if lane is not None
+            pushed = (self.lanes.pushed(state, present, lane, held=isinstance(request, P.PushPull)) if lane is not None
                       else self.io.receive_frames(state, present, codecs))
             self._count_push(lane, sum(state.nbytes[i] for i in present) if lane is not None
                              else self.io.push_bytes - before)
@@ -69,7 +69,8 @@ class Requests:
             self.io.answer(peer, [P.encode(P.Ack(req=request.req))], after=pushed.uploaded)
         else:
             state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
-                                       lane=lane, codecs=pull_codecs))
+                                       lane=lane, codecs=pull_codecs,
+                                       shared=request.shared and self.policy.shares_values))
         self.answers.ready([state])
 
     def _count_push(self, lane, nbytes: int) -> None:

@@ -9,6 +9,7 @@ and, for shards on a GPU, the pinned buffer its replies are sent from.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ import torch
 
 from .. import protocol as P
 from ..buffers import dtype_from_name
+from ..datapath.values import SharedValues
 from ..devices import Staging
 from ..metrics import Recorder
 from ..optim import OptimizerSpec, ShardOptimizer
@@ -33,17 +35,21 @@ class Pending:
     need_version: int  # the worker's clock: its pushes that the answer must reflect
     lane: Optional[Any] = None  # answer through this lane of the worker's (``datapath.lane.Slots``)
     codecs: list = field(default_factory=list)  # of each of ``segs`` in the answer (None: raw; []: all raw)
+    shared: bool = False  # the worker reads the answer's values from our shared values, if the block is there
 
 
 @dataclass
 class Pushed:
     """One worker's gradients for a block, by segment. ``whole``: the flat tensor they are views of,
     for a whole block pushed to a GPU. ``uploaded``: the event of their copy to the GPU.
-    ``owned``: ours to keep and sum into (not views of a lane slot that the worker reuses)."""
+    ``owned``: ours to keep and sum into (not views of a lane slot that the worker reuses).
+    ``held``: views of a lane slot that the worker leaves alone until we answer (a push_pull's):
+    ours to read until the step is applied, but not to write."""
     grads: dict[int, torch.Tensor]
     whole: Optional[torch.Tensor] = None
     uploaded: Optional[torch.cuda.Event] = None
     owned: bool = True
+    held: bool = False
 
 
 @dataclass
@@ -64,6 +70,8 @@ class BlockState:
     queued_replies: int = 0
     broken: Optional[str] = None  # why no request on this block can succeed any more
     store: Any = None  # the DenseStore that sums and applies its gradients (policy.py)
+    shared: bool = False  # ``flat`` lives in the server's shared values (``datapath/values.py``)
+    scratch: Optional[torch.Tensor] = None  # where a sync step's gradients are summed, kept for the next step
 
     @property
     def key(self) -> int:
@@ -81,13 +89,17 @@ class BlockState:
         """Let the values change although zero-copy replies may still read them: those replies
         keep the old memory (alive until they are sent) and the block moves to a copy. A reader
         that stopped (SIGSTOP, a half-open connection) must never hold an update back; it costs
-        one copy of the block, only while a reply is still unsent."""
+        one copy of the block, only while a reply is still unsent. Shared values are never sent
+        zero-copy, so they stay where the workers read them."""
         self.trackers = [tracker for tracker in self.trackers if not tracker.done]
-        if not self.trackers:
-            return
-        fresh = self.flat.clone()
+        if self.trackers:
+            self.move_to(self.flat.clone())
+
+    def move_to(self, fresh: torch.Tensor) -> None:
+        """Keep the values in ``fresh`` (flat, like the block) from now on; the params follow."""
         for param, seg in zip(self.params, self.block.segments):
-            param.set_(fresh.untyped_storage(), seg.block_offset, param.size(), param.stride())
+            param.set_(fresh.untyped_storage(), fresh.storage_offset() + seg.block_offset, param.size(),
+                       param.stride())
         self.flat = fresh
         self.trackers = []
 
@@ -113,6 +125,8 @@ class _Sums:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
     adds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, addend) still to add
+    borrowed: set[int] = field(default_factory=set)  # segments whose ``tensors`` are still a held lane slot
+    scratch: Optional[torch.Tensor] = None  # the block's scratch, if the sums are in it
 
     def add(self, total: torch.Tensor, addend: torch.Tensor, owned: bool) -> None:
         """Sum now what the worker will reuse; what is ours is summed with the others in one go."""
@@ -133,11 +147,13 @@ class DenseStore:
         self.nbytes = 0
         self.applied = 0  # updates, counted per block
         self.rank = -1
+        self.shared: Optional[SharedValues] = None  # the blocks' values, once workers of this host read them
 
     def setup(self, shard_map: ShardMap, rank: int, spec: OptimizerSpec, num_workers: int) -> list[Block]:
         on_gpu = self.device.type == "cuda"
         self.rank = rank
         params: list[torch.Tensor] = []
+        self.close()  # shared values of an earlier setup
         self.blocks.clear()
         mine = shard_map.blocks_of_server(rank)
         for block in mine:
@@ -190,7 +206,8 @@ class DenseStore:
             for i, grad in tensors.items():
                 grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
         started, started_us = time.perf_counter(), self.tracer.now_us()
-        self.optimizer.step(grads, scale=scale)
+        with self.writing(state for state, _ in group):
+            self.optimizer.step(grads, scale=scale)
         self.recorder.observe("psframework_server_apply_seconds", time.perf_counter() - started)
         if self.tracer.enabled:  # the block list is built only for a trace
             self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _ in group])
@@ -214,12 +231,29 @@ class DenseStore:
             sums.add(sums.whole, pushed.whole, pushed.owned)
         else:
             for i, grad in pushed.grads.items():
-                held = sums.tensors.get(i)
-                if held is None:
-                    # received host messages and fresh device tensors are ours to keep and sum into
-                    sums.tensors[i] = grad if pushed.owned else grad.clone()
+                total = sums.tensors.get(i)
+                if total is None:
+                    # received host messages and fresh device tensors are ours to keep and sum into;
+                    # a held lane slot is read where it is, and only a second push needs a place to sum
+                    sums.tensors[i] = grad if pushed.owned or pushed.held else grad.clone()
+                    if pushed.held and not pushed.owned:
+                        sums.borrowed.add(i)
+                elif i in sums.borrowed:
+                    sums.tensors[i] = torch.add(total, grad, out=self._scratch(state, sums)[i])
+                    sums.borrowed.discard(i)
                 else:
-                    sums.add(held, grad.to(self.device, non_blocking=True), pushed.owned)
+                    sums.add(total, grad.to(self.device, non_blocking=True), pushed.owned or pushed.held)
+
+    @staticmethod
+    def _scratch(state: BlockState, sums: _Sums) -> dict[int, torch.Tensor]:
+        """Views, by segment, of the block's scratch (or of a fresh tensor, while an earlier step
+        of the block holds the scratch): allocated once, so no step pays for fresh pages."""
+        if sums.scratch is None:
+            if state.scratch is None:
+                state.scratch = torch.empty_like(state.flat)
+            busy = any(getattr(a.data, "scratch", None) is state.scratch for a in state.accums.values())
+            sums.scratch = torch.empty_like(state.flat) if busy else state.scratch
+        return state.split(sums.scratch)
 
     def apply_steps(self, steps: list) -> int:
         """Complete sync steps of blocks: one sum for all, and one optimizer step per mean (one,
@@ -239,9 +273,39 @@ class DenseStore:
     def write(self, state: BlockState, values: dict[int, torch.Tensor]) -> None:
         """Set segments' values (rank 0's initial values)."""
         state.make_writable()
-        for i, value in values.items():
-            state.params[i].copy_(value)
+        with self.writing([state]):
+            for i, value in values.items():
+                state.params[i].copy_(value)
         state.forget_staged()
+
+    # -- shared values (datapath/values.py) ------------------------------------------------
+
+    def share(self, name: str) -> SharedValues:
+        """Move every block's values into a new shared-memory file that the workers of this host
+        map (once; later calls return the same file). OSError if the memory is not there."""
+        if self.shared is None:
+            shared = SharedValues.create(name, [(b.block.block_id, b.block.nbytes) for b in self.blocks.values()])
+            for state in self.blocks.values():
+                region = shared.slot(state.block.block_id, 0, state.block.nbytes).view(state.flat.dtype)
+                region.copy_(state.flat)
+                state.move_to(region)  # zero-copy replies still in flight keep the old memory
+                state.shared = True
+            self.shared = shared
+        return self.shared
+
+    @contextmanager
+    def writing(self, states):
+        """The values of ``states`` change inside: readers of shared values wait or read again."""
+        if self.shared is None:
+            yield
+            return
+        with self.shared.writing([state.block.block_id for state in states]):
+            yield
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -259,8 +323,9 @@ class DenseStore:
                                   f"holds {sorted(self.blocks)[:5]}...")
         for block_id, state in self.blocks.items():
             state.make_writable()
-            for param, value in zip(state.params, saved[block_id]["params"]):
-                param.copy_(value)
+            with self.writing([state]):
+                for param, value in zip(state.params, saved[block_id]["params"]):
+                    param.copy_(value)
             state.clocks = list(saved[block_id]["clocks"])
             state.version = int(saved[block_id]["version"])
             state.accums.clear()

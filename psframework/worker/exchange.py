@@ -225,6 +225,8 @@ class Exchange:
         self._unsent_to[block.server] -= 1
         lane = self._lane_blocks.get(block.block_id)
         codecs, pull_codecs = self._codec_names(parts) if lane is None else ([], [])
+        copies = [] if lane is None else [c for c in (self._through_lane(lane, block, seg, name)
+                                                       for _, seg, name in parts) if c]
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
@@ -232,11 +234,12 @@ class Exchange:
                          shm=lane is not None and not lane.on_device, ipc=lane is not None and lane.on_device,
                          step=self.step, rollback=client.rollback,
                          absent=[i for i, _, name in parts if name in self._absent],
-                         codecs=codecs, pull_codecs=pull_codecs)
+                         codecs=codecs, pull_codecs=pull_codecs,
+                         shared=lane is not None and not lane.on_device
+                         and self.worker.lanes.reads_shared(block.server, copies))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
-            copies = [self._through_lane(lane, block, seg, name) for _, seg, name in parts]
-            request.on_answer = functools.partial(self.worker.lanes.answered, lane, [c for c in copies if c], block)
+            request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block)
             client.submit(request, req)
             return
         staged: dict[int, Staging] = {}

@@ -5,7 +5,9 @@ worker whose tensors are on a GPU then offers the servers that took its lane a d
 GPU servers map by CUDA IPC; their blocks go through it, the others' through the lane. A request
 that goes through either reserves its block's slots, writes its gradients into the push slot,
 sends only the header, and once answered copies the values out of the pull slot (straight onto the
-GPU for a GPU destination) and frees the slots.
+GPU for a GPU destination) and frees the slots. A sync server in host memory offers its values in
+shared memory with its answer to the lane (``datapath/values.py``): answers for host destinations
+then leave the values there, and the worker copies them straight out of the server's memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .. import protocol as P
 from ..buffers import host_copy
 from ..datapath.cuda_ipc import DeviceLane
 from ..datapath.lane import Lane, Slots, lane_name, remove_stale_lane_files
+from ..datapath.values import SharedValues
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
 from .requests import Client, Future, Request
@@ -52,6 +55,7 @@ class WorkerLanes:
         self._cuda_ipc = cuda_ipc
         self.lanes: dict[int, Lane] = {}  # by server rank
         self.device_lanes: dict[int, DeviceLane] = {}  # by server rank
+        self.values: dict[int, SharedValues] = {}  # the servers' shared values, by server rank
 
     def _blocks(self, server: int) -> list[tuple[int, int]]:
         return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
@@ -72,15 +76,16 @@ class WorkerLanes:
                 log.warning("worker %d: no shared-memory lanes (%s); using the sockets only", self.rank, exc)
                 break
             offers.append((server, lane, self.request_attach(server, lane)))
-        for server, lane, future in offers:
+        for server, lane, request in offers:
             try:
-                future.wait(timeout=30)
+                request.future.wait(timeout=30)
             except PSError as exc:
                 log.debug("worker %d: server %d takes no lane: %s", self.rank, server, exc)
                 lane.close()
                 continue
             lane.mapped()  # both have it mapped: the descriptor the server opened it by can go
             self.lanes[server] = lane
+            self._map_values(server, request.reply)
             if device is not None:
                 lane.pin(device)
         if offers:
@@ -99,9 +104,9 @@ class WorkerLanes:
                 break
             offers.append((server, lane, self.request_attach(server, lane)))
         refused = []
-        for server, lane, future in offers:
+        for server, lane, request in offers:
             try:
-                future.wait(timeout=30)
+                request.future.wait(timeout=30)
             except PSError as exc:
                 refused.append(f"server {server}: {exc}")
                 lane.close()
@@ -113,15 +118,33 @@ class WorkerLanes:
             log.info("worker %d: no device lane, the shared-memory lane instead, for %s", self.rank,
                      "; ".join(refused))
 
-    def request_attach(self, server: int, lane: Slots) -> Future:
-        future = Future(self.client)
+    def request_attach(self, server: int, lane: Slots) -> Request:
         req = self.client.next_id()
         if isinstance(lane, DeviceLane):
             attach = lane.export(self.rank, req)
         else:
             attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token)
-        self.client.submit(Request(future, server, frames=[P.encode(attach)]), req)
-        return future
+        request = Request(Future(self.client), server, frames=[P.encode(attach)])
+        self.client.submit(request, req)
+        return request
+
+    def _map_values(self, server: int, reply: Optional[P.Message]) -> None:
+        """Map the server's shared values, if its answer to our lane offered them."""
+        old = self.values.pop(server, None)
+        if old is not None:
+            old.close()
+        if not isinstance(reply, P.Attached) or not reply.values:
+            return
+        try:
+            self.values[server] = SharedValues.attach(reply.values, reply.token, self._blocks(server))
+        except (OSError, PSError, RuntimeError) as exc:
+            log.info("worker %d: cannot map the shared values of server %d (%s); its answers come through "
+                     "the lane", self.rank, server, exc)
+
+    def reads_shared(self, server: int, copies: list) -> bool:
+        """Whether an answer of ``server`` may leave the values in its shared values: we mapped them,
+        and every copy goes to host memory."""
+        return server in self.values and all(copy.stream is None for copy in copies)
 
     def renew(self, server: int) -> None:
         """The new process of a restarted server gets fresh lanes with the old ones' push areas
@@ -136,7 +159,9 @@ class WorkerLanes:
             lane.pin()
         old.close()
         self.lanes[server] = lane
-        self.request_attach(server, lane).on_complete(lane.mapped)
+        self._map_values(server, None)  # the old process's; requests resent through the lane ask no longer
+        request = self.request_attach(server, lane)
+        request.future.on_complete(lambda: self._renewed(server, lane, request))
         old_device = self.device_lanes.pop(server, None)
         if old_device is not None:  # offered after the lane, so the server maps it after the lane
             device_lane = DeviceLane.create(old_device.memory.device, self._blocks(server))
@@ -145,6 +170,10 @@ class WorkerLanes:
             self.device_lanes[server] = device_lane
             self.request_attach(server, device_lane)
 
+    def _renewed(self, server: int, lane: Lane, request: Request) -> None:
+        lane.mapped()
+        self._map_values(server, request.reply)
+
     def reserve(self, block: Block) -> Optional[Slots]:
         """The lane for a request on ``block`` (the device lane, if its server has one), if its
         server has one and the block's slots are free."""
@@ -152,14 +181,17 @@ class WorkerLanes:
         return lane if lane is not None and lane.reserve(block.block_id) else None
 
     def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message,
-                 ok: bool) -> None:
-        """A lane request's answer is in: copy its values out of the pull slot (if it carries them)
-        and free the block's slots."""
+                 ok: bool) -> Optional[PSError]:
+        """A lane request's answer is in: copy its values out of the pull slot, or out of the
+        server's shared values (if it carries values), and free the block's slots."""
         # the request's lane, or the one that replaced it for a restarted server: the request was resent
         # through that one, which took over its reservation (renew)
         lane = (self.device_lanes if lane.on_device else self.lanes).get(block.server)
         if lane is None:
-            return  # closed
+            return None  # closed
+        if ok and isinstance(reply, P.Values) and reply.shared:
+            lane.release(block.block_id)  # the pull slot was not used, and the push slot is read
+            return self._read_shared(copies, block)
         to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
         for copy in copies if ok and isinstance(reply, P.Values) else ():
             source = lane_piece(lane.pull_slot, copy.block, copy.seg, copy.target.dtype)
@@ -178,11 +210,27 @@ class WorkerLanes:
             copied.append(torch.cuda.Event())
             copied[-1].record(stream)
         lane.release(block.block_id, copied)
+        return None
+
+    def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
+        values = self.values.get(block.server)
+        if values is None:
+            return PSError(f"worker {self.rank}: server {block.server} answered through its shared values, "
+                           "which this worker has not mapped")
+
+        def copy_all() -> None:
+            for copy in copies:
+                host_copy(copy.target, lane_piece(values.slot, copy.block, copy.seg, copy.target.dtype))
+        try:
+            values.read(block.block_id, copy_all)
+        except PSError as exc:
+            return exc
+        return None
 
     def close(self) -> None:
-        for lane in [*self.lanes.values(), *self.device_lanes.values()]:
+        for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
-        self.lanes, self.device_lanes = {}, {}
+        self.lanes, self.device_lanes, self.values = {}, {}, {}
 
 
 def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -122,7 +122,8 @@ class Request:
     dest: list[tuple[memoryview, Optional[Callable[[], None]]]] = field(default_factory=list)
     keep: list = field(default_factory=list)  # tensors whose memory is on the wire or receives into
     rollback: int = 0  # the job's rollback epoch when it was sent
-    on_answer: Optional[Callable[["Request", P.Message, bool], None]] = None  # lane requests: (req, reply, ok)
+    # lane requests: (req, reply, ok) -> the error that reading the answer's values met, if any
+    on_answer: Optional[Callable[["Request", P.Message, bool], Optional[PSError]]] = None
     sent_us: float = 0.0  # for its trace event
 
 
@@ -291,7 +292,7 @@ class Client:
             sock.skip_rest()
             if isinstance(message, P.Values) and not message.shm:
                 error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
-            request.on_answer(request, message, error is None and not request.future.discards)
+            error = request.on_answer(request, message, error is None and not request.future.discards) or error
         elif isinstance(message, (P.Values, P.RowValues)) and not request.future.discards:
             error = self._receive_values(sock, request)
         sock.skip_rest()

@@ -6,6 +6,7 @@ really taken, that both paths give the same numbers, and what happens where a la
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_lane_with_the_wrong_token_is_refused_and_the_socket_still_works(make_
         lane = Lane.create(lane_name(worker.rank, 0), [(b.block_id, b.nbytes) for b in worker.shard_map.blocks])
         try:
             lane.memory[:16].fill_(7)  # the file now holds another token than the one we send
-            future = worker.lanes.request_attach(0, lane)
+            future = worker.lanes.request_attach(0, lane).future
             lane.memory[:16].fill_(8)
             with pytest.raises(BadRequestError, match="another token"):
                 future.wait(timeout=10)
@@ -140,3 +141,62 @@ def test_gpu_workers_and_gpu_shards_through_lanes_and_sockets(make_cluster, work
     want = models.reference("sgd", 4)
     for got in results:
         assert_params_equal(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sync_answers_leave_the_values_in_the_servers_shared_memory(make_cluster, mode):
+    """A sync server in host memory offers its values with its answer to a lane; then none of its
+    answers writes a pull slot. Async answers go through the pull slots (the server writes between
+    its updates there), so no shared values are offered."""
+    workers, steps = 2, 3
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode=mode, chunk_bytes=CHUNK)
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {k: torch.zeros_like(v) for k, v in models.make_params(0).items()}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            offered = sorted(worker.lanes.values)
+            for _ in range(steps):
+                worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
+            worker.barrier(timeout=30)
+            return params, offered, worker.server_stats(), len(worker.shard_map.blocks)
+
+    for params, offered, stats, blocks in run_in_threads(workers, work):
+        shared = sum(s["shared_answers"] for s in stats)
+        if mode == "sync":
+            assert offered == [0, 1]
+            assert shared == workers * steps * blocks
+            for key, value in params.items():
+                assert torch.equal(value, torch.full_like(value, -float(steps))), key
+        else:
+            assert offered == [] and shared == 0
+
+
+def _mapped_lanes(pid: int) -> list[str]:
+    """The lane files a process has mapped (their names, as /proc shows memfds)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-2] for line in maps.splitlines() if "memfd:psf-" in line and "-w" in line})
+
+
+def test_the_lanes_of_a_dead_worker_are_unmapped_by_the_servers(make_cluster, worker_procs, tmp_path):
+    """An elastic job goes on without a worker that died; its server gives back that worker's lanes
+    (the others' stay mapped while they live)."""
+    cluster = make_cluster(num_servers=1, num_workers=3, mode="sync", elastic=True, chunk_bytes=CHUNK)
+    server = cluster.processes()["server-0"]
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    procs = worker_procs(cluster, "elastic_train", 3, flag_dir=str(flags), victim=2, die_at=2, first=4, second=1)
+    deadline = time.monotonic() + 30
+    while not all((flags / f"done-{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
+        assert procs.procs[0].poll() is None and procs.procs[1].poll() is None, procs.output(0) + procs.output(1)
+        time.sleep(0.05)
+    assert procs.procs[2].wait(timeout=5) == 17
+    while any("-w2-" in name for name in _mapped_lanes(server.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lanes = _mapped_lanes(server.pid)
+    assert [name for name in lanes if "-w2-" in name] == [], lanes
+    assert sorted(name.split("-")[2] for name in lanes) == ["w0", "w1"], lanes
+    (flags / "joined").touch()  # the survivors go on and finish
+    for rank in (0, 1):
+        procs.join_one(rank, timeout=30)
+    procs.join(expect_ok=False)

@@ -260,8 +260,14 @@ def test_no_blocks() -> None:
     shard.load_state_dict(shard.state_dict())
 
 
-def test_cpu_uses_foreach() -> None:
-    opt = optim.Adam().build([torch.zeros(3)])
+@pytest.mark.parametrize("spec", [optim.SGD(lr=0.1, momentum=0.9), optim.Adam(), optim.Adagrad()], ids=repr)
+def test_cpu_uses_torchs_fused_kernels(spec) -> None:
+    opt = spec.build([torch.zeros(3)])
+    assert opt.param_groups[0]["fused"] is True
+
+
+def test_a_dtype_without_a_fused_kernel_falls_back_to_foreach() -> None:
+    opt = optim.SGD(lr=0.1).build([torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)])
     assert opt.param_groups[0]["foreach"] is True
     assert not opt.param_groups[0]["fused"]
 

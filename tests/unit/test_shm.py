@@ -70,7 +70,7 @@ def test_a_lane_with_another_token_or_size_or_place_is_refused(tmp_path):
         stray = tmp_path / "psf-stray"
         stray.write_bytes(b"\0" * 8192)
         for elsewhere in (str(stray), "/etc/passwd", f"/proc/{os.getpid()}/fd/{lane.fd}/../../environ"):
-            with pytest.raises(ConfigError, match="not a psframework lane"):
+            with pytest.raises(ConfigError, match="lane .* is not a psframework process"):
                 Lane.attach(elsewhere, lane.token, [(0, 128)])
     finally:
         lane.close()

@@ -1,0 +1,125 @@
+"""A server's values in shared memory: one copy of each block that every worker of its host reads.
+
+Through lanes alone, a sync step of W workers on one host makes the server write every block's new
+values W times, once into each worker's pull slot, and each worker then copies them out again. With
+shared values the blocks themselves live in an anonymous memory file (``memfd_create``) that the
+server creates and the workers of its host map: the optimizer updates them in place, and a lane
+answer that says ``shared`` carries no values at all; the worker copies the block straight out of
+the server's memory. The server offers the file in its answer to a worker's lane (``Attached``),
+by its own descriptor (``/proc/PID/fd/N``) and a random token written at its start, exactly as a
+worker offers its lane.
+
+Every block has a sequence number in the file's header (a seqlock): odd while the server writes
+the block, even when it is done. A reader takes the number, copies, and takes it again; equal and
+even means the copy holds one version of the block, otherwise it copies again. In sync mode a
+block can only change while a worker reads it if that worker already pushed the next step of it,
+so readers practically never retry; async and ssp answer through the pull slots instead, where the
+server writes between its updates.
+
+The header's numbers are written and read as whole aligned 64-bit words, each update of them a
+separate call into torch, so on x86 (stores seen in order) the numbers and the values are ordered
+as the protocol needs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from ..errors import PSError
+from .lane import TOKEN_BYTES, create_mapped, lane_layout, map_checked
+
+_PAGE = 4096
+READ_DEADLINE = 5.0  # seconds a reader keeps trying before it says the block never held still
+
+
+def _header_bytes(num_blocks: int) -> int:
+    return (TOKEN_BYTES + 8 * num_blocks + 8 + _PAGE - 1) // _PAGE * _PAGE
+
+
+class SharedValues:
+    """The mapped file of a server's block values, with each block's region and sequence number."""
+
+    def __init__(self, path: Path, memory: torch.Tensor, blocks: list[tuple[int, int]], fd: Optional[int] = None):
+        self.path = path  # where the workers open it: the server's descriptor of it
+        self.fd = fd  # the server's descriptor, kept while workers may still open it
+        self.memory = memory
+        self.offsets, self.area_bytes = lane_layout(blocks)
+        self.index = {block_id: i for i, (block_id, _) in enumerate(sorted(blocks))}
+        self._base = _header_bytes(len(blocks))
+        # one int64 per block, 8-byte aligned after the token
+        self.seq = memory[8 * ((TOKEN_BYTES + 7) // 8):][:8 * len(blocks)].view(torch.int64)
+
+    @classmethod
+    def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "SharedValues":
+        """Create and map a new file (the server's side); OSError if the memory is not there."""
+        blocks = sorted(blocks)
+        fd, path, memory = create_mapped(name, _header_bytes(len(blocks)) + lane_layout(blocks)[1])
+        return cls(path, memory, blocks, fd=fd)
+
+    @classmethod
+    def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "SharedValues":
+        """Map a server's file (a worker's side), checking its size and token."""
+        blocks = sorted(blocks)
+        size = _header_bytes(len(blocks)) + lane_layout(blocks)[1]
+        return cls(Path(path), map_checked(path, size, token, "shared values"), blocks)
+
+    @property
+    def token(self) -> bytes:
+        return bytes(self.memory[:TOKEN_BYTES].numpy())
+
+    def slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes of a block's values (like a lane's ``pull_slot``)."""
+        start = self._base + self.offsets[block_id] + byte_offset
+        return self.memory[start:start + nbytes]
+
+    # -- the server writes -----------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, block_ids: Iterable[int]) -> Iterator[None]:
+        """The blocks change inside: their numbers are odd meanwhile, and even (one more version) after."""
+        index = torch.tensor([self.index[b] for b in block_ids], dtype=torch.int64)
+        self.seq.index_add_(0, index, torch.ones_like(index))
+        try:
+            yield
+        finally:
+            self.seq.index_add_(0, index, torch.ones_like(index))
+
+    # -- a worker reads --------------------------------------------------------------------
+
+    def read(self, block_id: int, copy: "callable", deadline: float = READ_DEADLINE) -> None:
+        """Run ``copy()`` (copies out of the block's region) until it saw one version of the block;
+        ``PSError`` if the block never held still for ``deadline`` seconds."""
+        word = self.seq[self.index[block_id]]
+        give_up = time.monotonic() + deadline
+        while True:
+            before = int(word)
+            if before % 2 == 0:
+                copy()
+                if int(word) == before:
+                    return
+            if time.monotonic() > give_up:
+                raise PSError(f"block {block_id} kept changing for {deadline:.0f} s while this worker read it "
+                              f"from {self.path} (its server died in an update, or it rewrites the block "
+                              "without pause); pull it again")
+            time.sleep(0)
+
+    def close(self) -> None:
+        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.seq = torch.empty(0, dtype=torch.int64)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def values_name(server: int) -> str:
+    return f"psf-{os.getpid()}-values-s{server}-{secrets.token_hex(4)}"
+
+
+__all__ = ["READ_DEADLINE", "SharedValues", "values_name"]
