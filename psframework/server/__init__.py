@@ -207,6 +207,10 @@ class Server:
                 break
             self._handle_one()
             self.io.flush(wait=False)
+            if self.policy.waiting:
+                # a step is complete: apply and answer it now, so that its workers copy the values
+                # out while we sum the next block (the policy still batches GPU shards)
+                self._apply_due()
         self._apply_due()
 
     def _apply_due(self) -> None:
