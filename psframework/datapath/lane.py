@@ -218,4 +218,5 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["LANE_PATH", "Lane", "Slots", "create_mapped", "lane_layout", "map_checked", "lane_name", "remove_stale_lane_files", "shm_available"]
+__all__ = ["Lane", "Slots", "create_mapped", "lane_layout", "lane_name", "map_checked", "remove_stale_lane_files",
+           "shm_available"]

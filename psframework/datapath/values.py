@@ -17,18 +17,23 @@ so readers practically never retry; async and ssp answer through the pull slots 
 server writes between its updates.
 
 The header's numbers are written and read as whole aligned 64-bit words, each update of them a
-separate call into torch, so on x86 (stores seen in order) the numbers and the values are ordered
-as the protocol needs.
+separate call into torch, with no memory fence: on x86, where every core sees another's stores in
+the order they were made, that orders the numbers and the values as the protocol needs. Servers
+elsewhere (ARM) answer through the pull slots (``ordered_stores``).
+
+A read holds one version of the block, at least the one the answer named; it may be a newer one
+if the worker already pushed the next step of the block (over the socket, its lane slot busy).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -37,6 +42,11 @@ from .lane import TOKEN_BYTES, create_mapped, lane_layout, map_checked
 
 _PAGE = 4096
 READ_DEADLINE = 5.0  # seconds a reader keeps trying before it says the block never held still
+
+
+def ordered_stores() -> bool:
+    """Whether this CPU shows every core's stores to the others in program order (x86)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def _header_bytes(num_blocks: int) -> int:
@@ -93,7 +103,7 @@ class SharedValues:
 
     # -- a worker reads --------------------------------------------------------------------
 
-    def read(self, block_id: int, copy: "callable", deadline: float = READ_DEADLINE) -> None:
+    def read(self, block_id: int, copy: Callable[[], None], deadline: float = READ_DEADLINE) -> None:
         """Run ``copy()`` (copies out of the block's region) until it saw one version of the block;
         ``PSError`` if the block never held still for ``deadline`` seconds."""
         word = self.seq[self.index[block_id]]
@@ -122,4 +132,4 @@ def values_name(server: int) -> str:
     return f"psf-{os.getpid()}-values-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["READ_DEADLINE", "SharedValues", "values_name"]
+__all__ = ["READ_DEADLINE", "SharedValues", "ordered_stores", "values_name"]

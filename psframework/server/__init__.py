@@ -26,7 +26,6 @@ import torch
 
 from .. import protocol as P
 from ..config import NodeConfig
-from ..datapath.values import values_name
 from ..devices import init_cuda_early, pick_server_device
 from ..errors import ProtocolError, PSError
 from ..logs import RateLimitedLog
@@ -314,21 +313,11 @@ class Server:
             blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
             attach = self.lanes.attach if isinstance(message, P.Attach) else self.lanes.attach_device
             attach(message, blocks, self.membership.num_workers, self.membership.rank)
-            self._send(peer, self._attached(message.req) if isinstance(message, P.Attach) else P.Ack(req=message.req))
+            reply = (self.lanes.attached(message.req, self.store, self.policy.shares_values, self.membership.rank)
+                     if isinstance(message, P.Attach) else P.Ack(req=message.req))
+            self._send(peer, reply)
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
-
-    def _attached(self, req: int) -> P.Attached:
-        """The answer to a lane: with our shared values where the workers of this host may read them."""
-        if not self.policy.shares_values or self.device.type != "cpu" or not self.store.blocks:
-            return P.Attached(req=req)
-        try:
-            shared = self.store.share(values_name(self.membership.rank))
-        except OSError as exc:
-            log.warning("server %d: no shared values (%s); answers go through each worker's lane", self.membership.rank,
-                        exc)
-            return P.Attached(req=req)
-        return P.Attached(req=req, values=str(shared.path), token=shared.token)
 
     def counters(self) -> dict:
         """What ``Worker.server_stats()`` reports."""

@@ -59,8 +59,9 @@ class Answers:
             nbytes = sum(r.numel() * r.element_size() for r in rows)
             self._within_credits(unit, pending, nbytes, lambda on_sent: self.io.send_rows(pending, head, rows, on_sent))
             return
-        values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks),
-                          shm=pending.lane is not None, shared=pending.lane is not None and pending.shared and unit.shared)
+        through_lane = pending.lane is not None
+        values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=through_lane,
+                          shared=through_lane and pending.shared and unit.shared)
         nbytes = sum(unit.nbytes[i] for i in pending.segs)
         self.recorder.add("psframework_server_pull_bytes", nbytes)
         self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(pending.lane))

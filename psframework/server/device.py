@@ -134,9 +134,7 @@ class HostIO(DeviceIO):
         return Pushed({i: views[i] for i in segs}, owned=False)
 
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
-        # shared values change in place, where the workers of this host read them: send a copy
-        raw = (lambda i: state.params[i].clone()) if state.shared else (lambda i: state.params[i])
-        frames = [head] + [byte_view(raw(i) if codec is None else codec.encode(state.params[i]))
+        frames = [head] + [byte_view(_unchanging(state, i) if codec is None else codec.encode(state.params[i]))
                            for i, codec in _with_codecs(pending)]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done and not state.shared:
@@ -148,6 +146,13 @@ class HostIO(DeviceIO):
         for i in segs:
             host_copy(views[i], state.params[i])
         return None
+
+
+def _unchanging(state: BlockState, i: int) -> torch.Tensor:
+    """Segment ``i`` as a zero-copy reply may send it: shared values change in place, where the
+    workers of this host read them, so those go as a copy (a reply of a private block that is
+    still unsent when an update comes moves the block instead: ``BlockState.make_writable``)."""
+    return state.params[i].clone() if state.shared else state.params[i]
 
 
 class CudaIO(DeviceIO):

@@ -9,15 +9,16 @@ slot before the answer (a bare header) goes out.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from .. import protocol as P
 from ..datapath.cuda_ipc import DeviceLane
 from ..datapath.lane import Lane, Slots
+from ..datapath.values import ordered_stores, values_name
 from .device import DeviceIO
-from .store import BlockState, Pending, Pushed
+from .store import BlockState, DenseStore, Pending, Pushed
 
 log = logging.getLogger("psframework.server")
 
@@ -96,9 +97,25 @@ class ServerLanes:
         copied = self.io.values_into(state, pending.segs, _slot(lane.pull_slot, state))
         self.io.answer(pending.peer, [P.encode(values)], after=copied)
 
-    def forget(self, workers) -> None:
+    def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
+        """The answer to a lane: with our shared values where the workers of this host may read
+        them (a sync server in host memory, on a CPU whose stores are seen in order)."""
+        if not shares_values or self.device.type != "cpu" or not store.blocks or not ordered_stores():
+            return P.Attached(req=req)
+        try:
+            shared = store.share(values_name(server))
+        except OSError as exc:
+            log.warning("server %d: no shared values (%s); answers go through each worker's lane", server, exc)
+            return P.Attached(req=req)
+        return P.Attached(req=req, values=str(shared.path), token=shared.token)
+
+    def forget(self, workers: Iterable[int]) -> None:
         """Unmap the lanes of workers that closed or died: their memory goes back to the system
-        (a sync step they pushed to keeps its views of their slots until it is applied)."""
+        once nothing reads it (a sync step they pushed to keeps its views of their slots until it
+        is applied; uploads out of them to a GPU finish first)."""
+        workers = [rank for rank in workers if rank in self.lanes or rank in self.device_lanes]
+        if workers and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         for rank in workers:
             for lanes in (self.lanes, self.device_lanes):
                 lane = lanes.pop(rank, None)

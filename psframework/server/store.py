@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -44,7 +44,8 @@ class Pushed:
     for a whole block pushed to a GPU. ``uploaded``: the event of their copy to the GPU.
     ``owned``: ours to keep and sum into (not views of a lane slot that the worker reuses).
     ``held``: views of a lane slot that the worker leaves alone until we answer (a push_pull's):
-    ours to read until the step is applied, but not to write."""
+    ours to read until the step is applied, and not to write before (the optimizer step may
+    scale the gradient in place: nothing reads the slot after our answer)."""
     grads: dict[int, torch.Tensor]
     whole: Optional[torch.Tensor] = None
     uploaded: Optional[torch.cuda.Event] = None
@@ -251,7 +252,7 @@ class DenseStore:
         if sums.scratch is None:
             if state.scratch is None:
                 state.scratch = torch.empty_like(state.flat)
-            busy = any(getattr(a.data, "scratch", None) is state.scratch for a in state.accums.values())
+            busy = any(isinstance(a.data, _Sums) and a.data.scratch is state.scratch for a in state.accums.values())
             sums.scratch = torch.empty_like(state.flat) if busy else state.scratch
         return state.split(sums.scratch)
 
@@ -294,7 +295,7 @@ class DenseStore:
         return self.shared
 
     @contextmanager
-    def writing(self, states):
+    def writing(self, states: Iterable[BlockState]) -> Iterator[None]:
         """The values of ``states`` change inside: readers of shared values wait or read again."""
         if self.shared is None:
             yield
@@ -310,7 +311,9 @@ class DenseStore:
     # -- checkpoints ---------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {"blocks": {bid: {"params": [p.detach().cpu() for p in st.params], "clocks": list(st.clocks),
+        # copies: a view would save the whole storage it is in (shared values: every block's)
+        return {"blocks": {bid: {"params": [p.detach().to("cpu", copy=True) for p in st.params],
+                                 "clocks": list(st.clocks),
                                  "version": st.version} for bid, st in self.blocks.items()},
                 "optimizer": self.optimizer.state_dict()}
 
