@@ -124,7 +124,9 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         push_rows = self._tables.push if self._tables is not None else None
-        if self._rolled_back is not None:  # heard of after this step's forward: its gradients belong to the old model
+        if self._rolled_back is not None and self._overlap is None:
+            # heard of after this step's forward: its gradients belong to the old model (with overlap
+            # the communication thread finds out by the step's rollback epoch, and must end the step)
             self._drop_step(self._rolled_back)
             return
         try:
@@ -156,6 +158,8 @@ class DistributedOptimizer:
 
     def _refresh(self) -> None:
         self._rolled_back = None
+        if self._overlap is not None:  # the next step's forward runs on the values pulled here
+            self._overlap.epoch = self.worker.client.rollback
         if self._tables is not None:
             self._tables.forget()
         if self.params:
@@ -202,6 +206,9 @@ class _Overlap:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._handed: set[str] = set()  # keys whose gradients went to the thread in this step
+        # the rollback epoch this step's forward ran in: a step begun before a rollback is dropped
+        # whole, also when the thread hears of the rollback only after the hooks handed it gradients
+        self.epoch = worker.client.rollback
         self._thread = threading.Thread(target=self._run, name=f"ps-overlap-worker-{worker.rank}", daemon=True)
         self._thread.start()
         self._hooks = []
@@ -301,7 +308,7 @@ class _Overlap:
                     try:
                         if exchange is None:
                             exchange = self.worker.exchange(P.PushPull, list(self.params), self.params,
-                                                            after_caller=False)
+                                                            after_caller=False, epoch=self.epoch)
                             self.worker.counted(exchange.future)
                         if item[0] == _READY:
                             _, name, grad, ready = item

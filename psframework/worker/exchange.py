@@ -39,12 +39,13 @@ Part = tuple[int, Segment, str]  # (index of the segment in its block, the segme
 
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
-                 after_caller: bool = True):
+                 after_caller: bool = True, epoch: Optional[int] = None):
         self.worker = worker
         self.op = op
         self.step = step  # which of the worker's pushing steps this is (-1: not a push)
         self.future = Future(worker.client).unsealed()
-        self._epoch = worker.client.rollback  # a rollback while it is sent drops the rest of it
+        # a rollback while it is sent drops the rest of it
+        self._epoch = worker.client.rollback if epoch is None else epoch
         self._blocks: dict[int, tuple[Block, list[Part]]] = {}
         for name in names:
             for block, i, seg in worker.shard_map.pieces_of(name):

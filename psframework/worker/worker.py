@@ -210,17 +210,23 @@ class Worker:
         exchange.send_ready(wait=True)
         return exchange.future
 
-    def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True) -> Exchange:
+    def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True,
+                 epoch: Optional[int] = None) -> Exchange:
         """Start an exchange (``op``: ``P.Push``, ``P.Pull``, ``P.PushPull``, ``P.Init``) of ``names``;
         its sources are added one by one. With ``after_caller=False``, copies into GPU destinations
         are ordered only after the events given to ``add``, not after all the work queued on the
-        caller's current stream. For ``DistributedOptimizer``; a training loop uses push and pull."""
+        caller's current stream. ``epoch``: the rollback epoch its sources were computed in
+        (``RolledBackError`` if the job went back since; default: now). For
+        ``DistributedOptimizer``; a training loop uses push and pull."""
         self._require_registered(op.__name__.lower())
+        if epoch is not None:
+            self.client.same_epoch(epoch)  # before it takes a step number: a dropped step takes none
         if dests is not None:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
         step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
-        return _traced(self.tracer, Exchange(self, op, names, dests, step=step, after_caller=after_caller), self.steps)
+        return _traced(self.tracer, Exchange(self, op, names, dests, step=step, after_caller=after_caller,
+                                             epoch=epoch), self.steps)
 
     def next_push_step(self) -> int:
         """The number of the pushing step that starts now (see server/steps.py)."""

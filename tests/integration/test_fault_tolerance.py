@@ -123,3 +123,51 @@ def test_distributed_optimizer_goes_on_from_the_checkpoint_a_restarted_server_br
         torch_opt.step()
     for key, value in reference.items():
         torch.testing.assert_close(params[key].detach(), value.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heard_by", ["training thread", "communication thread"])
+def test_a_rollback_heard_between_forward_and_backward_drops_that_step_whole(make_cluster, tmp_path, heard_by):
+    """With overlap, the job goes back to a checkpoint after batch 5's forward ran on the old model;
+    the worker draws the consequences before backward (as a table lookup in the forward does) or while the communication thread sends the gradients. Either way that step is dropped
+    whole (none of its blocks reaches a server, though the rollback was known when they were
+    handed over) and the next step runs normally, exactly as one process that saw batches 0-3, 6
+    and 7."""
+    cluster = make_cluster(num_servers=2, num_workers=1, restart_servers=True, checkpoint_dir=tmp_path / "ckpt",
+                           chunk_bytes=CHUNK)
+    model = torch.nn.Module()
+    for name, value in models.make_params(0).items():
+        model.register_parameter(name, torch.nn.Parameter(value))
+    params = dict(model.named_parameters())
+    worker = ps.init(scheduler=cluster.scheduler)
+    with ps.DistributedOptimizer(model, models.optimizer_spec("sgd"), worker, overlap=True,
+                                 checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2) as opt:
+        for step in range(8):
+            x, y = models.batch(step)
+            opt.zero_grad()
+            loss = models.loss_fn(params, x, y)
+            if step == 5:
+                os.kill(cluster.processes()["server-1"].pid, signal.SIGKILL)
+                cluster.restart_server(1)
+                deadline = time.monotonic() + 20
+                while worker.membership.rollback[0] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert worker.membership.rollback[0] == 1, "the worker never heard of the rollback"
+                if heard_by == "training thread":
+                    worker.client.catch_up()  # what a table lookup or a pull in the forward does
+                    assert worker.client.rollback == 1
+            loss.backward()
+            if step == 5:  # the communication thread drew the rollback's consequences before step()
+                deadline = time.monotonic() + 10
+                while worker.client.rollback == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            opt.step()
+        assert opt.step_count == 6
+    worker.close()
+    reference = {k: v.clone().requires_grad_(True) for k, v in models.make_params(0).items()}
+    torch_opt = models.torch_optimizer("sgd", list(reference.values()))
+    for step in (0, 1, 2, 3, 6, 7):
+        torch_opt.zero_grad()
+        models.loss_fn(reference, *models.batch(step)).backward()
+        torch_opt.step()
+    for key, value in reference.items():
+        torch.testing.assert_close(params[key].detach(), value.detach(), rtol=1e-5, atol=1e-6)
