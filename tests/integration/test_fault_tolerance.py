@@ -98,10 +98,7 @@ def test_distributed_optimizer_goes_on_from_the_checkpoint_a_restarted_server_br
     on with the batches that follow, exactly as one process that saw batches 0-3, 6 and 7."""
     cluster = make_cluster(num_servers=2, num_workers=1, restart_servers=True, checkpoint_dir=tmp_path / "ckpt",
                            chunk_bytes=CHUNK)
-    model = torch.nn.Module()
-    for name, value in models.make_params(0).items():
-        model.register_parameter(name, torch.nn.Parameter(value))
-    params = dict(model.named_parameters())
+    model, params = _dense_model()
     worker = ps.init(scheduler=cluster.scheduler)
     with ps.DistributedOptimizer(model, models.optimizer_spec("sgd"), worker, overlap=overlap,
                                  checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2) as opt:
@@ -115,14 +112,7 @@ def test_distributed_optimizer_goes_on_from_the_checkpoint_a_restarted_server_br
             opt.step()
         assert opt.step_count == 6
     worker.close()
-    reference = {k: v.clone().requires_grad_(True) for k, v in models.make_params(0).items()}
-    torch_opt = models.torch_optimizer("sgd", list(reference.values()))
-    for step in (0, 1, 2, 3, 6, 7):
-        torch_opt.zero_grad()
-        models.loss_fn(reference, *models.batch(step)).backward()
-        torch_opt.step()
-    for key, value in reference.items():
-        torch.testing.assert_close(params[key].detach(), value.detach(), rtol=1e-5, atol=1e-6)
+    _assert_as_one_process_that_saw(params, batches=(0, 1, 2, 3, 6, 7))
 
 
 @pytest.mark.parametrize("heard_by", ["training thread", "communication thread"])
@@ -134,10 +124,7 @@ def test_a_rollback_heard_between_forward_and_backward_drops_that_step_whole(mak
     and 7."""
     cluster = make_cluster(num_servers=2, num_workers=1, restart_servers=True, checkpoint_dir=tmp_path / "ckpt",
                            chunk_bytes=CHUNK)
-    model = torch.nn.Module()
-    for name, value in models.make_params(0).items():
-        model.register_parameter(name, torch.nn.Parameter(value))
-    params = dict(model.named_parameters())
+    model, params = _dense_model()
     worker = ps.init(scheduler=cluster.scheduler)
     with ps.DistributedOptimizer(model, models.optimizer_spec("sgd"), worker, overlap=True,
                                  checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2) as opt:
@@ -163,9 +150,20 @@ def test_a_rollback_heard_between_forward_and_backward_drops_that_step_whole(mak
             opt.step()
         assert opt.step_count == 6
     worker.close()
+    _assert_as_one_process_that_saw(params, batches=(0, 1, 2, 3, 6, 7))
+
+
+def _dense_model() -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    model = torch.nn.Module()
+    for name, value in models.make_params(0).items():
+        model.register_parameter(name, torch.nn.Parameter(value))
+    return model, dict(model.named_parameters())
+
+
+def _assert_as_one_process_that_saw(params: dict, batches: tuple[int, ...]) -> None:
     reference = {k: v.clone().requires_grad_(True) for k, v in models.make_params(0).items()}
     torch_opt = models.torch_optimizer("sgd", list(reference.values()))
-    for step in (0, 1, 2, 3, 6, 7):
+    for step in batches:
         torch_opt.zero_grad()
         models.loss_fn(reference, *models.batch(step)).backward()
         torch_opt.step()
