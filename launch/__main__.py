@@ -1,4 +1,4 @@
-"""``python -m launch``: the same as the ``ps-launch`` console script."""
+"""``python -m psframework.launch``: the same as the ``ps-launch`` console script."""
 
 from .cli import main
 

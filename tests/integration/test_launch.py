@@ -50,7 +50,9 @@ def test_sync_training_job(launch, tmp_path):
     out.mkdir()
     run = launch("-n", "2", "-s", "2", "--mode", "sync", "--server-device", "cpu", "--log-dir", str(logs),
                  "-x", "PS_TEST_GIVEN=a b'c", "-x", "PS_TEST_INHERITED",
-                 "--", PY, str(TRAIN_SCRIPT), str(out), env={"PS_TEST_INHERITED": "from-env"})
+                 "--", PY, str(TRAIN_SCRIPT), str(out),
+                 # a PS_* variable of the shell reaches no child unless forwarded with -x
+                 env={"PS_TEST_INHERITED": "from-env", "PS_TEST_STRAY": "from-shell"})
     result = run.wait(timeout=60)
     assert result.returncode == 0, result.stderr
 
