@@ -285,6 +285,9 @@ def test_a_peer_that_floods_without_reading_cannot_grow_a_server_without_bound(m
     with worker:
         server = cluster.processes()["server-0"].pid
         flood = _flooder(worker.membership.servers[0])
+        # a member (it has worker 0's token), so its requests are served, not refused with a short
+        # error; without the credit limit (peer_buffer_bytes=1 << 40) the server grows by ~1.2 GiB
+        flood.send(P.encode(P.Introduce(rank=0, token=worker.membership.welcome.token)))
         try:
             base = _rss(server)
             payload = torch.ones(1 << 20).numpy().tobytes()
