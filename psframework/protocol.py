@@ -24,7 +24,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 5  # 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 6  # 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -115,6 +115,7 @@ class Register(Message, tag="register"):
 class Registered(Message, tag="registered"):
     shard_map: dict[str, Any]
     joined: bool = False  # a late worker of an elastic job: skip the start-up
+    initialiser: int = 0  # the worker whose values initialise the servers (the lowest rank registered)
     barrier_seq: int = 0
 
 

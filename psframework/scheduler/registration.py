@@ -42,6 +42,7 @@ class Registration:
         self.shard_map: Optional[dict] = None  # on the wire; None until registered
         self.optimizer: Optional[dict] = None
         self._reference: list[P.TensorInfo] = []
+        self._initialiser = 0  # the worker whose values initialise the servers
         self._reference_tables: list[dict] = []
         self._late: set[int] = set()  # workers that joined a running job and have not registered
         self._activating: dict[int, _Activation] = {}  # late worker -> its activation
@@ -98,18 +99,19 @@ class Registration:
         return P.Setup(shard_map=self.shard_map, optimizer=self.optimizer)
 
     def _check(self) -> P.Register:
-        if 0 not in self._pending:
-            raise RegistrationError("worker 0 did not register; its values initialise the servers")
-        reference = self._pending[0][1]
+        # the lowest rank's values initialise the servers: worker 0's, unless it left an elastic
+        # job before registering
+        self._initialiser = first = min(self._pending)
+        reference = self._pending[first][1]
         for rank, (_, message) in sorted(self._pending.items()):
             if message.optimizer != reference.optimizer:
                 raise RegistrationError(
-                    f"worker {rank} registered optimizer {message.optimizer} but worker 0 "
+                    f"worker {rank} registered optimizer {message.optimizer} but worker {first} "
                     f"registered {reference.optimizer}; all workers must use the same one")
             mismatch = first_mismatch(reference.tensors, message.tensors) or table_mismatch(reference.tables,
                                                                                             message.tables)
             if mismatch:
-                raise RegistrationError(f"worker {rank} and worker 0 registered different tensors: {mismatch}")
+                raise RegistrationError(f"worker {rank} and worker {first} registered different tensors: {mismatch}")
         return reference
 
     def on_setup_done(self, server: Node) -> None:
@@ -117,7 +119,7 @@ class Registration:
         if self._setting_up:
             return
         for peer, _ in self._pending.values():
-            self._send(peer, P.Registered(shard_map=self.shard_map))
+            self._send(peer, P.Registered(shard_map=self.shard_map, initialiser=self._initialiser))
         self._pending.clear()
 
     def fail(self, kind: str, message: str) -> None:

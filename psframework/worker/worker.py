@@ -131,7 +131,7 @@ class Worker:
             # a worker that joined a running elastic job: take the current values, skip the start-up
             self._barrier_seq = reply.barrier_seq
         else:
-            if self.rank == 0:
+            if self.rank == reply.initialiser:
                 if tensors:
                     self._send(P.Init, tensors, None).wait()
                 self.rows.load_pretrained(tables or {})

@@ -59,24 +59,62 @@ def test_register_fails_clearly_when_a_worker_closes_without_registering(make_cl
     assert seconds < 10
 
 
-def test_elastic_register_completes_among_the_live_workers(make_cluster):
+@pytest.mark.parametrize("how", ["closes", "is killed"])
+def test_elastic_register_completes_among_the_live_workers(make_cluster, how):
+    """Worker 0 (a thread that closes, or a process that is SIGKILLed) goes while workers 1 and 2
+    wait in register(): their registration completes among the live workers, worker 1's values
+    initialise the servers, and their first step is the mean of theirs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from psframework.procs import spawn
+
     cluster = make_cluster(num_servers=1, num_workers=3, elastic=True)
+    doomed = None
+    if how == "is killed":
+        doomed = spawn([sys.executable, "-c", "import time, psframework as ps; ps.init(); time.sleep(60)"],
+                       cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_joined_workers(cluster, 1)  # it is worker 0
 
     def work(i):
         worker = ps.init(scheduler=cluster.scheduler)
-        if worker.rank == 2:
-            worker.close()  # gone before registering: the others go on without it
+        if worker.rank == 0:
+            time.sleep(1.0)  # the others are waiting in register() by now
+            worker.close()
             return None
+        if doomed is not None and worker.rank == 1:
+            _wait_for_joined_workers(cluster, 3)
+            time.sleep(1.0)
+            os.kill(doomed.pid, signal.SIGKILL)
         with worker:
             params = {"w": torch.zeros(10)}
+            started = time.monotonic()
             worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            waited = time.monotonic() - started
             worker.push_pull({"w": torch.full((10,), float(worker.rank + 1))}, into=params).wait(timeout=10)
-            return params["w"].clone()
+            return worker.rank, params["w"].clone(), waited
 
-    results = [r for r in run_in_threads(3, work, timeout=60) if r is not None]
+    try:
+        results = [r for r in run_in_threads(2 if doomed is not None else 3, work, timeout=60) if r is not None]
+    finally:
+        if doomed is not None:
+            doomed.kill()
+            doomed.wait(timeout=5)
     assert len(results) == 2
-    for w in results:
-        assert torch.equal(w, torch.full((10,), -1.5))
+    for rank, w, waited in results:
+        assert 0.8 < waited < 15, f"worker {rank} waited {waited:.1f} s in register()"
+    assert sorted(rank for rank, _, _ in results) == [1, 2]
+    for _, w, _ in results:
+        assert torch.equal(w, torch.full((10,), -2.5))  # from worker 1's zeros, the mean of 2 and 3
+
+
+def _wait_for_joined_workers(cluster, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while cluster.output("scheduler", 200).count("PS_JOINED role=worker") < count:
+        assert time.monotonic() < deadline, f"{count} workers never joined"
+        time.sleep(0.05)
 
 
 def test_sync_workers_pushing_different_tensors_get_an_error_naming_them(make_cluster):
