@@ -37,7 +37,7 @@ from ..transport import Transport, ZmqTransport
 from .collectives import Collectives
 from .registration import Registration
 from .rollback import Rollback
-from .roster import DEAD, LEFT, LIVE, RESTORING, ROLES, Node, Roster
+from .roster import DEAD, LEFT, LIVE, RESTORING, ROLES, Node, Roster, ServerClaims
 
 log = logging.getLogger("psframework.scheduler")
 
@@ -53,6 +53,7 @@ class Scheduler:
         self.socket = self.transport.listen(config.bind_host, config.port, max_message_bytes=config.max_message_bytes)
         self.address = self.socket.address
         self.roster = Roster(config)
+        self.claims = ServerClaims(config)
         self.registration = Registration(self.roster, self._send, lambda: self.collectives.barrier_seq_done)
         self.collectives = Collectives(self.roster, self._send, lambda: self.registration.shard_map,
                                        lambda: self.registration.optimizer,
@@ -221,6 +222,9 @@ class Scheduler:
                                        f"(start the job with --{flag} to let nodes join later)")
         replaced = self.roster.replaced(hello)
         if replaced is not None:
+            if self.claims.still_heartbeats(replaced, time.monotonic()):
+                self.claims.hold(peer, hello, time.monotonic())  # decided in _check_heartbeats
+                return
             self._declare_dead(replaced, f"replaced by a new server process (pid {hello.pid})")
         restoring = role == "server" and self.registration.done
         if restoring:
@@ -249,6 +253,14 @@ class Scheduler:
     def _check_heartbeats(self, now: float) -> None:
         for node in self.roster.silent(now):
             self._declare_dead(node, f"no heartbeat for {now - node.last_seen:.1f} s")
+        admit, refuse = self.claims.decide(self.roster, now)
+        for peer, hello in admit:
+            self._on_rejoin(peer, hello)
+        for peer, hello, server in refuse:
+            message = (f"{server} still heartbeats; a second process for its rank is refused "
+                       f"({hello.role} {hello.rank} from {hello.host}, pid {hello.pid})")
+            log.warning("refused a hello from %s: %s", hello.host, message)
+            self._send(peer, P.Error(kind=P.CONFIG, message=message))
         self.registration.expire(now)
         for node in list(self.roster.nodes.values()):
             if node.state == DEAD and not node.fatal and node.role == "server" and now > node.deadline:

@@ -227,4 +227,37 @@ class Roster:
         return None
 
 
-__all__ = ["DEAD", "LEFT", "LIVE", "RESTORING", "ROLES", "Node", "Roster", "describe"]
+class ServerClaims:
+    """Hellos of new processes for the rank of a server that still heartbeats. A launcher restarts
+    a server as soon as it exits, before its heartbeats time out, so a new process replaces a
+    server that went silent at once; but no member of the job may take the rank of a server that
+    lives. A claim is held until the old process has been silent for two heartbeat intervals
+    (then it is admitted) or, while it keeps heartbeating, for the heartbeat timeout (refused)."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.timing = config.timing
+        self._held: dict[bytes, tuple[P.Hello, float]] = {}
+
+    def still_heartbeats(self, node: Node, now: float) -> bool:
+        return now - node.last_seen < 2 * self.timing.heartbeat_interval
+
+    def hold(self, peer: bytes, hello: P.Hello, now: float) -> None:
+        self._held[peer] = (hello, now)
+
+    def decide(self, roster: Roster, now: float) -> tuple[list, list]:
+        """The held claims to admit now ``[(peer, hello)]``, and those to refuse
+        ``[(peer, hello, the live server)]``."""
+        admit, refuse = [], []
+        for peer, (hello, since) in list(self._held.items()):
+            current = roster.replaced(hello)
+            if current is None or not self.still_heartbeats(current, now):
+                admit.append((peer, hello))
+            elif now - since > self.timing.heartbeat_timeout:
+                refuse.append((peer, hello, current))
+            else:
+                continue
+            del self._held[peer]
+        return admit, refuse
+
+
+__all__ = ["DEAD", "LEFT", "LIVE", "RESTORING", "ROLES", "Node", "Roster", "ServerClaims", "describe"]

@@ -38,9 +38,10 @@ def _joined_worker(cluster, **params):
 
 
 def _still_serves(worker, tensors) -> None:
+    """One exact SGD step (lr 0.5, the worker alone) and a barrier."""
     before = tensors["w"].clone()
     worker.push_pull({k: torch.ones_like(v) for k, v in tensors.items()}, into=tensors).wait(timeout=10)
-    assert not torch.equal(before, tensors["w"])
+    assert torch.equal(tensors["w"], before - 0.5)
     worker.barrier(timeout=10)
 
 
@@ -260,4 +261,30 @@ def test_under_curve_no_member_can_pose_as_the_scheduler(make_cluster):
     try:
         _still_serves(worker, tensors)
     finally:
+        worker.close()
+
+
+def test_a_member_cannot_take_the_rank_of_a_live_server(make_cluster, tmp_path):
+    """With restarts on, a new process for a server's rank replaces that server at once only if it
+    has gone silent (a launcher restarts a server as soon as it exits). A member of the job that
+    says hello as server 0 while server 0 heartbeats is refused within the heartbeat timeout and
+    logged; server 0 stays in the job."""
+    from psframework import protocol as P
+
+    cluster = make_cluster(num_servers=1, num_workers=1, auth="token", restart_servers=True,
+                           checkpoint_dir=tmp_path / "ckpt")
+    worker, tensors = _joined_worker(cluster)
+    sock = _member_socket(cluster, cluster.scheduler)
+    try:
+        sock.send(P.encode(P.Hello(role="server", host="impostor", pid=os.getpid(), version=P.VERSION, rank=0,
+                                   address="tcp://127.0.0.1:9")))
+        assert sock.poll(10_000), "no answer to the hello"
+        answer = P.decode(sock.recv_multipart()[0])
+        assert isinstance(answer, P.Error), answer
+        assert "server 0" in answer.message and "still heartbeats" in answer.message, answer
+        log = cluster.output("scheduler", 50)
+        assert "is dead" not in log and "refused a hello from impostor" in log, log
+        _still_serves(worker, tensors)
+    finally:
+        sock.close()
         worker.close()
