@@ -35,6 +35,7 @@ class TableLookups:
         """The rows of the distinct ids of ``ids`` on the module's device, and where each id is among them."""
         name = module.bound_name
         distinct, where = self._distinct(name, ids)
+        self.worker.client.catch_up()  # a rollback heard of by now is drawn before the forward goes on
         self._before_lookup()
         try:
             rows = self._pull(name, distinct, module.training)
