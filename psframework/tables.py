@@ -123,4 +123,15 @@ def assign_buckets(num_servers: int, num_buckets: int = NUM_BUCKETS) -> list[int
     return [bucket % num_servers for bucket in range(num_buckets)]
 
 
-__all__ = ["INITS", "NUM_BUCKETS", "RowInit", "TableSpec", "assign_buckets"]
+def capacity_share(capacity: Optional[int], buckets: list[int], server: int) -> Optional[int]:
+    """The rows of a table with ``capacity`` that ``server`` keeps: its share of the buckets, rounded
+    up. Ids hash evenly over the buckets, so the servers together hold about ``capacity`` rows
+    (at most one more per server), and each evicts its own least recently used ones."""
+    if capacity is None:
+        return None
+    mine = sum(1 for owner in buckets if owner == server) if buckets else 1
+    total = len(buckets) or 1
+    return max(1, -(-capacity * mine // total))
+
+
+__all__ = ["INITS", "NUM_BUCKETS", "RowInit", "TableSpec", "assign_buckets", "capacity_share"]

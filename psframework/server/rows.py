@@ -19,6 +19,7 @@ from .. import protocol as P
 from .. import rowhash
 from ..optim import optimizer_from_wire
 from ..sharding import ShardMap
+from ..tables import capacity_share
 from ..transport import Socket
 from .device import host_tensor
 from .row_rules import check_rule
@@ -74,7 +75,8 @@ class RowStore:
         for index, spec in enumerate(shard_map.tables):
             rule = optimizer_from_wire(spec.optimizer)
             check_rule(rule)
-            self.tables[index] = Table(spec, rule, self.device)
+            share = capacity_share(spec.capacity, list(shard_map.buckets), rank)
+            self.tables[index] = Table(spec, rule, self.device, share)
         self._buckets = torch.tensor(shard_map.buckets, dtype=torch.int64) if shard_map.buckets else None
         names = [spec.name for spec in shard_map.tables]
         self.channel = RowChannel(clocks=[0] * num_workers, names=names, store=self) if names else None
@@ -175,7 +177,8 @@ class RowStore:
         self.channel.broken = None
 
     def counters(self) -> dict:
-        return {t.spec.name: {"rows": t.rows, "evictions": t.evictions, "admissions": t.admissions, "step": t.step}
+        return {t.spec.name: {"rows": t.rows, "evictions": t.evictions, "admissions": t.admissions,
+                              "over_capacity": t.over_capacity, "step": t.step}
                 for t in self.tables.values()}
 
 

@@ -7,7 +7,8 @@ eviction. No Python object per row and no Python loop over rows.
   ``admit_after=k`` on its k-th occurrence in training lookups (one per lookup that contains it;
   counted in a count-min sketch, so the memory of the counts is bounded). Until then it reads as
   its initial value and its gradients are dropped.
-- ``capacity``: when creating rows would exceed it, the least recently used rows are evicted.
+- ``capacity``: when creating rows would exceed this server's share of it (``capacity_share``),
+  the least recently used rows are evicted.
   ``ttl_steps``: after each update, rows untouched for that many of the table's steps are evicted.
   An evicted row starts afresh on its next touch.
 - A lookup that may not create rows (evaluation) reads unknown ids as their initial value.
@@ -20,7 +21,6 @@ from typing import Optional
 import torch
 
 from .. import rowhash
-from ..errors import ConfigError
 from ..optim import OptimizerSpec
 from ..tables import TableSpec
 from .row_rules import apply_rule, state_shapes
@@ -30,8 +30,9 @@ SKETCH_DEPTH, SKETCH_WIDTH = 4, 1 << 16
 
 
 class Table:
-    def __init__(self, spec: TableSpec, rule: OptimizerSpec, device: torch.device):
+    def __init__(self, spec: TableSpec, rule: OptimizerSpec, device: torch.device, capacity: Optional[int] = None):
         self.spec, self.rule, self.device = spec, rule, device
+        self.capacity = capacity  # this server's share of the table's (``tables.capacity_share``)
         self.index = RowIndex(device=device)
         self._shapes = state_shapes(rule, spec.dim)
         self.values = torch.empty(0, spec.dim, device=device)
@@ -47,6 +48,7 @@ class Table:
                        if spec.admit_after > 1 else None)
         self.evictions = 0
         self.admissions = 0
+        self.over_capacity = 0  # new rows not created: the batch's own rows filled this server's share
 
     @property
     def rows(self) -> int:
@@ -60,9 +62,11 @@ class Table:
         slots = self.index.lookup(ids)
         if train:
             missing = slots < 0
+            self._touch(slots[~missing])  # first: making room for the new rows never evicts these
             if missing.any():
                 new = self._admit(ids[missing])
-                slots[missing] = self._create(new, ids[missing]) if new is not None else -1
+                if new is not None:
+                    slots[missing] = self._create(new, ids[missing], kept=int((~missing).sum()))
             self._touch(slots[slots >= 0])
         out = torch.empty(ids.numel(), self.spec.dim, device=self.device)
         known = slots >= 0
@@ -85,9 +89,10 @@ class Table:
     def _cells(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [rowhash.mix64(ids + d * 0x51ED27) & (SKETCH_WIDTH - 1) for d in range(SKETCH_DEPTH)]
 
-    def _create(self, admitted: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Rows for the admitted candidates, at their initial values; the slot of every candidate
-        (-1 for those not admitted)."""
+    def _create(self, admitted: torch.Tensor, candidates: torch.Tensor, kept: int) -> torch.Tensor:
+        """Rows for the admitted candidates, at their initial values, beside the ``kept`` rows of the
+        same batch (touched already); the slot of every candidate (-1 for those not admitted)."""
+        admitted = self._within_capacity(admitted, kept)
         ids = candidates[admitted]
         self._make_room(ids.numel())
         slots = self._take_slots(ids.numel())
@@ -101,16 +106,28 @@ class Table:
         result[admitted] = slots
         return result
 
+    def _within_capacity(self, admitted: torch.Tensor, kept: int) -> torch.Tensor:
+        """The admitted candidates that fit beside the batch's ``kept`` rows; those that do not are
+        not created (they read as their initial value and their gradients are dropped, as if
+        evicted at once; counted in ``over_capacity``)."""
+        if self.capacity is None:
+            return admitted
+        over = admitted.nonzero().flatten()[max(0, self.capacity - kept):]
+        if not over.numel():
+            return admitted
+        self.over_capacity += over.numel()
+        admitted = admitted.clone()
+        admitted[over] = False
+        return admitted
+
     def _make_room(self, count: int) -> None:
-        capacity = self.spec.capacity
-        if capacity is None or self.rows + count <= capacity:
+        """Evict the least recently used rows to make room for ``count`` new ones; the batch's own
+        rows, touched in this tick, are the most recent, and ``_within_capacity`` left room for them."""
+        if self.capacity is None or self.rows + count <= self.capacity:
             return
-        if count > capacity:
-            raise ConfigError(f"table {self.spec.name!r}: one batch needs {count} new rows on one server, more than "
-                              f"its capacity of {capacity}; raise capacity= or use smaller batches")
         _, slots = self.index.items()
         order = torch.argsort(self.touched[slots])
-        self._evict(slots[order[:self.rows + count - capacity]])
+        self._evict(slots[order[:self.rows + count - self.capacity]])
 
     def _take_slots(self, count: int) -> torch.Tensor:
         reused, self.free = self.free[:count], self.free[count:]
@@ -151,8 +168,9 @@ class Table:
         slots = self.index.lookup(ids)
         missing = slots < 0
         if missing.any() and self.sketch is None:
+            self._touch(slots[~missing])
             slots[missing] = self._create(torch.ones(int(missing.sum()), dtype=torch.bool, device=self.device),
-                                          ids[missing])
+                                          ids[missing], kept=int((~missing).sum()))
         known = slots >= 0
         if known.any():
             slots, grads = slots[known], grads[known]
@@ -167,9 +185,11 @@ class Table:
         slots = self.index.lookup(ids)
         missing = slots < 0
         if missing.any():
+            self._touch(slots[~missing])
             slots[missing] = self._create(torch.ones(int(missing.sum()), dtype=torch.bool, device=self.device),
-                                          ids[missing])
-        self.values[slots] = values.to(self.device, self.values.dtype)
+                                          ids[missing], kept=int((~missing).sum()))
+        known = slots >= 0  # beyond the capacity, pretrained rows read as their initial values
+        self.values[slots[known]] = values[known].to(self.device, self.values.dtype)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -181,10 +201,11 @@ class Table:
                 "state": {name: slab[slots].cpu() for name, slab in self.state.items()},
                 "touched": self.touched[slots].cpu(), "touched_step": self.touched_step[slots].cpu(),
                 "step": self.step, "tick": self.tick, "evictions": self.evictions, "admissions": self.admissions,
+                "over_capacity": self.over_capacity,
                 "sketch": None if self.sketch is None else self.sketch.cpu()}
 
     def restore(self, saved: dict) -> None:
-        fresh = Table(self.spec, self.rule, self.device)
+        fresh = Table(self.spec, self.rule, self.device, self.capacity)
         n = saved["ids"].numel()
         slots = fresh._take_slots(n)
         fresh.values[slots] = saved["values"].to(self.device)
@@ -196,6 +217,7 @@ class Table:
         fresh.index.insert(fresh.ids[slots], slots)
         fresh.step, fresh.tick = int(saved["step"]), int(saved["tick"])
         fresh.evictions, fresh.admissions = int(saved["evictions"]), int(saved["admissions"])
+        fresh.over_capacity = int(saved.get("over_capacity", 0))
         if saved["sketch"] is not None:
             fresh.sketch = saved["sketch"].to(self.device)
         self.__dict__.update(fresh.__dict__)

@@ -148,6 +148,53 @@ def test_a_full_table_evicts_the_least_recently_used_row(make_cluster):
         assert rows[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]  # 2 starts afresh: its initial value
 
 
+def test_at_capacity_a_batch_never_evicts_its_own_rows(make_cluster):
+    """Full at capacity 3 with rows 1, 2, 3 (1 the least recently used): a batch of 1 and a new 4
+    evicts 2, the least recently used row not in the batch, and row 1 keeps its value."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster, capacity=3) as worker:
+        for ids in ([1], [2], [3]):
+            _touch(worker, ids)
+        rows = _touch(worker, [1, 4])
+        assert rows[:, 0].tolist() == [0.0, 1.0]  # 1 stepped once from 1.0; 4 new
+        stats = _stats(worker)
+        assert stats["rows"] == 3 and stats["evictions"] == 1
+        rows = worker.pull_rows("t", torch.tensor([1, 2, 3, 4]), train=False).wait()
+        assert rows[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]
+
+
+def test_a_batch_larger_than_the_capacity_keeps_what_fits_and_the_server_lives(make_cluster):
+    """5 new ids at capacity 3: 3 rows are created and trained, the other 2 read as their initial
+    value (as if evicted at once; counted at the lookup and at the push), and the server goes on
+    serving."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with _one_table(cluster, capacity=3) as worker:
+        _touch(worker, [1, 2, 3, 4, 5])
+        stats = _stats(worker)
+        assert stats["rows"] == 3 and stats["evictions"] == 0 and stats["over_capacity"] == 4
+        rows = worker.pull_rows("t", torch.tensor([1, 2, 3, 4, 5]), train=False).wait()
+        assert sorted(rows[:, 0].tolist()) == [0.0, 0.0, 0.0, 1.0, 1.0]
+        _touch(worker, [6])
+        assert _stats(worker)["rows"] == 3
+
+
+def test_capacity_is_the_tables_across_its_servers(make_cluster):
+    """capacity=R holds about R rows of the table in all, not R per server: each of 3 servers
+    keeps its share (1366 of the 4096 buckets: 11 of 30) and evicts its own least recently used
+    rows."""
+    cluster = make_cluster(num_servers=3, num_workers=1, mode="async")
+    with _one_table(cluster, capacity=30) as worker:
+        for start in range(0, 120, 20):
+            _touch(worker, list(range(start, start + 20)))
+        tables = [stats["tables"]["t"] for stats in worker.server_stats()]
+        assert all(t["rows"] <= 11 for t in tables), tables
+        assert 25 <= sum(t["rows"] for t in tables) <= 31, tables
+        assert all(t["rows"] + t["evictions"] == t["admissions"] for t in tables), tables
+        assert sum(t["admissions"] + t["over_capacity"] for t in tables) >= 120, tables
+        newest = worker.pull_rows("t", torch.arange(100, 120), train=False).wait()
+        assert torch.equal(newest, torch.zeros(20, 2)), "the last batch's rows are kept (stepped once from 1)"
+
+
 def test_rows_untouched_for_ttl_steps_are_evicted(make_cluster):
     cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
     with _one_table(cluster, ttl_steps=2) as worker:

@@ -265,3 +265,15 @@ def test_many_tensors_is_fast() -> None:
     total = sum(s.nbytes for s in specs)
     assert max(m.server_bytes()) <= 1.05 * total / 8
     assert math.isclose(sum(m.server_bytes()), total)
+
+
+def test_a_tables_capacity_is_shared_by_its_servers_buckets():
+    from psframework.tables import NUM_BUCKETS, assign_buckets, capacity_share
+
+    assert capacity_share(None, assign_buckets(3), 0) is None
+    assert capacity_share(10, assign_buckets(1), 0) == 10
+    shares = [capacity_share(1000, assign_buckets(3), s) for s in range(3)]
+    assert shares == [334, 334, 334] and 1000 <= sum(shares) <= 1003
+    uneven = [0] * (NUM_BUCKETS * 3 // 4) + [1] * (NUM_BUCKETS // 4)
+    assert [capacity_share(100, uneven, s) for s in (0, 1)] == [75, 25]
+    assert capacity_share(1, assign_buckets(4), 2) == 1  # never none at all
