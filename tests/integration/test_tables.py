@@ -13,9 +13,9 @@ STEPS = 20
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("rule,mode,weighted", [
-    ("sparse_adam", "sum", False), ("sparse_adam", "mean", False), ("sparse_adam", "sum", True),
-    ("sgd", "mean", False), ("adagrad", "sum", True),
+@pytest.mark.parametrize("rule,mode,weighted", [  # every rule x (sum, mean, weighted sum: torch's only weighted mode)
+    (rule, mode, weighted) for rule in ("sparse_adam", "sgd", "adagrad")
+    for mode, weighted in (("sum", False), ("mean", False), ("sum", True))
 ])
 def test_sync_tables_equal_single_process_torch(make_cluster, worker_procs, workers, rule, mode, weighted):
     cluster = make_cluster(num_servers=2, num_workers=workers, mode="sync")
@@ -27,6 +27,79 @@ def test_sync_tables_equal_single_process_torch(make_cluster, worker_procs, work
         assert got["steps"] == STEPS
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_ssp_tables_with_one_worker_equal_single_process_torch(make_cluster, worker_procs):
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="ssp")
+    got = worker_procs(cluster, "emb_train", 1, rule="sparse_adam", mode="mean", weighted=False,
+                       steps=8).join(timeout=120)[0]
+    want = models.emb_reference("sparse_adam", "mean", False, 8)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def _train_in_process(cluster, bag, steps: int, rule: str = "sparse_adam", prefetch: bool = False) -> dict:
+    """models.EmbNet over ``bag`` trained in this process; what emb_reference returns."""
+    model = models.EmbNet(bag)
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                 sparse_optimizer=models.SPARSE_RULES[rule]) as opt:
+        for step in range(steps):
+            ids, _, y = models.emb_batch(step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(ids), y)
+            if prefetch and step + 1 < steps:
+                opt.prefetch({model.bag: models.emb_batch(step + 1)[0]})
+            loss.backward()
+            opt.step()
+        weight = opt.worker.pull_rows("bag", torch.arange(models.EMB_ROWS), train=False).wait()
+        opt.worker.close()
+    return {"weight": weight, "head.weight": model.head.weight.detach().clone(),
+            "head.bias": model.head.bias.detach().clone()}
+
+
+def test_prefetched_rows_train_as_rows_looked_up_in_the_forward(make_cluster):
+    """opt.prefetch() of the next batch's ids, answered once the step is applied: the same
+    training as one process."""
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync")
+    got = _train_in_process(cluster, ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode="sum"), 6,
+                            prefetch=True)
+    want = models.emb_reference("sparse_adam", "sum", False, 6)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_a_tables_own_optimizer_overrides_the_sparse_optimizer(make_cluster):
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync")
+    bag = ps.nn.EmbeddingBag.from_pretrained(models.emb_weight(), mode="sum", optimizer=models.SPARSE_RULES["adagrad"])
+    got = _train_in_process(cluster, bag, 6, rule="sgd")  # the table's Adagrad wins over sparse_optimizer=SGD
+    want = models.emb_reference("adagrad", "sum", False, 6)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_a_model_in_eval_mode_creates_no_row(make_cluster):
+    """After training, model.eval(): a forward over ids never seen reads their initial rows, and
+    the servers hold no more rows than before."""
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync")
+    model = HashedNet()
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                 sparse_optimizer=ps.optim.SGD(lr=0.1)) as opt:
+        ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        opt.zero_grad()
+        model(ids).pow(2).mean().backward()
+        opt.step()
+        rows_before = sum(s["tables"]["users"]["rows"] for s in opt.worker.server_stats())
+        model.eval()
+        unseen = torch.tensor([[10**15, 7 * 10**15, 3]])
+        with torch.no_grad():
+            out = model(unseen)
+        initial = ps.nn.EmbeddingBag(None, 4, mode="sum").table_spec("users")
+        from psframework.rowhash import initial_rows
+        rows = opt.worker.pull_rows("users", torch.tensor([10**15, 7 * 10**15, 3]), train=False).wait()
+        assert torch.equal(rows[:2], initial_rows(initial, torch.tensor([10**15, 7 * 10**15])))
+        torch.testing.assert_close(out, model.head(rows.sum(0, keepdim=True)))
+        assert sum(s["tables"]["users"]["rows"] for s in opt.worker.server_stats()) == rows_before == 6
+        opt.worker.close()
 
 
 # ---------------------------------------------------------------------------------------- placement
