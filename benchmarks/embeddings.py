@@ -138,8 +138,9 @@ class Outcome:
 class Runner:
     """Starts one run's processes, follows their progress, samples their memory, stops them."""
 
-    def __init__(self, out: Path, worker_args: list[str], steps: int, timeout: float):
+    def __init__(self, out: Path, worker_args: list[str], steps: int, timeout: float, ps_env: tuple[str, ...] = ()):
         self.out, self.worker_args, self.steps, self.timeout = out, worker_args, steps, timeout
+        self.ps_env = [arg for variable in ps_env for arg in ("-x", variable)]  # ps-launch -x NAME=VALUE
 
     def argv(self, cfg: Config, run_dir: Path) -> list[tuple[str, list[str]]]:
         worker = [sys.executable, str(WORKER)]
@@ -152,7 +153,7 @@ class Runner:
             return [(f"ddp rank {r}", worker + ["ddp", "--rank", str(r), "--world", str(cfg.workers), "--port", port,
                                                *common]) for r in range(cfg.workers)]
         launch = [sys.executable, "-m", "psframework.launch", "-n", str(cfg.workers), "-s", str(cfg.servers),
-                  "--mode", cfg.mode, "--server-device", "cpu", "--log-dir", str(run_dir / "logs"), "--"]
+                  "--mode", cfg.mode, "--server-device", "cpu", "--log-dir", str(run_dir / "logs"), *self.ps_env, "--"]
         return [("ps-launch", launch + worker + ["ps", *common])]
 
     def run(self, cfg: Config, advance: Callable[[int], None]) -> Outcome:
@@ -259,11 +260,14 @@ def _ints(text: str) -> list[int]:
               show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_PLOT,
               show_default=True)
+@click.option("--ps-env", multiple=True, metavar="NAME=VALUE",
+              help="A variable for the processes of the ps runs (ps-launch -x), e.g. PS_ROW_LANE_BYTES=0; repeatable.")
 @click.option("--quick", is_flag=True, help="Smoke run: 12k samples, fixed tables of 10^5 rows, torch, ps sync "
                                             "1s/1w and ps async 2s/2w, small evaluations.")
 def main(samples: int, batch_size: int, fixed_rows: int, sizes: str, servers_text: str, workers_text: str, modes: str,
          no_ddp: bool, evals: int, eval_samples: int, final_eval_samples: int, lr: float, sparse_lr: float,
-         device: str, no_prefetch: bool, timeout: float, out_dir: Path, plot_path: Path, quick: bool) -> None:
+         device: str, no_prefetch: bool, timeout: float, out_dir: Path, plot_path: Path, ps_env: tuple[str, ...],
+         quick: bool) -> None:
     """Train the click model in every configuration; throughput, AUC and memory against torch."""
     import torch
 
@@ -289,13 +293,15 @@ def main(samples: int, batch_size: int, fixed_rows: int, sizes: str, servers_tex
                   (["--no-prefetch"] if no_prefetch else [])
     console = Console() if sys.stdout.isatty() else Console(width=160)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out_dir, worker_args, steps, timeout)
+    if any("=" not in variable for variable in ps_env):
+        raise click.BadParameter(f"--ps-env takes NAME=VALUE, got {ps_env!r}")
+    runner = Runner(out_dir, worker_args, steps, timeout, ps_env)
     command = "python benchmarks/embeddings.py " + shlex.join(sys.argv[1:])
     settings = {"commit": _git("rev-parse", "--short", "HEAD"),
                 "uncommitted_framework_files": _git("status", "--short", "--", "psframework", "launch").splitlines(),
                 "cores": os.cpu_count(), "samples": steps * batch_size, "batch_size": batch_size, "fixed_rows": fixed_rows, "evals": evals,
                 "eval_samples": eval_samples, "final_eval_samples": final_eval_samples, "lr": lr,
-                "sparse_lr": sparse_lr, "device": device, "prefetch": not no_prefetch}
+                "sparse_lr": sparse_lr, "device": device, "prefetch": not no_prefetch, "ps_env": list(ps_env)}
     report = Report(command, settings, {rows: best_auc(rows, batch_size, final_eval_samples)
                                         for rows in sorted({c.fixed_rows for c in runs})})
     available = mem_available_bytes(device)

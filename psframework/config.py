@@ -23,6 +23,7 @@ MODES = ("sync", "async", "ssp")
 DEFAULT_PEER_BUFFER_BYTES = 256 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 DEFAULT_COMPRESS_MIN_BYTES = 64 << 10
+DEFAULT_ROW_LANE_BYTES = 8 << 20
 
 ENV_VARS = {
     "PS_SCHEDULER": "scheduler address, tcp://HOST:PORT (set by ps-launch for every process)",
@@ -48,6 +49,7 @@ ENV_VARS = {
     "PS_ELASTIC": "1: workers may die and join; sync steps average over the live workers",
     "PS_RESTART_FAILED_SERVERS": "1: a dead server may be restarted; it reloads its shards from the newest checkpoint",
     "PS_SECRET_FILE": "file with the job's secret (written by ps-launch, mode 0600); without it no authentication",
+    "PS_ROW_LANE_BYTES": "workers: bytes of each of a lane's two row areas, for the rows of embedding tables; a row request that does not fit goes over the socket (default 8 MiB, 0: rows always over the socket)",
     "PS_SHM": "0: workers talk to servers on their own host over the socket too, not through shared-memory lanes (default 1)",
     "PS_TRACE_DIR": "every process appends Chrome trace events to a file of its own here (ps-launch --trace merges them)",
     "PS_TRACE_STEPS": "a:b: trace the workers' steps a to b-1 only (default all)",
@@ -144,6 +146,7 @@ class NodeConfig:
     resume: bool = False
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
     cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
+    row_lane_bytes: int = DEFAULT_ROW_LANE_BYTES  # workers: of each row area of a lane (datapath/lane.py)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
     compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
     compress_local: bool = False  # workers: compress to servers of their own host too (not through lanes)
@@ -156,6 +159,8 @@ class NodeConfig:
         _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
+        _check(0 <= self.row_lane_bytes <= 1 << 30,
+               f"PS_ROW_LANE_BYTES must be between 0 and 1 GiB, got {self.row_lane_bytes}")
         if self.device is not None:
             check_device(self.device)
 
@@ -309,6 +314,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         resume=_flag(env, "PS_RESUME"),
         shm=_flag(env, "PS_SHM", default=True),
         cuda_ipc=_flag(env, "PS_CUDA_IPC", default=True),
+        row_lane_bytes=_env(env, "PS_ROW_LANE_BYTES", int, DEFAULT_ROW_LANE_BYTES),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
         compress_min_bytes=_env(env, "PS_COMPRESS_MIN_BYTES", int, DEFAULT_COMPRESS_MIN_BYTES),
         compress_local=_flag(env, "PS_COMPRESS_LOCAL"),

@@ -24,7 +24,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 6  # 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 7  # 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -264,13 +264,15 @@ class Mark(Message, tag="mark"):
 class RowRequest(Message):
     """A request about the rows of embedding tables on one server. For each of ``tables`` (indices
     into the shard map's tables) ``counts`` ids follow as an int64 frame, and for a push as many rows
-    of gradients as a float32 frame; ids are distinct per table."""
+    of gradients as a float32 frame; ids are distinct per table. ``shm``: they are in the worker's
+    lane instead (``datapath/lane.py``, its row areas), and so are the rows answered."""
     req: int
     rank: int
     tables: list[int] = []
     counts: list[int] = []
     step: int = -1
     rollback: int = 0
+    shm: bool = False
 
 
 class PullRows(RowRequest, tag="pull_rows"):
@@ -289,17 +291,20 @@ class InitRows(RowRequest, tag="init_rows"):
 
 
 class RowValues(Message, tag="row_values"):
-    """The rows asked for, one float32 frame per table of the request."""
+    """The rows asked for, one float32 frame per table of the request (``shm``: in the lane's row area)."""
     req: int
     version: int
+    shm: bool = False
 
 
 class Attach(Message, tag="attach"):
-    """Map my shared-memory lane (a worker on the server's host)."""
+    """Map my shared-memory lane (a worker on the server's host); ``row_bytes``: of each of its
+    row areas, after the blocks' slots (0: none)."""
     req: int
     rank: int
     path: str
     token: bytes
+    row_bytes: int = 0
 
 
 class AttachDevice(Message, tag="attach_device"):

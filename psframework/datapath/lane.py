@@ -17,8 +17,16 @@ and the worker then keeps using the wire. The file never has a name in ``/dev/sh
 left behind whichever process dies at whatever moment; lane files of the old named kind that dead
 processes left in ``/dev/shm`` are removed when a worker creates its lanes.
 
+The rows of embedding tables go through a lane too, when the job has tables: two more "blocks"
+of ``row_bytes`` each (``row_areas``), one for pulls (the ids in its push slot, the rows answered
+in its pull slot) and one for pushes (ids and gradients in its push slot), so that a prefetch
+waiting on the server does not keep the step's push off the lane. Each holds one request at a
+time; a request that does not fit, or finds its area held, goes over the wire.
+
 >>> lane_layout([(3, 100), (7, 8)])
 ({3: 0, 7: 128}, 192)
+>>> lane_layout([(0, 100)] + row_areas(256))[0]
+{-2: 0, -1: 256, 0: 512}
 """
 
 from __future__ import annotations
@@ -44,8 +52,38 @@ TOKEN_BYTES = 16
 _ALIGN = 64
 
 
+ROW_PULLS, ROW_PUSHES = -1, -2  # the row areas' places among a lane's blocks
+MAX_ROW_BYTES = 1 << 30
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def row_areas(row_bytes: int) -> list[tuple[int, int]]:
+    """The row areas of a lane (none for ``row_bytes`` 0), as (block_id, nbytes) pairs."""
+    return [(ROW_PULLS, row_bytes), (ROW_PUSHES, row_bytes)] if row_bytes > 0 else []
+
+
+def fits_row_area(sizes: Iterable[int], row_bytes: int) -> bool:
+    """Whether pieces of these sizes, one after another, fit in a row area of ``row_bytes``."""
+    return sum(_aligned(n) for n in sizes) <= row_bytes
+
+
+class RowCursor:
+    """Consecutive pieces of a row area's slot (``Slots.push_slot`` or ``pull_slot``), each aligned,
+    never beyond the area's ``row_bytes``."""
+
+    def __init__(self, slot, block_id: int, row_bytes: int):
+        self._slot, self._block_id, self._limit = slot, block_id, row_bytes
+        self.offset = 0
+
+    def take(self, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.offset + nbytes > self._limit:
+            raise ConfigError(f"a row request needs more than the lane's row area of {self._limit} bytes")
+        piece = self._slot(self._block_id, self.offset, nbytes)
+        self.offset += _aligned(nbytes)
+        return piece.view(dtype)
 
 
 def lane_layout(blocks: Iterable[tuple[int, int]]) -> tuple[dict[int, int], int]:
@@ -159,25 +197,32 @@ class Lane(Slots):
     _base = HEADER_BYTES
 
     def __init__(self, path: Path, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int,
-                 fd: Optional[int] = None):
+                 fd: Optional[int] = None, row_bytes: int = 0):
         super().__init__(memory, offsets, area_bytes)
+        self.row_bytes = row_bytes  # of each row area (0: none; rows of tables go over the wire)
         self.path = path  # where the other side opens the file: the creator's descriptor of it
         self.fd = fd  # the creator's descriptor, kept until the server has mapped the file
         self._registered = False
 
     @classmethod
-    def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "Lane":
+    def create(cls, name: str, blocks: Iterable[tuple[int, int]], row_bytes: int = 0) -> "Lane":
         """Create and map a new lane file (the worker's side); OSError if the memory is not there."""
-        offsets, area = lane_layout(blocks)
+        offsets, area = lane_layout([*blocks, *row_areas(row_bytes)])
         fd, path, memory = create_mapped(name, HEADER_BYTES + 2 * area)
-        return cls(path, memory, offsets, area, fd=fd)
+        return cls(path, memory, offsets, area, fd=fd, row_bytes=row_bytes)
 
     @classmethod
-    def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "Lane":
+    def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]], row_bytes: int = 0) -> "Lane":
         """Map a worker's lane (the server's side), checking its size and token."""
-        offsets, area = lane_layout(blocks)
+        if not 0 <= row_bytes <= MAX_ROW_BYTES:
+            raise ConfigError(f"a lane's row areas of {row_bytes} bytes (at most {MAX_ROW_BYTES})")
+        offsets, area = lane_layout([*blocks, *row_areas(row_bytes)])
         memory = map_checked(path, HEADER_BYTES + 2 * area, token, "lane")
-        return cls(Path(path), memory, offsets, area)
+        return cls(Path(path), memory, offsets, area, row_bytes=row_bytes)
+
+    def row_cursor(self, block_id: int, pull_slot: bool = False) -> RowCursor:
+        """Pieces of a row area (``ROW_PULLS`` or ``ROW_PUSHES``), in its push or pull slot."""
+        return RowCursor(self.pull_slot if pull_slot else self.push_slot, block_id, self.row_bytes)
 
     def mapped(self) -> None:
         """The other side has mapped the file: our descriptor is no longer needed (the mappings keep it)."""
@@ -218,5 +263,5 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "Slots", "create_mapped", "lane_layout", "lane_name", "map_checked", "remove_stale_lane_files",
+__all__ = ["Lane", "ROW_PULLS", "ROW_PUSHES", "RowCursor", "Slots", "fits_row_area", "row_areas", "create_mapped", "lane_layout", "lane_name", "map_checked", "remove_stale_lane_files",
            "shm_available"]

@@ -53,6 +53,10 @@ class Answers:
             self._send(unit, pending)
 
     def _send(self, unit: Any, pending: Any) -> None:
+        if isinstance(pending, RowPending) and pending.lane is not None:
+            self.lanes.answer_rows(pending, self.rows.shapes(pending), lambda into: self.rows.lookup(pending, into),
+                                   unit.version)
+            return
         if isinstance(pending, RowPending):
             rows = self.rows.lookup(pending)
             head = P.encode(P.RowValues(req=pending.req, version=unit.version))

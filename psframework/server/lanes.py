@@ -3,19 +3,20 @@
 A worker on the server's host offers its lane with an ``Attach``, and a GPU worker then its device
 lane with an ``AttachDevice``; a request that says ``shm`` (or ``ipc``) then carries no frames: its
 gradients are in the worker's push slot of the block, and its values are written into the pull
-slot before the answer (a bare header) goes out.
+slot before the answer (a bare header) goes out. Row requests of tables do the same in the lane's
+row areas.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from .. import protocol as P
 from ..datapath.cuda_ipc import DeviceLane
-from ..datapath.lane import Lane, Slots
+from ..datapath.lane import ROW_PULLS, Lane, Slots
 from ..datapath.values import ordered_stores, values_name
 from .device import DeviceIO
 from .store import BlockState, DenseStore, Pending, Pushed
@@ -38,7 +39,7 @@ class ServerLanes:
         if not 0 <= message.rank < num_workers:
             raise P.Rejected(P.BAD_REQUEST, f"attach from an unknown worker rank {message.rank}")
         try:
-            lane = Lane.attach(message.path, message.token, blocks)
+            lane = Lane.attach(message.path, message.token, blocks, message.row_bytes)
             if self.device.type == "cuda":
                 lane.pin(self.device)
         except Exception as exc:  # whatever the reason, the worker goes on over the socket
@@ -75,6 +76,32 @@ class ServerLanes:
         else:
             self.requests += 1
         return lane
+
+    def row_lane(self, request: P.RowRequest, more_frames: bool, server: int) -> Optional[Lane]:
+        """The lane a row request came through (its ids, and a push's gradients, in a row area), or None."""
+        if not request.shm:
+            return None
+        lane = self.lanes.get(request.rank)
+        if lane is None or not lane.row_bytes or isinstance(request, P.InitRows):
+            raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} through a shared-memory lane, but worker "
+                                            f"{request.rank} has no lane with row areas attached to server {server}")
+        if more_frames:
+            raise P.Rejected(P.PROTOCOL, "a lane request carries no frames")
+        self.requests += 1
+        return lane
+
+    def answer_rows(self, pending, shapes: list[tuple[int, int]], write_rows: Callable[[list[torch.Tensor]], None],
+                    version: int) -> None:
+        """Answer a pull of rows through its lane: ``write_rows`` fills the pull slot of its row area
+        (a tensor of each of ``shapes``, one per table asked), then the bare header goes out."""
+        lane = pending.lane
+        if lane is not self.lanes.get(pending.rank):
+            error = P.Error(kind=P.PEER_LOST, message=f"worker {pending.rank} has no lane any more", req=pending.req)
+            self.io.answer(pending.peer, [P.encode(error)])
+            return
+        cursor = lane.row_cursor(ROW_PULLS, pull_slot=True)
+        write_rows([cursor.take(count * dim * 4, torch.float32).view(count, dim) for count, dim in shapes])
+        self.io.answer(pending.peer, [P.encode(P.RowValues(req=pending.req, version=version, shm=True))])
 
     def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies

@@ -104,7 +104,8 @@ class Requests:
 
     def on_rows(self, peer: bytes, request: P.RowRequest) -> None:
         self._check_rollback(request.rollback)
-        parts = self.rows.receive(request, self.data)
+        lane = self.lanes.row_lane(request, self.data.more(), self.rank)
+        parts = self.rows.receive(request, self.data, lane)
         channel = self.rows.channel
         if channel.broken is not None:
             raise P.Rejected(P.CONFIG, channel.broken)
@@ -120,7 +121,7 @@ class Requests:
             self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)
         else:
             need = channel.clocks[request.rank] + request.after
-            channel.pulls.append(RowPending(peer, request.req, request.rank, need, parts, request.train))
+            channel.pulls.append(RowPending(peer, request.req, request.rank, need, parts, request.train, lane))
         self.answers.ready([channel])
 
 

@@ -17,6 +17,8 @@ import torch
 
 from .. import protocol as P
 from .. import rowhash
+from ..datapath.lane import ROW_PULLS, ROW_PUSHES, Lane
+from ..errors import ConfigError
 from ..optim import optimizer_from_wire
 from ..sharding import ShardMap
 from ..tables import capacity_share
@@ -58,7 +60,7 @@ class RowPending:
     need_version: int
     lookups: list[tuple[int, torch.Tensor]]
     train: bool
-    lane: bool = False
+    lane: Optional[Lane] = None  # the lane whose row area the answer goes into
 
 
 class RowStore:
@@ -83,38 +85,42 @@ class RowStore:
 
     # -- requests ------------------------------------------------------------------------
 
-    def receive(self, request: P.RowRequest, data: Socket) -> list[tuple]:
-        """The ids (and for a push the gradients or values) of each table, from the frames."""
+    def receive(self, request: P.RowRequest, data: Socket, lane: Optional[Lane] = None) -> list[tuple]:
+        """The ids (and for a push the gradients or values) of each table, from the frames or, for a
+        lane request, copied out of the lane's row area (the worker reuses it once answered)."""
         if self.channel is None:
             raise P.Rejected(P.BAD_REQUEST, f"server {self.rank} holds no embedding tables")
         if len(request.tables) != len(request.counts) or len(set(request.tables)) != len(request.tables):
             raise P.Rejected(P.BAD_REQUEST, "a row request needs one count per table, each table once")
+        take = self._frame_reader(data) if lane is None else _area_reader(lane, request)
         with_values = not isinstance(request, P.PullRows)
         parts = []
         for index, count in zip(request.tables, request.counts):
             table = self.tables.get(index)
             if table is None or count < 0:
                 raise P.Rejected(P.BAD_REQUEST, f"no table {index} here, or a negative count {count}")
-            ids = self._frame(data, count * 8, torch.int64, f"ids of table {table.spec.name!r}")
+            ids = take(count * 8, torch.int64, f"ids of table {table.spec.name!r}")
             self._check_ids(table, ids)
             if with_values:
-                grads = self._frame(data, count * table.spec.dim * 4, torch.float32, f"rows of {table.spec.name!r}")
+                grads = take(count * table.spec.dim * 4, torch.float32, f"rows of {table.spec.name!r}")
                 parts.append((index, ids, grads.view(count, table.spec.dim)))
             else:
                 parts.append((index, ids))
-        if data.more():
+        if lane is None and data.more():
             raise P.Rejected(P.PROTOCOL, "a row request with more frames than its tables announce")
         return parts
 
     @staticmethod
-    def _frame(data: Socket, expected: int, dtype: torch.dtype, what: str) -> torch.Tensor:
-        if not data.more():
-            raise P.Rejected(P.PROTOCOL, f"a row request announced {what} but sent no frame for it")
-        frame = data.recv_buffer()
-        got = len(memoryview(frame))
-        if got != expected:
-            raise P.Rejected(P.BAD_REQUEST, f"{what}: a frame of {got} bytes, expected {expected}")
-        return host_tensor(frame, dtype)
+    def _frame_reader(data: Socket):
+        def take(expected: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+            if not data.more():
+                raise P.Rejected(P.PROTOCOL, f"a row request announced {what} but sent no frame for it")
+            frame = data.recv_buffer()
+            got = len(memoryview(frame))
+            if got != expected:
+                raise P.Rejected(P.BAD_REQUEST, f"{what}: a frame of {got} bytes, expected {expected}")
+            return host_tensor(frame, dtype)
+        return take
 
     def _check_ids(self, table: Table, ids: torch.Tensor) -> None:
         spec = table.spec
@@ -125,10 +131,18 @@ class RowStore:
         if ids.numel() > 1 and torch.unique(ids).numel() != ids.numel():
             raise P.Rejected(P.BAD_REQUEST, f"ids of table {spec.name!r} repeat within one request")
 
-    def lookup(self, pending: RowPending) -> list[torch.Tensor]:
-        """The rows a pull asks for, on the host, contiguous."""
-        return [self.tables[index].lookup(ids.to(self.device), pending.train).cpu().contiguous()
-                for index, ids in pending.lookups]
+    def lookup(self, pending: RowPending, into: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """The rows a pull asks for, on the host, contiguous; or written ``into`` these tensors."""
+        found = [self.tables[index].lookup(ids.to(self.device), pending.train) for index, ids in pending.lookups]
+        if into is None:
+            return [rows.cpu().contiguous() for rows in found]
+        for target, rows in zip(into, found):
+            target.copy_(rows)
+        return into
+
+    def shapes(self, pending: RowPending) -> list[tuple[int, int]]:
+        """The shape of the rows answering each table of a pull."""
+        return [(ids.numel(), self.tables[index].spec.dim) for index, ids in pending.lookups]
 
     def load(self, parts: list[tuple]) -> None:
         for index, ids, values in parts:
@@ -180,6 +194,17 @@ class RowStore:
         return {t.spec.name: {"rows": t.rows, "evictions": t.evictions, "admissions": t.admissions,
                               "over_capacity": t.over_capacity, "step": t.step}
                 for t in self.tables.values()}
+
+
+def _area_reader(lane: Lane, request: P.RowRequest):
+    cursor = lane.row_cursor(ROW_PULLS if isinstance(request, P.PullRows) else ROW_PUSHES)
+
+    def take(expected: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+        try:
+            return cursor.take(expected, dtype).clone()
+        except ConfigError as exc:
+            raise P.Rejected(P.BAD_REQUEST, f"{what}: {exc}") from None
+    return take
 
 
 __all__ = ["RowChannel", "RowPending", "RowPush", "RowStore"]

@@ -66,8 +66,9 @@ class Table:
             if missing.any():
                 new = self._admit(ids[missing])
                 if new is not None:
-                    slots[missing] = self._create(new, ids[missing], kept=int((~missing).sum()))
-            self._touch(slots[slots >= 0])
+                    created = self._create(new, ids[missing], kept=int((~missing).sum()))
+                    slots[missing] = created
+                    self._touch(created[created >= 0])
         out = torch.empty(ids.numel(), self.spec.dim, device=self.device)
         known = slots >= 0
         out[known] = self.values[slots[known]]
@@ -189,7 +190,7 @@ class Table:
             slots[missing] = self._create(torch.ones(int(missing.sum()), dtype=torch.bool, device=self.device),
                                           ids[missing], kept=int((~missing).sum()))
         known = slots >= 0  # beyond the capacity, pretrained rows read as their initial values
-        self.values[slots[known]] = values[known].to(self.device, self.values.dtype)
+        self.values[slots[known]] = values.to(self.device, self.values.dtype)[known]
 
     # -- checkpoints ---------------------------------------------------------------------
 

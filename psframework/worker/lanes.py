@@ -47,8 +47,9 @@ def lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Te
 
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
-                 cuda_ipc: bool = True):
+                 cuda_ipc: bool = True, row_bytes: int = 0):
         self.client = client
+        self.row_bytes = row_bytes  # of each row area of a lane (the job has tables), else 0
         self.rank = rank
         self.shard_map = shard_map
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
@@ -68,10 +69,10 @@ class WorkerLanes:
         offers = []
         for server in servers:
             blocks = self._blocks(server)
-            if not blocks:
+            if not blocks and not self.row_bytes:
                 continue
             try:
-                lane = Lane.create(lane_name(self.rank, server), blocks)
+                lane = Lane.create(lane_name(self.rank, server), blocks, self.row_bytes)
             except OSError as exc:
                 log.warning("worker %d: no shared-memory lanes (%s); using the sockets only", self.rank, exc)
                 break
@@ -96,7 +97,7 @@ class WorkerLanes:
     def _attach_devices(self, device: torch.device) -> None:
         """Offer a device lane to each server that took our lane; GPU servers map it by CUDA IPC."""
         offers = []
-        for server in sorted(self.lanes):
+        for server in sorted(s for s in self.lanes if self._blocks(s)):
             try:
                 lane = DeviceLane.create(device, self._blocks(server))
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -123,7 +124,7 @@ class WorkerLanes:
         if isinstance(lane, DeviceLane):
             attach = lane.export(self.rank, req)
         else:
-            attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token)
+            attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token, row_bytes=lane.row_bytes)
         request = Request(Future(self.client), server, frames=[P.encode(attach)])
         self.client.submit(request, req)
         return request
@@ -153,7 +154,7 @@ class WorkerLanes:
             return
         self._sync_copies()  # copies into the old push areas have landed
         old = self.lanes.pop(server)
-        lane = Lane.create(lane_name(self.rank, server), self._blocks(server))
+        lane = Lane.create(lane_name(self.rank, server), self._blocks(server), self.row_bytes)
         lane.copy_push_area(old)
         if old.pinned:
             lane.pin()
@@ -173,6 +174,18 @@ class WorkerLanes:
     def _renewed(self, server: int, lane: Lane, request: Request) -> None:
         lane.mapped()
         self._map_values(server, request.reply)
+
+    def reserve_rows(self, server: int, area: int) -> Optional[Lane]:
+        """The lane to ``server`` for a row request, if it has row areas and ``area`` is free."""
+        lane = self.lanes.get(server)
+        return lane if lane is not None and lane.row_bytes and lane.reserve(area) else None
+
+    def release_rows(self, server: int, area: int) -> None:
+        """A row request on ``area`` is answered (or failed): free it (in the lane to ``server`` now:
+        a restarted server's new lane took over the request's reservation)."""
+        lane = self.lanes.get(server)
+        if lane is not None:
+            lane.release(area)
 
     def reserve(self, block: Block) -> Optional[Slots]:
         """The lane for a request on ``block`` (the device lane, if its server has one), if its

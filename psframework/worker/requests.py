@@ -290,7 +290,7 @@ class Client:
         error = None
         if request.on_answer is not None:
             sock.skip_rest()
-            if isinstance(message, P.Values) and not message.shm:
+            if isinstance(message, (P.Values, P.RowValues)) and not message.shm:
                 error = ProtocolError(f"reply from {sock.address} came over the socket for a lane request")
             error = request.on_answer(request, message, error is None and not request.future.discards) or error
         elif isinstance(message, (P.Values, P.RowValues)) and not request.future.discards:

@@ -1,8 +1,10 @@
 """Rows of embedding tables: the worker's pulls and pushes, one message per server.
 
 Ids are checked and made distinct here, split by server (an id's bucket says which), and every
-table of a pull or push goes to a server in the same message. Pulled rows land in host buffers
-(received in place) and are put back in the order asked, on the device asked for. A push sums the
+table of a pull or push goes to a server in the same message: through the row areas of the lane
+to a server of this host (``datapath/lane.py``) where it fits and the area is free, else over the
+socket. Pulled rows land in host buffers (received in place, or put there straight out of the
+lane) and are put back in the order asked, on the device asked for. A push sums the
 gradients of repeated ids first; in sync mode it reaches every server, also one that holds none of
 its rows, so that each server counts the step (see ``server/rows.py``).
 """
@@ -16,7 +18,8 @@ import torch
 from .. import protocol as P
 from .. import rowhash
 from ..buffers import byte_view
-from ..errors import ConfigError
+from ..datapath.lane import ROW_PULLS, ROW_PUSHES, Lane, fits_row_area
+from ..errors import ClosedError, ConfigError, PSError
 from ..tables import TableSpec
 from .requests import Future, Request
 
@@ -82,24 +85,62 @@ class RowClient:
             unique, inverse = torch.unique(flat, return_inverse=True)
             tables.append((name, index, spec, unique, inverse, torch.empty(unique.numel(), spec.dim)))
         for server in range(self.worker.num_servers):
-            request = Request(future, server)
-            header = {"tables": [], "counts": []}
-            for name, index, spec, unique, _, host in tables:
+            pieces = []  # (table index, spec, this server's ids, their places in the table's distinct ids, host)
+            for _, index, spec, unique, _, host in tables:
                 mine = (self._servers_of(unique) == server).nonzero().reshape(-1)
-                if not mine.numel():
-                    continue
-                header["tables"].append(index)
-                header["counts"].append(mine.numel())
-                request.frames.append(byte_view(unique[mine].contiguous()))
-                landing = torch.empty(mine.numel(), spec.dim)
-                request.keep.append(landing)
-                request.dest.append((byte_view(landing), _scatter(host, mine, landing)))
-            if header["tables"]:
-                self._send(request, epoch, P.PullRows, header, train=train, after=after)
+                if mine.numel():
+                    pieces.append((index, spec, unique[mine].contiguous(), mine, host))
+            if pieces:
+                self._pull_from(server, future, epoch, pieces, train=train, after=after)
         future.add_finalizer(lambda: future.rows.update(
             {name: host[inverse].reshape(*lookups[name].shape, spec.dim).to(device or "cpu")
              for name, _, spec, _, inverse, host in tables}))
         return future
+
+    def _pull_from(self, server: int, future: Future, epoch: int, pieces: list, **more) -> None:
+        """One server's part of a pull: through the lane's row area if it fits and is free, else
+        over the socket, the rows received in place and put where they belong in ``host``."""
+        request = Request(future, server)
+        header = {"tables": [index for index, *_ in pieces], "counts": [ids.numel() for _, _, ids, _, _ in pieces]}
+        lane = self._row_lane(server, ROW_PULLS, [[ids.numel() * 8 for _, _, ids, _, _ in pieces],
+                                                  [ids.numel() * spec.dim * 4 for _, spec, ids, _, _ in pieces]])
+        if lane is not None:
+            cursor = lane.row_cursor(ROW_PULLS)
+            for _, _, ids, _, _ in pieces:
+                cursor.take(ids.numel() * 8, torch.int64).copy_(ids)
+            request.on_answer = self._rows_from_lane(server, pieces)
+            self._send(request, epoch, P.PullRows, header, shm=True, **more)
+            return
+        for _, spec, ids, mine, host in pieces:
+            request.frames.append(byte_view(ids))
+            landing = torch.empty(ids.numel(), spec.dim)
+            request.keep.append(landing)
+            request.dest.append((byte_view(landing), _scatter(host, mine, landing)))
+        self._send(request, epoch, P.PullRows, header, **more)
+
+    def _row_lane(self, server: int, area: int, sizes: list[list[int]]) -> Optional[Lane]:
+        """The lane to ``server``, its row ``area`` reserved, if pieces of ``sizes`` fit in each slot."""
+        lanes = self.worker.lanes
+        if lanes is None or not lanes.row_bytes or not all(fits_row_area(s, lanes.row_bytes) for s in sizes):
+            return None
+        return lanes.reserve_rows(server, area)
+
+    def _rows_from_lane(self, server: int, pieces: list):
+        def answered(request: Request, reply, ok: bool) -> Optional[PSError]:
+            lanes = self.worker.lanes
+            try:
+                lane = lanes.lanes.get(server)
+                if not ok or not isinstance(reply, P.RowValues):
+                    return None
+                if lane is None:
+                    return ClosedError(f"worker {self.worker.rank}: the lane to server {server} is closed")
+                cursor = lane.row_cursor(ROW_PULLS, pull_slot=True)
+                for _, spec, ids, mine, host in pieces:
+                    host[mine] = cursor.take(ids.numel() * spec.dim * 4, torch.float32).view(-1, spec.dim)
+                return None
+            finally:
+                lanes.release_rows(server, ROW_PULLS)
+        return answered
 
     def push(self, pushes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Future:
         """Push row gradients (table name -> (ids, grads)); repeated ids are summed first."""
@@ -116,17 +157,33 @@ class RowClient:
             tables.append((index, unique, total.contiguous()))
         sync = self.worker.mode == "sync"
         for server in range(self.worker.num_servers):
-            request, header = Request(future, server), {"tables": [], "counts": []}
+            pieces = []  # (table index, positions of this server's rows in its distinct ids, ids, gradients)
             for index, unique, total in tables:
                 mine = (self._servers_of(unique) == server).nonzero().reshape(-1)
-                if not mine.numel() and not sync:
-                    continue
-                header["tables"].append(index)
-                header["counts"].append(mine.numel())
-                request.frames += [byte_view(unique[mine].contiguous()), byte_view(total[mine].contiguous())]
-            if header["tables"] or sync:
-                self._send(request, epoch, P.PushRows, header, step=step)
+                if mine.numel() or sync:
+                    pieces.append((index, mine, unique, total))
+            if pieces:
+                self._push_to(server, future, epoch, pieces, step)
         return future
+
+    def _push_to(self, server: int, future: Future, epoch: int, pieces: list, step: int) -> None:
+        """One server's part of a push: through the lane's row area if it fits and is free, else over the socket."""
+        request = Request(future, server)
+        header = {"tables": [index for index, *_ in pieces], "counts": [mine.numel() for _, mine, _, _ in pieces]}
+        sizes = [n for _, mine, _, total in pieces for n in (mine.numel() * 8, mine.numel() * total.shape[1] * 4)]
+        lane = self._row_lane(server, ROW_PUSHES, [sizes])
+        if lane is None:
+            for _, mine, unique, total in pieces:
+                request.frames += [byte_view(unique[mine].contiguous()), byte_view(total[mine].contiguous())]
+            self._send(request, epoch, P.PushRows, header, step=step)
+            return
+        cursor = lane.row_cursor(ROW_PUSHES)
+        for _, mine, unique, total in pieces:
+            torch.index_select(unique, 0, mine, out=cursor.take(mine.numel() * 8, torch.int64))
+            torch.index_select(total, 0, mine, out=cursor.take(mine.numel() * total.shape[1] * 4,
+                                                                torch.float32).view(-1, total.shape[1]))
+        request.on_answer = lambda request, reply, ok: self.worker.lanes.release_rows(server, ROW_PUSHES)
+        self._send(request, epoch, P.PushRows, header, step=step, shm=True)
 
     def load_pretrained(self, tables) -> None:
         """Rank 0's rows of the tables made ``from_pretrained`` go to the servers."""
@@ -155,7 +212,12 @@ class RowClient:
 
     def _send(self, request: Request, epoch: int, kind: type, header: dict, **more) -> None:
         client = self.worker.client
-        client.same_epoch(epoch)
+        try:
+            client.same_epoch(epoch)
+        except PSError:
+            if request.on_answer is not None:
+                request.on_answer(request, None, False)  # frees the lane's row area it holds
+            raise
         req = client.next_id()
         message = kind(req=req, rank=self.worker.rank, rollback=client.rollback, **header, **more)
         request.frames.insert(0, P.encode(message))

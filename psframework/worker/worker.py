@@ -123,7 +123,8 @@ class Worker:
         self.shard_map = ShardMap.from_wire(reply.shard_map)
         self._specs, self._registered = {s.name: s for s in specs}, tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
-                                 self.config.cuda_ipc and self.membership.welcome.server_device != "cpu")
+                                 self.config.cuda_ipc and self.membership.welcome.server_device != "cpu",
+                                 row_bytes=self.config.row_lane_bytes if self.shard_map.tables else 0)
         self.client.on_server_moved = self.lanes.renew
         self.client.on_rolled_back = self._rolled_back
         self.rows = RowClient(self)

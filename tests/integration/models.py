@@ -185,8 +185,10 @@ class EmbNet(torch.nn.Module):
 
 def emb_reference(rule: str, mode: str, weighted: bool, steps) -> dict[str, torch.Tensor]:
     """One process, whole batches: torch's EmbeddingBag(sparse=True) with the matching sparse
-    optimizer; ``steps``: how many, or which batches in order."""
-    model = EmbNet(torch.nn.EmbeddingBag.from_pretrained(emb_weight(), freeze=False, mode=mode, sparse=True))
+    optimizer; ``steps``: how many, or which batches in order. torch has no sparse gradient for
+    ``mode="max"``: there its dense one, for optimizers that leave a row without gradient as it is."""
+    model = EmbNet(torch.nn.EmbeddingBag.from_pretrained(emb_weight(), freeze=False, mode=mode,
+                                                         sparse=mode != "max"))
     spec = SPARSE_RULES[rule]
     sparse = spec.torch_class([model.bag.weight], **spec.hyperparameters())
     dense = torch.optim.SGD(model.head.parameters(), lr=0.1)

@@ -135,10 +135,114 @@ def _train_hashed(cluster, steps: int = 6) -> dict:
     return {"rows": rows, "head": model.head.weight.detach().clone()}
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("rule", ["sgd", "adagrad"])
+def test_max_pooled_tables_equal_torchs_max_bag(make_cluster, worker_procs, workers, rule):
+    """torch refuses sparse gradients for mode="max"; its dense gradient with SGD or Adagrad (which
+    leave a row whose gradient is zero as it is) is the reference."""
+    cluster = make_cluster(num_servers=2, num_workers=workers, mode="sync")
+    results = worker_procs(cluster, "emb_train", workers, rule=rule, mode="max", weighted=False,
+                           steps=STEPS).join(timeout=120)
+    want = models.emb_reference(rule, "max", False, STEPS)
+    assert not torch.allclose(want["weight"], models.emb_weight())
+    for got in results:
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
 def test_hashed_tables_train_alike_on_1_and_3_servers(make_cluster):
     one = _train_hashed(make_cluster(num_servers=1, num_workers=1))
     three = _train_hashed(make_cluster(num_servers=3, num_workers=1))
     assert torch.equal(one["rows"], three["rows"]) and torch.equal(one["head"], three["head"])
+
+
+# ---------------------------------------------------------------------------------------- lanes
+
+
+def test_rows_through_the_lanes_train_as_rows_over_the_socket(make_cluster, worker_procs):
+    results = {}
+    for shm in ("1", "0"):
+        cluster = make_cluster(num_servers=2, num_workers=2, mode="sync")
+        results[shm] = worker_procs(cluster, "emb_train", 2, env={"PS_SHM": shm}, rule="sparse_adam", mode="sum",
+                                    weighted=True, steps=6).join(timeout=120)
+    assert all(got["lane_requests"] >= 2 * 2 * 6 for got in results["1"]), "pulls and pushes of rows take the lanes"
+    assert all(got["lane_requests"] == 0 for got in results["0"])
+    for through_lane, over_socket in zip(results["1"], results["0"]):
+        for key in ("weight", "head.weight", "head.bias"):
+            assert torch.equal(through_lane[key], over_socket[key]), key
+
+
+def _lane_requests(worker) -> int:
+    return sum(s["lane_requests"] for s in worker.server_stats())
+
+
+def _pull_push_round(worker, ids: torch.Tensor, grad: float) -> torch.Tensor:
+    rows = worker.pull_rows("t", ids).wait(timeout=30)
+    worker.push_rows("t", ids, torch.full((ids.numel(), 3), grad)).wait(timeout=30)
+    return rows
+
+
+@pytest.mark.parametrize("row_lane_bytes,through_lane", [(None, True), ("256", False), ("0", False)])
+def test_row_requests_take_the_lanes_row_areas_where_they_fit(make_cluster, monkeypatch, row_lane_bytes, through_lane):
+    """Every pull and push of rows to a server of this host goes through its lane's row areas,
+    unless it does not fit there (the rest: over the socket, with the same values)."""
+    if row_lane_bytes is not None:
+        monkeypatch.setenv("PS_ROW_LANE_BYTES", row_lane_bytes)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="async")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        table = ps.nn.Embedding(50, 3, init=ps.nn.RowInit("constant", 0.0))
+        worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": table}, sparse_optimizer=ps.optim.SGD(lr=1.0))
+        # a server holding only rows gets a lane too, unless rows may not take the lanes
+        assert sorted(worker.lanes.lanes) == ([] if row_lane_bytes == "0" else [0, 1])
+        ids = torch.arange(50).repeat(2)  # 50 distinct ids: 400 bytes of ids on the two servers together
+        before = _lane_requests(worker)
+        for k in range(3):
+            rows = _pull_push_round(worker, ids, 1.0)
+            assert torch.equal(rows, torch.full((100, 3), -2.0 * k))  # each id twice: its gradient summed
+        assert _lane_requests(worker) - before == (3 * 2 * 2 if through_lane else 0)
+        small = torch.tensor([1, 2])  # 16 bytes of ids and 24 of rows fit in 256 bytes
+        before = _lane_requests(worker)
+        _pull_push_round(worker, small, 0.5)
+        assert _lane_requests(worker) - before == (0 if row_lane_bytes == "0" else 2 * len(set(
+            int(s) for s in worker.rows._servers_of(small))))
+        assert torch.equal(worker.pull_rows("t", small, train=False).wait(timeout=30), torch.full((2, 3), -6.5))
+
+
+def test_a_prefetch_waiting_on_the_server_leaves_the_push_its_lane(make_cluster):
+    """A pull that waits for the next push (a prefetch) holds the pull area; the push still takes
+    the lane, and the prefetch then answers with the pushed rows."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        table = ps.nn.Embedding(None, 3, init=ps.nn.RowInit("constant", 0.0))
+        worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": table}, sparse_optimizer=ps.optim.SGD(lr=1.0))
+        ids = torch.tensor([5, 10**12, 7])
+        worker.pull_rows("t", ids).wait(timeout=30)
+        before = _lane_requests(worker)
+        prefetch = worker.rows.pull({"t": ids}, after=1, single=True)
+        worker.push_rows("t", ids, torch.ones(3, 3)).wait(timeout=30)
+        assert torch.equal(prefetch.wait(timeout=30), -torch.ones(3, 3))
+        assert _lane_requests(worker) - before == 2
+
+
+def test_a_row_request_beyond_the_lanes_row_area_is_refused_and_the_server_serves_on(make_cluster):
+    from psframework import protocol as P
+    from psframework.datapath.lane import ROW_PUSHES
+    from psframework.errors import BadRequestError
+    from psframework.worker.requests import Future, Request
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        table = ps.nn.Embedding(None, 3, init=ps.nn.RowInit("constant", 0.0))
+        worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": table}, sparse_optimizer=ps.optim.SGD(lr=1.0))
+        assert worker.lanes.reserve_rows(0, ROW_PUSHES) is not None
+        request = Request(Future(worker.client), 0)
+        request.on_answer = lambda request, reply, ok: worker.lanes.release_rows(0, ROW_PUSHES)
+        worker.rows._send(request, worker.client.rollback, P.PushRows, {"tables": [0], "counts": [10**7]}, shm=True)
+        with pytest.raises(BadRequestError, match="row area"):
+            request.future.wait(timeout=10)
+        rows = _pull_push_round(worker, torch.tensor([3, 4]), 1.0)
+        assert torch.equal(rows, torch.zeros(2, 3))
+        assert torch.equal(worker.pull_rows("t", torch.tensor([3, 4]), train=False).wait(timeout=30), -torch.ones(2, 3))
 
 
 # ---------------------------------------------------------------------------------------- async

@@ -252,8 +252,10 @@ def emb_train(out: str, rule: str, mode: str, weighted: bool, steps: int, overla
             torch.nn.functional.mse_loss(pred, y[mine]).backward()
             opt.step()
         weight = opt.worker.pull_rows("bag", torch.arange(models.EMB_ROWS), train=False).wait()
+        lane_requests = sum(s["lane_requests"] for s in opt.worker.server_stats())
         torch.save({"weight": weight, "head.weight": model.head.weight.detach().cpu(),
-                    "head.bias": model.head.bias.detach().cpu(), "steps": opt.step_count}, out)
+                    "head.bias": model.head.bias.detach().cpu(), "steps": opt.step_count,
+                    "lane_requests": lane_requests}, out)
 
 
 def emb_checkpointed(out: str, total_steps: int, stop_after: int = 0) -> None:
