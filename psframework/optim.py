@@ -90,14 +90,25 @@ class OptimizerSpec:
 
 @functools.lru_cache(maxsize=None)
 def _fused_works(spec: OptimizerSpec, device: torch.device, dtype: torch.dtype) -> bool:
-    # torch checks fused support lazily, at the first step, so probe with a throwaway step.
+    """Whether torch's fused kernel takes this dtype on this device and computes what its foreach
+    path does (torch 2.11-2.13's fused CPU SGD in bf16 and fp16 leaves most elements as they were:
+    its vectorised loop updates a copy). Probed with two throwaway steps, as torch checks lazily."""
     try:
-        probe = torch.zeros(2, device=device, dtype=dtype)
-        probe.grad = torch.zeros_like(probe)
-        spec.torch_class([probe], **spec.hyperparameters(), fused=True).step()
-        return True
+        fused = _probe_steps(spec, device, dtype, fused=True)
+        foreach = _probe_steps(spec, device, dtype, foreach=True)
     except (RuntimeError, ValueError, TypeError, NotImplementedError):
         return False
+    tolerance = 4 * torch.finfo(dtype).eps * foreach.abs().clamp(min=1) if dtype.is_floating_point else 0
+    return bool(((fused - foreach).abs() <= tolerance).all())
+
+
+def _probe_steps(spec: OptimizerSpec, device: torch.device, dtype: torch.dtype, **impl) -> torch.Tensor:
+    probe = torch.linspace(-1, 1, 515, device=device).to(dtype)  # beyond any vector width, with a tail
+    optimizer = spec.torch_class([probe], **spec.hyperparameters(), **impl)
+    for step in range(2):
+        probe.grad = (torch.linspace(-2, 3, 515, device=device) * (step + 1)).to(dtype)
+        optimizer.step()
+    return probe.detach().double()
 
 
 @dataclass(frozen=True)
