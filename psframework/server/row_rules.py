@@ -46,10 +46,9 @@ def check_rule(spec: OptimizerSpec) -> None:
 
 
 def _sgd(spec: SGD, values: torch.Tensor, state: Slabs, slots: torch.Tensor, grads: torch.Tensor, step: int):
-    rows = values[slots]
     if spec.weight_decay:
-        grads = grads.add(rows, alpha=spec.weight_decay)
-    values[slots] = rows.add(grads, alpha=-spec.lr)
+        grads = grads.add(values[slots], alpha=spec.weight_decay)
+    values.index_add_(0, slots, grads, alpha=-spec.lr)  # slots are distinct: torch's sparse add_, in place
 
 
 def _adagrad(spec: Adagrad, values, state, slots, grads, step):

@@ -38,9 +38,12 @@ class RowIndex:
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The slot of each id, or -1 where it has none."""
-        found = torch.full_like(ids, EMPTY)
-        active = torch.arange(ids.numel(), device=self.device)
         position = self._home(ids)
+        slots = self._slots[position]
+        hit = (slots != EMPTY) & (self._keys[position] == ids)
+        found = torch.where(hit, slots, EMPTY)  # the first round, without gathers: most ids are at home
+        active = ((slots != EMPTY) & ~hit).nonzero().reshape(-1)
+        position = (position[active] + 1) & self._mask
         while active.numel():
             slots = self._slots[position]
             hit = (slots != EMPTY) & (self._keys[position] == ids[active])

@@ -69,11 +69,12 @@ class Table:
                     created = self._create(new, ids[missing], kept=int((~missing).sum()))
                     slots[missing] = created
                     self._touch(created[created >= 0])
-        out = torch.empty(ids.numel(), self.spec.dim, device=self.device)
         known = slots >= 0
+        if bool(known.all()):  # the common case: one gather, no masks
+            return self.values.index_select(0, slots)
+        out = torch.empty(ids.numel(), self.spec.dim, device=self.device)
         out[known] = self.values[slots[known]]
-        if not known.all():
-            out[~known] = rowhash.initial_rows(self.spec, ids[~known])
+        out[~known] = rowhash.initial_rows(self.spec, ids[~known])
         return out
 
     def _admit(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -173,8 +174,9 @@ class Table:
             slots[missing] = self._create(torch.ones(int(missing.sum()), dtype=torch.bool, device=self.device),
                                           ids[missing], kept=int((~missing).sum()))
         known = slots >= 0
-        if known.any():
+        if not bool(known.all()):
             slots, grads = slots[known], grads[known]
+        if slots.numel():
             apply_rule(self.rule, self.values, self.state, slots, grads, self.step)
             self._touch(slots)
         if self.spec.ttl_steps is not None:
