@@ -17,7 +17,7 @@ import torch
 
 from .. import protocol as P
 from .. import rowhash
-from ..datapath.lane import ROW_PULLS, ROW_PUSHES, Lane
+from ..datapath.lane import ROW_PULLS, ROW_PUSHES, Lane, fits_row_area
 from ..errors import ConfigError
 from ..optim import optimizer_from_wire
 from ..sharding import ShardMap
@@ -94,6 +94,8 @@ class RowStore:
             raise P.Rejected(P.BAD_REQUEST, "a row request needs one count per table, each table once")
         take = self._frame_reader(data) if lane is None else _area_reader(lane, request)
         with_values = not isinstance(request, P.PullRows)
+        if lane is not None and not with_values:
+            self._check_answer_fits(request, lane)
         parts = []
         for index, count in zip(request.tables, request.counts):
             table = self.tables.get(index)
@@ -109,6 +111,14 @@ class RowStore:
         if lane is None and data.more():
             raise P.Rejected(P.PROTOCOL, "a row request with more frames than its tables announce")
         return parts
+
+    def _check_answer_fits(self, request: P.RowRequest, lane: Lane) -> None:
+        """The rows a lane pull asks for must fit in its row area, where they will be answered."""
+        sizes = [count * self.tables[index].spec.dim * 4 for index, count in zip(request.tables, request.counts)
+                 if index in self.tables and count >= 0]
+        if not fits_row_area(sizes, lane.row_bytes):
+            raise P.Rejected(P.BAD_REQUEST, f"a pull of {sum(sizes)} bytes of rows through a lane whose row area "
+                                            f"holds {lane.row_bytes}; send it over the socket")
 
     @staticmethod
     def _frame_reader(data: Socket):

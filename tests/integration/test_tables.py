@@ -226,7 +226,7 @@ def test_a_prefetch_waiting_on_the_server_leaves_the_push_its_lane(make_cluster)
 
 def test_a_row_request_beyond_the_lanes_row_area_is_refused_and_the_server_serves_on(make_cluster):
     from psframework import protocol as P
-    from psframework.datapath.lane import ROW_PUSHES
+    from psframework.datapath.lane import ROW_PULLS, ROW_PUSHES
     from psframework.errors import BadRequestError
     from psframework.worker.requests import Future, Request
 
@@ -238,6 +238,13 @@ def test_a_row_request_beyond_the_lanes_row_area_is_refused_and_the_server_serve
         request = Request(Future(worker.client), 0)
         request.on_answer = lambda request, reply, ok: worker.lanes.release_rows(0, ROW_PUSHES)
         worker.rows._send(request, worker.client.rollback, P.PushRows, {"tables": [0], "counts": [10**7]}, shm=True)
+        with pytest.raises(BadRequestError, match="row area"):
+            request.future.wait(timeout=10)
+        assert worker.lanes.reserve_rows(0, ROW_PULLS) is not None  # ids that fit, answer rows that would not
+        request = Request(Future(worker.client), 0)
+        request.on_answer = lambda request, reply, ok: worker.lanes.release_rows(0, ROW_PULLS)
+        count = worker.lanes.row_bytes // (3 * 4) + 1
+        worker.rows._send(request, worker.client.rollback, P.PullRows, {"tables": [0], "counts": [count]}, shm=True)
         with pytest.raises(BadRequestError, match="row area"):
             request.future.wait(timeout=10)
         rows = _pull_push_round(worker, torch.tensor([3, 4]), 1.0)

@@ -276,21 +276,35 @@ def test_a_dtype_without_a_fused_kernel_falls_back_to_foreach() -> None:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_update_equals_torchs_foreach_update_in_every_dtype(name: str, dtype: torch.dtype) -> None:
     """Where torch's fused CPU kernel is wrong for a dtype (SGD in bf16 and fp16 leaves most
-    elements unchanged; Adam in fp16 gives inf), the built optimizer must not use it."""
+    elements unchanged), the built optimizer must not use it: every update equals the rule's own
+    numbers (float64) up to the dtype's rounding."""
     spec = SPECS[name]
 
-    def run(make) -> torch.Tensor:
+    def run(make, dtype: torch.dtype) -> torch.Tensor:
         param = torch.linspace(-1, 1, 700).to(dtype)
         opt = make([param])
+        signs = 1 - 2 * (torch.arange(700) % 3 == 0).long()  # gradients away from zero (Adam in fp16)
         for step in range(3):
-            param.grad = (torch.linspace(-2, 3, 700) * (step + 1)).to(dtype)
+            param.grad = (torch.linspace(0.5, 3, 700) * signs * (step + 1)).to(dtype)
             opt.step()
-        return param.float()
+        return param.double()
 
-    got = run(spec.build)
-    want = run(lambda params: spec.torch_class(params, **spec.hyperparameters(), foreach=True))
-    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1)
-    assert ((got - want).abs() <= 4 * ulp).all(), f"{name} in {dtype}: off by {(got - want).abs().max()}"
+    got = run(spec.build, dtype)
+    want = run(lambda params: spec.torch_class(params, **spec.hyperparameters()), torch.float64)
+    ulp = torch.finfo(dtype).eps * (want.abs() + 1)
+    assert ((got - want).abs() <= 8 * ulp).all(), f"{name} in {dtype}: off by {(got - want).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_small_learning_rate_does_not_hide_a_wrong_fused_kernel(dtype: torch.dtype) -> None:
+    param = torch.linspace(-0.01, 0.01, 700).to(dtype)
+    start = param.clone()
+    opt = optim.SGD(lr=1e-3).build([param])
+    param.grad = torch.linspace(-2, 3, 700).to(dtype)
+    opt.step()
+    step = 1e-3 * param.grad.float()
+    want = start.float() - step
+    assert ((param.float() - want).abs() <= 2 * torch.finfo(dtype).eps * (start.float().abs() + step.abs())).all()
 
 
 @pytest.mark.gpu
