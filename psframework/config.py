@@ -24,6 +24,7 @@ DEFAULT_PEER_BUFFER_BYTES = 256 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 DEFAULT_COMPRESS_MIN_BYTES = 64 << 10
 DEFAULT_ROW_LANE_BYTES = 8 << 20
+MAX_ROW_LANE_BYTES = 1 << 30  # of each row area of a lane: what a server maps at most
 
 ENV_VARS = {
     "PS_SCHEDULER": "scheduler address, tcp://HOST:PORT (set by ps-launch for every process)",
@@ -159,7 +160,7 @@ class NodeConfig:
         _check(self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}")
         _check(self.rank is None or self.rank >= 0, f"rank must be >= 0, got {self.rank}")
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
-        _check(0 <= self.row_lane_bytes <= 1 << 30,
+        _check(0 <= self.row_lane_bytes <= MAX_ROW_LANE_BYTES,
                f"PS_ROW_LANE_BYTES must be between 0 and 1 GiB, got {self.row_lane_bytes}")
         if self.device is not None:
             check_device(self.device)

@@ -40,6 +40,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..config import MAX_ROW_LANE_BYTES
 from ..errors import ConfigError
 
 log = logging.getLogger("psframework.shm")
@@ -53,7 +54,6 @@ _ALIGN = 64
 
 
 ROW_PULLS, ROW_PUSHES = -1, -2  # the row areas' places among a lane's blocks
-MAX_ROW_BYTES = 1 << 30
 
 
 def _aligned(n: int) -> int:
@@ -214,8 +214,8 @@ class Lane(Slots):
     @classmethod
     def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]], row_bytes: int = 0) -> "Lane":
         """Map a worker's lane (the server's side), checking its size and token."""
-        if not 0 <= row_bytes <= MAX_ROW_BYTES:
-            raise ConfigError(f"a lane's row areas of {row_bytes} bytes (at most {MAX_ROW_BYTES})")
+        if not 0 <= row_bytes <= MAX_ROW_LANE_BYTES:
+            raise ConfigError(f"a lane's row areas of {row_bytes} bytes (at most {MAX_ROW_LANE_BYTES})")
         offsets, area = lane_layout([*blocks, *row_areas(row_bytes)])
         memory = map_checked(path, HEADER_BYTES + 2 * area, token, "lane")
         return cls(Path(path), memory, offsets, area, row_bytes=row_bytes)
@@ -263,5 +263,5 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "ROW_PULLS", "ROW_PUSHES", "RowCursor", "Slots", "fits_row_area", "row_areas", "create_mapped", "lane_layout", "lane_name", "map_checked", "remove_stale_lane_files",
-           "shm_available"]
+__all__ = ["Lane", "ROW_PULLS", "ROW_PUSHES", "RowCursor", "Slots", "create_mapped", "fits_row_area", "lane_layout",
+           "lane_name", "map_checked", "remove_stale_lane_files", "row_areas", "shm_available"]
