@@ -333,3 +333,14 @@ def test_cuda_matches_cpu(spec: optim.OptimizerSpec) -> None:
     gpu.step(grads)
     for a, b in zip(restored.params, gpu.params):
         torch.testing.assert_close(b.cpu(), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", [optim.Adam(lr=3e-4), optim.SGD(lr=0.1, momentum=0.9)], ids=repr)
+def test_cuda_float32_uses_torchs_fused_kernel(spec: optim.OptimizerSpec) -> None:
+    """CUDA's fused Adam is 14 ulps from float64 in the probe (its own roundings): the probe took
+    that for a broken kernel, and the server stepped with foreach at twice the time (2.8 ms
+    instead of 1.4 for 106M parameters on an H200)."""
+    opt = spec.build([torch.zeros(1000, device="cuda")])
+    assert opt.param_groups[0]["fused"] is True
