@@ -50,9 +50,10 @@ class DeviceIO:
         against each codec's size), decoded where it has a codec."""
         raise NotImplementedError
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
         """Gradients of ``segs`` from ``host``, a flat tensor laid out like the block (a lane slot,
-        in host memory or, for a device lane, on a GPU)."""
+        in host memory or, for a device lane, on a GPU). ``held``: the worker leaves ``host`` alone
+        until we answer."""
         raise NotImplementedError
 
     def order_after_upload(self, pushed: Pushed) -> None:
@@ -129,7 +130,7 @@ class HostIO(DeviceIO):
         self.frame_sizes_check(state, segs, receive, codecs)
         return Pushed(tensors)
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
         views = state.split(host)
         return Pushed({i: views[i] for i in segs}, owned=False)
 
@@ -207,11 +208,16 @@ class CudaIO(DeviceIO):
         pushed.whole = None
         return pushed
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Pushed:
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
         """Copy pushed gradients to the device on the upload stream, which runs beside the copies of
         values to the host on ours. A whole block is one copy. Our stream does not wait for it on
         the device: a stream of ours that waits keeps our process on a GPU that a worker's backward
-        pass is using, so our kernels go out only once the upload has landed (``Sync.apply_due``)."""
+        pass is using, so our kernels go out only once the upload has landed (``Sync.apply_due``).
+        A held slot of a device lane on our GPU is read where it is: the worker's copy into it has
+        finished before it sent the request, and our answer waits for the step that reads it."""
+        if held and _same_gpu(host.device, self.device):
+            views = state.split(host)
+            return Pushed({i: views[i] for i in segs}, owned=False)
         whole = None
         with torch.cuda.stream(self.upload):  # copy=True: a device lane's slot is on a GPU already
             if state.covers(segs):
@@ -321,6 +327,12 @@ def host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
     tensor = torch.frombuffer(frame, dtype=dtype)
     # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
     return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
+
+
+def _same_gpu(a: torch.device, b: torch.device) -> bool:
+    index = torch.cuda.current_device
+    return a.type == b.type == "cuda" and (a.index if a.index is not None else index()) == (
+        b.index if b.index is not None else index())
 
 
 def _with_codecs(pending: Pending) -> list[tuple[int, Optional[Codec]]]:

@@ -106,7 +106,7 @@ class ServerLanes:
     def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
-        pushed = self.io.from_host(state, segs, _slot(lane.push_slot, state))
+        pushed = self.io.from_host(state, segs, _slot(lane.push_slot, state), held=held)
         pushed.held = held
         return pushed
 
