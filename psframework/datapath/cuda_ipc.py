@@ -94,7 +94,7 @@ class DeviceLane(Slots):
         return True  # device memory
 
     def close(self) -> None:
-        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.forget_memory()
 
 
 __all__ = ["HEADER_BYTES", "DeviceLane"]

@@ -156,6 +156,17 @@ class Slots:
         # blocks whose slots a request holds: None while it is in flight, then the events of the
         # copies out of the pull slot (copies onto a GPU may still be reading it)
         self._reserved: dict[int, Optional[list]] = {}
+        self._pieces: dict[tuple, torch.Tensor] = {}  # typed views of the slots, made once
+
+    def piece(self, pull: bool, block_id: int, byte_offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """Part of a block's pull (or push) slot as a typed tensor: the same view every step (making
+        the views anew cost a worker tens of microseconds per tensor per step)."""
+        key = (pull, block_id, byte_offset, nbytes, dtype)
+        view = self._pieces.get(key)
+        if view is None:
+            slot = self.pull_slot if pull else self.push_slot
+            view = self._pieces[key] = slot(block_id, byte_offset, nbytes).view(dtype)
+        return view
 
     def reserve(self, block_id: int) -> bool:
         """Take a block's slots for one request; False while another request holds them."""
@@ -181,6 +192,11 @@ class Slots:
         self.memory[self._base:self._base + self.area_bytes].copy_(
             other.memory[other._base:other._base + other.area_bytes])
         self._reserved = dict(other._reserved)
+
+    def forget_memory(self) -> None:
+        """Drop our references to the buffer (the views too), so that it can be freed."""
+        self.memory = torch.empty(0, dtype=torch.uint8)
+        self._pieces.clear()
 
     def push_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
         start = self._base + self.offsets[block_id] + byte_offset
@@ -255,7 +271,7 @@ class Lane(Slots):
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
             self._registered = False
-        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.forget_memory()
         self.mapped()
 
 

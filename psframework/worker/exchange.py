@@ -28,7 +28,7 @@ from ..datapath.lane import Slots
 from ..devices import Staging
 from ..errors import ConfigError
 from ..sharding import Block, Segment
-from .lanes import LaneCopy, lane_piece
+from .lanes import LaneCopy, slot_piece
 from .requests import Future, Request
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,14 +162,16 @@ class Exchange:
             stream.wait_event(after)
         else:
             self._after_caller(stream, device, "push")
-        with torch.cuda.stream(stream):
-            source = tensor.detach()
-            source = (source if source.is_contiguous() else source.contiguous()).view(-1)
+        source = tensor.detach()
+        if not source.is_contiguous():
+            with torch.cuda.stream(stream):  # entering a stream costs more than a small copy: only here
+                source = source.contiguous()
+        source = source.view(-1)
         targets, sources, blocks = self._unlaunched.setdefault(device, ([], [], set()))
         for block, _, seg in pieces:
             end = seg.offset + seg.numel
             lane = self._lane_blocks.get(block.block_id)
-            targets.append(flat[seg.offset:end] if lane is None else lane_piece(lane.push_slot, block, seg, tensor.dtype))
+            targets.append(flat[seg.offset:end] if lane is None else slot_piece(lane, False, block, seg, tensor.dtype))
             sources.append(source[seg.offset:end])
             blocks.add(block.block_id)
         self._keep.append(source)
@@ -276,7 +278,7 @@ class Exchange:
         already), and the copy of its values out of the pull slot once the answer is in."""
         if self.op is not P.Pull and name not in self._from_device and name not in self._absent:
             source = self._sources[name][seg.offset:seg.offset + seg.numel]
-            slot = lane_piece(lane.push_slot, block, seg, source.dtype)
+            slot = slot_piece(lane, False, block, seg, source.dtype)
             if lane.on_device:
                 slot.copy_(source)  # a host tensor pushed through a device lane: waits for the copy
             else:

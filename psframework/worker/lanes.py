@@ -45,6 +45,12 @@ def lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Te
     return slot(block.block_id, seg.block_offset * size, seg.numel * size).view(dtype)
 
 
+def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """Where one segment lies in a lane's pull (or push) slot of its block, as a typed tensor."""
+    size = dtype.itemsize
+    return lane.piece(pull, block.block_id, seg.block_offset * size, seg.numel * size, dtype)
+
+
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
                  cuda_ipc: bool = True, row_bytes: int = 0):
@@ -207,7 +213,7 @@ class WorkerLanes:
             return self._read_shared(copies, block)
         to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
         for copy in copies if ok and isinstance(reply, P.Values) else ():
-            source = lane_piece(lane.pull_slot, copy.block, copy.seg, copy.target.dtype)
+            source = slot_piece(lane, True, copy.block, copy.seg, copy.target.dtype)
             if copy.stream is None:
                 _copy_to_host(copy.target, source)
             else:
@@ -253,4 +259,4 @@ def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:
         host_copy(target, source)
 
 
-__all__ = ["LaneCopy", "WorkerLanes", "lane_piece"]
+__all__ = ["LaneCopy", "WorkerLanes", "lane_piece", "slot_piece"]
