@@ -481,8 +481,9 @@ def _one_gpu_child(kind: str, args: dict, log_dir: Path, timeout: float) -> dict
     if kind == "local1":
         return _spawn_children(kind, 1, args, {}, timeout, log_dir)[0]
     chunk = args.get("chunk_mib")
+    trace = str(Path(args["trace"]) / "ps" / args["label"]) if args.get("trace") else None
     with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=args["device"],
-                         chunk_bytes=chunk * MiB if chunk else None) as cluster:
+                         chunk_bytes=chunk * MiB if chunk else None, trace_dir=trace) as cluster:
         env = {**cluster.env(), "PS_CUDA_IPC": args["ipc"]}
         return _spawn_children(kind, 1, args, env, timeout, log_dir)[0]
 

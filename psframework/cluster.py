@@ -28,7 +28,7 @@ class LocalCluster:
                  timing: Optional[Timing] = None, start_timeout: float = 30.0, auth: str = "none",
                  max_message_bytes: Optional[int] = None, elastic: bool = False, restart_servers: bool = False,
                  checkpoint_dir: Optional[str] = None, peer_buffer_bytes: Optional[int] = None,
-                 metrics_port: Optional[int] = None):
+                 metrics_port: Optional[int] = None, trace_dir: Optional[str] = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.log_dir = Path(tempfile.mkdtemp(prefix="ps-local-"))  # mode 0700: the secret lives here
@@ -46,7 +46,8 @@ class LocalCluster:
                                       timing=timing or Timing(), elastic=elastic,
                                       restart_servers=restart_servers,
                                       checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                                      metrics_port=metrics_port, **extra)
+                                      metrics_port=metrics_port,
+                                      trace_dir=str(trace_dir) if trace_dir else None, **extra)
         self.start_timeout = start_timeout
         self.scheduler: str = ""
         self._procs: list[tuple[str, subprocess.Popen]] = []
