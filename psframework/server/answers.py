@@ -54,26 +54,31 @@ class Answers:
 
     def _send(self, unit: Any, pending: Any) -> None:
         if isinstance(pending, RowPending) and pending.lane is not None:
-            self.lanes.answer_rows(pending, self.rows.shapes(pending), lambda into: self.rows.lookup(pending, into),
-                                   unit.version)
+            shapes = self.rows.shapes(pending)
+            self._count_pull(pending, sum(count * dim * 4 for count, dim in shapes))
+            self.lanes.answer_rows(pending, shapes, lambda into: self.rows.lookup(pending, into), unit.version)
             return
         if isinstance(pending, RowPending):
             rows = self.rows.lookup(pending)
             head = P.encode(P.RowValues(req=pending.req, version=unit.version))
             nbytes = sum(r.numel() * r.element_size() for r in rows)
+            self._count_pull(pending, nbytes)
             self._within_credits(unit, pending, nbytes, lambda on_sent: self.io.send_rows(pending, head, rows, on_sent))
             return
         through_lane = pending.lane is not None
         values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=through_lane,
                           shared=through_lane and pending.shared and unit.shared)
         nbytes = sum(unit.nbytes[i] for i in pending.segs)
-        self.recorder.add("psframework_server_pull_bytes", nbytes)
-        self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(pending.lane))
+        self._count_pull(pending, nbytes)
         if pending.lane is not None:
             self.lanes.answer(unit, pending, values)
             return
         self._within_credits(unit, pending, nbytes,
                              lambda on_sent: self.io.send_values(unit, pending, P.encode(values), on_sent))
+
+    def _count_pull(self, pending: Any, nbytes: int) -> None:
+        self.recorder.add("psframework_server_pull_bytes", nbytes)
+        self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(pending.lane))
 
     def _within_credits(self, unit: Any, pending: Any, nbytes: int, send: Callable) -> None:
         if not self.credits.room(pending.peer, nbytes):

@@ -116,6 +116,8 @@ class Requests:
             self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)
             return
         if isinstance(request, P.PushRows):
+            self._count_push(lane, sum(ids.numel() * ids.element_size() + grads.numel() * grads.element_size()
+                                       for _, ids, grads in parts))
             self.answers.fail(self.policy.went_on(request.rank, request.step))
             self._push(channel, RowPush(parts), request)
             self.data.send([P.encode(P.Ack(req=request.req))], peer=peer)

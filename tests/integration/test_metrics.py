@@ -153,6 +153,37 @@ def test_staleness_tables_and_checkpoints_are_measured(make_cluster, tmp_path):
     assert value(samples, "psframework_checkpoint_seconds_count", **scheduler) == 1
 
 
+@pytest.mark.parametrize("row_lane_bytes", [None, "0"], ids=["rows-through-lanes", "rows-over-socket"])
+def test_row_pulls_and_pushes_are_counted_in_bytes_and_data_paths(make_cluster, monkeypatch, row_lane_bytes):
+    """A row pull's answer is pulled bytes and a row push's ids and gradients pushed bytes, on the
+    path they took, as for dense blocks."""
+    if row_lane_bytes is not None:
+        monkeypatch.setenv("PS_ROW_LANE_BYTES", row_lane_bytes)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", metrics_port=0)
+    rounds, dim, ids = 3, 4, torch.arange(40)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({}, optimizer=ps.optim.SGD(lr=1.0), tables={"emb": ps.nn.Embedding(100, dim)},
+                        sparse_optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(rounds):
+            worker.pull_rows("emb", ids).wait(timeout=10)
+            worker.push_rows("emb", ids, torch.ones(ids.numel(), dim)).wait(timeout=10)
+        host = worker.membership.welcome.host
+        servers = [{"role": "server", "rank": r, "host": host} for r in range(2)]
+        path = "lane" if row_lane_bytes is None and worker.lanes.lanes else "socket"
+        pulled, pushed = rounds * ids.numel() * dim * 4, rounds * ids.numel() * (8 + dim * 4)
+
+        def total(samples: dict, name: str, **labels) -> float:
+            got = [value(samples, name, **labels, **server) for server in servers]
+            return sum(v for v in got if v == v)
+
+        samples = scrape_until(cluster.metrics_address, lambda s: total(
+            s, "psframework_server_pull_bytes_total") == pulled and total(s, "psframework_server_push_bytes_total") == pushed)
+        worker.barrier()
+    assert total(samples, "psframework_server_pull_bytes_total") == pulled
+    assert total(samples, "psframework_server_push_bytes_total") == pushed
+    assert total(samples, "psframework_data_path_bytes_total", path=path) == pulled + pushed
+
+
 def test_a_restarted_server_is_counted_and_up_again(make_cluster, tmp_path):
     cluster = make_cluster(num_servers=1, num_workers=1, mode="async", restart_servers=True,
                            checkpoint_dir=str(tmp_path), metrics_port=0)
