@@ -88,36 +88,39 @@ def _median_ms(fn, repeats: int, warmup: int) -> float:
 def bench_apply(shard_bytes: int, repeats: int, warmup: int) -> list[dict]:
     dev = torch.device("cuda:0")
     n = shard_bytes // 4
-    rows = []
-    src = torch.randn(n, device=dev)
-    dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), repeats, warmup)
+    copy_ms = _copy_ms(n, dev, repeats, warmup)
     copy_gbs = 2 * shard_bytes / (copy_ms / 1e3) / GB
-    rows.append({"rule": "device-to-device copy", "impl": "copy_", "traffic": 2, "ms": copy_ms,
-                 "GB/s": copy_gbs, "vs copy": 1.0})
-    del src, dst
+    rows = [{"rule": "device-to-device copy", "impl": "copy_", "traffic": 2, "ms": copy_ms,
+             "GB/s": copy_gbs, "vs copy": 1.0}]
     cases = [("SGD momentum", ps.optim.SGD(lr=0.01, momentum=0.9), 5),
              ("Adam", ps.optim.Adam(lr=1e-3), 7)]
     for name, spec, traffic in cases:
         for impl in ("ShardOptimizer", "foreach"):
-            param = torch.randn(n, device=dev)
-            grad = torch.randn(n, device=dev) * 1e-3
-            if impl == "ShardOptimizer":
-                opt = ShardOptimizer(spec, [param])
-                used = "fused" if opt.opt.param_groups[0].get("fused") else "foreach"
-                step = lambda: opt.step({0: grad})  # noqa: E731
-            else:  # torch's multi-tensor path, for comparison
-                param.grad = grad
-                plain = spec.torch_class([param], **spec.hyperparameters(), foreach=True)
-                used = "foreach (torch.optim)"
-                step = plain.step
-            ms = _median_ms(step, repeats, warmup)
+            used, ms = _apply_ms(spec, impl, n, dev, repeats, warmup)
             gbs = traffic * shard_bytes / (ms / 1e3) / GB
             rows.append({"rule": name, "impl": f"{impl}: {used}", "traffic": traffic, "ms": ms, "GB/s": gbs,
                          "vs copy": gbs / copy_gbs})
-            del param, grad, step
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the last case's tensors are gone with its call
     return rows
+
+
+def _copy_ms(n: int, dev: torch.device, repeats: int, warmup: int) -> float:
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    return _median_ms(lambda: dst.copy_(src), repeats, warmup)
+
+
+def _apply_ms(spec, impl: str, n: int, dev: torch.device, repeats: int, warmup: int) -> tuple[str, float]:
+    """One optimizer step over ``n`` parameters: ours (ShardOptimizer) or torch's foreach path."""
+    param = torch.randn(n, device=dev)
+    grad = torch.randn(n, device=dev) * 1e-3
+    if impl == "ShardOptimizer":
+        opt = ShardOptimizer(spec, [param])
+        used = "fused" if opt.opt.param_groups[0].get("fused") else "foreach"
+        return used, _median_ms(lambda: opt.step({0: grad}), repeats, warmup)
+    param.grad = grad  # torch's multi-tensor path, for comparison
+    plain = spec.torch_class([param], **spec.hyperparameters(), foreach=True)
+    return "foreach (torch.optim)", _median_ms(plain.step, repeats, warmup)
 
 
 # ------------------------------------------------------------------------------------------ 2. push_pull
