@@ -45,7 +45,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,7 +59,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import child_env, read_json_lines, tail  # noqa: E402
+from benchmarks._common import child_env, free_port, read_json_lines, tail  # noqa: E402
 from benchmarks._embeddings_report import Report, best_auc, summarize  # noqa: E402
 from benchmarks._embeddings_watch import MemoryWatch, mem_available_bytes  # noqa: E402
 from psframework.procs import exit_description, spawn, stop_all  # noqa: E402
@@ -119,12 +118,6 @@ def torch_bytes(cfg: Config, samples: int) -> int:
     return rows * ctr.DIM * 4 * 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Outcome:
     status: str                         # ok | failed | skipped
@@ -149,7 +142,7 @@ class Runner:
         if cfg.variant == "torch":
             return [("torch", worker + ["torch", *common])]
         if cfg.variant == "ddp":
-            port = str(_free_port())
+            port = str(free_port())
             return [(f"ddp rank {r}", worker + ["ddp", "--rank", str(r), "--world", str(cfg.workers), "--port", port,
                                                *common]) for r in range(cfg.workers)]
         launch = [sys.executable, "-m", "psframework.launch", "-n", str(cfg.workers), "-s", str(cfg.servers),

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ import torch  # noqa: E402
 
 import psframework as ps  # noqa: E402
 from benchmarks import _one_gpu as one  # noqa: E402
+from benchmarks._common import free_port  # noqa: E402
 from psframework.optim import ShardOptimizer  # noqa: E402
 
 GB = 1e9
@@ -347,12 +347,6 @@ def _synchronize(device: torch.device) -> None:
 CHILDREN = {"local": run_local, "ddp": run_ddp, "ps": run_ps, "local1": run_local_one_gpu, "ps1": run_ps_one_gpu}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_children(kind: str, n: int, args: dict, env: dict, timeout: float, log_dir: Path) -> list[dict]:
     procs, outs = [], []
     for rank in range(n):
@@ -420,7 +414,7 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
                     env = {**cluster.env(), "PS_SHM": "1" if extra["shm"] else "0"}
                     results = _spawn_children(kind, n, args, env, timeout, log_dir)
             elif kind == "ddp":
-                env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
+                env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n),
                        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
                 results = _spawn_children(kind, n, args, env, timeout, log_dir)
             else:

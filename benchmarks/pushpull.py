@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from psframework import LocalCluster  # noqa: E402
 from psframework.config import DEFAULT_CHUNK_BYTES  # noqa: E402
-from benchmarks._common import child_env, read_json_lines, tail  # noqa: E402
+from benchmarks._common import child_env, free_port, read_json_lines, tail  # noqa: E402
 from psframework.procs import spawn, stop_all  # noqa: E402
 
 CHILD = str(HERE / "_pushpull_worker.py")
@@ -112,15 +111,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ----------------------------------------------------------------------------- gloo
-
-
 def _gloo_rank(rank: int, world: int, port: int, mibs: list[int], repeats: int, warmup: int, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -149,7 +139,7 @@ def run_gloo(world: int, mibs: list[int], repeats: int, warmup: int, workdir: Pa
     import torch.multiprocessing as tmp
 
     out = workdir / f"gloo-{world}"
-    context = tmp.start_processes(_gloo_rank, args=(world, _free_port(), mibs, repeats, warmup, str(out)),
+    context = tmp.start_processes(_gloo_rank, args=(world, free_port(), mibs, repeats, warmup, str(out)),
                                   nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     seen = 0

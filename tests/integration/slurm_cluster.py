@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+from tests.ports import free_ports
 
 MUNGE_DIR = Path("/run/munge")
 MUNGE_PID = MUNGE_DIR / "munged.pid"
@@ -95,7 +96,7 @@ def _write_config(d: Path) -> Path:
     for sub in ("state", "spool/n1", "spool/n2"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]
-    ctld, *node_ports = _free_ports(1 + len(NODES))
+    ctld, *node_ports = free_ports(1 + len(NODES))
     nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} "
                       "RealMemory=1024" for n, p in zip(NODES, node_ports))
     conf = d / "slurm.conf"
@@ -127,17 +128,6 @@ SlurmdLogFile={d}/d-%n.log
 PartitionName=test Nodes=ALL Default=YES MaxTime=10 State=UP
 """)
     return conf
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _wait_idle(cluster: SlurmCluster) -> None:

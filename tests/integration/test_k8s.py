@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 
 from psframework.launch.cli import main
 from tests.integration.launch_helpers import REPO, TRAIN_SCRIPT, assert_no_leftovers, reference_params
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,12 +55,6 @@ def test_manifests_validate_against_the_kubernetes_schemas(tmp_path):
 def test_bad_name_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["k8s", "--name", "Bad_Name", "--image", "x", "--", "python", "t.py"])
     assert result.exit_code == 2 and "Kubernetes name" in result.output
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pod_env(container: dict, job_name: str, index: int, secret_dir: Path, service: str) -> dict[str, str]:
@@ -104,7 +98,7 @@ def test_the_manifests_job_trains(tmp_path):
     name = f"pstest-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "out"
     out.mkdir()
-    docs = _generate(tmp_path, name, "-n", "2", "-s", "2", "--port", str(_free_port()), "--python", PY,
+    docs = _generate(tmp_path, name, "-n", "2", "-s", "2", "--port", str(free_port()), "--python", PY,
                      "--server-device", "cpu", "--", PY, str(TRAIN_SCRIPT), str(out))
     pods = _emulate(docs, tmp_path)
     try:

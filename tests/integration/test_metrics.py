@@ -17,6 +17,7 @@ from psframework.metrics import MetricsServer
 from psframework.procs import spawn, stop_all
 from psframework.top import scrape  # every sample: (name, sorted labels) -> value
 from tests.threads import run_in_threads
+from tests.ports import free_port
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is in the dev extras")
 
@@ -254,14 +255,6 @@ def test_ps_launch_top_shows_a_running_job(make_cluster):
     assert float(worker[2]) >= 1 and float(worker[3]) > 0, result.stdout  # it steps while we watch
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 PROMETHEUS = shutil.which("prometheus")
 
 
@@ -271,7 +264,7 @@ def test_a_real_prometheus_scrapes_the_job(make_cluster, tmp_path):
 
     cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", metrics_port=0)
     target = cluster.metrics_address.split("//", 1)[1].rsplit("/", 1)[0]
-    config, port = tmp_path / "prometheus.yml", _free_port()
+    config, port = tmp_path / "prometheus.yml", free_port()
     config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: psframework\n"
                       f"    static_configs:\n      - targets: ['{target}']\n")
     with open(tmp_path / "prometheus.log", "wb") as log:
