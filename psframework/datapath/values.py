@@ -53,6 +53,11 @@ def _header_bytes(num_blocks: int) -> int:
     return (TOKEN_BYTES + 8 * num_blocks + 8 + _PAGE - 1) // _PAGE * _PAGE
 
 
+def _file_bytes(blocks: list[tuple[int, int]]) -> int:
+    """The size of a values file: the header, then every block's region."""
+    return _header_bytes(len(blocks)) + lane_layout(blocks)[1]
+
+
 class SharedValues:
     """The mapped file of a server's block values, with each block's region and sequence number."""
 
@@ -60,7 +65,7 @@ class SharedValues:
         self.path = path  # where the workers open it: the server's descriptor of it
         self.fd = fd  # the server's descriptor, kept while workers may still open it
         self.memory = memory
-        self.offsets, self.area_bytes = lane_layout(blocks)
+        self.offsets = lane_layout(blocks)[0]
         self.index = {block_id: i for i, (block_id, _) in enumerate(sorted(blocks))}
         self._base = _header_bytes(len(blocks))
         # one int64 per block, 8-byte aligned after the token
@@ -70,15 +75,14 @@ class SharedValues:
     def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "SharedValues":
         """Create and map a new file (the server's side); OSError if the memory is not there."""
         blocks = sorted(blocks)
-        fd, path, memory = create_mapped(name, _header_bytes(len(blocks)) + lane_layout(blocks)[1])
+        fd, path, memory = create_mapped(name, _file_bytes(blocks))
         return cls(path, memory, blocks, fd=fd)
 
     @classmethod
     def attach(cls, path: str, token: bytes, blocks: Iterable[tuple[int, int]]) -> "SharedValues":
         """Map a server's file (a worker's side), checking its size and token."""
         blocks = sorted(blocks)
-        size = _header_bytes(len(blocks)) + lane_layout(blocks)[1]
-        return cls(Path(path), map_checked(path, size, token, "shared values"), blocks)
+        return cls(Path(path), map_checked(path, _file_bytes(blocks), token, "shared values"), blocks)
 
     @property
     def token(self) -> bytes:
