@@ -143,11 +143,11 @@ class RowStore:
 
     def lookup(self, pending: RowPending, into: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
         """The rows a pull asks for, on the host, contiguous; or written ``into`` these tensors."""
-        found = [self.tables[index].lookup(ids.to(self.device), pending.train) for index, ids in pending.lookups]
         if into is None:
-            return [rows.cpu().contiguous() for rows in found]
-        for target, rows in zip(into, found):
-            target.copy_(rows)
+            return [self.tables[index].lookup(ids.to(self.device), pending.train).cpu().contiguous()
+                    for index, ids in pending.lookups]
+        for target, (index, ids) in zip(into, pending.lookups):
+            self.tables[index].lookup(ids.to(self.device), pending.train, out=target)
         return into
 
     def shapes(self, pending: RowPending) -> list[tuple[int, int]]:

@@ -56,8 +56,9 @@ class Table:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def lookup(self, ids: torch.Tensor, train: bool) -> torch.Tensor:
-        """The rows of ``ids`` (distinct int64); a training lookup creates the admitted ones."""
+    def lookup(self, ids: torch.Tensor, train: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rows of ``ids`` (distinct int64); a training lookup creates the admitted ones.
+        ``out``: where to write them (a lane's row area on the host), instead of a fresh tensor."""
         self.tick += 1
         slots = self.index.lookup(ids)
         if train:
@@ -71,7 +72,16 @@ class Table:
                     self._touch(created[created >= 0])
         known = slots >= 0
         if bool(known.all()):  # the common case: one gather, no masks
-            return self.values.index_select(0, slots)
+            if out is None:
+                return self.values.index_select(0, slots)
+            if out.device == self.values.device:
+                return torch.index_select(self.values, 0, slots, out=out)
+            return out.copy_(self.values.index_select(0, slots))
+        rows = self._rows_or_initial(ids, slots, known)
+        return rows if out is None else out.copy_(rows)
+
+    def _rows_or_initial(self, ids: torch.Tensor, slots: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Rows by slot where ``known``, the ids' initial rows elsewhere."""
         out = torch.empty(ids.numel(), self.spec.dim, device=self.device)
         out[known] = self.values[slots[known]]
         out[~known] = rowhash.initial_rows(self.spec, ids[~known])
