@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -362,3 +363,23 @@ def test_pushes_say_whether_more_of_their_exchange_follow(make_cluster):
         follow = [True] * (blocks[server] - 1) + [False]
         assert [h.more for h in pushes] == follow * 2
         assert not any(h.more for h in headers if isinstance(h, P.Pull))
+
+
+def test_a_local_cluster_traces_every_process(make_cluster, monkeypatch, tmp_path):
+    """``LocalCluster(trace_dir=...)``: its scheduler and servers, and a worker started with
+    ``cluster.env()``, record their events there; ``trace.merge`` joins them."""
+    from psframework.trace import merge
+
+    cluster = make_cluster(num_servers=1, num_workers=1, trace_dir=tmp_path / "traces")
+    for key, val in cluster.env().items():
+        monkeypatch.setenv(key, val)
+    with ps.init() as worker:
+        params = {"w": torch.zeros(8)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        worker.push_pull({"w": torch.ones(8)}, into=params).wait(timeout=10)
+    assert set(cluster.wait(timeout=20).values()) == {0}
+    path, processes = merge(str(tmp_path / "traces"))
+    events = json.loads(path.read_text())["traceEvents"]
+    tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert processes == 3 and sorted(tracks.values()) == ["scheduler 0", "server 0", "worker 0"]
+    assert {tracks[e["pid"]] for e in events if e["ph"] == "X"} >= {"server 0", "worker 0"}
