@@ -33,6 +33,7 @@ _LAZY = {
     "DistributedOptimizer": ".training",
     "Future": ".worker",
     "LocalCluster": ".cluster",
+    "Reader": ".reader",
     "Worker": ".worker",
     "init": ".worker",
 }
@@ -40,6 +41,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from . import compress, nn, optim
     from .cluster import LocalCluster
+    from .reader import Reader
     from .training import DistributedOptimizer
     from .worker import Future, Worker, init
 
@@ -70,6 +72,7 @@ __all__ = [
     "PSTimeoutError",
     "PeerLostError",
     "ProtocolError",
+    "Reader",
     "RegistrationError",
     "RolledBackError",
     "Worker",

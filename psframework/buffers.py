@@ -1,4 +1,4 @@
-"""Zero-copy byte views of tensors, and dtype names on the wire."""
+"""Zero-copy byte views of tensors, received frames as tensors, and dtype names on the wire."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         raise ValueError("host_copy needs contiguous CPU tensors of the same size in bytes")
     if nbytes:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+
+
+def host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
+    """A received frame as a flat tensor, without a copy where its memory is aligned."""
+    if not len(memoryview(frame)):
+        return torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(frame, dtype=dtype)
+    # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
+    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
 
 
 def dtype_from_name(name: str) -> torch.dtype:

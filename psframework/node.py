@@ -298,20 +298,9 @@ def join_cluster(transport: Transport, config: NodeConfig, role: str, address: s
                     version=P.VERSION)
     try:
         sock.send([P.encode(hello)])
-        deadline = time.monotonic() + config.start_timeout
-        while time.monotonic() < deadline:
-            if wait is not None:
-                wait()
-            if not transport.poll([sock], POLL_SLICE):
-                continue
-            _, head = sock.recv_header()
-            sock.skip_rest()
-            reply = P.decode(head)
-            if isinstance(reply, P.Welcome):
-                P.check_version(reply.version, f"the scheduler on {reply.host}", f"this {role} on {config.host}")
-                return Membership(transport, sock, config, role, reply)
-            if isinstance(reply, P.Error):
-                raise error_for(reply.kind, reply.message)
+        welcome = await_welcome(transport, sock, P.Welcome, config.start_timeout, f"this {role} on {config.host}", wait)
+        if welcome is not None:
+            return Membership(transport, sock, config, role, welcome)
         raise PSTimeoutError(
             f"{role} on {config.host} got no welcome from the scheduler at {config.scheduler} within "
             f"{config.start_timeout} s: is the scheduler running, and did every server and worker start?")
@@ -320,4 +309,25 @@ def join_cluster(transport: Transport, config: NodeConfig, role: str, address: s
         raise
 
 
-__all__ = ["Membership", "POLL_SLICE", "describe", "join_cluster"]
+def await_welcome(transport: Transport, sock: Socket, kind: type, timeout: float, me: str,
+                  wait: Optional[Callable[[], None]] = None) -> Optional[P.Message]:
+    """The scheduler's welcome of ``kind`` on ``sock``, its version checked; an error it answers with
+    is raised; None if nothing came within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if wait is not None:
+            wait()
+        if not transport.poll([sock], POLL_SLICE):
+            continue
+        _, head = sock.recv_header()
+        sock.skip_rest()
+        reply = P.decode(head)
+        if isinstance(reply, kind):
+            P.check_version(reply.version, f"the scheduler on {reply.host}", me)
+            return reply
+        if isinstance(reply, P.Error):
+            raise error_for(reply.kind, reply.message)
+    return None
+
+
+__all__ = ["Membership", "POLL_SLICE", "await_welcome", "describe", "join_cluster"]

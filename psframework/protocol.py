@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import hashlib
+import hmac
 from typing import Any, Optional, Union
 
 import msgpack
@@ -24,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 7  # 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 8  # 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -85,6 +86,20 @@ class Welcome(Message, tag="welcome"):
     token: str = ""  # this node's proof of who it is: heartbeats carry it, a worker introduces itself to servers with it
     max_message_bytes: int = 0  # the largest frame the job's processes accept (0: not said)
     worker_keys: dict[int, str] = {}  # servers: sha256 of each worker's token, to check introductions
+    reader_key: str = ""  # servers: the key readers' tokens are made with (``reader_token``)
+
+
+class ReaderWelcome(Message, tag="reader_welcome"):
+    """The scheduler's answer to a reader's hello, once the job's tensors are registered."""
+    reader: int
+    token: str  # ``reader_token`` of the job's reader key: servers check it without being told
+    servers: list[str]
+    shard_map: dict[str, Any]
+    mode: str
+    host: str  # the scheduler's
+    version: int = 0
+    heartbeat_timeout: float = 10.0
+    max_message_bytes: int = 0
 
 
 class Heartbeat(Message, tag="heartbeat"):
@@ -254,6 +269,21 @@ class Introduce(Message, tag="introduce"):
     token: str
 
 
+class IntroduceReader(Message, tag="introduce_reader"):
+    """A reader's first message on a connection to a server (no answer): it may read, nothing else."""
+    reader: int
+    token: str
+
+
+class Read(Message, tag="read"):
+    """A reader's pull of a block's segments (``segs`` None: all), answered with ``Values`` once the
+    block's version is at least ``at_least``: never counted in any step."""
+    req: int
+    block: int
+    segs: Optional[list[int]] = None
+    at_least: int = 0
+
+
 class Mark(Message, tag="mark"):
     """A sync worker's step pushes nothing to this server (no answer): a step of the worker's that
     a server sees without a block it waits for shows that the workers push different tensors."""
@@ -284,6 +314,11 @@ class PullRows(RowRequest, tag="pull_rows"):
 
 class PushRows(RowRequest, tag="push_rows"):
     pass
+
+
+class ReadRows(RowRequest, tag="read_rows"):
+    """A reader's lookup of rows (``rank``: the reader): answered with the current rows; never
+    creates a row, never counted in any step."""
 
 
 class InitRows(RowRequest, tag="init_rows"):
@@ -366,7 +401,8 @@ class Error(Message, tag="error"):
 
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
-       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark, Attach, AttachDevice, Ack, Attached, Values, Stats, StatsReply, Error)
+       Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark,
+       ReaderWelcome, IntroduceReader, Read, ReadRows, Attach, AttachDevice, Ack, Attached, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -424,6 +460,12 @@ def token_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def reader_token(key: str, reader: int) -> str:
+    """Reader ``reader``'s token: an HMAC of the job's reader key, so that servers check a reader's
+    introduction with the key they were given at their welcome, whenever the reader came."""
+    return hmac.new(bytes.fromhex(key), f"reader {reader}".encode(), hashlib.sha256).hexdigest()
+
+
 def check_version(peer_version: int, peer: str, me: str) -> None:
     """Refuse a peer that speaks another protocol version."""
     if peer_version != VERSION:
@@ -435,8 +477,8 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "AttachDevice", "Attached", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
-    "Hello", "Init", "InitRows", "Introduce", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
+    "Hello", "Init", "InitRows", "Introduce", "IntroduceReader", "Read", "ReadRows", "ReaderWelcome", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
-    "check_version", "decode", "encode", "request_id", "token_key",
+    "check_version", "decode", "encode", "reader_token", "request_id", "token_key",
 ]

@@ -35,6 +35,7 @@ from ..trace import Tracer, parse_steps
 from ..security import load_secret
 from ..transport import Transport, ZmqTransport
 from .collectives import Collectives
+from .readers import Readers
 from .registration import Registration
 from .rollback import Rollback
 from .roster import DEAD, LEFT, LIVE, RESTORING, ROLES, Node, Roster, ServerClaims
@@ -59,6 +60,7 @@ class Scheduler:
                                        lambda: self.registration.optimizer,
                                        lambda: (self.rollback.epoch, self.rollback.step), self.recorder)
         self.rollback = Rollback(self.roster, self._send, self.collectives.checkpoint_dir)
+        self.readers = Readers(self.roster, self.registration, self._send)
         self._started_at = time.monotonic()
         self._shutdown_at: Optional[float] = None
         self._failed = False
@@ -88,6 +90,7 @@ class Scheduler:
             while True:
                 if self.transport.poll([self.socket], POLL_SLICE):
                     self._drain()
+                self.readers.welcome_waiting()
                 now = time.monotonic()
                 self._publish_metrics(now)
                 if not self.roster.running:
@@ -182,6 +185,9 @@ class Scheduler:
             P.check_version(hello.version, f"the {hello.role} on {hello.host}", f"the scheduler on {self.config.host}")
         except ProtocolError as exc:
             raise P.Rejected(P.PROTOCOL, str(exc)) from None
+        if hello.role == "reader":
+            self.readers.on_hello(peer, hello)
+            return
         if hello.role not in ROLES:
             raise P.Rejected(P.PROTOCOL, f"hello from unknown role {hello.role!r}")
         if hello.role == "server" and not hello.address:
@@ -294,6 +300,7 @@ class Scheduler:
         message = f"{node} died ({node.reason})"
         self.collectives.fail(message)
         self.registration.fail(P.PEER_LOST, f"register cannot complete: {message}")
+        self.readers.fail(f"the job failed before its tensors were registered: {message}")
 
     def _on_bye(self, peer: bytes, bye: P.Bye) -> None:
         node = self.roster.node("worker", bye.rank, peer)
@@ -323,6 +330,7 @@ class Scheduler:
         if self._shutdown_at is None and all(n.state != LIVE for n in self.roster.workers()):
             # linger for a few heartbeats so every server hears that the job is over
             self._shutdown_at = time.monotonic() + 3 * self.config.timing.heartbeat_interval
+            self.readers.fail("the job is over: every worker finished; there is nothing to read any more")
             log.info("all workers are done; shutting the job down")
 
 

@@ -55,6 +55,7 @@ class Roster:
         self.nodes: dict[tuple[str, int], Node] = {}
         self.epoch = 0  # bumped on every membership change; lets nodes drop stale heartbeat answers
         self._published: list[str] = []  # server addresses workers send to
+        self.reader_key = secrets.token_hex(32)  # readers' tokens are made with it (protocol.reader_token)
 
     @property
     def running(self) -> bool:
@@ -106,7 +107,8 @@ class Roster:
                          heartbeat_interval=c.timing.heartbeat_interval,
                          heartbeat_timeout=c.timing.heartbeat_timeout, chunk_bytes=c.chunk_bytes,
                          host=c.host, version=P.VERSION, server_device=c.server_device, elastic=c.elastic,
-                         token=node.token, worker_keys=keys, max_message_bytes=c.max_message_bytes)
+                         token=node.token, worker_keys=keys, max_message_bytes=c.max_message_bytes,
+                         reader_key=self.reader_key if node.role == "server" else "")
 
     # -- lookups -------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from .credits import ReplyCredits
 from .device import DeviceIO, device_io
 from .lanes import ServerLanes
 from .policy import Policy, policy_for
+from .reads import Reads
 from .requests import Requests
 from .rows import RowStore
 from .speakers import Speakers
@@ -68,6 +69,7 @@ class Server:
         self.policy: Optional[Policy] = None
         self.answers: Optional[Answers] = None
         self.requests: Optional[Requests] = None
+        self.reads: Optional[Reads] = None
         self.credits = ReplyCredits(config.peer_buffer_bytes)
         self._speakers = Speakers(lambda worker: self.membership.declared_dead(worker))
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
@@ -110,8 +112,10 @@ class Server:
                                self.recorder, self.tracer)
         self.requests = Requests(self.data, self.io, self.lanes, self.store, self.rows, self.policy, self.answers,
                                  m.num_workers, m.rank, self._check_rollback, self.recorder, self.tracer)
+        self.reads = Reads(self.data, self.store, self.rows, self.answers)
         m.stats_source = self._metrics
         self._speakers.know(m.welcome.worker_keys)
+        self._speakers.know_reader_key(m.welcome.reader_key)
 
     def close(self) -> None:
         if self.io is not None:
@@ -296,6 +300,14 @@ class Server:
             self.data.skip_rest()
             self._speakers.introduce(peer, message)
             return
+        if isinstance(message, P.IntroduceReader):
+            self.data.skip_rest()
+            self._speakers.introduce_reader(peer, message)
+            return
+        if isinstance(message, (P.Read, P.ReadRows)):
+            read = self.reads.on_read if isinstance(message, P.Read) else self.reads.on_read_rows
+            read(peer, self._speakers.reader(peer, message), message)
+            return
         self._speakers.check(peer, message)
         if isinstance(message, P.BlockRequest):
             self.requests.on_block(peer, message)
@@ -324,7 +336,7 @@ class Server:
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
-                "shared_answers": self.lanes.shared_answers,
+                "shared_answers": self.lanes.shared_answers, "reads": self.reads.count,
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
                 "push_bytes": self.io.push_bytes,

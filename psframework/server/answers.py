@@ -40,7 +40,7 @@ class Answers:
         for unit in units:
             waiting = []
             for pending in unit.pulls:
-                if self.policy.pull_ready(unit, pending):
+                if unit.version >= pending.need_version if pending.reader else self.policy.pull_ready(unit, pending):
                     self.send(unit, pending)
                 else:
                     waiting.append(pending)
@@ -83,7 +83,8 @@ class Answers:
     def _within_credits(self, unit: Any, pending: Any, nbytes: int, send: Callable) -> None:
         if not self.credits.room(pending.peer, nbytes):
             if not self.credits.defer(pending.peer, (unit, pending)):
-                why = (f"worker {pending.rank} has {self.credits.max_deferred} pulls waiting for it to read earlier "
+                who = f"{'reader' if pending.reader else 'worker'} {pending.rank}"
+                why = (f"{who} has {self.credits.max_deferred} pulls waiting for it to read earlier "
                        "answers; read your answers (wait() for your futures)")
                 self.error(pending, P.Rejected(P.BAD_REQUEST, why))
             return
@@ -121,7 +122,7 @@ class Answers:
         for unit in units:
             still = []
             for pending in unit.pulls:
-                reason = self.policy.impossible(unit, pending, gone)
+                reason = None if pending.reader else self.policy.impossible(unit, pending, gone)
                 if reason is None:
                     still.append(pending)
                 else:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import protocol as P
-from ..buffers import byte_view, host_copy
+from ..buffers import byte_view, host_copy, host_tensor
 from ..compress import Codec, payload_bytes
 from ..devices import Staging, StagingRing
 from ..transport import Socket
@@ -320,15 +320,6 @@ class CudaIO(DeviceIO):
         self._outbox.clear()
 
 
-def host_tensor(frame: object, dtype: torch.dtype) -> torch.Tensor:
-    """A received frame as a flat tensor, without a copy where its memory is aligned."""
-    if not len(memoryview(frame)):
-        return torch.empty(0, dtype=dtype)
-    tensor = torch.frombuffer(frame, dtype=dtype)
-    # ZeroMQ lands messages under 8 KiB at any offset of its read buffer; copy those few bytes
-    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
-
-
 def _same_gpu(a: torch.device, b: torch.device) -> bool:
     index = torch.cuda.current_device
     return a.type == b.type == "cuda" and (a.index if a.index is not None else index()) == (
@@ -343,4 +334,4 @@ def device_io(data: Socket, device: torch.device) -> DeviceIO:
     return CudaIO(data, device) if device.type == "cuda" else HostIO(data)
 
 
-__all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io", "host_tensor"]
+__all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io"]

@@ -17,13 +17,13 @@ import torch
 
 from .. import protocol as P
 from .. import rowhash
+from ..buffers import host_tensor
 from ..datapath.lane import ROW_PULLS, ROW_PUSHES, Lane, fits_row_area
 from ..errors import ConfigError
 from ..optim import optimizer_from_wire
 from ..sharding import ShardMap
 from ..tables import capacity_share
 from ..transport import Socket
-from .device import host_tensor
 from .row_rules import check_rule
 from .table import Table
 
@@ -61,6 +61,7 @@ class RowPending:
     lookups: list[tuple[int, torch.Tensor]]
     train: bool
     lane: Optional[Lane] = None  # the lane whose row area the answer goes into
+    reader: bool = False  # a reader's (``rank``: the reader), answered at once
 
 
 class RowStore:
@@ -93,7 +94,7 @@ class RowStore:
         if len(request.tables) != len(request.counts) or len(set(request.tables)) != len(request.tables):
             raise P.Rejected(P.BAD_REQUEST, "a row request needs one count per table, each table once")
         take = self._frame_reader(data) if lane is None else _area_reader(lane, request)
-        with_values = not isinstance(request, P.PullRows)
+        with_values = not isinstance(request, (P.PullRows, P.ReadRows))
         if lane is not None and not with_values:
             self._check_answer_fits(request, lane)
         parts = []

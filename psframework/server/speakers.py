@@ -7,6 +7,9 @@ worker. Every later message on the connection must speak for that worker and no 
 a request, an attach (a lane), a mark. A connection that has not introduced itself gets nothing, nor
 does a worker the scheduler declared dead (the job went on without it), from the moment this server
 hears of it until a new process takes its rank.
+
+A reader (``psframework/reader.py``) introduces itself with ``IntroduceReader`` and a token made
+from the reader key of the server's welcome; its connection may read, and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Speakers:
         self._declared_dead = declared_dead
         self._keys: dict[int, str] = {}  # worker -> sha256 of its token
         self._bound: dict[bytes, int] = {}  # connection -> the worker it introduced itself as
+        self._reader_key = ""
+        self._readers: dict[bytes, int] = {}  # connection -> the reader it introduced itself as
         self._refusals = RateLimitedLog(log)
 
     def know(self, keys: dict[int, str]) -> None:
@@ -43,10 +48,31 @@ class Speakers:
             return
         self._bound[peer] = message.rank
 
+    def know_reader_key(self, key: str) -> None:
+        self._reader_key = key
+
+    def introduce_reader(self, peer: bytes, message: P.IntroduceReader) -> None:
+        if not self._reader_key or message.reader < 0 or not secrets.compare_digest(
+                P.reader_token(self._reader_key, message.reader), message.token):
+            self._refusals.warning("refused a connection that introduced itself as reader %d without its token (%r)",
+                                   message.reader, peer)
+            return
+        self._readers[peer] = message.reader
+
+    def reader(self, peer: bytes, message: P.Message) -> int:
+        """The reader ``peer`` introduced itself as; ``Rejected`` if it did not."""
+        reader = self._readers.get(peer)
+        if reader is None or getattr(message, "rank", reader) != reader:
+            self._refusals.warning("refused %s from %r: not a reader's connection", type(message).__name__, peer)
+            raise P.Rejected(P.PROTOCOL, "this connection did not introduce itself as this reader of the job")
+        return reader
+
     def check(self, peer: bytes, message: P.Message) -> None:
         """``Rejected`` unless ``peer`` introduced itself as the worker ``message`` speaks for."""
         claimed = getattr(message, "rank", None)
         bound = self._bound.get(peer)
+        if bound is None and peer in self._readers:
+            raise P.Rejected(P.PROTOCOL, f"a reader may only read; {type(message).__name__} is for workers")
         if bound is None:
             self._refusals.warning("refused %s from %r: the connection did not introduce itself", type(message).__name__,
                                    peer)

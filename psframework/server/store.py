@@ -36,6 +36,7 @@ class Pending:
     lane: Optional[Any] = None  # answer through this lane of the worker's (``datapath.lane.Slots``)
     codecs: list = field(default_factory=list)  # of each of ``segs`` in the answer (None: raw; []: all raw)
     shared: bool = False  # the worker reads the answer's values from our shared values, if the block is there
+    reader: bool = False  # a reader's (``rank``: the reader): answered once the block's version is ``need_version``
 
 
 @dataclass
@@ -169,22 +170,27 @@ class DenseStore:
         self.optimizer = ShardOptimizer(spec, params)
         return list(mine)
 
+    def segments(self, block: int, segs: Optional[list[int]]) -> tuple[BlockState, list[int]]:
+        """A block held here and the segments asked of it (None: all); ``Rejected`` for a bad one."""
+        state = self.blocks.get(block)
+        if state is None:
+            raise P.Rejected(P.BAD_REQUEST, f"block {block} is not held by server {self.rank}")
+        n = len(state.block.segments)
+        segs = list(range(n)) if segs is None else segs
+        if not all(0 <= i < n for i in segs) or len(set(segs)) != len(segs):
+            raise P.Rejected(P.BAD_REQUEST, f"bad segment list for block {block}")
+        if state.broken is not None:
+            raise P.Rejected(P.CONFIG, state.broken)
+        return state, segs
+
     def resolve(self, request: P.BlockRequest, num_workers: int) -> tuple[BlockState, list[int], list[int]]:
         """The block a request is about, its segments, and those of them it pushes a gradient for;
         ``Rejected`` for anything it may not ask."""
         if self.optimizer is None:
             raise P.Rejected(P.BAD_REQUEST, "this server has no tensors yet: call register() first")
-        state = self.blocks.get(request.block)
-        if state is None:
-            raise P.Rejected(P.BAD_REQUEST, f"block {request.block} is not held by server {self.rank}")
         if not 0 <= request.rank < num_workers:
             raise P.Rejected(P.BAD_REQUEST, f"bad worker rank {request.rank}")
-        n = len(state.block.segments)
-        segs = list(range(n)) if request.segs is None else request.segs
-        if not all(0 <= i < n for i in segs) or len(set(segs)) != len(segs):
-            raise P.Rejected(P.BAD_REQUEST, f"bad segment list for block {request.block}")
-        if state.broken is not None:
-            raise P.Rejected(P.CONFIG, state.broken)
+        state, segs = self.segments(request.block, request.segs)
         if request.dtype and request.dtype != state.block.dtype:
             keys = ", ".join(state.block.segments[i].key for i in segs)
             raise P.Rejected(P.BAD_REQUEST, f"dtype {request.dtype} does not match {state.block.dtype} of {keys}")

@@ -333,7 +333,17 @@ def compressed_train(out: str, codec: str, steps: int, pull: str = "None", overl
     (opt if overlap else worker).close()
 
 
-TASKS = {f.__name__: f for f in (sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
+def count_up(out: str, steps: int, numel: int) -> None:
+    """Sync, SGD(lr=1), a gradient of -1 everywhere: every value is the number of steps applied."""
+    with ps.init() as worker:
+        params = {"w": torch.zeros(numel), "v": torch.zeros(1000)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(steps):
+            worker.push_pull({k: torch.full_like(v, -1.0) for k, v in params.items()}, into=params).wait(timeout=30)
+        torch.save(params, out)
+
+
+TASKS = {f.__name__: f for f in (count_up, sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
                                   stop_myself, checkpoint_part, emb_train, emb_checkpointed, compressed_train)}
 
