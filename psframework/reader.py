@@ -122,18 +122,23 @@ class Reader:
         """Fill ``tensors`` (registered name -> a tensor of its shape and dtype, on any device) with
         the job's current values; returns their version (``SnapshotVersion``)."""
         plan = self._plan(tensors)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        for attempt in range(3):
-            try:
-                versions = self._consistent_read(plan, deadline)
-                break
-            except (PSTimeoutError, RolledBackError) as exc:
-                if time.monotonic() >= deadline or (isinstance(exc, PSTimeoutError) and not self._refresh()):
-                    raise
-                log.warning("reader %d: reading again from the start: %s", self.reader, exc)
-        else:
-            raise PSTimeoutError(f"reader {self.reader}: no consistent snapshot in three attempts")
+        versions = self._retrying(lambda deadline: self._consistent_read(plan, deadline), timeout)
         return self._version(tensors, versions)
+
+    def _retrying(self, read, timeout: Optional[float]):
+        """``read(deadline)``, read again from the start where the job went back to a checkpoint
+        meanwhile, or a server did not answer because it moved (a restarted server)."""
+        wait = self.timeout if timeout is None else timeout
+        for _ in range(3):
+            try:
+                return read(time.monotonic() + wait)
+            except RolledBackError as exc:
+                log.warning("reader %d: reading again from the start: %s", self.reader, exc)
+            except PSTimeoutError:
+                if not self._refresh():
+                    raise
+        raise PSTimeoutError(f"reader {self.reader}: no answer in three attempts (the job went back to a checkpoint, "
+                             "or its servers moved, each time)")
 
     def _plan(self, tensors: Mapping[str, torch.Tensor]) -> dict[int, list[tuple[int, torch.Tensor]]]:
         """Block -> (segment index, where its values go) for every piece of ``tensors``."""
@@ -186,10 +191,9 @@ class Reader:
 
     def versions(self, timeout: Optional[float] = None) -> dict[int, int]:
         """Each block's version now (a cheap read of no values)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         reads = [(block.server, P.Read(req=0, block=block.block_id, segs=[]), [], _write_into([]),
                   f"block {block.block_id}") for block in self.shard_map.blocks]
-        answers = self.links.exchange(reads, deadline)
+        answers = self._retrying(lambda deadline: self.links.exchange(reads, deadline), timeout)
         return {block.block_id: answer.version for block, answer in zip(self.shard_map.blocks, answers)}
 
     def watch(self, model: torch.nn.Module, every: float = 5.0,
@@ -235,8 +239,7 @@ class Reader:
                 request = P.ReadRows(req=0, rank=self.reader, tables=[index], counts=[mine.numel()])
                 reads.append((server, request, [unique[mine].contiguous()], _rows_into(rows, mine),
                               f"rows of table {table!r}"))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self.links.exchange(reads, deadline)
+        self._retrying(lambda deadline: self.links.exchange(reads, deadline), timeout)
         return rows[inverse].reshape(*ids.shape, spec.dim)
 
     # -- the end -------------------------------------------------------------------------

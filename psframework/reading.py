@@ -27,7 +27,7 @@ Read = tuple[int, P.Message, list[torch.Tensor], Callable[[list], None], str]
 class ServerLinks:
     def __init__(self, transport: Transport, welcome: P.ReaderWelcome, max_message_bytes: int):
         self.transport, self.max_message_bytes = transport, max_message_bytes
-        self.reader, self._token = welcome.reader, welcome.token
+        self.reader, self.token = welcome.reader, welcome.token
         self.addresses: list[str] = []
         self.sockets: list[Socket] = []
         self._ids = itertools.count(1)
@@ -36,7 +36,7 @@ class ServerLinks:
     def move(self, welcome: P.ReaderWelcome) -> bool:
         """Connect to the servers where ``welcome`` says they are (again, with its identity); True if
         one moved."""
-        self.reader, self._token = welcome.reader, welcome.token
+        self.reader, self.token = welcome.reader, welcome.token
         moved = False
         for server, address in enumerate(welcome.servers):
             if server < len(self.addresses) and self.addresses[server] == address:
@@ -52,7 +52,7 @@ class ServerLinks:
         return moved
 
     def _introduce(self, sock: Socket) -> None:
-        sock.send([P.encode(P.IntroduceReader(reader=self.reader, token=self._token))])
+        sock.send([P.encode(P.IntroduceReader(reader=self.reader, token=self.token))])
 
     def exchange(self, reads: list[Read], deadline: float) -> list[P.Message]:
         """Send every read, then take the answers: each read's answer header, in order."""

@@ -288,3 +288,41 @@ def test_a_member_cannot_take_the_rank_of_a_live_server(make_cluster, tmp_path):
     finally:
         sock.close()
         worker.close()
+
+
+def test_a_reader_needs_the_secret_and_its_token_and_may_only_read(make_cluster):
+    """A reader without the job secret gets no welcome; a member's connection that did not
+    introduce itself as a reader, or with a forged token, may not read; a reader may not push."""
+    from psframework import protocol as P
+
+    cluster = make_cluster(num_servers=1, num_workers=1, auth="token")
+    worker, tensors = _joined_worker(cluster)
+    try:
+        with pytest.raises(ps.PSTimeoutError, match="did not welcome it"):
+            ps.Reader(scheduler=cluster.scheduler, timeout=1.5)
+        reader = ps.Reader(scheduler=cluster.scheduler, secret_file=cluster.config.secret_file, timeout=10)
+        try:
+            server = worker.membership.servers[0]
+            read = P.encode(P.Read(req=1, block=0))
+            sock = _member_socket(cluster, server)  # never introduced
+            sock.send(read)
+            assert "did not introduce itself as this reader" in _answer(sock)["message"]
+            sock.close()
+            sock = _member_socket(cluster, server)
+            sock.send(P.encode(P.IntroduceReader(reader=reader.reader, token="0" * 64)))
+            sock.send(read)
+            assert "did not introduce itself as this reader" in _answer(sock)["message"]
+            sock.close()
+            sock = _member_socket(cluster, server)
+            sock.send(P.encode(P.IntroduceReader(reader=reader.reader, token=reader.links.token)))
+            sock.send_multipart([P.encode(P.Push(req=2, block=0, rank=0)), torch.ones(1000).numpy().tobytes()])
+            assert "a reader may only read" in _answer(sock)["message"]
+            sock.send(read)
+            assert _answer(sock)["op"] == "values"
+            sock.close()
+            _still_serves(worker, tensors)
+            assert torch.equal(tensors["w"], torch.full((1000,), -0.5)), "a reader's push was applied"
+        finally:
+            reader.close()
+    finally:
+        worker.close()
