@@ -254,6 +254,49 @@ def scheduler_config_from_env(environ: Optional[Mapping[str, str]] = None, **ove
     return SchedulerConfig(**values)
 
 
+ROUTINGS = ("least-in-flight", "round-robin")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``ps-serve``: the model (``MODULE:FACTORY``), where its weights come from (a live job through
+    a reader, or an exported file), and how requests are taken (``psframework/serve``)."""
+
+    factory: str
+    from_job: Optional[str] = None
+    from_file: Optional[str] = None
+    secret_file: Optional[str] = None
+    bind_host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    routing: str = "least-in-flight"
+    max_batch: int = 64
+    max_delay_ms: float = 5.0
+    max_body_bytes: int = 16 << 20
+    input_shape: Optional[tuple[int, ...]] = None  # of one example; None: the model's ``input_shape``
+    input_dtype: str = "float32"
+    device: str = "cpu"
+    refresh_every: float = 1.0  # seconds between looks at the job's versions
+    timeout: float = 30.0  # for the job's welcome and each read
+
+    def __post_init__(self) -> None:
+        module, _, factory = self.factory.partition(":")
+        _check(bool(module and factory), f"the model must be given as MODULE:FACTORY, got {self.factory!r}")
+        _check((self.from_job is None) != (self.from_file is None), "give exactly one of --from-job and --from-file")
+        if self.from_job is not None:
+            check_address(self.from_job)
+        _check(self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
+        _check(self.routing in ROUTINGS, f"--routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        _check(self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}")
+        _check(self.max_delay_ms >= 0, f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        _check(self.max_body_bytes >= 1, f"--max-body-bytes must be >= 1, got {self.max_body_bytes}")
+        _check(self.refresh_every > 0, f"--refresh-every must be > 0 seconds, got {self.refresh_every}")
+        _check(0 <= self.port < 65536, f"--port must be 0..65535, got {self.port}")
+        _check(self.input_shape is None or all(d >= 1 for d in self.input_shape),
+               f"--input-shape: every size must be >= 1, got {self.input_shape}")
+        check_device(self.device)
+
+
 @dataclass(frozen=True)
 class Tuning:
     """Settings without a ps-launch option that ps-launch passes on from its own environment."""

@@ -1,0 +1,3 @@
+from .cli import replica_main
+
+replica_main()

@@ -1,0 +1,219 @@
+"""``ps-serve --replicas N``: N model processes behind one front.
+
+The front routes each request to the replica with the fewest requests in flight (or round-robin,
+``--routing``), so a slow replica gets less work instead of a queue. A replica whose connection
+fails is taken out at once and the request goes to another one (a prediction may be asked
+twice); a replica that exits is restarted and receives nothing until its ``/healthz`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..config import ServeConfig
+from ..errors import PSTimeoutError
+from ..procs import exit_description, python_module, spawn, stop_all
+
+log = logging.getLogger("psframework.serve")
+
+_WATCH = 0.1  # seconds between looks at the replicas' processes
+
+
+@dataclass
+class ReplicaProc:
+    index: int
+    proc: Optional[subprocess.Popen] = None
+    port: int = 0
+    up: bool = False
+    in_flight: int = 0
+    answered: int = 0
+    restarts: int = 0
+    generation: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Front:
+    def __init__(self, config: ServeConfig):
+        import httpx
+
+        self.config = config
+        self._dir = Path(tempfile.mkdtemp(prefix="ps-serve-"))
+        self._child = json.dumps({**asdict(replace(config, port=0, replicas=1, bind_host="127.0.0.1"))})
+        self.replicas = [ReplicaProc(i) for i in range(config.replicas)]
+        self._turn = itertools.count()
+        self._client: Optional[httpx.AsyncClient] = None
+        self._monitor: Optional[asyncio.Task] = None
+        self._metrics = _FrontMetrics(self)
+        try:
+            for replica in self.replicas:
+                self._spawn(replica)
+            deadline = time.monotonic() + config.timeout + 60  # building the model, then reading its weights
+            for replica in self.replicas:
+                self._await_up_blocking(replica, deadline)
+        except BaseException:
+            self.close()
+            raise
+        self.app = Starlette(routes=[Route("/predict", self.predict, methods=["POST"]),
+                                     Route("/healthz", self.healthz), Route("/metrics", self.scrape)],
+                             lifespan=self._lifespan)
+
+    # -- replica processes ---------------------------------------------------------------
+
+    def _port_file(self, replica: ReplicaProc) -> Path:
+        return self._dir / f"replica-{replica.index}-{replica.generation}.port"
+
+    def _spawn(self, replica: ReplicaProc) -> None:
+        replica.generation += 1
+        replica.up, replica.port = False, 0
+        argv = python_module("psframework.serve", "--replica", self._child, "--index", str(replica.index),
+                             "--port-file", str(self._port_file(replica)))
+        replica.proc = spawn(argv, {"PYTHONPATH": ":".join(p for p in sys.path if p)}, stdout=sys.stderr,
+                             stderr=sys.stderr)
+
+    def _poll_up(self, replica: ReplicaProc) -> bool:
+        """Whether the replica listens and has weights (once: it is up from then on)."""
+        import httpx
+
+        path = self._port_file(replica)
+        if not replica.port and path.exists():
+            replica.port = int(path.read_text())
+        if not replica.port:
+            return False
+        try:
+            replica.up = httpx.get(f"{replica.url}/healthz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+        return replica.up
+
+    def _await_up_blocking(self, replica: ReplicaProc, deadline: float) -> None:
+        while not self._poll_up(replica):
+            code = replica.proc.poll()
+            if code is not None:
+                raise PSTimeoutError(f"replica {replica.index} exited ({exit_description(code)}) before it served; "
+                                     "its output is above")
+            if time.monotonic() > deadline:
+                raise PSTimeoutError(f"replica {replica.index} did not serve within {self.config.timeout + 60:g} s")
+            time.sleep(0.05)
+        log.info("replica %d serves on port %d", replica.index, replica.port)
+
+    async def _watch(self) -> None:
+        """Restart replicas that exited; take them in once they serve."""
+        while True:
+            await asyncio.sleep(_WATCH)
+            for replica in self.replicas:
+                code = replica.proc.poll()
+                if code is not None:
+                    log.warning("replica %d exited (%s); restarting it", replica.index, exit_description(code))
+                    replica.restarts += 1
+                    self._spawn(replica)
+                elif not replica.up:
+                    await asyncio.to_thread(self._poll_up, replica)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _choose(self) -> Optional[ReplicaProc]:
+        up = [r for r in self.replicas if r.up]
+        if not up:
+            return None
+        if self.config.routing == "least-in-flight":
+            fewest = min(r.in_flight for r in up)
+            up = [r for r in up if r.in_flight == fewest]
+        return up[next(self._turn) % len(up)]  # ties taken in turn
+
+    async def predict(self, request: Request) -> Response:
+        import httpx
+
+        body = await request.body()
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        for _ in range(len(self.replicas) + 1):
+            replica = self._choose()
+            if replica is None:
+                break
+            replica.in_flight += 1
+            try:
+                answer = await self._client.post(f"{replica.url}/predict", content=body, headers=headers)
+            except httpx.TransportError as exc:
+                log.warning("replica %d failed a request (%s); taking it out until it serves again", replica.index,
+                            type(exc).__name__)
+                replica.up = False
+                continue
+            finally:
+                replica.in_flight -= 1
+            replica.answered += 1
+            self._metrics.routed(replica)
+            return Response(answer.content, status_code=answer.status_code,
+                            media_type=answer.headers.get("content-type"),
+                            headers={"X-Model-Version": answer.headers.get("x-model-version", ""),
+                                     "X-Replica": str(replica.index)})
+        return JSONResponse({"error": "no replica is up (they are restarting); try again shortly"}, status_code=503)
+
+    async def healthz(self, request: Request) -> Response:
+        states = [{"replica": r.index, "up": r.up, "in_flight": r.in_flight, "restarts": r.restarts}
+                  for r in self.replicas]
+        ok = any(r.up for r in self.replicas)
+        return JSONResponse({"status": "ok" if ok else "down", "replicas": states}, status_code=200 if ok else 503)
+
+    async def scrape(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(self._metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _lifespan(self, app):
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self._client = httpx.AsyncClient(timeout=self.config.timeout, limits=limits)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            yield
+        finally:
+            self._monitor.cancel()
+            await self._client.aclose()
+            self.close()
+
+    def close(self) -> None:
+        stop_all([r.proc for r in self.replicas if r.proc is not None])
+
+
+class _FrontMetrics:
+    def __init__(self, front: Front):
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._routed = Counter("psframework_serve_routed", "requests answered, by replica", ["replica"],
+                               registry=self.registry)
+        gauges = {"in_flight": ("psframework_serve_replica_in_flight", "requests a replica is answering now"),
+                  "up": ("psframework_serve_replica_up", "1 while a replica takes requests"),
+                  "restarts": ("psframework_serve_replica_restarts", "times a replica was restarted")}
+        for field_name, (name, help_text) in gauges.items():
+            gauge = Gauge(name, help_text, ["replica"], registry=self.registry)
+            for replica in front.replicas:
+                gauge.labels(str(replica.index)).set_function(
+                    lambda r=replica, f=field_name: float(getattr(r, f)))
+
+    def routed(self, replica: ReplicaProc) -> None:
+        self._routed.labels(str(replica.index)).inc()
+
+
+__all__ = ["Front", "ReplicaProc"]

@@ -1,0 +1,34 @@
+"""Running a Starlette app under uvicorn on a socket bound first (port 0 picks a free port, and the
+caller learns it before the first request can come)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+from ..errors import ConfigError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
+                          "(0: any free port)") from None
+    sock.listen(1024)
+    return sock
+
+
+def run(app, sock: socket.socket, on_listening: Callable[[int], None]) -> None:
+    """Serve ``app`` on ``sock`` until SIGINT or SIGTERM (uvicorn's own handlers end it cleanly)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    on_listening(sock.getsockname()[1])
+    server.run(sockets=[sock])
+
+
+__all__ = ["bind", "run"]

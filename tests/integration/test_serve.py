@@ -1,0 +1,229 @@
+"""``ps-serve``: a model served from an exported file or a live job, with replicas (issue 17)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
+
+import psframework as ps
+from psframework.procs import spawn, stop_all
+from tests.conftest import REPO
+from tests.integration import serve_models
+
+MODELS = "tests.integration.serve_models"
+
+
+@contextmanager
+def serving(tmp_path: Path, *args: str, timeout: float = 60.0):
+    """``ps-serve`` with ``args`` on a free port: yields its address, stopped at the end."""
+    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = spawn([sys.executable, "-m", "psframework.serve.cli", *args, "--port", "0"],
+                     {"PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))
+    try:
+        deadline = time.monotonic() + timeout
+        while "PS_SERVE_ADDRESS=" not in log.read_text():
+            assert proc.poll() is None, f"ps-serve exited ({proc.returncode}):\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"ps-serve did not serve within {timeout} s:\n{log.read_text()}"
+            time.sleep(0.05)
+        address = log.read_text().split("PS_SERVE_ADDRESS=", 1)[1].split()[0]
+        yield address, proc, log
+    finally:
+        stop_all([proc])
+
+
+def _file(tmp_path: Path, model: torch.nn.Module, step: int = 7) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"step": str(step)})
+    return path
+
+
+def _predict(address: str, inputs, **kwargs) -> httpx.Response:
+    return httpx.post(f"{address}/predict", json={"inputs": inputs}, timeout=30, **kwargs)
+
+
+def test_answers_equal_the_models_own_outputs_in_json_and_safetensors(tmp_path):
+    model = serve_models.mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # the file's weights, not the factory's
+    x = torch.randn(5, 4)
+    with serving(tmp_path, f"{MODELS}:mlp", "--from-file", str(_file(tmp_path, model))) as (address, _, _):
+        want = model(x).detach()
+        one = _predict(address, x[0].tolist())
+        assert one.status_code == 200 and one.headers["x-model-version"] == "7" and one.json()["version"] == 7
+        torch.testing.assert_close(torch.tensor(one.json()["outputs"]), want[0])
+        batch = _predict(address, x.tolist()).json()["outputs"]
+        torch.testing.assert_close(torch.tensor(batch), want)
+        binary = httpx.post(f"{address}/predict", content=save_safetensors({"inputs": x}), timeout=30,
+                            headers={"content-type": "application/x-safetensors"})
+        assert binary.status_code == 200 and binary.headers["x-model-version"] == "7"
+        assert torch.equal(load_safetensors(binary.content)["outputs"], want)
+        health = httpx.get(f"{address}/healthz", timeout=10)
+        assert health.status_code == 200 and health.json() == {"status": "ok", "version": 7}
+
+
+def test_bad_requests_get_a_4xx_that_says_why_and_the_service_goes_on(tmp_path):
+    model = serve_models.mlp()
+    path = _file(tmp_path, model)
+    with serving(tmp_path, f"{MODELS}:mlp", "--from-file", str(path), "--max-batch", "8",
+                 "--max-body-bytes", "4096") as (address, _, _):
+        post = lambda **kw: httpx.post(f"{address}/predict", timeout=30, **kw)
+        bad = {
+            "malformed JSON": (post(content=b'{"inputs": [1, 2'), 400),
+            'with "inputs"': (post(json={"x": [1, 2, 3, 4]}), 400),
+            "of one shape": (post(json={"inputs": [[1, 2, 3, 4], [1, 2]]}), 400),
+            "list of numbers": (post(json={"inputs": ["a", "b", "c", "d"]}), 400),
+            "inputs of shape (3,): the model takes one example of shape (4,) or a batch (N, 4)":
+                (post(json={"inputs": [1, 2, 3]}), 400),
+            "9 examples in one request; at most 8 (--max-batch)": (post(json={"inputs": [[0] * 4] * 9}), 413),
+            "at most 4096 (--max-body-bytes)": (post(json={"inputs": [[0.5] * 4] * 500}), 413),
+            "inputs of dtype float64; the model takes float32": (post(
+                content=save_safetensors({"inputs": torch.zeros(2, 4, dtype=torch.float64)}),
+                headers={"content-type": "application/x-safetensors"}), 400),
+            "malformed safetensors body": (post(content=b"garbage", headers={"content-type":
+                                                                              "application/x-safetensors"}), 400),
+        }
+        for message, (response, status) in bad.items():
+            assert response.status_code == status and message in response.json()["error"], (message, response.text)
+        good = _predict(address, [1, 2, 3, 4])
+        assert good.status_code == 200
+        metrics = httpx.get(f"{address}/metrics", timeout=10).text
+        assert 'psframework_serve_requests_total{code="400"} 7.0' in metrics
+        assert 'psframework_serve_requests_total{code="413"} 2.0' in metrics
+
+
+def test_concurrent_requests_are_answered_in_batches(tmp_path):
+    model = serve_models.mlp()
+    with serving(tmp_path, f"{MODELS}:mlp", "--from-file", str(_file(tmp_path, model)), "--max-batch", "64",
+                 "--max-delay-ms", "50") as (address, _, _):
+        xs = torch.randn(32, 4)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda x: _predict(address, x.tolist()).json()["outputs"], xs))
+        torch.testing.assert_close(torch.tensor(answers), model(xs).detach())
+        metrics = httpx.get(f"{address}/metrics", timeout=10).text
+        batches = float(metrics.split("psframework_serve_batch_size_count ")[1].split()[0])
+        assert batches < 32, "every request ran alone"
+
+
+def test_bad_commands_and_models_fail_at_once_and_say_why(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "psframework.serve.cli", *args, "--port", "0"],
+                                       capture_output=True, text=True, timeout=60, cwd=REPO,
+                                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = str(_file(tmp_path, serve_models.mlp()))
+    cases = {
+        "give exactly one of --from-job and --from-file": run(f"{MODELS}:mlp"),
+        "MODULE:FACTORY": run("nocolon", "--from-file", path),
+        "cannot import 'no_such_module'": run("no_such_module:f", "--from-file", path),
+        "has no callable 'nothing'": run(f"{MODELS}:nothing", "--from-file", path),
+        "has no first.weight, second.weight of the model": run(f"{MODELS}:square", "--from-file", path),
+        "the shape of one example is unknown": run("torch.nn:Identity", "--from-file", path),
+    }
+    for message, done in cases.items():
+        assert done.returncode != 0 and message in done.stderr, (message, done.stderr[-2000:])
+    with serving(tmp_path, f"{MODELS}:broken", "--from-file", path) as (address, _, _):
+        response = _predict(address, [1, 2, 3, 4])
+        assert response.status_code == 500 and "one row per example" in response.json()["error"]
+
+
+def test_a_killed_replica_is_replaced_and_no_request_fails(tmp_path):
+    """Two replicas: one is SIGKILLed during a stream of requests; every request is answered (by the
+    other meanwhile), and the front restarts the dead one, which then takes requests again."""
+    model = serve_models.mlp()
+    with serving(tmp_path, f"{MODELS}:mlp", "--from-file", str(_file(tmp_path, model)),
+                 "--replicas", "2") as (address, _, _):
+        health = httpx.get(f"{address}/healthz", timeout=10).json()
+        assert [r["up"] for r in health["replicas"]] == [True, True]
+        replicas = _replica_pids()
+        assert len(replicas) == 2
+        seen = set()
+        for i in range(60):
+            if i == 20:
+                os.kill(replicas[0], signal.SIGKILL)
+            response = _predict(address, [1, 2, 3, 4])
+            assert response.status_code == 200, response.text
+            seen.add(response.headers["x-replica"])
+            time.sleep(0.02)
+        deadline = time.monotonic() + 60
+        while not all(r["up"] for r in httpx.get(f"{address}/healthz", timeout=10).json()["replicas"]):
+            assert time.monotonic() < deadline, "the killed replica was not restarted"
+            time.sleep(0.1)
+        assert sum(r["restarts"] for r in httpx.get(f"{address}/healthz", timeout=10).json()["replicas"]) == 1
+        assert len(_replica_pids()) == 2 and replicas[0] not in _replica_pids()
+        after = {_predict(address, [1, 2, 3, 4]).headers["x-replica"] for _ in range(10)}
+        assert seen == after == {"0", "1"}
+
+
+def _replica_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"psframework.serve" in cmdline and b"--replica" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_a_live_job_is_served_and_a_refresh_never_mixes_versions(make_cluster, tmp_path):
+    """Every weight of a Square model goes up by one per sync step, so an answer of 16 v^2 is
+    version v whole; a burst of requests while the worker steps gets answers that are each one
+    whole version, the version they name, and the versions move on with the training."""
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=16)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {name: torch.zeros_like(p) for name, p in serve_models.square().state_dict().items()}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        with serving(tmp_path, f"{MODELS}:square", "--from-job", cluster.scheduler, "--refresh-every", "0.02",
+                     "--max-delay-ms", "2") as (address, _, _):
+            assert _predict(address, [1, 1, 1, 1]).json() == {"outputs": [0.0], "version": 0}
+            with ThreadPoolExecutor(8) as pool:
+                burst = [pool.submit(_burst, address, 40) for _ in range(6)]
+                for _ in range(30):
+                    worker.push_pull({k: -torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
+                    time.sleep(0.01)
+                answers = [answer for future in burst for answer in future.result()]
+            for output, version in answers:
+                assert output == 16.0 * version * version, (output, version)
+            assert len({version for _, version in answers}) > 3
+            deadline = time.monotonic() + 10
+            while _predict(address, [1, 1, 1, 1]).json()["version"] != 30:
+                assert time.monotonic() < deadline, "the last step was never served"
+                time.sleep(0.05)
+            metrics = httpx.get(f"{address}/metrics", timeout=10).text
+            assert "psframework_serve_model_version 30.0" in metrics
+
+
+def _burst(address: str, n: int) -> list[tuple[float, int]]:
+    with httpx.Client(timeout=30) as client:
+        out = []
+        for _ in range(n):
+            body = client.post(f"{address}/predict", json={"inputs": [1, 1, 1, 1]}).json()
+            out.append((body["outputs"][0], body["version"]))
+        return out
+
+
+def test_the_job_ending_leaves_the_last_version_served(make_cluster, tmp_path):
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {name: torch.zeros_like(p) for name, p in serve_models.square().state_dict().items()}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        worker.push_pull({k: -torch.ones_like(v) for k, v in params.items()}, into=params).wait(timeout=30)
+        with serving(tmp_path, f"{MODELS}:square", "--from-job", cluster.scheduler, "--refresh-every", "0.05",
+                     "--timeout", "2") as (address, _, log):
+            worker.close()
+            cluster.wait(timeout=20)
+            time.sleep(3)
+            assert _predict(address, [1, 1, 1, 1]).json() == {"outputs": [16.0], "version": 1}
+            assert "cannot refresh from the job (serving version 1 meanwhile)" in log.read_text()
