@@ -31,7 +31,9 @@ def load(seed: int = 0):
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    model.input_shape = (64,)  # one example, for ps-serve (README: serving)
+    return model
 
 
 @click.command()

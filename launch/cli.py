@@ -71,6 +71,9 @@ def _option(*decls: str, **kwargs):
 @_option("--auth", envvar="PS_AUTH", type=click.Choice(MECHANISMS), default="token", show_default=True,
          help="token: every connection authenticated with a per-job secret; curve: also encrypted "
               "(slower); none: no authentication.")
+@_option("--secret-file", "job_secret_file", envvar="PS_JOB_SECRET_FILE", type=click.Path(dir_okay=False),
+         help="The job secret: read from FILE, or written there (mode 600) if it does not exist, instead of a "
+              "fresh one that is removed at the end; readers and ps-serve outside the job join with it.")
 @_option("--checkpoint-dir", envvar="PS_CHECKPOINT_DIR", type=click.Path(file_okay=False),
          help="Where checkpoints are written and read (shared by scheduler and servers).")
 @_option("--checkpoint-every", envvar="PS_CHECKPOINT_EVERY", type=int, default=0, show_default=True,

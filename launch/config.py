@@ -54,6 +54,7 @@ LAUNCH_ENV_VARS = {
     "PS_SSH_CONFIG": ("--ssh-config", "ssh client config file (ssh -F)"),
     "PS_JOB_ID": ("--job-id", "job id exported to every process"),
     "PS_AUTH": ("--auth", "token (default), curve or none: how processes of the job authenticate"),
+    "PS_JOB_SECRET_FILE": ("--secret-file", "the job secret's file, kept after the job (readers, ps-serve)"),
     "PS_CHECKPOINT_DIR": ("--checkpoint-dir", "directory of checkpoints"),
     "PS_CHECKPOINT_EVERY": ("--checkpoint-every", "save a checkpoint every N steps (DistributedOptimizer)"),
     "PS_RESUME": ("--resume", "resume from the newest complete checkpoint"),
@@ -116,6 +117,7 @@ class LaunchConfig:
     max_restarts: int = 3
     stop_grace: float = DEFAULT_STOP_GRACE  # SIGTERM (with SIGCONT) -> SIGKILL, whenever ps-launch ends a process
     secret_file: Optional[str] = None  # set by the job once it has written the secret
+    job_secret_file: Optional[str] = None  # --secret-file: the user's, kept after the job
     launcher: str = "ssh"  # how processes of other hosts start: ssh, or srun ("slurm")
     slurm: Optional[SlurmAllocation] = None  # the allocation ps-launch runs in, if any
     node_addresses: tuple[tuple[str, str], ...] = ()  # Slurm's NodeAddr of each node

@@ -1,6 +1,7 @@
 """The job secret's files: one here, one copy on every other host of the job, all removed when it ends.
 
-``SecretFiles(cfg).write()`` writes a fresh secret in a directory only this user can read and
+``SecretFiles(cfg).write()`` writes a fresh secret in a directory only this user can read (or takes
+the user's ``--secret-file``, which it never removes) and
 installs a copy on each remote host over ssh's stdin (under Slurm, each remote process's agent
 writes and removes its own copy: ``remote_child --secret-file``) (``remote.ssh_install_file_argv``), at the
 path ``remote.remote_secret_path`` gives that host (the one its processes get as
@@ -39,8 +40,7 @@ class SecretFiles:
         """The local secret's path (None with ``--auth none``), once every remote copy is in place."""
         if self.cfg.auth == "none":
             return None
-        self._directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
-        path = str(JobSecret.generate(self.cfg.auth).write(Path(self._directory) / "secret.json"))
+        path = str(self._user_secret() if self.cfg.job_secret_file else self._fresh_secret())
         payload = Path(path).read_bytes()
         # under Slurm each remote process's agent writes its own copy (remote_child --secret-file)
         hosts = {(p.host, p.ssh_port) for p in self.cfg.layout.all()
@@ -54,6 +54,21 @@ class SecretFiles:
                 raise ConfigError(f"cannot install the job secret on {host}: "
                                   f"{done.stderr.decode(errors='replace').strip() or done.returncode}")
             self._remote.append((host, port, remote_path))
+        return path
+
+    def _fresh_secret(self) -> Path:
+        self._directory = tempfile.mkdtemp(prefix=f"ps-launch-{self.cfg.job_id}-")
+        return JobSecret.generate(self.cfg.auth).write(Path(self._directory) / "secret.json")
+
+    def _user_secret(self) -> Path:
+        """``--secret-file``: the secret in it, or a fresh one written there; it stays after the job."""
+        path = Path(self.cfg.job_secret_file).absolute()
+        if not path.exists():
+            return JobSecret.generate(self.cfg.auth).write(path)
+        mechanism = JobSecret.load(path).mechanism
+        if mechanism != self.cfg.auth:
+            raise ConfigError(f"--secret-file {path} holds a {mechanism} secret but the job authenticates with "
+                              f"--auth {self.cfg.auth}: pass --auth {mechanism}, or another file")
         return path
 
     def remove(self) -> list[str]:

@@ -40,7 +40,8 @@ class ServeMetrics:
                                registry=self.registry)
         self.version = Gauge("psframework_serve_model_version", "the version of the weights answering",
                              registry=self.registry)
-        self.refresh = Histogram("psframework_serve_refresh_seconds", "from noticing new weights to answering with them",
+        self.refresh = Histogram("psframework_serve_refresh_lag_seconds",
+                                 "from noticing new weights at the job to answering with them",
                                  registry=self.registry)
         self.refreshed = Gauge("psframework_serve_last_refresh_timestamp_seconds", "when the weights last changed",
                                registry=self.registry)

@@ -227,3 +227,32 @@ def test_the_job_ending_leaves_the_last_version_served(make_cluster, tmp_path):
             time.sleep(3)
             assert _predict(address, [1, 1, 1, 1]).json() == {"outputs": [16.0], "version": 1}
             assert "cannot refresh from the job (serving version 1 meanwhile)" in log.read_text()
+
+
+def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
+    """The README's example: examples/train_digits.py under ps-launch with --secret-file, served
+    live by ps-serve with that secret: answers come from versions that move on with the training."""
+    from tests.integration.launch_helpers import Launch, assert_no_leftovers
+    from tests.ports import free_port
+
+    port, secret = free_port(), tmp_path / "job.secret"
+    job = Launch(["-n", "2", "-s", "2", "--server-device", "cpu", "--scheduler", f"127.0.0.1:{port}",
+                  "--secret-file", str(secret), "--", sys.executable, "examples/train_digits.py", "--epochs", "200"],
+                 tmp_path)
+    try:
+        job.wait_for_output("epoch 1/200", 120)
+        address = f"tcp://127.0.0.1:{port}"
+        with serving(tmp_path, "examples.train_digits:make_model", "--from-job", address, "--secret-file",
+                     str(secret), "--refresh-every", "0.1") as (url, _, _):
+            x = torch.rand(3, 64)
+            versions = set()
+            deadline = time.monotonic() + 60
+            while len(versions) < 3:
+                assert time.monotonic() < deadline, f"the served version did not move on: {versions}"
+                versions.add(_predict(url, x.tolist()).json()["version"])
+                time.sleep(0.2)
+            assert min(versions) > 0
+        assert secret.exists() and oct(secret.stat().st_mode & 0o777) == "0o600"
+    finally:
+        job.cleanup()
+    assert_no_leftovers(job.job_id)
