@@ -2,7 +2,7 @@
 
 Routes: ``POST /predict`` (``payload.py``), ``GET /healthz`` (200 once weights are loaded, with
 their version; 503 before), ``GET /metrics`` (Prometheus text: request latency, batch sizes, the
-model's version, how long refreshes took and when the last one was).
+model's version, the refresh lag and when the last refresh was).
 """
 
 from __future__ import annotations
