@@ -27,7 +27,7 @@ import torch
 
 from . import protocol as P
 from . import rowhash
-from .buffers import dtype_name, host_tensor
+from .buffers import dtype_name, host_copy, host_tensor
 from .config import node_config_from_env
 from .node import await_welcome
 from .errors import ConfigError, PeerLostError, PSTimeoutError, RolledBackError
@@ -265,7 +265,11 @@ def _write_into(dests: list[torch.Tensor]):
         if len(frames) != len(dests):
             raise ValueError(f"{len(frames)} frames for {len(dests)} segments")
         for dest, frame in zip(dests, frames):
-            dest.copy_(host_tensor(frame, dest.dtype).view(dest.shape))
+            values = host_tensor(frame, dest.dtype).view(dest.shape)
+            if dest.device.type == "cpu":
+                host_copy(dest, values)  # a memcpy: torch's copy_ would spin up its intra-op threads
+            else:
+                dest.copy_(values)
     return take
 
 

@@ -39,7 +39,8 @@ class Answers:
         """Answer the waiting pulls of these units that the policy now allows."""
         for unit in units:
             waiting = []
-            for pending in unit.pulls:
+            # workers' answers first: a reader never holds back a step
+            for pending in sorted(unit.pulls, key=lambda p: p.reader):
                 if unit.version >= pending.need_version if pending.reader else self.policy.pull_ready(unit, pending):
                     self.send(unit, pending)
                 else:

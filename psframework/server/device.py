@@ -151,9 +151,9 @@ class HostIO(DeviceIO):
 
 def _unchanging(state: BlockState, i: int) -> torch.Tensor:
     """Segment ``i`` as a zero-copy reply may send it: shared values change in place, where the
-    workers of this host read them, so those go as a copy (a reply of a private block that is
-    still unsent when an update comes moves the block instead: ``BlockState.make_writable``)."""
-    return state.params[i].clone() if state.shared else state.params[i]
+    workers of this host read them, so those go as the version's copy (a reply of a private block
+    that is still unsent when an update comes moves the block instead: ``BlockState.make_writable``)."""
+    return state.version_copy()[i] if state.shared else state.params[i]
 
 
 class CudaIO(DeviceIO):

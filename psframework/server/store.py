@@ -74,6 +74,7 @@ class BlockState:
     store: Any = None  # the DenseStore that sums and applies its gradients (policy.py)
     shared: bool = False  # ``flat`` lives in the server's shared values (``datapath/values.py``)
     scratch: Optional[torch.Tensor] = None  # where a sync step's gradients are summed, kept for the next step
+    copied: Optional[tuple[int, dict]] = None  # shared values: (version, a copy of them by segment) for replies
 
     @property
     def key(self) -> int:
@@ -117,8 +118,17 @@ class BlockState:
         return {i: whole[s.block_offset:s.block_offset + s.numel] for i, s in enumerate(self.block.segments)}
 
     def forget_staged(self) -> None:
-        """The values changed outside an update (init, restore): the reply cache is stale."""
+        """The values changed outside an update (init, restore): the reply caches are stale."""
         self.staged = [-1] * len(self.staged)
+        self.copied = None
+
+    def version_copy(self) -> dict[int, torch.Tensor]:
+        """The values by segment, copied once per version: what socket replies of shared values
+        send (those change in place, where the workers of this host read them), one copy for all
+        the replies of a version (remote workers', readers')."""
+        if self.copied is None or self.copied[0] != self.version:
+            self.copied = (self.version, self.split(self.flat.clone()))
+        return self.copied[1]
 
 
 @dataclass

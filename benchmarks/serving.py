@@ -1,0 +1,265 @@
+"""ps-serve under load, and what readers cost a training job (issue 17).
+
+    python benchmarks/serving.py                  # about 4 minutes on 2 cores
+    python benchmarks/serving.py --quick          # a smoke run of every section (tests)
+
+1. **Capacity**: requests/s one replica answers with 32 requests always in flight (closed loop).
+2. **Open loop**: 1, 2 and 4 replicas at offered rates that are multiples of that capacity; each
+   request is sent at its Poisson arrival time whatever the others do, and its latency counts from
+   then: throughput, p50 and p99.
+3. **Routing**: two replicas, one slowed by ``--slow-ms`` per forward pass; least-in-flight
+   routing against round-robin, same load, same run.
+4. **Refresh lag**: a live sync job served with ``--from-job``; from the end of a training step
+   to the first response that the new version answers.
+5. **Readers**: the step time of a two-worker sync job with 0 readers and with 4 reader processes
+   taking snapshots continuously.
+
+The load generator (asyncio, httpx) runs in this process, on the same cores as the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psframework as ps  # noqa: E402
+from benchmarks._common import ROOT, child_env, tail  # noqa: E402
+from psframework.procs import python_module, spawn, stop_all  # noqa: E402
+from psframework.serve.front import no_delay_transport  # noqa: E402
+
+MODEL = "benchmarks._serving_model:mlp"
+EXAMPLE = json.dumps({"inputs": [0.5] * 256}).encode()
+
+
+@contextmanager
+def serving(log_dir: Path, *args: str, env: dict | None = None):
+    log = log_dir / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = spawn(python_module("psframework.serve.cli", *args, "--port", "0"), {**child_env(), **(env or {})},
+                     stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 120
+        while "PS_SERVE_ADDRESS=" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"ps-serve did not start:\n{tail(log)}")
+            time.sleep(0.05)
+        yield log.read_text().split("PS_SERVE_ADDRESS=", 1)[1].split()[0]
+    finally:
+        stop_all([proc])
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+async def _post(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.post(url, content=EXAMPLE, headers={"content-type": "application/json"})).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def closed_loop(address: str, concurrency: int, seconds: float) -> float:
+    """Requests/s with ``concurrency`` requests always in flight."""
+    url, done = f"{address}/predict", 0
+    stop = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=30, transport=no_delay_transport(httpx)) as client:
+        async def loop():
+            nonlocal done
+            while time.monotonic() < stop:
+                ok = await _post(client, url)  # not "done += await": that reads done before the wait
+                done += ok
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return done / seconds
+
+
+async def open_loop(address: str, rate: float, seconds: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate``/s for ``seconds``; latency from each request's arrival."""
+    rng, url = random.Random(seed), f"{address}/predict"
+    arrivals, t = [], 0.0
+    while (t := t + rng.expovariate(rate)) < seconds:
+        arrivals.append(t)
+    latencies, failed = [], 0
+    async with httpx.AsyncClient(timeout=30, transport=no_delay_transport(httpx)) as client:
+        start = time.monotonic()
+
+        async def one(at: float):
+            nonlocal failed
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            ok = await _post(client, url)
+            if ok:
+                latencies.append(time.monotonic() - start - at)
+            else:
+                failed += 1
+        await asyncio.gather(*(one(at) for at in arrivals))
+        elapsed = time.monotonic() - start
+    latencies.sort()
+    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+    return {"offered": rate, "throughput": len(latencies) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+            "failed": failed, "sent": len(arrivals)}
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def load_sections(log_dir: Path, replicas: list[int], multiples: list[float], seconds: float) -> dict:
+    with serving(log_dir, MODEL, "--from-file", str(_weights(log_dir))) as address:
+        asyncio.run(closed_loop(address, 32, 1.0))  # warm-up
+        capacity = asyncio.run(closed_loop(address, 32, seconds))
+    print(f"capacity of one replica: {capacity:.0f} requests/s (32 in flight)", flush=True)
+    rows = []
+    for n in replicas:
+        with serving(log_dir, MODEL, "--from-file", str(_weights(log_dir)), "--replicas", str(n)) as address:
+            asyncio.run(closed_loop(address, 16, 1.0))
+            for m in multiples:
+                row = {"replicas": n, "multiple": m, **asyncio.run(open_loop(address, m * capacity, seconds))}
+                rows.append(row)
+                print(f"{n} replicas, offered {row['offered']:.0f}/s: {row['throughput']:.0f}/s answered, "
+                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, {row['failed']} failed", flush=True)
+    return {"capacity": capacity, "open_loop": rows}
+
+
+def routing_section(log_dir: Path, capacity: float, slow_ms: float, seconds: float, multiple: float) -> list[dict]:
+    env = {"BENCH_SLOW_REPLICA": "0", "BENCH_SLOW_MS": str(slow_ms)}
+    rows = []
+    for routing in ("least-in-flight", "round-robin"):
+        with serving(log_dir, MODEL, "--from-file", str(_weights(log_dir)), "--replicas", "2", "--routing", routing,
+                     env=env) as address:
+            asyncio.run(closed_loop(address, 8, 1.0))
+            row = {"routing": routing, **asyncio.run(open_loop(address, multiple * capacity, seconds, seed=1))}
+            rows.append(row)
+            print(f"{routing}, replica 0 slowed by {slow_ms:g} ms: {row['throughput']:.0f}/s of "
+                  f"{row['offered']:.0f}/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms", flush=True)
+    return rows
+
+
+def _weights(log_dir: Path) -> Path:
+    path = log_dir / "mlp.safetensors"
+    if not path.exists():
+        from safetensors.torch import save_file
+        from benchmarks._serving_model import mlp
+        save_file({k: v.contiguous() for k, v in mlp().state_dict().items()}, str(path), metadata={"step": "1"})
+    return path
+
+
+def refresh_section(log_dir: Path, steps: int) -> dict:
+    """A worker in this process steps a served job; after each step, how long until an answer
+    comes from that step's version."""
+    from benchmarks._serving_model import mlp
+
+    lags = []
+    with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync") as cluster:
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {k: v.clone() for k, v in mlp().state_dict().items()}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1e-6))
+            with serving(log_dir, MODEL, "--from-job", cluster.scheduler, "--refresh-every", "0.05") as address:
+                with httpx.Client(timeout=30, transport=no_delay_transport(httpx, sync=True)) as client:
+                    for step in range(1, steps + 1):
+                        worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(30)
+                        done = time.monotonic()
+                        while client.post(f"{address}/predict", content=EXAMPLE).json()["version"] < step:
+                            time.sleep(0.002)
+                        lags.append(time.monotonic() - done)
+    result = {"steps": steps, "refresh_every_s": 0.05, "median_ms": 1000 * statistics.median(lags),
+              "max_ms": 1000 * max(lags)}
+    print(f"refresh lag (--refresh-every 0.05): median {result['median_ms']:.0f} ms, max {result['max_ms']:.0f} ms "
+          f"over {steps} steps", flush=True)
+    return result
+
+
+def readers_section(log_dir: Path, steps: int, runs=((0, 0.0), (4, 0.0), (4, 0.5))) -> list[dict]:
+    """(readers, seconds between each one's snapshots) of each run."""
+    rows = []
+    for readers, every in runs:
+        with ps.LocalCluster(num_servers=1, num_workers=2, mode="sync") as cluster:
+            env = {**child_env(), **cluster.env()}
+            outs = [log_dir / f"steps-{readers}-{r}.json" for r in range(2)]
+            workers = [spawn(python_module("benchmarks._serving_worker", "train", str(out), str(steps)),
+                             {**env, "PS_RANK": str(r)}, cwd=str(ROOT)) for r, out in enumerate(outs)]
+            for i in range(readers):
+                (log_dir / f"reads-{i}.json").unlink(missing_ok=True)
+            reading = [spawn(python_module("benchmarks._serving_worker", "read", str(log_dir / f"reads-{i}.json"),
+                                           str(every)), env, cwd=str(ROOT)) for i in range(readers)]
+            try:
+                for proc in workers:
+                    proc.wait(timeout=600)
+            finally:
+                stop_all(workers + reading)
+            times = [t for out in outs for t in json.loads(out.read_text())]
+            snapshots = sum(json.loads((log_dir / f"reads-{i}.json").read_text())
+                            for i in range(readers) if (log_dir / f"reads-{i}.json").exists())
+        rows.append({"readers": readers, "every_s": every, "median_step_ms": 1000 * statistics.median(times),
+                     "snapshots": snapshots})
+        pace = "back to back" if every == 0 else f"every {every:g} s"
+        print(f"{readers} readers ({pace}): median step {rows[-1]['median_step_ms']:.1f} ms ({snapshots} snapshots "
+              "taken)", flush=True)
+    return rows
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for n in sorted({r["replicas"] for r in results["open_loop"]}):
+        rows = [r for r in results["open_loop"] if r["replicas"] == n]
+        left.plot([r["offered"] for r in rows], [r["throughput"] for r in rows], "o-", label=f"{n} replicas")
+        middle.plot([r["offered"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{n} replicas p99")
+    top = max(r["offered"] for r in results["open_loop"])
+    left.plot([0, top], [0, top], ":", color="grey", label="offered")
+    left.set(xlabel="offered requests/s", ylabel="answered requests/s", title="throughput (open loop)")
+    middle.set(xlabel="offered requests/s", ylabel="p99 latency, ms", yscale="log", title="tail latency")
+    routing = results["routing"]
+    x = range(len(routing))
+    right.bar([i - 0.2 for i in x], [r["p50_ms"] for r in routing], 0.4, label="p50")
+    right.bar([i + 0.2 for i in x], [r["p99_ms"] for r in routing], 0.4, label="p99")
+    right.set_xticks(list(x), [r["routing"] for r in routing])
+    right.set(ylabel="latency, ms", yscale="log", title="2 replicas, one slowed")
+    for axis in (left, middle, right):
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+@click.command()
+@click.option("--duration", default=4.0, show_default=True, help="seconds of each open-loop run")
+@click.option("--replicas", default="1,2,4", show_default=True)
+@click.option("--multiples", default="0.25,0.5,1,1.5,2", show_default=True, help="offered rates, x one replica's capacity")
+@click.option("--slow-ms", default=20.0, show_default=True, help="the slowed replica's extra ms per forward pass")
+@click.option("--refresh-steps", default=20, show_default=True)
+@click.option("--reader-steps", default=150, show_default=True)
+@click.option("--quick", is_flag=True, help="a smoke run: short, few points")
+@click.option("--out", type=click.Path(), default=str(ROOT / "benchmarks" / "serving.png"), show_default=True)
+@click.option("--log-dir", type=click.Path(file_okay=False), default="/tmp/ps-serving-bench", show_default=True)
+def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, quick, out, log_dir):
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if quick:
+        duration, replicas, multiples, refresh_steps, reader_steps = 0.5, "1,2", "0.5", 3, 10
+    results = load_sections(log_dir, [int(n) for n in replicas.split(",")],
+                            [float(m) for m in multiples.split(",")], duration)
+    results["routing"] = routing_section(log_dir, results["capacity"], slow_ms, duration, 1.0)
+    results["refresh"] = refresh_section(log_dir, refresh_steps)
+    results["readers"] = readers_section(log_dir, reader_steps)
+    (log_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if not quick:
+        plot(results, Path(out))
+    print(f"results: {log_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

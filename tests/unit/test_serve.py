@@ -1,0 +1,139 @@
+"""ps-serve's parts in one process: payloads, the batcher, the two copies of the model, sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from psframework.serve.batching import Batcher, ModelError
+from psframework.serve.http import bind
+from psframework.serve.model import ServedModel
+from psframework.serve.payload import BadRequest, InputSpec, parse
+
+SPEC = InputSpec.of((3,), "float32", max_rows=4, max_bytes=1000)
+
+
+def _json(inputs) -> bytes:
+    return json.dumps({"inputs": inputs}).encode()
+
+
+def test_one_example_or_a_batch_is_taken_and_anything_else_is_refused_with_why():
+    one = parse(_json([1, 2, 3]), "application/json", SPEC)
+    assert one.single and one.inputs.shape == (1, 3) and one.inputs.dtype == torch.float32
+    batch = parse(_json([[1, 2, 3], [4, 5, 6]]), "application/json; charset=utf-8", SPEC)
+    assert not batch.single and torch.equal(batch.inputs, torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    cases = {
+        b"[1, 2": (400, "malformed JSON"),
+        _json([[1, 2, 3]] * 5): (413, "5 examples in one request; at most 4"),
+        _json([[1, 2], [3, 4]]): (400, "inputs of shape (2, 2): the model takes one example of shape (3,)"),
+        _json([]): (400, "inputs of shape (0,)"),
+        _json([True, False, True]): (400, "holds bool values"),
+        b'{"inputs": [1, 2, 3]' + b" " * 1000 + b"}": (413, "at most 1000 (--max-body-bytes)"),
+    }
+    for body, (status, message) in cases.items():
+        with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+            parse(body, "application/json", SPEC)
+        assert caught.value.status == status
+    ids = InputSpec.of((2,), "int64", 4, 1000)
+    assert parse(_json([1, 2]), "application/json", ids).inputs.dtype == torch.int64
+    with pytest.raises(BadRequest, match="holds float32 values; the model takes int64"):
+        parse(_json([1.5, 2]), "application/json", ids)
+
+
+class _Doubler(torch.nn.Module):
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return x * 2 * self.scale
+
+
+def _served(seen: list) -> ServedModel:
+    served = ServedModel(lambda: _Doubler(seen), "cpu")
+    served.load(lambda module: 5)
+    return served
+
+
+def test_concurrent_requests_share_a_batch_within_its_size_and_each_gets_its_own_rows():
+    seen = []
+
+    async def main():
+        batcher = Batcher(_served(seen), "cpu", max_rows=4, max_delay=0.2)
+        batcher.start()
+        try:
+            rows = [torch.full((n, 1), float(i)) for i, n in enumerate([1, 2, 3, 1])]
+            return await asyncio.gather(*(batcher.run(x) for x in rows))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(main())
+    for i, (outputs, version) in enumerate(answers):
+        assert version == 5 and torch.equal(outputs, torch.full((outputs.shape[0], 1), 2.0 * i))
+    assert [a[0].shape[0] for a in answers] == [1, 2, 3, 1]
+    assert seen == [3, 4], "the 3 rows that did not fit waited for the next batch"
+
+
+class _Flaky(_Doubler):
+    fail = True
+
+    def forward(self, x):
+        if _Flaky.fail:
+            raise RuntimeError("boom")
+        return super().forward(x)
+
+
+def test_a_failing_model_fails_its_batch_with_why_and_the_next_batch_runs():
+    served = ServedModel(lambda: _Flaky([]), "cpu")
+    served.load(lambda module: 1)
+
+    async def main():
+        batcher = Batcher(served, "cpu", max_rows=8, max_delay=0.0)
+        batcher.start()
+        try:
+            with pytest.raises(ModelError, match="RuntimeError: boom"):
+                await batcher.run(torch.ones(1, 1))
+            _Flaky.fail = False
+            return await batcher.run(torch.ones(2, 1))
+        finally:
+            await batcher.stop()
+
+    outputs, _ = asyncio.run(main())
+    assert torch.equal(outputs, torch.full((2, 1), 2.0))
+
+
+def test_a_refresh_fills_the_copy_no_batch_uses_and_waits_for_the_batches_on_it():
+    served = _served([])
+    with served.live() as (first, version):
+        assert version == 5
+        assert served.load(lambda module: module.scale.fill_(3.0) and 6) == 6  # the other copy: no wait
+        with served.live() as (second, newer):
+            assert newer == 6 and second is not first and float(first.scale) == 1.0
+        done = threading.Event()
+        refresh = threading.Thread(target=lambda: (served.load(lambda module: 7), done.set()))
+        refresh.start()
+        time.sleep(0.2)
+        assert not done.is_set(), "a refresh wrote into the copy a batch still uses"
+    refresh.join(timeout=10)
+    assert done.is_set() and served.version == 7
+
+
+def test_every_connection_to_the_service_has_tcp_nodelay():
+    """Without it a kept-alive connection's next response waits behind the client's delayed ACK."""
+    listener = bind("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        accepted, _ = listener.accept()
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        accepted.close()
+    finally:
+        client.close()
+        listener.close()
