@@ -245,7 +245,11 @@ def plot(results: dict, out: Path) -> None:
 @click.option("--quick", is_flag=True, help="a smoke run: short, few points")
 @click.option("--out", type=click.Path(), default=str(ROOT / "benchmarks" / "serving.png"), show_default=True)
 @click.option("--log-dir", type=click.Path(file_okay=False), default="/tmp/ps-serving-bench", show_default=True)
-def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, quick, out, log_dir):
+@click.option("--plot-from", type=click.Path(dir_okay=False, exists=True), help="only plot this results.json")
+def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, quick, out, log_dir, plot_from):
+    if plot_from:
+        plot(json.loads(Path(plot_from).read_text()), Path(out))
+        return
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -257,7 +261,10 @@ def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, qu
     results["readers"] = readers_section(log_dir, reader_steps)
     (log_dir / "results.json").write_text(json.dumps(results, indent=1))
     if not quick:
-        plot(results, Path(out))
+        try:
+            plot(results, Path(out))
+        except ImportError:
+            print("no matplotlib here: plot later with --plot-from results.json")
     print(f"results: {log_dir / 'results.json'}")
 
 
