@@ -1,7 +1,7 @@
 """The model benchmarks/serving.py serves: ``benchmarks._serving_model:mlp``.
 
 ``BENCH_SLOW_REPLICA=I`` and ``BENCH_SLOW_MS=M``: the replica of index I (``PS_SERVE_REPLICA``)
-sleeps M ms more in every forward pass, a replica on a slower or busier machine.
+sleeps M ms more per example of every forward pass, a replica on a slower or busier machine.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class MLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay:
-            time.sleep(self.delay)
+            time.sleep(self.delay * x.shape[0])
         return self.net(x)
 
 

@@ -7,7 +7,7 @@
 2. **Open loop**: 1, 2 and 4 replicas at offered rates that are multiples of that capacity; each
    request is sent at its Poisson arrival time whatever the others do, and its latency counts from
    then: throughput, p50 and p99.
-3. **Routing**: two replicas, one slowed by ``--slow-ms`` per forward pass; least-in-flight
+3. **Routing**: two replicas, one slowed by ``--slow-ms`` per example; least-in-flight
    routing against round-robin, same load, same run.
 4. **Refresh lag**: a live sync job served with ``--from-job``; from the end of a training step
    to the first response that the new version answers.
@@ -114,11 +114,15 @@ async def open_loop(address: str, rate: float, seconds: float, seed: int = 0) ->
 # -- sections ------------------------------------------------------------------------------
 
 
-def load_sections(log_dir: Path, replicas: list[int], multiples: list[float], seconds: float) -> dict:
+def capacity(log_dir: Path, seconds: float) -> float:
     with serving(log_dir, MODEL, "--from-file", str(_weights(log_dir))) as address:
         asyncio.run(closed_loop(address, 32, 1.0))  # warm-up
-        capacity = asyncio.run(closed_loop(address, 32, seconds))
-    print(f"capacity of one replica: {capacity:.0f} requests/s (32 in flight)", flush=True)
+        result = asyncio.run(closed_loop(address, 32, seconds))
+    print(f"capacity of one replica: {result:.0f} requests/s (32 in flight)", flush=True)
+    return result
+
+
+def load_section(log_dir: Path, capacity: float, replicas: list[int], multiples: list[float], seconds: float) -> list:
     rows = []
     for n in replicas:
         with serving(log_dir, MODEL, "--from-file", str(_weights(log_dir)), "--replicas", str(n)) as address:
@@ -128,7 +132,7 @@ def load_sections(log_dir: Path, replicas: list[int], multiples: list[float], se
                 rows.append(row)
                 print(f"{n} replicas, offered {row['offered']:.0f}/s: {row['throughput']:.0f}/s answered, "
                       f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, {row['failed']} failed", flush=True)
-    return {"capacity": capacity, "open_loop": rows}
+    return rows
 
 
 def routing_section(log_dir: Path, capacity: float, slow_ms: float, seconds: float, multiple: float) -> list[dict]:
@@ -140,7 +144,7 @@ def routing_section(log_dir: Path, capacity: float, slow_ms: float, seconds: flo
             asyncio.run(closed_loop(address, 8, 1.0))
             row = {"routing": routing, **asyncio.run(open_loop(address, multiple * capacity, seconds, seed=1))}
             rows.append(row)
-            print(f"{routing}, replica 0 slowed by {slow_ms:g} ms: {row['throughput']:.0f}/s of "
+            print(f"{routing}, replica 0 slowed by {slow_ms:g} ms an example: {row['throughput']:.0f}/s of "
                   f"{row['offered']:.0f}/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms", flush=True)
     return rows
 
@@ -239,14 +243,17 @@ def plot(results: dict, out: Path) -> None:
 @click.option("--duration", default=4.0, show_default=True, help="seconds of each open-loop run")
 @click.option("--replicas", default="1,2,4", show_default=True)
 @click.option("--multiples", default="0.25,0.5,1,1.5,2", show_default=True, help="offered rates, x one replica's capacity")
-@click.option("--slow-ms", default=20.0, show_default=True, help="the slowed replica's extra ms per forward pass")
+@click.option("--slow-ms", default=20.0, show_default=True, help="the slowed replica's extra ms per example")
 @click.option("--refresh-steps", default=20, show_default=True)
 @click.option("--reader-steps", default=150, show_default=True)
+@click.option("--routing-load", default=0.6, show_default=True, help="offered rate of the routing runs, x capacity")
+@click.option("--only", default="load,routing,refresh,readers", show_default=True, help="the sections to run")
 @click.option("--quick", is_flag=True, help="a smoke run: short, few points")
 @click.option("--out", type=click.Path(), default=str(ROOT / "benchmarks" / "serving.png"), show_default=True)
 @click.option("--log-dir", type=click.Path(file_okay=False), default="/tmp/ps-serving-bench", show_default=True)
 @click.option("--plot-from", type=click.Path(dir_okay=False, exists=True), help="only plot this results.json")
-def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, quick, out, log_dir, plot_from):
+def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, routing_load, only, quick, out, log_dir,
+         plot_from):
     if plot_from:
         plot(json.loads(Path(plot_from).read_text()), Path(out))
         return
@@ -254,13 +261,19 @@ def main(duration, replicas, multiples, slow_ms, refresh_steps, reader_steps, qu
     log_dir.mkdir(parents=True, exist_ok=True)
     if quick:
         duration, replicas, multiples, refresh_steps, reader_steps = 0.5, "1,2", "0.5", 3, 10
-    results = load_sections(log_dir, [int(n) for n in replicas.split(",")],
-                            [float(m) for m in multiples.split(",")], duration)
-    results["routing"] = routing_section(log_dir, results["capacity"], slow_ms, duration, 1.0)
-    results["refresh"] = refresh_section(log_dir, refresh_steps)
-    results["readers"] = readers_section(log_dir, reader_steps)
+    sections = only.split(",")
+    results = {"capacity": capacity(log_dir, duration)}
+    if "load" in sections:
+        results["open_loop"] = load_section(log_dir, results["capacity"], [int(n) for n in replicas.split(",")],
+                                            [float(m) for m in multiples.split(",")], duration)
+    if "routing" in sections:
+        results["routing"] = routing_section(log_dir, results["capacity"], slow_ms, duration, routing_load)
+    if "refresh" in sections:
+        results["refresh"] = refresh_section(log_dir, refresh_steps)
+    if "readers" in sections:
+        results["readers"] = readers_section(log_dir, reader_steps)
     (log_dir / "results.json").write_text(json.dumps(results, indent=1))
-    if not quick:
+    if not quick and {"load", "routing"} <= set(sections):
         try:
             plot(results, Path(out))
         except ImportError:
