@@ -14,7 +14,7 @@
 5. **Readers**: the step time of a two-worker sync job with 0 readers and with 4 reader processes
    taking snapshots continuously.
 
-The load generator (asyncio, httpx) runs in this process, on the same cores as the replicas.
+The load generator (asyncio, aiohttp) runs in this process, on the same cores as the replicas.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import click
 import httpx
 import torch
@@ -38,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psframework as ps  # noqa: E402
 from benchmarks._common import ROOT, child_env, tail  # noqa: E402
 from psframework.procs import python_module, spawn, stop_all  # noqa: E402
-from psframework.serve.front import no_delay_transport  # noqa: E402
 
 MODEL = "benchmarks._serving_model:mlp"
 EXAMPLE = json.dumps({"inputs": [0.5] * 256}).encode()
@@ -64,22 +64,30 @@ def serving(log_dir: Path, *args: str, env: dict | None = None):
 # -- load ----------------------------------------------------------------------------------
 
 
-async def _post(client: httpx.AsyncClient, url: str) -> bool:
+async def _post(session: aiohttp.ClientSession, url: str) -> bool:
     try:
-        return (await client.post(url, content=EXAMPLE, headers={"content-type": "application/json"})).status_code == 200
-    except httpx.HTTPError:
+        async with session.post(url, data=EXAMPLE, headers={"content-type": "application/json"}) as answer:
+            await answer.read()
+            return answer.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return False
+
+
+def _session(connections: int = 0) -> aiohttp.ClientSession:
+    # aiohttp, not httpx: httpx's connection pool costs more per request than the service answers one
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=60))
 
 
 async def closed_loop(address: str, concurrency: int, seconds: float) -> float:
     """Requests/s with ``concurrency`` requests always in flight."""
     url, done = f"{address}/predict", 0
     stop = time.monotonic() + seconds
-    async with httpx.AsyncClient(timeout=30, transport=no_delay_transport(httpx)) as client:
+    async with _session(concurrency) as session:
         async def loop():
             nonlocal done
             while time.monotonic() < stop:
-                ok = await _post(client, url)  # not "done += await": that reads done before the wait
+                ok = await _post(session, url)  # not "done += await": that reads done before the wait
                 done += ok
         await asyncio.gather(*(loop() for _ in range(concurrency)))
     return done / seconds
@@ -92,13 +100,13 @@ async def open_loop(address: str, rate: float, seconds: float, seed: int = 0) ->
     while (t := t + rng.expovariate(rate)) < seconds:
         arrivals.append(t)
     latencies, failed = [], 0
-    async with httpx.AsyncClient(timeout=30, transport=no_delay_transport(httpx)) as client:
+    async with _session() as session:
         start = time.monotonic()
 
         async def one(at: float):
             nonlocal failed
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-            ok = await _post(client, url)
+            ok = await _post(session, url)
             if ok:
                 latencies.append(time.monotonic() - start - at)
             else:
@@ -169,7 +177,7 @@ def refresh_section(log_dir: Path, steps: int) -> dict:
             params = {k: v.clone() for k, v in mlp().state_dict().items()}
             worker.register(params, optimizer=ps.optim.SGD(lr=1e-6))
             with serving(log_dir, MODEL, "--from-job", cluster.scheduler, "--refresh-every", "0.05") as address:
-                with httpx.Client(timeout=30, transport=no_delay_transport(httpx, sync=True)) as client:
+                with httpx.Client(timeout=30) as client:
                     for step in range(1, steps + 1):
                         worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params).wait(30)
                         done = time.monotonic()

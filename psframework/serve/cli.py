@@ -48,7 +48,6 @@ def main(**options) -> None:
     """Serve the torch.nn.Module that MODULE:FACTORY() builds, with the weights of a live job or of
     an exported file: POST /predict, GET /healthz, GET /metrics."""
     logging.basicConfig(level=log_level_from_env(), format="%(asctime)s ps-serve %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per routed request otherwise
     sys.path.insert(0, os.getcwd())
     try:
         config = ServeConfig(factory=options.pop("factory"), **options)
