@@ -36,7 +36,7 @@ def read(out: str, every: float) -> None:
     """Snapshots of every tensor, ``every`` seconds apart (0: back to back)."""
     dest = {name: torch.empty(shape) for name, shape in TENSORS.items()}
     snapshots = 0
-    with ps.Reader(timeout=5) as reader:
+    with ps.Reader(timeout=60) as reader:  # welcomed once the workers registered
         try:
             while True:
                 time.sleep(every)
