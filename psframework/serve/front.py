@@ -174,7 +174,8 @@ class Front:
 
     async def scrape(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return Response(generate_latest(self._metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = await asyncio.to_thread(generate_latest, self._metrics.registry)  # it reads the replicas'
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -213,8 +214,38 @@ class _FrontMetrics:
                 gauge.labels(str(replica.index)).set_function(
                     lambda r=replica, f=field_name: float(getattr(r, f)))
 
+        self.registry.register(_ReplicaMetrics(front.replicas))
+
     def routed(self, replica: ReplicaProc) -> None:
         self._routed.labels(str(replica.index)).inc()
+
+
+class _ReplicaMetrics:
+    """Every replica's own metrics (latency, batch sizes, version, refresh lag), read from it at each
+    scrape and given a ``replica`` label: one scrape of the front sees the whole service."""
+
+    def __init__(self, replicas: list[ReplicaProc]):
+        self._replicas = replicas
+
+    def describe(self) -> list:
+        return []  # unknown until scraped: registering must not scrape the replicas
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[str, Metric] = {}
+        for replica in [r for r in self._replicas if r.up]:
+            try:
+                with urllib.request.urlopen(f"{replica.url}/metrics", timeout=1.0) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue  # restarting: its series are absent from this scrape
+            for family in text_string_to_metric_families(text):
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                merged.samples += [sample._replace(labels={**sample.labels, "replica": str(replica.index)})
+                                   for sample in family.samples]
+        return list(families.values())
 
 
 __all__ = ["Front", "ReplicaProc"]

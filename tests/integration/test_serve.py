@@ -163,6 +163,10 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(tmp_path):
         assert len(_replica_pids()) == 2 and replicas[0] not in _replica_pids()
         after = {_predict(address, [1, 2, 3, 4]).headers["x-replica"] for _ in range(10)}
         assert seen == after == {"0", "1"}
+        metrics = httpx.get(f"{address}/metrics", timeout=10).text
+        assert 'psframework_serve_replica_restarts{replica="0"} 1.0' in metrics
+        assert 'psframework_serve_model_version{replica="1"} 7.0' in metrics  # a replica's own, through the front
+        assert 'psframework_serve_request_seconds_count{replica="0"}' in metrics
 
 
 def _replica_pids() -> list[int]:
