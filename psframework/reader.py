@@ -171,10 +171,9 @@ class Reader:
 
     def _read(self, plan, at_least: dict[int, int], deadline: float) -> dict[int, int]:
         """One read of each block of ``plan`` (at its version ``at_least``), answers written in place."""
-        blocks = {block.block_id: block for block in self.shard_map.blocks}
         reads = []
         for block_id, pieces in plan.items():
-            block = blocks[block_id]
+            block = self.shard_map.blocks[block_id]  # ids are indices (ShardMap checks)
             reads.append((block.server, P.Read(req=0, block=block_id, segs=[i for i, _ in pieces],
                                                at_least=at_least[block_id]),
                           [], _write_into([dest for _, dest in pieces]), f"block {block_id}"))

@@ -149,10 +149,14 @@ class JobWeights:
         if seen == self._seen:
             return False
         noticed = time.monotonic()
-        version = self.served.load(lambda module: self.reader.snapshot({n: module.state_dict()[n] for n in self.names}))
+        version = self.served.load(self._read_into)
         self._seen = seen
         self._on_refresh(version, time.monotonic() - noticed)
         return True
+
+    def _read_into(self, module: torch.nn.Module) -> int:
+        state = module.state_dict()
+        return self.reader.snapshot({name: state[name] for name in self.names})
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ps-serve-refresh", daemon=True)
