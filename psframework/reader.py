@@ -75,7 +75,8 @@ class Reader:
             welcome = self._hello()
             self.mode = welcome.mode
             self.shard_map = ShardMap.from_wire(welcome.shard_map)
-            self.links = ServerLinks(self.transport, welcome, self.config.max_message_bytes)
+            self.links = ServerLinks(self.transport, welcome,
+                                     min(self.config.max_message_bytes, welcome.max_message_bytes or 1 << 62))
         except BaseException:
             self.close()
             raise
@@ -231,14 +232,14 @@ class Reader:
         unique, inverse = torch.unique(flat, return_inverse=True)
         rows = torch.empty(unique.numel(), spec.dim)
         servers = self._buckets[rowhash.bucket_of(unique)] if unique.numel() else unique
-        reads = []
-        for server in range(self.shard_map.num_servers):
-            mine = (servers == server).nonzero().reshape(-1)
-            if mine.numel():
-                request = P.ReadRows(req=0, rank=self.reader, tables=[index], counts=[mine.numel()])
-                reads.append((server, request, [unique[mine].contiguous()], _rows_into(rows, mine),
-                              f"rows of table {table!r}"))
-        self._retrying(lambda deadline: self.links.exchange(reads, deadline), timeout)
+        mine = [(server, (servers == server).nonzero().reshape(-1)) for server in range(self.shard_map.num_servers)]
+
+        def read(deadline: float):  # built at each attempt: a refresh gives this reader a new id
+            reads = [(server, P.ReadRows(req=0, rank=self.reader, tables=[index], counts=[where.numel()]),
+                      [unique[where].contiguous()], _rows_into(rows, where), f"rows of table {table!r}")
+                     for server, where in mine if where.numel()]
+            return self.links.exchange(reads, deadline)
+        self._retrying(read, timeout)
         return rows[inverse].reshape(*ids.shape, spec.dim)
 
     # -- the end -------------------------------------------------------------------------

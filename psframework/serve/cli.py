@@ -30,7 +30,8 @@ def _shape(ctx, param, value: Optional[str]) -> Optional[tuple[int, ...]]:
 @click.argument("factory", metavar="MODULE:FACTORY")
 @click.option("--from-job", metavar="ADDRESS", help="a running job's scheduler, tcp://HOST:PORT: serve its live weights")
 @click.option("--from-file", type=click.Path(dir_okay=False), help="a file of python -m psframework.export")
-@click.option("--secret-file", type=click.Path(dir_okay=False), help="the job's secret (a job with --auth)")
+@click.option("--secret-file", type=click.Path(dir_okay=False), envvar="PS_SECRET_FILE", show_envvar=True,
+              help="the job's secret (ps-launch --secret-file)")
 @click.option("--host", "bind_host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8000, show_default=True, help="0: any free port (printed)")
 @click.option("--replicas", default=1, show_default=True, help="model processes behind one front")

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from ..procs import exit_description, python_module, spawn, stop_all
 log = logging.getLogger("psframework.serve")
 
 _WATCH = 0.1  # seconds between looks at the replicas' processes
+_MAX_BACKOFF = 30.0  # the longest wait before restarting a replica that died before it served
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ReplicaProc:
     answered: int = 0
     restarts: int = 0
     generation: int = 0
+    next_start: float = 0.0  # a replica that keeps dying is restarted less and less often
 
     @property
     def url(self) -> str:
@@ -121,12 +124,15 @@ class Front:
             await asyncio.sleep(_WATCH)
             for replica in self.replicas:
                 code = replica.proc.poll()
-                if code is not None:
+                if code is not None and time.monotonic() >= replica.next_start:
+                    delay = min(_MAX_BACKOFF, _WATCH * 2 ** min(replica.restarts, 10)) if not replica.up else 0.0
                     log.warning("replica %d exited (%s); restarting it", replica.index, exit_description(code))
+                    replica.up = False
                     replica.restarts += 1
+                    replica.next_start = time.monotonic() + delay + _WATCH
                     self._spawn(replica)
-                elif not replica.up:
-                    await asyncio.to_thread(self._poll_up, replica)
+                elif code is None and not replica.up and await asyncio.to_thread(self._poll_up, replica):
+                    replica.next_start = 0.0
 
     # -- requests ------------------------------------------------------------------------
 
@@ -196,6 +202,7 @@ class Front:
 
     def close(self) -> None:
         stop_all([r.proc for r in self.replicas if r.proc is not None])
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class _FrontMetrics:

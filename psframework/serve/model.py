@@ -42,6 +42,8 @@ def build_factory(spec: str) -> Callable[[], torch.nn.Module]:
 class ServedModel:
     def __init__(self, factory: Callable[[], torch.nn.Module], device: str):
         self._copies = [self._built(factory, device), self._built(factory, device)]
+        # entries the weights' source does not hold keep the factory's values: the same in both
+        self._copies[1].load_state_dict(self._copies[0].state_dict())
         self._users = [0, 0]  # batches running on each copy
         self._live: Optional[int] = None
         self._version = -1
@@ -178,6 +180,9 @@ class JobWeights:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.config.timeout + 5)
+            if self._thread.is_alive():  # still in a read: its sockets go with the process
+                log.warning("the refresh thread is still reading; leaving its reader open")
+                return
         self.reader.close()
 
 

@@ -69,13 +69,13 @@ def parse(body: bytes, content_type: str, spec: InputSpec) -> Parsed:
 def _json(body: bytes, spec: InputSpec) -> torch.Tensor:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(400, f"malformed JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(document, dict) or "inputs" not in document:
         raise BadRequest(400, 'the body must be a JSON object with "inputs": a (nested) list of numbers')
     try:
         tensor = torch.tensor(document["inputs"])
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RecursionError is a RuntimeError
         raise BadRequest(400, f'"inputs" must be a (nested) list of numbers of one shape: {exc}') from None
     if tensor.dtype == torch.bool or (tensor.is_floating_point() and not spec.dtype.is_floating_point):
         raise BadRequest(400, f'"inputs" holds {dtype_name(tensor.dtype)} values; the model takes '

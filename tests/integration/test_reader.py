@@ -210,3 +210,27 @@ def test_a_reader_reads_a_gpu_server_into_gpu_and_host_tensors(make_cluster, tmp
                 seen.append(int(version))
     finally:
         procs.stop()
+
+
+def test_a_reader_looks_up_rows_after_a_server_moved(make_cluster, tmp_path):
+    """lookup() after a restarted server: the retry speaks with the reader's new id (the first
+    version sent the old one and was refused)."""
+    from tests.integration.test_chaos_bugs import restart_server, restartable, wait_for
+
+    cluster = restartable(make_cluster, tmp_path)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        table = ps.nn.Embedding(64, 2, init=ps.nn.RowInit("constant", 0.0))
+        worker.register({"w": torch.zeros(4)}, optimizer=ps.optim.SGD(lr=1.0), tables={"t": table},
+                        sparse_optimizer=ps.optim.SGD(lr=1.0))
+        reader = ps.Reader(scheduler=cluster.scheduler, timeout=3)
+        ids = torch.arange(64)
+        worker.pull_rows("t", ids).wait(timeout=30)
+        worker.push_rows("t", ids, -torch.ones(64, 2)).wait(timeout=30)
+        worker.save_checkpoint(tmp_path / "ckpt")
+        assert torch.equal(reader.lookup("t", ids), torch.ones(64, 2))
+        restart_server(cluster, 1)
+        wait_for(lambda: worker.membership.rollback[0] == 1, 30, "the rollback")
+        try:
+            assert torch.equal(reader.lookup("t", ids), torch.ones(64, 2))
+        finally:
+            reader.close()

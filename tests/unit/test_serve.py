@@ -40,6 +40,9 @@ def test_one_example_or_a_batch_is_taken_and_anything_else_is_refused_with_why()
         with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
             parse(body, "application/json", SPEC)
         assert caught.value.status == status
+    deep = b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    with pytest.raises(BadRequest, match="malformed JSON: RecursionError"):
+        parse(deep, "application/json", InputSpec.of((3,), "float32", 4, 1 << 20))
     ids = InputSpec.of((2,), "int64", 4, 1000)
     assert parse(_json([1, 2]), "application/json", ids).inputs.dtype == torch.int64
     with pytest.raises(BadRequest, match="holds float32 values; the model takes int64"):
