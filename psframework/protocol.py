@@ -377,6 +377,7 @@ class Values(Message, tag="values"):
     min_clock: int
     shm: bool = False
     shared: bool = False  # the values are in the server's shared values, not in the lane's pull slot
+    rollback: int = 0  # the job's rollback epoch as the server knows it (a reader's snapshot spans one)
 
 
 class Stats(Message, tag="stats"):

@@ -163,14 +163,17 @@ class Reader:
     def _consistent_read(self, plan, deadline: float) -> dict[int, int]:
         """Read every block of ``plan``; in sync mode read again the blocks behind the newest, each
         once it has caught up, until all are at one version."""
-        versions = self._read(plan, dict.fromkeys(plan, 0), deadline)
+        epochs: set[int] = set()
+        versions = self._read(plan, dict.fromkeys(plan, 0), deadline, epochs)
         while self.mode == "sync" and len(set(versions.values())) > 1:
             newest = max(versions.values())
             behind = {block: newest for block, version in versions.items() if version < newest}
-            versions.update(self._read({block: plan[block] for block in behind}, behind, deadline))
+            versions.update(self._read({block: plan[block] for block in behind}, behind, deadline, epochs))
+        if len(epochs) > 1:  # some blocks were read before a rollback, some after: two histories
+            raise RolledBackError(f"reader {self.reader}: the job went back to a checkpoint during the snapshot")
         return versions
 
-    def _read(self, plan, at_least: dict[int, int], deadline: float) -> dict[int, int]:
+    def _read(self, plan, at_least: dict[int, int], deadline: float, epochs: set[int]) -> dict[int, int]:
         """One read of each block of ``plan`` (at its version ``at_least``), answers written in place."""
         reads = []
         for block_id, pieces in plan.items():
@@ -179,6 +182,7 @@ class Reader:
                                                at_least=at_least[block_id]),
                           [], _write_into([dest for _, dest in pieces]), f"block {block_id}"))
         answers = self.links.exchange(reads, deadline)
+        epochs.update(answer.rollback for answer in answers)
         return {block_id: answer.version for block_id, answer in zip(plan, answers)}
 
     def _version(self, tensors, versions: dict[int, int]) -> SnapshotVersion:

@@ -258,6 +258,7 @@ class Server:
     def _roll_back(self, epoch: int, step: int) -> None:
         """Every server went back to the checkpoint of ``step``: what waited belongs to later steps."""
         self._rollback = (epoch, step)
+        self.answers.rollback = epoch
         self.answers.fail_all(self._units(), self._rolled_back_error())
 
     def _check_rollback(self, epoch: int) -> None:

@@ -34,6 +34,7 @@ class Answers:
         self.data, self.io, self.lanes, self.rows = data, io, lanes, rows
         self.policy, self.credits, self.rank = policy, credits, rank
         self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
+        self.rollback = 0  # the job's rollback epoch, named in every answer of values
 
     def ready(self, units: Iterable[Any]) -> None:
         """Answer the waiting pulls of these units that the policy now allows."""
@@ -68,7 +69,7 @@ class Answers:
             return
         through_lane = pending.lane is not None
         values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=through_lane,
-                          shared=through_lane and pending.shared and unit.shared)
+                          shared=through_lane and pending.shared and unit.shared, rollback=self.rollback)
         nbytes = sum(unit.nbytes[i] for i in pending.segs)
         self._count_pull(pending, nbytes)
         if pending.lane is not None:
