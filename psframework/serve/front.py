@@ -47,7 +47,6 @@ class ReplicaProc:
     port: int = 0
     up: bool = False
     in_flight: int = 0
-    answered: int = 0
     restarts: int = 0
     generation: int = 0
     next_start: float = 0.0  # a replica that keeps dying is restarted less and less often
@@ -165,7 +164,6 @@ class Front:
                 continue
             finally:
                 replica.in_flight -= 1
-            replica.answered += 1
             self._metrics.routed(replica)
             return Response(content, status_code=answer.status, media_type=answer.headers.get("content-type"),
                             headers={"X-Model-Version": answer.headers.get("x-model-version", ""),
