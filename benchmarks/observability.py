@@ -37,6 +37,7 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = ("off", "metrics", "trace")
+JOBS = ("pushpull", "digits")
 TRAINED = re.compile(r"epoch (\d+)/(\d+) .*\((\d+(?:\.\d+)?) s, mode")
 METRICS_AT = re.compile(r"metrics (http://\S+/metrics)")
 
@@ -105,14 +106,19 @@ def digits_seconds(variant: str, workdir: Path, epochs: int, timeout: float) -> 
 
 def table(results: dict[str, dict[str, list[float]]]) -> tuple[Table, list[str]]:
     view = Table(title="observability: median over rounds, speed relative to off")
-    lines = ["| variant | push_pull 64 MiB, ms | x off | digits job training, s | x off |", "|---|---|---|---|---|"]
-    for column in ("variant", "push_pull ms", "x off", "digits s", "x off"):
+    jobs = list(results["off"])
+    heads = {"pushpull": "push_pull 64 MiB, ms", "digits": "digits job training, s"}
+    columns = ["variant"] + [c for job in jobs for c in (heads[job], "x off")]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for column in columns:
         view.add_column(column, justify="right")
     off = {k: statistics.median(v) for k, v in results["off"].items()}
     for variant in VARIANTS:
         med = {k: statistics.median(v) for k, v in results[variant].items()}
-        cells = [variant, f"{med['pushpull'] * 1e3:.1f}", f"{off['pushpull'] / med['pushpull']:.3f}",
-                 f"{med['digits']:.2f}", f"{off['digits'] / med['digits']:.3f}"]
+        cells = [variant]
+        for job in jobs:
+            shown = med[job] * 1e3 if job == "pushpull" else med[job]
+            cells += [f"{shown:.1f}" if job == "pushpull" else f"{shown:.2f}", f"{off[job] / med[job]:.3f}"]
         view.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     return view, lines
@@ -126,21 +132,29 @@ def table(results: dict[str, dict[str, list[float]]]) -> tuple[Table, list[str]]
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds per job.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the Markdown table here.")
-def main(rounds: int, mib: int, repeats: int, epochs: int, timeout: float, out: Optional[Path]) -> None:
+@click.option("--only", type=click.Choice(JOBS), multiple=True,
+              help="Run only this job (repeatable; default both).")
+def main(rounds: int, mib: int, repeats: int, epochs: int, timeout: float, out: Optional[Path],
+         only: tuple[str, ...]) -> None:
     """push_pull and the digits job with metrics and tracing on, against off."""
     console = Console()
-    results = {v: {"pushpull": [], "digits": []} for v in VARIANTS}
+    jobs = {"pushpull": lambda variant, workdir: pushpull_seconds(variant, workdir, mib, repeats, timeout),
+            "digits": lambda variant, workdir: digits_seconds(variant, workdir, epochs, timeout)}
+    jobs = {name: run for name, run in jobs.items() if not only or name in only}
+    results = {v: {name: [] for name in jobs} for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="ps-observability-") as tmp, Progress(console=console) as progress:
-        task = progress.add_task("jobs", total=rounds * len(VARIANTS) * 2)
+        task = progress.add_task("jobs", total=rounds * len(VARIANTS) * len(jobs))
         for round_ in range(rounds):
             order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]  # who goes first rotates
             for variant in order:
                 workdir = Path(tmp) / f"{variant}-{round_}"
                 workdir.mkdir()
-                results[variant]["pushpull"].append(pushpull_seconds(variant, workdir, mib, repeats, timeout))
-                progress.advance(task)
-                results[variant]["digits"].append(digits_seconds(variant, workdir, epochs, timeout))
-                progress.advance(task)
+                for name, run in jobs.items():
+                    results[variant][name].append(run(variant, workdir))
+                    progress.advance(task)
+                    # one line per job, so that a run cut short (or read from a log) still says something
+                    progress.console.log(f"round {round_ + 1}/{rounds} {variant} {name}: "
+                                         f"{results[variant][name][-1]:.4f} s")
     view, lines = table(results)
     console.print(view)
     console.print("raw: " + json.dumps(results))

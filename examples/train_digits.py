@@ -60,7 +60,7 @@ def main(epochs: int, batch_size: int, lr: float) -> None:
                 with torch.no_grad():
                     accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
                 print(f"epoch {epoch}/{epochs}  loss {total / count:.4f}  held-out accuracy {accuracy:.3f}  "
-                      f"({time.monotonic() - start:.1f} s, mode {opt.worker.mode}, {n} workers)", flush=True)
+                      f"({time.monotonic() - start:.2f} s, mode {opt.worker.mode}, {n} workers)", flush=True)
         opt.worker.barrier()
 
 
