@@ -86,6 +86,9 @@ def _option(*decls: str, **kwargs):
 @_option("--stop-grace", envvar="PS_STOP_GRACE", type=float, default=DEFAULT_STOP_GRACE, show_default=True,
          metavar="SECONDS", help="When ps-launch ends a process (job over, failed, declared dead, Ctrl-C): "
                                  "seconds from SIGTERM (with SIGCONT) to SIGKILL.")
+@_option("--worker-threads", envvar=["PS_WORKER_THREADS", "OMP_NUM_THREADS"], type=click.IntRange(1), metavar="N",
+         help="OMP_NUM_THREADS of every worker (default: this host's cores shared among the job's servers and "
+              "workers here; 1 on another host that runs several of them).")
 @_option("--launcher", envvar="PS_LAUNCHER", type=click.Choice(LAUNCHERS),
          help="How processes of other hosts start: ssh, or slurm (srun steps, hosts from the allocation); "
               "default: slurm inside an allocation without --hostfile, else ssh.")

@@ -106,10 +106,13 @@ def node_processes(cfg: LaunchConfig, addresses: Mapping[str, str], scheduler_ad
 def _spec(cfg: LaunchConfig, placement: Placement, address: str, argv: list[str],
           scheduler_address: Optional[str]) -> ProcessSpec:
     local = cfg.runs_here(placement.host)
-    # later entries win: forwarded (over ssh) < unbuffered default < -x < what defines the job;
+    # later entries win: forwarded (over ssh) < unbuffered, threads < -x < what defines the job;
     # srun passes its own environment (this host's) on, like a local process's
     env = dict(cfg.forward_env) if not local and cfg.launcher == "ssh" else {}
     env["PYTHONUNBUFFERED"] = "1"  # so the last lines before a crash reach the root-cause report
+    threads = cfg.worker_threads_on(placement.host) if placement.role == "worker" else None
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(cfg.env)
     env.update(config_to_env(cfg.scheduler_config()))
     env.update(PS_JOB_ID=cfg.job_id, PS_ROLE=placement.role, PS_HOST=placement.host, PS_BIND=address)

@@ -64,6 +64,7 @@ LAUNCH_ENV_VARS = {
     "PS_LAUNCHER": ("--launcher", "ssh or slurm: how processes of other hosts start"),
     "PS_SERVERS_PER_NODE": ("--servers-per-node", "servers on every host"),
     "PS_FROM_SLURM": ("--from-slurm", "run as one task of srun -n 1+S+W, the role by SLURM_PROCID"),
+    "PS_WORKER_THREADS": ("--worker-threads", "OMP_NUM_THREADS of every worker"),
 }
 
 # Set by ps-launch for each process; a user value (-x) would silently break the job.
@@ -122,6 +123,8 @@ class LaunchConfig:
     slurm: Optional[SlurmAllocation] = None  # the allocation ps-launch runs in, if any
     node_addresses: tuple[tuple[str, str], ...] = ()  # Slurm's NodeAddr of each node
     servers_per_node: Optional[int] = None
+    worker_threads: Optional[int] = None  # every worker's OMP_NUM_THREADS; None: by host (worker_threads_on)
+    host_cores: int = field(default_factory=lambda: os.cpu_count() or 1)  # of this host
     layout: JobLayout = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +199,19 @@ class LaunchConfig:
             checkpoint_dir=self.checkpoint_dir, log_level=self.log_level, peer_buffer_bytes=self.peer_buffer_bytes,
             metrics_port=self.metrics_port, trace_dir=self.trace_dir and os.path.abspath(self.trace_dir),
             trace_steps=self.trace_steps)
+
+    def worker_threads_on(self, host: str) -> Optional[int]:
+        """The OMP_NUM_THREADS of the workers on ``host`` (None: torch's default, all its cores).
+        ``--worker-threads`` if given; else this host's cores shared among the job's servers and
+        workers on it, and on another host, whose cores are unknown here, 1 where the job runs more
+        than one process, as torchrun does: every worker's torch would otherwise start a thread per
+        core, and on a host shared by several they spin against each other."""
+        if self.worker_threads is not None:
+            return self.worker_threads
+        sharing = sum(1 for p in self.layout.all() if p.host == host and p.role != "scheduler")
+        if self.runs_here(host):
+            return max(1, self.host_cores // sharing)
+        return 1 if sharing > 1 else None
 
     def worker_env(self) -> dict[str, str]:
         """What only workers need: DistributedOptimizer's checkpoint schedule."""

@@ -67,6 +67,7 @@ def test_sync_training_job(launch, tmp_path):
         assert info["rank"] == rank and info["role"] == "worker"
         assert info["bind"] == "127.0.0.1"
         assert info["test_env"] == {"PS_TEST_GIVEN": "a b'c", "PS_TEST_INHERITED": "from-env"}
+        assert info["threads"] == max(1, os.cpu_count() // 4)  # the host's cores shared by 2 servers, 2 workers
 
     # quiet by default: the workers' output; the infrastructure's INFO lines only in the log files
     # (its warnings still show: on a shared machine a stranger's process may knock on a server's port)

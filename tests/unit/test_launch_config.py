@@ -122,6 +122,25 @@ def test_a_remote_process_reads_its_own_hosts_copy_of_the_secret():
     assert there.environ["PS_SECRET_FILE"] == "/tmp/ps-launch-j1-x-on-192.0.2.11-2222/secret.json"
 
 
+def _worker_threads(cfg: LaunchConfig) -> list:
+    return [spec.environ.get("OMP_NUM_THREADS") for spec in node_processes(cfg, host_addresses(cfg), "tcp://x:1")
+            if spec.role == "worker"]
+
+
+def test_workers_share_this_hosts_cores_among_the_jobs_processes():
+    # 2 servers + 2 workers on 16 cores: 4 threads each (torch would start 16 in every worker)
+    assert _worker_threads(_cfg(num_workers=2, num_servers=2, host_cores=16)) == ["4", "4"]
+    assert _worker_threads(_cfg(num_workers=4, num_servers=1, host_cores=2)) == ["1"] * 4
+    assert _worker_threads(_cfg(worker_threads=5, num_workers=2, host_cores=16)) == ["5", "5"]
+    assert _worker_threads(_cfg(env=(("OMP_NUM_THREADS", "7"),), host_cores=16)) == ["7"]  # -x wins
+
+
+def test_workers_of_other_hosts_get_one_thread_where_they_share_the_host_as_torchrun_does():
+    hosts = parse_hostfile("192.0.2.10 slots=2 servers=1\n192.0.2.11 slots=1\n")
+    # host .10 runs a server and two workers; host .11 one worker: its own cores, unknown here
+    assert _worker_threads(_cfg(hosts=hosts, host_cores=64)) == ["1", "1", None]
+
+
 def test_loopback_in_a_multi_host_job_is_refused():
     hosts = parse_hostfile("127.0.0.1 slots=1 servers=1\n192.0.2.11 slots=1\n")
     with pytest.raises(ConfigError, match="loopback"):
@@ -164,7 +183,9 @@ def test_routine_lines_of_the_infrastructure_are_told_apart(line, routine):
 # -- the click layer ------------------------------------------------------------------------
 
 def _envvars() -> dict[str, str]:
-    return {p.envvar: p.name for p in main.params if isinstance(p, click.Option) and p.envvar}
+    """Each option's own variable (the first; --worker-threads also reads the shell's OMP_NUM_THREADS)."""
+    return {p.envvar if isinstance(p.envvar, str) else p.envvar[0]: p.name
+            for p in main.params if isinstance(p, click.Option) and p.envvar}
 
 
 def test_every_option_has_a_documented_variable():
@@ -191,6 +212,19 @@ def test_options_fall_back_to_ps_variables(tmp_path, monkeypatch):
     assert cfg.log_dir == "logs" and cfg.cwd == str(tmp_path)
     assert cfg.stop_grace == 1.5 and cfg.verbose
     assert cfg.metrics_port == 0 and cfg.scheduler_config().metrics_port == 0
+
+
+@pytest.mark.parametrize("env, threads", [({"OMP_NUM_THREADS": "3"}, 3), ({"PS_WORKER_THREADS": "2"}, 2),
+                                           ({"PS_WORKER_THREADS": "2", "OMP_NUM_THREADS": "3"}, 2), ({}, None)])
+def test_the_launching_shells_omp_num_threads_is_kept_for_the_workers(monkeypatch, env, threads):
+    captured = {}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("psframework.launch.cli.run_job", lambda cfg: captured.setdefault("cfg", cfg) and 0)
+    result = CliRunner().invoke(main, ["-n", "2", "--", "true"], env=env)
+    assert result.exit_code == 0, result.output
+    assert captured["cfg"].worker_threads == threads
+    refused = CliRunner().invoke(main, ["--worker-threads", "0", "--", "true"])
+    assert refused.exit_code == 2 and "--worker-threads" in refused.output and "x>=1" in refused.output
 
 
 def test_worker_arguments_are_not_taken_as_options(monkeypatch):

@@ -57,7 +57,8 @@ def main() -> int:
                 "bind": os.environ.get("PS_BIND"), "role": os.environ.get("PS_ROLE"),
                 "netns": os.readlink("/proc/self/ns/net"), "secret_file": os.environ.get("PS_SECRET_FILE"),
                 "slurm_node": os.environ.get("SLURMD_NODENAME"),
-                "test_env": {k: v for k, v in os.environ.items() if k.startswith("PS_TEST_")}}
+                "test_env": {k: v for k, v in os.environ.items() if k.startswith("PS_TEST_")},
+                "threads": torch.get_num_threads()}
         (outdir / f"worker-{rank}.json").write_text(json.dumps(info))
         opt = ps.DistributedOptimizer(model, ps.optim.SGD(lr=LR), worker=worker)
         for step, (x, y) in enumerate(make_data()):
