@@ -1,26 +1,35 @@
 """Timelines: Chrome trace events (the Trace Event Format that Perfetto and chrome://tracing open).
 
-With ``PS_TRACE_DIR`` (``ps-launch --trace DIR``) every process appends its events, one JSON
-object per line, to ``DIR/<role>-<rank>-<pid>.jsonl``: workers their exchanges (push, pull,
-push_pull), each request to a server and the time blocked waiting; servers each request they
-handle, each optimizer step and each answer. ``PS_TRACE_STEPS=a:b`` keeps the workers' steps a
-to b-1 (and the servers' work on them). ``merge`` makes one ``trace.json`` of a directory, one
-track per process. A tracer that is off costs one attribute test per event.
+With ``PS_TRACE_DIR`` (``ps-launch --trace DIR``) every process records its events in
+``DIR/<role>-<rank>-<pid>.events``: workers their exchanges (push, pull, push_pull), each request
+to a server and the time blocked waiting; servers each request they handle, each optimizer step
+and each answer. ``PS_TRACE_STEPS=a:b`` keeps the workers' steps a to b-1 (and the servers' work
+on them). ``merge`` makes one ``trace.json`` of a directory, one track per process.
+
+A tracer that is off costs one attribute test per event. One that is on keeps its events as
+tuples and writes them, ``FLUSH_EVENTS`` at a time (and when it closes, or the process exits), as
+msgpack: a process's file is its header, then lists of events, and only ``merge`` writes JSON.
+Writing each event as a JSON line when it happened cost 16-21 us on the 2-core machine, a tenth
+of a 2 ms step of the digits job (benchmarks/RESULTS.md, "What observability costs").
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Optional
+from typing import IO, Optional
+
+import msgpack
 
 from .errors import ConfigError
 
 MERGED = "trace.json"
+SUFFIX = ".events"
+FLUSH_EVENTS = 8192  # events kept before they are written (a few MB at most)
 
 
 def parse_steps(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -50,10 +59,11 @@ class Tracer:
         self.enabled = directory is not None
         self.steps = steps
         self.step: Optional[int] = None  # the process's current step: for events that name none
-        self._file: Optional[IO[str]] = None
+        self._file: Optional[IO[bytes]] = None
         self._directory = Path(directory) if directory else None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._events: list[tuple] = []  # not yet written: (name, category, ts, dur or None for an instant, tid, args)
 
     def start(self, role: str, rank: int, step: Optional[int] = None) -> None:
         """Open this process's file once its role and rank are known (``step``: its current one)."""
@@ -62,12 +72,13 @@ class Tracer:
             return
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._directory / f"{role}-{rank}-{self._pid}.jsonl", "a", buffering=1 << 16)
+            self._file = open(self._directory / f"{role}-{rank}-{self._pid}{SUFFIX}", "ab")
         except OSError as exc:
             raise ConfigError(f"PS_TRACE_DIR={self._directory}: cannot write there ({exc.strerror or exc})") from None
-        self._write({"name": "process_name", "ph": "M", "pid": self._pid, "args": {"name": f"{role} {rank}"}})
-        self._write({"name": "process_sort_index", "ph": "M", "pid": self._pid,
-                     "args": {"sort_index": {"scheduler": 0, "server": 1000}.get(role, 2000) + rank}})
+        atexit.register(self.close)  # a process that exits without closing its worker keeps its events
+        order = {"scheduler": 0, "server": 1000}.get(role, 2000) + rank
+        self._file.write(msgpack.packb({"pid": self._pid, "name": f"{role} {rank}", "sort_index": order}))
+        self._file.flush()
 
     def wants(self, step: Optional[int]) -> bool:
         """Whether work of this step (None: the current one) is traced."""
@@ -78,58 +89,101 @@ class Tracer:
     def complete(self, name: str, start_us: float, category: str, step: Optional[int] = None, **args) -> None:
         """A span from ``start_us`` (``now_us()`` when it began) until now."""
         if self.wants(step):
-            event = {"name": name, "cat": category, "ph": "X", "ts": start_us, "dur": _now_us() - start_us,
-                     "pid": self._pid, "tid": threading.get_ident() % 1_000_000}
             if step is not None:
                 args["step"] = step
-            if args:
-                event["args"] = args
-            self._write(event)
+            self._record((name, category, start_us, _now_us() - start_us, threading.get_ident() % 1_000_000, args))
 
     def instant(self, name: str, category: str, **args) -> None:
         if self._file is not None:
-            self._write({"name": name, "cat": category, "ph": "i", "s": "g", "ts": _now_us(), "pid": self._pid,
-                         "tid": threading.get_ident() % 1_000_000, "args": args})
+            self._record((name, category, _now_us(), None, threading.get_ident() % 1_000_000, args))
 
-    @contextmanager
-    def span(self, name: str, category: str, step: Optional[int] = None, **args) -> Iterator[None]:
-        if not self.wants(step):
-            yield
-            return
-        start = _now_us()
-        try:
-            yield
-        finally:
-            self.complete(name, start, category, step, **args)
+    def span(self, name: str, category: str, step: Optional[int] = None, **args) -> "_Span":
+        """``with tracer.span(...):`` records the block's time (a class, not a generator: half the cost)."""
+        return _Span(self, name, category, step, args) if self.wants(step) else _NO_SPAN
 
     def now_us(self) -> float:
         return _now_us() if self._file is not None else 0.0
 
-    def _write(self, event: dict) -> None:
-        line = json.dumps(event, separators=(",", ":")) + "\n"
+    def _record(self, event: tuple) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.write(line)
+            self._events.append(event)
+            if len(self._events) >= FLUSH_EVENTS:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the events kept so far (the lock is held)."""
+        if self._file is not None and self._events:
+            self._file.write(msgpack.packb(self._events))
+            self._file.flush()
+        self._events = []
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._flush()
                 self._file.close()
                 self._file = None
 
 
+class _Span:
+    __slots__ = ("tracer", "name", "category", "step", "args", "start")
+
+    def __init__(self, tracer: Tracer, name: str, category: str, step: Optional[int], args: dict):
+        self.tracer, self.name, self.category, self.step, self.args = tracer, name, category, step, args
+
+    def __enter__(self) -> None:
+        self.start = _now_us()
+
+    def __exit__(self, *exc) -> None:
+        self.tracer.complete(self.name, self.start, self.category, self.step, **self.args)
+
+
+class _NoSpan:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+def _read_events(path: Path) -> list[dict]:
+    """A process's events as Trace Event Format dicts; a batch cut short by a killed process ends it."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(path.read_bytes())
+    try:
+        header = unpacker.unpack()
+        pid = header["pid"]
+        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": header["name"]}},
+                  {"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": header["sort_index"]}}]
+    except (msgpack.OutOfData, ValueError, TypeError, KeyError):
+        return []
+    while True:
+        try:
+            batch = unpacker.unpack()
+        except (msgpack.OutOfData, ValueError):
+            return events
+        for name, category, ts, dur, tid, args in batch:
+            event = {"name": name, "cat": category, "ts": ts, "pid": pid, "tid": tid}
+            if dur is None:
+                event.update(ph="i", s="g", args=args)
+            else:
+                event.update(ph="X", dur=dur)
+                if args:
+                    event["args"] = args
+            events.append(event)
+
+
 def merge(directory: str) -> tuple[Path, int]:
     """One ``trace.json`` ({"traceEvents": [...]}) of every process's events in ``directory``;
-    returns its path and the number of processes. A line cut short by a killed process is skipped."""
+    returns its path and the number of processes."""
     root = Path(directory)
     events, processes = [], 0
-    for path in sorted(root.glob("*.jsonl")):
+    for path in sorted(root.glob(f"*{SUFFIX}")):
         processes += 1
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
+        events += _read_events(path)
     target = root / MERGED
     tmp = root / f".{MERGED}.tmp{os.getpid()}"
     tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
