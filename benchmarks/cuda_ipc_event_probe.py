@@ -1,0 +1,74 @@
+"""Does a stream that waits on another process's interprocess CUDA event hang if that process is killed?
+
+    python3 benchmarks/cuda_ipc_event_probe.py      # on a GPU machine; about 30 s
+
+A producer process queues a 4 s kernel and records an interprocess event after it (case A), or
+records it only 2 s after this process issued its wait (case B); this process opens the event's
+handle, makes a stream of its own wait for it, queues a small kernel after the wait, and kills the
+producer after 1 s. It prints what each side's ``query()`` says and when its own stream's work is
+done. Results: benchmarks/RESULTS_GPU.md (issue 14, third round).
+"""
+import os
+import signal
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+
+def producer(q, record_late):
+    torch.cuda.init()
+    s = torch.cuda.Stream()
+    e = torch.cuda.Event(interprocess=True)
+    t0 = time.time()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(int(2e9 * 4))  # ~4 s of GPU time at 2 GHz
+        if not record_late:
+            e.record(s)
+    q.put((e.ipc_handle(), e.query(), time.time() - t0))
+    if record_late:
+        time.sleep(2.0)
+        e.record(s)
+    time.sleep(60)
+
+
+def case(name, record_late, kill_after_s):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=producer, args=(q, record_late))
+    p.start()
+    handle, own_query, launch_s = q.get(timeout=60)
+    e = torch.cuda.Event.from_ipc_handle(torch.device("cuda", 0), handle)
+    s = torch.cuda.Stream()
+    s.wait_event(e)
+    f = torch.cuda.Event()
+    with torch.cuda.stream(s):
+        torch.ones(1, device="cuda").add_(1)
+    f.record(s)
+    print(f"{name}: producer's own query after record={own_query} (launch {launch_s:.3f}s); ours={e.query()}, "
+          f"our stream done={f.query()}", flush=True)
+    time.sleep(kill_after_s)
+    print(f"{name}: before kill: ours={e.query()}, our stream done={f.query()}", flush=True)
+    if kill_after_s is not None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+    tk = time.time()
+    done = None
+    while time.time() - tk < 15:
+        try:
+            if f.query():
+                done = time.time() - tk
+                break
+        except Exception as exc:
+            print(f"{name}: error {exc!r}", flush=True)
+            break
+        time.sleep(0.01)
+    print(f"{name}: after SIGKILL: our stream's work done after {done} s (None: not in 15 s)", flush=True)
+    if p.is_alive():
+        p.kill()
+
+
+if __name__ == "__main__":
+    case("A producer killed 1 s into a 4 s kernel it recorded after", False, 1.0)
+    case("B our wait issued before the producer records", True, 1.0)
+    print("probe done", flush=True)
