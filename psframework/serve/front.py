@@ -33,6 +33,7 @@ from starlette.routing import Route
 from ..config import ServeConfig
 from ..errors import PSTimeoutError
 from ..procs import exit_description, python_module, spawn, stop_all
+from .http import BadRequest, read_body
 
 log = logging.getLogger("psframework.serve")
 
@@ -147,7 +148,10 @@ class Front:
     async def predict(self, request: Request) -> Response:
         import aiohttp
 
-        body = await request.body()
+        try:  # the front holds a body only up to the replicas' limit
+            body = await read_body(request, self.config.max_body_bytes)
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
         headers = {"content-type": request.headers.get("content-type", "application/json")}
         for _ in range(len(self.replicas) + 1):
             replica = self._choose()

@@ -34,4 +34,28 @@ def run(app, sock: socket.socket, on_listening: Callable[[int], None]) -> None:
     server.run(sockets=[sock])
 
 
-__all__ = ["bind", "run"]
+class BadRequest(Exception):
+    """A request we refuse: its HTTP status, and a message that says what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The body of a starlette ``request``, refused with a 413 as soon as it is over ``max_bytes``:
+    by its Content-Length before anything is read, and for a chunked body without one at the chunk
+    that goes over (``request.body()`` would first hold all of it in memory)."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > max_bytes:
+        raise BadRequest(413, f"a body of {declared} bytes; at most {max_bytes} (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, f"a body of more than {max_bytes} bytes; at most {max_bytes} (--max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+__all__ = ["BadRequest", "bind", "read_body", "run"]

@@ -16,14 +16,9 @@ import torch
 
 from ..buffers import dtype_from_name, dtype_name
 from ..errors import ProtocolError
+from .http import BadRequest
 
 BINARY = "application/x-safetensors"
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ..config import ServeConfig
 from ..errors import ConfigError
 from .batching import Batcher, ModelError
 from .model import JobWeights, ServedModel, build_factory, file_weights, fill_from
+from .http import read_body
 from .payload import BadRequest, InputSpec, parse, render
 
 log = logging.getLogger("psframework.serve")
@@ -102,10 +103,8 @@ class Replica:
 
     async def _predict(self, request: Request) -> Response:
         try:
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.spec.max_bytes:
-                raise BadRequest(413, f"a body of {declared} bytes; at most {self.spec.max_bytes} (--max-body-bytes)")
-            parsed = parse(await request.body(), request.headers.get("content-type", ""), self.spec)
+            body = await read_body(request, self.spec.max_bytes)
+            parsed = parse(body, request.headers.get("content-type", ""), self.spec)
             outputs, version = await self.batcher.run(parsed.inputs)
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)

@@ -89,6 +89,8 @@ def test_bad_requests_get_a_4xx_that_says_why_and_the_service_goes_on(tmp_path):
                 (post(json={"inputs": [1, 2, 3]}), 400),
             "9 examples in one request; at most 8 (--max-batch)": (post(json={"inputs": [[0] * 4] * 9}), 413),
             "at most 4096 (--max-body-bytes)": (post(json={"inputs": [[0.5] * 4] * 500}), 413),
+            # chunked, without a Content-Length: refused at the chunk that goes over, not held whole
+            "a body of more than 4096 bytes": (post(content=(b" " * 1024 for _ in range(1 << 16))), 413),
             "inputs of dtype float64; the model takes float32": (post(
                 content=save_safetensors({"inputs": torch.zeros(2, 4, dtype=torch.float64)}),
                 headers={"content-type": "application/x-safetensors"}), 400),
@@ -101,7 +103,7 @@ def test_bad_requests_get_a_4xx_that_says_why_and_the_service_goes_on(tmp_path):
         assert good.status_code == 200
         metrics = httpx.get(f"{address}/metrics", timeout=10).text
         assert 'psframework_serve_requests_total{code="400"} 7.0' in metrics
-        assert 'psframework_serve_requests_total{code="413"} 2.0' in metrics
+        assert 'psframework_serve_requests_total{code="413"} 3.0' in metrics
 
 
 def test_concurrent_requests_are_answered_in_batches(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from psframework.serve.batching import Batcher, ModelError
-from psframework.serve.http import bind
+from psframework.serve.http import bind, read_body
 from psframework.serve.model import ServedModel
 from psframework.serve.payload import BadRequest, InputSpec, parse
 
@@ -47,6 +47,31 @@ def test_one_example_or_a_batch_is_taken_and_anything_else_is_refused_with_why()
     assert parse(_json([1, 2]), "application/json", ids).inputs.dtype == torch.int64
     with pytest.raises(BadRequest, match="holds float32 values; the model takes int64"):
         parse(_json([1.5, 2]), "application/json", ids)
+
+
+class _Streamed:
+    """What read_body needs of a starlette Request: its headers, and its body in chunks."""
+
+    def __init__(self, chunks: list[bytes], headers: dict):
+        self.chunks, self.headers, self.read = chunks, headers, 0
+
+    async def stream(self):
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def test_a_body_is_read_only_up_to_the_limit_with_or_without_a_content_length():
+    fits = _Streamed([b"a" * 400, b"b" * 600], {})
+    assert asyncio.run(read_body(fits, 1000)) == b"a" * 400 + b"b" * 600
+    chunked = _Streamed([b"x" * 600] * 100, {"transfer-encoding": "chunked"})
+    with pytest.raises(BadRequest, match=r"more than 1000 bytes; at most 1000 \(--max-body-bytes\)") as caught:
+        asyncio.run(read_body(chunked, 1000))
+    assert caught.value.status == 413 and chunked.read == 2  # stopped at the chunk that went over, not at the end
+    declared = _Streamed([b"x"], {"content-length": "5000"})
+    with pytest.raises(BadRequest, match=r"a body of 5000 bytes; at most 1000") as caught:
+        asyncio.run(read_body(declared, 1000))
+    assert declared.read == 0
 
 
 class _Doubler(torch.nn.Module):
