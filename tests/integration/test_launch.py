@@ -45,7 +45,9 @@ def launch(tmp_path):
         run.cleanup()
 
 
-def test_sync_training_job(launch, tmp_path):
+def test_sync_training_job(launch, tmp_path, monkeypatch):
+    for chosen in ("OMP_NUM_THREADS", "PS_WORKER_THREADS"):  # the shell's would choose the workers' threads
+        monkeypatch.delenv(chosen, raising=False)
     out, logs = tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     run = launch("-n", "2", "-s", "2", "--mode", "sync", "--server-device", "cpu", "--log-dir", str(logs),
