@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = ("off", "metrics", "trace")
 JOBS = ("pushpull", "digits")
+SHOWN = {"pushpull": ("push_pull 64 MiB, ms", lambda seconds: f"{seconds * 1e3:.1f}"),  # column, cell
+         "digits": ("digits job training, s", lambda seconds: f"{seconds:.2f}")}
 TRAINED = re.compile(r"epoch (\d+)/(\d+) .*\((\d+(?:\.\d+)?) s, mode")
 METRICS_AT = re.compile(r"metrics (http://\S+/metrics)")
 
@@ -107,8 +109,7 @@ def digits_seconds(variant: str, workdir: Path, epochs: int, timeout: float) -> 
 def table(results: dict[str, dict[str, list[float]]]) -> tuple[Table, list[str]]:
     view = Table(title="observability: median over rounds, speed relative to off")
     jobs = list(results["off"])
-    heads = {"pushpull": "push_pull 64 MiB, ms", "digits": "digits job training, s"}
-    columns = ["variant"] + [c for job in jobs for c in (heads[job], "x off")]
+    columns = ["variant"] + [c for job in jobs for c in (SHOWN[job][0], "x off")]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for column in columns:
         view.add_column(column, justify="right")
@@ -117,8 +118,7 @@ def table(results: dict[str, dict[str, list[float]]]) -> tuple[Table, list[str]]
         med = {k: statistics.median(v) for k, v in results[variant].items()}
         cells = [variant]
         for job in jobs:
-            shown = med[job] * 1e3 if job == "pushpull" else med[job]
-            cells += [f"{shown:.1f}" if job == "pushpull" else f"{shown:.2f}", f"{off[job] / med[job]:.3f}"]
+            cells += [SHOWN[job][1](med[job]), f"{off[job] / med[job]:.3f}"]
         view.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     return view, lines
