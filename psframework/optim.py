@@ -25,11 +25,15 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 
 from psframework.errors import BadRequestError, ConfigError
+
+# A sync step's tiles (ShardOptimizer.tiles), by measurement (benchmarks/tiles.py, RESULTS.md issue
+# 20): 1 MiB was the best or close to it for 2 and 4 workers; 64 KiB tiles lose to the per-call cost.
+TILE_BYTES = 1 << 20
 
 __all__ = ["SGD", "Adagrad", "Adam", "OptimizerSpec", "RowWiseAdagrad", "ShardOptimizer", "SparseAdam",
            "optimizer_from_wire"]
@@ -262,23 +266,85 @@ class ShardOptimizer:
                 )
         self.opt = spec.build(self.params) if self.params else None
         self._divisors: dict[tuple[float, torch.device], torch.Tensor] = {}
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}  # where a tile's gradients are summed
 
-    def step(self, grads: Mapping[int, torch.Tensor], scale: float = 1.0) -> None:
+    def step(self, grads: Mapping[int, Union[torch.Tensor, list[torch.Tensor]]], scale: float = 1.0) -> None:
         """Apply one update to exactly the blocks in ``grads`` (block index -> gradient), with the
         gradients multiplied by ``scale`` first. The gradients may be changed in place (scaled,
-        and by torch's nesterov step)."""
+        and by torch's nesterov step). A list instead of a gradient is several workers'
+        gradients not summed yet, for a block where ``tiles`` says so: they are summed a tile at
+        a time, each tile just before it is stepped, so the sum never leaves the cache."""
         if not grads:
             return
-        stepped: list[torch.Tensor] = []
-        copied_from_pinned = False
         for index, grad in grads.items():
-            if not 0 <= index < len(self.params):
-                raise BadRequestError(f"no block {index}: this server holds {len(self.params)}")
+            self._check_grad(index, grad)
+        tiled = {index: grad for index, grad in grads.items() if isinstance(grad, list)}
+        if tiled:
+            self._step_tiles(tiled, scale)
+            self._count_steps([self.params[index] for index in tiled])
+        grads = {index: grad for index, grad in grads.items() if not isinstance(grad, list)}
+        if grads:
+            self._step_whole(grads, scale)
+
+    def _check_grad(self, index: int, grad: Union[torch.Tensor, list[torch.Tensor]]) -> None:
+        if not 0 <= index < len(self.params):
+            raise BadRequestError(f"no block {index}: this server holds {len(self.params)}")
+        p = self.params[index]
+        if isinstance(grad, list) and (len(grad) < 2 or not self.tiles(index)):
+            raise BadRequestError(f"block {index}: {type(self.spec).__name__} here needs its gradients summed first")
+        for one in grad if isinstance(grad, list) else [grad]:
+            if one.shape != p.shape:
+                raise BadRequestError(f"grad for block {index} has shape {tuple(one.shape)}, expected {tuple(p.shape)}")
+
+    def tiles(self, index: int) -> bool:
+        """Whether block ``index`` can be stepped from unsummed gradients, tile by tile: torch's
+        fused SGD on the CPU, once a momentum buffer exists (its first step makes the buffer)."""
+        group = self.opt.param_groups[0] if self.opt is not None else {}
+        p = self.params[index]
+        if not isinstance(self.opt, torch.optim.SGD) or not group.get("fused") or p.device.type != "cpu":
+            return False
+        return group["momentum"] == 0 or self.opt.state.get(p, {}).get("momentum_buffer") is not None
+
+    def _step_tiles(self, tiled: Mapping[int, list[torch.Tensor]], scale: float) -> None:
+        """torch's fused SGD kernel over TILE_BYTES of a block at a time, on the sum of that
+        tile's gradients (added in the order given, as a whole-block sum adds them)."""
+        group = self.opt.param_groups[0]
+        rule = {k: group[k] for k in ("weight_decay", "momentum", "lr", "dampening", "nesterov", "maximize")}
+        for index, addends in tiled.items():
             p = self.params[index]
-            if grad.shape != p.shape:
-                raise BadRequestError(f"grad for block {index} has shape "
-                                      f"{tuple(grad.shape)}, expected {tuple(p.shape)}")
-            stepped.append(p)
+            buffer = self.opt.state[p]["momentum_buffer"] if group["momentum"] else None
+            divisor = self._divisor(scale, p.device) if scale != 1.0 else None
+            scratch = self._tile_scratch(p.dtype)
+            tile = TILE_BYTES // p.element_size()
+            for start in range(0, p.numel(), tile):
+                end = min(start + tile, p.numel())
+                grad = torch.add(addends[0][start:end], addends[1][start:end], out=scratch[:end - start])
+                for more in addends[2:]:
+                    grad.add_(more[start:end])
+                torch._fused_sgd_([p[start:end]], [grad], [] if buffer is None else [buffer[start:end]],
+                                  **rule, is_first_step=False, grad_scale=divisor, found_inf=None)
+
+    def _tile_scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._scratch:
+            self._scratch[dtype] = torch.empty(TILE_BYTES // dtype.itemsize, dtype=dtype)
+        return self._scratch[dtype]
+
+    def _divisor(self, scale: float, device: torch.device) -> torch.Tensor:
+        """1 / scale as a tensor, made once: creating it on a GPU waits for the device."""
+        key = (scale, device)
+        if key not in self._divisors:
+            self._divisors[key] = torch.tensor(1.0 / scale, device=device)
+        return self._divisors[key]
+
+    def _count_steps(self, stepped: list[torch.Tensor]) -> None:
+        if not self.spec.torch_counts_steps:
+            for p in stepped:
+                state = self.opt.state[p]
+                state["step"] = state.get("step", 0) + 1
+
+    def _step_whole(self, grads: Mapping[int, torch.Tensor], scale: float) -> None:
+        stepped = [self.params[index] for index in grads]
+        copied_from_pinned = False
         try:
             for p, grad in zip(stepped, grads.values()):
                 if grad.device != p.device or grad.dtype != p.dtype:
@@ -295,10 +361,7 @@ class ShardOptimizer:
         finally:
             for p in stepped:
                 p.grad = None
-        if not self.spec.torch_counts_steps:
-            for p in stepped:
-                state = self.opt.state[p]
-                state["step"] = state.get("step", 0) + 1
+        self._count_steps(stepped)
         if copied is not None:
             # A pinned source is copied asynchronously; the caller may reuse it once we return.
             copied.synchronize()
@@ -312,10 +375,7 @@ class ShardOptimizer:
         if scale != 1.0 and fused:
             # the fused kernels divide each gradient by grad_scale (as set by torch's GradScaler)
             # as they read it: the mean over the workers costs no pass of its own
-            key = (scale, stepped[0].device)
-            if key not in self._divisors:  # made once: creating it waits for the device
-                self._divisors[key] = torch.tensor(1.0 / scale, device=stepped[0].device)
-            self.opt.grad_scale = self._divisors[key]
+            self.opt.grad_scale = self._divisor(scale, stepped[0].device)
         # torch's fused SGD steps either only params with a momentum buffer or only params
         # without one, so blocks stepped for the first time go on their own
         has_state = [bool(self.opt.state.get(p)) for p in stepped]

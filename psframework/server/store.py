@@ -134,11 +134,15 @@ class BlockState:
 @dataclass
 class _Sums:
     """A sync step's gradients of a block, summed over the workers that pushed it."""
-    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[int, Any] = field(default_factory=dict)  # the sums (at the step, a list: for the optimizer to sum)
     whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
     adds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, addend) still to add
     borrowed: set[int] = field(default_factory=set)  # segments whose ``tensors`` are still a held lane slot
     scratch: Optional[torch.Tensor] = None  # the block's scratch, if the sums are in it
+    # segments whose gradients (held lane slots, or ours) are summed only at the step: a tile at a
+    # time as the optimizer steps it, where it can (optim.ShardOptimizer.tiles)
+    parts: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    ours: set[int] = field(default_factory=set)  # segments whose first part is ours to sum into
 
     def add(self, total: torch.Tensor, addend: torch.Tensor, owned: bool) -> None:
         """Sum now what the worker will reuse; what is ours is summed with the others in one go."""
@@ -221,7 +225,7 @@ class DenseStore:
         for state, tensors in group:
             state.make_writable()  # replies of host shards are sent straight from the parameters
             for i, grad in tensors.items():
-                grads[state.first_param + i] = grad.to(self.device, non_blocking=True)
+                grads[state.first_param + i] = grad if isinstance(grad, list) else grad.to(self.device, non_blocking=True)
         started, started_us = time.perf_counter(), self.tracer.now_us()
         with self.writing(state for state, _ in group):
             self.optimizer.step(grads, scale=scale)
@@ -248,6 +252,13 @@ class DenseStore:
             sums.add(sums.whole, pushed.whole, pushed.owned)
         else:
             for i, grad in pushed.grads.items():
+                if self.device.type == "cpu" and (pushed.owned or pushed.held) and i not in sums.tensors:
+                    if i not in sums.parts and pushed.owned:
+                        sums.ours.add(i)
+                    sums.parts.setdefault(i, []).append(grad)
+                    continue
+                if i in sums.parts:  # a push to add at once: what came before is summed first
+                    sums.tensors[i] = self._sum_parts(state, sums, i)
                 total = sums.tensors.get(i)
                 if total is None:
                     # received host messages and fresh device tensors are ours to keep and sum into;
@@ -272,9 +283,38 @@ class DenseStore:
             sums.scratch = torch.empty_like(state.flat) if busy else state.scratch
         return state.split(sums.scratch)
 
+    def _sum_parts(self, state: BlockState, sums: _Sums, i: int) -> torch.Tensor:
+        """The sum of segment ``i``'s deferred gradients: into the first, if it is ours, else into
+        the block's scratch."""
+        parts = sums.parts.pop(i)
+        if i in sums.ours:
+            total = parts[0]
+        elif len(parts) == 1:
+            return self._scratch(state, sums)[i].copy_(parts[0])
+        else:
+            total = torch.add(parts[0], parts.pop(1), out=self._scratch(state, sums)[i])
+        for more in parts[1:]:
+            total.add_(more)
+        return total
+
+    def _settle_parts(self, state: BlockState, sums: _Sums) -> None:
+        """What a step gives the optimizer for each deferred segment: a single gradient as it
+        is, several as a list for it to sum tile by tile, or their sum where it cannot."""
+        for i in list(sums.parts):
+            parts = sums.parts[i]
+            if len(parts) == 1:
+                sums.tensors[i] = sums.parts.pop(i)[0]
+            elif self.optimizer.tiles(state.first_param + i):
+                sums.tensors[i] = sums.parts.pop(i)
+            else:
+                sums.tensors[i] = self._sum_parts(state, sums, i)
+
     def apply_steps(self, steps: list) -> int:
         """Complete sync steps of blocks: one sum for all, and one optimizer step per mean (one,
         unless an elastic job shrank); returns the optimizer steps run."""
+        for state, accum in steps:
+            if accum.data and accum.data.parts:
+                self._settle_parts(state, accum.data)
         adds = [pair for _, accum in steps if accum.data for pair in accum.data.adds]
         if adds:
             torch._foreach_add_([total for total, _ in adds], [addend for _, addend in adds])

@@ -132,3 +132,12 @@ def test_observability_quick_run_compares_every_variant_with_off(tmp_path):
     for row in rows:
         assert all(float(cell) > 0 for cell in row[1:]), row
     assert rows[0][2].strip() == rows[0][4].strip() == "1.000"
+
+
+def test_tiles_compares_every_tile_size_with_the_whole_sum_and_checks_the_bits():
+    out = _run("tiles.py", "--mib", "2", "--block-mib", "1", "--workers", "3", "--momentum", "0.9",
+               "--tiles", "0.25,4", "--repeats", "2", timeout=60)
+    rows = [line for line in out.splitlines() if line.startswith("| whole") or line.startswith("| tiled")]
+    assert [row.split("|")[1].strip() for row in rows] == ["whole", "tiled, 0.25 MiB", "tiled, 4 MiB"]
+    assert all(row.rstrip(" |").endswith("yes") for row in rows), out
+    assert all(float(row.split("|")[2]) > 0 for row in rows)

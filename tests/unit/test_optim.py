@@ -344,3 +344,47 @@ def test_cuda_float32_uses_torchs_fused_kernel(spec: optim.OptimizerSpec) -> Non
     instead of 1.4 for 106M parameters on an H200)."""
     opt = spec.build([torch.zeros(1000, device="cuda")])
     assert opt.param_groups[0]["fused"] is True
+
+
+SGD_SPECS = [k for k in SPECS if k.startswith("sgd")]
+TILED_SIZES = [optim.TILE_BYTES // 4 * 2 + 13, 7]  # a block of three tiles, the last one short; one small
+
+
+@pytest.mark.parametrize("addends", [2, 3])
+@pick(*SGD_SPECS)
+def test_sgd_steps_tile_by_tile_from_unsummed_gradients_bit_for_bit(spec: optim.OptimizerSpec, addends: int) -> None:
+    """A server's sync step of several workers' gradients, summed a tile at a time just before
+    each tile is stepped, gives the same bits as summing whole blocks first."""
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(n, generator=g) for n in TILED_SIZES]
+    summed = optim.ShardOptimizer(spec, [p.clone() for p in start])
+    tiled = optim.ShardOptimizer(spec, [p.clone() for p in start])
+    for step in range(3):
+        parts = {i: [torch.randn(n, generator=g) for _ in range(addends)] for i, n in enumerate(TILED_SIZES)}
+        sums = {}
+        for i, some in parts.items():
+            sums[i] = torch.add(some[0], some[1])
+            for more in some[2:]:
+                sums[i].add_(more)
+        first_with_momentum = step == 0 and spec.momentum != 0
+        assert [tiled.tiles(i) for i in parts] == [not first_with_momentum] * len(parts)
+        tiled.step(parts if not first_with_momentum else {i: s.clone() for i, s in sums.items()}, scale=1 / addends)
+        summed.step(sums, scale=1 / addends)  # torch's kernels may change the gradients they are given
+        for got, want in zip(tiled.params, summed.params):
+            assert torch.equal(got, want)
+    assert [tiled.steps_of(i) for i in range(len(TILED_SIZES))] == [3, 3]
+
+
+@pick("adam", "adagrad")
+def test_only_fused_sgd_steps_tile_by_tile(spec: optim.OptimizerSpec) -> None:
+    shard = optim.ShardOptimizer(spec, [torch.zeros(10)])
+    shard.step({0: torch.ones(10)})
+    assert not shard.tiles(0)
+    with pytest.raises(BadRequestError, match="summed"):
+        shard.step({0: [torch.ones(10), torch.ones(10)]})
+
+
+def test_unsummed_gradients_must_match_their_block() -> None:
+    shard = optim.ShardOptimizer(optim.SGD(lr=0.1), [torch.zeros(10)])
+    with pytest.raises(BadRequestError, match="shape"):
+        shard.step({0: [torch.ones(10), torch.ones(9)]})
