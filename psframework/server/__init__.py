@@ -338,6 +338,7 @@ class Server:
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
                 "shared_answers": self.lanes.shared_answers, "reads": self.reads.count,
+                "waiting_reads": self.reads.waiting(),
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
                 "push_bytes": self.io.push_bytes,

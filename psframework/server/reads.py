@@ -2,7 +2,8 @@
 
 A read waits in its block's pulls like a worker's pull, but for the block's version only: it is
 answered (over the socket, from the values between two updates, so never torn) once the block has
-applied at least ``at_least`` updates, and it is never counted in a step. A read of rows is answered
+applied at least ``at_least`` updates, and it is never counted in a step. A reader's new read of a
+block replaces its read of that block still waiting: it gave that one up. A read of rows is answered
 at once with the current rows, and never creates or admits one.
 """
 
@@ -24,8 +25,15 @@ class Reads:
         self.data.skip_rest()
         state, segs = self.store.segments(message.block, message.segs)
         self.count += 1
+        # a reader sends one batch at a time (reading.py): its read of this block still waiting is
+        # one it gave up on, and its answer would be dropped
+        state.pulls[:] = [pending for pending in state.pulls if not (pending.reader and pending.peer == peer)]
         state.pulls.append(Pending(peer, message.req, reader, segs, message.at_least, reader=True))
         self.answers.ready([state])
+
+    def waiting(self) -> int:
+        """Reads waiting for their block's version."""
+        return sum(pending.reader for state in self.store.blocks.values() for pending in state.pulls)
 
     def on_read_rows(self, peer: bytes, reader: int, message: P.ReadRows) -> None:
         parts = self.rows.receive(message, self.data)

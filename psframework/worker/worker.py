@@ -278,7 +278,8 @@ class Worker:
         held, its ``device``, the workers with ``lanes`` and the ``lane_requests`` they made,
         ``apply_bursts`` (optimizer steps over complete sync blocks; on a GPU several blocks go in
         one) of which ``timed_applies`` went out because the blocks had waited 5 ms,
-        ``deferred_replies`` and ``dropped_replies`` (credits, high-water marks), and ``tables``:
+        ``deferred_replies`` and ``dropped_replies`` (credits, high-water marks), ``reads`` by readers
+        and the ``waiting_reads`` that wait for a version, and ``tables``:
         per embedding table its ``rows``, ``evictions``, ``admissions`` and ``step``."""
         self._check_open()
         return self.client.stats()

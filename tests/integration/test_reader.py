@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import psframework as ps
+from psframework import protocol as P
+from psframework.errors import PSTimeoutError
 from tests.conftest import WorkerProcs
 
 SHAPES = {"a": (5, 3), "b": (40,), "c": (7,)}
@@ -67,6 +69,26 @@ def test_snapshots_taken_while_two_workers_train_are_never_torn_nor_mixed(make_c
             assert seen == sorted(seen) and seen[-1] > seen[0]
     finally:
         procs.stop()
+
+
+def test_a_read_given_up_and_sent_again_waits_on_the_server_once(make_cluster):
+    """A reader that gave up on a read of a version not reached yet, and sends it again, leaves
+    one read waiting on the server, not one per attempt; it is answered once the version is there."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = _tensors()
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        with ps.Reader(scheduler=cluster.scheduler, timeout=20) as reader:
+            block = reader.shard_map.blocks[0]
+            read = (block.server, P.Read(req=0, block=block.block_id, segs=[], at_least=2), [], lambda frames: None,
+                    f"block {block.block_id}")
+            for _ in range(3):
+                with pytest.raises(PSTimeoutError):
+                    reader.links.exchange([read], time.monotonic() + 0.3)
+            assert [s["waiting_reads"] for s in worker.server_stats()] == [1]
+            _steps(worker, params, 2)
+            assert [s["waiting_reads"] for s in worker.server_stats()] == [0]
+            assert reader.snapshot(_tensors()) == 2  # the late answer was dropped; the reader reads on
 
 
 def test_an_async_snapshot_counts_updates_per_tensor_and_says_it_is_not_one_step(make_cluster):
