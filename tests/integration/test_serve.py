@@ -243,10 +243,10 @@ def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
 
     port, secret = free_port(), tmp_path / "job.secret"
     job = Launch(["-n", "2", "-s", "2", "--server-device", "cpu", "--scheduler", f"127.0.0.1:{port}",
-                  "--secret-file", str(secret), "--", sys.executable, "examples/train_digits.py", "--epochs", "200"],
+                  "--secret-file", str(secret), "--", sys.executable, "examples/train_digits.py", "--epochs", "5000"],
                  tmp_path)
     try:
-        job.wait_for_output("epoch 1/200", 120)
+        job.wait_for_output("epoch 1/5000", 120)
         address = f"tcp://127.0.0.1:{port}"
         with serving(tmp_path, "examples.train_digits:make_model", "--from-job", address, "--secret-file",
                      str(secret), "--refresh-every", "0.1") as (url, _, _):
