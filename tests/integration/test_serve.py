@@ -230,9 +230,11 @@ def test_the_job_ending_leaves_the_last_version_served(make_cluster, tmp_path):
                      "--timeout", "2") as (address, _, log):
             worker.close()
             cluster.wait(timeout=20)
-            time.sleep(3)
+            deadline = time.monotonic() + 20
+            while "cannot refresh from the job (serving version 1 meanwhile)" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
             assert _predict(address, [1, 1, 1, 1]).json() == {"outputs": [16.0], "version": 1}
-            assert "cannot refresh from the job (serving version 1 meanwhile)" in log.read_text()
 
 
 def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
@@ -249,7 +251,7 @@ def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
         job.wait_for_output("epoch 1/5000", 120)
         address = f"tcp://127.0.0.1:{port}"
         with serving(tmp_path, "examples.train_digits:make_model", "--from-job", address, "--secret-file",
-                     str(secret), "--refresh-every", "0.1") as (url, _, _):
+                     str(secret), "--refresh-every", "0.1", timeout=120) as (url, _, _):
             x = torch.rand(3, 64)
             versions = set()
             deadline = time.monotonic() + 60
