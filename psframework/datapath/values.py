@@ -70,6 +70,7 @@ class SharedValues:
         self._base = _header_bytes(len(blocks))
         # one int64 per block, 8-byte aligned after the token
         self.seq = memory[8 * ((TOKEN_BYTES + 7) // 8):][:8 * len(blocks)].view(torch.int64)
+        self._pieces: dict[tuple, torch.Tensor] = {}  # typed views of the regions, made once
 
     @classmethod
     def create(cls, name: str, blocks: Iterable[tuple[int, int]]) -> "SharedValues":
@@ -92,6 +93,14 @@ class SharedValues:
         """Bytes of a block's values (like a lane's ``pull_slot``)."""
         start = self._base + self.offsets[block_id] + byte_offset
         return self.memory[start:start + nbytes]
+
+    def piece(self, block_id: int, byte_offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """``slot`` as a typed tensor, the same view every step (a reader copies out of it each step)."""
+        key = (block_id, byte_offset, nbytes, dtype)
+        view = self._pieces.get(key)
+        if view is None:
+            view = self._pieces[key] = self.slot(block_id, byte_offset, nbytes).view(dtype)
+        return view
 
     # -- the server writes -----------------------------------------------------------------
 
@@ -126,6 +135,7 @@ class SharedValues:
 
     def close(self) -> None:
         self.memory = torch.empty(0, dtype=torch.uint8)
+        self._pieces.clear()
         self.seq = torch.empty(0, dtype=torch.int64)
         if self.fd is not None:
             os.close(self.fd)

@@ -29,12 +29,11 @@ from ..devices import Staging
 from ..errors import ConfigError
 from ..sharding import Block, Segment
 from .lanes import LaneCopy, slot_piece
+from .plans import Part
 from .requests import Future, Request
 
 if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
-
-Part = tuple[int, Segment, str]  # (index of the segment in its block, the segment, its key)
 
 
 class Exchange:
@@ -46,12 +45,7 @@ class Exchange:
         self.future = Future(worker.client).unsealed()
         # a rollback while it is sent drops the rest of it
         self._epoch = worker.client.rollback if epoch is None else epoch
-        self._blocks: dict[int, tuple[Block, list[Part]]] = {}
-        for name in names:
-            for block, i, seg in worker.shard_map.pieces_of(name):
-                self._blocks.setdefault(block.block_id, (block, []))[1].append((i, seg, name))
-        for _, parts in self._blocks.values():
-            parts.sort(key=lambda part: part[0])
+        self._blocks = worker.plans.layout(tuple(names))  # shared with other exchanges: read only
         self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
         self._sources: dict[str, Optional[torch.Tensor]] = {}  # flat host tensors (None: all in lanes)
         self._from_device: set[str] = set()  # sources copied from a GPU (already in their lane slots)
@@ -100,10 +94,11 @@ class Exchange:
     def all_sent(self) -> bool:
         return not any(self._unsent_to.values())
 
-    def add(self, name: str, tensor: Optional[torch.Tensor], after: Optional["torch.cuda.Event"] = None) -> None:
+    def add(self, name: str, tensor: Optional[torch.Tensor], after: Optional["torch.cuda.Event"] = None,
+            checked: bool = False) -> None:
         """Hand over the source tensor for ``name`` (None: no gradient this step). For a tensor on a
         GPU, its copy to the host waits for ``after`` (default: for the work queued so far on the
-        caller's current stream)."""
+        caller's current stream). ``checked``: the caller checked ``tensor`` against its key."""
         if name in self._sources:
             raise ConfigError(f"{self.op.__name__}: {name!r} was given twice")
         pieces = self.worker.shard_map.pieces_of(name)
@@ -111,7 +106,8 @@ class Exchange:
             self._absent.add(name)
             flat = None
         else:
-            self.worker.check_tensor(name, tensor, self.op.__name__)
+            if not checked:
+                self.worker.check_tensor(name, tensor, self.op.__name__)
             raw = self._encode(name, tensor, pieces, after)
             if tensor.device.type == "cpu":
                 flat = tensor.detach().contiguous().reshape(-1)
@@ -167,12 +163,15 @@ class Exchange:
             with torch.cuda.stream(stream):  # entering a stream costs more than a small copy: only here
                 source = source.contiguous()
         source = source.view(-1)
-        targets, sources, blocks = self._unlaunched.setdefault(device, ([], [], set()))
+        unlaunched = self._unlaunched.get(device)
+        if unlaunched is None:
+            unlaunched = self._unlaunched[device] = ([], [], set())
+        targets, sources, blocks = unlaunched
         for block, _, seg in pieces:
             end = seg.offset + seg.numel
             lane = self._lane_blocks.get(block.block_id)
             targets.append(flat[seg.offset:end] if lane is None else slot_piece(lane, False, block, seg, tensor.dtype))
-            sources.append(source[seg.offset:end])
+            sources.append(source if seg.numel == source.numel() else source[seg.offset:end])
             blocks.add(block.block_id)
         self._keep.append(source)
         return flat
@@ -277,7 +276,9 @@ class Exchange:
         """One segment of a lane request: its source into the push slot (a GPU source is there
         already), and the copy of its values out of the pull slot once the answer is in."""
         if self.op is not P.Pull and name not in self._from_device and name not in self._absent:
-            source = self._sources[name][seg.offset:seg.offset + seg.numel]
+            source = self._sources[name]
+            if seg.numel != source.numel():
+                source = source[seg.offset:seg.offset + seg.numel]
             slot = slot_piece(lane, False, block, seg, source.dtype)
             if lane.on_device:
                 slot.copy_(source)  # a host tensor pushed through a device lane: waits for the copy
@@ -289,7 +290,7 @@ class Exchange:
         target = tensor.detach()
         if target.device.type == "cpu":
             if target.is_contiguous():
-                return Destination(target.reshape(-1))
+                return self.worker.plans.destination(name, tensor, lambda: Destination(target.reshape(-1)))
             staging = torch.empty(target.numel(), dtype=target.dtype)
             self.future.add_finalizer(lambda: target.copy_(staging.view(target.shape)))
             return Destination(staging)
@@ -300,7 +301,8 @@ class Exchange:
         self.future.copies_on(device, stream)
         if target.is_contiguous() and all(block.block_id in self._lane_blocks
                                           for block, _, _ in self.worker.shard_map.pieces_of(name)):
-            return Destination(None, target.view(-1), None, stream)  # straight from the lanes' pull slots
+            # straight from the lanes' pull slots
+            return self.worker.plans.destination(name, tensor, lambda: Destination(None, target.view(-1), None, stream))
         buffer = self.worker.staging.buffer("pull", name, target)
         buffer.wait()  # the copy out of it for the last pull has finished
         host = buffer.typed(target.dtype)
@@ -322,6 +324,7 @@ class Destination:
     def __init__(self, host: Optional[torch.Tensor], device: Optional[torch.Tensor] = None,
                  staging: Optional[Staging] = None, stream: Optional["torch.cuda.Stream"] = None):
         self.host, self.device, self.staging, self.stream = host, device, staging, stream
+        self._lane_copies: dict[tuple[int, int], LaneCopy] = {}  # by (block, segment offset): made once
 
     def piece(self, seg: Segment, keep: list) -> tuple[memoryview, Optional[Callable[[], None]]]:
         end = seg.offset + seg.numel
@@ -354,10 +357,13 @@ class Destination:
 
     def from_lane(self, block: Block, seg: Segment) -> LaneCopy:
         """The copy of one segment out of a lane's pull slot."""
-        end = seg.offset + seg.numel
-        if self.device is None:
-            return LaneCopy(self.host[seg.offset:end], block, seg, None)
-        return LaneCopy(self.device[seg.offset:end], block, seg, self.stream)
+        key = (block.block_id, seg.offset)
+        copy = self._lane_copies.get(key)
+        if copy is None:
+            whole = self.host if self.device is None else self.device
+            target = whole if seg.numel == whole.numel() else whole[seg.offset:seg.offset + seg.numel]
+            copy = self._lane_copies[key] = LaneCopy(target, block, seg, None if self.device is None else self.stream)
+        return copy
 
 
 __all__ = ["Destination", "Exchange"]

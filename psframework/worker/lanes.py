@@ -39,10 +39,10 @@ class LaneCopy:
     stream: Optional["torch.cuda.Stream"]
 
 
-def lane_piece(slot, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
-    """Where one segment lies in a lane's push or pull slot of its block, as a typed tensor."""
+def values_piece(values: SharedValues, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """Where one segment lies in a server's shared values of its block, as a typed tensor."""
     size = dtype.itemsize
-    return slot(block.block_id, seg.block_offset * size, seg.numel * size).view(dtype)
+    return values.piece(block.block_id, seg.block_offset * size, seg.numel * size, dtype)
 
 
 def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
@@ -239,7 +239,7 @@ class WorkerLanes:
 
         def copy_all() -> None:
             for copy in copies:
-                host_copy(copy.target, lane_piece(values.slot, copy.block, copy.seg, copy.target.dtype))
+                host_copy(copy.target, values_piece(values, copy.block, copy.seg, copy.target.dtype))
         try:
             values.read(block.block_id, copy_all)
         except PSError as exc:
@@ -259,4 +259,4 @@ def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:
         host_copy(target, source)
 
 
-__all__ = ["LaneCopy", "WorkerLanes", "lane_piece", "slot_piece"]
+__all__ = ["LaneCopy", "WorkerLanes", "slot_piece", "values_piece"]

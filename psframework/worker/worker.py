@@ -26,6 +26,7 @@ from ..transport import Transport, ZmqTransport
 from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
 from .exchange import Exchange
 from .lanes import WorkerLanes
+from .plans import ExchangePlans
 from .requests import Client, Future
 from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
@@ -73,6 +74,7 @@ class Worker:
             self.close()
             raise
         self.shard_map: Optional[ShardMap] = None
+        self.plans: Optional[ExchangePlans] = None  # what exchanges of the same tensors share
         self.rows: Optional[RowClient] = None
         self._specs: dict[str, TensorSpec] = {}
         self._registered: dict[str, torch.Tensor] = {}
@@ -121,7 +123,7 @@ class Worker:
                        optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()]),
             expect=P.Registered)
         self.shard_map = ShardMap.from_wire(reply.shard_map)
-        self._specs, self._registered = {s.name: s for s in specs}, tensors
+        self.plans, self._specs, self._registered = ExchangePlans(self.shard_map), {s.name: s for s in specs}, tensors
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
                                  self.config.cuda_ipc and self.membership.welcome.server_device != "cpu",
                                  row_bytes=self.config.row_lane_bytes if self.shard_map.tables else 0)
@@ -200,14 +202,13 @@ class Worker:
     def _send(self, op: type, sources: Optional[dict], dests: Optional[dict]) -> Future:
         self._require_registered(op.__name__.lower())
         names = list(sources if sources is not None else dests)
-        if sources is not None:
-            for name in names:  # every tensor is checked before anything is sent
-                if sources[name] is not None:
-                    self.check_tensor(name, sources[name], op.__name__.lower())
+        for name in names if sources is not None else ():  # every tensor is checked before anything is sent
+            if sources[name] is not None:
+                self.check_tensor(name, sources[name], op.__name__.lower())
         exchange = self.exchange(op, names, dests)
         if sources is not None:
             for name in names:
-                exchange.add(name, sources[name])
+                exchange.add(name, sources[name], checked=True)
         exchange.send_ready(wait=True)
         return exchange.future
 

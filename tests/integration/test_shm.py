@@ -57,6 +57,27 @@ def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
             torch.testing.assert_close(params[key], start[key] - 1.5)
 
 
+def test_pulls_land_in_the_tensors_given_each_time_also_after_their_storage_moved(make_cluster):
+    """The worker keeps where each key's pulled values go from one exchange to the next
+    (``worker/plans.py``); a tensor whose storage was swapped (``p.data = ...``) gets them there,
+    and so does another tensor given for the key."""
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = models.make_params(0)
+        worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
+        want = {k: v.clone() for k, v in params.items()}
+        worker.pull(params).wait(timeout=30)
+        moved, replaced = list(params)[:2]
+        old_storage = params[moved].data
+        params[moved].data = torch.zeros_like(old_storage)
+        params[replaced] = torch.zeros_like(params[replaced])
+        old_storage.fill_(7.0)
+        worker.pull(params).wait(timeout=30)
+        for key in params:
+            torch.testing.assert_close(params[key], want[key])
+        assert torch.all(old_storage == 7.0), "the old storage was written"
+
+
 def test_no_lane_file_outlives_a_killed_job(make_cluster, worker_procs):
     """Workers killed at any moment, servers too: lanes never had a name, so /dev/shm is as before."""
     before = _shm_files()
