@@ -191,6 +191,10 @@ def stop_while_pulling(out: str, victim: int, steps: int, mib: int) -> None:
     for _ in range(steps):
         worker.push_pull(grads, into=params).wait(timeout=60)
         times.append(time.monotonic())
+    # the servers may hear of the departure a heartbeat before this worker does
+    deadline = time.monotonic() + 10
+    while victim not in worker.membership.departed_workers and time.monotonic() < deadline:
+        time.sleep(0.05)
     torch.save({"after_gone": times[-1] - times[1], "gone": victim in worker.membership.departed_workers}, out)
     worker.close()
 
