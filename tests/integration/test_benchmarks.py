@@ -141,3 +141,12 @@ def test_tiles_compares_every_tile_size_with_the_whole_sum_and_checks_the_bits()
     assert [row.split("|")[1].strip() for row in rows] == ["whole", "tiled, 0.25 MiB", "tiled, 4 MiB"]
     assert all(row.rstrip(" |").endswith("yes") for row in rows), out
     assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_step_overhead_times_the_workers_step_beside_torchs():
+    out = _run("step_overhead.py", "--layers", "1", "--steps", "5", "--warmup", "1", timeout=90)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| torch") or line.startswith("| ps.")]
+    assert [row[0].strip() for row in rows] == ["torch.optim.Adam, one process",
+                                                "ps.DistributedOptimizer, sync, 1 server"], out
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
+    assert "17 tensors" in out, out  # 12 per layer and 5 around them

@@ -1,0 +1,69 @@
+"""The worker's own host time per ``DistributedOptimizer.step()`` for a model of many tensors,
+against torch.optim's ``step()`` in the same process (issue 14).
+
+    python benchmarks/step_overhead.py                  # a GPT-like model of 101 small tensors, ~30 s
+    python benchmarks/step_overhead.py --layers 2 --steps 40
+
+A launch-bound model (the GPT of ``benchmarks/gpu.py``: ~20 ms of Python per step driving ~10 ms of
+GPU) is slowed by every millisecond of Python the worker spends per step, and that grows with the
+number of tensors, not their size. So the model here is the GPT-like one of ``_one_gpu.py`` made
+tiny (width 32, 500 tokens), on the CPU, and what is timed is the step alone, after backward: its
+wall time, and the CPU time of the calling thread (the worker's own Python and copies, not the
+server's or ZeroMQ's threads). One server on the CPU, one worker (this process), sync, lanes as the
+job's default. The baseline is ``torch.optim.Adam(foreach=True).step()`` of the same model.
+Prints medians of ``--steps`` timed steps as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import click
+import torch
+
+import psframework as ps
+from _one_gpu import GPT
+
+
+def _timed_steps(model: torch.nn.Module, step, steps: int, warmup: int) -> tuple[float, float]:
+    """Median wall ms and calling-thread CPU ms of ``step()`` after a forward and backward."""
+    tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    wall, cpu = [], []
+    for i in range(warmup + steps):
+        for p in model.parameters():
+            p.grad = None
+        model(tokens).float().sum().backward()
+        started, thread_started = time.perf_counter(), time.thread_time()
+        step()
+        if i >= warmup:
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.thread_time() - thread_started)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+@click.command()
+@click.option("--layers", type=int, default=8, help="transformer layers (12 tensors each, 5 more around them)")
+@click.option("--steps", type=int, default=300)
+@click.option("--warmup", type=int, default=20)
+def main(layers: int, steps: int, warmup: int) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(vocab=500, width=32, layers=layers, heads=4, context=16)
+    tensors = len(list(model.parameters()))
+    baseline = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    rows = [("torch.optim.Adam, one process", *_timed_steps(model, baseline.step, steps, warmup))]
+    with ps.LocalCluster(num_servers=1, num_workers=1) as cluster:
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            opt = ps.DistributedOptimizer(model, ps.optim.Adam(lr=1e-3), worker=worker, overlap=False)
+            rows.append(("ps.DistributedOptimizer, sync, 1 server", *_timed_steps(model, opt.step, steps, warmup)))
+            opt.close()
+    print(f"{tensors} tensors, {sum(p.numel() for p in model.parameters())} parameters; medians of {steps} steps\n")
+    print("| step() of | wall ms | calling thread's CPU ms | CPU vs torch.optim |")
+    print("|---|---|---|---|")
+    for label, wall, cpu in rows:
+        print(f"| {label} | {wall:.3f} | {cpu:.3f} | {cpu / rows[0][2]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
