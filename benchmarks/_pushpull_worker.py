@@ -2,8 +2,9 @@
 
 ``worker``: one parameter-server worker. It registers one tensor per size, then for every size
 times ``push_pull`` round trips; rank 0 also times the baselines' round trips of the same bytes
-right next to every PS round trip, so all numbers share the machine's load of that moment. One
-JSON line per size and rank goes to ``--out``.
+right next to every PS round trip, so all numbers share the machine's load of that moment. Then
+it times as many PS rounds again with nothing between them ("ps_alone"), as gloo's rounds are
+timed. One JSON line per size and rank goes to ``--out``.
 
 ``echo``: the raw pyzmq baseline's server: a ROUTER that sends every frame straight back.
 
@@ -55,7 +56,7 @@ def _raw_round_trip(sock: zmq.Socket, data: memoryview, frame_bytes: int, into: 
     return time.perf_counter() - start
 
 
-_KINDS = ("ps", "raw", "raw_into", "minimal")
+_KINDS = ("ps", "raw", "raw_into", "minimal")  # interleaved, round by round
 _ORDERS = tuple(_KINDS[i:] + _KINDS[:i] for i in range(len(_KINDS)))  # rotations
 
 
@@ -114,6 +115,7 @@ def worker(sizes: str, repeats: int, warmup: int, echo_address: str | None, mini
                                 continue
                             if r >= warmup:
                                 times[kind].append(elapsed)
+                    times["ps_alone"] = _rounds_alone(w, key, grads[key], params[key], warmup, repeats)
                     line = {"rank": w.rank, "mib": mib, "bytes": mib << 20, **times}
                     log.write(json.dumps(line) + "\n")
                     log.flush()
@@ -121,6 +123,20 @@ def worker(sizes: str, repeats: int, warmup: int, echo_address: str | None, mini
         for sock in sockets.values():
             sock.close()
         ctx.term()
+
+
+def _rounds_alone(w, key: str, grad, param, warmup: int, repeats: int) -> list[float]:
+    """PS rounds with nothing between them but the barrier, as gloo's rounds are timed: between
+    the interleaved rounds rank 0 runs the baselines while the others wait in the barrier, which
+    cost each PS round over a millisecond at 4 MiB (benchmarks/RESULTS.md, issue 20)."""
+    times = []
+    for r in range(warmup + repeats):
+        w.barrier()
+        start = time.perf_counter()
+        w.push_pull({key: grad}, into={key: param}).wait()
+        if r >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:

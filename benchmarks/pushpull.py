@@ -24,13 +24,20 @@ In the same run, two baselines move the same bytes:
   sends the slice back zero-copy; the client copies it into place. It does the PS's work for
   one worker with none of its protocol, so PS/minimal is what the framework itself costs.
 * gloo: ``torch.distributed.all_reduce`` of the same tensor among W processes
-  (torch.multiprocessing, init_method tcp://127.0.0.1:PORT). Not run for W = 1, where
-  there is nothing to reduce.
+  (torch.multiprocessing, init_method tcp://127.0.0.1:PORT), each round after a barrier, with
+  nothing else between the rounds. Not run for W = 1, where there is nothing to reduce.
+
+Between the interleaved PS rounds rank 0 runs the two baselines while the other workers wait in
+the barrier; the PS rounds pay for that (over a millisecond a round at 4 MiB with 2 workers). So
+each worker then times as many PS rounds again the way gloo's are timed, each after a barrier
+with nothing between them ("PS alone"), and PS/gloo compares those. The single-client ratios
+(PS/zmq, PS/minimal) keep the interleaved rounds.
 
 GB/s, one definition for all three, per worker: 2 x tensor bytes / median round-trip time,
 with 1 GB = 1e9 bytes. Each round trip moves the tensor's bytes out (push, send, all_reduce
 input) and back (pull, receive, all_reduce result). The ratio columns divide the PS's GB/s
-by the baseline's (equal to baseline time / PS time).
+by the baseline's (equal to baseline time / PS time); "PS alone/gloo" is gloo's time over the
+PS alone time.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class Row:
     chunk_bytes: int
     ps_median_s: float
     ps_gbps: float
+    ps_alone_median_s: float
+    ps_alone_gbps: float
     raw_zmq_median_s: float
     raw_zmq_gbps: float
     raw_zmq_copy_median_s: float
@@ -225,12 +234,14 @@ def run_ps(servers: int, workers: int, mode: str, chunk_bytes: Optional[int], au
     result = {}
     for mib in mibs:
         per_rank = [d["ps"] for d in lines if d["mib"] == mib]
+        alone = [d["ps_alone"] for d in lines if d["mib"] == mib]
         raw = [t for d in lines if d["mib"] == mib for t in d["raw"]]
         raw_into = [t for d in lines if d["mib"] == mib for t in d["raw_into"]]
         minimal = [t for d in lines if d["mib"] == mib for t in d["minimal"]]
         if len(per_rank) != workers or not raw or not raw_into or not minimal:
             raise click.ClickException(f"{tag}: incomplete results for {mib} MiB")
-        result[mib] = {"ps": statistics.median(round_times(per_rank)), "raw": statistics.median(raw),
+        result[mib] = {"ps": statistics.median(round_times(per_rank)),
+                       "ps_alone": statistics.median(round_times(alone)), "raw": statistics.median(raw),
                        "raw_into": statistics.median(raw_into), "minimal": statistics.median(minimal),
                        "rounds": [d for d in lines if d["mib"] == mib]}
     return result
@@ -248,12 +259,13 @@ def print_table(console: Console, rows: list[Row]) -> None:
     table = Table(title=f"push_pull (PS over {path}) vs raw pyzmq, a minimal PS and gloo all_reduce (GB/s)",
                   caption="GB/s = 2 x tensor bytes / median round trip, per worker. srv, wkr: PS servers and "
                           "workers (gloo: wkr processes);\nzmq, zmq+copy, minimal: always one client, one server")
-    for name in ("srv", "wkr", "MiB", "PS ms", "PS", "zmq", "zmq+copy", "minimal", "gloo", "PS/zmq",
-                 "PS/zmq+copy", "PS/minimal", "PS/gloo"):
+    for name in ("srv", "wkr", "MiB", "PS ms", "PS", "PS alone ms", "zmq", "zmq+copy", "minimal", "gloo",
+                 "PS/zmq", "PS/zmq+copy", "PS/minimal", "PS alone/gloo"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(str(r.servers), str(r.workers), str(r.size_mib), f"{r.ps_median_s * 1e3:.1f}",
-                      f"{r.ps_gbps:.2f}", f"{r.raw_zmq_gbps:.2f}", f"{r.raw_zmq_copy_gbps:.2f}",
+                      f"{r.ps_gbps:.2f}", f"{r.ps_alone_median_s * 1e3:.1f}", f"{r.raw_zmq_gbps:.2f}",
+                      f"{r.raw_zmq_copy_gbps:.2f}",
                       f"{r.minimal_ps_gbps:.2f}", _fmt(r.gloo_gbps, ".2f"), f"{r.ps_over_raw_zmq:.2f}",
                       f"{r.ps_over_raw_zmq_copy:.2f}", f"{r.ps_over_minimal_ps:.2f}", _fmt(r.ps_over_gloo, ".2f"))
     console.print(table)
@@ -332,6 +344,7 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                         for mib in mibs:
                             nbytes = mib << 20
                             t_ps, t_raw, t_into, t_min = (ps[mib][k] for k in ("ps", "raw", "raw_into", "minimal"))
+                            t_alone = ps[mib]["ps_alone"]
                             rounds.append({"servers": servers, "workers": workers, "mib": mib,
                                            "per_rank": ps[mib]["rounds"]})
                             t_gloo = gloo.get(workers, {}).get(mib)
@@ -340,13 +353,14 @@ def main(sizes: str, servers_list: str, workers_list: str, repeats: int, warmup:
                                 bytes=nbytes,
                                 repeats=repeats, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                                 ps_median_s=t_ps, ps_gbps=gbps(nbytes, t_ps),
+                                ps_alone_median_s=t_alone, ps_alone_gbps=gbps(nbytes, t_alone),
                                 raw_zmq_median_s=t_raw, raw_zmq_gbps=gbps(nbytes, t_raw),
                                 raw_zmq_copy_median_s=t_into, raw_zmq_copy_gbps=gbps(nbytes, t_into),
                                 minimal_ps_median_s=t_min, minimal_ps_gbps=gbps(nbytes, t_min),
                                 gloo_median_s=t_gloo, gloo_gbps=gbps(nbytes, t_gloo) if t_gloo else None,
                                 ps_over_raw_zmq=t_raw / t_ps, ps_over_raw_zmq_copy=t_into / t_ps,
                                 ps_over_minimal_ps=t_min / t_ps,
-                                ps_over_gloo=t_gloo / t_ps if t_gloo else None,
+                                ps_over_gloo=t_gloo / t_alone if t_gloo else None,
                             ))
         finally:
             stop_all(procs)

@@ -77,8 +77,9 @@ def test_pushpull_smallest_sweep(tmp_path):
     rows = _csv(out)
     assert [(r["servers"], r["workers"], r["size_mib"]) for r in rows] == [("1", "1", "1"), ("1", "2", "1")]
     for row in rows:
-        for key in ("ps_median_s", "ps_gbps", "raw_zmq_gbps", "raw_zmq_copy_gbps", "minimal_ps_gbps",
-                    "ps_over_raw_zmq", "ps_over_raw_zmq_copy", "ps_over_minimal_ps"):
+        for key in ("ps_median_s", "ps_gbps", "ps_alone_median_s", "ps_alone_gbps", "raw_zmq_gbps",
+                    "raw_zmq_copy_gbps", "minimal_ps_gbps", "ps_over_raw_zmq", "ps_over_raw_zmq_copy",
+                    "ps_over_minimal_ps"):
             assert float(row[key]) > 0, (key, row)
     assert rows[0]["gloo_gbps"] == ""  # nothing to all_reduce with one process
     assert float(rows[1]["gloo_gbps"]) > 0 and float(rows[1]["ps_over_gloo"]) > 0
@@ -145,7 +146,7 @@ def test_tiles_compares_every_tile_size_with_the_whole_sum_and_checks_the_bits()
 
 def test_step_overhead_times_the_workers_step_beside_torchs():
     out = _run("step_overhead.py", "--layers", "1", "--steps", "5", "--warmup", "1", timeout=90)
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| torch") or line.startswith("| ps.")]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| torch", "| ps."))]
     assert [row[0].strip() for row in rows] == ["torch.optim.Adam, one process",
                                                 "ps.DistributedOptimizer, sync, 1 server"], out
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
