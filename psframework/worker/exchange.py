@@ -69,6 +69,8 @@ class Exchange:
                 lane = worker.lanes.reserve(block)
                 if lane is not None:
                     self._lane_blocks[block_id] = lane
+        if dests is not None:
+            worker.plans.drop_moved()
         self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
                        if dests is not None else {})
         if op is P.Pull:

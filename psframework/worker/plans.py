@@ -8,7 +8,7 @@ cost a 100M-parameter model of ~100 tensors milliseconds of Python per step (a G
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -36,11 +36,11 @@ def layout_of(shard_map: ShardMap, names: tuple[str, ...]) -> Layout:
 
 
 class ExchangePlans:
-    def __init__(self, shard_map: ShardMap):
+    def __init__(self, shard_map: ShardMap, registered: Mapping[str, torch.Tensor]):
         self.shard_map = shard_map
+        self._registered = registered  # the tensors given to register(), which the worker holds anyway
         self._layouts: dict[tuple[str, ...], Layout] = {}
-        # key -> (the destination tensor it was made for, its data pointer, the destination)
-        self._destinations: dict[str, tuple[weakref.ref, int, "Destination"]] = {}
+        self._destinations: dict[str, tuple[int, "Destination"]] = {}  # key -> (data pointer, destination)
 
     def layout(self, names: tuple[str, ...]) -> Layout:
         """``layout_of(names)``, shared: callers must not change it."""
@@ -51,16 +51,28 @@ class ExchangePlans:
             layout = self._layouts[names] = layout_of(self.shard_map, names)
         return layout
 
+    def drop_moved(self) -> None:
+        """Forget the destinations of registered tensors whose storage moved (``p.data = ...``, a
+        model moved to another device): they hold views of the old storage, which would otherwise
+        stay allocated until the key is pulled again."""
+        moved = [name for name, (pointer, _) in self._destinations.items()
+                 if self._registered[name].data_ptr() != pointer]
+        for name in moved:
+            del self._destinations[name]
+
     def destination(self, name: str, target: torch.Tensor, make: Callable[[], "Destination"]) -> "Destination":
-        """The destination ``make()`` returns for pulls of ``name`` into ``target``, made again only
-        when ``target`` is another tensor (or its storage moved). Only for destinations that hold
-        nothing of one exchange's own: views of ``target`` and a stream."""
-        kept: Optional[tuple] = self._destinations.get(name)
+        """The destination ``make()`` returns for pulls of ``name`` into ``target``: kept for the
+        tensor registered as ``name`` while its storage stays where it is (``p.data = ...`` moves
+        it), made anew for any other tensor, which is not kept alive here. Only for destinations
+        that hold nothing of one exchange's own: views of ``target`` and a stream."""
+        if self._registered.get(name) is not target:
+            return make()
         pointer = target.data_ptr()
-        if kept is not None and kept[0]() is target and kept[1] == pointer:
-            return kept[2]
+        kept: Optional[tuple[int, "Destination"]] = self._destinations.get(name)
+        if kept is not None and kept[0] == pointer:
+            return kept[1]
         destination = make()
-        self._destinations[name] = (weakref.ref(target), pointer, destination)
+        self._destinations[name] = (pointer, destination)
         return destination
 
 

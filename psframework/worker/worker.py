@@ -123,7 +123,8 @@ class Worker:
                        optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()]),
             expect=P.Registered)
         self.shard_map = ShardMap.from_wire(reply.shard_map)
-        self.plans, self._specs, self._registered = ExchangePlans(self.shard_map), {s.name: s for s in specs}, tensors
+        self._specs, self._registered = {s.name: s for s in specs}, tensors
+        self.plans = ExchangePlans(self.shard_map, tensors)
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
                                  self.config.cuda_ipc and self.membership.welcome.server_device != "cpu",
                                  row_bytes=self.config.row_lane_bytes if self.shard_map.tables else 0)
@@ -206,9 +207,8 @@ class Worker:
             if sources[name] is not None:
                 self.check_tensor(name, sources[name], op.__name__.lower())
         exchange = self.exchange(op, names, dests)
-        if sources is not None:
-            for name in names:
-                exchange.add(name, sources[name], checked=True)
+        for name in names if sources is not None else ():
+            exchange.add(name, sources[name], checked=True)
         exchange.send_ready(wait=True)
         return exchange.future
 

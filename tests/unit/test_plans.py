@@ -26,7 +26,7 @@ def test_a_layout_holds_every_piece_of_the_names_once_in_segment_order():
 
 
 def test_layouts_are_made_once_per_list_of_names_and_the_cache_stays_bounded():
-    plans = ExchangePlans(_shard_map())
+    plans = ExchangePlans(_shard_map(), {})
     first = plans.layout(("t0", "t1"))
     assert plans.layout(("t0", "t1")) is first
     assert plans.layout(("t1", "t0")) is not first
@@ -35,19 +35,35 @@ def test_layouts_are_made_once_per_list_of_names_and_the_cache_stays_bounded():
     assert len(plans._layouts) <= 64
 
 
-def test_a_destination_is_made_again_for_another_tensor_or_moved_storage():
-    plans = ExchangePlans(_shard_map())
+def test_a_destination_is_kept_for_the_registered_tensor_until_its_storage_moves():
+    target = torch.zeros(4)
+    plans = ExchangePlans(_shard_map(), {"t0": target})
     made = []
 
     def make():
         made.append(object())
         return made[-1]
 
-    target = torch.zeros(4)
     assert plans.destination("t0", target, make) is plans.destination("t0", target, make)
     assert len(made) == 1
     target.data = torch.ones(4)
-    plans.destination("t0", target, make)
+    assert plans.destination("t0", target, make) is made[-1] and len(made) == 2
+    assert plans.destination("t0", target, make) is made[-1] and len(made) == 2
+
+
+def test_a_destination_for_another_tensor_is_made_every_time_and_not_kept():
+    plans = ExchangePlans(_shard_map(), {"t0": torch.zeros(4)})
     other = torch.zeros(4)
-    plans.destination("t0", other, make)
-    assert len(made) == 3
+    first = plans.destination("t0", other, object)
+    assert plans.destination("t0", other, object) is not first
+    assert plans._destinations == {}, "nothing of a tensor the worker does not hold is kept"
+
+
+def test_the_destination_of_a_moved_tensor_is_dropped_at_the_next_exchange():
+    target = torch.zeros(4)
+    plans = ExchangePlans(_shard_map(), {"t0": target, "t1": torch.zeros(4)})
+    plans.destination("t0", target, object)
+    plans.destination("t1", plans._registered["t1"], object)
+    target.data = torch.ones(4)  # e.g. model.cpu() after training on a GPU
+    plans.drop_moved()
+    assert list(plans._destinations) == ["t1"], "the view of the old storage is let go"
