@@ -36,6 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
 
 
+def segment_of(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
+    """The elements of ``seg`` in a tensor's flat view; the view itself where the segment is the
+    whole tensor (slicing costs more than a microsecond, for each tensor of each step)."""
+    return flat if seg.numel == flat.numel() else flat[seg.offset:seg.offset + seg.numel]
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
                  after_caller: bool = True, epoch: Optional[int] = None):
@@ -173,7 +179,7 @@ class Exchange:
             end = seg.offset + seg.numel
             lane = self._lane_blocks.get(block.block_id)
             targets.append(flat[seg.offset:end] if lane is None else slot_piece(lane, False, block, seg, tensor.dtype))
-            sources.append(source if seg.numel == source.numel() else source[seg.offset:end])
+            sources.append(segment_of(source, seg))
             blocks.add(block.block_id)
         self._keep.append(source)
         return flat
@@ -278,9 +284,7 @@ class Exchange:
         """One segment of a lane request: its source into the push slot (a GPU source is there
         already), and the copy of its values out of the pull slot once the answer is in."""
         if self.op is not P.Pull and name not in self._from_device and name not in self._absent:
-            source = self._sources[name]
-            if seg.numel != source.numel():
-                source = source[seg.offset:seg.offset + seg.numel]
+            source = segment_of(self._sources[name], seg)
             slot = slot_piece(lane, False, block, seg, source.dtype)
             if lane.on_device:
                 slot.copy_(source)  # a host tensor pushed through a device lane: waits for the copy
@@ -362,8 +366,7 @@ class Destination:
         key = (block.block_id, seg.offset)
         copy = self._lane_copies.get(key)
         if copy is None:
-            whole = self.host if self.device is None else self.device
-            target = whole if seg.numel == whole.numel() else whole[seg.offset:seg.offset + seg.numel]
+            target = segment_of(self.host if self.device is None else self.device, seg)
             copy = self._lane_copies[key] = LaneCopy(target, block, seg, None if self.device is None else self.stream)
         return copy
 
