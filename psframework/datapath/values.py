@@ -16,8 +16,8 @@ block can only change while a worker reads it if that worker already pushed the 
 so readers practically never retry; async and ssp answer through the pull slots instead, where the
 server writes between its updates.
 
-The header's numbers are written and read as whole aligned 64-bit words, each update of them a
-separate call into torch, with no memory fence: on x86, where every core sees another's stores in
+The header's numbers are written and read as whole aligned 64-bit words (numpy scalars), each a
+separate load or store, with no memory fence: on x86, where every core sees another's stores in
 the order they were made, that orders the numbers and the values as the protocol needs. Servers
 elsewhere (ARM) answer through the pull slots (``ordered_stores``).
 
@@ -70,6 +70,7 @@ class SharedValues:
         self._base = _header_bytes(len(blocks))
         # one int64 per block, 8-byte aligned after the token
         self.seq = memory[8 * ((TOKEN_BYTES + 7) // 8):][:8 * len(blocks)].view(torch.int64)
+        self._words = self.seq.numpy()  # the same numbers: one aligned load or store each, without torch's overhead
         self._pieces: dict[tuple, torch.Tensor] = {}  # typed views of the regions, made once
 
     @classmethod
@@ -107,25 +108,27 @@ class SharedValues:
     @contextmanager
     def writing(self, block_ids: Iterable[int]) -> Iterator[None]:
         """The blocks change inside: their numbers are odd meanwhile, and even (one more version) after."""
-        index = torch.tensor([self.index[b] for b in block_ids], dtype=torch.int64)
-        self.seq.index_add_(0, index, torch.ones_like(index))
+        words, index = self._words, [self.index[b] for b in block_ids]
+        for i in index:
+            words[i] += 1
         try:
             yield
         finally:
-            self.seq.index_add_(0, index, torch.ones_like(index))
+            for i in index:
+                words[i] += 1
 
     # -- a worker reads --------------------------------------------------------------------
 
     def read(self, block_id: int, copy: Callable[[], None], deadline: float = READ_DEADLINE) -> None:
         """Run ``copy()`` (copies out of the block's region) until it saw one version of the block;
         ``PSError`` if the block never held still for ``deadline`` seconds."""
-        word = self.seq[self.index[block_id]]
+        words, i = self._words, self.index[block_id]
         give_up = time.monotonic() + deadline
         while True:
-            before = int(word)
+            before = int(words[i])
             if before % 2 == 0:
                 copy()
-                if int(word) == before:
+                if int(words[i]) == before:
                     return
             if time.monotonic() > give_up:
                 raise PSError(f"block {block_id} kept changing for {deadline:.0f} s while this worker read it "
@@ -137,6 +140,7 @@ class SharedValues:
         self.memory = torch.empty(0, dtype=torch.uint8)
         self._pieces.clear()
         self.seq = torch.empty(0, dtype=torch.int64)
+        self._words = self.seq.numpy()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

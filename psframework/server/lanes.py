@@ -106,7 +106,7 @@ class ServerLanes:
     def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
-        pushed = self.io.from_host(state, segs, _slot(lane.push_slot, state), held=held)
+        pushed = self.io.from_host(state, segs, _slot(lane, False, state), held=held)
         pushed.held = held
         return pushed
 
@@ -121,7 +121,7 @@ class ServerLanes:
             self.shared_answers += 1
             self.io.answer(pending.peer, [P.encode(values)])
             return
-        copied = self.io.values_into(state, pending.segs, _slot(lane.pull_slot, state))
+        copied = self.io.values_into(state, pending.segs, _slot(lane, True, state))
         self.io.answer(pending.peer, [P.encode(values)], after=copied)
 
     def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
@@ -163,9 +163,9 @@ def _replace(lanes: dict, rank: int, lane: Slots) -> None:
     lanes[rank] = lane
 
 
-def _slot(area, state: BlockState) -> torch.Tensor:
-    """A block's push or pull slot in a lane, as a flat tensor of the block's dtype."""
-    return area(state.block.block_id, 0, state.block.nbytes).view(state.flat.dtype)
+def _slot(lane: Slots, pull: bool, state: BlockState) -> torch.Tensor:
+    """A block's pull (or push) slot in a lane, as a flat tensor of the block's dtype."""
+    return lane.piece(pull, state.block.block_id, 0, state.block.nbytes, state.flat.dtype)
 
 
 __all__ = ["ServerLanes"]

@@ -80,8 +80,10 @@ class Requests:
     @staticmethod
     def _codecs(request: P.BlockRequest, state: BlockState, segs: list[int], present: list[int], lane: bool):
         """The codecs of the pushed frames and of the answer's, by segment; ``Rejected`` if they do not fit."""
-        what = f"{type(request).__name__} of {state.describe()}"
         pushes = isinstance(request, (P.Push, P.PushPull))
+        if not request.codecs and not request.pull_codecs:
+            return [None] * len(present) if pushes else [], []
+        what = f"{type(request).__name__} of {state.describe()}"
         pulls = isinstance(request, (P.Pull, P.PushPull))
         if (request.codecs and (lane or not pushes)) or (request.pull_codecs and (lane or not pulls)):
             raise P.Rejected(P.BAD_REQUEST, f"{what}: codecs only for what a socket request sends or is answered")

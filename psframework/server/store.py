@@ -225,7 +225,8 @@ class DenseStore:
         for state, tensors in group:
             state.make_writable()  # replies of host shards are sent straight from the parameters
             for i, grad in tensors.items():
-                grads[state.first_param + i] = grad if isinstance(grad, list) else grad.to(self.device, non_blocking=True)
+                grads[state.first_param + i] = (grad if isinstance(grad, list) or grad.device == self.device
+                                                else grad.to(self.device, non_blocking=True))
         started, started_us = time.perf_counter(), self.tracer.now_us()
         with self.writing(state for state, _ in group):
             self.optimizer.step(grads, scale=scale)

@@ -388,3 +388,40 @@ def test_unsummed_gradients_must_match_their_block() -> None:
     shard = optim.ShardOptimizer(optim.SGD(lr=0.1), [torch.zeros(10)])
     with pytest.raises(BadRequestError, match="shape"):
         shard.step({0: [torch.ones(10), torch.ones(9)]})
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pick(*SGD_SPECS)
+def test_fused_sgd_is_called_directly_with_torchs_bits(spec: optim.OptimizerSpec, device: str) -> None:
+    """Fused SGD skips torch's step() (its walk over every block) once each stepped block has what
+    that step would make, and gives the same bits as torch's own fused step, scaled, on some blocks."""
+    g = torch.Generator().manual_seed(5)
+    start = [torch.randn(n, generator=g).to(device) for n in (300, 41, 7)]
+    ours = optim.ShardOptimizer(spec, [p.clone() for p in start])
+    theirs = [p.clone() for p in start]
+    # one torch optimizer per block: torch's fused SGD cannot step blocks with and without a buffer at once
+    reference = [torch.optim.SGD([p], **spec.hyperparameters(), fused=True) for p in theirs]
+    steps = {"direct": 0}
+    run = ours._run
+
+    def counted_run(stepped, scale):
+        opt_step, calls = ours.opt.step, []
+        ours.opt.step = lambda: calls.append(1) or opt_step()
+        try:
+            run(stepped, scale)
+        finally:
+            ours.opt.step = opt_step
+        steps["direct"] += not calls
+
+    ours._run = counted_run
+    for step, blocks in enumerate([[0, 2], [0, 1, 2], [0, 2], [1], [0, 1, 2]]):
+        grads = {i: torch.randn(start[i].numel(), generator=g).to(device) for i in blocks}
+        for i in blocks:
+            theirs[i].grad = grads[i].clone() / 2
+            reference[i].step()
+        ours.step({i: grad.clone() for i, grad in grads.items()}, scale=0.5)
+        for got, want in zip(ours.params, theirs):
+            assert torch.equal(got, want), f"step {step}"
+    # with momentum, a block's first step goes through torch's step(), which makes its buffer
+    assert steps["direct"] == (5 if spec.momentum == 0 else 3)
