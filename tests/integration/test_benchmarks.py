@@ -151,3 +151,12 @@ def test_step_overhead_times_the_workers_step_beside_torchs():
                                                 "ps.DistributedOptimizer, sync, 1 server"], out
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
     assert "17 tensors" in out, out  # 12 per layer and 5 around them
+
+
+def test_round_trip_times_the_ps_beside_raw_zmq_through_lanes_and_tcp():
+    out = _run("round_trip.py", "--sizes-kib", "1,64", "--repeats", "5", "--warmup", "1", timeout=90)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row[0].strip() for row in rows] == ["1", "64"], out
+    for row in rows:
+        lane_zmq, lane_ps, _, tcp_zmq, tcp_ps, _ = (float(cell) for cell in row[1:])
+        assert min(lane_zmq, lane_ps, tcp_zmq, tcp_ps) > 0, out
