@@ -25,7 +25,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
@@ -327,22 +327,41 @@ class ShardOptimizer:
         group = self.opt.param_groups[0]
         return {k: group[k] for k in ("weight_decay", "momentum", "lr", "dampening", "nesterov", "maximize")}
 
-    def _step_fused_sgd(self, stepped: list[torch.Tensor], scale: float) -> bool:
-        """torch's fused SGD kernel on ``stepped`` (whose .grad is set), called as torch's
-        ``SGD(fused=True).step()`` calls it, without that step's walk over every block of this
-        server (about 100 us per apply). False where that step must run: another rule, a block's
-        first step with momentum (which makes the buffer), mixed devices or dtypes."""
+    def _step_fused(self, stepped: list[torch.Tensor], scale: float) -> bool:
+        """torch's fused SGD or Adam kernel on ``stepped`` (whose .grad is set), called as torch's
+        ``step()`` calls it, without that step's walk over every block of this server (its checks,
+        hooks and grad mode cost a CPU server about as much as the update of a small block).
+        False where ``step()`` must run: another rule, a block's first step (which makes its
+        state), options the direct call does not take, mixed devices or dtypes."""
         group = self.opt.param_groups[0]
-        if not isinstance(self.opt, torch.optim.SGD) or not group.get("fused") or len(self.opt.param_groups) != 1:
+        if not group.get("fused") or len(self.opt.param_groups) != 1 or len({(p.device, p.dtype) for p in stepped}) != 1:
             return False
-        if len({(p.device, p.dtype) for p in stepped}) != 1:
-            return False
+        divisor = self._divisor(scale, stepped[0].device) if scale != 1.0 else None
+        if type(self.opt) is torch.optim.SGD:
+            return self._fused_sgd(stepped, group, divisor)
+        if type(self.opt) is torch.optim.Adam:
+            return self._fused_adam(stepped, group, divisor)
+        return False
+
+    def _fused_sgd(self, stepped: list[torch.Tensor], group: dict, divisor: Optional[torch.Tensor]) -> bool:
         buffers = [self.opt.state.get(p, {}).get("momentum_buffer") for p in stepped] if group["momentum"] else []
         if any(buffer is None for buffer in buffers):
             return False
-        divisor = self._divisor(scale, stepped[0].device) if scale != 1.0 else None
         torch._fused_sgd_(stepped, [p.grad for p in stepped], buffers, **self._sgd_rule(), is_first_step=False,
                           grad_scale=divisor, found_inf=None)
+        return True
+
+    def _fused_adam(self, stepped: list[torch.Tensor], group: dict, divisor: Optional[torch.Tensor]) -> bool:
+        states = [self.opt.state.get(p) for p in stepped]
+        if not all(states) or group["amsgrad"] or group.get("decoupled_weight_decay") or group["capturable"]:
+            return False
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(stepped, [p.grad for p in stepped], [state["exp_avg"] for state in states],
+                           [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=group["maximize"], grad_scale=divisor, found_inf=None)
         return True
 
     def _tile_scratch(self, dtype: torch.dtype) -> torch.Tensor:
@@ -390,7 +409,7 @@ class ShardOptimizer:
     def _run(self, stepped: list[torch.Tensor], scale: float) -> None:
         """torch's step over the params in ``stepped`` (whose .grad is set)."""
         assert self.opt is not None
-        if self._step_fused_sgd(stepped, scale):
+        if self._step_fused(stepped, scale):
             return
         fused = bool(self.opt.param_groups[0].get("fused"))
         if scale != 1.0 and not fused:

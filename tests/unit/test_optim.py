@@ -392,16 +392,17 @@ def test_unsummed_gradients_must_match_their_block() -> None:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
-@pick(*SGD_SPECS)
-def test_fused_sgd_is_called_directly_with_torchs_bits(spec: optim.OptimizerSpec, device: str) -> None:
-    """Fused SGD skips torch's step() (its walk over every block) once each stepped block has what
-    that step would make, and gives the same bits as torch's own fused step, scaled, on some blocks."""
+@pick(*SGD_SPECS, "adam", "adam-weight-decay")
+def test_fused_kernels_are_called_directly_with_torchs_bits(spec: optim.OptimizerSpec, device: str) -> None:
+    """Fused SGD and Adam skip torch's step() (its walk over every block) once each stepped block
+    has what that step would make, and give the same bits as torch's own fused step, scaled, on
+    some blocks at a time."""
     g = torch.Generator().manual_seed(5)
     start = [torch.randn(n, generator=g).to(device) for n in (300, 41, 7)]
     ours = optim.ShardOptimizer(spec, [p.clone() for p in start])
     theirs = [p.clone() for p in start]
     # one torch optimizer per block: torch's fused SGD cannot step blocks with and without a buffer at once
-    reference = [torch.optim.SGD([p], **spec.hyperparameters(), fused=True) for p in theirs]
+    reference = [spec.torch_class([p], **spec.hyperparameters(), fused=True) for p in theirs]
     steps = {"direct": 0}
     run = ours._run
 
@@ -423,5 +424,5 @@ def test_fused_sgd_is_called_directly_with_torchs_bits(spec: optim.OptimizerSpec
         ours.step({i: grad.clone() for i, grad in grads.items()}, scale=0.5)
         for got, want in zip(ours.params, theirs):
             assert torch.equal(got, want), f"step {step}"
-    # with momentum, a block's first step goes through torch's step(), which makes its buffer
-    assert steps["direct"] == (5 if spec.momentum == 0 else 3)
+    # a block's first step goes through torch's step(), which makes its state (SGD without momentum has none)
+    assert steps["direct"] == (5 if getattr(spec, "momentum", None) == 0 else 3)
