@@ -403,6 +403,8 @@ def test_fused_kernels_are_called_directly_with_torchs_bits(spec: optim.Optimize
     theirs = [p.clone() for p in start]
     # one torch optimizer per block: torch's fused SGD cannot step blocks with and without a buffer at once
     reference = [spec.torch_class([p], **spec.hyperparameters(), fused=True) for p in theirs]
+    for opt in reference:
+        opt.grad_scale = torch.tensor(2.0, device=device)  # as GradScaler sets it: the kernel divides as it reads
     steps = {"direct": 0}
     run = ours._run
 
@@ -419,7 +421,7 @@ def test_fused_kernels_are_called_directly_with_torchs_bits(spec: optim.Optimize
     for step, blocks in enumerate([[0, 2], [0, 1, 2], [0, 2], [1], [0, 1, 2]]):
         grads = {i: torch.randn(start[i].numel(), generator=g).to(device) for i in blocks}
         for i in blocks:
-            theirs[i].grad = grads[i].clone() / 2
+            theirs[i].grad = grads[i].clone()
             reference[i].step()
         ours.step({i: grad.clone() for i, grad in grads.items()}, scale=0.5)
         for got, want in zip(ours.params, theirs):
