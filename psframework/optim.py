@@ -352,9 +352,10 @@ class ShardOptimizer:
         return True
 
     def _fused_adam(self, stepped: list[torch.Tensor], group: dict, divisor: Optional[torch.Tensor]) -> bool:
-        states = [self.opt.state.get(p) for p in stepped]
-        if not all(states) or group["amsgrad"] or group.get("decoupled_weight_decay") or group["capturable"]:
-            return False
+        states = [self.opt.state.get(p, {}) for p in stepped]
+        if not all({"step", "exp_avg", "exp_avg_sq"} <= state.keys() for state in states) or group["amsgrad"] \
+                or group.get("decoupled_weight_decay") or group["capturable"]:
+            return False  # torch's step() makes a first step's state, or refuses what it cannot use
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]

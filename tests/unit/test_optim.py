@@ -428,3 +428,14 @@ def test_fused_kernels_are_called_directly_with_torchs_bits(spec: optim.Optimize
             assert torch.equal(got, want), f"step {step}"
     # a block's first step goes through torch's step(), which makes its state (SGD without momentum has none)
     assert steps["direct"] == (5 if getattr(spec, "momentum", None) == 0 else 3)
+
+
+def test_adam_state_without_its_moments_fails_without_counting_a_step() -> None:
+    """A state without Adam's moments (a checkpoint of another rule restored into an Adam server)
+    fails the step as torch's own step() does, without adding to the block's step count first."""
+    shard = optim.ShardOptimizer(optim.Adam(lr=0.01), [torch.zeros(5), torch.zeros(3)])
+    shard.step({0: torch.ones(5), 1: torch.ones(3)})
+    del shard.opt.state[shard.params[1]]["exp_avg"]
+    with pytest.raises(KeyError):
+        shard.step({0: torch.ones(5), 1: torch.ones(3)})
+    assert [shard.steps_of(0), shard.steps_of(1)] == [1, 1]
