@@ -105,7 +105,7 @@ class Server:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.store, self.rows = DenseStore(self.device, self.recorder, self.tracer), RowStore(self.device)
-        self.io = device_io(self.data, self.device)
+        self.io = device_io(self.data, self.device, self.tracer)
         self.lanes = ServerLanes(self.io, self.device)
         self.policy = policy_for(m.mode, m, self._units, self.io.on_gpu, lambda: self.store.nbytes, self.recorder)
         self.answers = Answers(self.data, self.io, self.lanes, self.rows, self.policy, self.credits, m.rank,

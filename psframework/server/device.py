@@ -26,6 +26,7 @@ from .. import protocol as P
 from ..buffers import byte_view, host_copy, host_tensor
 from ..compress import Codec, payload_bytes
 from ..devices import Staging, StagingRing
+from ..trace import Tracer
 from ..transport import Socket
 from .store import BlockState, Pending, Pushed
 
@@ -159,9 +160,10 @@ def _unchanging(state: BlockState, i: int) -> torch.Tensor:
 class CudaIO(DeviceIO):
     on_gpu = True
 
-    def __init__(self, data: Socket, device: torch.device):
+    def __init__(self, data: Socket, device: torch.device, tracer: Optional[Tracer] = None):
         super().__init__(data)
         self.device = device
+        self.tracer = tracer or Tracer(None)
         # streams of our own, so copies and updates never wait on the legacy default stream; high
         # priority, so that on a GPU shared with a worker's backward pass the updates that pass is
         # waiting for are not queued behind its kernels
@@ -170,8 +172,9 @@ class CudaIO(DeviceIO):
         torch.cuda.set_stream(self.stream)
         self._ring: Optional[StagingRing] = None
         # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they
-        # read, what to tell once sent)
-        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[BlockState], Optional[OnSent]]] = deque()
+        # read, what to tell once sent, when it was queued for a trace)
+        self._outbox: deque[tuple[torch.cuda.Event, bytes, list, Optional[BlockState], Optional[OnSent],
+                                  float]] = deque()
 
     def setup(self, blocks: list) -> None:
         if blocks:
@@ -270,7 +273,7 @@ class CudaIO(DeviceIO):
                 state.staged[i] = state.version
         frames = [head] + [state.reply.view(state.byte_offset(i), state.nbytes[i]) for i in pending.segs]
         state.queued_replies += 1
-        self._outbox.append((self._work_so_far(), pending.peer, frames, state, on_sent))
+        self._queue(self._work_so_far(), pending.peer, frames, state, on_sent)
 
     def _send_encoded(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
         """Rounded values: encoded on our stream into fresh pinned buffers, not the reply cache."""
@@ -281,7 +284,7 @@ class CudaIO(DeviceIO):
                 host = torch.empty(payload.numel(), dtype=torch.uint8, pin_memory=True)
                 host.copy_(payload, non_blocking=True)
                 frames.append(byte_view(host))
-        self._outbox.append((self._work_so_far(), pending.peer, frames, None, on_sent))
+        self._queue(self._work_so_far(), pending.peer, frames, None, on_sent)
 
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
         self._download(state, segs, host)
@@ -296,16 +299,21 @@ class CudaIO(DeviceIO):
         if after is None:
             self.data.send(frames, peer=peer)
         else:
-            self._outbox.append((after, peer, frames, None, None))
+            self._queue(after, peer, frames, None, None)
+
+    def _queue(self, after: torch.cuda.Event, peer: bytes, frames: list, state: Optional[BlockState],
+               on_sent: Optional[OnSent]) -> None:
+        self._outbox.append((after, peer, frames, state, on_sent, self.tracer.now_us()))
 
     def flush(self, wait: bool) -> None:
         while self._outbox:
-            done, peer, frames, state, on_sent = self._outbox[0]
+            done, peer, frames, state, on_sent, queued_us = self._outbox[0]
             if not wait and not done.query():
                 return
             done.synchronize()
             self._outbox.popleft()
             tracker = self.data.send(frames, peer=peer, track=True)
+            self.tracer.complete("answer waited for the device", queued_us, "answer")
             if state is not None:
                 state.queued_replies -= 1
                 state.reply.sent(tracker)
@@ -330,8 +338,8 @@ def _with_codecs(pending: Pending) -> list[tuple[int, Optional[Codec]]]:
     return list(zip(pending.segs, pending.codecs or [None] * len(pending.segs)))
 
 
-def device_io(data: Socket, device: torch.device) -> DeviceIO:
-    return CudaIO(data, device) if device.type == "cuda" else HostIO(data)
+def device_io(data: Socket, device: torch.device, tracer: Optional[Tracer] = None) -> DeviceIO:
+    return CudaIO(data, device, tracer) if device.type == "cuda" else HostIO(data)
 
 
 __all__ = ["CudaIO", "DeviceIO", "HostIO", "device_io"]

@@ -193,3 +193,27 @@ def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path)
         blocks = len(worker.shard_map.blocks_of_server(1))
         assert after["device_lanes"] == [0] and after["ipc_requests"] - before["ipc_requests"] == 2 * blocks
     assert torch.equal(params["big"].cpu(), torch.full((4000,), -5.0))
+
+
+def test_a_gpu_servers_trace_shows_how_long_its_answers_waited_for_the_device(make_cluster, monkeypatch, tmp_path):
+    """A GPU server's answers wait for its copies: its trace has a span for each, from the answer
+    being queued to its going out, so a timeline shows the device's share of a round trip."""
+    import json
+
+    from psframework.trace import merge
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda",
+                           trace_dir=tmp_path / "traces")
+    for key, val in cluster.env().items():
+        monkeypatch.setenv(key, val)
+    with ps.init() as worker:
+        params = {"w": torch.zeros(1 << 20, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(3):
+            worker.push_pull({"w": torch.ones(1 << 20, device="cuda")}, into=params).wait(timeout=30)
+    assert set(cluster.wait(timeout=30).values()) == {0}
+    events = json.loads(merge(str(tmp_path / "traces"))[0].read_text())["traceEvents"]
+    tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    waited = [e for e in events if e["name"] == "answer waited for the device"]
+    assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"server 0"}
+    assert all(e["dur"] >= 0 for e in waited)
