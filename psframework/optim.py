@@ -233,6 +233,75 @@ class SparseAdam(OptimizerSpec):
 _SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad, RowWiseAdagrad, SparseAdam)}
 
 
+@dataclass
+class _Run:
+    """Consecutive params that are views of one flat tensor, with their state kept as views of one
+    flat tensor of each kind (``ShardOptimizer.step_run``)."""
+    params: list[torch.Tensor]
+    flat: torch.Tensor
+    state: dict[str, torch.Tensor]  # by kind, the flat tensor the params' state are views of
+    firsts: dict[str, torch.Tensor]  # by kind, the first param's state tensor (replaced: the run is stale)
+    steps: list[torch.Tensor]  # Adam's step count of each param, all equal
+
+    @classmethod
+    def make(cls, state: Mapping, params: list[torch.Tensor], flat: torch.Tensor,
+             keys: tuple[str, ...]) -> Optional["_Run"]:
+        """The run of ``params`` in ``flat``, its state moved into flat tensors; None if a param has no
+        state yet or Adam's step counts differ (one wait for the device)."""
+        states = [state.get(p, {}) for p in params]
+        if not _consecutive(params, flat) or not all(set(keys) <= s.keys() for s in states):
+            return None
+        steps = [s["step"] for s in states] if "exp_avg" in keys else []
+        if steps and not all(isinstance(t, torch.Tensor) for t in steps):
+            return None
+        if steps and not bool(torch.stack(steps).eq(steps[0]).all()):
+            return None
+        flats = {}
+        for key in keys:
+            tensors = [s[key] for s in states]
+            flats[key] = _flat_of(tensors, params, flat)
+            for s, view in zip(states, _views_like(flats[key], params, flat)):
+                s[key] = view
+        return cls(params, flat, flats, {key: states[0][key] for key in keys}, steps)
+
+    def fits(self, state: Mapping, flat: torch.Tensor) -> bool:
+        first = state.get(self.params[0], {})
+        return flat is self.flat and all(first.get(key) is view for key, view in self.firsts.items())
+
+    def flats(self, key: str) -> list[torch.Tensor]:
+        return [self.state[key]] if key in self.state else []
+
+
+def _consecutive(tensors: list[torch.Tensor], flat: torch.Tensor) -> bool:
+    """Whether ``tensors`` are 1-D views of ``flat`` that tile it in order."""
+    offset = flat.storage_offset()
+    for t in tensors:
+        if t.dim() != 1 or t.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr() \
+                or t.storage_offset() != offset or (t.numel() > 1 and t.stride(0) != 1):
+            return False
+        offset += t.numel()
+    return offset == flat.storage_offset() + flat.numel() and flat.is_contiguous()
+
+
+def _views_like(whole: torch.Tensor, params: list[torch.Tensor], flat: torch.Tensor) -> list[torch.Tensor]:
+    base = flat.storage_offset()
+    return [whole[p.storage_offset() - base:p.storage_offset() - base + p.numel()] for p in params]
+
+
+def _flat_of(tensors: list[torch.Tensor], params: list[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    """One flat tensor laid out like ``flat`` with ``tensors`` where ``params`` are in it: the one they
+    are views of already (a run made again), or a fresh one they are copied into."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    if storage.nbytes() >= (first.storage_offset() + flat.numel()) * first.element_size():
+        whole = torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, first.storage_offset(), flat.shape)
+        if _consecutive(tensors, whole):
+            return whole
+    fresh = torch.empty_like(flat)
+    torch._foreach_copy_(_views_like(fresh, params, flat), tensors)
+    return fresh
+
+
 def optimizer_from_wire(d: Mapping[str, Any]) -> OptimizerSpec:
     """The spec that ``to_wire`` produced ``d`` from; ``ConfigError`` if ``d`` names no known rule
     or has unknown, missing or bad fields."""
@@ -267,6 +336,8 @@ class ShardOptimizer:
         self.opt = spec.build(self.params) if self.params else None
         self._divisors: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # where a tile's gradients are summed
+        self._runs: dict[int, _Run] = {}  # by first param: runs whose state is flat (step_run)
+        self._run_of: dict[int, int] = {}  # param -> the first param of its run
 
     def step(self, grads: Mapping[int, Union[torch.Tensor, list[torch.Tensor]]], scale: float = 1.0) -> None:
         """Apply one update to exactly the blocks in ``grads`` (block index -> gradient), with the
@@ -278,6 +349,8 @@ class ShardOptimizer:
             return
         for index, grad in grads.items():
             self._check_grad(index, grad)
+            if index in self._run_of:  # stepped on its own: Adam's step counts of its run may differ now
+                self._runs.pop(self._run_of[index], None)
         tiled = {index: grad for index, grad in grads.items() if isinstance(grad, list)}
         if tiled:
             self._step_tiles(tiled, scale)
@@ -285,6 +358,54 @@ class ShardOptimizer:
         grads = {index: grad for index, grad in grads.items() if not isinstance(grad, list)}
         if grads:
             self._step_whole(grads, scale)
+
+    def step_run(self, first: int, count: int, flat: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) -> bool:
+        """Step params ``first`` .. ``first + count - 1``, consecutive views of ``flat`` (a server's
+        block), from ``grad`` laid out like ``flat``: torch's fused kernel once over the run as one
+        tensor, whose state is made views of one flat tensor of each kind (once). Stepping a
+        ResNet-50 block of 150 tensors one by one took a GPU server 0.8 ms of per-tensor work a
+        step. The same rule element by element: Adam to the bit, SGD to its last bit (torch's CUDA
+        kernel fuses a multiply-add for the tensors it reads aligned, not for the others).
+        False, with nothing done, where it cannot: another rule or options, a param without state
+        yet (torch's first step makes it), Adam's step counts differ, and on a CPU, whose fused
+        kernels round the elements of a vector's body and a tensor's tail apart (the server's CPU
+        steps go tile by tile instead: ``tiles``)."""
+        keys = self._run_keys()
+        if keys is None or flat.device.type != "cuda" or \
+                (grad.shape, grad.dtype, grad.device) != (flat.shape, flat.dtype, flat.device):
+            return False
+        run = self._runs.get(first)
+        if run is None or not run.fits(self.opt.state, flat):
+            run = _Run.make(self.opt.state, self.params[first:first + count], flat, keys)
+            if run is None:
+                return False
+            self._runs[first] = run
+            self._run_of.update((index, first) for index in range(first, first + count))
+        group = self.opt.param_groups[0]
+        divisor = self._divisor(scale, flat.device) if scale != 1.0 else None
+        if type(self.opt) is torch.optim.SGD:
+            torch._fused_sgd_([flat], [grad], run.flats("momentum_buffer"), **self._sgd_rule(), is_first_step=False,
+                              grad_scale=divisor, found_inf=None)
+            self._count_steps(run.params)
+            return True
+        torch._foreach_add_(run.steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_([flat], [grad], run.flats("exp_avg"), run.flats("exp_avg_sq"), [], run.steps[:1],
+                           amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                           eps=group["eps"], maximize=group["maximize"], grad_scale=divisor, found_inf=None)
+        return True
+
+    def _run_keys(self) -> Optional[tuple[str, ...]]:
+        """The state a run of params keeps flat under this rule, or None where ``step_run`` cannot step."""
+        if self.opt is None or len(self.opt.param_groups) != 1 or not self.opt.param_groups[0].get("fused"):
+            return None
+        group = self.opt.param_groups[0]
+        if type(self.opt) is torch.optim.SGD:
+            return ("momentum_buffer",) if group["momentum"] else ()
+        if type(self.opt) is torch.optim.Adam and not (group["amsgrad"] or group.get("decoupled_weight_decay")
+                                                       or group["capturable"]):
+            return ("exp_avg", "exp_avg_sq")
+        return None
 
     def _check_grad(self, index: int, grad: Union[torch.Tensor, list[torch.Tensor]]) -> None:
         if not 0 <= index < len(self.params):
@@ -447,6 +568,7 @@ class ShardOptimizer:
         # torch.optim keeps the given state tensors as they are when device and dtype already
         # match, so without a copy two optimizers loaded from one dict would share buffers.
         d = copy.deepcopy(dict(d))
+        self._runs.clear()  # the state tensors are replaced
         ours = self.opt.param_groups
         impl = ("fused", "foreach", "capturable", "differentiable")
         groups = [

@@ -36,7 +36,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -157,6 +157,7 @@ class Slots:
         # copies out of the pull slot (copies onto a GPU may still be reading it)
         self._reserved: dict[int, Optional[list]] = {}
         self._pieces: dict[tuple, torch.Tensor] = {}  # typed views of the slots, made once
+        self._views: dict[tuple, dict] = {}  # slots split by segment, made once (``views``)
 
     def piece(self, pull: bool, block_id: int, byte_offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """Part of a block's pull (or push) slot as a typed tensor: the same view every step (making
@@ -167,6 +168,14 @@ class Slots:
             slot = self.pull_slot if pull else self.push_slot
             view = self._pieces[key] = slot(block_id, byte_offset, nbytes).view(dtype)
         return view
+
+    def views(self, pull: bool, block_id: int, make: Callable[[], dict]) -> dict:
+        """What ``make`` splits a block's slot into, made once rather than on every request (a view
+        per tensor of a block of many). Callers must not change the dict."""
+        views = self._views.get((pull, block_id))
+        if views is None:
+            views = self._views[(pull, block_id)] = make()
+        return views
 
     def reserve(self, block_id: int) -> bool:
         """Take a block's slots for one request; False while another request holds them."""
@@ -197,6 +206,7 @@ class Slots:
         """Drop our references to the buffer (the views too), so that it can be freed."""
         self.memory = torch.empty(0, dtype=torch.uint8)
         self._pieces.clear()
+        self._views.clear()
 
     def push_slot(self, block_id: int, byte_offset: int, nbytes: int) -> torch.Tensor:
         start = self._base + self.offsets[block_id] + byte_offset

@@ -51,10 +51,11 @@ class DeviceIO:
         against each codec's size), decoded where it has a codec."""
         raise NotImplementedError
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False,
+                  views: Optional[dict[int, torch.Tensor]] = None) -> Pushed:
         """Gradients of ``segs`` from ``host``, a flat tensor laid out like the block (a lane slot,
         in host memory or, for a device lane, on a GPU). ``held``: the worker leaves ``host`` alone
-        until we answer."""
+        until we answer. ``views``: ``host`` split by segment, if the caller keeps them."""
         raise NotImplementedError
 
     def order_after_upload(self, pushed: Pushed) -> None:
@@ -131,8 +132,9 @@ class HostIO(DeviceIO):
         self.frame_sizes_check(state, segs, receive, codecs)
         return Pushed(tensors)
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
-        views = state.split(host)
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False,
+                  views: Optional[dict[int, torch.Tensor]] = None) -> Pushed:
+        views = state.split(host) if views is None else views
         return Pushed({i: views[i] for i in segs}, owned=False)
 
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
@@ -211,7 +213,8 @@ class CudaIO(DeviceIO):
         pushed.whole = None
         return pushed
 
-    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False) -> Pushed:
+    def from_host(self, state: BlockState, segs: list[int], host: torch.Tensor, held: bool = False,
+                  views: Optional[dict[int, torch.Tensor]] = None) -> Pushed:
         """Copy pushed gradients to the device on the upload stream, which runs beside the copies of
         values to the host on ours. A whole block is one copy. Our stream does not wait for it on
         the device: a stream of ours that waits keeps our process on a GPU that a worker's backward
@@ -219,7 +222,9 @@ class CudaIO(DeviceIO):
         A held slot of a device lane on our GPU is read where it is: the worker's copy into it has
         finished before it sent the request, and our answer waits for the step that reads it."""
         if held and _same_gpu(host.device, self.device):
-            views = state.split(host)
+            views = state.split(host) if views is None else views
+            if state.covers(segs):
+                return Pushed(dict(views), whole=host, owned=False)
             return Pushed({i: views[i] for i in segs}, owned=False)
         whole = None
         with torch.cuda.stream(self.upload):  # copy=True: a device lane's slot is on a GPU already
@@ -227,7 +232,7 @@ class CudaIO(DeviceIO):
                 whole = host.to(self.device, non_blocking=True, copy=True)
                 values, fresh = state.split(whole), [whole]
             else:
-                views = state.split(host)
+                views = state.split(host) if views is None else views
                 values = {i: views[i].to(self.device, non_blocking=True, copy=True) for i in segs}
                 fresh = list(values.values())
         uploaded = torch.cuda.Event()

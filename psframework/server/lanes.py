@@ -106,7 +106,9 @@ class ServerLanes:
     def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
-        pushed = self.io.from_host(state, segs, _slot(lane, False, state), held=held)
+        slot = _slot(lane, False, state)
+        views = lane.views(False, state.block.block_id, lambda: state.split(slot))
+        pushed = self.io.from_host(state, segs, slot, held=held, views=views)
         pushed.held = held
         return pushed
 

@@ -42,7 +42,7 @@ class Pending:
 @dataclass
 class Pushed:
     """One worker's gradients for a block, by segment. ``whole``: the flat tensor they are views of,
-    for a whole block pushed to a GPU. ``uploaded``: the event of their copy to the GPU.
+    for a whole block pushed to a GPU (uploaded, or a held slot of a device lane on our GPU). ``uploaded``: the event of their copy to the GPU.
     ``owned``: ours to keep and sum into (not views of a lane slot that the worker reuses).
     ``held``: views of a lane slot that the worker leaves alone until we answer (a push_pull's):
     ours to read until the step is applied, and not to write before (the optimizer step may
@@ -215,24 +215,29 @@ class DenseStore:
             raise P.Rejected(P.BAD_REQUEST, f"bad list of segments without a gradient for block {request.block}")
         return state, segs, [i for i in segs if i not in absent]
 
-    def apply(self, group: list[tuple[BlockState, dict[int, torch.Tensor]]], scale: float) -> None:
-        """One optimizer step over the gradients (by segment) of each block in ``group``. Segments
+    def apply(self, group: list[tuple[BlockState, dict[int, torch.Tensor], Optional[torch.Tensor]]],
+              scale: float) -> None:
+        """One optimizer step over the gradients (by segment) of each block in ``group``, with the
+        flat tensor they are views of where every segment has one (None: not known). Segments
         without a gradient are not stepped, and a block with none is not counted."""
-        group = [(state, tensors) for state, tensors in group if tensors]
+        group = [entry for entry in group if entry[1]]
         if not group:
             return
-        grads = {}
-        for state, tensors in group:
-            state.make_writable()  # replies of host shards are sent straight from the parameters
-            for i, grad in tensors.items():
-                grads[state.first_param + i] = (grad if isinstance(grad, list) or grad.device == self.device
-                                                else grad.to(self.device, non_blocking=True))
         started, started_us = time.perf_counter(), self.tracer.now_us()
-        with self.writing(state for state, _ in group):
+        with self.writing(state for state, _, _ in group):
+            grads = {}
+            for state, tensors, whole in group:
+                state.make_writable()  # replies of host shards are sent straight from the parameters
+                if whole is not None and len(tensors) == len(state.params) and \
+                        self.optimizer.step_run(state.first_param, len(state.params), state.flat, whole, scale):
+                    continue
+                for i, grad in tensors.items():
+                    grads[state.first_param + i] = (grad if isinstance(grad, list) or grad.device == self.device
+                                                    else grad.to(self.device, non_blocking=True))
             self.optimizer.step(grads, scale=scale)
         self.recorder.observe("psframework_server_apply_seconds", time.perf_counter() - started)
         if self.tracer.enabled:  # the block list is built only for a trace
-            self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _ in group])
+            self.tracer.complete("apply", started_us, "apply", blocks=[state.block.block_id for state, _, _ in group])
         self.applied += len(group)
 
     # -- what the consistency policy asks of a store (policy.py) ------------------------
@@ -241,16 +246,22 @@ class DenseStore:
         """One push, at once (async and ssp)."""
         if pushed.uploaded is not None:
             torch.cuda.current_stream(self.device).wait_event(pushed.uploaded)
-        self.apply([(state, pushed.grads)], scale=1.0)
+        self.apply([(state, pushed.grads, pushed.whole)], scale=1.0)
 
     def accumulate(self, state: BlockState, accum, pushed: Pushed) -> None:
         """Add one worker's push to a sync step's sum (``accum.data``)."""
         sums = accum.data = accum.data or _Sums()
         if pushed.whole is not None and not sums.tensors:
-            sums.whole = pushed.whole if pushed.owned else pushed.whole.clone()
-            sums.tensors = state.split(sums.whole)
+            # a held lane slot is read where it is, as by segment below
+            sums.whole = pushed.whole if pushed.owned or pushed.held else pushed.whole.clone()
+            sums.tensors = dict(pushed.grads) if sums.whole is pushed.whole else state.split(sums.whole)
+            if not pushed.owned and pushed.held:
+                sums.borrowed = set(sums.tensors)
+        elif pushed.whole is not None and sums.whole is not None and sums.borrowed:
+            sums.whole = torch.add(sums.whole, pushed.whole, out=self._scratch_flat(state, sums))
+            sums.tensors, sums.borrowed = state.split(sums.whole), set()
         elif pushed.whole is not None and sums.whole is not None:
-            sums.add(sums.whole, pushed.whole, pushed.owned)
+            sums.add(sums.whole, pushed.whole, pushed.owned or pushed.held)
         else:
             for i, grad in pushed.grads.items():
                 if self.device.type == "cpu" and (pushed.owned or pushed.held) and i not in sums.tensors:
@@ -270,19 +281,25 @@ class DenseStore:
                 elif i in sums.borrowed:
                     sums.tensors[i] = torch.add(total, grad, out=self._scratch(state, sums)[i])
                     sums.borrowed.discard(i)
+                    sums.whole = None  # the sums are no longer views of one tensor
                 else:
                     sums.add(total, grad.to(self.device, non_blocking=True), pushed.owned or pushed.held)
 
+    @classmethod
+    def _scratch(cls, state: BlockState, sums: _Sums) -> dict[int, torch.Tensor]:
+        """Views, by segment, of the step's scratch (``_scratch_flat``)."""
+        return state.split(cls._scratch_flat(state, sums))
+
     @staticmethod
-    def _scratch(state: BlockState, sums: _Sums) -> dict[int, torch.Tensor]:
-        """Views, by segment, of the block's scratch (or of a fresh tensor, while an earlier step
-        of the block holds the scratch): allocated once, so no step pays for fresh pages."""
+    def _scratch_flat(state: BlockState, sums: _Sums) -> torch.Tensor:
+        """Where a step's sums go: the block's scratch (or a fresh tensor, while an earlier step
+        of the block holds the scratch), allocated once, so no step pays for fresh pages."""
         if sums.scratch is None:
             if state.scratch is None:
                 state.scratch = torch.empty_like(state.flat)
             busy = any(isinstance(a.data, _Sums) and a.data.scratch is state.scratch for a in state.accums.values())
             sums.scratch = torch.empty_like(state.flat) if busy else state.scratch
-        return state.split(sums.scratch)
+        return sums.scratch
 
     def _sum_parts(self, state: BlockState, sums: _Sums, i: int) -> torch.Tensor:
         """The sum of segment ``i``'s deferred gradients: into the first, if it is ours, else into
@@ -322,8 +339,8 @@ class DenseStore:
         by_scale: dict[float, list] = {}
         for state, accum in steps:
             # the mean over those who pushed: equal to all workers unless an elastic job shrank
-            tensors = accum.data.tensors if accum.data else {}
-            by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, tensors))
+            tensors, whole = (accum.data.tensors, accum.data.whole) if accum.data else ({}, None)
+            by_scale.setdefault(1.0 / len(accum.contributors), []).append((state, tensors, whole))
         for scale, group in by_scale.items():
             self.apply(group, scale)
         return len(by_scale)

@@ -439,3 +439,93 @@ def test_adam_state_without_its_moments_fails_without_counting_a_step() -> None:
     with pytest.raises(KeyError):
         shard.step({0: torch.ones(5), 1: torch.ones(3)})
     assert [shard.steps_of(0), shard.steps_of(1)] == [1, 1]
+
+
+def _run_of(sizes: tuple[int, ...], device: str, generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A flat tensor and its consecutive views of ``sizes``, as a server's block and its segments."""
+    flat = torch.randn(sum(sizes), generator=generator).to(device)
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    return flat, [flat[o:o + n] for o, n in zip(offsets, sizes)]
+
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", [optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), optim.SGD(lr=0.1),
+                                  optim.Adam(lr=0.01, weight_decay=0.01)], ids=repr)
+def test_a_run_of_views_steps_as_one_tensor_with_the_bits_of_a_step_per_view(spec: optim.OptimizerSpec) -> None:
+    """``step_run`` steps a block's segments as one flat tensor from one flat gradient, scaled, as
+    torch's fused step of each segment does: Adam to the bit, SGD to its last bit (torch's kernel
+    fuses a multiply-add for tensors it reads aligned, not for the others). Stepping some of them
+    alone in between (Adam's step counts then differ) sends the run back to the per-segment step
+    until they agree."""
+    g, device = torch.Generator().manual_seed(3), "cuda"
+    flat, views = _run_of((300, 41, 7), device, g)
+    ours = optim.ShardOptimizer(spec, views)
+    theirs = [v.clone() for v in views]
+    reference = [spec.torch_class([p], **spec.hyperparameters(), fused=True) for p in theirs]
+    for opt in reference:
+        opt.grad_scale = torch.tensor(2.0, device=device)
+    ran = []
+    for step, blocks in enumerate([[0, 1, 2], [0, 1, 2], [0, 1, 2], [1], [0, 1, 2], [0, 1, 2]]):
+        grad = torch.randn(flat.numel(), generator=g).to(device)
+        pieces = {i: grad[v.storage_offset():v.storage_offset() + v.numel()] for i, v in enumerate(views)}
+        for i in blocks:
+            theirs[i].grad = pieces[i].clone()
+            reference[i].step()
+        if len(blocks) == 3:
+            ran.append(ours.step_run(0, 3, flat, grad.clone(), scale=0.5))
+            if not ran[-1]:
+                ours.step({i: pieces[i].clone() for i in blocks}, scale=0.5)
+        else:
+            ours.step({i: pieces[i].clone() for i in blocks}, scale=0.5)
+        for got, want in zip(ours.params, theirs):
+            if isinstance(spec, optim.Adam):
+                assert torch.equal(got, want), f"step {step}"
+            else:  # torch's CUDA SGD rounds a multiply-add of an aligned tensor apart from an unaligned one's
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"step {step}")
+    # the first step makes the state (SGD without momentum has none); after block 1 stepped alone,
+    # Adam's step counts differ for good
+    first = getattr(spec, "momentum", 1) == 0
+    assert ran == [first, True, True] + ([False, False] if isinstance(spec, optim.Adam) else [True, True])
+    assert [ours.steps_of(i) for i in range(3)] == [5, 6, 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_runs_state_is_views_of_one_tensor_and_survives_a_state_dict_round_trip() -> None:
+    """The run's momentum buffers become views of one tensor; a state dict saved from it loads into
+    another optimizer, which steps on with the same bits."""
+    g = torch.Generator().manual_seed(4)
+    spec = optim.SGD(lr=0.1, momentum=0.9)
+    flat, views = _run_of((5, 6, 7), "cuda", g)
+    ours = optim.ShardOptimizer(spec, views)
+    ours.step({0: torch.ones(5, device="cuda"), 1: torch.ones(6, device="cuda"), 2: torch.ones(7, device="cuda")})
+    assert ours.step_run(0, 3, flat, torch.ones(18, device="cuda"))
+    buffers = [ours.opt.state[p]["momentum_buffer"] for p in views]
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1
+    copy_flat, copy_views = _run_of((5, 6, 7), "cuda", g)
+    copy_flat.copy_(flat)
+    other = optim.ShardOptimizer(spec, copy_views)
+    other.load_state_dict(ours.state_dict())
+    grad = torch.randn(18, generator=g).cuda()
+    assert ours.step_run(0, 3, flat, grad.clone()) and other.step_run(0, 3, copy_flat, grad.clone())
+    assert torch.equal(flat, copy_flat)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_a_run_is_stepped_as_one_only_on_a_gpu_and_only_as_its_flat_tensors_views_in_order(device: str) -> None:
+    """On a CPU the fused kernels round a vector's body and a tensor's tail differently, so a run
+    is stepped view by view there; and a run must tile its flat tensor in order."""
+    g = torch.Generator().manual_seed(6)
+    flat, views = _run_of((5, 6), device, g)
+    ordered = optim.ShardOptimizer(optim.SGD(lr=0.1, momentum=0.9), views)
+    ordered.step({0: torch.ones(5, device=device), 1: torch.ones(6, device=device)})
+    assert ordered.step_run(0, 2, flat, torch.ones(11, device=device)) == (device == "cuda")
+    flat, views = _run_of((5, 6), device, g)
+    reversed_ = optim.ShardOptimizer(optim.SGD(lr=0.1, momentum=0.9), list(reversed(views)))
+    reversed_.step({0: torch.ones(6, device=device), 1: torch.ones(5, device=device)})
+    assert not reversed_.step_run(0, 2, flat, torch.ones(11, device=device))
+    assert not reversed_.step_run(0, 2, flat.clone(), torch.ones(11, device=device))
