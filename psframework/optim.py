@@ -233,6 +233,10 @@ class SparseAdam(OptimizerSpec):
 _SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad, RowWiseAdagrad, SparseAdam)}
 
 
+class _UnevenSteps(Exception):
+    """Adam's step counts of a run's params differ (some stepped alone): it cannot step as one."""
+
+
 @dataclass
 class _Run:
     """Consecutive params that are views of one flat tensor, with their state kept as views of one
@@ -246,8 +250,9 @@ class _Run:
     @classmethod
     def make(cls, state: Mapping, params: list[torch.Tensor], flat: torch.Tensor,
              keys: tuple[str, ...]) -> Optional["_Run"]:
-        """The run of ``params`` in ``flat``, its state moved into flat tensors; None if a param has no
-        state yet or Adam's step counts differ (one wait for the device)."""
+        """The run of ``params`` in ``flat``, its state moved into flat tensors; None if they are not
+        its views in order or a param has no state yet; ``_UnevenSteps`` if Adam's step counts
+        differ (asking waits for the device)."""
         states = [state.get(p, {}) for p in params]
         if not _consecutive(params, flat) or not all(set(keys) <= s.keys() for s in states):
             return None
@@ -255,7 +260,7 @@ class _Run:
         if steps and not all(isinstance(t, torch.Tensor) for t in steps):
             return None
         if steps and not bool(torch.stack(steps).eq(steps[0]).all()):
-            return None
+            raise _UnevenSteps
         flats = {}
         for key in keys:
             tensors = [s[key] for s in states]
@@ -337,7 +342,8 @@ class ShardOptimizer:
         self._divisors: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # where a tile's gradients are summed
         self._runs: dict[int, _Run] = {}  # by first param: runs whose state is flat (step_run)
-        self._run_of: dict[int, int] = {}  # param -> the first param of its run
+        self._run_of: dict[int, tuple[int, int]] = {}  # param -> (first param, params) of its run
+        self._uneven: set[int] = set()  # runs whose Adam step counts differ, until one of them steps alone
 
     def step(self, grads: Mapping[int, Union[torch.Tensor, list[torch.Tensor]]], scale: float = 1.0) -> None:
         """Apply one update to exactly the blocks in ``grads`` (block index -> gradient), with the
@@ -349,8 +355,7 @@ class ShardOptimizer:
             return
         for index, grad in grads.items():
             self._check_grad(index, grad)
-            if index in self._run_of:  # stepped on its own: Adam's step counts of its run may differ now
-                self._runs.pop(self._run_of[index], None)
+        self._forget_runs_stepped_apart(grads)
         tiled = {index: grad for index, grad in grads.items() if isinstance(grad, list)}
         if tiled:
             self._step_tiles(tiled, scale)
@@ -376,11 +381,9 @@ class ShardOptimizer:
             return False
         run = self._runs.get(first)
         if run is None or not run.fits(self.opt.state, flat):
-            run = _Run.make(self.opt.state, self.params[first:first + count], flat, keys)
+            run = self._make_run(first, count, flat, keys)
             if run is None:
                 return False
-            self._runs[first] = run
-            self._run_of.update((index, first) for index in range(first, first + count))
         group = self.opt.param_groups[0]
         divisor = self._divisor(scale, flat.device) if scale != 1.0 else None
         if type(self.opt) is torch.optim.SGD:
@@ -394,6 +397,27 @@ class ShardOptimizer:
                            amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                            eps=group["eps"], maximize=group["maximize"], grad_scale=divisor, found_inf=None)
         return True
+
+    def _make_run(self, first: int, count: int, flat: torch.Tensor, keys: tuple[str, ...]) -> Optional["_Run"]:
+        if first in self._uneven:
+            return None  # asked once (a wait for the device): not again until one of them steps alone
+        self._run_of.update((index, (first, count)) for index in range(first, first + count))
+        try:
+            run = _Run.make(self.opt.state, self.params[first:first + count], flat, keys)
+        except _UnevenSteps:
+            self._uneven.add(first)
+            return None
+        if run is not None:
+            self._runs[first] = run
+        return run
+
+    def _forget_runs_stepped_apart(self, grads: Mapping[int, Any]) -> None:
+        """Runs some of whose params ``step`` steps without the others: Adam's step counts of those
+        may differ now (and agree again, if it was the ones behind)."""
+        for first, count in {self._run_of[index] for index in grads if index in self._run_of}:
+            if not all(index in grads for index in range(first, first + count)):
+                self._runs.pop(first, None)
+                self._uneven.discard(first)
 
     def _run_keys(self) -> Optional[tuple[str, ...]]:
         """The state a run of params keeps flat under this rule, or None where ``step_run`` cannot step."""

@@ -157,7 +157,7 @@ class Slots:
         # copies out of the pull slot (copies onto a GPU may still be reading it)
         self._reserved: dict[int, Optional[list]] = {}
         self._pieces: dict[tuple, torch.Tensor] = {}  # typed views of the slots, made once
-        self._views: dict[tuple, dict] = {}  # slots split by segment, made once (``views``)
+        self._views: dict[tuple, tuple] = {}  # slots split by segment, made once (``views``)
 
     def piece(self, pull: bool, block_id: int, byte_offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """Part of a block's pull (or push) slot as a typed tensor: the same view every step (making
@@ -169,13 +169,14 @@ class Slots:
             view = self._pieces[key] = slot(block_id, byte_offset, nbytes).view(dtype)
         return view
 
-    def views(self, pull: bool, block_id: int, make: Callable[[], dict]) -> dict:
+    def views(self, pull: bool, block_id: int, of: tuple, make: Callable[[], dict]) -> dict:
         """What ``make`` splits a block's slot into, made once rather than on every request (a view
-        per tensor of a block of many). Callers must not change the dict."""
-        views = self._views.get((pull, block_id))
-        if views is None:
-            views = self._views[(pull, block_id)] = make()
-        return views
+        per tensor of a block of many), for as long as the objects in ``of`` (the slot, the block's
+        layout) are the same ones. Callers must not change the dict."""
+        kept = self._views.get((pull, block_id))
+        if kept is None or len(kept[0]) != len(of) or any(a is not b for a, b in zip(kept[0], of)):
+            kept = self._views[(pull, block_id)] = (of, make())
+        return kept[1]
 
     def reserve(self, block_id: int) -> bool:
         """Take a block's slots for one request; False while another request holds them."""

@@ -107,7 +107,7 @@ class ServerLanes:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
         of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
         slot = _slot(lane, False, state)
-        views = lane.views(False, state.block.block_id, lambda: state.split(slot))
+        views = lane.views(False, state.block.block_id, (slot, state.block), lambda: state.split(slot))
         pushed = self.io.from_host(state, segs, slot, held=held, views=views)
         pushed.held = held
         return pushed

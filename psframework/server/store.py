@@ -42,7 +42,8 @@ class Pending:
 @dataclass
 class Pushed:
     """One worker's gradients for a block, by segment. ``whole``: the flat tensor they are views of,
-    for a whole block pushed to a GPU (uploaded, or a held slot of a device lane on our GPU). ``uploaded``: the event of their copy to the GPU.
+    for a whole block pushed to a GPU (uploaded, or a held slot of a device lane on our GPU).
+    ``uploaded``: the event of their copy to the GPU.
     ``owned``: ours to keep and sum into (not views of a lane slot that the worker reuses).
     ``held``: views of a lane slot that the worker leaves alone until we answer (a push_pull's):
     ours to read until the step is applied, and not to write before (the optimizer step may
@@ -135,7 +136,7 @@ class BlockState:
 class _Sums:
     """A sync step's gradients of a block, summed over the workers that pushed it."""
     tensors: dict[int, Any] = field(default_factory=dict)  # the sums (at the step, a list: for the optimizer to sum)
-    whole: Optional[torch.Tensor] = None  # the flat sum that ``tensors`` are views of, if every push was whole
+    whole: Optional[torch.Tensor] = None  # the flat tensor that every one of ``tensors`` is a view of, if any
     adds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sum, addend) still to add
     borrowed: set[int] = field(default_factory=set)  # segments whose ``tensors`` are still a held lane slot
     scratch: Optional[torch.Tensor] = None  # the block's scratch, if the sums are in it
@@ -258,8 +259,7 @@ class DenseStore:
             if not pushed.owned and pushed.held:
                 sums.borrowed = set(sums.tensors)
         elif pushed.whole is not None and sums.whole is not None and sums.borrowed:
-            sums.whole = torch.add(sums.whole, pushed.whole, out=self._scratch_flat(state, sums))
-            sums.tensors, sums.borrowed = state.split(sums.whole), set()
+            self._add_to_borrowed(state, sums, pushed)
         elif pushed.whole is not None and sums.whole is not None:
             sums.add(sums.whole, pushed.whole, pushed.owned or pushed.held)
         else:
@@ -278,12 +278,31 @@ class DenseStore:
                     sums.tensors[i] = grad if pushed.owned or pushed.held else grad.clone()
                     if pushed.held and not pushed.owned:
                         sums.borrowed.add(i)
+                elif i in sums.borrowed and pushed.owned:
+                    # an upload may still be landing: our stream adds it only at the step, and the
+                    # fresh tensor is ours to sum into
+                    sums.tensors[i] = grad
+                    sums.adds.append((grad, total))
+                    sums.borrowed.discard(i)
+                    sums.whole = None  # the sums are no longer views of one tensor
                 elif i in sums.borrowed:
                     sums.tensors[i] = torch.add(total, grad, out=self._scratch(state, sums)[i])
                     sums.borrowed.discard(i)
-                    sums.whole = None  # the sums are no longer views of one tensor
+                    sums.whole = None
                 else:
                     sums.add(total, grad.to(self.device, non_blocking=True), pushed.owned or pushed.held)
+
+    def _add_to_borrowed(self, state: BlockState, sums: _Sums, pushed: Pushed) -> None:
+        """A whole push onto a sum that is still a held lane slot (never ours to write): an upload,
+        which may still be landing, becomes the sum and the slot is added at the step; another
+        held slot (on our GPU, landed) is added now, into the scratch."""
+        if pushed.owned:
+            sums.adds.append((pushed.whole, sums.whole))
+            sums.whole, sums.tensors = pushed.whole, dict(pushed.grads)
+        else:
+            sums.whole = torch.add(sums.whole, pushed.whole, out=self._scratch_flat(state, sums))
+            sums.tensors = state.split(sums.whole)
+        sums.borrowed = set()
 
     @classmethod
     def _scratch(cls, state: BlockState, sums: _Sums) -> dict[int, torch.Tensor]:
@@ -334,8 +353,8 @@ class DenseStore:
             if accum.data and accum.data.parts:
                 self._settle_parts(state, accum.data)
         adds = [pair for _, accum in steps if accum.data for pair in accum.data.adds]
-        if adds:
-            torch._foreach_add_([total for total, _ in adds], [addend for _, addend in adds])
+        for batch in _distinct_totals(adds):
+            torch._foreach_add_([total for total, _ in batch], [addend for _, addend in batch])
         by_scale: dict[float, list] = {}
         for state, accum in steps:
             # the mean over those who pushed: equal to all workers unless an elastic job shrank
@@ -409,6 +428,20 @@ class DenseStore:
             state.broken = None
             state.forget_staged()  # the GPU reply cache holds pre-restore values
         self.optimizer.load_state_dict(payload["optimizer"])
+
+
+def _distinct_totals(adds: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``adds`` in batches, in order, none of which adds to one tensor twice: a CUDA
+    ``_foreach_add_`` given one target twice adds both at once and loses one (half the
+    elements of ``[t, t, t] += [1, 2, 1]`` came out 2, not 4, on an H200)."""
+    batches: list[list] = []
+    seen: dict[int, int] = {}
+    for total, addend in adds:
+        k = seen[id(total)] = seen.get(id(total), -1) + 1
+        if k == len(batches):
+            batches.append([])
+        batches[k].append((total, addend))
+    return batches
 
 
 __all__ = ["BlockState", "DenseStore", "Pending", "Pushed"]

@@ -217,3 +217,53 @@ def test_a_gpu_servers_trace_shows_how_long_its_answers_waited_for_the_device(ma
     waited = [e for e in events if e["name"] == "answer waited for the device"]
     assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"server 0"}
     assert all(e["dur"] >= 0 for e in waited)
+
+
+def test_a_push_uploaded_onto_a_held_device_lane_slot_is_summed_once_it_has_landed(make_cluster):
+    """A sync step of one 64 MiB block: worker 0's push_pull through its device lane comes first and
+    is read where it is; worker 1's, of host tensors, comes second and is uploaded to the GPU. The
+    sum must wait for that upload (an add queued at once read a half-landed gradient)."""
+    import time
+
+    numel = 16 << 20
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="sync", server_device="cuda", chunk_bytes=64 << 20)
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            device = "cuda" if worker.rank == 0 else "cpu"
+            params = {"w": torch.zeros(numel, device=device)}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            for step in range(3):
+                if worker.rank == 1:
+                    time.sleep(0.3)  # after worker 0's push
+                grad = torch.full((numel,), float((worker.rank + 1) * (step + 1)), device=device)
+                worker.push_pull({"w": grad}, into=params).wait(timeout=30)
+            worker.barrier()
+            return params["w"].cpu(), worker.server_stats()[0]
+
+    results = run_in_threads(2, work)
+    for values, _ in results:
+        assert torch.equal(values, torch.full((numel,), -9.0))  # the means 1.5, 3 and 4.5
+    assert results[0][1]["ipc_requests"] >= 3 and results[0][1]["lane_requests"] >= 3
+
+
+def test_three_workers_gradients_uploaded_to_a_gpu_server_are_summed_without_losing_one(make_cluster, monkeypatch):
+    """Three workers' pushes of one 64 MiB block through their lanes are uploaded to the GPU and
+    summed at the step: the sum into the first must add each of the other two, one after the other
+    (a single CUDA ``_foreach_add_`` given one target twice lost one of them)."""
+    monkeypatch.setenv("PS_CUDA_IPC", "0")
+    numel = 16 << 20
+    cluster = make_cluster(num_servers=1, num_workers=3, mode="sync", server_device="cuda", chunk_bytes=64 << 20)
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"w": torch.zeros(numel, device="cuda")}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            for _ in range(2):
+                grad = torch.full((numel,), float(worker.rank + 1), device="cuda")
+                worker.push_pull({"w": grad}, into=params).wait(timeout=30)
+            worker.barrier()
+            return params["w"].cpu()
+
+    for values in run_in_threads(3, work):
+        assert torch.equal(values, torch.full((numel,), -4.0))  # twice the mean of 1, 2 and 3

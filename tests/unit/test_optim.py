@@ -455,7 +455,8 @@ GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("spec", [optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), optim.SGD(lr=0.1),
                                   optim.Adam(lr=0.01, weight_decay=0.01)], ids=repr)
-def test_a_run_of_views_steps_as_one_tensor_with_the_bits_of_a_step_per_view(spec: optim.OptimizerSpec) -> None:
+def test_a_run_of_views_steps_as_one_tensor_with_the_bits_of_a_step_per_view(spec: optim.OptimizerSpec,
+                                                                              monkeypatch) -> None:
     """``step_run`` steps a block's segments as one flat tensor from one flat gradient, scaled, as
     torch's fused step of each segment does: Adam to the bit, SGD to its last bit (torch's kernel
     fuses a multiply-add for tensors it reads aligned, not for the others). Stepping some of them
@@ -468,7 +469,8 @@ def test_a_run_of_views_steps_as_one_tensor_with_the_bits_of_a_step_per_view(spe
     reference = [spec.torch_class([p], **spec.hyperparameters(), fused=True) for p in theirs]
     for opt in reference:
         opt.grad_scale = torch.tensor(2.0, device=device)
-    ran = []
+    ran, made, make = [], [], optim._Run.make
+    monkeypatch.setattr(optim._Run, "make", lambda *args: made.append(1) or make(*args))
     for step, blocks in enumerate([[0, 1, 2], [0, 1, 2], [0, 1, 2], [1], [0, 1, 2], [0, 1, 2]]):
         grad = torch.randn(flat.numel(), generator=g).to(device)
         pieces = {i: grad[v.storage_offset():v.storage_offset() + v.numel()] for i, v in enumerate(views)}
@@ -491,6 +493,9 @@ def test_a_run_of_views_steps_as_one_tensor_with_the_bits_of_a_step_per_view(spe
     first = getattr(spec, "momentum", 1) == 0
     assert ran == [first, True, True] + ([False, False] if isinstance(spec, optim.Adam) else [True, True])
     assert [ours.steps_of(i) for i in range(3)] == [5, 6, 5]
+    # made (or tried) at the first step, the second (once there is state) and after block 1 stepped
+    # alone; Adam's uneven counts are asked once, not at every later step
+    assert len(made) == (2 if first else 3)
 
 
 @pytest.mark.gpu

@@ -119,3 +119,22 @@ def test_a_process_killed_between_creating_and_handing_over_a_lane_leaves_nothin
     finally:
         child.kill()
     assert (set(SHM_DIR.glob("*")) if SHM_DIR.is_dir() else set()) == before
+
+
+def test_a_slots_views_are_made_once_for_the_same_slot_and_layout_and_again_for_others():
+    lane = Lane.create(lane_name(5, 0), [(0, 64), (1, 64)])
+    try:
+        made = []
+
+        def split(slot):
+            made.append(slot)
+            return {0: slot[:4], 1: slot[4:]}
+
+        slot, layout = lane.piece(False, 0, 0, 64, torch.float32), object()
+        first = lane.views(False, 0, (slot, layout), lambda: split(slot))
+        assert lane.views(False, 0, (slot, layout), lambda: split(slot)) is first and len(made) == 1
+        assert lane.views(False, 0, (slot, object()), lambda: split(slot)) is not first  # another layout
+        other = lane.piece(False, 0, 0, 32, torch.float32)
+        assert lane.views(False, 0, (other, layout), lambda: split(other))[0].numel() == 4 and len(made) == 3
+    finally:
+        lane.close()
