@@ -147,6 +147,7 @@ class Sync(Policy):
         version = unit.clocks[rank]
         accum = unit.accums.get(version)
         if accum is None:
+            self._steps.check_new_step(unit, version, rank, step, self._active_workers())
             accum = unit.accums[version] = Accum(first=rank, first_step=step)
         else:
             self._steps.check_push(unit, version, accum.first, accum.first_step, rank, step)

@@ -52,6 +52,19 @@ class StepCheck:
         raise P.Rejected(P.CONFIG, f"worker {rank} pushed {state.describe()} in its step {step}, but worker "
                                    f"{first} pushed its sync step {version} in its step {first_step}: {_ADVICE}")
 
+    def check_new_step(self, state: BlockState, version: int, rank: int, step: int, others: Iterable[int]) -> None:
+        """``Rejected`` if ``rank``'s push opens sync step ``version`` of a block that a worker of
+        ``others`` will never push: it sent us a later step already (``went_on``'s case, where that
+        worker's later step came first)."""
+        if step < 0:
+            return
+        for worker in others:
+            latest = self._latest.get(worker, -1)
+            if worker != rank and latest > step and self._comparable(rank, worker):
+                raise P.Rejected(P.CONFIG, f"worker {rank} pushed {state.describe()} in its step {step} (sync step "
+                                           f"{version}), but worker {worker} went on to its step {latest} without "
+                                           f"pushing it: {_ADVICE}")
+
     def went_on(self, rank: int, step: int, waiting: Callable[[], Iterable[tuple[BlockState, int, int, int]]]
                 ) -> list[tuple[BlockState, str]]:
         """``rank`` sent us its step ``step``. ``waiting()`` gives the sync steps still waiting for it
