@@ -193,6 +193,18 @@ def test_error_feedback_loses_nothing_but_the_last_residual(make, n, steps, seed
     assert (total - raw).abs().max() <= bound
 
 
+@pytest.mark.parametrize("make", [lambda: C.TopK(0.1), lambda: C.RandomK(0.2, seed=3)], ids=["topk", "randomk"])
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**31 - 1))
+def test_a_sparse_codecs_residual_is_exactly_the_input_less_what_it_decodes_to(make, n, seed):
+    codec = make()
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    payload = codec.encode(x)
+    expected = x - codec.decode(payload, n)
+    got = codec.residual(x.clone(), payload)
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())  # bitwise, zeros too
+
+
 def test_error_feedback_sends_what_was_left_out_in_a_later_step():
     feedback = C.ErrorFeedback(C.TopK(0.5))
     first = feedback.codec.decode(feedback.encode("w", T([3.0, 1.0]), "w"), 2)
