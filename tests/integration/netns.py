@@ -34,6 +34,7 @@ removed by the next :func:`virtual_cluster` call or by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import json
@@ -251,14 +252,16 @@ def _kill_all_in(ns: str, grace: float = KILL_GRACE) -> None:
 _unavailable_cache: list[str | None] = []
 
 
-def netns_unavailable_reason() -> str | None:
-    """None if root + ``ip`` + ``sshd`` + ``ssh`` + namespace/veth/bridge
-    creation all work here, else a human-readable reason (for pytest.skip)."""
-    if _unavailable_cache:
-        return _unavailable_cache[0]
-    reason = _probe()
-    _unavailable_cache.append(reason)
-    return reason
+def netns_unavailable_reason(ssh: bool = True) -> str | None:
+    """None if root + ``ip`` + namespace/veth/bridge creation (and with ``ssh``, ``sshd`` and
+    ``ssh``) all work here, else a human-readable reason (for pytest.skip)."""
+    missing = [p for p in ("sshd", "ssh", "ssh-keygen") if ssh and not _which(p)]
+    if missing:
+        return ("missing programs: " + ", ".join(missing) +
+                " (apt-get install -y openssh-server openssh-client iproute2)")
+    if not _unavailable_cache:
+        _unavailable_cache.append(_probe())
+    return _unavailable_cache[0]
 
 
 def _probe() -> str | None:
@@ -266,10 +269,8 @@ def _probe() -> str | None:
         return f"network namespaces need Linux (this is {sys.platform})"
     if os.geteuid() != 0:
         return "network namespaces need root (euid is %d)" % os.geteuid()
-    missing = [p for p in ("ip", "sshd", "ssh", "ssh-keygen") if not _which(p)]
-    if missing:
-        return ("missing programs: " + ", ".join(missing) +
-                " (apt-get install -y openssh-server openssh-client iproute2)")
+    if not _which("ip"):
+        return "missing program: ip (apt-get install -y iproute2)"
     tag = secrets.token_hex(3)
     ns, br, va, vb = f"pshq-{tag}", f"pshqb-{tag}", f"pshqa-{tag}", f"pshqz-{tag}"
     try:
@@ -514,20 +515,20 @@ def _sigterm_as_keyboardinterrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _setup(n: int, tmp_path: Path, ssh_port: int, st: _State) -> VirtualCluster:
+def _setup(n: int, tmp_path: Path, ssh_port: int, st: _State, ssh: bool = True) -> VirtualCluster:
     cid = st.cid
     workdir = Path(tmp_path) / f"vcluster-{cid}"
     workdir.mkdir(mode=0o700, parents=True)
+    hosts, bridge_address, net = _network(n, ssh_port, st, workdir)
+    cluster = VirtualCluster(
+        hosts=tuple(hosts), ssh_config=workdir / "ssh_config", bridge_address=bridge_address,
+        cluster_id=cid, bridge=st.bridge, subnet=str(net))
+    return _with_sshd(cluster, st, workdir) if ssh else cluster
 
-    # keys (independent of the network; do them first)
-    host_key, user_key = workdir / "ssh_host_ed25519_key", workdir / "id_ed25519"
-    _keygen(host_key, f"psh-host-{cid}")
-    _keygen(user_key, f"psh-user-{cid}")
-    authorized_keys = workdir / "authorized_keys"
-    authorized_keys.write_text((workdir / "id_ed25519.pub").read_text())
-    authorized_keys.chmod(0o600)
-    SSHD_PRIV_SEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
 
+def _network(n: int, ssh_port: int, st: _State, workdir: Path) -> tuple[list[VirtualHost], str, ipaddress.IPv4Network]:
+    """The bridge, and n namespaces on it, each with its veth as eth0."""
+    cid = st.cid
     # bridge + subnet allocation, under the lock (so two runs never pick the
     # same /24) together with the cleanup of stale leftovers
     with _registry_lock():
@@ -561,9 +562,22 @@ def _setup(n: int, tmp_path: Path, ssh_port: int, st: _State) -> VirtualCluster:
         _ipcmd("-n", ns, "link", "set", "eth0", "up")
         _ipcmd("-n", ns, "route", "add", "default", "via", bridge_address)
         hosts.append(VirtualHost(name=ns, address=address, ssh_port=ssh_port))
+    return hosts, bridge_address, net
+
+
+def _with_sshd(cluster: VirtualCluster, st: _State, workdir: Path) -> VirtualCluster:
+    """Start an sshd in every host of ``cluster`` and log in to each once."""
+    cid, hosts = st.cid, cluster.hosts
+    host_key, user_key = workdir / "ssh_host_ed25519_key", workdir / "id_ed25519"
+    _keygen(host_key, f"psh-host-{cid}")
+    _keygen(user_key, f"psh-user-{cid}")
+    authorized_keys = workdir / "authorized_keys"
+    authorized_keys.write_text((workdir / "id_ed25519.pub").read_text())
+    authorized_keys.chmod(0o600)
+    SSHD_PRIV_SEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     # ssh client config
-    ssh_config = workdir / "ssh_config"
+    ssh_config = cluster.ssh_config
     parts = [_SSH_CONFIG_HEADER.format(cid=cid, path=ssh_config)]
     parts += [_SSH_CONFIG_HOST.format(name=h.name, address=h.address, port=h.ssh_port)
               for h in hosts]
@@ -590,10 +604,7 @@ def _setup(n: int, tmp_path: Path, ssh_port: int, st: _State) -> VirtualCluster:
     for h, sshd, lf in zip(hosts, st.sshds, logs):
         _wait_listening(h.address, h.ssh_port, sshd, lf, deadline)
 
-    cluster = VirtualCluster(
-        hosts=tuple(hosts), ssh_config=ssh_config, bridge_address=bridge_address,
-        cluster_id=cid, bridge=st.bridge, subnet=str(net),
-        sshd_pids=tuple(p.pid for p in st.sshds))
+    cluster = dataclasses.replace(cluster, sshd_pids=tuple(p.pid for p in st.sshds))
 
     # one real login per host, in parallel
     probes = [(h, subprocess.Popen(cluster.ssh_argv(h, "true"), stdin=subprocess.DEVNULL,
@@ -657,12 +668,13 @@ def _teardown(st: _State) -> list[str]:
 
 
 @contextmanager
-def virtual_cluster(n: int, tmp_path: Path, *, ssh_port: int = 22) -> Iterator[VirtualCluster]:
-    """Bring up n virtual hosts (namespaces with sshd) and tear them down on exit,
-    also when the body raises or is interrupted."""
+def virtual_cluster(n: int, tmp_path: Path, *, ssh_port: int = 22, ssh: bool = True) -> Iterator[VirtualCluster]:
+    """Bring up n virtual hosts (namespaces with sshd; without ``ssh``, no sshd: for jobs started
+    with ``run_in``/``popen_in``) and tear them down on exit, also when the body raises or is
+    interrupted."""
     if not 1 <= n <= MAX_HOSTS:
         raise ValueError(f"n must be in 1..{MAX_HOSTS}, got {n}")
-    reason = netns_unavailable_reason()
+    reason = netns_unavailable_reason(ssh)
     if reason:
         raise RuntimeError(f"virtual clusters unavailable: {reason}")
     st = _State(secrets.token_hex(3))
@@ -670,7 +682,7 @@ def virtual_cluster(n: int, tmp_path: Path, *, ssh_port: int = 22) -> Iterator[V
     t0 = time.monotonic()
     try:
         with _sigterm_as_keyboardinterrupt():
-            cluster = _setup(n, Path(tmp_path), ssh_port, st)
+            cluster = _setup(n, Path(tmp_path), ssh_port, st, ssh)
             log.info("virtual cluster %s (%d hosts) up in %.2fs", st.cid, n,
                      time.monotonic() - t0)
             try:

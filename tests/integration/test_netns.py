@@ -140,6 +140,25 @@ def test_ssh_runs_inside_the_right_namespace(tmp_path, monkeypatch):
         assert local_only is None, "ssh must not forward the local environment"
 
 
+def test_hosts_without_ssh_have_no_sshd_and_still_reach_each_other(tmp_path):
+    with virtual_cluster(2, tmp_path, ssh=False) as c:
+        h0, h1 = c.hosts
+        assert c.sshd_pids == () and not c.ssh_config.exists()
+        assert c.pids_in(h0) == [] and c.pids_in(h1) == []
+        listener = c.popen_in(h1, [sys.executable, "-c", LISTENER, h1.name], stdout=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True)
+        try:
+            port = int(listener.stdout.readline())
+            r = c.run_in(h0, [sys.executable, "-c", CLIENT, h1.address, str(port)], capture_output=True,
+                         text=True, timeout=15)
+            assert (r.returncode, r.stdout.strip()) == (0, f"{h1.name} {h0.address}"), r.stderr
+        finally:
+            listener.kill()
+            listener.wait(5)
+            listener.stdout.close()
+    _assert_gone(c, [listener.pid])
+
+
 def test_tcp_between_namespaces_and_root(tmp_path):
     with virtual_cluster(2, tmp_path) as c:
         h0, h1 = c.hosts
