@@ -13,7 +13,8 @@ no ``netem``, so no delay is added (see /work/shared/notes/slow-links.md).
 
 For each codec, one sync job: 2 workers train an MLP of 2.2 million parameters on scikit-learn's
 handwritten digits (``benchmarks/_compression_worker.py``) with ``ps.DistributedOptimizer`` and
-the codec (pulls are exact unless the codec's row says ``+bf16 pulls``). Measured: bytes per step
+the codec (pulls are exact unless the codec's row says ``+bf16 pulls`` or ``+int8 pulls``).
+Measured: bytes per step
 (the pushes as the servers received them, ``server_stats()["push_bytes"]``, per worker per step;
 and everything the workers' links carried both ways, from the hosts' interface counters, TCP and
 headers included, per worker per step), the median step time, time to ``--target-acc`` held-out
@@ -53,6 +54,8 @@ CODECS = {  # name -> (compression, pull_compression), as Python expressions of 
     "topk0.01": ("ps.compress.TopK(0.01)", "None"),
     "int8+bf16 pulls": ("ps.compress.Int8()", "ps.compress.BF16()"),
     "topk0.01+bf16 pulls": ("ps.compress.TopK(0.01)", "ps.compress.BF16()"),
+    "int8+int8 pulls": ("ps.compress.Int8()", "ps.compress.Int8()"),
+    "topk0.01+int8 pulls": ("ps.compress.TopK(0.01)", "ps.compress.Int8()"),
 }
 WORKER_HOSTS, SERVER_HOSTS = (0, 1), (2, 3)
 

@@ -58,7 +58,7 @@ class DistributedOptimizer:
     newest complete one is restored at start, and ``start_step`` says where to continue.
 
     ``compression``: a ``ps.compress`` codec for the pushed gradients, or a dict of name patterns
-    to codecs; ``pull_compression``: ``ps.compress.FP16()`` or ``BF16()`` for rounded pulls
+    to codecs; ``pull_compression``: ``ps.compress.FP16()``, ``BF16()`` or ``Int8()`` for rounded pulls
     (``Worker.register``). Error-feedback residuals are not in checkpoints: a resumed worker
     starts with none.
     """

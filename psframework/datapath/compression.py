@@ -22,12 +22,13 @@ from typing import Any, Optional, Union
 import torch
 
 from .. import protocol as P
-from ..compress import BF16, FP16, Codec, ErrorFeedback, from_wire, none
+from ..compress import BF16, FP16, Codec, ErrorFeedback, Int8, from_wire, none
 from ..config import NodeConfig
 from ..errors import ConfigError
 from ..sharding import Segment, TensorSpec
 
 CompressionArg = Union[None, Codec, Mapping[str, Codec]]
+PULL_CODECS = (FP16, BF16, Int8)  # roundings of values, with nothing to feed back
 
 
 class Compression:
@@ -103,9 +104,12 @@ def _match(patterns: list[tuple[str, Codec]], name: str) -> Optional[Codec]:
 
 
 def _check_pull(codec: Any) -> None:
-    if codec is not None and codec is not none and type(codec) not in (FP16, BF16):
-        raise ConfigError(f"pull_compression= takes ps.compress.FP16() or ps.compress.BF16(), got {codec!r}: "
-                          "pulls are rounded copies of the servers' values, with nothing to feed back")
+    if codec is None or codec is none:
+        return
+    if type(codec) not in PULL_CODECS or codec.error_feedback:
+        raise ConfigError(f"pull_compression= takes ps.compress.FP16(), BF16() or Int8() (without error "
+                          f"feedback), got {codec!r}: pulls are rounded copies of the servers' values, with "
+                          "nothing to feed back")
 
 
 _from_wire = functools.lru_cache(maxsize=256)(from_wire)  # decoding needs no state: one codec per name
@@ -124,8 +128,8 @@ def wire_codecs(names: list[str], count: int, what: str, dtype: str, pulls: bool
         codecs = [_from_wire(name) if name else None for name in names]
     except ValueError as exc:
         raise P.Rejected(P.BAD_REQUEST, f"{what}: {exc}") from None
-    if pulls and any(c is not None and type(c) not in (FP16, BF16) for c in codecs):
-        raise P.Rejected(P.BAD_REQUEST, f"{what}: pulls are rounded with fp16 or bf16 only")
+    if pulls and any(c is not None and type(c) not in PULL_CODECS for c in codecs):
+        raise P.Rejected(P.BAD_REQUEST, f"{what}: pulls are rounded with fp16, bf16 or int8 only")
     return codecs
 
 

@@ -341,7 +341,7 @@ class Server:
                 "waiting_reads": self.reads.waiting(),
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
-                "push_bytes": self.io.push_bytes,
+                "push_bytes": self.io.push_bytes, "pull_bytes": self.answers.pull_bytes,
                 **self.policy.counters()}
 
 

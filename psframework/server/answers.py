@@ -35,6 +35,7 @@ class Answers:
         self.policy, self.credits, self.rank = policy, credits, rank
         self.recorder, self.tracer = recorder or Recorder(), tracer or Tracer(None)
         self.rollback = 0  # the job's rollback epoch, named in every answer of values
+        self.pull_bytes = 0  # of the values answered, as sent (rounded pulls: their payloads)
 
     def ready(self, units: Iterable[Any]) -> None:
         """Answer the waiting pulls of these units that the policy now allows."""
@@ -70,7 +71,8 @@ class Answers:
         through_lane = pending.lane is not None
         values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=through_lane,
                           shared=through_lane and pending.shared and unit.shared, rollback=self.rollback)
-        nbytes = sum(unit.nbytes[i] for i in pending.segs)
+        nbytes = sum(unit.nbytes[i] if codec is None else codec.nbytes(unit.params[i].numel())
+                     for i, codec in pending.segment_codecs())
         self._count_pull(pending, nbytes)
         if pending.lane is not None:
             self.lanes.answer(unit, pending, values)
@@ -79,6 +81,7 @@ class Answers:
                              lambda on_sent: self.io.send_values(unit, pending, P.encode(values), on_sent))
 
     def _count_pull(self, pending: Any, nbytes: int) -> None:
+        self.pull_bytes += nbytes
         self.recorder.add("psframework_server_pull_bytes", nbytes)
         self.recorder.add("psframework_data_path_bytes", nbytes, label=path_of(pending.lane))
 

@@ -138,8 +138,8 @@ class HostIO(DeviceIO):
         return Pushed({i: views[i] for i in segs}, owned=False)
 
     def send_values(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
-        frames = [head] + [byte_view(_unchanging(state, i) if codec is None else codec.encode(state.params[i]))
-                           for i, codec in _with_codecs(pending)]
+        frames = [head] + [byte_view(_unchanging(state, i) if codec is None else state.encoded(i, codec))
+                           for i, codec in pending.segment_codecs()]
         tracker = self.data.send(frames, peer=pending.peer, track=True)
         if tracker is not None and not tracker.done and not state.shared:
             state.trackers.append(tracker)
@@ -284,8 +284,8 @@ class CudaIO(DeviceIO):
         """Rounded values: encoded on our stream into fresh pinned buffers, not the reply cache."""
         frames = [head]
         with torch.cuda.stream(self.stream):
-            for i, codec in _with_codecs(pending):
-                payload = state.params[i].view(torch.uint8) if codec is None else codec.encode(state.params[i])
+            for i, codec in pending.segment_codecs():
+                payload = state.params[i].view(torch.uint8) if codec is None else state.encoded(i, codec)
                 host = torch.empty(payload.numel(), dtype=torch.uint8, pin_memory=True)
                 host.copy_(payload, non_blocking=True)
                 frames.append(byte_view(host))
@@ -337,10 +337,6 @@ def _same_gpu(a: torch.device, b: torch.device) -> bool:
     index = torch.cuda.current_device
     return a.type == b.type == "cuda" and (a.index if a.index is not None else index()) == (
         b.index if b.index is not None else index())
-
-
-def _with_codecs(pending: Pending) -> list[tuple[int, Optional[Codec]]]:
-    return list(zip(pending.segs, pending.codecs or [None] * len(pending.segs)))
 
 
 def device_io(data: Socket, device: torch.device, tracer: Optional[Tracer] = None) -> DeviceIO:

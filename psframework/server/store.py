@@ -38,6 +38,10 @@ class Pending:
     shared: bool = False  # the worker reads the answer's values from our shared values, if the block is there
     reader: bool = False  # a reader's (``rank``: the reader): answered once the block's version is ``need_version``
 
+    def segment_codecs(self) -> list[tuple[int, Any]]:
+        """(segment, its codec in the answer or None) for each of ``segs``."""
+        return list(zip(self.segs, self.codecs or [None] * len(self.segs)))
+
 
 @dataclass
 class Pushed:
@@ -76,6 +80,8 @@ class BlockState:
     shared: bool = False  # ``flat`` lives in the server's shared values (``datapath/values.py``)
     scratch: Optional[torch.Tensor] = None  # where a sync step's gradients are summed, kept for the next step
     copied: Optional[tuple[int, dict]] = None  # shared values: (version, a copy of them by segment) for replies
+    # rounded pulls: (version, {(segment, codec's wire name): payload}), one encoding for every worker's pull
+    encodings: Optional[tuple[int, dict]] = None
 
     @property
     def key(self) -> int:
@@ -122,6 +128,7 @@ class BlockState:
         """The values changed outside an update (init, restore): the reply caches are stale."""
         self.staged = [-1] * len(self.staged)
         self.copied = None
+        self.encodings = None
 
     def version_copy(self) -> dict[int, torch.Tensor]:
         """The values by segment, copied once per version: what socket replies of shared values
@@ -130,6 +137,16 @@ class BlockState:
         if self.copied is None or self.copied[0] != self.version:
             self.copied = (self.version, self.split(self.flat.clone()))
         return self.copied[1]
+
+    def encoded(self, i: int, codec: Any) -> torch.Tensor:
+        """Segment ``i`` encoded with ``codec`` (a pull's rounding), once per version: the payload is
+        a fresh tensor that no update writes to, so every reply of the version may send it."""
+        if self.encodings is None or self.encodings[0] != self.version:
+            self.encodings = (self.version, {})
+        cache, key = self.encodings[1], (i, codec.wire)
+        if key not in cache:
+            cache[key] = codec.encode(self.params[i].reshape(-1))
+        return cache[key]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 import psframework as ps
 from psframework import protocol as P
-from psframework.compress import ErrorFeedback
+from psframework.compress import ErrorFeedback, payload_bytes
 from psframework.worker.requests import Future, Request
 from tests.integration import models
 
@@ -34,8 +34,7 @@ def reference(codec: str, steps: int, workers: int, segments: dict, pull: str = 
     per = models.BATCH // workers
     for step in range(steps):
         x, y = models.batch(step)
-        seen = {k: v if rounded is None else rounded.decode(rounded.encode(v.view(-1)), v.numel()).view(v.shape)
-                for k, v in params.items()}
+        seen = {k: v if rounded is None else _rounded(rounded, v, segments[k]) for k, v in params.items()}
         total: dict[str, torch.Tensor] = {}
         for rank in range(workers):
             leaves = {k: v.clone().requires_grad_(True) for k, v in seen.items()}
@@ -47,6 +46,13 @@ def reference(codec: str, steps: int, workers: int, segments: dict, pull: str = 
             p.grad = (total[name] * (1.0 / workers)).view(p.shape)
         opt.step()
     return params
+
+
+def _rounded(codec, values: torch.Tensor, segments: list) -> torch.Tensor:
+    """``values`` as a pull rounded with ``codec`` brings them: each segment encoded on its own."""
+    flat = values.reshape(-1)
+    return torch.cat([codec.decode(codec.encode(flat[offset:offset + n]), n)
+                      for offset, n in segments]).view(values.shape)
 
 
 def _through(feedback: ErrorFeedback, name: str, grad: torch.Tensor, segments: list) -> torch.Tensor:
@@ -85,15 +91,18 @@ def test_with_overlap_the_same(make_cluster, worker_procs, codec):
         _assert_same(got["params"], want)
 
 
-def test_rounded_pulls_train_on_rounded_copies_while_servers_keep_full_precision(make_cluster, worker_procs):
+@pytest.mark.parametrize("pull", ["ps.compress.FP16()", "ps.compress.Int8(block=100)"])
+def test_rounded_pulls_train_on_rounded_copies_while_servers_keep_full_precision(make_cluster, worker_procs, pull):
     cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK)
     results = worker_procs(cluster, "compressed_train", 2, env=ALL_ON_THE_WIRE, codec="None", steps=4,
-                           pull="ps.compress.FP16()").join()
-    servers = reference("None", 4, 2, results[0]["segments"], pull="ps.compress.FP16()")
+                           pull=pull).join()
+    segments, codec = results[0]["segments"], eval(pull, {"ps": ps})
+    servers = reference("None", 4, 2, segments, pull=pull)
+    rounded = {k: _rounded(codec, v, segments[k]) for k, v in servers.items()}
     for got in results:
-        # the workers hold the float16 rounding of the servers' full-precision values
-        _assert_same(got["params"], {k: v.half().float() for k, v in servers.items()})
-    assert not torch.equal(servers["W"], servers["W"].half().float())
+        # the workers hold the rounding of the servers' full-precision values, segment by segment
+        _assert_same(got["params"], rounded)
+    assert not torch.equal(servers["W"], rounded["W"])
 
 
 def test_async_with_a_codec_equals_one_process(make_cluster, worker_procs):
@@ -170,6 +179,15 @@ def test_bytes_per_push_match_the_codecs_formula(one_worker, codec):
     assert want < raw / 1.9 if not isinstance(codec, (ps.compress.TopK, ps.compress.RandomK)) else want < raw / 40
 
 
+@pytest.mark.parametrize("codec", [None, ps.compress.FP16(), ps.compress.BF16(), ps.compress.Int8()], ids=repr)
+def test_bytes_per_pull_match_the_codecs_formula(one_worker, codec):
+    worker, params = one_worker({"PS_SHM": "0"}, pull_compression=codec)
+    before = sum(s["pull_bytes"] for s in worker.server_stats())
+    worker.pull(params).wait(timeout=30)
+    want = sum(payload_bytes(codec, seg.numel) for name in ("big", "odd") for _, seg in worker.shard_map.segments_of(name))
+    assert sum(s["pull_bytes"] for s in worker.server_stats()) - before == want + 40  # "small" comes as it is
+
+
 def test_patterns_pick_codecs_and_none_keeps_a_tensor_exact(one_worker):
     worker, params = one_worker({"PS_SHM": "0"}, compression={"odd": ps.compress.none, "b*": ps.compress.TopK(0.01),
                                                               "*": ps.compress.FP16()})
@@ -225,8 +243,9 @@ def test_bad_compression_is_a_clear_error_before_anything_is_sent(one_worker, co
 
 def test_bad_pull_compression_and_bad_ratios_are_clear_errors(one_worker):
     worker, params = one_worker({})
-    with pytest.raises(ps.ConfigError, match="pull_compression= takes ps.compress.FP16"):
-        worker.register(params, optimizer=ps.optim.SGD(lr=0.1), pull_compression=ps.compress.TopK(0.1))
+    for pull in (ps.compress.TopK(0.1), ps.compress.Int8(error_feedback=True)):
+        with pytest.raises(ps.ConfigError, match=r"pull_compression= takes ps.compress.FP16\(\), BF16\(\) or Int8"):
+            worker.register(params, optimizer=ps.optim.SGD(lr=0.1), pull_compression=pull)
     with pytest.raises(ps.ConfigError, match=r"TopK\(ratio=2\): ratio must be a number in \(0, 1\]"):
         ps.compress.TopK(2)
 
@@ -257,4 +276,6 @@ def test_the_server_refuses_unknown_codecs_and_frames_of_the_wrong_size(one_work
         _request(worker, P.Push(req=worker.client.next_id(), codecs=["int8/256"], **push), [bytes(size - 1)])
     with pytest.raises(ps.BadRequestError, match="1 codecs for 2 segments|codecs only"):
         _request(worker, P.Pull(req=worker.client.next_id(), codecs=["int8/256"], **push), [])
+    with pytest.raises(ps.BadRequestError, match="pulls are rounded with fp16, bf16 or int8 only"):
+        _request(worker, P.Pull(req=worker.client.next_id(), pull_codecs=["topk/0.1"], **push), [])
     _request(worker, P.Push(req=worker.client.next_id(), codecs=["int8/256"], **push), [bytes(size)])  # still serving

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from psframework.server.store import _distinct_totals
+from psframework.compress import BF16, Int8
+from psframework.server.store import BlockState, _distinct_totals
 
 
 def test_adds_go_in_batches_that_never_add_to_one_tensor_twice_in_their_order():
@@ -21,3 +22,21 @@ def test_adds_go_in_batches_that_never_add_to_one_tensor_twice_in_their_order():
         torch._foreach_add_([t for t, _ in batch], [x for _, x in batch])
     assert torch.equal(a, torch.full((3,), 7.0)) and torch.equal(b, torch.full((3,), 5.0))
     assert _distinct_totals([]) == []
+
+
+def test_a_pulls_rounding_is_encoded_once_per_version():
+    flat = torch.randn(700)
+    state = BlockState(block=None, flat=flat, params=[flat[:300], flat[300:]], first_param=0, nbytes=[1200, 1600],
+                       clocks=[0])
+    int8 = Int8(block=100)
+    first = state.encoded(1, int8)
+    assert state.encoded(1, int8) is first  # every worker's pull of this version sends the one payload
+    assert torch.equal(first, int8.encode(flat[300:]))
+    assert state.encoded(0, int8) is not first and state.encoded(1, BF16()) is not first
+    flat.add_(1.0)
+    state.version += 1  # an update
+    again = state.encoded(1, int8)
+    assert again is not first and torch.equal(again, int8.encode(flat[300:]))
+    flat.mul_(2.0)
+    state.forget_staged()  # values written outside an update: init, restore
+    assert torch.equal(state.encoded(1, int8), int8.encode(flat[300:]))
