@@ -8,8 +8,9 @@ them for the multi-host tests): the scheduler and worker 0 on host 0, worker 1 o
 on host 2 and server 1 on host 3, so every push and pull crosses a link (``PS_SHM=0``: the
 namespaces share memory, and the servers would otherwise map the workers' lanes). Each host's link is
 limited with ``tc ... tbf`` on both ends of its veth pair to ``--rates`` (e.g. 1gbit, 10gbit): each
-direction of each host's link at that rate, like a host with one NIC on a switch. The kernel here has
-no ``netem``, so no delay is added (see /work/shared/notes/slow-links.md).
+direction of each host's link at that rate, like a host with one NIC on a switch. ``10gbit@0.2ms``
+also delays each packet by 0.2 ms each way, with ``netem``, which the 2-vCPU machine's kernel lacks
+(see /work/shared/notes/slow-links.md).
 
 For each codec, one sync job: 2 workers train an MLP of 2.2 million parameters on scikit-learn's
 handwritten digits (``benchmarks/_compression_worker.py``) with ``ps.DistributedOptimizer`` and
@@ -61,14 +62,27 @@ WORKER_HOSTS, SERVER_HOSTS = (0, 1), (2, 3)
 
 
 def limit_links(cluster, rate: str) -> None:
-    """``tbf`` at ``rate`` on both ends of every host's veth pair (each direction of each link)."""
+    """``tbf`` at ``rate`` on both ends of every host's veth pair (each direction of each link); a rate
+    written ``RATE@DELAY`` (``10gbit@0.2ms``) puts the tbf under a ``netem`` that delays each packet."""
+    rate, _, delay = rate.partition("@")
+    tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "20ms"]
+    shapes = ([["root", "handle", "1:", "netem", "delay", delay], ["parent", "1:1", "handle", "10:", *tbf]]
+              if delay else [["root", *tbf]])
     for i, host in enumerate(cluster.hosts):
-        shape = ["tc", "qdisc", "replace", "dev", "{}", "root", "tbf", "rate", rate, "burst", "256kb",
-                 "latency", "20ms"]
-        inside = [a.replace("{}", "eth0") for a in shape]
-        cluster.run_in(host, inside, check=True)
-        outside = [a.replace("{}", f"{vnet.PREFIX}v{i}-{cluster.cluster_id}") for a in shape]
-        subprocess.run(outside, check=True)
+        for where, dev in ((host, "eth0"), (None, f"{vnet.PREFIX}v{i}-{cluster.cluster_id}")):
+            _tc(cluster, where, ["qdisc", "del", "dev", dev, "root"], check=False)  # the last rate's
+            for shape in shapes:
+                _tc(cluster, where, ["qdisc", "add", "dev", dev, *shape])
+
+
+def _tc(cluster, host, args: list[str], check: bool = True) -> None:
+    """``tc args`` in ``host``'s namespace (None: outside, on the bridge's side)."""
+    argv = ["tc", *args]
+    done = (subprocess.run(argv, capture_output=True, text=True) if host is None
+            else cluster.run_in(host, argv, capture_output=True, text=True))
+    if check and done.returncode:
+        raise click.ClickException(f"{' '.join(argv)} failed: {done.stderr.strip()} (a delay needs the "
+                                   "kernel's netem, sch_netem)")
 
 
 def link_bytes(cluster, host) -> int:
@@ -202,7 +216,8 @@ def plot(results: dict, path: Path, target: float) -> None:
 
 
 @click.command()
-@click.option("--rates", default="1gbit,10gbit", help="link rates (tc tbf syntax), comma-separated")
+@click.option("--rates", default="1gbit,10gbit", help="link rates (tc tbf syntax), comma-separated; RATE@DELAY "
+              "(10gbit@0.2ms) also delays each packet (needs the kernel's netem)")
 @click.option("--codecs", default=",".join(CODECS), help="codecs to run, comma-separated (see CODECS)")
 @click.option("--steps", default=300, help="steps per worker")
 @click.option("--batch", default=64)
