@@ -58,6 +58,50 @@ def test_a_codecs_row_is_the_median_of_its_runs_and_reached_only_if_most_runs_re
 @pytest.mark.netns
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+class _Shaped:
+    """A cluster of two hosts that records the tc commands run in and outside its namespaces."""
+
+    cluster_id = "c1"
+
+    def __init__(self, fails: bool = False):
+        self.hosts, self.commands, self.fails = ["h0", "h1"], [], fails
+
+    def run_in(self, host, argv, **kw):
+        return self.run([f"in {host}:", *argv])
+
+    def run(self, argv, **kw):
+        self.commands.append(" ".join(argv))
+        failed = self.fails and "netem" in argv
+        return subprocess.CompletedProcess(argv, 2 if failed else 0, "", "Specified qdisc kind is unknown.")
+
+
+def test_a_rate_with_a_delay_puts_each_links_tbf_under_a_netem(monkeypatch):
+    import click
+
+    from benchmarks import compression
+
+    cluster = _Shaped()
+    monkeypatch.setattr(compression.subprocess, "run", cluster.run)
+    compression.limit_links(cluster, "10gbit@0.2ms")
+    tbf = "tbf rate 10gbit burst 256kb latency 20ms"
+    outside = f"{vnet.PREFIX}v1-c1"
+    assert cluster.commands[-6:] == [
+        "in h1: tc qdisc del dev eth0 root", "in h1: tc qdisc add dev eth0 root handle 1: netem delay 0.2ms",
+        f"in h1: tc qdisc add dev eth0 parent 1:1 handle 10: {tbf}", f"tc qdisc del dev {outside} root",
+        f"tc qdisc add dev {outside} root handle 1: netem delay 0.2ms",
+        f"tc qdisc add dev {outside} parent 1:1 handle 10: {tbf}"]
+    assert len(cluster.commands) == 12  # both ends of both hosts' links
+    cluster.commands.clear()
+    compression.limit_links(cluster, "1gbit")
+    assert cluster.commands[:2] == ["in h0: tc qdisc del dev eth0 root",
+                                    "in h0: tc qdisc add dev eth0 root tbf rate 1gbit burst 256kb latency 20ms"]
+
+    no_netem = _Shaped(fails=True)
+    monkeypatch.setattr(compression.subprocess, "run", no_netem.run)
+    with pytest.raises(click.ClickException, match="netem delay 0.2ms failed: Specified qdisc kind is unknown"):
+        compression.limit_links(no_netem, "10gbit@0.2ms")
+
+
 def test_quick_run(tmp_path):
     reason = vnet.netns_unavailable_reason(ssh=False)
     if reason:
