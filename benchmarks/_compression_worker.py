@@ -101,5 +101,6 @@ class Snapshots:
                 out.append((at, step, (net(x).argmax(1) == y).float().mean().item()))
         return out
 
+
 if __name__ == "__main__":
     main(sys.argv[1], json.loads(sys.argv[2]))
