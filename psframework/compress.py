@@ -263,7 +263,7 @@ class TopK(_Sparse):
         k = self.k(x.numel())
         if x.is_cuda or x.numel() < _SAMPLED:
             return x.abs().topk(k, sorted=False).indices
-        return torch.from_numpy(_top_k_on_cpu(x.numpy(), k))
+        return torch.from_numpy(_top_k_on_cpu(x.detach().numpy(), k))
 
 
 def _top_k_on_cpu(x: np.ndarray, k: int) -> np.ndarray:
