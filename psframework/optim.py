@@ -233,6 +233,20 @@ class SparseAdam(OptimizerSpec):
 _SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad, RowWiseAdagrad, SparseAdam)}
 
 
+
+def _adam_fits_fused_call(group: dict) -> bool:
+    """Whether torch's fused Adam kernel, called directly, applies this group's rule."""
+    return not (group["amsgrad"] or group.get("decoupled_weight_decay") or group["capturable"])
+
+
+def _call_fused_adam(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, group: dict,
+                     divisor: Optional[torch.Tensor]) -> None:
+    """torch's fused Adam kernel as torch's step() calls it (the step counts already advanced)."""
+    beta1, beta2 = group["betas"]
+    torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                       beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                       grad_scale=divisor, found_inf=None)
+
 class _UnevenSteps(Exception):
     """Adam's step counts of a run's params differ (some stepped alone): it cannot step as one."""
 
@@ -384,18 +398,14 @@ class ShardOptimizer:
             run = self._make_run(first, count, flat, keys)
             if run is None:
                 return False
-        group = self.opt.param_groups[0]
         divisor = self._divisor(scale, flat.device) if scale != 1.0 else None
         if type(self.opt) is torch.optim.SGD:
-            torch._fused_sgd_([flat], [grad], run.flats("momentum_buffer"), **self._sgd_rule(), is_first_step=False,
-                              grad_scale=divisor, found_inf=None)
+            self._call_fused_sgd([flat], [grad], run.flats("momentum_buffer"), divisor)
             self._count_steps(run.params)
             return True
         torch._foreach_add_(run.steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_([flat], [grad], run.flats("exp_avg"), run.flats("exp_avg_sq"), [], run.steps[:1],
-                           amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                           eps=group["eps"], maximize=group["maximize"], grad_scale=divisor, found_inf=None)
+        _call_fused_adam([flat], [grad], run.flats("exp_avg"), run.flats("exp_avg_sq"), run.steps[:1],
+                         self.opt.param_groups[0], divisor)
         return True
 
     def _make_run(self, first: int, count: int, flat: torch.Tensor, keys: tuple[str, ...]) -> Optional["_Run"]:
@@ -426,8 +436,7 @@ class ShardOptimizer:
         group = self.opt.param_groups[0]
         if type(self.opt) is torch.optim.SGD:
             return ("momentum_buffer",) if group["momentum"] else ()
-        if type(self.opt) is torch.optim.Adam and not (group["amsgrad"] or group.get("decoupled_weight_decay")
-                                                       or group["capturable"]):
+        if type(self.opt) is torch.optim.Adam and _adam_fits_fused_call(group):
             return ("exp_avg", "exp_avg_sq")
         return None
 
@@ -492,22 +501,22 @@ class ShardOptimizer:
         buffers = [self.opt.state.get(p, {}).get("momentum_buffer") for p in stepped] if group["momentum"] else []
         if any(buffer is None for buffer in buffers):
             return False
-        torch._fused_sgd_(stepped, [p.grad for p in stepped], buffers, **self._sgd_rule(), is_first_step=False,
-                          grad_scale=divisor, found_inf=None)
+        self._call_fused_sgd(stepped, [p.grad for p in stepped], buffers, divisor)
         return True
+
+    def _call_fused_sgd(self, params: list, grads: list, buffers: list, divisor: Optional[torch.Tensor]) -> None:
+        torch._fused_sgd_(params, grads, buffers, **self._sgd_rule(), is_first_step=False, grad_scale=divisor,
+                          found_inf=None)
 
     def _fused_adam(self, stepped: list[torch.Tensor], group: dict, divisor: Optional[torch.Tensor]) -> bool:
         states = [self.opt.state.get(p, {}) for p in stepped]
-        if not all({"step", "exp_avg", "exp_avg_sq"} <= state.keys() for state in states) or group["amsgrad"] \
-                or group.get("decoupled_weight_decay") or group["capturable"]:
+        if not all({"step", "exp_avg", "exp_avg_sq"} <= state.keys() for state in states) or \
+                not _adam_fits_fused_call(group):
             return False  # torch's step() makes a first step's state, or refuses what it cannot use
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(stepped, [p.grad for p in stepped], [state["exp_avg"] for state in states],
-                           [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False, lr=group["lr"],
-                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                           maximize=group["maximize"], grad_scale=divisor, found_inf=None)
+        _call_fused_adam(stepped, [p.grad for p in stepped], [state["exp_avg"] for state in states],
+                         [state["exp_avg_sq"] for state in states], steps, group, divisor)
         return True
 
     def _tile_scratch(self, dtype: torch.dtype) -> torch.Tensor:
