@@ -233,7 +233,6 @@ class SparseAdam(OptimizerSpec):
 _SPECS: dict[str, type[OptimizerSpec]] = {cls.name: cls for cls in (SGD, Adam, Adagrad, RowWiseAdagrad, SparseAdam)}
 
 
-
 def _adam_fits_fused_call(group: dict) -> bool:
     """Whether torch's fused Adam kernel, called directly, applies this group's rule."""
     return not (group["amsgrad"] or group.get("decoupled_weight_decay") or group["capturable"])
@@ -246,6 +245,7 @@ def _call_fused_adam(params: list, grads: list, exp_avgs: list, exp_avg_sqs: lis
     torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                        grad_scale=divisor, found_inf=None)
+
 
 class _UnevenSteps(Exception):
     """Adam's step counts of a run's params differ (some stepped alone): it cannot step as one."""

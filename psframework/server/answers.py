@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 from .. import protocol as P
+from ..compress import payload_bytes
 from ..metrics import Recorder
 from ..trace import Tracer
 from ..transport import Socket
@@ -71,7 +72,7 @@ class Answers:
         through_lane = pending.lane is not None
         values = P.Values(req=pending.req, version=unit.version, min_clock=min(unit.clocks), shm=through_lane,
                           shared=through_lane and pending.shared and unit.shared, rollback=self.rollback)
-        nbytes = sum(unit.nbytes[i] if codec is None else codec.nbytes(unit.params[i].numel())
+        nbytes = sum(payload_bytes(codec, unit.params[i].numel(), unit.params[i].element_size())
                      for i, codec in pending.segment_codecs())
         self._count_pull(pending, nbytes)
         if pending.lane is not None:

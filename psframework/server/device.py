@@ -281,7 +281,8 @@ class CudaIO(DeviceIO):
         self._queue(self._work_so_far(), pending.peer, frames, state, on_sent)
 
     def _send_encoded(self, state: BlockState, pending: Pending, head: bytes, on_sent: OnSent) -> None:
-        """Rounded values: encoded on our stream into fresh pinned buffers, not the reply cache."""
+        """Rounded values: encoded on our stream once per version (``BlockState.encoded``), copied into
+        fresh pinned buffers, not the reply cache."""
         frames = [head]
         with torch.cuda.stream(self.stream):
             for i, codec in pending.segment_codecs():
