@@ -349,7 +349,11 @@ class ErrorFeedback:
         if not self.codec.error_feedback:
             return self._checked(self.codec.encode(x), name)
         residual = self.residuals.get(key)
-        corrected = residual.add_(x) if residual is not None else x.clone()  # the residual is ours to reuse
+        if residual is None or isinstance(self.codec, FP16):
+            # FP16 may refuse the sum (beyond its range), and the residual must then stay as it was
+            corrected = x.clone() if residual is None else residual + x
+        else:
+            corrected = residual.add_(x)  # the residual is ours to reuse
         payload = self._checked(self.codec.encode(corrected), name)
         self.residuals[key] = self.codec.residual(corrected, payload)
         return payload

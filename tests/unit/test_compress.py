@@ -141,6 +141,19 @@ def test_fp16_overflow_is_an_error_that_suggests_bf16():
         C.ErrorFeedback(C.FP16()).encode("w", T([1e6]), "w")
 
 
+def test_a_refused_push_leaves_the_error_feedback_residual_as_it_was():
+    """FP16 with error feedback refuses a sum beyond its range: that push did not happen, so the
+    next one carries the residual from before it, not the refused gradient."""
+    feedback = C.ErrorFeedback(C.FP16(error_feedback=True))
+    feedback.encode("w", T([1.0 + 2 ** -12, 3.0]), "w")  # float16 loses 2**-12: the residual keeps it
+    before = feedback.residuals["w"].clone()
+    with pytest.raises(ps.ConfigError, match="beyond float16's range"):
+        feedback.encode("w", T([1e6, 1.0]), "w")
+    assert torch.equal(feedback.residuals["w"], before)
+    payload = feedback.encode("w", T([2.0 ** -12, 0.0]), "w")
+    exact(C.FP16().decode(payload, 2), [2.0 ** -11, 0.0])  # the residual and the new gradient, nothing more
+
+
 @pytest.mark.parametrize("make,word", [
     (lambda: C.TopK(0), "ratio"), (lambda: C.TopK(1.5), "ratio"), (lambda: C.TopK("0.1"), "ratio"),
     (lambda: C.RandomK(-0.1), "ratio"), (lambda: C.RandomK(0.1, seed=1.5), "seed"),
