@@ -33,10 +33,11 @@ from .staging import DeviceStaging
 
 log = logging.getLogger("psframework.worker")
 
-def _traced(tracer: Tracer, exchange: Exchange, step: int) -> Exchange:
-    """Trace an exchange from its start until every answer is in (``trace.py``)."""
+
+def _traced(tracer: Tracer, started: float, exchange: Exchange, step: int) -> Exchange:
+    """Trace an exchange from ``started`` (before it was built) until every answer is in (``trace.py``)."""
     if tracer.wants(step):
-        started, name = tracer.now_us(), exchange.op.__name__
+        name = exchange.op.__name__
         exchange.future.on_complete(lambda: tracer.complete(name, started, "exchange", step=step))
     return exchange
 
@@ -227,8 +228,8 @@ class Worker:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
         step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
-        return _traced(self.tracer, Exchange(self, op, names, dests, step=step, after_caller=after_caller,
-                                             epoch=epoch), self.steps)
+        return _traced(self.tracer, self.tracer.now_us(), Exchange(self, op, names, dests, step=step,
+                                                                   after_caller=after_caller, epoch=epoch), self.steps)
 
     def next_push_step(self) -> int:
         """The number of the pushing step that starts now (see server/steps.py)."""
