@@ -50,8 +50,7 @@ from .store import DenseStore
 
 log = logging.getLogger("psframework.server")
 
-_DEVICE_SPIN = 0.002  # seconds of looking at the device without a pause while answers wait for it
-_DEVICE_POLL = 20e-6  # then seconds between looks (a sleep this short takes 60-80 us)
+_DEVICE_POLL = 20e-6  # seconds between looks at the device while answers wait for it
 _CREDIT_POLL = 0.005  # seconds between looks at the sends that deferred answers wait for
 
 
@@ -195,14 +194,13 @@ class Server:
         done, until a request comes in or nothing waits (at most one poll slice). Blocking on the
         device instead would hold back the next request, whose upload could run beside the
         copies that the answers wait for."""
-        started = time.monotonic()
-        while self._waiting and (now := time.monotonic()) < started + POLL_SLICE:
+        deadline = time.monotonic() + POLL_SLICE
+        while self._waiting and time.monotonic() < deadline:
             self._apply_due()
             self.io.flush(wait=False)
             if self.transport.poll([self.data], 0):
                 return
-            if now - started > _DEVICE_SPIN:
-                time.sleep(_DEVICE_POLL)
+            time.sleep(_DEVICE_POLL)
         self.io.flush(wait=False)
 
     def _drain_data(self) -> None:
