@@ -140,8 +140,8 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
                 worker.register({f"t{m}": torch.zeros(m * MiB // 4, device=device) for m in sizes_mib},
                                 optimizer=ps.optim.SGD(lr=1e-6))
                 for row, mib in zip(rows, sizes_mib):
-                    seconds = _round_trip_seconds(worker, mib, device, repeats if mib < 256 else max(3, repeats // 2),
-                                                  warmup)
+                    seconds = statistics.median(round_trip_times(
+                        worker, mib, device, repeats if mib < 256 else max(3, repeats // 2), warmup))
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
     os.environ.pop("PS_CUDA_IPC")
@@ -150,7 +150,10 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
     return rows
 
 
-def _round_trip_seconds(worker, mib: int, device: str, repeats: int, warmup: int) -> float:
+def round_trip_times(worker, mib: int, device: str, repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of ``repeats`` timed ``push_pull(grads, into=params).wait()`` of the key
+    ``t{mib}`` (``mib`` MiB of float32, registered by the caller), after ``warmup`` untimed ones;
+    on a GPU each ends after ``torch.cuda.synchronize()``, so the copies out are included."""
     params = {f"t{mib}": torch.zeros(mib * MiB // 4, device=device)}
     grads = {f"t{mib}": torch.randn(mib * MiB // 4, device=device)}
 
@@ -166,7 +169,7 @@ def _round_trip_seconds(worker, mib: int, device: str, repeats: int, warmup: int
         start = time.perf_counter()
         round_trip()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 # ------------------------------------------------------------------------------------------ 3. end to end

@@ -23,34 +23,29 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
-import torch
 
-import psframework as ps
-from psframework.trace import merge
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: benchmarks/gpu.py is importable
+    sys.path.insert(0, str(ROOT))
 
-MiB = 1 << 20
+import torch  # noqa: E402
+
+import psframework as ps  # noqa: E402
+from benchmarks.gpu import MiB, round_trip_times  # noqa: E402
+from psframework.trace import merge  # noqa: E402
 
 
 def _round_trips(mib: int, chunk_mib: int, device: str, rounds: int, trace_dir=None) -> list[float]:
-    numel = mib * MiB // 4
     with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=device,
                          chunk_bytes=chunk_mib * MiB if chunk_mib else None, trace_dir=trace_dir) as cluster:
         with ps.init(scheduler=cluster.scheduler) as worker:
-            worker.register({"t": torch.zeros(numel, device=device)}, optimizer=ps.optim.SGD(lr=1e-6))
-            params, grads = {"t": torch.zeros(numel, device=device)}, {"t": torch.randn(numel, device=device)}
-            times = []
-            for _ in range(rounds + 5):
-                start = time.perf_counter()
-                worker.push_pull(grads, into=params).wait(timeout=120)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-    return times[5:]
+            worker.register({f"t{mib}": torch.zeros(mib * MiB // 4, device=device)}, optimizer=ps.optim.SGD(lr=1e-6))
+            return round_trip_times(worker, mib, device, rounds, warmup=5)
 
 
 def _timeline(trace_dir: str, show: int) -> list[str]:
