@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 8  # 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 9  # 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -365,10 +365,13 @@ class Ack(Message, tag="ack"):
 
 class Attached(Message, tag="attached"):
     """A server mapped a worker's lane; ``values``, if not empty: where the worker may map the
-    server's block values (``datapath/values.py``), with the token at their start."""
+    server's block values (``datapath/values.py``), with the token at their start. For a device
+    lane, ``events``: the handles of the interprocess events the server records once a block's
+    values are in its pull slot, by block id in ascending order (``datapath/cuda_ipc.py``)."""
     req: int
     values: str = ""
     token: bytes = b""
+    events: list[bytes] = []
 
 
 class Values(Message, tag="values"):

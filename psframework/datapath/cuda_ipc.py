@@ -8,13 +8,15 @@ its gradients into the push slot device to device, the server copies them out on
 its new values into the pull slot, device to device (peer to peer where the two GPUs differ), and
 the socket carries only headers.
 
-Ordering is by CUDA events that each side records after its own copies and waits for on the host
-before it sends the header that tells the other side to read: the worker sends a push once the
-event of its copy into the push slot has completed, the server answers once the event of its copy
-into the pull slot has completed (the same rule as for lanes in host memory). No side ever queues a
-wait for the other process's events on its streams, so a peer that dies or is stopped can never
-leave a stream of ours waiting for work that will not come; the price is the few microseconds
-between a copy's end and the host seeing it.
+Ordering of the values is by CUDA events shared between the processes: the server makes one
+interprocess event per block when it maps the lane and sends their handles with its answer to the
+lane (``Attached.events``); it records a block's event on its stream after queuing the copy of the
+values into the pull slot and answers at once, so the answer travels while the device works. The
+worker then waits on the host for that event (``wait_for_peer``, with a liveness check of the job
+and a deadline) before it queues its copy out of the pull slot. No side ever queues a wait for the
+other process's event on its streams: a peer killed with work in flight leaves its events
+incomplete for ever, and a stream of ours waiting for one could never be freed. The gradients go
+the other way as before: the worker sends a push once its copy into the push slot has completed.
 
 A worker offers a device lane only to servers that took its shared-memory lane (which shows they
 are on its host) and only where its tensors are on a GPU; the handle travels, with a random token
@@ -27,15 +29,19 @@ device lanes off.
 from __future__ import annotations
 
 import secrets
-from typing import Iterable
+import time
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from .. import protocol as P
-from ..errors import ConfigError
+from ..errors import ConfigError, PSError, PSTimeoutError
 from .lane import TOKEN_BYTES, Slots, lane_layout
 
 HEADER_BYTES = 512  # the token, then aligned areas
+PEER_EVENT_DEADLINE = 60.0  # seconds a worker waits for a live server's device work on one block
+_LIVENESS_EVERY = 0.05  # seconds between checks that the job's nodes live, while waiting for an event
+_SPIN = 0.002  # seconds of waiting for an event without pausing (device work takes microseconds)
 
 
 class DeviceLane(Slots):
@@ -44,6 +50,11 @@ class DeviceLane(Slots):
     on_device = True
     pinned = True
     _base = HEADER_BYTES
+
+    def __init__(self, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int):
+        super().__init__(memory, offsets, area_bytes)
+        # by block: the server records it once the block's values are in the pull slot
+        self.written: dict[int, torch.cuda.Event] = {}
 
     @classmethod
     def create(cls, device: torch.device, blocks: Iterable[tuple[int, int]]) -> "DeviceLane":
@@ -83,6 +94,35 @@ class DeviceLane(Slots):
             raise ConfigError(f"device lane of worker {message.rank} holds another token")
         return lane
 
+    def make_events(self, device: torch.device) -> list[bytes]:
+        """The server's side: one interprocess event per block; their handles, by block id in
+        ascending order, for the worker."""
+        with torch.cuda.device(device):
+            self.written = {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(self.offsets)}
+            return [bytes(event.ipc_handle()) for event in self.written.values()]
+
+    def open_events(self, handles: list[bytes], server: int) -> None:
+        """The worker's side: open the server's events (``make_events``), once."""
+        if len(handles) != len(self.offsets):
+            raise ConfigError(f"server {server} sent {len(handles)} events for a device lane of "
+                              f"{len(self.offsets)} blocks")
+        device = self.memory.device
+        self.written = {block_id: torch.cuda.Event.from_ipc_handle(device, handle)
+                        for block_id, handle in zip(sorted(self.offsets), handles)}
+
+    def wait_written(self, block_id: int, alive: Callable[[], None], server: int) -> Optional[PSError]:
+        """Wait until the server's values of ``block_id`` are in the pull slot; the error instead, if
+        the server has no event for it, or dies or takes more than PEER_EVENT_DEADLINE."""
+        event = self.written.get(block_id)
+        if event is None:
+            return PSError(f"device lane to server {server}: no event for block {block_id} (the server's "
+                           "answer to the lane named none); restart the job")
+        try:
+            wait_for_peer(event, alive, f"server {server}'s values of block {block_id}")
+        except PSError as exc:
+            return exc
+        return None
+
     @property
     def token(self) -> bytes:
         return bytes(self.memory[:TOKEN_BYTES].cpu().numpy())
@@ -94,7 +134,35 @@ class DeviceLane(Slots):
         return True  # device memory
 
     def close(self) -> None:
+        self.written = {}
         self.forget_memory()
 
 
-__all__ = ["HEADER_BYTES", "DeviceLane"]
+def wait_for_peer(event: torch.cuda.Event, alive: Callable[[], None], what: str,
+                  deadline: float = PEER_EVENT_DEADLINE) -> None:
+    """Wait on the host until ``event``, recorded by another process, has completed: spinning at
+    first, then pausing between looks; ``alive()`` raises if the peer is gone (checked every
+    ``_LIVENESS_EVERY``); PSTimeoutError once ``deadline`` seconds have passed."""
+    started = time.monotonic()
+    next_check = started + _LIVENESS_EVERY
+    while not _completed(event, what):
+        now = time.monotonic()
+        if now < started + _SPIN:
+            continue
+        if now >= next_check:
+            alive()
+            next_check = now + _LIVENESS_EVERY
+            if now - started > deadline:
+                raise PSTimeoutError(f"{what}: the device work has not finished in {deadline:.0f} s; the GPU "
+                                     "may be hung (see nvidia-smi)")
+        time.sleep(20e-6)
+
+
+def _completed(event: torch.cuda.Event, what: str) -> bool:
+    try:
+        return event.query()
+    except RuntimeError as exc:  # the CUDA error of a context that went away
+        raise PSError(f"{what}: its event failed ({exc})") from None
+
+
+__all__ = ["HEADER_BYTES", "PEER_EVENT_DEADLINE", "DeviceLane", "wait_for_peer"]

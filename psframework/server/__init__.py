@@ -324,11 +324,12 @@ class Server:
         elif isinstance(message, (P.Attach, P.AttachDevice)):
             self.data.skip_rest()
             blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
-            attach = self.lanes.attach if isinstance(message, P.Attach) else self.lanes.attach_device
-            attach(message, blocks, self.membership.num_workers, self.membership.rank)
-            reply = (self.lanes.attached(message.req, self.store, self.policy.shares_values, self.membership.rank)
-                     if isinstance(message, P.Attach) else P.Ack(req=message.req))
-            self._send(peer, reply)
+            workers, rank = self.membership.num_workers, self.membership.rank
+            if isinstance(message, P.AttachDevice):
+                self._send(peer, self.lanes.attach_device(message, blocks, workers, rank))
+                return
+            self.lanes.attach(message, blocks, workers, rank)
+            self._send(peer, self.lanes.attached(message.req, self.store, self.policy.shares_values, rank))
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
 

@@ -75,6 +75,10 @@ class DeviceIO:
         """Answer a pull of table rows: the header, then one frame of rows (on the host) per table."""
         on_sent(self.data.send([head] + [byte_view(r) for r in rows], peer=pending.peer, track=True))
 
+    def mark(self, event: torch.cuda.Event) -> None:
+        """Record ``event`` (another process waits for it) after the device work queued so far."""
+        raise NotImplementedError
+
     def answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event] = None) -> None:
         """Send an answer now, or once the device work before ``after`` is done."""
         self.data.send(frames, peer=peer)
@@ -295,6 +299,9 @@ class CudaIO(DeviceIO):
     def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
         self._download(state, segs, host)
         return self._work_so_far()
+
+    def mark(self, event: torch.cuda.Event) -> None:
+        event.record(self.stream)
 
     def _work_so_far(self) -> torch.cuda.Event:
         done = torch.cuda.Event()

@@ -47,18 +47,21 @@ class ServerLanes:
         _replace(self.lanes, message.rank, lane)
 
     def attach_device(self, message: P.AttachDevice, blocks: list[tuple[int, int]], num_workers: int,
-                      server: int) -> None:
-        """Map a worker's device lane by CUDA IPC; ``Rejected`` (it goes on through its lane) if we cannot."""
+                      server: int) -> P.Attached:
+        """Map a worker's device lane by CUDA IPC, and answer with the handles of our events for it;
+        ``Rejected`` (it goes on through its lane) if we cannot."""
         if not 0 <= message.rank < num_workers or message.rank not in self.lanes:
             raise P.Rejected(P.BAD_REQUEST, f"device lane from worker {message.rank}, which has no lane here")
         if self.device.type != "cuda":
             raise P.Rejected(P.BAD_REQUEST, f"server {server} keeps its shards on {self.device}, not on a GPU")
         try:
             lane = DeviceLane.attach(message, blocks, self.device)
+            events = lane.make_events(self.device)
         except Exception as exc:  # whatever the reason, the worker goes on through its lane
             raise P.Rejected(P.BAD_REQUEST, f"server {server} on {self.device} cannot map the device lane of "
                                             f"worker {message.rank}: {exc}") from None
         _replace(self.device_lanes, message.rank, lane)
+        return P.Attached(req=message.req, events=events)
 
     def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Slots]:
         """The lane a request came through, or None for a socket request."""
@@ -124,6 +127,10 @@ class ServerLanes:
             self.io.answer(pending.peer, [P.encode(values)])
             return
         copied = self.io.values_into(state, pending.segs, _slot(lane, True, state))
+        if lane.on_device:  # the worker waits for our event, not for our answer, before it reads
+            self.io.mark(lane.written[state.block.block_id])
+            self.io.answer(pending.peer, [P.encode(values)])
+            return
         self.io.answer(pending.peer, [P.encode(values)], after=copied)
 
     def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:

@@ -114,7 +114,8 @@ class WorkerLanes:
         for server, lane, request in offers:
             try:
                 request.future.wait(timeout=30)
-            except PSError as exc:
+                lane.open_events(_events(request.reply), server)
+            except (PSError, RuntimeError) as exc:
                 refused.append(f"server {server}: {exc}")
                 lane.close()
                 continue
@@ -175,7 +176,8 @@ class WorkerLanes:
             device_lane.copy_push_area(old_device)
             old_device.close()
             self.device_lanes[server] = device_lane
-            self.request_attach(server, device_lane)
+            offer = self.request_attach(server, device_lane)
+            offer.future.on_complete(lambda: device_lane.open_events(_events(offer.reply), server))
 
     def _renewed(self, server: int, lane: Lane, request: Request) -> None:
         lane.mapped()
@@ -211,6 +213,13 @@ class WorkerLanes:
         if ok and isinstance(reply, P.Values) and reply.shared:
             lane.release(block.block_id)  # the pull slot was not used, and the push slot is read
             return self._read_shared(copies, block)
+        if ok and isinstance(reply, P.Values) and lane.on_device:
+            # the server answered once it had queued its copy into the pull slot
+            with self.client.tracer.span("waited for the server's device work", "answer", block=block.block_id):
+                error = lane.wait_written(block.block_id, self.client.membership.check, block.server)
+            if error is not None:
+                lane.release(block.block_id)
+                return error
         to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
         for copy in copies if ok and isinstance(reply, P.Values) else ():
             source = slot_piece(lane, True, copy.block, copy.seg, copy.target.dtype)
@@ -250,6 +259,10 @@ class WorkerLanes:
         for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
+
+
+def _events(reply: Optional[P.Message]) -> list[bytes]:
+    return reply.events if isinstance(reply, P.Attached) else []
 
 
 def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -195,9 +195,11 @@ def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path)
     assert torch.equal(params["big"].cpu(), torch.full((4000,), -5.0))
 
 
-def test_a_gpu_servers_trace_shows_how_long_its_answers_waited_for_the_device(make_cluster, monkeypatch, tmp_path):
-    """A GPU server's answers wait for its copies: its trace has a span for each, from the answer
-    being queued to its going out, so a timeline shows the device's share of a round trip."""
+def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_device_work(make_cluster, monkeypatch,
+                                                                                         tmp_path):
+    """A GPU server answers through a device lane once it has queued its copy, and the worker waits
+    for the server's event before it reads: the worker's trace has a span for each such wait, so a
+    timeline shows the device's share of a round trip; the server's answers wait for nothing."""
     import json
 
     from psframework.trace import merge
@@ -212,11 +214,13 @@ def test_a_gpu_servers_trace_shows_how_long_its_answers_waited_for_the_device(ma
         for _ in range(3):
             worker.push_pull({"w": torch.ones(1 << 20, device="cuda")}, into=params).wait(timeout=30)
     assert set(cluster.wait(timeout=30).values()) == {0}
+    assert torch.equal(params["w"].cpu(), torch.full((1 << 20,), -3.0))
     events = json.loads(merge(str(tmp_path / "traces"))[0].read_text())["traceEvents"]
     tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    waited = [e for e in events if e["name"] == "answer waited for the device"]
-    assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"server 0"}
+    waited = [e for e in events if e["name"] == "waited for the server's device work"]
+    assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"worker 0"}
     assert all(e["dur"] >= 0 for e in waited)
+    assert not [e for e in events if e["name"] == "answer waited for the device"]
 
 
 def test_a_push_uploaded_onto_a_held_device_lane_slot_is_summed_once_it_has_landed(make_cluster):
@@ -267,3 +271,93 @@ def test_three_workers_gradients_uploaded_to_a_gpu_server_are_summed_without_los
 
     for values in run_in_threads(3, work):
         assert torch.equal(values, torch.full((numel,), -4.0))  # twice the mean of 1, 2 and 3
+
+
+# -- the worker's wait for a server's event, against a server-like process of our own ----------------
+
+_SLOT_FLOATS = 1 << 20
+
+
+def _server_side(attach: bytes, sleep_cycles: int, conn) -> None:
+    """Map the lane, send our events' handles, and on "go" answer as a GPU server does: queue the
+    device work (a long sleep, then the values into the pull slot of block 0), record block 0's
+    event, and say "answered" at once, before the device work is done."""
+    from psframework import protocol as P
+    from psframework.datapath.cuda_ipc import DeviceLane
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    lane = DeviceLane.attach(P.decode(attach), [(0, _SLOT_FLOATS * 4)], device)
+    conn.send(lane.make_events(device))
+    conn.recv()
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(sleep_cycles)
+        lane.piece(True, 0, 0, _SLOT_FLOATS * 4, torch.float32).fill_(7.0)
+        lane.written[0].record(stream)
+    conn.send("answered")
+    conn.recv()  # stay until told (or killed): our context holds the work
+    torch.cuda.synchronize()
+
+
+@pytest.fixture
+def lane_and_server():
+    """A device lane of one block and a spawned process that maps it as a server would."""
+    import multiprocessing
+
+    from psframework import protocol as P
+    from psframework.datapath.cuda_ipc import DeviceLane
+
+    def start(sleep_s: float):
+        lane = DeviceLane.create(torch.device("cuda"), [(0, _SLOT_FLOATS * 4)])
+        parent, child = multiprocessing.get_context("spawn").Pipe()
+        cycles = int(sleep_s * 2e9)  # clock cycles of a GPU of about 2 GHz (an H200's is 1.98)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_server_side, args=(P.encode(lane.export(0, 1)), cycles, child), daemon=True)
+        process.start()
+        started.append((lane, process, parent))
+        assert parent.poll(60), "the server-like process did not map the lane"
+        lane.open_events(parent.recv(), server=0)
+        return lane, process, parent
+
+    started = []
+    yield start
+    for lane, process, parent in started:
+        process.kill()
+        process.join(10)
+        lane.close()
+
+
+def test_a_worker_reads_the_pull_slot_only_once_the_servers_event_completed(lane_and_server):
+    """The server's answer comes while its copy into the pull slot is still queued behind 0.3 s of
+    device work: the slot still holds zeros then, and ``wait_written`` returns only once the values
+    are there."""
+    lane, process, conn = lane_and_server(sleep_s=0.3)
+    conn.send("go")
+    assert conn.poll(30)
+    assert conn.recv() == "answered"
+    slot = lane.piece(True, 0, 0, _SLOT_FLOATS * 4, torch.float32)
+    assert slot.sum().item() == 0.0  # the answer went before the device work: reading now would tear
+    assert lane.wait_written(0, lambda: None, server=0) is None
+    assert torch.equal(slot, torch.full_like(slot, 7.0))
+    conn.send("exit")
+
+
+def test_a_server_killed_with_device_work_in_flight_is_an_error_within_seconds(lane_and_server):
+    """A server killed while its event waits behind 20 s of device work: the worker's wait ends
+    with the liveness check's error, and the event of the dead process is never waited for again."""
+    import time
+
+    lane, process, conn = lane_and_server(sleep_s=20)
+    conn.send("go")
+    assert conn.poll(30) and conn.recv() == "answered"
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+
+    def alive() -> None:
+        if not process.is_alive():
+            raise ps.PeerLostError(f"server 0 (pid {process.pid}) died", role="server", rank=0)
+
+    started = time.monotonic()
+    error = lane.wait_written(0, alive, server=0)
+    assert isinstance(error, ps.PeerLostError) and "server 0" in str(error)
+    assert time.monotonic() - started < 5
