@@ -367,11 +367,14 @@ class Attached(Message, tag="attached"):
     """A server mapped a worker's lane; ``values``, if not empty: where the worker may map the
     server's block values (``datapath/values.py``), with the token at their start. For a device
     lane, ``events``: the handles of the interprocess events the server records once a block's
-    values are in its pull slot, by block id in ascending order (``datapath/cuda_ipc.py``)."""
+    values are in its pull slot, by block id in ascending order (``datapath/cuda_ipc.py``), and
+    the server's ``pid`` and its ``started`` time (``datapath/peer_process.py``)."""
     req: int
     values: str = ""
     token: bytes = b""
     events: list[bytes] = []
+    pid: int = 0
+    started: int = 0
 
 
 class Values(Message, tag="values"):

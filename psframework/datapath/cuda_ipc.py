@@ -13,7 +13,8 @@ interprocess event per block when it maps the lane and sends their handles with 
 lane (``Attached.events``); it records a block's event on its stream after queuing the copy of the
 values into the pull slot and answers at once, so the answer travels while the device works. The
 worker then waits on the host for that event (``wait_for_peer``, with a liveness check of the job
-and a deadline) before it queues its copy out of the pull slot. No side ever queues a wait for the
+and a deadline) before it queues its copy out of the pull slot, and checks that the server's
+process still runs (a killed process's events read as complete: ``peer_process.py``). No side ever queues a wait for the
 other process's event on its streams: a peer killed with work in flight leaves its events
 incomplete for ever, and a stream of ours waiting for one could never be freed. The gradients go
 the other way as before: the worker sends a push once its copy into the push slot has completed.
@@ -29,14 +30,16 @@ device lanes off.
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from .. import protocol as P
-from ..errors import ConfigError, PSError, PSTimeoutError
+from ..errors import ConfigError, PeerLostError, PSError, PSTimeoutError
 from .lane import TOKEN_BYTES, Slots, lane_layout
+from .peer_process import PeerProcess
 
 HEADER_BYTES = 512  # the token, then aligned areas
 PEER_EVENT_DEADLINE = 60.0  # seconds a worker waits for a live server's device work on one block
@@ -55,6 +58,7 @@ class DeviceLane(Slots):
         super().__init__(memory, offsets, area_bytes)
         # by block: the server records it once the block's values are in the pull slot
         self.written: dict[int, torch.cuda.Event] = {}
+        self.server: Optional[PeerProcess] = None  # the server's process (the worker's side)
 
     @classmethod
     def create(cls, device: torch.device, blocks: Iterable[tuple[int, int]]) -> "DeviceLane":
@@ -101,26 +105,33 @@ class DeviceLane(Slots):
             self.written = {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(self.offsets)}
             return [bytes(event.ipc_handle()) for event in self.written.values()]
 
-    def open_events(self, handles: list[bytes], server: int) -> None:
-        """The worker's side: open the server's events (``make_events``), once."""
-        if len(handles) != len(self.offsets):
-            raise ConfigError(f"server {server} sent {len(handles)} events for a device lane of "
+    def open_events(self, reply: P.Message, server: int) -> None:
+        """The worker's side: open the server's events (``make_events``) and watch its process, once;
+        ConfigError, or OSError where its process is not visible from here."""
+        events = reply.events if isinstance(reply, P.Attached) else []
+        if len(events) != len(self.offsets):
+            raise ConfigError(f"server {server} sent {len(events)} events for a device lane of "
                               f"{len(self.offsets)} blocks")
+        self.server = PeerProcess(reply.pid, reply.started)
         device = self.memory.device
         self.written = {block_id: torch.cuda.Event.from_ipc_handle(device, handle)
-                        for block_id, handle in zip(sorted(self.offsets), handles)}
+                        for block_id, handle in zip(sorted(self.offsets), events)}
 
     def wait_written(self, block_id: int, alive: Callable[[], None], server: int) -> Optional[PSError]:
         """Wait until the server's values of ``block_id`` are in the pull slot; the error instead, if
         the server has no event for it, or dies or takes more than PEER_EVENT_DEADLINE."""
         event = self.written.get(block_id)
-        if event is None:
+        if event is None or self.server is None:
             return PSError(f"device lane to server {server}: no event for block {block_id} (the server's "
                            "answer to the lane named none); restart the job")
         try:
             wait_for_peer(event, alive, f"server {server}'s values of block {block_id}")
         except PSError as exc:
             return exc
+        if not self.server.running():  # its context went away with the work: the event says nothing
+            return PeerLostError(f"server {server} (pid {self.server.pid} on {socket.gethostname()}) died "
+                                 f"while writing the values of block {block_id} into the device lane",
+                                 role="server", rank=server, host=socket.gethostname())
         return None
 
     @property
@@ -135,6 +146,8 @@ class DeviceLane(Slots):
 
     def close(self) -> None:
         self.written = {}
+        if self.server is not None:
+            self.server.close()
         self.forget_memory()
 
 

@@ -10,6 +10,7 @@ row areas.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .. import protocol as P
 from ..datapath.cuda_ipc import DeviceLane
 from ..datapath.lane import ROW_PULLS, Lane, Slots
+from ..datapath.peer_process import start_time
 from ..datapath.values import ordered_stores, values_name
 from .device import DeviceIO
 from .store import BlockState, DenseStore, Pending, Pushed
@@ -61,7 +63,7 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"server {server} on {self.device} cannot map the device lane of "
                                             f"worker {message.rank}: {exc}") from None
         _replace(self.device_lanes, message.rank, lane)
-        return P.Attached(req=message.req, events=events)
+        return P.Attached(req=message.req, events=events, pid=os.getpid(), started=start_time(os.getpid()) or 0)
 
     def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Slots]:
         """The lane a request came through, or None for a socket request."""

@@ -114,8 +114,8 @@ class WorkerLanes:
         for server, lane, request in offers:
             try:
                 request.future.wait(timeout=30)
-                lane.open_events(_events(request.reply), server)
-            except (PSError, RuntimeError) as exc:
+                lane.open_events(request.reply, server)
+            except (PSError, RuntimeError, OSError) as exc:
                 refused.append(f"server {server}: {exc}")
                 lane.close()
                 continue
@@ -177,7 +177,7 @@ class WorkerLanes:
             old_device.close()
             self.device_lanes[server] = device_lane
             offer = self.request_attach(server, device_lane)
-            offer.future.on_complete(lambda: device_lane.open_events(_events(offer.reply), server))
+            offer.future.on_complete(lambda: device_lane.open_events(offer.reply, server))
 
     def _renewed(self, server: int, lane: Lane, request: Request) -> None:
         lane.mapped()
@@ -259,10 +259,6 @@ class WorkerLanes:
         for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
-
-
-def _events(reply: Optional[P.Message]) -> list[bytes]:
-    return reply.events if isinstance(reply, P.Attached) else []
 
 
 def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -220,7 +220,6 @@ def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_devic
     waited = [e for e in events if e["name"] == "waited for the server's device work"]
     assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"worker 0"}
     assert all(e["dur"] >= 0 for e in waited)
-    assert not [e for e in events if e["name"] == "answer waited for the device"]
 
 
 def test_a_push_uploaded_onto_a_held_device_lane_slot_is_summed_once_it_has_landed(make_cluster):
@@ -278,20 +277,26 @@ def test_three_workers_gradients_uploaded_to_a_gpu_server_are_summed_without_los
 _SLOT_FLOATS = 1 << 20
 
 
-def _server_side(attach: bytes, sleep_cycles: int, conn) -> None:
-    """Map the lane, send our events' handles, and on "go" answer as a GPU server does: queue the
-    device work (a long sleep, then the values into the pull slot of block 0), record block 0's
-    event, and say "answered" at once, before the device work is done."""
+def _server_side(attach: bytes, matmuls: int, conn) -> None:
+    """Map the lane, send our answer to it, and on "go" answer as a GPU server does: queue the
+    device work (``matmuls`` products of two 16384 x 16384 matrices, about 0.15 s each on an H200,
+    then the values into the pull slot of block 0), record block 0's event, and say "answered" at
+    once, before the device work is done."""
     from psframework import protocol as P
     from psframework.datapath.cuda_ipc import DeviceLane
+    from psframework.datapath.peer_process import start_time
 
     device = torch.device("cuda", torch.cuda.current_device())
     lane = DeviceLane.attach(P.decode(attach), [(0, _SLOT_FLOATS * 4)], device)
-    conn.send(lane.make_events(device))
+    conn.send(P.encode(P.Attached(req=0, events=lane.make_events(device), pid=os.getpid(),
+                                  started=start_time(os.getpid()))))
+    a = torch.randn(16384, 16384, device=device)
+    torch.cuda.synchronize()
     conn.recv()
     stream = torch.cuda.Stream(device)
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(sleep_cycles)
+        for _ in range(matmuls):
+            a = torch.tanh(a @ a)
         lane.piece(True, 0, 0, _SLOT_FLOATS * 4, torch.float32).fill_(7.0)
         lane.written[0].record(stream)
     conn.send("answered")
@@ -307,16 +312,15 @@ def lane_and_server():
     from psframework import protocol as P
     from psframework.datapath.cuda_ipc import DeviceLane
 
-    def start(sleep_s: float):
+    def start(matmuls: int):
         lane = DeviceLane.create(torch.device("cuda"), [(0, _SLOT_FLOATS * 4)])
         parent, child = multiprocessing.get_context("spawn").Pipe()
-        cycles = int(sleep_s * 2e9)  # clock cycles of a GPU of about 2 GHz (an H200's is 1.98)
         process = multiprocessing.get_context("spawn").Process(
-            target=_server_side, args=(P.encode(lane.export(0, 1)), cycles, child), daemon=True)
+            target=_server_side, args=(P.encode(lane.export(0, 1)), matmuls, child), daemon=True)
         process.start()
         started.append((lane, process, parent))
         assert parent.poll(60), "the server-like process did not map the lane"
-        lane.open_events(parent.recv(), server=0)
+        lane.open_events(P.decode(parent.recv()), server=0)
         return lane, process, parent
 
     started = []
@@ -328,10 +332,10 @@ def lane_and_server():
 
 
 def test_a_worker_reads_the_pull_slot_only_once_the_servers_event_completed(lane_and_server):
-    """The server's answer comes while its copy into the pull slot is still queued behind 0.3 s of
-    device work: the slot still holds zeros then, and ``wait_written`` returns only once the values
-    are there."""
-    lane, process, conn = lane_and_server(sleep_s=0.3)
+    """The server's answer comes while its copy into the pull slot is still queued behind about 0.3 s
+    of device work: the slot still holds zeros then, and ``wait_written`` returns only once the
+    values are there."""
+    lane, process, conn = lane_and_server(matmuls=2)
     conn.send("go")
     assert conn.poll(30)
     assert conn.recv() == "answered"
@@ -343,11 +347,12 @@ def test_a_worker_reads_the_pull_slot_only_once_the_servers_event_completed(lane
 
 
 def test_a_server_killed_with_device_work_in_flight_is_an_error_within_seconds(lane_and_server):
-    """A server killed while its event waits behind 20 s of device work: the worker's wait ends
-    with the liveness check's error, and the event of the dead process is never waited for again."""
+    """A server killed while its event waits behind about 20 s of device work: its event then reads
+    as complete, or never completes; either way the worker's wait ends with PeerLostError within
+    seconds, and never with the pull slot taken as written."""
     import time
 
-    lane, process, conn = lane_and_server(sleep_s=20)
+    lane, process, conn = lane_and_server(matmuls=130)
     conn.send("go")
     assert conn.poll(30) and conn.recv() == "answered"
     os.kill(process.pid, signal.SIGKILL)
