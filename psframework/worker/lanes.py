@@ -63,6 +63,8 @@ class WorkerLanes:
         self.lanes: dict[int, Lane] = {}  # by server rank
         self.device_lanes: dict[int, DeviceLane] = {}  # by server rank
         self.values: dict[int, SharedValues] = {}  # the servers' shared values, by server rank
+        # answers through device lanes whose values are copied out once their exchange is answered
+        self._deferred: dict[Future, list[tuple[DeviceLane, list[LaneCopy], Block]]] = {}
 
     def _blocks(self, server: int) -> list[tuple[int, int]]:
         return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
@@ -214,31 +216,42 @@ class WorkerLanes:
             lane.release(block.block_id)  # the pull slot was not used, and the push slot is read
             return self._read_shared(copies, block)
         if ok and isinstance(reply, P.Values) and lane.on_device:
-            # the server answered once it had queued its copy into the pull slot
-            with self.client.tracer.span("waited for the server's device work", "answer", block=block.block_id):
-                error = lane.wait_written(block.block_id, self.client.membership.check, block.server)
-            if error is not None:
-                lane.release(block.block_id)
-                return error
-        to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
-        for copy in copies if ok and isinstance(reply, P.Values) else ():
-            source = slot_piece(lane, True, copy.block, copy.seg, copy.target.dtype)
-            if copy.stream is None:
-                _copy_to_host(copy.target, source)
-            else:
-                targets, sources = to_devices.setdefault(copy.stream, ([], []))
-                targets.append(copy.target)
-                sources.append(source)
-        copied = []
-        for stream, (targets, sources) in to_devices.items():
-            # one call for the block's segments: a Python copy_ each cost ~20 us, which added up
-            # to a millisecond for a block of many small tensors at the end of a step
-            with torch.cuda.stream(stream):
-                torch._foreach_copy_(targets, sources, non_blocking=True)
-            copied.append(torch.cuda.Event())
-            copied[-1].record(stream)
+            self._defer(request.future, lane, copies, block)
+            return None
+        copied = _copy_out(lane, [(copy, block) for copy in copies] if ok and isinstance(reply, P.Values) else [])
         lane.release(block.block_id, copied)
         return None
+
+    def _defer(self, future: Future, lane: DeviceLane, copies: list[LaneCopy], block: Block) -> None:
+        """The server answered once it had queued its copy into the pull slot, and the copy out of
+        it waits for the server's event: it is made with those of the exchange's other blocks of
+        device lanes once every answer is in, in one burst of our kernels. Copies of ours between
+        the server's kernels on a shared GPU cost a switch between the two processes each."""
+        deferred = self._deferred.get(future)
+        if deferred is None:
+            deferred = self._deferred[future] = []
+            future.before_done(lambda: self._copy_deferred(future))
+        deferred.append((lane, copies, block))
+
+    def _copy_deferred(self, future: Future) -> Optional[PSError]:
+        """Wait for the servers' events of the exchange's device-lane blocks, then copy their values
+        out (unless the exchange failed) and free their slots."""
+        deferred = self._deferred.pop(future, [])
+        error = None
+        with self.client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
+            for lane, _, block in deferred:
+                if error is None and not future.discards:
+                    error = lane.wait_written(block.block_id, self.client.membership.check, block.server)
+        by_lane: dict[int, tuple[DeviceLane, list, set]] = {}
+        for lane, copies, block in deferred:
+            _, pieces, blocks = by_lane.setdefault(id(lane), (lane, [], set()))
+            pieces.extend((copy, block) for copy in copies)
+            blocks.add(block.block_id)
+        for lane, pieces, blocks in by_lane.values():
+            copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
+            for block_id in blocks:
+                lane.release(block_id, copied)
+        return error
 
     def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
         values = self.values.get(block.server)
@@ -259,6 +272,28 @@ class WorkerLanes:
         for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
+
+
+def _copy_out(lane: Slots, pieces: list[tuple[LaneCopy, Block]]) -> list:
+    """Copy values out of the lane's pull slots: host targets at once, device targets with one call
+    per stream (a Python copy_ each cost ~20 us, which added up to a millisecond for a block of
+    many small tensors at the end of a step); the events of the device copies."""
+    to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
+    for copy, block in pieces:
+        source = slot_piece(lane, True, block, copy.seg, copy.target.dtype)
+        if copy.stream is None:
+            _copy_to_host(copy.target, source)
+        else:
+            targets, sources = to_devices.setdefault(copy.stream, ([], []))
+            targets.append(copy.target)
+            sources.append(source)
+    copied = []
+    for stream, (targets, sources) in to_devices.items():
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(targets, sources, non_blocking=True)
+        copied.append(torch.cuda.Event())
+        copied[-1].record(stream)
+    return copied
 
 
 def _copy_to_host(target: torch.Tensor, source: torch.Tensor) -> None:

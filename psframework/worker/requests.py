@@ -41,6 +41,7 @@ class Future:
         self._error: Optional[PSError] = None
         self._finalizers: list[Callable[[], None]] = []
         self._on_complete: list[Callable[[], None]] = []
+        self._before_done: list[Callable[[], Optional[PSError]]] = []
         self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # that copied onto GPUs
 
     def done(self) -> bool:
@@ -87,6 +88,12 @@ class Future:
         self._maybe_complete()
 
     def _maybe_complete(self) -> None:
+        if self.done() and self._before_done:
+            callbacks, self._before_done = self._before_done, []
+            for callback in callbacks:
+                error = callback()
+                if error is not None and self._error is None:
+                    self._error = error
         if self.done() and self._error is None and self._on_complete:
             callbacks, self._on_complete = self._on_complete, []
             for callback in callbacks:
@@ -96,6 +103,11 @@ class Future:
         """Run ``callback`` once, when every request succeeded (callbacks in the order given)."""
         self._on_complete.append(callback)
         self._maybe_complete()
+
+    def before_done(self, callback: Callable[[], Optional[PSError]]) -> None:
+        """Run ``callback`` once every request is answered, failed or not, before the future
+        completes; an error it returns is the future's."""
+        self._before_done.append(callback)
 
     def add_finalizer(self, finalize: Callable[[], None]) -> None:
         """Run ``finalize`` in ``wait()`` once every request succeeded."""

@@ -101,7 +101,7 @@ def test_a_pull_through_a_device_lane_never_sees_a_block_half_updated(make_clust
     another pulls it over and over: each pull is one version of the block, every element equal."""
     pushes = 60
     cluster = make_cluster(num_servers=1, num_workers=2, mode="async", chunk_bytes=ONE_BLOCK, server_device="cuda")
-    done = threading.Event()
+    done, reading = threading.Event(), threading.Event()  # the writer starts once the reader reads
 
     def work(_):
         with ps.init(scheduler=cluster.scheduler) as worker:
@@ -109,6 +109,7 @@ def test_a_pull_through_a_device_lane_never_sees_a_block_half_updated(make_clust
             worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
             seen = set()
             if worker.rank == 0:
+                assert reading.wait(30), "the reader never read"
                 for k in range(pushes):
                     worker.push({"w": torch.full_like(params["w"], float(k % 3 + 1))}).wait(timeout=30)
                 done.set()
@@ -118,6 +119,7 @@ def test_a_pull_through_a_device_lane_never_sees_a_block_half_updated(make_clust
                     low, high = params["w"].min().item(), params["w"].max().item()
                     assert low == high, f"a torn pull: elements from {low} to {high}"
                     seen.add(low)
+                    reading.set()
             worker.barrier()
             worker.pull(params).wait(timeout=30)
             return params["w"].min().item(), params["w"].max().item(), len(seen), worker.server_stats()
@@ -198,8 +200,8 @@ def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path)
 def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_device_work(make_cluster, monkeypatch,
                                                                                          tmp_path):
     """A GPU server answers through a device lane once it has queued its copy, and the worker waits
-    for the server's event before it reads: the worker's trace has a span for each such wait, so a
-    timeline shows the device's share of a round trip; the server's answers wait for nothing."""
+    for the server's events before it reads, once per exchange: the worker's trace has a span for
+    each such wait, so a timeline shows the device's share of a round trip."""
     import json
 
     from psframework.trace import merge
@@ -217,7 +219,7 @@ def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_devic
     assert torch.equal(params["w"].cpu(), torch.full((1 << 20,), -3.0))
     events = json.loads(merge(str(tmp_path / "traces"))[0].read_text())["traceEvents"]
     tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    waited = [e for e in events if e["name"] == "waited for the server's device work"]
+    waited = [e for e in events if e["name"] == "waited for the servers' device work"]
     assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"worker 0"}
     assert all(e["dur"] >= 0 for e in waited)
 
@@ -333,14 +335,14 @@ def lane_and_server():
 
 def test_a_worker_reads_the_pull_slot_only_once_the_servers_event_completed(lane_and_server):
     """The server's answer comes while its copy into the pull slot is still queued behind about 0.3 s
-    of device work: the slot still holds zeros then, and ``wait_written`` returns only once the
+    of device work: its event has not completed then, and ``wait_written`` returns only once the
     values are there."""
     lane, process, conn = lane_and_server(matmuls=2)
     conn.send("go")
     assert conn.poll(30)
     assert conn.recv() == "answered"
     slot = lane.piece(True, 0, 0, _SLOT_FLOATS * 4, torch.float32)
-    assert slot.sum().item() == 0.0  # the answer went before the device work: reading now would tear
+    assert not lane.written[0].query()  # the answer went before the device work: reading now would tear
     assert lane.wait_written(0, lambda: None, server=0) is None
     assert torch.equal(slot, torch.full_like(slot, 7.0))
     conn.send("exit")
