@@ -179,7 +179,15 @@ class WorkerLanes:
             old_device.close()
             self.device_lanes[server] = device_lane
             offer = self.request_attach(server, device_lane)
-            offer.future.on_complete(lambda: device_lane.open_events(offer.reply, server))
+            offer.future.on_complete(lambda: self._open_renewed(server, device_lane, offer))
+
+    def _open_renewed(self, server: int, lane: DeviceLane, offer: Request) -> None:
+        """A restarted server mapped our new device lane: open its events."""
+        try:
+            lane.open_events(offer.reply, server)
+        except (PSError, RuntimeError, OSError) as exc:  # its answers then fail, each with the reason
+            log.warning("worker %d: cannot open the events of the restarted server %d's device lane: %s",
+                        self.rank, server, exc)
 
     def _renewed(self, server: int, lane: Lane, request: Request) -> None:
         lane.mapped()
@@ -215,8 +223,14 @@ class WorkerLanes:
         if ok and isinstance(reply, P.Values) and reply.shared:
             lane.release(block.block_id)  # the pull slot was not used, and the push slot is read
             return self._read_shared(copies, block)
-        if ok and isinstance(reply, P.Values) and lane.on_device:
-            self._defer(request.future, lane, copies, block)
+        if isinstance(reply, P.Values) and lane.on_device:
+            if ok:
+                self._defer(request.future, lane, copies, block)
+                return None
+            # values nobody wants: the server's step may still read the push slot, so it is freed
+            # only once the server's work is done
+            lane.wait_written(block.block_id, self.client.membership.check, block.server)
+            lane.release(block.block_id)
             return None
         copied = _copy_out(lane, [(copy, block) for copy in copies] if ok and isinstance(reply, P.Values) else [])
         lane.release(block.block_id, copied)
@@ -235,22 +249,26 @@ class WorkerLanes:
 
     def _copy_deferred(self, future: Future) -> Optional[PSError]:
         """Wait for the servers' events of the exchange's device-lane blocks, then copy their values
-        out (unless the exchange failed) and free their slots."""
+        out (unless the exchange failed) and free their slots. Every event is waited for, failed
+        exchange or not: until it completes, the server's step may still read the push slot."""
         deferred = self._deferred.pop(future, [])
         error = None
         with self.client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
             for lane, _, block in deferred:
-                if error is None and not future.discards:
-                    error = lane.wait_written(block.block_id, self.client.membership.check, block.server)
-        by_lane: dict[int, tuple[DeviceLane, list, set]] = {}
+                failed = lane.wait_written(block.block_id, self.client.membership.check, block.server)
+                error = error or failed
+        by_lane: dict[int, tuple[DeviceLane, int, list, set]] = {}
         for lane, copies, block in deferred:
-            _, pieces, blocks = by_lane.setdefault(id(lane), (lane, [], set()))
+            _, _, pieces, blocks = by_lane.setdefault(id(lane), (lane, block.server, [], set()))
             pieces.extend((copy, block) for copy in copies)
             blocks.add(block.block_id)
-        for lane, pieces, blocks in by_lane.values():
+        for lane, server, pieces, blocks in by_lane.values():
             copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
+            current = self.device_lanes.get(server)  # a restarted server's lane took the reservations over
             for block_id in blocks:
-                lane.release(block_id, copied)
+                for holder in {id(lane): lane, id(current): current}.values():
+                    if holder is not None:
+                        holder.release(block_id, copied)
         return error
 
     def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
