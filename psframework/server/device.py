@@ -66,18 +66,16 @@ class DeviceIO:
         the tracker of the zero-copy send once it is handed to ZeroMQ (None if it was copied)."""
         raise NotImplementedError
 
-    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> Optional[torch.cuda.Event]:
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor,
+                    done: Optional[torch.cuda.Event] = None) -> Optional[torch.cuda.Event]:
         """Copy the values of ``segs`` into ``host`` (laid out like the block); returns the event to
-        wait for before the copy may be read, if it is asynchronous."""
+        wait for before the copy may be read, if it is asynchronous: ``done`` where given (an
+        interprocess event another process waits for), else a fresh one."""
         raise NotImplementedError
 
     def send_rows(self, pending, head: bytes, rows: list[torch.Tensor], on_sent: OnSent) -> None:
         """Answer a pull of table rows: the header, then one frame of rows (on the host) per table."""
         on_sent(self.data.send([head] + [byte_view(r) for r in rows], peer=pending.peer, track=True))
-
-    def mark(self, event: torch.cuda.Event) -> None:
-        """Record ``event`` (another process waits for it) after the device work queued so far."""
-        raise NotImplementedError
 
     def answer(self, peer: bytes, frames: list, after: Optional[torch.cuda.Event] = None) -> None:
         """Send an answer now, or once the device work before ``after`` is done."""
@@ -149,7 +147,8 @@ class HostIO(DeviceIO):
             state.trackers.append(tracker)
         on_sent(tracker)
 
-    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> None:
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor,
+                    done: Optional[torch.cuda.Event] = None) -> None:
         views = state.split(host)
         for i in segs:
             host_copy(views[i], state.params[i])
@@ -296,15 +295,13 @@ class CudaIO(DeviceIO):
                 frames.append(byte_view(host))
         self._queue(self._work_so_far(), pending.peer, frames, None, on_sent)
 
-    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor) -> torch.cuda.Event:
+    def values_into(self, state: BlockState, segs: list[int], host: torch.Tensor,
+                    done: Optional[torch.cuda.Event] = None) -> torch.cuda.Event:
         self._download(state, segs, host)
-        return self._work_so_far()
+        return self._work_so_far(done)
 
-    def mark(self, event: torch.cuda.Event) -> None:
-        event.record(self.stream)
-
-    def _work_so_far(self) -> torch.cuda.Event:
-        done = torch.cuda.Event()
+    def _work_so_far(self, done: Optional[torch.cuda.Event] = None) -> torch.cuda.Event:
+        done = torch.cuda.Event() if done is None else done
         done.record(self.stream)
         return done
 

@@ -128,12 +128,12 @@ class ServerLanes:
             self.shared_answers += 1
             self.io.answer(pending.peer, [P.encode(values)])
             return
-        copied = self.io.values_into(state, pending.segs, _slot(lane, True, state))
+        slot = _slot(lane, True, state)
         if lane.on_device:  # the worker waits for our event, not for our answer, before it reads
-            self.io.mark(lane.written[state.block.block_id])
+            self.io.values_into(state, pending.segs, slot, done=lane.written[state.block.block_id])
             self.io.answer(pending.peer, [P.encode(values)])
             return
-        self.io.answer(pending.peer, [P.encode(values)], after=copied)
+        self.io.answer(pending.peer, [P.encode(values)], after=self.io.values_into(state, pending.segs, slot))
 
     def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
         """The answer to a lane: with our shared values where the workers of this host may read

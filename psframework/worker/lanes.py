@@ -265,10 +265,10 @@ class WorkerLanes:
         for lane, server, pieces, blocks in by_lane.values():
             copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
             current = self.device_lanes.get(server)  # a restarted server's lane took the reservations over
+            holders = [lane] if current is None or current is lane else [lane, current]
             for block_id in blocks:
-                for holder in {id(lane): lane, id(current): current}.values():
-                    if holder is not None:
-                        holder.release(block_id, copied)
+                for holder in holders:
+                    holder.release(block_id, copied)
         return error
 
     def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
