@@ -319,7 +319,7 @@ class _Overlap:
                     except BaseException as exc:  # handed to step(), which raises it
                         error = exc
                         if exchange is not None:
-                            exchange.future.abandon()  # late answers must not write the parameters
+                            exchange.abandon()  # late answers must not write the parameters
                 if item[0] == _FINISH:
                     self._done.put(error if error is not None else exchange.future)
                     exchange, error = None, None
@@ -329,7 +329,7 @@ class _Overlap:
                     self.worker.progress(0)
                 except BaseException as exc:
                     error = exc
-                    exchange.future.abandon()
+                    exchange.abandon()
 
     def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict, push_rows) -> None:
         self.early_blocks = exchange.sent_blocks

@@ -42,6 +42,30 @@ def segment_of(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
     return flat if seg.numel == flat.numel() else flat[seg.offset:seg.offset + seg.numel]
 
 
+def _mark_other_servers(worker: "Worker", step: int, pushed_to: dict[int, int]) -> None:
+    """In sync mode, tell the servers a step pushes nothing to that it happened, so that a block
+    they wait for in vain is reported, not waited for (``server/steps.py``)."""
+    if step < 0 or worker.mode != "sync":
+        return
+    mark = [P.encode(P.Mark(rank=worker.rank, step=step))]
+    for server in range(worker.num_servers):
+        if server not in pushed_to:
+            worker.client.send(server, mark)
+
+
+def send_whole(exchange: "Exchange", sources: Optional[dict]) -> Future:
+    """Add every source of an exchange made at once (push, pull, push_pull) and send all of it;
+    if that fails half-way, the exchange is dropped (``Exchange.abandon``) and the error raised."""
+    try:
+        for name, tensor in (sources or {}).items():
+            exchange.add(name, tensor, checked=True)
+        exchange.send_ready(wait=True)
+    except BaseException:
+        exchange.abandon()
+        raise
+    return exchange.future
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
                  after_caller: bool = True, epoch: Optional[int] = None):
@@ -66,7 +90,9 @@ class Exchange:
         for block, _ in self._blocks.values():
             self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
         self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
-        self._lane_blocks: dict[int, Slots] = {}
+        self._lane_blocks: dict[int, Slots] = {}  # reserved for this exchange; freed once answered
+        self._sent: set[int] = set()
+        self._dropped = False
         self._payloads: dict[tuple[str, int], torch.Tensor] = {}  # encoded sources by (key, segment offset)
         if op is not P.Init:
             for block_id, (block, parts) in self._blocks.items():
@@ -81,18 +107,8 @@ class Exchange:
                        if dests is not None else {})
         if op is P.Pull:
             self._ready.extend(self._blocks)
-        self._mark_other_servers()
+        _mark_other_servers(worker, step, self._unsent_to)
         self._seal_if_sent()
-
-    def _mark_other_servers(self) -> None:
-        """In sync mode, tell the servers this step pushes nothing to that it happened, so that a
-        block they wait for in vain is reported, not waited for (``server/steps.py``)."""
-        if self.step < 0 or self.worker.mode != "sync":
-            return
-        mark = [P.encode(P.Mark(rank=self.worker.rank, step=self.step))]
-        for server in range(self.worker.num_servers):
-            if server not in self._unsent_to:
-                self.worker.client.send(server, mark)
 
     @property
     def sent_blocks(self) -> int:
@@ -109,6 +125,9 @@ class Exchange:
         caller's current stream). ``checked``: the caller checked ``tensor`` against its key."""
         if name in self._sources:
             raise ConfigError(f"{self.op.__name__}: {name!r} was given twice")
+        if self._dropped:
+            raise ConfigError(f"{self.op.__name__}: {name!r} was given to an exchange that was dropped; "
+                              "start a new one")
         pieces = self.worker.shard_map.pieces_of(name)
         if tensor is None:
             self._absent.add(name)
@@ -205,10 +224,28 @@ class Exchange:
             self._ordered.add((device, direction))
             stream.wait_stream(torch.cuda.current_stream(device))
 
+    def abandon(self) -> None:
+        """Drop the exchange where it stands (its step failed): nothing more of it is sent, answers
+        still to come write nowhere, the lane slots of the blocks it never sent are freed once the
+        copies into them have landed, and the future completes once what was sent is answered."""
+        self._dropped = True
+        self.future.abandon()
+        self._unlaunched.clear()
+        for events in self._landed.values():
+            for event in events:
+                event.synchronize()
+        self._landed.clear()
+        for block_id, lane in self._lane_blocks.items():
+            if block_id not in self._sent:
+                lane.release(block_id)
+        self._ready.clear()
+        self._unsent_to.clear()
+        self._seal_if_sent()
+
     def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
         """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
         their copies from GPUs, else stop at the first block whose copies have not landed."""
-        while self._ready and (limit is None or limit > 0):
+        while self._ready and (limit is None or limit > 0) and not self._dropped:
             if limit is not None:
                 limit -= 1
             block_id = self._ready[0]
@@ -216,8 +253,10 @@ class Exchange:
             if not wait and not all(event.query() for event in events):
                 self._landed[block_id] = list(events)
                 return
-            for event in events:
-                event.synchronize()
+            if events:
+                with self.worker.client.tracer.span("waited for the copies from the GPU", "copy"):
+                    for event in events:
+                        event.synchronize()
             self._ready.popleft()
             self._send_block(*self._blocks[block_id])
         self._seal_if_sent()
@@ -233,6 +272,7 @@ class Exchange:
         req = client.next_id()
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1
+        self._sent.add(block.block_id)
         lane = self._lane_blocks.get(block.block_id)
         codecs, pull_codecs = self._codec_names(parts) if lane is None else ([], [])
         copies = [] if lane is None else [c for c in (self._through_lane(lane, block, seg, name)
@@ -371,4 +411,4 @@ class Destination:
         return copy
 
 
-__all__ = ["Destination", "Exchange"]
+__all__ = ["Destination", "Exchange", "send_whole"]

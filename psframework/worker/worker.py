@@ -24,7 +24,7 @@ from ..sharding import ShardMap, TensorSpec
 from ..trace import Tracer
 from ..transport import Transport, ZmqTransport
 from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
-from .exchange import Exchange
+from .exchange import Exchange, send_whole
 from .lanes import WorkerLanes
 from .plans import ExchangePlans
 from .requests import Client, Future
@@ -207,11 +207,7 @@ class Worker:
         for name in names if sources is not None else ():  # every tensor is checked before anything is sent
             if sources[name] is not None:
                 self.check_tensor(name, sources[name], op.__name__.lower())
-        exchange = self.exchange(op, names, dests)
-        for name in names if sources is not None else ():
-            exchange.add(name, sources[name], checked=True)
-        exchange.send_ready(wait=True)
-        return exchange.future
+        return send_whole(self.exchange(op, names, dests), sources)
 
     def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True,
                  epoch: Optional[int] = None) -> Exchange:

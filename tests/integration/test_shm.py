@@ -7,6 +7,7 @@ really taken, that both paths give the same numbers, and what happens where a la
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,58 @@ def test_lanes_carry_every_request_and_leave_no_file(make_cluster):
         assert all(s["lanes"] == [0] for s in stats)
         for key in params:
             torch.testing.assert_close(params[key], start[key] - 1.5)
+
+
+@contextmanager
+def one_async_worker(make_cluster, device: str = "cpu", **cluster):
+    """A worker of an async job with one server (on ``device``), the test model registered with
+    SGD on ``device``, and gradients of ones for it."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async", chunk_bytes=CHUNK, server_device=device)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {k: v.to(device) for k, v in models.make_params(0).items()}
+        worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
+        yield worker, params, {k: torch.ones_like(v) for k, v in params.items()}
+
+
+def test_an_exchange_dropped_half_sent_frees_the_lane_slots_of_its_blocks(make_cluster):
+    """A step that fails while its exchange is being sent (``DistributedOptimizer`` with overlap)
+    drops the exchange: the lane slots it reserved for blocks it never sent are freed, so later
+    requests still go through the lanes instead of the sockets."""
+    with one_async_worker(make_cluster) as (worker, params, grads):
+        blocks = len(worker.shard_map.blocks)
+        exchange = worker.exchange(P.PushPull, list(params), params)
+        exchange.add("W", grads["W"])
+        exchange.send_ready(wait=True)
+        assert 0 < exchange.sent_blocks < blocks
+        exchange.abandon()
+        exchange.future.wait(timeout=30)
+        assert exchange.all_sent, "nothing more of a dropped exchange goes out"
+        before = worker.server_stats()[0]["lane_requests"]
+        worker.push_pull(grads, into=params).wait(timeout=30)
+        assert worker.server_stats()[0]["lane_requests"] - before == blocks
+
+
+def test_a_push_pull_that_fails_half_sent_leaves_the_lanes_free(make_cluster, monkeypatch):
+    """The job went back to a checkpoint while a push_pull was being sent (here: as its second
+    block goes out): the call raises, and the blocks it never sent do not keep their lane slots."""
+    with one_async_worker(make_cluster) as (worker, params, grads):
+        blocks = len(worker.shard_map.blocks)
+        same_epoch, calls = worker.client.same_epoch, []
+
+        def rolled_back_at_the_second_block(epoch):
+            calls.append(epoch)
+            if len(calls) == 2:
+                raise ps.RolledBackError("the job went back while this exchange was being sent", step=0)
+            same_epoch(epoch)
+
+        monkeypatch.setattr(worker.client, "same_epoch", rolled_back_at_the_second_block)
+        with pytest.raises(ps.RolledBackError):
+            worker.push_pull(grads, into=params).wait(timeout=30)
+        monkeypatch.setattr(worker.client, "same_epoch", same_epoch)
+        worker.client.wait_all(timeout=30)
+        before = worker.server_stats()[0]["lane_requests"]
+        worker.push_pull(grads, into=params).wait(timeout=30)
+        assert worker.server_stats()[0]["lane_requests"] - before == blocks
 
 
 def test_pulls_land_in_the_tensors_given_each_time_also_after_their_storage_moved(make_cluster):
