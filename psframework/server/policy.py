@@ -28,8 +28,9 @@ from .steps import StepCheck
 Unit = Any  # BlockState or RowChannel: see the module docstring
 Units = Callable[[], Iterable[Unit]]
 
-# Shards on a GPU: complete sync steps are applied together once a quarter of the server's bytes
-# are due, once no worker has said that more pushes follow, or after this many seconds.
+# Shards on a GPU: complete sync steps are applied together once no worker has said that more
+# pushes follow, once every block is due (or, while gradients are uploaded from host memory, a
+# quarter of the server's bytes), or after this many seconds.
 APPLY_SHARE = 4
 APPLY_WAIT = 0.005
 
@@ -218,10 +219,14 @@ class Sync(Policy):
         worker's backward pass is using, every burst of our kernels costs that pass a switch
         between the two processes (their kernels took 5 ms longer per ResNet-50 step when we
         applied each block as it completed, benchmarks/gpu.py --trace), so while a worker says
-        that more of its pushes follow we wait for a quarter of our bytes, or at most APPLY_WAIT."""
+        that more of its pushes follow we wait for every block, or at most APPLY_WAIT. Gradients
+        uploaded from host memory arrive slowly enough that applying a quarter of our bytes at a
+        time overlaps the rest of the uploads; those of device lanes are on our GPU already, and
+        one burst for the whole exchange costs the least (benchmarks/RESULTS_GPU.md, tenth round)."""
         if not self.on_gpu or not self._pushes_follow & self._active_workers():
             return True
-        if sum(unit.size for unit in self._due.values()) * APPLY_SHARE >= self._total_bytes():
+        uploading = any(unit.accums[unit.version].uploads for unit in self._due.values())
+        if sum(unit.size for unit in self._due.values()) * (APPLY_SHARE if uploading else 1) >= self._total_bytes():
             return True
         if time.monotonic() - self._due_since < APPLY_WAIT:
             return False

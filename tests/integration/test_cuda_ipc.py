@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import psframework as ps
+from psframework import protocol as P
 
 from tests.integration import models
 from tests.integration.test_core import CHUNK
+from tests.integration.test_shm import one_async_worker
 from tests.threads import run_in_threads
 
 pytestmark = pytest.mark.gpu
@@ -168,6 +170,44 @@ def test_host_tensors_of_a_gpu_worker_go_through_its_device_lane(make_cluster):
         assert worker.server_stats()[0]["ipc_requests"] >= 2 * 5
     assert torch.equal(host["w"], torch.full((5000,), -1.0))
     assert torch.equal(params["w"].cpu(), torch.full((5000,), -2.0))
+
+
+def test_an_exchange_dropped_after_answers_came_frees_its_device_lane_blocks_and_writes_nothing(make_cluster):
+    """Answers through device lanes are copied out once the whole exchange is answered. An exchange
+    dropped half-sent (its step failed) never is: the answers that came write nothing, and every
+    block's slots are freed, so the next exchange goes through the device lanes whole."""
+    with one_async_worker(make_cluster, "cuda") as (worker, params, grads):
+        start = {k: v.clone() for k, v in params.items()}
+        blocks = len(worker.shard_map.blocks)
+        exchange = worker.exchange(P.PushPull, list(params), params)
+        exchange.add("W", grads["W"])
+        exchange.send_ready(wait=True)
+        assert 0 < exchange.sent_blocks < blocks
+        while worker.client.pending:
+            worker.progress(0.05)
+        exchange.abandon()
+        exchange.future.wait(timeout=30)
+        torch.cuda.synchronize()
+        assert all(torch.equal(params[k], start[k]) for k in params), "a dropped exchange wrote its answers"
+        before = worker.server_stats()[0]["ipc_requests"]
+        worker.push_pull(grads, into=params).wait(timeout=30)
+        assert worker.server_stats()[0]["ipc_requests"] - before == blocks
+
+
+def test_a_gpu_server_applies_an_exchange_through_device_lanes_in_one_burst(make_cluster):
+    """Gradients in device lanes need no upload to overlap: the server holds the complete blocks of
+    a sync exchange until its last push and applies them in one optimizer step (with gradients
+    uploaded from host memory it goes a quarter of its bytes at a time, test_gpu.py)."""
+    cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=200000, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"a": torch.zeros(200000, device="cuda")}  # 4 blocks
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for step in range(3):
+            worker.push_pull({"a": torch.ones(200000, device="cuda")}, into=params).wait(timeout=30)
+            assert torch.equal(params["a"].cpu(), torch.full((200000,), -float(step + 1)))
+        stats = worker.server_stats()[0]
+    assert stats["ipc_requests"] == stats["applied"] == 3 * 4
+    assert stats["apply_bursts"] == 3 and stats["timed_applies"] == 0
 
 
 def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path):
