@@ -7,6 +7,7 @@ model's version, the refresh lag and when the last refresh was).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -25,6 +26,19 @@ from .http import read_body
 from .payload import BadRequest, InputSpec, parse, render
 
 log = logging.getLogger("psframework.serve")
+
+# Bodies and outputs up to these sizes are parsed and rendered on the event loop (a thread hop
+# costs about 0.1 ms); larger ones on a thread, so that one big request never holds up the others
+# (a JSON body of 15 MiB took 0.5 s to parse).
+INLINE_BODY_BYTES = 32 << 10
+INLINE_OUTPUT_BYTES = 8 << 10
+
+
+async def off_the_loop(nbytes: int, inline_bytes: int, work, *args):
+    """``work(*args)``: on a thread when ``nbytes`` is above ``inline_bytes``, else right here."""
+    if nbytes <= inline_bytes:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
 
 
 class ServeMetrics:
@@ -104,14 +118,16 @@ class Replica:
     async def _predict(self, request: Request) -> Response:
         try:
             body = await read_body(request, self.spec.max_bytes)
-            parsed = parse(body, request.headers.get("content-type", ""), self.spec)
+            parsed = await off_the_loop(len(body), INLINE_BODY_BYTES, parse, body,
+                                        request.headers.get("content-type", ""), self.spec)
             outputs, version = await self.batcher.run(parsed.inputs)
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except ModelError as exc:
             log.error("%s", exc)
             return JSONResponse({"error": str(exc)}, status_code=500)
-        body, kind = render(outputs, version, parsed)
+        body, kind = await off_the_loop(outputs.numel() * outputs.element_size(), INLINE_OUTPUT_BYTES, render,
+                                        outputs, version, parsed)
         return Response(body, media_type=kind, headers={"X-Model-Version": str(version)})
 
     async def healthz(self, request: Request) -> Response:

@@ -165,3 +165,61 @@ def test_every_connection_to_the_service_has_tcp_nodelay():
     finally:
         client.close()
         listener.close()
+
+
+def _post(body: bytes):
+    """A starlette request of ``POST /predict`` with a JSON ``body``, as the server would hand it over."""
+    from starlette.requests import Request
+
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize("slow", ["parse", "render"])
+def test_a_big_request_is_parsed_and_rendered_off_the_event_loop(tmp_path, monkeypatch, slow):
+    """A JSON body of megabytes takes a good part of a second to parse: on the event loop it would
+    hold up every other request. Here the parse (or render) of a big request waits until the test,
+    running on the event loop, lets it go: it can only do so if the loop is free meanwhile."""
+    from safetensors.torch import save_file
+
+    from psframework.config import ServeConfig
+    from psframework.serve import replica as replica_module
+    from tests.integration import serve_models
+
+    model = serve_models.mlp()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"step": "3"})
+    replica = replica_module.Replica(ServeConfig(factory="tests.integration.serve_models:mlp", from_file=str(path),
+                                                 max_batch=4096))
+    started, release, waited = threading.Event(), threading.Event(), []
+    real = getattr(replica_module, slow)
+
+    def held(*args):
+        started.set()
+        waited.append(release.wait(timeout=2))  # False: the loop was blocked, so nobody let it go
+        return real(*args)
+
+    monkeypatch.setattr(replica_module, slow, held)
+    x = torch.randn(4096, 4)
+
+    async def scenario():
+        replica.batcher.start()
+        try:
+            answer = asyncio.ensure_future(replica._predict(_post(json.dumps({"inputs": x.tolist()}).encode())))
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+            health = await replica.healthz(None)
+            release.set()
+            return health, await asyncio.wait_for(answer, timeout=30)
+        finally:
+            await replica.batcher.stop()
+
+    health, answer = asyncio.run(scenario())
+    assert waited == [True], f"the {slow} of a big request ran on the event loop"
+    assert health.status_code == 200 and answer.status_code == 200
+    torch.testing.assert_close(torch.tensor(json.loads(answer.body)["outputs"]), model(x).detach())
