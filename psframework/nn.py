@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .optim import OptimizerSpec
 from .tables import RowInit, TableSpec
 
-__all__ = ["Embedding", "EmbeddingBag", "RowInit", "TableModule"]
+__all__ = ["Embedding", "EmbeddingBag", "RowInit", "TableModule", "tables_of"]
 
 MODES = ("sum", "mean", "max")
 
@@ -121,6 +121,18 @@ class Embedding(TableModule):
     def from_pretrained(cls, embeddings: torch.Tensor, **table) -> "Embedding":
         """Like torch's: a fixed table whose rows start as ``embeddings`` (rank 0's initialise the servers)."""
         return cls._pretrained(cls(embeddings.shape[0], embeddings.shape[1], **table), embeddings)
+
+
+def tables_of(model: torch.nn.Module) -> dict[str, TableModule]:
+    """The model's embedding tables by name (the module's path in the model, or its ``name=``)."""
+    tables: dict[str, TableModule] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, TableModule):
+            name = module.table_name or path
+            if name in tables:
+                raise ConfigError(f"two embedding tables of the model are both called {name!r}; give one name=")
+            tables[name] = module
+    return tables
 
 
 def _check_bags(input: torch.Tensor, offsets: Optional[torch.Tensor], include_last: bool) -> None:

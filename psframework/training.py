@@ -34,7 +34,7 @@ from .compress import Codec
 from .datapath.compression import CompressionArg
 from .errors import ClosedError, ConfigError, RolledBackError
 from .lookups import TableLookups
-from .nn import TableModule
+from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
@@ -71,7 +71,7 @@ class DistributedOptimizer:
         self.worker = worker if worker is not None else init()
         self._owns_worker = worker is None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        tables = _tables_of(model)
+        tables = tables_of(model)
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
@@ -344,18 +344,6 @@ class _Overlap:
         exchange.future.wait()
         if rows is not None:
             rows.wait()
-
-
-def _tables_of(model: torch.nn.Module) -> dict[str, TableModule]:
-    """The model's embedding tables by name (the module's path in the model, or its ``name=``)."""
-    tables: dict[str, TableModule] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, TableModule):
-            name = module.table_name or path
-            if name in tables:
-                raise ConfigError(f"two embedding tables of the model are both called {name!r}; give one name=")
-            tables[name] = module
-    return tables
 
 
 __all__ = ["DistributedOptimizer"]

@@ -20,6 +20,8 @@ import torch
 
 from ..config import ServeConfig
 from ..errors import ConfigError, PSError
+from ..nn import tables_of
+from .tables import JobRows, bind_file_rows, check_job_tables
 
 log = logging.getLogger("psframework.serve")
 
@@ -81,6 +83,12 @@ class ServedModel:
                 self._users[index] -= 1
                 self._changed.notify_all()
 
+    def bind_tables(self, owner) -> None:
+        """Both copies' embedding tables look their rows up through ``owner`` (``tables.py``)."""
+        for copy in self._copies:
+            for name, table in tables_of(copy).items():
+                table.bind(owner, name)
+
     def load(self, fill: Callable[[torch.nn.Module], int]) -> int:
         """``fill`` the copy no batch uses (it returns the version it wrote), then make it live."""
         standby = 0 if self._live is None else 1 - self._live
@@ -119,6 +127,7 @@ def fill_from(tensors: dict[str, torch.Tensor], version: int, where: str) -> Cal
                               f"model ({len(missing)} of its {len(state)} entries); it holds "
                               f"{', '.join(list(tensors)[:5])}...: is it the model this factory builds?")
         module.load_state_dict({name: tensors[name] for name in state}, strict=True)
+        bind_file_rows(module, tensors, where)
         return version
     return fill
 
@@ -131,13 +140,23 @@ class JobWeights:
 
         self.config, self.served, self._on_refresh = config, served, on_refresh
         self.reader = Reader(scheduler=config.from_job, secret_file=config.secret_file, timeout=config.timeout)
-        names = {spec.name for spec in self.reader.shard_map.tensors}
-        state = served.module.state_dict()
-        self.names = [name for name in state if name in names]
-        if not self.names:
+        self._rows_reader = None  # the model's thread reads table rows through its own
+        try:
+            tables = check_job_tables(served.module, self.reader.shard_map.tables, config.from_job)
+            names = {spec.name for spec in self.reader.shard_map.tensors}
+            state = served.module.state_dict()
+            self.names = [name for name in state if name in names]
+            if not self.names and not tables:
+                raise ConfigError(f"the job at {config.from_job} registered none of the model's entries "
+                                  f"({', '.join(list(state)[:4])}...): is it the model this factory builds?")
+            if tables:
+                self._rows_reader = Reader(scheduler=config.from_job, secret_file=config.secret_file,
+                                           timeout=config.timeout)
+                served.bind_tables(JobRows(self._rows_reader))
+                log.info("rows of tables %s are read from the job at each batch", ", ".join(tables))
+        except BaseException:
             self.reader.close()
-            raise ConfigError(f"the job at {config.from_job} registered none of the model's entries "
-                              f"({', '.join(list(state)[:4])}...): is it the model this factory builds?")
+            raise
         unread = [name for name in state if name not in names]
         if unread:
             log.warning("the job does not hold %s; they keep the factory's values", ", ".join(unread[:8]))
@@ -178,6 +197,8 @@ class JobWeights:
 
     def close(self) -> None:
         self._stop.set()
+        if self._rows_reader is not None:  # the model's thread is done: the batcher stopped first
+            self._rows_reader.close()
         if self._thread is not None:
             self._thread.join(timeout=self.config.timeout + 5)
             if self._thread.is_alive():  # still in a read: its sockets go with the process

@@ -35,3 +35,26 @@ def broken() -> torch.nn.Module:
     model = mlp()
     model.forward = lambda x: "not a tensor"
     return model
+
+
+class Tables(torch.nn.Module):
+    """Two ps.nn tables under a dense head. One example is 4 int64 ids: two users (any id: a hashed
+    table) and two items (ids 0..49)."""
+
+    input_shape = (4,)
+
+    def __init__(self):
+        super().__init__()
+        import psframework as ps
+
+        torch.manual_seed(1)
+        self.users = ps.nn.EmbeddingBag(None, 4, mode="sum")
+        self.items = ps.nn.Embedding(50, 3)
+        self.head = torch.nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.users(x[:, :2]), self.items(x[:, 2:]).sum(1)], dim=1))
+
+
+def tables() -> torch.nn.Module:
+    return Tables()

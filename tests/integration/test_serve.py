@@ -237,6 +237,59 @@ def test_the_job_ending_leaves_the_last_version_served(make_cluster, tmp_path):
             assert _predict(address, [1, 1, 1, 1]).json() == {"outputs": [16.0], "version": 1}
 
 
+USERS = torch.tensor([7, 10**12 + 3, 42, 99999, 5])
+
+
+def _table_ids(step: int) -> torch.Tensor:
+    """8 examples of the ``tables`` model: two users of a few, two items of 0..39."""
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.cat([USERS[torch.randint(0, len(USERS), (8, 2), generator=g)],
+                      torch.randint(0, 40, (8, 2), generator=g)], dim=1)
+
+
+def _tables_model_by_hand(scheduler: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What the ``tables`` model gives for ``x`` with the job's current rows and weights, read with
+    a ``ps.Reader`` and computed without the model, and the version read."""
+    with ps.Reader(scheduler=scheduler) as reader:
+        head = {"head.weight": torch.empty(2, 7), "head.bias": torch.empty(2)}
+        version = reader.snapshot(head)
+        features = torch.cat([reader.lookup("users", x[:, :2]).sum(1), reader.lookup("items", x[:, 2:]).sum(1)], 1)
+        return features @ head["head.weight"].T + head["head.bias"], int(version)
+
+
+def test_a_model_with_ps_nn_tables_is_served_from_the_job_and_from_its_export(make_cluster, tmp_path):
+    """A model with ps.nn tables (a hashed bag, a bounded table) under a dense head, trained for
+    three sync steps: served from the live job and from the export of its checkpoint, it answers
+    what the job's rows and weights give, also for ids the training never touched (their
+    initial rows, which the file does not hold)."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "model.safetensors"
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=16)
+    model = serve_models.tables()
+    asked = torch.cat([_table_ids(0), torch.tensor([[123456789, 7, 45, 3]])])
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                 sparse_optimizer=ps.optim.SGD(lr=0.3), checkpoint_dir=str(ckpt),
+                                 checkpoint_every=3) as opt:
+        for step in range(3):
+            opt.zero_grad()
+            model(_table_ids(step)).square().mean().backward()
+            opt.step()
+        want, version = _tables_model_by_hand(cluster.scheduler, asked)
+        assert version == 3
+        with serving(tmp_path, f"{MODELS}:tables", "--from-job", cluster.scheduler,
+                     "--input-dtype", "int64") as (address, _, _):
+            live = _predict(address, asked.tolist()).json()
+        opt.worker.close()
+    assert live["version"] == 3
+    torch.testing.assert_close(torch.tensor(live["outputs"]), want)
+    done = subprocess.run([sys.executable, "-m", "psframework.export", str(ckpt), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    with serving(tmp_path, f"{MODELS}:tables", "--from-file", str(out), "--input-dtype", "int64") as (address, _, _):
+        exported = _predict(address, asked.tolist()).json()
+    assert exported["version"] == 3
+    torch.testing.assert_close(torch.tensor(exported["outputs"]), want)
+
+
 def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
     """The README's example: examples/train_digits.py under ps-launch with --secret-file, served
     live by ps-serve with that secret: answers come from versions that move on with the training."""

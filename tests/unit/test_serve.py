@@ -223,3 +223,19 @@ def test_a_big_request_is_parsed_and_rendered_off_the_event_loop(tmp_path, monke
     assert waited == [True], f"the {slow} of a big request ran on the event loop"
     assert health.status_code == 200 and answer.status_code == 200
     torch.testing.assert_close(torch.tensor(json.loads(answer.body)["outputs"]), model(x).detach())
+
+
+def test_a_file_without_the_rows_of_the_models_tables_is_refused_with_what_it_lacks():
+    from psframework.errors import ConfigError
+    from psframework.serve.tables import bind_file_rows
+    from tests.integration import serve_models
+
+    model = serve_models.tables()
+    with pytest.raises(ConfigError, match=r"model.safetensors has no rows of the model's embedding table 'users' "
+                                          r"\(users.ids and users.rows"):
+        bind_file_rows(model, {}, "model.safetensors")
+    tensors = {"users.ids": torch.tensor([1, 2]), "users.rows": torch.zeros(2, 4),
+               "items.ids": torch.tensor([0]), "items.rows": torch.zeros(1, 5)}
+    with pytest.raises(ConfigError, match=r"table 'items' has \(1,\) ids and rows of shape \(1, 5\); the model's "
+                                          r"table has rows of 3"):
+        bind_file_rows(model, tensors, "model.safetensors")
