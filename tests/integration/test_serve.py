@@ -261,7 +261,8 @@ def test_a_model_with_ps_nn_tables_is_served_from_the_job_and_from_its_export(ma
     """A model with ps.nn tables (a hashed bag, a bounded table) under a dense head, trained for
     three sync steps: served from the live job and from the export of its checkpoint, it answers
     what the job's rows and weights give, also for ids the training never touched (their
-    initial rows, which the file does not hold)."""
+    initial rows, which the file does not hold). Once the job has ended, its rows cannot be read:
+    a request is a 500 that says so, within seconds."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "model.safetensors"
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=16)
     model = serve_models.tables()
@@ -275,10 +276,15 @@ def test_a_model_with_ps_nn_tables_is_served_from_the_job_and_from_its_export(ma
             opt.step()
         want, version = _tables_model_by_hand(cluster.scheduler, asked)
         assert version == 3
-        with serving(tmp_path, f"{MODELS}:tables", "--from-job", cluster.scheduler,
-                     "--input-dtype", "int64") as (address, _, _):
+        with serving(tmp_path, f"{MODELS}:tables", "--from-job", cluster.scheduler, "--input-dtype", "int64",
+                     "--timeout", "2") as (address, _, _):
             live = _predict(address, asked.tolist()).json()
-        opt.worker.close()
+            opt.worker.close()
+            cluster.wait(timeout=20)
+            started = time.monotonic()
+            ended = _predict(address, asked.tolist())
+            assert ended.status_code == 500 and "the job is over" in ended.json()["error"], ended.text
+            assert time.monotonic() - started < 15, "the rows of an ended job were waited for too long"
     assert live["version"] == 3
     torch.testing.assert_close(torch.tensor(live["outputs"]), want)
     done = subprocess.run([sys.executable, "-m", "psframework.export", str(ckpt), "--out", str(out)],
