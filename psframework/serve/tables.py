@@ -51,7 +51,8 @@ def bind_file_rows(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
         if ids.dim() != 1 or rows.shape != (ids.numel(), spec.dim):
             raise ConfigError(f"{where}: table {name!r} has {tuple(ids.shape)} ids and rows of shape "
                               f"{tuple(rows.shape)}; the model's table has rows of {spec.dim}")
-        table.bind(FileRows(spec, ids.to(torch.int64), rows.to(torch.float32)), name)
+        order = ids.argsort()  # export writes them sorted; a file made otherwise may not be
+        table.bind(FileRows(spec, ids[order].to(torch.int64), rows[order].to(torch.float32)), name)
 
 
 class JobRows:

@@ -16,6 +16,7 @@ the blocks that go over the socket; the payloads are its frames, and the header 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -34,6 +35,8 @@ from .requests import Future, Request
 
 if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
+
+log = logging.getLogger("psframework.worker")
 
 
 def segment_of(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
@@ -64,6 +67,16 @@ def send_whole(exchange: "Exchange", sources: Optional[dict]) -> Future:
         exchange.abandon()
         raise
     return exchange.future
+
+
+def _codec_names(compression, op: type, parts: list[Part], payloads: dict, absent: set[str]
+                 ) -> tuple[list[str], list[str]]:
+    """The header's codecs of the pushed segments and of the pulled ones ([]: none compressed)."""
+    codecs = [compression.push_codec(name).wire if (name, seg.offset) in payloads else ""
+              for _, seg, name in parts if op is not P.Pull and name not in absent]
+    pull = [getattr(compression.pull_codec(name), "wire", "") for _, _, name in parts] \
+        if op in (P.Pull, P.PushPull) else []
+    return (codecs if any(codecs) else []), (pull if any(pull) else [])
 
 
 class Exchange:
@@ -101,18 +114,22 @@ class Exchange:
                 lane = worker.lanes.reserve(block)
                 if lane is not None:
                     self._lane_blocks[block_id] = lane
-        if dests is not None:
-            worker.plans.drop_moved()
-        self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
-                       if dests is not None else {})
         if op is P.Pull:
             self._ready.extend(self._blocks)
-        _mark_other_servers(worker, step, self._unsent_to)
+        try:
+            if dests is not None:
+                worker.plans.drop_moved()
+            self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
+                           if dests is not None else {})
+            _mark_other_servers(worker, step, self._unsent_to)
+        except BaseException:
+            self.abandon()  # frees the slots reserved above
+            raise
         self._seal_if_sent()
 
     @property
     def sent_blocks(self) -> int:
-        return len(self._blocks) - sum(self._unsent_to.values())
+        return len(self._sent)
 
     @property
     def all_sent(self) -> bool:
@@ -227,17 +244,24 @@ class Exchange:
     def abandon(self) -> None:
         """Drop the exchange where it stands (its step failed): nothing more of it is sent, answers
         still to come write nowhere, the lane slots of the blocks it never sent are freed once the
-        copies into them have landed, and the future completes once what was sent is answered."""
+        copies into them have landed, and the future completes once what was sent is answered
+        (without counting as done: ``Future.abandon``). Never raises; a second call does nothing."""
+        if self._dropped:
+            return
         self._dropped = True
         self.future.abandon()
         self._unlaunched.clear()
-        for events in self._landed.values():
-            for event in events:
-                event.synchronize()
+        try:
+            for events in self._landed.values():
+                for event in events:
+                    event.synchronize()
+        except RuntimeError as exc:  # a broken device: copies into the slots may still be in flight
+            log.warning("worker %d: the lane slots of a dropped exchange stay reserved: %s", self.worker.rank, exc)
+        else:
+            for block_id, lane in self._lane_blocks.items():
+                if block_id not in self._sent:
+                    self.worker.lanes.release_unsent(lane, self._blocks[block_id][0])
         self._landed.clear()
-        for block_id, lane in self._lane_blocks.items():
-            if block_id not in self._sent:
-                lane.release(block_id)
         self._ready.clear()
         self._unsent_to.clear()
         self._seal_if_sent()
@@ -249,14 +273,14 @@ class Exchange:
             if limit is not None:
                 limit -= 1
             block_id = self._ready[0]
-            events = self._landed.pop(block_id, ())
+            events = self._landed.get(block_id, ())
             if not wait and not all(event.query() for event in events):
-                self._landed[block_id] = list(events)
                 return
             if events:
                 with self.worker.client.tracer.span("waited for the copies from the GPU", "copy"):
                     for event in events:
                         event.synchronize()
+            self._landed.pop(block_id, None)  # only now: a dropped exchange waits for what is left here
             self._ready.popleft()
             self._send_block(*self._blocks[block_id])
         self._seal_if_sent()
@@ -272,9 +296,9 @@ class Exchange:
         req = client.next_id()
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1
-        self._sent.add(block.block_id)
         lane = self._lane_blocks.get(block.block_id)
-        codecs, pull_codecs = self._codec_names(parts) if lane is None else ([], [])
+        codecs, pull_codecs = (_codec_names(self.worker.compression, self.op, parts, self._payloads, self._absent)
+                               if lane is None else ([], []))
         copies = [] if lane is None else [c for c in (self._through_lane(lane, block, seg, name)
                                                        for _, seg, name in parts) if c]
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
@@ -290,6 +314,7 @@ class Exchange:
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block)
+            self._sent.add(block.block_id)  # its answer frees its slots from here on
             client.submit(request, req)
             return
         staged: dict[int, Staging] = {}
@@ -307,18 +332,10 @@ class Exchange:
                 dest = self._dests[name]
                 request.dest.append(dest.piece(seg, request.keep) if codec is None
                                     else dest.packed(seg, request.keep, codec))
+        self._sent.add(block.block_id)
         tracker = client.submit(request, req, track=bool(staged))
         for buffer in staged.values():
             buffer.sent(tracker)  # reused only once ZeroMQ is done reading it
-
-    def _codec_names(self, parts: list[Part]) -> tuple[list[str], list[str]]:
-        """The header's codecs of the pushed segments and of the pulled ones ([]: none compressed)."""
-        compression = self.worker.compression
-        codecs = [compression.push_codec(name).wire if (name, seg.offset) in self._payloads else ""
-                  for _, seg, name in parts if self.op is not P.Pull and name not in self._absent]
-        pull = [getattr(compression.pull_codec(name), "wire", "") for _, _, name in parts] \
-            if self.op in (P.Pull, P.PushPull) else []
-        return (codecs if any(codecs) else []), (pull if any(pull) else [])
 
     def _through_lane(self, lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
         """One segment of a lane request: its source into the push slot (a GPU source is there

@@ -211,6 +211,13 @@ class WorkerLanes:
         lane = self.device_lanes.get(block.server) or self.lanes.get(block.server)
         return lane if lane is not None and lane.reserve(block.block_id) else None
 
+    def release_unsent(self, lane: Slots, block: Block) -> None:
+        """Free the slots a request reserved in ``lane`` and never sent (in the lane that holds
+        them now too: a restarted server's new lane took the reservations over, ``renew``)."""
+        current = (self.device_lanes if lane.on_device else self.lanes).get(block.server)
+        for holder in (lane,) if current is None or current is lane else (lane, current):
+            holder.release(block.block_id)
+
     def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message,
                  ok: bool) -> Optional[PSError]:
         """A lane request's answer is in: copy its values out of the pull slot, or out of the

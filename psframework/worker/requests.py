@@ -53,7 +53,7 @@ class Future:
         finalizers, self._finalizers = self._finalizers, []
         if self._error is not None:
             raise self._error
-        for finalize in finalizers:
+        for finalize in finalizers if not self._abandoned else ():
             finalize()
         self.order_streams()
 
@@ -69,7 +69,8 @@ class Future:
         self._maybe_complete()
 
     def abandon(self) -> None:
-        """Whoever waited for this gave up (its step failed): answers still to come are dropped."""
+        """Whoever waited for this gave up (its step failed): answers still to come are dropped,
+        and neither ``on_complete`` callbacks nor finalizers run (it did not happen)."""
         self._abandoned = True
 
     @property
@@ -94,7 +95,7 @@ class Future:
                 error = callback()
                 if error is not None and self._error is None:
                     self._error = error
-        if self.done() and self._error is None and self._on_complete:
+        if self.done() and self._error is None and not self._abandoned and self._on_complete:
             callbacks, self._on_complete = self._on_complete, []
             for callback in callbacks:
                 callback()

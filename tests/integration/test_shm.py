@@ -72,19 +72,27 @@ def one_async_worker(make_cluster, device: str = "cpu", **cluster):
 def test_an_exchange_dropped_half_sent_frees_the_lane_slots_of_its_blocks(make_cluster):
     """A step that fails while its exchange is being sent (``DistributedOptimizer`` with overlap)
     drops the exchange: the lane slots it reserved for blocks it never sent are freed, so later
-    requests still go through the lanes instead of the sockets."""
+    requests still go through the lanes instead of the sockets; it does not count as a step; and
+    dropping it again frees nothing that another exchange holds by then."""
     with one_async_worker(make_cluster) as (worker, params, grads):
-        blocks = len(worker.shard_map.blocks)
+        blocks = worker.shard_map.blocks
         exchange = worker.exchange(P.PushPull, list(params), params)
+        worker.counted(exchange.future)  # as the optimizer's step does
         exchange.add("W", grads["W"])
         exchange.send_ready(wait=True)
-        assert 0 < exchange.sent_blocks < blocks
+        assert 0 < exchange.sent_blocks < len(blocks)
         exchange.abandon()
         exchange.future.wait(timeout=30)
         assert exchange.all_sent, "nothing more of a dropped exchange goes out"
+        assert worker.steps == 0, "a dropped exchange counted as a step"
+        holder = worker.exchange(P.Pull, list(params), params)  # reserves every block's slots
+        exchange.abandon()
+        assert all(worker.lanes.reserve(block) is None for block in blocks), "a second drop freed held slots"
+        holder.send_ready(wait=True)
+        holder.future.wait(timeout=30)
         before = worker.server_stats()[0]["lane_requests"]
         worker.push_pull(grads, into=params).wait(timeout=30)
-        assert worker.server_stats()[0]["lane_requests"] - before == blocks
+        assert worker.server_stats()[0]["lane_requests"] - before == len(blocks)
 
 
 def test_a_push_pull_that_fails_half_sent_leaves_the_lanes_free(make_cluster, monkeypatch):

@@ -28,3 +28,26 @@ def test_before_done_runs_after_a_failed_request_too_and_keeps_the_first_error()
     future.expect()
     future.resolve(PSError("server 0 refused"))
     assert seen == [True] and str(future._error) == "server 0 refused"
+
+
+def test_an_abandoned_future_completes_without_its_callbacks_or_finalizers():
+    """What an abandoned exchange sent is still answered (``before_done`` frees its slots), but it
+    did not happen: no step is counted and nothing is written into the caller's tensors."""
+    future = Future(client=_Done()).unsealed()
+    ran, completed, finalized = [], [], []
+    future.before_done(lambda: ran.append(1))
+    future.on_complete(lambda: completed.append(1))
+    future.add_finalizer(lambda: finalized.append(1))
+    future.expect()
+    future.abandon()
+    future.seal()
+    future.resolve()
+    future.wait(timeout=1)
+    assert ran == [1] and completed == [] and finalized == []
+
+
+class _Done:
+    """A client whose waits return at once (the future is already complete)."""
+
+    def wait_until(self, done, timeout):
+        assert done()
