@@ -79,6 +79,26 @@ def _codec_names(compression, op: type, parts: list[Part], payloads: dict, absen
     return (codecs if any(codecs) else []), (pull if any(pull) else [])
 
 
+def _push_nothing(exchange: "Exchange") -> None:
+    """A sync step dropped half-sent: push its unsent blocks without a gradient (socket requests
+    with every segment absent), so that the step completes for every worker (what was sent counts,
+    the rest counts as zero in the mean) and this worker's next step lines up with the others'."""
+    worker = exchange.worker
+    if exchange.step < 0 or worker.mode != "sync":
+        return
+    blocks = [block for block_id, (block, _) in exchange._blocks.items() if block_id not in exchange._sent]
+    try:
+        worker.client.same_epoch(exchange.epoch)  # after a rollback the step is gone anyway
+        for block in blocks:
+            req = worker.client.next_id()
+            header = P.Push(req=req, block=block.block_id, rank=worker.rank, dtype=block.dtype, step=exchange.step,
+                            rollback=worker.client.rollback, absent=list(range(len(block.segments))))
+            worker.client.submit(Request(exchange.future, block.server, frames=[P.encode(header)]), req)
+    except Exception as exc:  # noqa: BLE001 -- dropping never raises: the step's own error is the one to see
+        log.warning("worker %d: could not complete the dropped step %d on its servers: %s", worker.rank,
+                    exchange.step, exc)
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
                  after_caller: bool = True, epoch: Optional[int] = None):
@@ -87,7 +107,7 @@ class Exchange:
         self.step = step  # which of the worker's pushing steps this is (-1: not a push)
         self.future = Future(worker.client).unsealed()
         # a rollback while it is sent drops the rest of it
-        self._epoch = worker.client.rollback if epoch is None else epoch
+        self.epoch = worker.client.rollback if epoch is None else epoch
         self._blocks = worker.plans.layout(tuple(names))  # shared with other exchanges: read only
         self._missing = {block_id: len(parts) for block_id, (_, parts) in self._blocks.items()}
         self._sources: dict[str, Optional[torch.Tensor]] = {}  # flat host tensors (None: all in lanes)
@@ -242,10 +262,10 @@ class Exchange:
             stream.wait_stream(torch.cuda.current_stream(device))
 
     def abandon(self) -> None:
-        """Drop the exchange where it stands (its step failed): nothing more of it is sent, answers
-        still to come write nowhere, the lane slots of the blocks it never sent are freed once the
-        copies into them have landed, and the future completes once what was sent is answered
-        (without counting as done: ``Future.abandon``). Never raises; a second call does nothing."""
+        """Drop the exchange (its step failed): nothing more is sent, late answers write nowhere, its
+        unsent blocks' lane slots are freed once the copies into them landed, a sync step's unsent
+        blocks are pushed without a gradient (``_push_nothing``), and the future completes without
+        counting as done (``Future.abandon``). Never raises; a second call does nothing."""
         if self._dropped:
             return
         self._dropped = True
@@ -261,9 +281,8 @@ class Exchange:
             for block_id, lane in self._lane_blocks.items():
                 if block_id not in self._sent:
                     self.worker.lanes.release_unsent(lane, self._blocks[block_id][0])
-        self._landed.clear()
-        self._ready.clear()
-        self._unsent_to.clear()
+        _push_nothing(self)
+        self._unsent_to.clear()  # send_ready sends nothing more of a dropped exchange
         self._seal_if_sent()
 
     def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
@@ -292,7 +311,7 @@ class Exchange:
 
     def _send_block(self, block: Block, parts: list[Part]) -> None:
         client = self.worker.client
-        client.same_epoch(self._epoch)
+        client.same_epoch(self.epoch)
         req = client.next_id()
         segs = [i for i, _, _ in parts]
         self._unsent_to[block.server] -= 1

@@ -95,6 +95,43 @@ def test_an_exchange_dropped_half_sent_frees_the_lane_slots_of_its_blocks(make_c
         assert worker.server_stats()[0]["lane_requests"] - before == len(blocks)
 
 
+def test_a_sync_step_one_worker_dropped_half_sent_completes_and_the_next_lines_up(make_cluster):
+    """Two workers in sync mode; worker 0's step fails after it sent part of its gradients (say its
+    loss was NaN and it skips the batch). The blocks it never sent are pushed without a gradient,
+    so the step completes for both (worker 0's sent gradients count, the rest count as zero in the
+    mean), and the next step is a normal one for both instead of a rejected push."""
+    cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK)
+    start = models.make_params(0)
+    in_w = {}
+
+    def work(rank):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {k: v.clone() for k, v in start.items()}
+            worker.register(params, optimizer=ps.optim.SGD(lr=0.5))
+            grads = {k: torch.ones_like(v) for k, v in params.items()}
+            if worker.rank == 0:
+                exchange = worker.exchange(P.PushPull, list(params), params)
+                exchange.add("W", grads["W"])
+                exchange.send_ready(wait=True)
+                in_w.update(sent=exchange.sent_blocks, all=len(worker.shard_map.blocks))
+                exchange.abandon()
+                worker.pull(params).wait(timeout=30)  # the step completed: its values
+            else:
+                worker.push_pull(grads, into=params).wait(timeout=30)
+            after_drop = {k: v.clone() for k, v in params.items()}
+            worker.push_pull(grads, into=params).wait(timeout=30)
+            return after_drop, params
+
+    results = run_in_threads(2, work)
+    assert 0 < in_w["sent"] < in_w["all"] and set(models.make_params(0)) - {"W"}
+    for after_drop, params in results:
+        torch.testing.assert_close(after_drop["W"], start["W"] - 0.5)  # both workers' gradients
+        for key in set(start) - {"W"}:
+            torch.testing.assert_close(after_drop[key], start[key] - 0.25)  # worker 1's, halved
+        for key in start:
+            torch.testing.assert_close(params[key], after_drop[key] - 0.5)
+
+
 def test_a_push_pull_that_fails_half_sent_leaves_the_lanes_free(make_cluster, monkeypatch):
     """The job went back to a checkpoint while a push_pull was being sent (here: as its second
     block goes out): the call raises, and the blocks it never sent do not keep their lane slots."""
