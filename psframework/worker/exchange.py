@@ -88,6 +88,7 @@ def _push_nothing(exchange: "Exchange") -> None:
         return
     blocks = [block for block_id, (block, _) in exchange._blocks.items() if block_id not in exchange._sent]
     try:
+        worker.membership.check()  # not while closing, nor with a node of the job dead
         worker.client.same_epoch(exchange.epoch)  # after a rollback the step is gone anyway
         for block in blocks:
             req = worker.client.next_id()
