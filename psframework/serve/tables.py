@@ -60,9 +60,9 @@ class JobRows:
         self.reader = reader  # a ps.Reader used by the model's thread only
 
     def lookup(self, module: TableModule, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(f"table {module.bound_name!r}: ids must be int64 (or int32), got {ids.dtype}")
-        distinct, where = torch.unique(ids.detach().reshape(-1).to("cpu", torch.int64), return_inverse=True)
+        shard_map = self.reader.shard_map
+        spec = shard_map.tables[shard_map.table_index(module.bound_name)]
+        distinct, where = torch.unique(as_ids(spec, ids, _ANY_SIZE), return_inverse=True)
         rows = self.reader.lookup(module.bound_name, distinct)
         return rows.to(module.device), where.to(module.device)
 
@@ -70,14 +70,15 @@ class JobRows:
 def check_job_tables(module: torch.nn.Module, job_tables: list[TableSpec], job: str) -> list[str]:
     """The model's table names; ``ConfigError`` if the job lacks one or holds it with other rows."""
     held = {spec.name: spec for spec in job_tables}
-    for name, table in tables_of(module).items():
+    tables = tables_of(module)
+    for name, table in tables.items():
         spec = held.get(name)
         if spec is None:
             raise ConfigError(f"the job at {job} has no embedding table {name!r} of the model (it has "
                               f"{', '.join(held) or 'none'}): is it the model this factory builds?")
         if spec.dim != table.embedding_dim:
             raise ConfigError(f"the job's table {name!r} has rows of {spec.dim}, the model's of {table.embedding_dim}")
-    return list(tables_of(module))
+    return list(tables)
 
 
 __all__ = ["FileRows", "JobRows", "bind_file_rows", "check_job_tables"]

@@ -211,11 +211,15 @@ class WorkerLanes:
         lane = self.device_lanes.get(block.server) or self.lanes.get(block.server)
         return lane if lane is not None and lane.reserve(block.block_id) else None
 
+    def _holders(self, lane: Slots, server: int) -> tuple[Slots, ...]:
+        """``lane``, and the lane to ``server`` that replaced it, if one did: a restarted server's
+        new lane took the old one's reservations over (``renew``)."""
+        current = (self.device_lanes if lane.on_device else self.lanes).get(server)
+        return (lane,) if current is None or current is lane else (lane, current)
+
     def release_unsent(self, lane: Slots, block: Block) -> None:
-        """Free the slots a request reserved in ``lane`` and never sent (in the lane that holds
-        them now too: a restarted server's new lane took the reservations over, ``renew``)."""
-        current = (self.device_lanes if lane.on_device else self.lanes).get(block.server)
-        for holder in (lane,) if current is None or current is lane else (lane, current):
+        """Free the slots a request reserved in ``lane`` and never sent, wherever they are held now."""
+        for holder in self._holders(lane, block.server):
             holder.release(block.block_id)
 
     def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message,
@@ -271,8 +275,7 @@ class WorkerLanes:
             blocks.add(block.block_id)
         for lane, server, pieces, blocks in by_lane.values():
             copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
-            current = self.device_lanes.get(server)  # a restarted server's lane took the reservations over
-            holders = [lane] if current is None or current is lane else [lane, current]
+            holders = self._holders(lane, server)
             for block_id in blocks:
                 for holder in holders:
                     holder.release(block_id, copied)
