@@ -37,7 +37,7 @@ ENV_VARS = {
     "PS_SERVER_DEVICE": "device of the servers' shards: cpu, cuda, cuda:N (default cuda if available)",
     "PS_BIND": "address to bind and advertise (default 127.0.0.1 on a single host)",
     "PS_HOST": "name of this host in error messages (default: socket.gethostname())",
-    "PS_CHUNK_BYTES": "tensors larger than this are split across servers (default 4 MiB)",
+    "PS_CHUNK_BYTES": "tensors larger than this are split across servers, and blocks hold at most this (default 4 MiB; on GPU servers 64 MiB, 1 GiB for one server)",
     "PS_HEARTBEAT_INTERVAL": "seconds between heartbeats (default 0.5)",
     "PS_HEARTBEAT_TIMEOUT": "seconds without heartbeat before a node is declared dead (default 4)",
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
@@ -110,7 +110,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_bytes is None:
-            object.__setattr__(self, "chunk_bytes", default_chunk_bytes(self.server_device))
+            object.__setattr__(self, "chunk_bytes", min(default_chunk_bytes(self.server_device, self.num_servers),
+                                                        self.max_message_bytes))
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")

@@ -140,8 +140,20 @@ def test_blocks_are_larger_by_default_where_the_shards_are_on_gpus():
 
     assert SchedulerConfig(num_workers=1, num_servers=1).chunk_bytes == DEFAULT_CHUNK_BYTES
     assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cpu").chunk_bytes == DEFAULT_CHUNK_BYTES
-    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda:1").chunk_bytes == GPU_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=2, server_device="cuda:1").chunk_bytes == GPU_CHUNK_BYTES
     assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda", chunk_bytes=4096).chunk_bytes == 4096
-    env = {"PS_SERVER_DEVICE": "cuda"}
+    env = {"PS_SERVER_DEVICE": "cuda", "PS_NUM_SERVERS": "3"}
     assert scheduler_config_from_env(env).chunk_bytes == GPU_CHUNK_BYTES
     assert scheduler_config_from_env({**env, "PS_CHUNK_BYTES": "8192"}).chunk_bytes == 8192
+
+
+def test_one_gpu_server_holds_its_blocks_whole_up_to_the_message_size():
+    """Blocks of one GPU server pipeline nothing: the default packs up to 1 GiB into one, and never
+    more than a message may carry."""
+    from psframework.sharding import ONE_GPU_SERVER_CHUNK_BYTES
+
+    assert SchedulerConfig(num_workers=2, num_servers=1, server_device="cuda").chunk_bytes == ONE_GPU_SERVER_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=2, num_servers=1, server_device="cuda",
+                           max_message_bytes=128 << 20).chunk_bytes == 128 << 20
+    assert scheduler_config_from_env({"PS_SERVER_DEVICE": "cuda:0", "PS_NUM_SERVERS": "1"}).chunk_bytes == \
+        ONE_GPU_SERVER_CHUNK_BYTES
