@@ -91,7 +91,11 @@ class Replica:
             self.metrics.on_refresh(self.served.load(fill_from(tensors, step, config.from_file)), 0.0)
         else:
             self.job = JobWeights(config, self.served, self.metrics.on_refresh)
-            self.job.refresh()
+            try:
+                self.job.refresh()
+            except BaseException:
+                self.job.close()  # its readers are connected to the job
+                raise
         self.app = Starlette(routes=[Route("/predict", self.predict, methods=["POST"]),
                                      Route("/healthz", self.healthz), Route("/metrics", self.scrape)],
                              lifespan=self._lifespan)
@@ -99,9 +103,9 @@ class Replica:
     @asynccontextmanager
     async def _lifespan(self, app):
         self.batcher.start()
-        if self.job is not None:
-            self.job.start()
         try:
+            if self.job is not None:
+                self.job.start()
             yield
         finally:
             await self.batcher.stop()

@@ -323,3 +323,27 @@ def test_the_digits_job_under_ps_launch_is_served_live(tmp_path):
     finally:
         job.cleanup()
     assert_no_leftovers(job.job_id)
+
+
+def test_a_replica_whose_first_read_fails_closes_its_readers(make_cluster, monkeypatch):
+    """The job holds the model's entries with other shapes: building the replica fails at its first
+    read and says why, and the reader it opened for the job is closed, not left connected."""
+    from psframework.config import ServeConfig
+    from psframework.reader import Reader
+    from psframework.serve.replica import Replica
+
+    opened, closed = [], []
+    real_init, real_close = Reader.__init__, Reader.close
+    monkeypatch.setattr(Reader, "__init__", lambda self, *a, **k: (opened.append(self), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(Reader, "close", lambda self: (closed.append(self), real_close(self))[1])
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"first.weight": torch.zeros(2, 8), "second.weight": torch.zeros(1, 4)},
+                        optimizer=ps.optim.SGD(lr=1.0))
+        try:
+            Replica(ServeConfig(factory=f"{MODELS}:square", from_job=cluster.scheduler, timeout=10))
+        except ps.PSError as exc:
+            assert "first.weight" in str(exc), exc
+        else:
+            raise AssertionError("a job whose shapes differ from the model's was served")
+    assert opened and set(map(id, opened)) <= set(map(id, closed)), (len(opened), len(closed))
