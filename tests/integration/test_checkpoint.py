@@ -107,6 +107,17 @@ def test_a_checkpoint_of_another_job_shape_is_refused(make_cluster, checkpointed
             worker.load_checkpoint(root)
 
 
+def test_a_checkpoint_with_other_blocks_names_the_block_size_to_resume_it_with(make_cluster, checkpointed):
+    """The same tensors placed in blocks of another size (a default that changed, as for one GPU
+    server): the error says which PS_CHUNK_BYTES the checkpoint needs."""
+    _, _, _, root = checkpointed
+    cluster = make_cluster(num_servers=2, num_workers=1, chunk_bytes=8192)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register(models.make_params(0), optimizer=ps.optim.Adam(lr=0.01))
+        with pytest.raises(ps.CheckpointError, match="blocks of 4096 bytes.*8192.*PS_CHUNK_BYTES=4096"):
+            worker.load_checkpoint(root)
+
+
 def test_write_atomic_and_find_latest(tmp_path):
     sha = checkpoint.write_atomic(tmp_path / "a" / "f.bin", b"hello")
     assert (tmp_path / "a" / "f.bin").read_bytes() == b"hello" and len(sha) == 64
