@@ -135,8 +135,8 @@ def check_compatible(manifest: dict[str, Any], shard_map_wire: dict, mode: str, 
     if saved != shard_map_wire and saved.get("tensors") == shard_map_wire.get("tensors") and \
             saved.get("chunk_bytes") not in (None, shard_map_wire.get("chunk_bytes")):
         raise CheckpointError(f"checkpoint {where} holds blocks of {saved['chunk_bytes']} bytes, this job's are "
-                              f"{shard_map_wire.get('chunk_bytes')} (a job with one GPU server now defaults to 1 GiB, "
-                              f"where it used 64 MiB): run the job with PS_CHUNK_BYTES={saved['chunk_bytes']} to resume it")
+                              f"{shard_map_wire.get('chunk_bytes')} (one GPU server reached by CUDA IPC only "
+                              f"now defaults to 1 GiB, where it used 64 MiB): run the job with PS_CHUNK_BYTES={saved['chunk_bytes']} to resume it")
     if saved != shard_map_wire:
         raise CheckpointError(f"checkpoint {where} holds different tensors (or another chunk size) than the ones "
                               "registered now; register the same model with the same PS_CHUNK_BYTES")

@@ -37,7 +37,7 @@ ENV_VARS = {
     "PS_SERVER_DEVICE": "device of the servers' shards: cpu, cuda, cuda:N (default cuda if available)",
     "PS_BIND": "address to bind and advertise (default 127.0.0.1 on a single host)",
     "PS_HOST": "name of this host in error messages (default: socket.gethostname())",
-    "PS_CHUNK_BYTES": "tensors larger than this are split across servers, and blocks hold at most this (default 4 MiB; on GPU servers 64 MiB, 1 GiB for one server)",
+    "PS_CHUNK_BYTES": "tensors larger than this are split across servers, and blocks hold at most this (default 4 MiB; on GPU servers 64 MiB, 1 GiB for one that every worker reaches by CUDA IPC)",
     "PS_HEARTBEAT_INTERVAL": "seconds between heartbeats (default 0.5)",
     "PS_HEARTBEAT_TIMEOUT": "seconds without heartbeat before a node is declared dead (default 4)",
     "PS_START_TIMEOUT": "seconds for the whole cluster to register (default 60)",
@@ -93,7 +93,7 @@ class SchedulerConfig:
     staleness: int = 2
     bind_host: str = "127.0.0.1"
     port: int = 0
-    chunk_bytes: Optional[int] = None  # None: by where the shards are (sharding.default_chunk_bytes)
+    chunk_bytes: Optional[int] = None  # None: by where the shards are (block_bytes)
     server_device: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timing: Timing = field(default_factory=Timing)
@@ -109,9 +109,6 @@ class SchedulerConfig:
     trace_steps: Optional[str] = None  # "a:b", as PS_TRACE_STEPS
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes is None:
-            object.__setattr__(self, "chunk_bytes", min(default_chunk_bytes(self.server_device, self.num_servers),
-                                                        self.max_message_bytes))
         _check(self.peer_buffer_bytes >= 1, f"PS_PEER_BUFFER_BYTES must be >= 1, got {self.peer_buffer_bytes}")
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
         _check(self.num_workers >= 1, f"need at least 1 worker, got {self.num_workers}")
@@ -122,13 +119,23 @@ class SchedulerConfig:
         parse_steps(self.trace_steps)
         _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535,
                f"metrics port must be in 0..65535 (0: a free one), got {self.metrics_port}")
-        _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
         _check(self.max_message_bytes >= 1024, f"max message size too small: {self.max_message_bytes}")
-        _check(self.chunk_bytes <= self.max_message_bytes,
-               f"chunk size {self.chunk_bytes} exceeds the max message size {self.max_message_bytes}: "
-               "every block would be refused; lower PS_CHUNK_BYTES or raise PS_MAX_MESSAGE_BYTES")
+        if self.chunk_bytes is not None:
+            _check(self.chunk_bytes >= 1, f"chunk size must be >= 1 byte, got {self.chunk_bytes}")
+            _check(self.chunk_bytes <= self.max_message_bytes,
+                   f"chunk size {self.chunk_bytes} exceeds the max message size {self.max_message_bytes}: "
+                   "every block would be refused; lower PS_CHUNK_BYTES or raise PS_MAX_MESSAGE_BYTES")
         if self.server_device is not None:
             check_device(self.server_device)
+
+    def block_bytes(self, device_lanes_only: bool = False) -> int:
+        """The job's block size: ``chunk_bytes`` where given, else by where the shards are and, with
+        ``device_lanes_only`` (every worker reaches the servers by CUDA IPC), how the workers reach
+        them (``sharding.default_chunk_bytes``), at most a message."""
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        return min(default_chunk_bytes(self.server_device, self.num_servers, device_lanes_only),
+                   self.max_message_bytes)
 
 
 @dataclass(frozen=True)
@@ -391,7 +398,6 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
         "PS_NUM_SERVERS": str(config.num_servers),
         "PS_MODE": config.mode,
         "PS_STALENESS": str(config.staleness),
-        "PS_CHUNK_BYTES": str(config.chunk_bytes),
         "PS_MAX_MESSAGE_BYTES": str(config.max_message_bytes),
         "PS_HEARTBEAT_INTERVAL": str(config.timing.heartbeat_interval),
         "PS_HEARTBEAT_TIMEOUT": str(config.timing.heartbeat_timeout),
@@ -401,6 +407,8 @@ def config_to_env(config: SchedulerConfig) -> dict[str, str]:
     }
     if config.server_device:
         env["PS_SERVER_DEVICE"] = config.server_device
+    if config.chunk_bytes is not None:  # else the scheduler picks it at registration (block_bytes)
+        env["PS_CHUNK_BYTES"] = str(config.chunk_bytes)
     if config.secret_file:
         env["PS_SECRET_FILE"] = config.secret_file
     if config.elastic:

@@ -125,6 +125,7 @@ class Register(Message, tag="register"):
     tensors: list[TensorInfo]
     optimizer: dict[str, Any]
     tables: list[dict[str, Any]] = []  # TableSpec.to_wire() of each embedding table
+    device_lanes: bool = False  # its tensors are on a GPU, to go by CUDA IPC where a server shares its host
 
 
 class Registered(Message, tag="registered"):

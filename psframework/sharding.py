@@ -57,18 +57,22 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # shards on GPUs: each block costs a round of messages and of host work on both sides, which a
 # device-to-device copy of 64 MiB (~30 us on an H200) does not repay at 4 MiB (benchmarks/gpu.py)
 GPU_CHUNK_BYTES = 64 << 20
-# one GPU server: blocks spread nothing over servers, and a sync server applies an exchange through
-# device lanes in one burst, so they pipeline nothing either; each one more only adds a round of
-# messages (a GPT-like model on one H200: 0.77 -> 0.94 of single-process speed, RESULTS_GPU.md)
-ONE_GPU_SERVER_CHUNK_BYTES = 1 << 30
+# one GPU server whose workers all reach it through device lanes (CUDA IPC): blocks spread nothing
+# over servers, and the server applies an exchange through device lanes in one burst, so they
+# pipeline nothing either; each one more only adds a round of messages (a GPT-like model on one
+# H200: 0.77 -> 0.94 of single-process speed, RESULTS_GPU.md). Blocks that cross PCIe or a network
+# keep the smaller size, whose copies and transfers overlap (one 256 MiB block through a
+# shared-memory lane took 21.9 ms against 16.1 ms as four).
+DEVICE_LANE_CHUNK_BYTES = 1 << 30
 
 
-def default_chunk_bytes(server_device: Optional[str], num_servers: int = 1) -> int:
+def default_chunk_bytes(server_device: Optional[str], num_servers: int = 1, device_lanes_only: bool = False) -> int:
     """The block size of a job that does not set one: larger where the shards are on GPUs, and
-    larger still where one GPU server holds them all."""
+    larger still where one GPU server holds them all and every worker reaches it by device lanes."""
     if server_device is None or not server_device.startswith("cuda"):
         return DEFAULT_CHUNK_BYTES
-    return ONE_GPU_SERVER_CHUNK_BYTES if num_servers == 1 else GPU_CHUNK_BYTES
+    return DEVICE_LANE_CHUNK_BYTES if num_servers == 1 and device_lanes_only else GPU_CHUNK_BYTES
+
 
 _ITEMSIZE = {
     "bool": 1,
@@ -447,7 +451,7 @@ def _make_block(block_id: int, server: int, group: List[_Piece]) -> Block:
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "GPU_CHUNK_BYTES",
-    "ONE_GPU_SERVER_CHUNK_BYTES",
+    "DEVICE_LANE_CHUNK_BYTES",
     "default_chunk_bytes",
     "Block",
     "Segment",

@@ -83,7 +83,8 @@ class Registration:
             reference = self._check()
             specs = [TensorSpec(t.name, tuple(t.shape), t.dtype) for t in reference.tensors]
             tables = [TableSpec.from_wire(t) for t in reference.tables]
-            shard_map = assign_shards(specs, self.config.num_servers, self.config.chunk_bytes, tables)
+            shard_map = assign_shards(specs, self.config.num_servers,
+                                      self.config.block_bytes(self._device_lanes_only()), tables)
         except PSError as exc:
             self.fail(P.REGISTRATION, str(exc))
             return
@@ -94,6 +95,15 @@ class Registration:
             self._setting_up.add(rank)
         log.info("registered %d tensors in %d blocks (server bytes %s) and %d tables", len(specs),
                  len(shard_map.blocks), shard_map.server_bytes(), len(tables))
+
+    def _device_lanes_only(self) -> bool:
+        """Every registered worker's tensors are on a GPU, and it shares its host with every server:
+        all of them will exchange through device lanes (a worker whose lanes fail falls back to
+        the shared-memory lane, which works with any block size)."""
+        hosts = {self.roster.server(rank).host for rank in range(self.config.num_servers)}
+        return len(hosts) == 1 and all(
+            message.device_lanes and self.roster.node("worker", rank).host in hosts
+            for rank, (_, message) in self._pending.items())
 
     def setup_message(self) -> P.Setup:
         return P.Setup(shard_map=self.shard_map, optimizer=self.optimizer)

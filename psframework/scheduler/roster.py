@@ -105,7 +105,7 @@ class Roster:
         return P.Welcome(rank=node.rank, num_workers=c.num_workers, num_servers=c.num_servers, mode=c.mode,
                          staleness=c.staleness, servers=self.server_addresses(),
                          heartbeat_interval=c.timing.heartbeat_interval,
-                         heartbeat_timeout=c.timing.heartbeat_timeout, chunk_bytes=c.chunk_bytes,
+                         heartbeat_timeout=c.timing.heartbeat_timeout, chunk_bytes=c.block_bytes(),
                          host=c.host, version=P.VERSION, server_device=c.server_device, elastic=c.elastic,
                          token=node.token, worker_keys=keys, max_message_bytes=c.max_message_bytes,
                          reader_key=self.reader_key if node.role == "server" else "")

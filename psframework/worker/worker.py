@@ -121,7 +121,8 @@ class Worker:
         self.compression = Compression.plan(specs, compression, pull_compression, self.config)  # README: compression
         reply = self.membership.request(
             P.Register(rank=self.rank, tensors=[P.TensorInfo(s.name, list(s.shape), s.dtype) for s in specs],
-                       optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()]),
+                       optimizer=optimizer.to_wire(), tables=[t.to_wire() for t in table_specs.values()],
+                       device_lanes=_offers_device_lanes(self.config, self.membership.welcome, tensors)),
             expect=P.Registered)
         self.shard_map = ShardMap.from_wire(reply.shard_map)
         self._specs, self._registered = {s.name: s for s in specs}, tensors
@@ -343,6 +344,12 @@ class Worker:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+def _offers_device_lanes(config: NodeConfig, welcome: P.Welcome, tensors: dict) -> bool:
+    """Whether a worker will offer the GPU servers of its host device lanes (``WorkerLanes.attach_all``)."""
+    return bool(tensors) and all(t.is_cuda for t in tensors.values()) and config.cuda_ipc and config.shm and \
+        shm_available() and welcome.server_device != "cpu"
 
 def _pull_through_rollbacks(worker: Worker, tensors: dict[str, torch.Tensor]) -> None:
     """register()'s pull of the current values. The job may go back to a checkpoint meanwhile (a

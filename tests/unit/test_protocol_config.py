@@ -7,7 +7,8 @@ import torch
 import psframework as ps
 from psframework import protocol as P
 from psframework.buffers import byte_view
-from psframework.config import NodeConfig, SchedulerConfig, Timing, node_config_from_env, scheduler_config_from_env
+from psframework.config import (NodeConfig, SchedulerConfig, Timing, config_to_env, node_config_from_env,
+                                scheduler_config_from_env)
 from psframework.transport import MemoryTransport
 
 
@@ -138,22 +139,25 @@ def test_reply_credits_hold_back_what_exceeds_a_peers_budget_and_release_it_in_o
 def test_blocks_are_larger_by_default_where_the_shards_are_on_gpus():
     from psframework.sharding import DEFAULT_CHUNK_BYTES, GPU_CHUNK_BYTES
 
-    assert SchedulerConfig(num_workers=1, num_servers=1).chunk_bytes == DEFAULT_CHUNK_BYTES
-    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cpu").chunk_bytes == DEFAULT_CHUNK_BYTES
-    assert SchedulerConfig(num_workers=1, num_servers=2, server_device="cuda:1").chunk_bytes == GPU_CHUNK_BYTES
-    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda", chunk_bytes=4096).chunk_bytes == 4096
-    env = {"PS_SERVER_DEVICE": "cuda", "PS_NUM_SERVERS": "3"}
-    assert scheduler_config_from_env(env).chunk_bytes == GPU_CHUNK_BYTES
-    assert scheduler_config_from_env({**env, "PS_CHUNK_BYTES": "8192"}).chunk_bytes == 8192
+    assert SchedulerConfig(num_workers=1, num_servers=1).block_bytes() == DEFAULT_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cpu").block_bytes(True) == DEFAULT_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda:1").block_bytes() == GPU_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=1, num_servers=1, server_device="cuda", chunk_bytes=4096).block_bytes(True) == 4096
+    env = {"PS_SERVER_DEVICE": "cuda"}
+    assert scheduler_config_from_env(env).block_bytes() == GPU_CHUNK_BYTES
+    assert scheduler_config_from_env({**env, "PS_CHUNK_BYTES": "8192"}).block_bytes() == 8192
 
 
-def test_one_gpu_server_holds_its_blocks_whole_up_to_the_message_size():
-    """Blocks of one GPU server pipeline nothing: the default packs up to 1 GiB into one, and never
-    more than a message may carry."""
-    from psframework.sharding import ONE_GPU_SERVER_CHUNK_BYTES
+def test_one_gpu_server_reached_by_device_lanes_only_gets_whole_blocks_up_to_the_message_size():
+    """Blocks of one GPU server that every worker reaches by CUDA IPC pipeline nothing: the default
+    packs up to 1 GiB into one, never more than a message may carry; several servers keep 64 MiB."""
+    from psframework.sharding import DEVICE_LANE_CHUNK_BYTES, GPU_CHUNK_BYTES
 
-    assert SchedulerConfig(num_workers=2, num_servers=1, server_device="cuda").chunk_bytes == ONE_GPU_SERVER_CHUNK_BYTES
+    one = SchedulerConfig(num_workers=2, num_servers=1, server_device="cuda")
+    assert one.block_bytes(device_lanes_only=True) == DEVICE_LANE_CHUNK_BYTES
+    assert one.block_bytes(device_lanes_only=False) == GPU_CHUNK_BYTES
+    assert SchedulerConfig(num_workers=2, num_servers=2, server_device="cuda").block_bytes(True) == GPU_CHUNK_BYTES
     assert SchedulerConfig(num_workers=2, num_servers=1, server_device="cuda",
-                           max_message_bytes=128 << 20).chunk_bytes == 128 << 20
-    assert scheduler_config_from_env({"PS_SERVER_DEVICE": "cuda:0", "PS_NUM_SERVERS": "1"}).chunk_bytes == \
-        ONE_GPU_SERVER_CHUNK_BYTES
+                           max_message_bytes=128 << 20).block_bytes(True) == 128 << 20
+    assert "PS_CHUNK_BYTES" not in config_to_env(one)  # the scheduler picks it at registration
+    assert config_to_env(SchedulerConfig(num_workers=1, num_servers=1, chunk_bytes=4096))["PS_CHUNK_BYTES"] == "4096"

@@ -94,3 +94,37 @@ def test_a_late_register_fails_when_the_job_fails():
     job.registration.fail(P.PEER_LOST, "register cannot complete: server 0 on host h (pid 100) died")
     [error] = job.to(job.late)
     assert error.kind == P.PEER_LOST and "server 0" in error.message
+
+
+def _placed_chunk(worker_hosts: list[str], device_lanes: list[bool], servers: int = 1, chunk=None) -> int:
+    """The block size the scheduler places a job's tensors with, for GPU servers on host "h"."""
+    config = SchedulerConfig(num_workers=len(worker_hosts), num_servers=servers, server_device="cuda",
+                             chunk_bytes=chunk, timing=TIMING)
+    roster = Roster(config)
+    for rank in range(servers):
+        roster.admit(f"server-{rank}".encode(), P.Hello(role="server", host="h", pid=10 + rank, version=P.VERSION,
+                                                         rank=rank, address=f"tcp://h:{10 + rank}"))
+    for rank, host in enumerate(worker_hosts):
+        roster.admit(f"worker-{rank}".encode(), P.Hello(role="worker", host=host, pid=20 + rank, version=P.VERSION,
+                                                         rank=rank, address=""))
+    roster.assign_ranks()
+    sent: list[tuple[bytes, P.Message]] = []
+    registration = Registration(roster, lambda peer, m: sent.append((peer, m)), lambda: 0)
+    tensors = [P.TensorInfo("w", [100 << 20], "float32")]  # 400 MiB
+    for rank, lanes in enumerate(device_lanes):
+        registration.on_register(f"worker-{rank}".encode(),
+                                 P.Register(rank=rank, tensors=tensors, optimizer={"name": "sgd"}, device_lanes=lanes))
+    setups = [m for _, m in sent if isinstance(m, P.Setup)]
+    assert len(setups) == servers, sent
+    return setups[0].shard_map["chunk_bytes"]
+
+
+def test_one_gpu_server_gets_whole_blocks_only_where_every_worker_reaches_it_by_device_lanes():
+    """Blocks that cross PCIe or a network keep the size whose copies overlap: a worker on another
+    host, or one whose tensors are not on a GPU, keeps 64 MiB blocks; so do several servers and a
+    PS_CHUNK_BYTES that was given."""
+    assert _placed_chunk(["h", "h"], [True, True]) == 1 << 30
+    assert _placed_chunk(["h", "g"], [True, True]) == 64 << 20
+    assert _placed_chunk(["h", "h"], [True, False]) == 64 << 20
+    assert _placed_chunk(["h"], [True], servers=2) == 64 << 20
+    assert _placed_chunk(["h"], [True], chunk=4 << 20) == 4 << 20
