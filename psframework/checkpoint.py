@@ -132,11 +132,12 @@ def check_compatible(manifest: dict[str, Any], shard_map_wire: dict, mode: str, 
     if manifest.get("mode") != mode:
         raise CheckpointError(f"checkpoint {where} was taken in mode {manifest.get('mode')}; this job runs {mode}")
     saved = manifest.get("shard_map") or {}
-    if saved != shard_map_wire and saved.get("tensors") == shard_map_wire.get("tensors") and \
-            saved.get("chunk_bytes") not in (None, shard_map_wire.get("chunk_bytes")):
+    same_model = all(saved.get(key) == shard_map_wire.get(key) for key in ("tensors", "tables"))
+    if same_model and saved.get("chunk_bytes") not in (None, shard_map_wire.get("chunk_bytes")):
         raise CheckpointError(f"checkpoint {where} holds blocks of {saved['chunk_bytes']} bytes, this job's are "
-                              f"{shard_map_wire.get('chunk_bytes')} (one GPU server reached by CUDA IPC only "
-                              f"now defaults to 1 GiB, where it used 64 MiB): run the job with PS_CHUNK_BYTES={saved['chunk_bytes']} to resume it")
+                              f"{shard_map_wire.get('chunk_bytes')} (the default block size depends on the servers' "
+                              "device and on how the workers reach them): run the job with "
+                              f"PS_CHUNK_BYTES={saved['chunk_bytes']} to resume it")
     if saved != shard_map_wire:
         raise CheckpointError(f"checkpoint {where} holds different tensors (or another chunk size) than the ones "
                               "registered now; register the same model with the same PS_CHUNK_BYTES")

@@ -78,7 +78,7 @@ class Welcome(Message, tag="welcome"):
     servers: list[str]
     heartbeat_interval: float
     heartbeat_timeout: float
-    chunk_bytes: int
+    chunk_bytes: int  # the job's usual block size; the placement's own is in the shard map (Registered)
     host: str  # the scheduler's
     version: int = 0
     server_device: Optional[str] = None

@@ -180,8 +180,9 @@ class JobWeights:
         return self.reader.snapshot({name: state[name] for name in self.names})
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ps-serve-refresh", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="ps-serve-refresh", daemon=True)
+        thread.start()
+        self._thread = thread  # only once started: close() joins it
 
     def _run(self) -> None:
         failing = False

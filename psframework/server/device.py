@@ -175,7 +175,7 @@ class CudaIO(DeviceIO):
         self.stream = torch.cuda.Stream(device, priority=-1)  # updates, and copies of values to the host
         self.upload = torch.cuda.Stream(device, priority=-1)  # copies of pushed gradients to the device
         torch.cuda.set_stream(self.stream)
-        self._ring: Optional[StagingRing] = None  # made at the first push over the socket (_receive_slot)
+        self._ring: Optional[StagingRing] = None  # made at the first message with values (_receive_slot)
         self._ring_bytes = 0
         # answers waiting for a device copy: (its event, peer, frames, block whose reply buffer they
         # read, what to tell once sent, when it was queued for a trace)
@@ -186,9 +186,9 @@ class CudaIO(DeviceIO):
         self._ring_bytes, self._ring = max((b.nbytes for b in blocks), default=0), None
 
     def _receive_slot(self) -> Staging:
-        """A pinned slot for a push over the socket. The ring of them, each the size of the largest
-        block, is made at the first such push: a job whose pushes all come through device lanes
-        never needs it, and one GPU server's blocks are up to 1 GiB (two slots then, not four)."""
+        """A pinned slot for a push over the socket (the workers' initial values come this way too).
+        The ring of them, each the size of the largest block, is made at the first one; blocks of
+        one GPU server reached by device lanes are up to 1 GiB, and get two slots, not four."""
         if self._ring is None:
             self._ring = StagingRing(self._ring_bytes, slots=4 if self._ring_bytes <= 256 << 20 else 2)
         return self._ring.take()

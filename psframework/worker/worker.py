@@ -345,11 +345,11 @@ class Worker:
         self.close()
 
 
-
 def _offers_device_lanes(config: NodeConfig, welcome: P.Welcome, tensors: dict) -> bool:
     """Whether a worker will offer the GPU servers of its host device lanes (``WorkerLanes.attach_all``)."""
     return bool(tensors) and all(t.is_cuda for t in tensors.values()) and config.cuda_ipc and config.shm and \
         shm_available() and welcome.server_device != "cpu"
+
 
 def _pull_through_rollbacks(worker: Worker, tensors: dict[str, torch.Tensor]) -> None:
     """register()'s pull of the current values. The job may go back to a checkpoint meanwhile (a

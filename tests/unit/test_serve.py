@@ -7,13 +7,14 @@ import json
 import socket
 import threading
 import time
+import types
 
 import pytest
 import torch
 
 from psframework.serve.batching import Batcher, ModelError
 from psframework.serve.http import bind, read_body
-from psframework.serve.model import ServedModel
+from psframework.serve.model import JobWeights, ServedModel
 from psframework.serve.payload import BadRequest, InputSpec, parse
 
 SPEC = InputSpec.of((3,), "float32", max_rows=4, max_bytes=1000)
@@ -239,3 +240,21 @@ def test_a_file_without_the_rows_of_the_models_tables_is_refused_with_what_it_la
     with pytest.raises(ConfigError, match=r"table 'items' has \(1,\) ids and rows of shape \(1, 5\); the model's "
                                           r"table has rows of 3"):
         bind_file_rows(model, tensors, "model.safetensors")
+
+
+def test_a_refresh_thread_that_cannot_start_leaves_the_readers_closable(monkeypatch):
+    """``start`` failing (no thread to be had) must not leave a thread that ``close`` then joins:
+    joining a thread never started raises, and the reader stayed open."""
+    closed = []
+    weights = JobWeights.__new__(JobWeights)
+    weights.reader, weights._rows_reader = types.SimpleNamespace(close=lambda: closed.append("reader")), None
+    weights._stop, weights._thread, weights.config = threading.Event(), None, types.SimpleNamespace(timeout=1.0)
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        weights.start()
+    weights.close()
+    assert closed == ["reader"]
