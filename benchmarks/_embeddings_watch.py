@@ -84,7 +84,9 @@ class MemoryWatch:
             fields = _stat(pid)
             hwm = vm_hwm_mib(pid)
             if hwm and fields:
-                name = self._seen.setdefault((pid, fields[19]), role(pid))
+                # looked up at each sample: a child forked by ps-launch shows the launcher's command
+                # line until it execs, with the same pid and start time
+                name = self._seen[(pid, fields[19])] = role(pid)
                 self._peak[name] = max(self._peak.get(name, 0.0), hwm)
 
     def peaks(self) -> dict[str, float]:

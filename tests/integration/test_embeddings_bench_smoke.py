@@ -20,6 +20,24 @@ BENCH = ROOT / "benchmarks" / "embeddings.py"
 sys.path.insert(0, str(ROOT))
 
 
+def test_a_process_seen_between_fork_and_exec_is_named_by_what_it_runs_later(monkeypatch):
+    """ps-launch forks its servers: sampled before the exec, a server's command line is still the
+    launcher's. Its role must follow the exec, or one server goes missing from the report."""
+    from benchmarks import _embeddings_watch as watch_module
+
+    looked = []
+
+    def role(pid: int) -> str:
+        looked.append(pid)
+        return "ps-launch" if looked.count(pid) == 1 else "server 1"
+
+    monkeypatch.setattr(watch_module, "role", role)
+    watch = watch_module.MemoryWatch()
+    for _ in range(2):
+        watch.sample([os.getpid()])
+    assert "server 1" in watch.peaks(), watch.peaks()
+
+
 def test_auc_counts_ties_half_and_matches_the_definition():
     from benchmarks._embeddings_worker import ctr
 
