@@ -98,23 +98,18 @@ def test_no_checkpoint_yet_is_not_an_error(checkpointed, tmp_path):
     assert worker.load_checkpoint(tmp_path / "empty") is None
 
 
-def test_a_checkpoint_of_another_job_shape_is_refused(make_cluster, checkpointed):
+@pytest.mark.parametrize("servers, chunk, refusal", [
+    (1, 4096, "2 servers"),
+    # the same tensors in blocks of another size (a default that changed, as for one GPU server):
+    # the error says which PS_CHUNK_BYTES the checkpoint needs
+    (2, 8192, "blocks of 4096 bytes.*8192.*PS_CHUNK_BYTES=4096"),
+], ids=["other servers", "other blocks"])
+def test_a_checkpoint_of_another_job_shape_is_refused_saying_why(make_cluster, checkpointed, servers, chunk, refusal):
     _, _, _, root = checkpointed
-    cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=4096)
+    cluster = make_cluster(num_servers=servers, num_workers=1, chunk_bytes=chunk)
     with ps.init(scheduler=cluster.scheduler) as worker:
         worker.register(models.make_params(0), optimizer=ps.optim.Adam(lr=0.01))
-        with pytest.raises(ps.CheckpointError, match="2 servers"):
-            worker.load_checkpoint(root)
-
-
-def test_a_checkpoint_with_other_blocks_names_the_block_size_to_resume_it_with(make_cluster, checkpointed):
-    """The same tensors placed in blocks of another size (a default that changed, as for one GPU
-    server): the error says which PS_CHUNK_BYTES the checkpoint needs."""
-    _, _, _, root = checkpointed
-    cluster = make_cluster(num_servers=2, num_workers=1, chunk_bytes=8192)
-    with ps.init(scheduler=cluster.scheduler) as worker:
-        worker.register(models.make_params(0), optimizer=ps.optim.Adam(lr=0.01))
-        with pytest.raises(ps.CheckpointError, match="blocks of 4096 bytes.*8192.*PS_CHUNK_BYTES=4096"):
+        with pytest.raises(ps.CheckpointError, match=refusal):
             worker.load_checkpoint(root)
 
 
