@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 9  # 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 10  # 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -345,7 +345,10 @@ class Attach(Message, tag="attach"):
 
 class AttachDevice(Message, tag="attach_device"):
     """Map my device lane by CUDA IPC (a worker whose lane the server took, tensors on a GPU): the
-    fields of torch's sharing of a CUDA storage, the lane's size and the token at its start."""
+    fields of torch's sharing of a CUDA storage, the lane's size and the token at its start;
+    ``events``: the handles of the interprocess events the worker records once a block's gradients
+    are in its push slot, by block id in ascending order (``datapath/cuda_ipc.py``), and the
+    worker's ``pid`` and its ``started`` time (``datapath/peer_process.py``)."""
     req: int
     rank: int
     token: bytes
@@ -358,6 +361,9 @@ class AttachDevice(Message, tag="attach_device"):
     event_handle: bytes
     event_sync: bool
     nbytes: int
+    events: list[bytes] = []
+    pid: int = 0
+    started: int = 0
 
 
 class Ack(Message, tag="ack"):

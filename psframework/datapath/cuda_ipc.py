@@ -8,16 +8,20 @@ its gradients into the push slot device to device, the server copies them out on
 its new values into the pull slot, device to device (peer to peer where the two GPUs differ), and
 the socket carries only headers.
 
-Ordering of the values is by CUDA events shared between the processes: the server makes one
-interprocess event per block when it maps the lane and sends their handles with its answer to the
-lane (``Attached.events``); it records a block's event on its stream after queuing the copy of the
-values into the pull slot and answers at once, so the answer travels while the device works. The
-worker then waits on the host for that event (``wait_for_peer``, with a liveness check of the job
-and a deadline) before it queues its copy out of the pull slot, and checks that the server's
-process still runs (a killed process's events read as complete: ``peer_process.py``). No side ever queues a wait for the
-other process's event on its streams: a peer killed with work in flight leaves its events
-incomplete for ever, and a stream of ours waiting for one could never be freed. The gradients go
-the other way as before: the worker sends a push once its copy into the push slot has completed.
+Ordering is by CUDA events shared between the processes, one per block each way, made at attach
+(an interprocess event recorded before the other process opened its handle is not seen there, so
+each side opens the other's handles once and records only after that). The worker's events travel
+with its offer (``AttachDevice.events``): it records a block's event on its copy stream after
+queuing the copy of its gradients into the push slot and sends its header at once, so the header
+travels while the copy runs; the server waits on the host for that event (``wait_pushed``) before
+it reads the slot. The server's events travel with its answer to the lane (``Attached.events``):
+it records a block's event on its stream after queuing the copy of the values into the pull slot
+and answers at once; the worker waits on the host for it (``wait_written``) before it queues its
+copy out of the pull slot. Each host wait checks that the other side's process still runs (a
+killed process's events read as complete, or never complete: ``peer_process.py``) and has a
+deadline. No side ever queues a wait for the other process's event on its streams: a peer killed
+with work in flight leaves its events incomplete for ever, and a stream of ours waiting for one
+could never be freed.
 
 A worker offers a device lane only to servers that took its shared-memory lane (which shows they
 are on its host) and only where its tensors are on a GPU; the handle travels, with a random token
@@ -29,6 +33,7 @@ device lanes off.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import time
@@ -39,7 +44,7 @@ import torch
 from .. import protocol as P
 from ..errors import ConfigError, PeerLostError, PSError, PSTimeoutError
 from .lane import TOKEN_BYTES, Slots, lane_layout
-from .peer_process import PeerProcess
+from .peer_process import PeerProcess, start_time
 
 HEADER_BYTES = 512  # the token, then aligned areas
 PEER_EVENT_DEADLINE = 60.0  # seconds a worker waits for a live server's device work on one block
@@ -56,33 +61,42 @@ class DeviceLane(Slots):
 
     def __init__(self, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int):
         super().__init__(memory, offsets, area_bytes)
+        # by block: the worker records it once its gradients are in the push slot
+        self.pushed: dict[int, torch.cuda.Event] = {}
         # by block: the server records it once the block's values are in the pull slot
         self.written: dict[int, torch.cuda.Event] = {}
-        self.server: Optional[PeerProcess] = None  # the server's process (the worker's side)
+        self.peer: Optional[PeerProcess] = None  # the other side's process
 
     @classmethod
     def create(cls, device: torch.device, blocks: Iterable[tuple[int, int]]) -> "DeviceLane":
-        """Allocate the lane on the worker's GPU; ``torch.cuda.OutOfMemoryError`` if it does not fit."""
+        """Allocate the lane on the worker's GPU, with its push events; ``torch.cuda.OutOfMemoryError``
+        if it does not fit."""
         offsets, area = lane_layout(blocks)
         memory = torch.zeros(HEADER_BYTES + 2 * area, dtype=torch.uint8, device=device)
         token = torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8)
         memory[:TOKEN_BYTES].copy_(token)
-        return cls(memory, offsets, area)
+        lane = cls(memory, offsets, area)
+        lane.pushed = _new_events(memory.device, offsets)
+        return lane
 
     def export(self, rank: int, req: int) -> P.AttachDevice:
-        """What a server needs to map this lane: the request that offers it."""
+        """What a server needs to map this lane and see our push events: the request that offers it."""
         (device, handle, size, offset, counter_handle, counter_offset, event_handle,
          event_sync) = self.memory.untyped_storage()._share_cuda_()
         return P.AttachDevice(req=req, rank=rank, token=self.token, device=int(device), handle=bytes(handle),
                               size=int(size), offset=int(offset), counter_handle=bytes(counter_handle),
                               counter_offset=int(counter_offset),
                               event_handle=bytes(event_handle or b""),
-                              event_sync=bool(event_sync), nbytes=self.memory.numel())
+                              event_sync=bool(event_sync), nbytes=self.memory.numel(),
+                              events=[bytes(event.ipc_handle()) for event in self.pushed.values()],
+                              pid=os.getpid(), started=start_time(os.getpid()) or 0)
 
     @classmethod
     def attach(cls, message: P.AttachDevice, blocks: Iterable[tuple[int, int]],
                device: torch.device) -> "DeviceLane":
-        """Map a worker's device lane on our ``device`` (the server's side), checking size and token."""
+        """Map a worker's device lane on our ``device`` (the server's side), checking size and token,
+        open its push events and watch its process; ConfigError, or OSError where its process is not
+        visible from here."""
         offsets, area = lane_layout(blocks)
         expected = HEADER_BYTES + 2 * area
         if message.nbytes != expected:
@@ -96,43 +110,73 @@ class DeviceLane(Slots):
         lane = cls(whole[:expected], offsets, area)
         if lane.token != message.token:
             raise ConfigError(f"device lane of worker {message.rank} holds another token")
+        lane.pushed = lane._open(message.events, message.pid, message.started, f"worker {message.rank}")
         return lane
 
     def make_events(self, device: torch.device) -> list[bytes]:
         """The server's side: one interprocess event per block; their handles, by block id in
         ascending order, for the worker."""
-        with torch.cuda.device(device):
-            self.written = {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(self.offsets)}
-            return [bytes(event.ipc_handle()) for event in self.written.values()]
+        self.written = _new_events(device, self.offsets)
+        return [bytes(event.ipc_handle()) for event in self.written.values()]
 
     def open_events(self, reply: P.Message, server: int) -> None:
         """The worker's side: open the server's events (``make_events``) and watch its process, once;
         ConfigError, or OSError where its process is not visible from here."""
-        events = reply.events if isinstance(reply, P.Attached) else []
-        if len(events) != len(self.offsets):
-            raise ConfigError(f"server {server} sent {len(events)} events for a device lane of "
-                              f"{len(self.offsets)} blocks")
-        self.server = PeerProcess(reply.pid, reply.started)
+        if not isinstance(reply, P.Attached):
+            raise ConfigError(f"server {server} answered the device lane with {type(reply).__name__}")
+        self.written = self._open(reply.events, reply.pid, reply.started, f"server {server}")
+
+    def _open(self, handles: list[bytes], pid: int, started: int, who: str) -> dict[int, torch.cuda.Event]:
+        """The other side's events, by block, from their handles; its process is watched from now on."""
+        if len(handles) != len(self.offsets):
+            raise ConfigError(f"{who} sent {len(handles)} events for a device lane of {len(self.offsets)} blocks")
+        if self.peer is not None:
+            self.peer.close()
+        self.peer = PeerProcess(pid, started)
         device = self.memory.device
-        self.written = {block_id: torch.cuda.Event.from_ipc_handle(device, handle)
-                        for block_id, handle in zip(sorted(self.offsets), events)}
+        return {block_id: torch.cuda.Event.from_ipc_handle(device, handle)
+                for block_id, handle in zip(sorted(self.offsets), handles)}
+
+    def record_pushed(self, block_id: int, stream: "torch.cuda.Stream") -> None:
+        """The worker's side: the copy of ``block_id``'s gradients into the push slot is queued on
+        ``stream`` (after every earlier copy into it)."""
+        self.pushed[block_id].record(stream)
+
+    def wait_pushed(self, block_id: int, worker: int) -> Optional[PSError]:
+        """The server's side: wait until the worker's gradients of ``block_id`` are in the push slot;
+        the error instead, if its process dies or the copy takes more than PEER_EVENT_DEADLINE."""
+        return self._wait(self.pushed, block_id, "worker", worker,
+                          f"copying the gradients of block {block_id} into the device lane", lambda: None)
 
     def wait_written(self, block_id: int, alive: Callable[[], None], server: int) -> Optional[PSError]:
         """Wait until the server's values of ``block_id`` are in the pull slot; the error instead, if
         the server has no event for it, or dies or takes more than PEER_EVENT_DEADLINE."""
-        event = self.written.get(block_id)
-        if event is None or self.server is None:
-            return PSError(f"device lane to server {server}: no event for block {block_id} (the server's "
-                           "answer to the lane named none); restart the job")
+        return self._wait(self.written, block_id, "server", server,
+                          f"writing the values of block {block_id} into the device lane", alive)
+
+    def _wait(self, events: dict[int, torch.cuda.Event], block_id: int, role: str, rank: int, doing: str,
+              alive: Callable[[], None]) -> Optional[PSError]:
+        """Wait for the other side's event of ``block_id``; ``alive()`` raises if the job lost a node."""
+        event = events.get(block_id)
+        peer = self.peer
+        if event is None or peer is None:
+            return PSError(f"device lane of {role} {rank}: no event for block {block_id} (the lane's attach "
+                           "named none); restart the job")
+
+        def lost() -> PeerLostError:
+            return PeerLostError(f"{role} {rank} (pid {peer.pid} on {socket.gethostname()}) died while {doing}",
+                                 role=role, rank=rank, host=socket.gethostname())
+
+        def peer_alive() -> None:
+            alive()
+            if not peer.running():
+                raise lost()
         try:
-            wait_for_peer(event, alive, f"server {server}'s values of block {block_id}")
+            wait_for_peer(event, peer_alive, f"{role} {rank} {doing}")
         except PSError as exc:
             return exc
-        if not self.server.running():  # its context went away with the work: the event says nothing
-            return PeerLostError(f"server {server} (pid {self.server.pid} on {socket.gethostname()}) died "
-                                 f"while writing the values of block {block_id} into the device lane",
-                                 role="server", rank=server, host=socket.gethostname())
-        return None
+        # a killed process's context went away with the work: its event says nothing
+        return None if peer.running() else lost()
 
     @property
     def token(self) -> bytes:
@@ -144,11 +188,24 @@ class DeviceLane(Slots):
     def pin(self, device=None) -> bool:
         return True  # device memory
 
+    def copy_push_area(self, other: "Slots") -> None:
+        """Take over another lane's push area (a restarted server maps this one after it is copied:
+        our push events, recorded before it opened them, would say nothing to it)."""
+        super().copy_push_area(other)
+        torch.cuda.current_stream(self.memory.device).synchronize()
+
     def close(self) -> None:
-        self.written = {}
-        if self.server is not None:
-            self.server.close()
+        self.written, self.pushed = {}, {}
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
         self.forget_memory()
+
+
+def _new_events(device: torch.device, offsets: dict[int, int]) -> dict[int, torch.cuda.Event]:
+    """One interprocess event per block, by block id in ascending order."""
+    with torch.cuda.device(device):
+        return {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(offsets)}
 
 
 def wait_for_peer(event: torch.cuda.Event, alive: Callable[[], None], what: str,

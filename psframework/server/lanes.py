@@ -20,6 +20,7 @@ from ..datapath.cuda_ipc import DeviceLane
 from ..datapath.lane import ROW_PULLS, Lane, Slots
 from ..datapath.peer_process import start_time
 from ..datapath.values import ordered_stores, values_name
+from ..errors import PSTimeoutError
 from .device import DeviceIO
 from .store import BlockState, DenseStore, Pending, Pushed
 
@@ -108,9 +109,12 @@ class ServerLanes:
         write_rows([cursor.take(count * dim * 4, torch.float32).view(count, dim) for count, dim in shapes])
         self.io.answer(pending.peer, [P.encode(P.RowValues(req=pending.req, version=version, shm=True))])
 
-    def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool) -> Pushed:
+    def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool, rank: int) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
-        of it (GPU shards). ``held``: the worker leaves the slot alone until we answer."""
+        of it (GPU shards). ``held``: the worker leaves the slot alone until we answer. A device
+        lane's push may come before the worker's copy into the slot is done: we wait for it here."""
+        if lane.on_device:
+            _wait_pushed(lane, state, rank)
         slot = _slot(lane, False, state)
         views = lane.views(False, state.block.block_id, (slot, state.block), lambda: state.split(slot))
         pushed = self.io.from_host(state, segs, slot, held=held, views=views)
@@ -172,6 +176,15 @@ def _replace(lanes: dict, rank: int, lane: Slots) -> None:
     if old is not None:
         old.close()
     lanes[rank] = lane
+
+
+def _wait_pushed(lane: DeviceLane, state: BlockState, rank: int) -> None:
+    """Wait until worker ``rank``'s copy of its gradients into the push slot of ``state``'s block
+    is done; ``Rejected`` if it died or the copy never ended."""
+    error = lane.wait_pushed(state.block.block_id, rank)
+    if error is not None:
+        kind = P.TIMEOUT if isinstance(error, PSTimeoutError) else P.PEER_LOST
+        raise P.Rejected(kind, f"push to {state.describe()}: {error}")
 
 
 def _slot(lane: Slots, pull: bool, state: BlockState) -> torch.Tensor:

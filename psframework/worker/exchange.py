@@ -100,6 +100,29 @@ def _push_nothing(exchange: "Exchange") -> None:
                     exchange.step, exc)
 
 
+def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed) -> list[LaneCopy]:
+    """A lane request of ``block``: its host sources into the push slot, and the copies of its
+    values out of the pull slot once answered. Through a device lane, the push event is then
+    recorded after the copies into the push slot, those from GPUs (``landed``) too: the server
+    waits for it, not we for them."""
+    copies = [c for c in (exchange.into_lane(lane, block, seg, name) for _, seg, name in parts) if c]
+    if lane.on_device and exchange.op is not P.Pull:
+        _record_pushed(exchange, lane, block, parts, landed)
+    return copies
+
+
+def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed) -> None:
+    """Record ``block``'s push event on our copy stream, after its copies from GPUs (``landed``)
+    and, if it has host sources, after the caller's stream, where those were copied."""
+    device = lane.memory.device
+    stream = exchange.worker.staging.stream(device, "push")
+    for event in landed:
+        stream.wait_event(event)
+    if any(name not in exchange._from_device and name not in exchange._absent for _, _, name in parts):
+        stream.wait_stream(torch.cuda.current_stream(device))
+    lane.record_pushed(block.block_id, stream)
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
                  after_caller: bool = True, epoch: Optional[int] = None):
@@ -288,21 +311,23 @@ class Exchange:
 
     def send_ready(self, wait: bool, limit: Optional[int] = None) -> None:
         """Send the blocks whose sources are all here (at most ``limit``); with ``wait``, wait for
-        their copies from GPUs, else stop at the first block whose copies have not landed."""
+        their copies from GPUs (a block of a device lane goes at once: its server waits for them,
+        ``DeviceLane.wait_pushed``), else stop at the first block whose copies have not landed."""
         while self._ready and (limit is None or limit > 0) and not self._dropped:
             if limit is not None:
                 limit -= 1
             block_id = self._ready[0]
             events = self._landed.get(block_id, ())
-            if not wait and not all(event.query() for event in events):
+            to_device = wait and getattr(self._lane_blocks.get(block_id), "on_device", False)
+            if not to_device and not wait and not all(event.query() for event in events):
                 return
-            if events:
+            if events and not to_device:
                 with self.worker.client.tracer.span("waited for the copies from the GPU", "copy"):
                     for event in events:
                         event.synchronize()
             self._landed.pop(block_id, None)  # only now: a dropped exchange waits for what is left here
             self._ready.popleft()
-            self._send_block(*self._blocks[block_id])
+            self._send_block(*self._blocks[block_id], landed=events if to_device else ())
         self._seal_if_sent()
 
     def _seal_if_sent(self) -> None:
@@ -310,7 +335,7 @@ class Exchange:
             self._keep.clear()
             self.future.seal()
 
-    def _send_block(self, block: Block, parts: list[Part]) -> None:
+    def _send_block(self, block: Block, parts: list[Part], landed=()) -> None:
         client = self.worker.client
         client.same_epoch(self.epoch)
         req = client.next_id()
@@ -319,8 +344,7 @@ class Exchange:
         lane = self._lane_blocks.get(block.block_id)
         codecs, pull_codecs = (_codec_names(self.worker.compression, self.op, parts, self._payloads, self._absent)
                                if lane is None else ([], []))
-        copies = [] if lane is None else [c for c in (self._through_lane(lane, block, seg, name)
-                                                       for _, seg, name in parts) if c]
+        copies = [] if lane is None else _through_lane(self, lane, block, parts, landed)
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
@@ -357,7 +381,7 @@ class Exchange:
         for buffer in staged.values():
             buffer.sent(tracker)  # reused only once ZeroMQ is done reading it
 
-    def _through_lane(self, lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
+    def into_lane(self, lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
         """One segment of a lane request: its source into the push slot (a GPU source is there
         already), and the copy of its values out of the pull slot once the answer is in."""
         if self.op is not P.Pull and name not in self._from_device and name not in self._absent:

@@ -412,3 +412,113 @@ def test_a_server_killed_with_device_work_in_flight_is_an_error_within_seconds(l
     error = lane.wait_written(0, alive, server=0)
     assert isinstance(error, ps.PeerLostError) and "server 0" in str(error)
     assert time.monotonic() - started < 5
+
+
+# -- the server's wait for a worker's push event, against a worker-like process of our own -------------
+
+def _worker_side(matmuls: int, conn) -> None:
+    """Make a device lane of one block and send its offer; on "go" push as a GPU worker does: queue
+    the device work (``matmuls`` products as in ``_server_side``, then the gradients into the push
+    slot of block 0), record block 0's push event, and say "pushed" at once, before the device work
+    is done."""
+    from psframework import protocol as P
+    from psframework.datapath.cuda_ipc import DeviceLane
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    lane = DeviceLane.create(device, [(0, _SLOT_FLOATS * 4)])
+    a = torch.randn(16384, 16384, device=device)
+    slot = lane.piece(False, 0, 0, _SLOT_FLOATS * 4, torch.float32)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        torch.tanh(a @ a)
+        slot.fill_(0.0)
+    torch.cuda.synchronize()
+    conn.send(P.encode(lane.export(0, 1)))
+    conn.recv()  # the server has opened our events: records from now on are seen there
+    with torch.cuda.stream(stream):
+        for _ in range(matmuls):
+            a = torch.tanh(a @ a)
+        slot.fill_(7.0)
+        lane.record_pushed(0, stream)
+    conn.send("pushed")
+    conn.recv()
+    torch.cuda.synchronize()
+
+
+@pytest.fixture
+def worker_and_lane():
+    """A spawned process that offers a device lane of one block as a worker would, mapped here."""
+    import multiprocessing
+
+    from psframework import protocol as P
+    from psframework.datapath.cuda_ipc import DeviceLane
+
+    def start(matmuls: int):
+        parent, child = multiprocessing.get_context("spawn").Pipe()
+        process = multiprocessing.get_context("spawn").Process(target=_worker_side, args=(matmuls, child),
+                                                               daemon=True)
+        process.start()
+        started.append(process)
+        assert parent.poll(60), "the worker-like process did not offer its lane"
+        device = torch.device("cuda", torch.cuda.current_device())
+        lanes.append(DeviceLane.attach(P.decode(parent.recv()), [(0, _SLOT_FLOATS * 4)], device))
+        return lanes[-1], process, parent
+
+    started, lanes = [], []
+    yield start
+    for process in started:
+        process.kill()
+        process.join(10)
+    for lane in lanes:
+        lane.close()
+
+
+def test_a_server_reads_the_push_slot_only_once_the_workers_event_completed(worker_and_lane):
+    """The worker's push comes while its copy into the push slot is still queued behind about 0.3 s
+    of device work: its event has not completed then, and ``wait_pushed`` returns only once the
+    gradients are there."""
+    lane, process, conn = worker_and_lane(matmuls=2)
+    conn.send("go")
+    assert conn.poll(30) and conn.recv() == "pushed"
+    slot = lane.piece(False, 0, 0, _SLOT_FLOATS * 4, torch.float32)
+    assert not lane.pushed[0].query()  # the push went before the copy: reading now would tear
+    assert lane.wait_pushed(0, worker=0) is None
+    assert torch.equal(slot, torch.full_like(slot, 7.0))
+    conn.send("exit")
+
+
+def test_a_worker_killed_with_its_copy_in_flight_is_an_error_for_the_server_within_seconds(worker_and_lane):
+    """A worker killed while its push event waits behind about 20 s of device work: the server's
+    wait ends with PeerLostError naming the worker within seconds, never with the slot taken as pushed."""
+    import time
+
+    lane, process, conn = worker_and_lane(matmuls=130)
+    conn.send("go")
+    assert conn.poll(30) and conn.recv() == "pushed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+    started = time.monotonic()
+    error = lane.wait_pushed(0, worker=0)
+    assert isinstance(error, ps.PeerLostError) and "worker 0" in str(error)
+    assert time.monotonic() - started < 5
+
+
+def test_a_push_sent_while_its_gradients_are_still_computed_is_applied_with_them(make_cluster):
+    """The header of a push through a device lane goes before the copy into the push slot is done,
+    here before the gradients themselves are computed (behind about 0.3 s of device work): the
+    server applies them, not what the slot held from the push before."""
+    numel = ONE_BLOCK // 4
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=ONE_BLOCK, server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(numel, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        worker.push_pull({"w": torch.ones(numel, device="cuda")}, into=params).wait(timeout=30)
+        a = torch.randn(16384, 16384, device="cuda")
+        torch.cuda.synchronize()
+        for _ in range(2):
+            a = torch.tanh(a @ a)
+        grad = torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0  # ready only after the products
+        future = worker.push_pull({"w": grad}, into=params)
+        future.wait(timeout=30)
+        assert torch.equal(params["w"].cpu(), torch.full((numel,), -3.0))
+        assert worker.server_stats()[0]["ipc_requests"] >= 2
