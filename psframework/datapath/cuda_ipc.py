@@ -126,6 +126,11 @@ class DeviceLane(Slots):
             raise ConfigError(f"server {server} answered the device lane with {type(reply).__name__}")
         self.written = self._open(reply.events, reply.pid, reply.started, f"server {server}")
 
+    @property
+    def ready(self) -> bool:
+        """The worker's side: the server's events are open (only then may requests go through)."""
+        return bool(self.written) and self.peer is not None
+
     def _open(self, handles: list[bytes], pid: int, started: int, who: str) -> dict[int, torch.cuda.Event]:
         """The other side's events, by block, from their handles; its process is watched from now on."""
         if len(handles) != len(self.offsets):

@@ -180,6 +180,11 @@ class WorkerLanes:
             self.device_lanes[server] = device_lane
             offer = self.request_attach(server, device_lane)
             offer.future.on_complete(lambda: self._open_renewed(server, device_lane, offer))
+            # nothing goes through the new lane before both sides opened the other's events: an event
+            # recorded before the other process opened it is not seen there (RESULTS_GPU.md, fourth round)
+            if not self.client.await_reply(offer, timeout=30):
+                log.warning("worker %d: the restarted server %d did not answer our device lane in 30 s; new "
+                            "requests go through the shared-memory lane", self.rank, server)
 
     def _open_renewed(self, server: int, lane: DeviceLane, offer: Request) -> None:
         """A restarted server mapped our new device lane: open its events."""
@@ -208,7 +213,9 @@ class WorkerLanes:
     def reserve(self, block: Block) -> Optional[Slots]:
         """The lane for a request on ``block`` (the device lane, if its server has one), if its
         server has one and the block's slots are free."""
-        lane = self.device_lanes.get(block.server) or self.lanes.get(block.server)
+        lane = self.device_lanes.get(block.server)
+        if lane is None or not lane.ready:  # a restarted server's, whose events are not open (renew)
+            lane = self.lanes.get(block.server)
         return lane if lane is not None and lane.reserve(block.block_id) else None
 
     def _holders(self, lane: Slots, server: int) -> tuple[Slots, ...]:

@@ -190,6 +190,23 @@ class Client:
             while self.transport.poll([sock], 0):
                 self._receive_reply(sock)
 
+    def await_reply(self, request: Request, timeout: float) -> bool:
+        """Take in the replies of ``request``'s server until ``request`` is answered (at most
+        ``timeout`` seconds, checking every slice that the job's nodes live); whether it was. Only
+        that server's socket is read: for a restarted server's lanes, called while its moved
+        socket is set up and before anything is resent to it."""
+        sock = self.servers[request.server]
+        deadline = time.monotonic() + timeout
+        while not request.future.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.membership.check()
+            if self.transport.poll([sock], min(left, POLL_SLICE)):
+                while self.transport.poll([sock], 0):
+                    self._receive_reply(sock)
+        return True
+
     def wait_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Receive replies until ``done()``; every slice checks that the job's nodes still live."""
         started, started_us = time.monotonic(), self.tracer.now_us()
@@ -273,8 +290,10 @@ class Client:
             self.servers[rank] = self.transport.connect(address, max_message_bytes=self._max_message_bytes)
             self._introduced.discard(rank)
             self.on_server_moved(rank)  # its lane's attach goes first, so the resent requests find it
+            still_pending = {id(r) for r in self.pending.values()}  # that took in replies (WorkerLanes.renew)
             for request in resend:
-                self.send(rank, request.frames)
+                if id(request) in still_pending:
+                    self.send(rank, request.frames)
 
     def _receive_reply(self, sock: Socket) -> None:
         _, head = sock.recv_header()

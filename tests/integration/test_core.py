@@ -383,3 +383,34 @@ def test_a_local_cluster_traces_every_process(make_cluster, monkeypatch, tmp_pat
     tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert processes == 3 and sorted(tracks.values()) == ["scheduler 0", "server 0", "worker 0"]
     assert {tracks[e["pid"]] for e in events if e["ph"] == "X"} >= {"server 0", "worker 0"}
+
+
+def test_awaiting_one_reply_reads_its_servers_answer_and_gives_up_at_the_deadline(make_cluster):
+    """``Client.await_reply`` (a restarted server's device lane is answered before anything is
+    resent to it): True once the request is answered; False at its deadline while the server is
+    stopped, without waiting longer."""
+    from psframework.worker.requests import Future, Request
+
+    cluster = make_cluster(num_servers=1, num_workers=1)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"w": torch.zeros(4)}, optimizer=ps.optim.SGD(lr=1.0))
+        client = worker.client
+
+        def stats_request() -> Request:
+            req = client.next_id()
+            request = Request(Future(client), 0, frames=[P.encode(P.Stats(req=req))])
+            client.submit(request, req)
+            return request
+
+        answered = stats_request()
+        assert client.await_reply(answered, timeout=10) and isinstance(answered.reply, P.StatsReply)
+        server = cluster.processes()["server-0"]
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            unanswered = stats_request()
+            started = time.monotonic()
+            assert not client.await_reply(unanswered, timeout=0.3)
+            assert time.monotonic() - started < 2
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert client.await_reply(unanswered, timeout=10)
