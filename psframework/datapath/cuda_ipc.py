@@ -47,7 +47,7 @@ from .lane import TOKEN_BYTES, Slots, lane_layout
 from .peer_process import PeerProcess, start_time
 
 HEADER_BYTES = 512  # the token, then aligned areas
-PEER_EVENT_DEADLINE = 60.0  # seconds a worker waits for a live server's device work on one block
+PEER_EVENT_DEADLINE = 60.0  # seconds one side waits for the other's device work on one block, while it lives
 _LIVENESS_EVERY = 0.05  # seconds between checks that the job's nodes live, while waiting for an event
 _SPIN = 0.002  # seconds of waiting for an event without pausing (device work takes microseconds)
 
@@ -110,7 +110,11 @@ class DeviceLane(Slots):
         lane = cls(whole[:expected], offsets, area)
         if lane.token != message.token:
             raise ConfigError(f"device lane of worker {message.rank} holds another token")
-        lane.pushed = lane._open(message.events, message.pid, message.started, f"worker {message.rank}")
+        try:
+            lane.pushed = lane._open(message.events, message.pid, message.started, f"worker {message.rank}")
+        except BaseException:
+            lane.close()
+            raise
         return lane
 
     def make_events(self, device: torch.device) -> list[bytes]:
@@ -143,9 +147,16 @@ class DeviceLane(Slots):
                 for block_id, handle in zip(sorted(self.offsets), handles)}
 
     def record_pushed(self, block_id: int, stream: "torch.cuda.Stream") -> None:
-        """The worker's side: the copy of ``block_id``'s gradients into the push slot is queued on
-        ``stream`` (after every earlier copy into it)."""
+        """The worker's side: the copies of ``block_id``'s gradients into the push slot are queued
+        before ``stream``'s work so far."""
         self.pushed[block_id].record(stream)
+
+    def pushed_landed(self, block_id: int) -> None:
+        """The worker's side: wait for our own copies into ``block_id``'s push slot (a request the
+        server refused before it read the slot frees the slot only then)."""
+        event = self.pushed.get(block_id)
+        if event is not None:
+            event.synchronize()
 
     def wait_pushed(self, block_id: int, worker: int) -> Optional[PSError]:
         """The server's side: wait until the worker's gradients of ``block_id`` are in the push slot;
@@ -194,8 +205,9 @@ class DeviceLane(Slots):
         return True  # device memory
 
     def copy_push_area(self, other: "Slots") -> None:
-        """Take over another lane's push area (a restarted server maps this one after it is copied:
-        our push events, recorded before it opened them, would say nothing to it)."""
+        """Take over another lane's push area (a restarted server's fresh lane): the requests resent
+        through it find their gradients there, with no push event recorded for them, so the copy
+        is done before it is offered."""
         super().copy_push_area(other)
         torch.cuda.current_stream(self.memory.device).synchronize()
 
@@ -208,9 +220,13 @@ class DeviceLane(Slots):
 
 
 def _new_events(device: torch.device, offsets: dict[int, int]) -> dict[int, torch.cuda.Event]:
-    """One interprocess event per block, by block id in ascending order."""
+    """One interprocess event per block on ``device``, by block id in ascending order. torch makes
+    an event at its first record or export, on the current device then: so each is exported here."""
     with torch.cuda.device(device):
-        return {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(offsets)}
+        events = {block_id: torch.cuda.Event(interprocess=True) for block_id in sorted(offsets)}
+        for event in events.values():
+            event.ipc_handle()
+    return events
 
 
 def wait_for_peer(event: torch.cuda.Event, alive: Callable[[], None], what: str,

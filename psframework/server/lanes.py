@@ -57,10 +57,13 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"device lane from worker {message.rank}, which has no lane here")
         if self.device.type != "cuda":
             raise P.Rejected(P.BAD_REQUEST, f"server {server} keeps its shards on {self.device}, not on a GPU")
+        lane = None
         try:
             lane = DeviceLane.attach(message, blocks, self.device)
             events = lane.make_events(self.device)
         except Exception as exc:  # whatever the reason, the worker goes on through its lane
+            if lane is not None:
+                lane.close()
             raise P.Rejected(P.BAD_REQUEST, f"server {server} on {self.device} cannot map the device lane of "
                                             f"worker {message.rank}: {exc}") from None
         _replace(self.device_lanes, message.rank, lane)

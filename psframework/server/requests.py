@@ -57,7 +57,7 @@ class Requests:
         pushed = None
         if pushes:
             before = self.io.push_bytes
-            pushed = (self.lanes.pushed(state, present, lane, isinstance(request, P.PushPull), request.rank)
+            pushed = (self.lanes.pushed(state, present, lane, held=isinstance(request, P.PushPull), rank=request.rank)
                       if lane is not None else self.io.receive_frames(state, present, codecs))
             self._count_push(lane, sum(state.nbytes[i] for i in present) if lane is not None
                              else self.io.push_bytes - before)

@@ -6,8 +6,9 @@ host destinations receive in place; destinations on a GPU receive into the worke
 buffer for the key, and each block's values are copied on to the device as soon as they arrive.
 A block whose server has a lane to this worker, with the block's slots free, goes through the lane
 instead: sources are copied into its push slot (straight from the GPU, for a GPU tensor; device to
-device for a device lane), only the header is sent once the copies have landed, and the values are
-copied out of its pull slot.
+device for a device lane), only the header is sent once the copies have landed (through a device
+lane, as soon as they are queued: the server waits for the event recorded after them), and the
+values are copied out of its pull slot.
 
 A tensor with a codec (``datapath/compression.py``) is encoded when it is added, on its device, for
 the blocks that go over the socket; the payloads are its frames, and the header names their codecs.
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import deque
-from typing import TYPE_CHECKING, Callable, Optional
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
 
@@ -100,7 +101,27 @@ def _push_nothing(exchange: "Exchange") -> None:
                     exchange.step, exc)
 
 
-def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed) -> list[LaneCopy]:
+def _release_sources_when_landed(exchange: "Exchange") -> None:
+    """Every block is sent: let the sources go, or, where copies of blocks sent before they landed
+    may still read them, once the exchange is answered."""
+    if exchange._landed:
+        exchange.future.before_done(functools.partial(_release_sources, exchange))
+    else:
+        exchange._keep.clear()
+
+
+def _release_sources(exchange: "Exchange") -> None:
+    """The exchange is answered: the copies of blocks sent before they landed are done (the server
+    waited for them, unless it refused first), and their sources may go back to the allocator."""
+    for events in exchange._landed.values():
+        for event in events:
+            event.synchronize()
+    exchange._landed.clear()
+    exchange._keep.clear()
+
+
+def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable
+                  ) -> list[LaneCopy]:
     """A lane request of ``block``: its host sources into the push slot, and the copies of its
     values out of the pull slot once answered. Through a device lane, the push event is then
     recorded after the copies into the push slot, those from GPUs (``landed``) too: the server
@@ -111,11 +132,13 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     return copies
 
 
-def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed) -> None:
-    """Record ``block``'s push event on our copy stream, after its copies from GPUs (``landed``)
-    and, if it has host sources, after the caller's stream, where those were copied."""
+def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable) -> None:
+    """Record ``block``'s push event after its copies from GPUs (``landed``) and, if it has host
+    sources, after the caller's stream (a copy from pageable memory may return before its DMA is
+    done). It is recorded on a stream of its own: the copy stream may already wait for gradients
+    of later blocks that the backward pass has not made yet, and the server waits for this event."""
     device = lane.memory.device
-    stream = exchange.worker.staging.stream(device, "push")
+    stream = exchange.worker.staging.stream(device, "signal")
     for event in landed:
         stream.wait_event(event)
     if any(name not in exchange._from_device and name not in exchange._absent for _, _, name in parts):
@@ -143,9 +166,8 @@ class Exchange:
         self._unlaunched: dict[torch.device, tuple[list, list, set]] = {}
         self._keep: list[torch.Tensor] = []  # device tensors read by copies that may be in flight
         self._ready: deque[int] = deque()  # blocks whose sources are all added, oldest first
-        self._unsent_to: dict[int, int] = {}  # blocks not yet sent, by server
-        for block, _ in self._blocks.values():
-            self._unsent_to[block.server] = self._unsent_to.get(block.server, 0) + 1
+        # blocks not yet sent, by server
+        self._unsent_to: dict[int, int] = dict(Counter(block.server for block, _ in self._blocks.values()))
         self._ordered: set[tuple[torch.device, str]] = set()  # copy streams already after the caller's
         self._lane_blocks: dict[int, Slots] = {}  # reserved for this exchange; freed once answered
         self._sent: set[int] = set()
@@ -319,20 +341,21 @@ class Exchange:
             block_id = self._ready[0]
             events = self._landed.get(block_id, ())
             to_device = wait and getattr(self._lane_blocks.get(block_id), "on_device", False)
-            if not to_device and not wait and not all(event.query() for event in events):
+            if not wait and not all(event.query() for event in events):
                 return
             if events and not to_device:
                 with self.worker.client.tracer.span("waited for the copies from the GPU", "copy"):
                     for event in events:
                         event.synchronize()
-            self._landed.pop(block_id, None)  # only now: a dropped exchange waits for what is left here
+            if not to_device:  # kept otherwise, until answered: a dropped exchange waits for what is here
+                self._landed.pop(block_id, None)
             self._ready.popleft()
             self._send_block(*self._blocks[block_id], landed=events if to_device else ())
         self._seal_if_sent()
 
     def _seal_if_sent(self) -> None:
         if self.all_sent:
-            self._keep.clear()
+            _release_sources_when_landed(self)
             self.future.seal()
 
     def _send_block(self, block: Block, parts: list[Part], landed=()) -> None:

@@ -250,6 +250,8 @@ class WorkerLanes:
             lane.wait_written(block.block_id, self.client.membership.check, block.server)
             lane.release(block.block_id)
             return None
+        if lane.on_device:  # refused, maybe before the server read the slot: our copy into it must land
+            lane.pushed_landed(block.block_id)
         copied = _copy_out(lane, [(copy, block) for copy in copies] if ok and isinstance(reply, P.Values) else [])
         lane.release(block.block_id, copied)
         return None
