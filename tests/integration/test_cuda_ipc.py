@@ -396,22 +396,35 @@ def test_a_server_killed_with_device_work_in_flight_is_an_error_within_seconds(l
     """A server killed while its event waits behind about 20 s of device work: its event then reads
     as complete, or never completes; either way the worker's wait ends with PeerLostError within
     seconds, and never with the pull slot taken as written."""
-    import time
-
     lane, process, conn = lane_and_server(matmuls=130)
     conn.send("go")
     assert conn.poll(30) and conn.recv() == "answered"
-    os.kill(process.pid, signal.SIGKILL)
-    process.join(10)
 
     def alive() -> None:
         if not process.is_alive():
             raise ps.PeerLostError(f"server 0 (pid {process.pid}) died", role="server", rank=0)
 
-    started = time.monotonic()
-    error = lane.wait_written(0, alive, server=0)
+    error = _killed_while_waiting(process, lambda: lane.wait_written(0, alive, server=0), lane.written[0])
     assert isinstance(error, ps.PeerLostError) and "server 0" in str(error)
-    assert time.monotonic() - started < 5
+
+
+def _killed_while_waiting(process, wait, event: "torch.cuda.Event"):
+    """Start ``wait()`` (a wait for the peer's ``event``) on a thread, kill the peer once the wait
+    is under way with the event still pending, and return what the wait returned: within seconds of
+    the kill (a GPU-side wait on a dead process's event never ends, so the host must notice)."""
+    import time
+
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(wait()), daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not event.query(), "the peer's device work ended before it was killed"
+    os.kill(process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the wait did not end after its peer was killed"
+    assert time.monotonic() - killed < 5
+    return result[0]
 
 
 # -- the server's wait for a worker's push event, against a worker-like process of our own -------------
@@ -490,17 +503,11 @@ def test_a_server_reads_the_push_slot_only_once_the_workers_event_completed(work
 def test_a_worker_killed_with_its_copy_in_flight_is_an_error_for_the_server_within_seconds(worker_and_lane):
     """A worker killed while its push event waits behind about 20 s of device work: the server's
     wait ends with PeerLostError naming the worker within seconds, never with the slot taken as pushed."""
-    import time
-
     lane, process, conn = worker_and_lane(matmuls=130)
     conn.send("go")
     assert conn.poll(30) and conn.recv() == "pushed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.join(10)
-    started = time.monotonic()
-    error = lane.wait_pushed(0, worker=0)
+    error = _killed_while_waiting(process, lambda: lane.wait_pushed(0, worker=0), lane.pushed[0])
     assert isinstance(error, ps.PeerLostError) and "worker 0" in str(error)
-    assert time.monotonic() - started < 5
 
 
 def test_a_push_sent_while_its_gradients_are_still_computed_is_applied_with_them(make_cluster):
