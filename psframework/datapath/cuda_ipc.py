@@ -21,7 +21,7 @@ copy out of the pull slot. Each host wait checks that the other side's process s
 killed process's events read as complete, or never complete: ``peer_process.py``) and has a
 deadline. No side ever queues a wait for the other process's event on its streams: a peer killed
 with work in flight leaves its events incomplete for ever, and a stream of ours waiting for one
-could never be freed.
+could never be freed (``benchmarks/ipc_event_death.py`` shows it).
 
 A worker offers a device lane only to servers that took its shared-memory lane (which shows they
 are on its host) and only where its tensors are on a GPU; the handle travels, with a random token
