@@ -13,8 +13,9 @@ Ordering is by CUDA events shared between the processes, one per block each way,
 each side opens the other's handles once and records only after that). The worker's events travel
 with its offer (``AttachDevice.events``): it records a block's event on its copy stream after
 queuing the copy of its gradients into the push slot and sends its header at once, so the header
-travels while the copy runs; the server waits on the host for that event (``wait_pushed``) before
-it reads the slot. The server's events travel with its answer to the lane (``Attached.events``):
+travels while the copy runs; the server holds the request while that event is pending, serving
+other workers (``server/held.py``), and checks it on the host (``wait_pushed``) before it reads
+the slot. The server's events travel with its answer to the lane (``Attached.events``):
 it records a block's event on its stream after queuing the copy of the values into the pull slot
 and answers at once; the worker waits on the host for it (``wait_written``) before it queues its
 copy out of the pull slot. Each host wait checks that the other side's process still runs (a
@@ -48,8 +49,8 @@ from .peer_process import PeerProcess, start_time
 
 HEADER_BYTES = 512  # the token, then aligned areas
 PEER_EVENT_DEADLINE = 60.0  # seconds one side waits for the other's device work on one block, while it lives
-_LIVENESS_EVERY = 0.05  # seconds between checks that the job's nodes live, while waiting for an event
-_SPIN = 0.002  # seconds of waiting for an event without pausing (device work takes microseconds)
+LIVENESS_EVERY = 0.05  # seconds between checks that the job's nodes live, while waiting for an event
+SPIN = 0.002  # seconds of waiting for an event without pausing (device work takes microseconds)
 
 
 class DeviceLane(Slots):
@@ -233,16 +234,16 @@ def wait_for_peer(event: torch.cuda.Event, alive: Callable[[], None], what: str,
                   deadline: float = PEER_EVENT_DEADLINE) -> None:
     """Wait on the host until ``event``, recorded by another process, has completed: spinning at
     first, then pausing between looks; ``alive()`` raises if the peer is gone (checked every
-    ``_LIVENESS_EVERY``); PSTimeoutError once ``deadline`` seconds have passed."""
+    ``LIVENESS_EVERY``); PSTimeoutError once ``deadline`` seconds have passed."""
     started = time.monotonic()
-    next_check = started + _LIVENESS_EVERY
+    next_check = started + LIVENESS_EVERY
     while not _completed(event, what):
         now = time.monotonic()
-        if now < started + _SPIN:
+        if now < started + SPIN:
             continue
         if now >= next_check:
             alive()
-            next_check = now + _LIVENESS_EVERY
+            next_check = now + LIVENESS_EVERY
             if now - started > deadline:
                 raise PSTimeoutError(f"{what}: the device work has not finished in {deadline:.0f} s; the GPU "
                                      "may be hung (see nvidia-smi)")
@@ -256,4 +257,4 @@ def _completed(event: torch.cuda.Event, what: str) -> bool:
         raise PSError(f"{what}: its event failed ({exc})") from None
 
 
-__all__ = ["HEADER_BYTES", "PEER_EVENT_DEADLINE", "DeviceLane", "wait_for_peer"]
+__all__ = ["HEADER_BYTES", "LIVENESS_EVERY", "PEER_EVENT_DEADLINE", "SPIN", "DeviceLane", "wait_for_peer"]

@@ -10,7 +10,8 @@ serves workers directly. It is a loop over small parts:
 - ``requests`` and ``answers``: a worker's requests taken in, and pulls answered within credits;
 - ``device``: how tensors move between the wire and the device (``HostIO``, ``CudaIO``);
 - ``lanes``: the shared-memory lanes of the workers on this host; ``speakers``: who may speak
-  for which worker;
+  for which worker; ``held``: device-lane pushes that came before their worker's copies landed,
+  held without holding up the other workers;
 - ``checkpoints``: the server's part of a checkpoint.
 
 Run one with ``python -m psframework server`` (ps-launch does this for you).
@@ -40,6 +41,7 @@ from . import checkpoints
 from .answers import Answers
 from .credits import ReplyCredits
 from .device import DeviceIO, device_io
+from .held import HeldRequests
 from .lanes import ServerLanes
 from .policy import Policy, policy_for
 from .reads import Reads
@@ -70,6 +72,7 @@ class Server:
         self.answers: Optional[Answers] = None
         self.requests: Optional[Requests] = None
         self.reads: Optional[Reads] = None
+        self.held: Optional[HeldRequests] = None  # device-lane pushes whose copies have not landed
         self.credits = ReplyCredits(config.peer_buffer_bytes)
         self._speakers = Speakers(lambda worker: self.membership.declared_dead(worker))
         self._rollback = (0, 0)  # the job's rollback epoch and its step (scheduler/rollback.py)
@@ -113,6 +116,7 @@ class Server:
         self.requests = Requests(self.data, self.io, self.lanes, self.store, self.rows, self.policy, self.answers,
                                  m.num_workers, m.rank, self._check_rollback, self.recorder, self.tracer)
         self.reads = Reads(self.data, self.store, self.rows, self.answers)
+        self.held = HeldRequests(self.data, self.lanes, self.requests, self._speakers)
         m.stats_source = self._metrics
         self._speakers.know(m.welcome.worker_keys)
         self._speakers.know_reader_key(m.welcome.reader_key)
@@ -154,6 +158,7 @@ class Server:
                     self._on_control(message)
             if self.data in ready:
                 self._drain_data()
+            self.held.release()
             if self._waiting and not ready:
                 self._await_device_or_request()
             if membership.shutdown_requested:
@@ -187,7 +192,7 @@ class Server:
     @property
     def _waiting(self) -> bool:
         """Answers wait for device work, or complete steps for their uploads."""
-        return self.io.waiting or self.policy.waiting
+        return self.io.waiting or self.policy.waiting or self.held.waiting
 
     def _await_device_or_request(self) -> None:
         """Apply the steps whose uploads have landed and send the answers whose device work is
@@ -196,11 +201,13 @@ class Server:
         copies that the answers wait for."""
         deadline = time.monotonic() + POLL_SLICE
         while self._waiting and time.monotonic() < deadline:
+            self.held.release()
             self._apply_due()
             self.io.flush(wait=False)
             if self.transport.poll([self.data], 0):
                 return
-            time.sleep(_DEVICE_POLL)
+            if not self.held.spinning:
+                time.sleep(_DEVICE_POLL)
         self.io.flush(wait=False)
 
     def _drain_data(self) -> None:
@@ -287,7 +294,8 @@ class Server:
             self._send(peer, P.Error(kind=P.PROTOCOL, message=str(exc), req=P.request_id(head)))
             return
         try:
-            self._dispatch(peer, message)
+            if not self.held.take(peer, message, bare=not self.data.more()):
+                self._dispatch(peer, message)
         except P.Rejected as exc:
             self.data.skip_rest()
             self._garbage_log.warning("rejected %s from %r: %s", type(message).__name__, peer, exc)
@@ -343,7 +351,7 @@ class Server:
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,
                 "push_bytes": self.io.push_bytes, "pull_bytes": self.answers.pull_bytes,
-                **self.policy.counters()}
+                **self.held.counters(), **self.policy.counters()}
 
 
 def main(config: NodeConfig) -> int:

@@ -34,22 +34,24 @@ class Requests:
         self.num_workers, self.rank = num_workers, rank
         self._check_rollback = rollback  # raises for a request of an earlier rollback epoch
 
-    def on_block(self, peer: bytes, request: P.BlockRequest) -> None:
+    def on_block(self, peer: bytes, request: P.BlockRequest, bare: bool = False) -> None:
+        """Take in a block request whose header was read. ``bare``: one that was held
+        (``held.py``), with no frames, while the socket may be inside another message."""
         if not self.tracer.enabled:
-            return self._on_block(peer, request)
+            return self._on_block(peer, request, bare)
         self.tracer.step = request.step if request.step >= 0 else self.tracer.step
         with self.tracer.span(f"{type(request).__name__} block {request.block}", "request", worker=request.rank,
                               step=request.step if request.step >= 0 else None):
-            self._on_block(peer, request)
+            self._on_block(peer, request, bare)
 
-    def _on_block(self, peer: bytes, request: P.BlockRequest) -> None:
+    def _on_block(self, peer: bytes, request: P.BlockRequest, bare: bool) -> None:
         self._check_rollback(request.rollback)
         state, segs, present = self.store.resolve(request, self.num_workers)
         pushes = not isinstance(request, P.Pull)
         if pushes:
             self.policy.more_follow(request.rank, request.more)
             self.answers.fail(self.policy.went_on(request.rank, request.step))
-        lane = self.lanes.lane_for(request, self.data.more(), self.rank)
+        lane = self.lanes.lane_for(request, not bare and self.data.more(), self.rank)
         codecs, pull_codecs = self._codecs(request, state, segs, present, lane is not None)
         if isinstance(request, P.Init):
             self._init(peer, state, segs, request)
@@ -62,7 +64,7 @@ class Requests:
             self._count_push(lane, sum(state.nbytes[i] for i in present) if lane is not None
                              else self.io.push_bytes - before)
             self._push(state, pushed, request)
-        else:
+        elif not bare:
             self.data.skip_rest()
         if isinstance(request, P.Push):
             # a lane's push slot is reused once acknowledged: on a GPU, after the upload out of it

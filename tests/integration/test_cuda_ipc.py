@@ -529,3 +529,49 @@ def test_a_push_sent_while_its_gradients_are_still_computed_is_applied_with_them
         future.wait(timeout=30)
         assert torch.equal(params["w"].cpu(), torch.full((numel,), -3.0))
         assert worker.server_stats()[0]["ipc_requests"] >= 2
+
+
+def test_a_push_whose_gradients_are_still_computed_holds_back_no_other_workers_requests(make_cluster):
+    """A device-lane push comes while its gradients are still computed, behind about 3 s of device
+    work on a stream of the worker's own: the server holds it (``server/held.py``) and answers
+    another worker's push_pull meanwhile, then applies the held push with its gradients."""
+    numel = ONE_BLOCK // 4
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", chunk_bytes=ONE_BLOCK, server_device="cuda")
+    sent, answered = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
+    seen = {}
+
+    def slow_worker(worker, params):
+        stream = torch.cuda.Stream()
+        a = torch.randn(16384, 16384, device="cuda")
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            for _ in range(20):
+                a = torch.tanh(a @ a)
+            grad = torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0  # ready only after the products
+            seen["computed"] = torch.cuda.Event()
+            seen["computed"].record(stream)
+            future = worker.push_pull({"w": grad}, into=params)
+        sent.wait()
+        answered.wait()
+        future.wait(timeout=60)
+
+    def other_worker(worker, params):
+        sent.wait()
+        worker.push_pull({"w": torch.ones(numel)}, into=params).wait(timeout=30)
+        seen["answered while the gradients were computed"] = not seen["computed"].query()
+        answered.wait()
+
+    def work(i):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            params = {"w": torch.zeros(numel, device="cuda" if i == 0 else "cpu")}
+            worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+            (slow_worker if i == 0 else other_worker)(worker, params)
+            worker.barrier()
+            worker.pull(params).wait(timeout=30)
+            return params["w"].cpu(), worker.server_stats()[0]
+
+    results = run_in_threads(2, work, timeout=120)
+    assert seen["answered while the gradients were computed"]
+    for values, _ in results:
+        assert torch.equal(values, torch.full((numel,), -3.0))  # SGD(lr=1) of ones, then of twos
+    assert results[0][1]["held_requests"] >= 1 and results[0][1]["ipc_requests"] >= 1
