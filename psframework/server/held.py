@@ -21,7 +21,7 @@ from collections import deque
 from typing import Optional
 
 from .. import protocol as P
-from ..datapath.cuda_ipc import LIVENESS_EVERY, PEER_EVENT_DEADLINE, SPIN
+from ..datapath.cuda_ipc import LIVENESS_EVERY, PEER_EVENT_DEADLINE, SPIN, DeviceLane
 from ..transport import Socket
 from .lanes import ServerLanes
 from .requests import Requests
@@ -32,7 +32,8 @@ log = logging.getLogger("psframework.server")
 class HeldRequests:
     def __init__(self, data: Socket, lanes: ServerLanes, requests: Requests, speakers: Speakers):
         self._data, self._lanes, self._requests, self._speakers = data, lanes, requests, speakers
-        self._queues: dict[bytes, deque[tuple[P.BlockRequest, float]]] = {}
+        # by connection: each held request, when it was held, and the device lane its event is of
+        self._queues: dict[bytes, deque[tuple[P.BlockRequest, float, Optional[DeviceLane]]]] = {}
         self._last_hold = 0.0
         self._next_look = 0.0
         self.held = 0  # requests held so far (``server_stats()["held_requests"]``)
@@ -51,14 +52,15 @@ class HeldRequests:
         is held; if not, the requests held before it from ``peer`` have been handled."""
         queue = self._queues.get(peer)
         holdable = bare and _holdable(message)
-        if queue is None and not (holdable and _unlanded(self._event(message))):
+        lane = self._lane(message) if holdable else None
+        if queue is None and not (lane is not None and _unlanded(_event(lane, message))):
             return False
         if not holdable:
             self._flush(peer)
             return False
         self._speakers.check(peer, message)
         now = time.monotonic()
-        self._queues.setdefault(peer, deque()).append((message, now))
+        self._queues.setdefault(peer, deque()).append((message, now, lane))
         self._last_hold = now
         self.held += 1
         return True
@@ -71,40 +73,48 @@ class HeldRequests:
             self._next_look = now + LIVENESS_EVERY
         for peer in list(self._queues):
             queue = self._queues[peer]
-            while queue and self._may_go(*queue[0], now, look):
-                self._handle(peer, queue.popleft()[0])
+            while queue and _may_go(*queue[0], now, look):
+                self._handle(peer, *queue.popleft())
             if not queue:
                 del self._queues[peer]
 
     def counters(self) -> dict:
         return {"held_requests": self.held}
 
-    def _may_go(self, message: P.BlockRequest, since: float, now: float, look: bool) -> bool:
-        event = self._event(message)
-        if not _unlanded(event) or now - since > PEER_EVENT_DEADLINE:
-            return True
-        lane = self._lanes.device_lanes.get(message.rank)
-        return look and (lane is None or lane.peer is None or not lane.peer.running())
-
     def _flush(self, peer: bytes) -> None:
-        for message, _ in self._queues.pop(peer, ()):
-            self._handle(peer, message)
+        for held in self._queues.pop(peer, ()):
+            self._handle(peer, *held)
 
-    def _handle(self, peer: bytes, message: P.BlockRequest) -> None:
+    def _handle(self, peer: bytes, message: P.BlockRequest, since: float, lane: Optional[DeviceLane]) -> None:
         """Handle a held request; the socket may be inside another message, which is left alone."""
         try:
             self._speakers.check(peer, message)
+            if lane is not None and self._lanes.device_lanes.get(message.rank) is not lane:
+                raise P.Rejected(P.PEER_LOST, f"the device lane of worker {message.rank} was closed while its "
+                                              f"push of block {message.block} waited for its copies")
             self._requests.on_block(peer, message, bare=True)
         except P.Rejected as exc:
             log.warning("rejected a held %s from %r: %s", type(message).__name__, peer, exc)
             self._data.send([P.encode(exc.reply(message.req))], peer=peer)
 
-    def _event(self, message: P.Message):
-        """The worker's push event that a device-lane push waits for (None for any other message)."""
+    def _lane(self, message: P.BlockRequest) -> Optional[DeviceLane]:
+        """The device lane a push came through (None for any other request)."""
         if not isinstance(message, (P.Push, P.PushPull)) or not message.ipc:
             return None
-        lane = self._lanes.device_lanes.get(message.rank)
-        return lane.pushed.get(message.block) if lane is not None else None
+        return self._lanes.device_lanes.get(message.rank)
+
+
+def _event(lane: Optional[DeviceLane], message: P.BlockRequest):
+    """The worker's push event of ``message``'s block in ``lane`` (None once the lane is closed)."""
+    return lane.pushed.get(message.block) if lane is not None else None
+
+
+def _may_go(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], now: float, look: bool) -> bool:
+    """Whether a held request's turn came: its event completed (or it has none), the deadline
+    passed, or (looked at every LIVENESS_EVERY) its worker's process is gone."""
+    if not _unlanded(_event(lane, message)) or now - since > PEER_EVENT_DEADLINE:
+        return True
+    return look and (lane.peer is None or not lane.peer.running())
 
 
 def _holdable(message: P.Message) -> bool:

@@ -147,3 +147,16 @@ def test_a_stranger_s_push_is_refused_not_held(parts):
     with pytest.raises(P.Rejected, match="did not introduce itself"):
         held.take(b"stranger", push(1, block=0), bare=True)
     assert not held.waiting and requests.handled == []
+
+
+def test_a_held_push_whose_device_lane_was_replaced_is_refused_not_read_from_the_new_lane(parts):
+    """A new process of the worker's rank attached a lane of its own while the old one's push was
+    held: the push must not be read out of the new lane's slot."""
+    held, events, _, requests, socket = parts
+    assert held.take(WORKER, push(1, block=0), bare=True)
+    held._lanes.device_lanes[0] = Lane({0: Event(done=True)})
+    events[0].done = True
+    held.release()
+    assert requests.handled == []
+    [(peer, error)] = socket.sent
+    assert peer == WORKER and error.kind == P.PEER_LOST and "device lane of worker 0 was closed" in error.message
