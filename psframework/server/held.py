@@ -5,8 +5,9 @@ slot are queued (``worker/exchange.py``), and the slot must not be read before t
 event completed (``DeviceLane.wait_pushed``). Waiting for that in the loop would hold back every
 other worker's requests for as long as this worker's GPU is busy (the tail of its backward pass),
 so such a request is held here, with every later request of the same connection behind it (their
-order is kept), and handled once its event completed, its worker's process is gone, or
-``PEER_EVENT_DEADLINE`` passed: handling it then finds the event done, or reports why not.
+order is kept), and handled once its event completed or its worker's process is gone (handling
+it then finds the event done, or reports the death); one whose worker still runs but whose event
+is pending after ``PEER_EVENT_DEADLINE`` is refused with a timeout.
 
 Only requests of a bare header are held (the socket has nothing more of them to read). A message
 with frames, or any other message from a connection with held requests, must be handled now: the
@@ -74,7 +75,8 @@ class HeldRequests:
         for peer in list(self._queues):
             queue = self._queues[peer]
             while queue and _may_go(*queue[0], now, look):
-                self._handle(peer, *queue.popleft())
+                message, since, lane = queue.popleft()
+                self._handle(peer, message, since, lane, expired=_expired(message, since, lane, now))
             if not queue:
                 del self._queues[peer]
 
@@ -85,13 +87,19 @@ class HeldRequests:
         for held in self._queues.pop(peer, ()):
             self._handle(peer, *held)
 
-    def _handle(self, peer: bytes, message: P.BlockRequest, since: float, lane: Optional[DeviceLane]) -> None:
-        """Handle a held request; the socket may be inside another message, which is left alone."""
+    def _handle(self, peer: bytes, message: P.BlockRequest, since: float, lane: Optional[DeviceLane],
+                expired: bool = False) -> None:
+        """Handle a held request (refused if ``expired``); the socket may be inside another
+        message, which is left alone."""
         try:
             self._speakers.check(peer, message)
             if lane is not None and self._lanes.device_lanes.get(message.rank) is not lane:
                 raise P.Rejected(P.PEER_LOST, f"the device lane of worker {message.rank} was closed while its "
                                               f"push of block {message.block} waited for its copies")
+            if expired:
+                raise P.Rejected(P.TIMEOUT, f"push of block {message.block}: worker {message.rank}'s copies into "
+                                            f"its device lane have not landed in {PEER_EVENT_DEADLINE:.0f} s; its "
+                                            "GPU may be hung (see nvidia-smi)")
             self._requests.on_block(peer, message, bare=True)
         except P.Rejected as exc:
             log.warning("rejected a held %s from %r: %s", type(message).__name__, peer, exc)
@@ -115,6 +123,13 @@ def _may_go(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], n
     if not _unlanded(_event(lane, message)) or now - since > PEER_EVENT_DEADLINE:
         return True
     return look and (lane.peer is None or not lane.peer.running())
+
+
+def _expired(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], now: float) -> bool:
+    """Held past PEER_EVENT_DEADLINE by a worker that still runs, its copies not landed: refused,
+    not waited for again (a dead worker's request goes on, to be refused as such)."""
+    return (now - since > PEER_EVENT_DEADLINE and _unlanded(_event(lane, message))
+            and lane.peer is not None and lane.peer.running())
 
 
 def _holdable(message: P.Message) -> bool:

@@ -131,15 +131,20 @@ def test_a_held_push_of_a_worker_whose_process_is_gone_is_refused_to_its_connect
     assert [(peer, type(m), m.req, m.kind) for peer, m in socket.sent] == [(WORKER, P.Error, 1, P.PEER_LOST)]
 
 
-def test_a_held_push_goes_once_the_event_deadline_passed(parts, monkeypatch):
-    held, _, _, requests, _ = parts
+def test_a_held_push_of_a_live_worker_is_refused_once_the_event_deadline_passed_not_waited_for_again(
+        parts, monkeypatch):
+    held, events, _, requests, socket = parts
     monkeypatch.setattr(held_module, "PEER_EVENT_DEADLINE", 0.05)
     assert held.take(WORKER, push(1, block=0), bare=True)
+    assert held.take(WORKER, push(2, block=1), bare=True)
+    events[1].done = True
     held.release()
-    assert requests.handled == []
+    assert requests.handled == [] and socket.sent == []
     time.sleep(0.06)
     held.release()
-    assert requests.handled == [(WORKER, 1, True)]
+    assert requests.handled == [(WORKER, 2, True)]  # its own copies landed: it goes on
+    [(peer, error)] = socket.sent
+    assert peer == WORKER and error.req == 1 and error.kind == P.TIMEOUT and "have not landed" in error.message
 
 
 def test_a_stranger_s_push_is_refused_not_held(parts):
