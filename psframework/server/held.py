@@ -30,6 +30,7 @@ from .speakers import Speakers
 
 log = logging.getLogger("psframework.server")
 
+
 class HeldRequests:
     def __init__(self, data: Socket, lanes: ServerLanes, requests: Requests, speakers: Speakers):
         self._data, self._lanes, self._requests, self._speakers = data, lanes, requests, speakers
@@ -74,9 +75,12 @@ class HeldRequests:
             self._next_look = now + LIVENESS_EVERY
         for peer in list(self._queues):
             queue = self._queues[peer]
-            while queue and _may_go(*queue[0], now, look):
-                message, since, lane = queue.popleft()
-                self._handle(peer, message, since, lane, expired=_expired(message, since, lane, now))
+            while queue:
+                turn = _turn(*queue[0], now, look)
+                if turn == "wait":
+                    break
+                message, _, lane = queue.popleft()
+                self._handle(peer, message, lane, expired=turn == "expired")
             if not queue:
                 del self._queues[peer]
 
@@ -84,11 +88,11 @@ class HeldRequests:
         return {"held_requests": self.held}
 
     def _flush(self, peer: bytes) -> None:
-        for held in self._queues.pop(peer, ()):
-            self._handle(peer, *held)
+        for message, _, lane in self._queues.pop(peer, ()):
+            self._handle(peer, message, lane)
 
-    def _handle(self, peer: bytes, message: P.BlockRequest, since: float, lane: Optional[DeviceLane],
-                expired: bool = False) -> None:
+    def _handle(self, peer: bytes, message: P.BlockRequest, lane: Optional[DeviceLane], expired: bool = False
+                ) -> None:
         """Handle a held request (refused if ``expired``); the socket may be inside another
         message, which is left alone."""
         try:
@@ -117,19 +121,17 @@ def _event(lane: Optional[DeviceLane], message: P.BlockRequest):
     return lane.pushed.get(message.block) if lane is not None else None
 
 
-def _may_go(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], now: float, look: bool) -> bool:
-    """Whether a held request's turn came: its event completed (or it has none), the deadline
-    passed, or (looked at every LIVENESS_EVERY) its worker's process is gone."""
-    if not _unlanded(_event(lane, message)) or now - since > PEER_EVENT_DEADLINE:
-        return True
-    return look and (lane.peer is None or not lane.peer.running())
-
-
-def _expired(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], now: float) -> bool:
-    """Held past PEER_EVENT_DEADLINE by a worker that still runs, its copies not landed: refused,
-    not waited for again (a dead worker's request goes on, to be refused as such)."""
-    return (now - since > PEER_EVENT_DEADLINE and _unlanded(_event(lane, message))
-            and lane.peer is not None and lane.peer.running())
+def _turn(message: P.BlockRequest, since: float, lane: Optional[DeviceLane], now: float, look: bool) -> str:
+    """A held request's turn: "go" once its event completed (or it has none) or its worker's
+    process is gone (looked at every LIVENESS_EVERY, and at the deadline: handling it then reports
+    the death); "expired" once PEER_EVENT_DEADLINE passed with the worker running (refused, not
+    waited for again); else "wait"."""
+    if not _unlanded(_event(lane, message)):
+        return "go"
+    expired = now - since > PEER_EVENT_DEADLINE
+    if (look or expired) and (lane.peer is None or not lane.peer.running()):
+        return "go"
+    return "expired" if expired else "wait"
 
 
 def _holdable(message: P.Message) -> bool:
