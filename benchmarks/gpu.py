@@ -31,6 +31,9 @@
    model with bf16 autocast and Adam, ResNet-50 with SGD): PS sync with overlap on and off, and
    without CUDA IPC (``PS_CUDA_IPC=0``, the shared-memory lanes). samples/s = batch x timed steps /
    time; the loss of every step against the single process's (largest relative difference).
+   ``--rounds 3`` runs the setups three times, one after another, and adds a table of the medians
+   of each setup's ratio to the single process of its round: the shared machine's speed moves by a
+   third between minutes, and one round's ratio says little.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _device_name(index: int = 0) -> str:
     return torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
 
 
-def _median_ms(fn, repeats: int, warmup: int) -> float:
+def median_ms(fn, repeats: int, warmup: int) -> float:
     """Median of ``repeats`` CUDA-event timings of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -107,7 +110,7 @@ def bench_apply(shard_bytes: int, repeats: int, warmup: int) -> list[dict]:
 def _copy_ms(n: int, dev: torch.device, repeats: int, warmup: int) -> float:
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
-    return _median_ms(lambda: dst.copy_(src), repeats, warmup)
+    return median_ms(lambda: dst.copy_(src), repeats, warmup)
 
 
 def _apply_ms(spec, impl: str, n: int, dev: torch.device, repeats: int, warmup: int) -> tuple[str, float]:
@@ -117,10 +120,10 @@ def _apply_ms(spec, impl: str, n: int, dev: torch.device, repeats: int, warmup: 
     if impl == "ShardOptimizer":
         opt = ShardOptimizer(spec, [param])
         used = "fused" if opt.opt.param_groups[0].get("fused") else "foreach"
-        return used, _median_ms(lambda: opt.step({0: grad}), repeats, warmup)
+        return used, median_ms(lambda: opt.step({0: grad}), repeats, warmup)
     param.grad = grad  # torch's multi-tensor path, for comparison
     plain = spec.torch_class([param], **spec.hyperparameters(), foreach=True)
-    return "foreach (torch.optim)", _median_ms(plain.step, repeats, warmup)
+    return "foreach (torch.optim)", median_ms(plain.step, repeats, warmup)
 
 
 # ------------------------------------------------------------------------------------------ 2. push_pull
@@ -441,7 +444,10 @@ def bench_e2e(model: str, batch: int, size: int, steps: int, warmup: int, device
 
 def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_dir: Path,
                   timeout: float, chunk_mibs: tuple = (), trace: Optional[str] = None,
-                  only: Optional[set] = None) -> list[dict]:
+                  only: Optional[set] = None, rounds: int = 1) -> list[dict]:
+    """One row per model, setup and round; the setups of a model run one after another, ``rounds``
+    times, each round's ratios against that round's single process (the shared machine's speed
+    moves between minutes: ``one_gpu_summary`` takes the medians)."""
     setups = [("single process, torch.optim", "local1", {}),
               ("PS sync, overlap on", "ps1", {"overlap": True, "ipc": "1"}),
               ("PS sync, overlap off", "ps1", {"overlap": False, "ipc": "1"}),
@@ -449,32 +455,55 @@ def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_d
     for mib in chunk_mibs:
         setups += [(f"PS sync, overlap {'on' if overlap else 'off'}, {mib} MiB blocks", "ps1",
                     {"overlap": overlap, "ipc": "1", "chunk_mib": mib}) for overlap in (True, False)]
+    setups = [setup for setup in setups if not only or setup[0] in only]
     rows = []
     for model in models:
-        batch = 128 if model == "resnet50" else one.SPECS[model]["batch"]
-        reference = None
-        for label, kind, extra in setups:
-            if only and label not in only:
-                continue
-            args = {"model": model, "steps": steps, "warmup": warmup, "device": device, **extra, "trace": trace,
-                    "label": f"{model}-" + "".join(c if c.isalnum() else "_" for c in label)}
-            print(f"onegpu: {model}, {label} ...", flush=True)
-            try:
-                result = _one_gpu_child(kind, args, log_dir, timeout)
-            except Exception as exc:  # one failed setup should not cost the others' numbers
-                print(f"onegpu: {model}, {label} FAILED: {exc}", flush=True)
-                rows.append({"model": model, "setup": label, "error": str(exc).splitlines()[0][:200]})
-                continue
-            reference = reference or result  # the single process, unless --e2e-only left it out
-            row = {"model": model, "setup": label, "samples/s": batch * result["steps"] / result["seconds"],
-                   "step ms": result["seconds"] / result["steps"] * 1e3}
-            row["vs single process"] = row["samples/s"] / (batch * reference["steps"] / reference["seconds"])
-            row["loss diff"] = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
-            if "stats" in result:
-                row["IPC requests"] = sum(s["ipc_requests"] for s in result["stats"])
-                row["server busy ms/step"] = result["busy_s"] * 1e3 / result["steps"]
-            rows.append(row)
+        for round_ in range(1, rounds + 1):
+            rows += _one_gpu_round(model, setups, round_ if rounds > 1 else None, steps, warmup, device, log_dir,
+                                   timeout, trace)
     return rows
+
+
+def _one_gpu_round(model: str, setups: list, round_: Optional[int], steps: int, warmup: int, device: str,
+                   log_dir: Path, timeout: float, trace: Optional[str]) -> list[dict]:
+    batch = 128 if model == "resnet50" else one.SPECS[model]["batch"]
+    reference, rows = None, []
+    for label, kind, extra in setups:
+        args = {"model": model, "steps": steps, "warmup": warmup, "device": device, **extra, "trace": trace,
+                "label": f"{model}-" + "".join(c if c.isalnum() else "_" for c in label)}
+        print(f"onegpu: {model}, {label}{f', round {round_}' if round_ else ''} ...", flush=True)
+        row = {"model": model, "setup": label, **({"round": round_} if round_ else {})}
+        try:
+            result = _one_gpu_child(kind, args, log_dir, timeout)
+        except Exception as exc:  # one failed setup should not cost the others' numbers
+            print(f"onegpu: {model}, {label} FAILED: {exc}", flush=True)
+            rows.append({**row, "error": str(exc).splitlines()[0][:200]})
+            continue
+        reference = reference or result  # the single process, unless --e2e-only left it out
+        row.update({"samples/s": batch * result["steps"] / result["seconds"],
+                    "step ms": result["seconds"] / result["steps"] * 1e3})
+        row["vs single process"] = row["samples/s"] / (batch * reference["steps"] / reference["seconds"])
+        row["loss diff"] = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
+        if "stats" in result:
+            row["IPC requests"] = sum(s["ipc_requests"] for s in result["stats"])
+            row["server busy ms/step"] = result["busy_s"] * 1e3 / result["steps"]
+        rows.append(row)
+    return rows
+
+
+def one_gpu_summary(rows: list[dict]) -> list[dict]:
+    """Per model and setup over its rounds: the median step, and the median, lowest and highest
+    of its ratios to the single process of the same round."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            runs.setdefault((row["model"], row["setup"]), []).append(row)
+    return [{"model": model, "setup": setup, "rounds": len(done),
+             "median step ms": statistics.median(r["step ms"] for r in done),
+             "median vs single": statistics.median(r["vs single process"] for r in done),
+             "lowest": min(r["vs single process"] for r in done),
+             "highest": max(r["vs single process"] for r in done)}
+            for (model, setup), done in runs.items()]
 
 
 def _one_gpu_child(kind: str, args: dict, log_dir: Path, timeout: float) -> dict:
@@ -509,6 +538,8 @@ def _table(title: str, rows: list[dict]) -> str:
 @click.group(invoke_without_command=True)
 @click.option("--only", default="apply,pushpull,e2e,onegpu", help="comma-separated: apply, pushpull, e2e, onegpu")
 @click.option("--onegpu-models", default="gpt,resnet50", help="onegpu: gpt, resnet50, tinygpt (comma-separated)")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="onegpu: run the setups this many times, alternating, and add a table of medians")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="markdown fragment for RESULTS.md")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 @click.option("--shard-mib", type=int, default=1024)
@@ -526,7 +557,7 @@ def _table(title: str, rows: list[dict]) -> str:
 @click.option("--trace", type=click.Path(file_okay=False), default=None,
               help="e2e: write a torch.profiler timeline of three steps of each rank of each setup here")
 @click.pass_context
-def main(ctx, only, onegpu_models, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
+def main(ctx, only, onegpu_models, rounds, out, json_out, shard_mib, repeats, sizes, model, batch, image_size, steps, warmup, device,
          e2e_only, timeout, chunk_mib, trace) -> None:
     if ctx.invoked_subcommand is not None:
         return
@@ -570,11 +601,15 @@ def main(ctx, only, onegpu_models, out, json_out, shard_mib, repeats, sizes, mod
             selected = {s.strip() for s in e2e_only.split(";") if s.strip()} or None
             results["onegpu"] = bench_one_gpu(onegpu_models.split(","), steps, warmup, device, log_dir, timeout,
                                               tuple(int(c) for c in chunk_mib.split(",") if c.strip()),
-                                              str(Path(trace).resolve()) if trace else None, selected)
+                                              str(Path(trace).resolve()) if trace else None, selected,
+                                              rounds)
         report.append(_table(f"4. One GPU: 1 worker and 1 server on it against single-process torch, {steps} "
                              f"timed steps after {warmup}; loss diff: largest relative difference of a step's "
                              "loss from the single process's", results["onegpu"]))
-        print(report[-1], flush=True)
+        if rounds > 1:
+            report.append(_table(f"4a. One GPU over {rounds} alternating rounds: each round's ratio against "
+                                 "that round's single process", one_gpu_summary(results["onegpu"])))
+        print("\n".join(report[-2 if rounds > 1 else -1:]), flush=True)
     if out:
         Path(out).write_text("\n".join(report))
     if json_out:
