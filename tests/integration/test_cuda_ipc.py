@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import psframework as ps
 from psframework import protocol as P
 
 from tests.integration import models
+from tests.integration.test_chaos_bugs import wait_for
 from tests.integration.test_core import CHUNK
 from tests.integration.test_shm import one_async_worker
 from tests.threads import run_in_threads
@@ -575,3 +577,31 @@ def test_a_push_whose_gradients_are_still_computed_holds_back_no_other_workers_r
     for values, _ in results:
         assert torch.equal(values, torch.full((numel,), -3.0))  # SGD(lr=1) of ones, then of twos
     assert results[0][1]["held_requests"] >= 1 and results[0][1]["ipc_requests"] >= 1
+
+
+def test_a_worker_killed_while_its_push_is_held_holds_up_nothing(make_cluster, worker_procs, tmp_path):
+    """Worker 0 (``worker_tasks.py:held_then_killed``) pushes through its device lane while its
+    gradients are still computed, seconds of device work away; the server holds the push, and worker
+    0 is killed. Worker 1's push_pull is then answered within seconds, the killed worker's push
+    is never applied, and the server goes on."""
+    numel = ONE_BLOCK // 4
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", elastic=True, chunk_bytes=ONE_BLOCK,
+                           server_device="cuda")
+    victim = worker_procs(cluster, "held_then_killed", 1, flag_dir=str(flags), numel=numel)
+    with ps.init(scheduler=cluster.scheduler, rank=1) as worker:
+        params = {"w": torch.zeros(numel)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        wait_for(lambda: (flags / "sent").exists(), 60, "worker 0's push")
+        wait_for(lambda: worker.server_stats()[0]["held_requests"] >= 1, 10, "the server holding worker 0's push")
+        os.kill(victim.procs[0].pid, signal.SIGKILL)
+        started = time.monotonic()
+        worker.push_pull({"w": torch.ones(numel)}, into=params).wait(timeout=30)
+        assert time.monotonic() - started < 5
+        assert torch.equal(params["w"], torch.full((numel,), -1.0))  # SGD(lr=1) of our ones only
+        time.sleep(1.0)  # the held push's turn has come (the worker's process is gone)
+        worker.pull(params).wait(timeout=10)
+        assert torch.equal(params["w"], torch.full((numel,), -1.0))
+        assert worker.server_stats()[0]["held_requests"] >= 1
+    assert cluster.processes()["server-0"].poll() is None

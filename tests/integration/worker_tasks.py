@@ -226,6 +226,26 @@ def stop_myself(out: str, flag_dir: str) -> None:
     os._exit(0)  # no close(): it is out of the job
 
 
+def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
+    """A GPU victim (test_cuda_ipc.py): registers {"w": zeros(numel)} on the GPU and pushes through
+    its device lane a gradient still computed behind about ten seconds of device work on a stream of
+    its own, says so, and waits to be killed."""
+    from pathlib import Path
+
+    worker = ps.init()
+    params = {"w": torch.zeros(numel, device="cuda")}
+    worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    stream = torch.cuda.Stream()
+    a = torch.randn(16384, 16384, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        for _ in range(60):
+            a = torch.tanh(a @ a)
+        worker.push({"w": torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0})
+    (Path(flag_dir) / "sent").touch()
+    time.sleep(600)
+
+
 def checkpoint_part(out: str, flag_dir: str, directory: str, step: int) -> None:
     """A chaos victim: registers {"w": zeros(2)}, hands in its part of a checkpoint and waits in it
     (the test kills it there)."""
@@ -349,7 +369,7 @@ def count_up(out: str, steps: int, numel: int) -> None:
 
 TASKS = {f.__name__: f for f in (count_up, sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
-                                  stop_myself, checkpoint_part, emb_train, emb_checkpointed, compressed_train)}
+                                  stop_myself, held_then_killed, checkpoint_part, emb_train, emb_checkpointed, compressed_train)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
