@@ -19,6 +19,7 @@ from psframework import protocol as P
 from tests.integration import models
 from tests.integration.test_chaos_bugs import wait_for
 from tests.integration.test_core import CHUNK
+from tests.integration.worker_tasks import gradient_behind_device_work
 from tests.integration.test_shm import one_async_worker
 from tests.threads import run_in_threads
 
@@ -522,12 +523,7 @@ def test_a_push_sent_while_its_gradients_are_still_computed_is_applied_with_them
         params = {"w": torch.zeros(numel, device="cuda")}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         worker.push_pull({"w": torch.ones(numel, device="cuda")}, into=params).wait(timeout=30)
-        a = torch.randn(16384, 16384, device="cuda")
-        torch.cuda.synchronize()
-        for _ in range(2):
-            a = torch.tanh(a @ a)
-        grad = torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0  # ready only after the products
-        future = worker.push_pull({"w": grad}, into=params)
+        future = worker.push_pull({"w": gradient_behind_device_work(numel, matmuls=2)}, into=params)
         future.wait(timeout=30)
         assert torch.equal(params["w"].cpu(), torch.full((numel,), -3.0))
         assert worker.server_stats()[0]["ipc_requests"] >= 2
@@ -544,12 +540,8 @@ def test_a_push_whose_gradients_are_still_computed_holds_back_no_other_workers_r
 
     def slow_worker(worker, params):
         stream = torch.cuda.Stream()
-        a = torch.randn(16384, 16384, device="cuda")
-        torch.cuda.synchronize()
         with torch.cuda.stream(stream):
-            for _ in range(20):
-                a = torch.tanh(a @ a)
-            grad = torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0  # ready only after the products
+            grad = gradient_behind_device_work(numel, matmuls=20)
             seen["computed"] = torch.cuda.Event()
             seen["computed"].record(stream)
             future = worker.push_pull({"w": grad}, into=params)

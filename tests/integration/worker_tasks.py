@@ -226,6 +226,16 @@ def stop_myself(out: str, flag_dir: str) -> None:
     os._exit(0)  # no close(): it is out of the job
 
 
+def gradient_behind_device_work(numel: int, matmuls: int) -> torch.Tensor:
+    """2.0 everywhere on the GPU, ready only once ``matmuls`` products of 16384 x 16384 matrices
+    queued on the current stream are done (about 0.15 s each on an H200)."""
+    a = torch.randn(16384, 16384, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(matmuls):
+        a = torch.tanh(a @ a)
+    return torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0
+
+
 def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
     """A GPU victim (test_cuda_ipc.py): registers {"w": zeros(numel)} on the GPU and pushes through
     its device lane a gradient still computed behind about ten seconds of device work on a stream of
@@ -236,12 +246,8 @@ def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
     params = {"w": torch.zeros(numel, device="cuda")}
     worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
     stream = torch.cuda.Stream()
-    a = torch.randn(16384, 16384, device="cuda")
-    torch.cuda.synchronize()
     with torch.cuda.stream(stream):
-        for _ in range(60):
-            a = torch.tanh(a @ a)
-        worker.push({"w": torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0})
+        worker.push({"w": gradient_behind_device_work(numel, matmuls=60)})
     (Path(flag_dir) / "sent").touch()
     time.sleep(600)
 
