@@ -226,14 +226,13 @@ def stop_myself(out: str, flag_dir: str) -> None:
     os._exit(0)  # no close(): it is out of the job
 
 
-def gradient_behind_device_work(numel: int, matmuls: int) -> torch.Tensor:
-    """2.0 everywhere on the GPU, ready only once ``matmuls`` products of 16384 x 16384 matrices
-    queued on the current stream are done (about 0.15 s each on an H200)."""
-    a = torch.randn(16384, 16384, device="cuda")
-    torch.cuda.synchronize()
-    for _ in range(matmuls):
-        a = torch.tanh(a @ a)
-    return torch.full((numel,), 2.0, device="cuda") + a[0, 0] * 0
+def gradient_behind_device_work(numel: int, seconds: float) -> torch.Tensor:
+    """2.0 everywhere on the GPU, ready only once one kernel queued on the current stream has spun
+    for about ``seconds`` (``torch.cuda._sleep`` counts GPU clock cycles, about 2e9 a second on an
+    H200). One kernel: a first version, sixty products of 16384 x 16384 matrices, held its process
+    in ``push()`` until most of them had run, for a reason not found (the launches, the allocator)."""
+    torch.cuda._sleep(int(seconds * 2e9))
+    return torch.full((numel,), 2.0, device="cuda")
 
 
 def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
@@ -247,7 +246,7 @@ def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
     worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        worker.push({"w": gradient_behind_device_work(numel, matmuls=60)})
+        worker.push({"w": gradient_behind_device_work(numel, seconds=10.0)})
     (Path(flag_dir) / "sent").touch()
     time.sleep(600)
 
