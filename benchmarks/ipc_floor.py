@@ -44,11 +44,22 @@ from benchmarks.gpu import median_ms  # noqa: E402
 
 LR = 1e-6
 SHAPES = ("messages", "worker-copies", "server-copies")
+DEADLINE_S = 60  # for each message and each event: the other process died or hangs
 
 
 def _wait(event: torch.cuda.Event) -> None:
+    """Spin until the other process's event completed (as the device lanes do at first)."""
+    started = time.monotonic()
     while not event.query():
-        pass
+        if time.monotonic() - started > DEADLINE_S:
+            raise TimeoutError(f"the other process's event did not complete in {DEADLINE_S} s")
+
+
+def _pair(context: zmq.Context) -> zmq.Socket:
+    """A PAIR socket whose receives fail after DEADLINE_S (zmq.Again), never hang."""
+    socket = context.socket(zmq.PAIR)
+    socket.setsockopt(zmq.RCVTIMEO, DEADLINE_S * 1000)
+    return socket
 
 
 def _server(port: int, inbox, outbox) -> None:
@@ -60,7 +71,7 @@ def _server(port: int, inbox, outbox) -> None:
     ours = torch.cuda.Event(interprocess=True)
     outbox.put(bytes(ours.ipc_handle()))  # each side records only once the other has opened its event
     theirs = torch.cuda.Event.from_ipc_handle(device, their_handle)
-    socket = zmq.Context.instance().socket(zmq.PAIR)
+    socket = _pair(zmq.Context.instance())
     socket.connect(f"tcp://127.0.0.1:{port}")
     socket.send(b"ready")
     with torch.cuda.stream(stream):
@@ -129,7 +140,7 @@ def main(mib: int, trips: int, rounds: int) -> None:
     grad, dest, push_slot, pull_slot = (torch.randn(numel, device="cuda") for _ in range(4))
     context = multiprocessing.get_context("spawn")
     to_server, to_worker = context.Queue(), context.Queue()
-    socket = zmq.Context.instance().socket(zmq.PAIR)
+    socket = _pair(zmq.Context.instance())
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     server = context.Process(target=_server, args=(port, to_server, to_worker), daemon=True)
     server.start()
