@@ -229,8 +229,9 @@ def stop_myself(out: str, flag_dir: str) -> None:
 def gradient_behind_device_work(numel: int, seconds: float) -> torch.Tensor:
     """2.0 everywhere on the GPU, ready only once one kernel queued on the current stream has spun
     for about ``seconds`` (``torch.cuda._sleep`` counts GPU clock cycles, about 2e9 a second on an
-    H200). One kernel: a first version, sixty products of 16384 x 16384 matrices, held its process
-    in ``push()`` until most of them had run, for a reason not found (the launches, the allocator)."""
+    H200). The tensor is allocated after the spin: in a fresh process that allocation may wait for
+    the spin on the host (the likely reason ``held_then_killed``'s push is never held, with this
+    kernel as with sixty matrix products before it; benchmarks/RESULTS_GPU.md, fourteenth round)."""
     torch.cuda._sleep(int(seconds * 2e9))
     return torch.full((numel,), 2.0, device="cuda")
 
