@@ -571,12 +571,6 @@ def test_a_push_whose_gradients_are_still_computed_holds_back_no_other_workers_r
     assert results[0][1]["held_requests"] >= 1 and results[0][1]["ipc_requests"] >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open, found 2026-12-04 on the GPU machine: worker 0, a process of its own, is never held. Its push() "
-    "returned (the flag appeared) only ~10 s later, once the device work was done; the server counted "
-    "ipc_requests 1, held_requests 0. Likely the test's construction, not checked on the GPU: the "
-    "gradient's cudaMalloc (the first allocation on a fresh stream of a fresh process) waits for the "
-    "spinning kernel (benchmarks/RESULTS_GPU.md, fourteenth round)."))
 def test_a_worker_killed_while_its_push_is_held_holds_up_nothing(make_cluster, worker_procs, tmp_path):
     """Worker 0 (``worker_tasks.py:held_then_killed``) pushes through its device lane while its
     gradients are still computed, seconds of device work away; the server holds the push, and worker
@@ -592,7 +586,8 @@ def test_a_worker_killed_while_its_push_is_held_holds_up_nothing(make_cluster, w
         params = {"w": torch.zeros(numel)}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         wait_for(lambda: (flags / "sent").exists(), 60, "worker 0's push")
-        wait_for(lambda: worker.server_stats()[0]["held_requests"] >= 1, 10, "the server holding worker 0's push")
+        wait_for(lambda: worker.server_stats()[0]["held_requests"] >= 1, 10,
+                 f"the server holding worker 0's push ({(flags / 'sent').read_text()})")
         os.kill(victim.procs[0].pid, signal.SIGKILL)
         started = time.monotonic()
         worker.push_pull({"w": torch.ones(numel)}, into=params).wait(timeout=30)

@@ -229,9 +229,8 @@ def stop_myself(out: str, flag_dir: str) -> None:
 def gradient_behind_device_work(numel: int, seconds: float) -> torch.Tensor:
     """2.0 everywhere on the GPU, ready only once one kernel queued on the current stream has spun
     for about ``seconds`` (``torch.cuda._sleep`` counts GPU clock cycles, about 2e9 a second on an
-    H200). The tensor is allocated after the spin: in a fresh process that allocation may wait for
-    the spin on the host (the likely reason ``held_then_killed``'s push is never held, with this
-    kernel as with sixty matrix products before it; benchmarks/RESULTS_GPU.md, fourteenth round)."""
+    H200). In a fresh process, warm up first: the first launch of a kernel loads its module, which
+    waits for all work on the device (CUDA's lazy loading; RESULTS_GPU.md, fifteenth round)."""
     torch.cuda._sleep(int(seconds * 2e9))
     return torch.full((numel,), 2.0, device="cuda")
 
@@ -245,10 +244,18 @@ def held_then_killed(out: str, flag_dir: str, numel: int) -> None:
     worker = ps.init()
     params = {"w": torch.zeros(numel, device="cuda")}
     worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+    # the kernels the push launches are loaded now, not behind the device work (CUDA lazy loading)
+    worker.push({"w": torch.zeros(numel, device="cuda")}).wait(timeout=30)
     stream = torch.cuda.Stream()
+    started = time.monotonic()
     with torch.cuda.stream(stream):
-        worker.push({"w": gradient_behind_device_work(numel, seconds=10.0)})
-    (Path(flag_dir) / "sent").touch()
+        gradient = gradient_behind_device_work(numel, seconds=10.0)
+        queued = time.monotonic()
+        worker.push({"w": gradient})
+    told = Path(flag_dir) / "sent.part"
+    told.write_text(f"gradient queued after {queued - started:.3f} s, "
+                    f"push() returned after {time.monotonic() - started:.3f} s")
+    told.rename(told.with_suffix(""))
     time.sleep(600)
 
 
