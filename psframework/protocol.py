@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 10  # 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 11  # 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -230,7 +230,9 @@ class BlockRequest(Message):
     the codec of each pushed segment's frame (``ps.compress``; "" raw; empty: all raw);
     ``pull_codecs``: of each segment of ``segs`` in the answer (socket requests only). ``shared``:
     a lane request whose answer may leave the values in the server's shared values
-    (``datapath/values.py``) instead of the lane's pull slot."""
+    (``datapath/values.py``) instead of the lane's pull slot. ``flag``: a device-lane request's
+    number, which the server's stream writes into the block's flag in the lane once the values
+    are in the pull slot (0: the worker waits for the server's event instead)."""
     req: int
     block: int
     rank: int
@@ -245,6 +247,7 @@ class BlockRequest(Message):
     codecs: list[str] = []
     pull_codecs: list[str] = []
     shared: bool = False
+    flag: int = 0
 
 
 class Push(BlockRequest, tag="push"):

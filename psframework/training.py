@@ -38,6 +38,7 @@ from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
+from .worker.requests import Future
 
 log = logging.getLogger("psframework.training")
 
@@ -75,6 +76,8 @@ class DistributedOptimizer:
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
+        # a step whose values are ordered on the GPU (``push_pull(device_ordered=True)``), not waited for yet
+        self._unfinished: Optional[Future] = None
         config = self.worker.config
         self.checkpoint_dir = checkpoint_dir or config.checkpoint_dir
         self.checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
@@ -98,7 +101,14 @@ class DistributedOptimizer:
     @property
     def step_count(self) -> int:
         """Steps taken, counting those before a resume: the worker's own count."""
+        self._finish_unfinished()
         return self.worker.steps
+
+    def _finish_unfinished(self) -> None:
+        """Wait for the last step if it was left to complete on the GPU; raises its error."""
+        future, self._unfinished = self._unfinished, None
+        if future is not None:
+            future.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
@@ -124,6 +134,11 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         push_rows = self._tables.push if self._tables is not None else None
+        try:
+            self._finish_unfinished()
+        except RolledBackError as exc:  # this step's forward ran on the model before the rollback
+            self._drop_step(exc.step)
+            return
         if self._rolled_back is not None and self._overlap is None:
             # heard of after this step's forward: its gradients belong to the old model (with overlap
             # the communication thread finds out by the step's rollback epoch, and must end the step)
@@ -162,14 +177,21 @@ class DistributedOptimizer:
             self._overlap.epoch = self.worker.client.rollback
         if self._tables is not None:
             self._tables.forget()
+        try:
+            self._finish_unfinished()
+        except RolledBackError:
+            pass  # the values pulled now are the restored ones
         if self.params:
             self.worker.pull(self.params).wait()
 
     def _step_without_overlap(self, push_rows) -> None:
-        futures = [self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params)] \
-            if self.params else []
+        futures = [self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params,
+                                         device_ordered=push_rows is None)] if self.params else []
         if push_rows is not None:
             futures.append(push_rows() if futures else self.worker.counted(push_rows()))
+        if len(futures) == 1 and futures[0].ordered_on_device and not self.checkpoint_every:
+            self._unfinished = futures[0]  # the next kernels read the new values; errors come at the next step
+            return
         for future in futures:
             future.wait()
 
@@ -179,6 +201,12 @@ class DistributedOptimizer:
         return self._overlap.early_blocks if self._overlap is not None else 0
 
     def close(self) -> None:
+        try:
+            self._finish_unfinished()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         if self._overlap is not None:
             self._overlap.close()
             self._overlap = None

@@ -34,9 +34,11 @@ device lanes off.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import Callable, Iterable, Optional
 
@@ -44,24 +46,33 @@ import torch
 
 from .. import protocol as P
 from ..errors import ConfigError, PeerLostError, PSError, PSTimeoutError
-from .lane import TOKEN_BYTES, Slots, lane_layout
+from .lane import TOKEN_BYTES, Slots, aligned, lane_layout
+from .memops import memops
 from .peer_process import PeerProcess, start_time
 
 HEADER_BYTES = 512  # the token, then aligned areas
 PEER_EVENT_DEADLINE = 60.0  # seconds one side waits for the other's device work on one block, while it lives
 LIVENESS_EVERY = 0.05  # seconds between checks that the job's nodes live, while waiting for an event
 SPIN = 0.002  # seconds of waiting for an event without pausing (device work takes microseconds)
+CLOSE_GRACE = 5.0  # seconds a closing worker gives the servers' pending device work before releasing our waits
+
+log = logging.getLogger("psframework.cuda_ipc")
 
 
 class DeviceLane(Slots):
-    """A worker's lane to one server in GPU memory: made by the worker, mapped by the server."""
+    """A worker's lane to one server in GPU memory: made by the worker, mapped by the server.
+    After the header, one 32-bit flag per block (``memops.py``): the server's stream writes the
+    number a request names into it once the request's values are in the pull slot, and the
+    worker's stream waits for that number before its copy out of the slot."""
 
     on_device = True
     pinned = True
-    _base = HEADER_BYTES
 
     def __init__(self, memory: torch.Tensor, offsets: dict[int, int], area_bytes: int):
+        self._base = device_lane_base(len(offsets))
         super().__init__(memory, offsets, area_bytes)
+        self._flag_of = {block_id: i for i, block_id in enumerate(sorted(offsets))}
+        self.flags_sent: dict[int, int] = {}  # the worker's side: the last number each block's requests named
         # by block: the worker records it once its gradients are in the push slot
         self.pushed: dict[int, torch.cuda.Event] = {}
         # by block: the server records it once the block's values are in the pull slot
@@ -73,7 +84,7 @@ class DeviceLane(Slots):
         """Allocate the lane on the worker's GPU, with its push events; ``torch.cuda.OutOfMemoryError``
         if it does not fit."""
         offsets, area = lane_layout(blocks)
-        memory = torch.zeros(HEADER_BYTES + 2 * area, dtype=torch.uint8, device=device)
+        memory = torch.zeros(device_lane_base(len(offsets)) + 2 * area, dtype=torch.uint8, device=device)
         token = torch.frombuffer(bytearray(secrets.token_bytes(TOKEN_BYTES)), dtype=torch.uint8)
         memory[:TOKEN_BYTES].copy_(token)
         lane = cls(memory, offsets, area)
@@ -99,7 +110,7 @@ class DeviceLane(Slots):
         open its push events and watch its process; ConfigError, or OSError where its process is not
         visible from here."""
         offsets, area = lane_layout(blocks)
-        expected = HEADER_BYTES + 2 * area
+        expected = device_lane_base(len(offsets)) + 2 * area
         if message.nbytes != expected:
             raise ConfigError(f"device lane of worker {message.rank} has {message.nbytes} bytes, "
                               f"the shard map needs {expected}")
@@ -117,6 +128,28 @@ class DeviceLane(Slots):
             lane.close()
             raise
         return lane
+
+    def next_flag(self, block_id: int) -> int:
+        """The worker's side: the number a new request on ``block_id`` asks the server to write."""
+        number = self.flags_sent[block_id] = self.flags_sent.get(block_id, 0) + 1
+        return number
+
+    def flag_address(self, block_id: int) -> int:
+        """The device address of ``block_id``'s flag in this process."""
+        return self.memory.data_ptr() + HEADER_BYTES + 4 * self._flag_of[block_id]
+
+    def write_flag(self, stream: "torch.cuda.Stream", block_id: int, number: int) -> None:
+        """The server's side: ``stream`` writes ``number`` into ``block_id``'s flag after its work so far."""
+        memops().write(stream.cuda_stream, self.flag_address(block_id), number)
+
+    def wait_flag(self, stream: "torch.cuda.Stream", block_id: int, number: int) -> None:
+        """The worker's side: ``stream``'s later work waits until ``block_id``'s flag reaches ``number``."""
+        memops().wait(stream.cuda_stream, self.flag_address(block_id), number)
+
+    def flag_value(self, block_id: int) -> int:
+        """What ``block_id``'s flag holds now (a copy to the host: for the rare checks, not a step)."""
+        start = HEADER_BYTES + 4 * self._flag_of[block_id]
+        return int(self.memory[start:start + 4].view(torch.int32).cpu()) & 0xFFFFFFFF
 
     def make_events(self, device: torch.device) -> list[bytes]:
         """The server's side: one interprocess event per block; their handles, by block id in
@@ -208,8 +241,9 @@ class DeviceLane(Slots):
     def copy_push_area(self, other: "Slots") -> None:
         """Take over another lane's push area (a restarted server's fresh lane): the requests resent
         through it find their gradients there, with no push event recorded for them, so the copy
-        is done before it is offered."""
+        is done before it is offered. The numbers its requests name go on from the other's."""
         super().copy_push_area(other)
+        self.flags_sent = dict(getattr(other, "flags_sent", {}))
         torch.cuda.current_stream(self.memory.device).synchronize()
 
     def close(self) -> None:
@@ -218,6 +252,130 @@ class DeviceLane(Slots):
             self.peer.close()
             self.peer = None
         self.forget_memory()
+
+
+class FlagWatch:
+    """The worker's side: streams of ours that wait for servers' flags (``DeviceLane.wait_flag``),
+    watched from a thread of our own until they pass. A server that dies before writing a flag
+    (or whose work takes more than PEER_EVENT_DEADLINE) would leave our stream, and every stream
+    ordered after it, waiting for good: the watch then writes the number into the flag itself,
+    from a stream of its own, and keeps the error for the worker's next request (``check``)."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._stream: Optional[torch.cuda.Stream] = None  # never one the waits could be queued on
+        self._pending: list[tuple[DeviceLane, int, dict[int, int], list[torch.cuda.Event], float]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._failure: Optional[PSError] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, lane: DeviceLane, server: int, numbers: dict[int, int], passed: list[torch.cuda.Event]) -> None:
+        """The events ``passed`` are recorded after the waits for ``numbers`` (block id: number) of ``lane``."""
+        with self._lock:
+            if self._thread is None:
+                self._stream = torch.cuda.Stream(self._device)
+                self._thread = threading.Thread(target=self._run, name="psframework-flag-watch", daemon=True)
+                self._thread.start()
+            self._pending.append((lane, server, numbers, passed, time.monotonic()))
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise (once) the error of a wait the watch had to release."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _run(self) -> None:
+        while not self._closed:
+            if not self._sweep(final=False):
+                self._wake.wait()
+                self._wake.clear()
+            else:
+                time.sleep(LIVENESS_EVERY)
+
+    def _sweep(self, final: bool) -> bool:
+        """Look at every pending wait once; whether some are still pending. ``final``: release
+        those whose server still works too (the worker is closing)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        left = [entry for entry in pending if not self._settled(entry, final)]
+        with self._lock:
+            self._pending[:0] = left
+            return bool(self._pending)
+
+    def _settled(self, entry: tuple, final: bool) -> bool:
+        lane, server, numbers, passed, started = entry
+        if not lane.memory.numel() or all(event.query() for event in passed):
+            return True  # passed (or the lane is closed, its waits released by ``let_go``)
+        peer = lane.peer
+        alive = peer is not None and peer.running()
+        late = time.monotonic() - started > PEER_EVENT_DEADLINE
+        if alive and not late and not final:
+            return False
+        with torch.cuda.stream(self._stream):
+            missing = {block_id: number for block_id, number in numbers.items()
+                       if not _reached(lane.flag_value(block_id), number)}
+            if missing and not final:  # kept before the release: once released, our streams go on
+                self._failure = _never_written(server, peer, alive, sorted(missing))
+                log.error("worker: releasing our streams' waits for server %d: %s", server, self._failure)
+            for block_id, number in missing.items():
+                memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
+            self._stream.synchronize()
+        return True
+
+    def release_now(self, lane: DeviceLane, numbers: dict[int, int]) -> None:
+        """Write these numbers (block id: number) into ``lane``'s flags ourselves: their server
+        refused the requests, and a copy of ours queued behind the flags must go on."""
+        with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self._device)
+        for block_id, number in numbers.items():
+            memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
+        self._stream.synchronize()
+
+    def let_go(self, lane: DeviceLane) -> None:
+        """``lane`` is about to be closed (its server restarted): release our waits on its flags now,
+        before its memory can go back to the allocator."""
+        with self._lock:
+            mine = [entry for entry in self._pending if entry[0] is lane]
+            self._pending = [entry for entry in self._pending if entry[0] is not lane]
+        for entry in mine:
+            self._settled(entry, final=True)
+            for event in entry[3]:
+                event.synchronize()  # the copies behind the waits have read the lane
+
+    def close(self) -> None:
+        """Stop the thread; waits still pending get a few seconds, then are released."""
+        deadline = time.monotonic() + CLOSE_GRACE
+        while self._pending and time.monotonic() < deadline and self._sweep(final=False):
+            time.sleep(LIVENESS_EVERY)
+        self._sweep(final=True)
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def _never_written(server: int, peer: Optional[PeerProcess], alive: bool, blocks: list[int]) -> PSError:
+    what = f"writing the values of blocks {blocks} into the device lane"
+    if alive:
+        return PSTimeoutError(f"server {server} {what}: not done in {PEER_EVENT_DEADLINE:.0f} s; the GPU may be "
+                              "hung (see nvidia-smi)")
+    return PeerLostError(f"server {server} (pid {peer.pid if peer else '?'} on {socket.gethostname()}) died while "
+                         f"{what}", role="server", rank=server, host=socket.gethostname())
+
+
+def _reached(value: int, number: int) -> bool:
+    """Whether a flag holding ``value`` has reached ``number`` (as the stream's wait compares them)."""
+    return ((value - number) & 0xFFFFFFFF) < 0x80000000
+
+
+def device_lane_base(blocks: int) -> int:
+    """Where a device lane's slots start: after the header and the flags of its ``blocks`` blocks."""
+    return HEADER_BYTES + aligned(4 * blocks)
 
 
 def _new_events(device: torch.device, offsets: dict[int, int]) -> dict[int, torch.cuda.Event]:
@@ -257,4 +415,4 @@ def _completed(event: torch.cuda.Event, what: str) -> bool:
         raise PSError(f"{what}: its event failed ({exc})") from None
 
 
-__all__ = ["HEADER_BYTES", "LIVENESS_EVERY", "PEER_EVENT_DEADLINE", "SPIN", "DeviceLane", "wait_for_peer"]
+__all__ = ["HEADER_BYTES", "LIVENESS_EVERY", "FlagWatch", "device_lane_base", "PEER_EVENT_DEADLINE", "SPIN", "DeviceLane", "wait_for_peer"]

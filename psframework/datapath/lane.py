@@ -56,7 +56,7 @@ _ALIGN = 64
 ROW_PULLS, ROW_PUSHES = -1, -2  # the row areas' places among a lane's blocks
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
@@ -67,7 +67,7 @@ def row_areas(row_bytes: int) -> list[tuple[int, int]]:
 
 def fits_row_area(sizes: Iterable[int], row_bytes: int) -> bool:
     """Whether pieces of these sizes, one after another, fit in a row area of ``row_bytes``."""
-    return sum(_aligned(n) for n in sizes) <= row_bytes
+    return sum(aligned(n) for n in sizes) <= row_bytes
 
 
 class RowCursor:
@@ -82,7 +82,7 @@ class RowCursor:
         if self.offset + nbytes > self._limit:
             raise ConfigError(f"a row request needs more than the lane's row area of {self._limit} bytes")
         piece = self._slot(self._block_id, self.offset, nbytes)
-        self.offset += _aligned(nbytes)
+        self.offset += aligned(nbytes)
         return piece.view(dtype)
 
 
@@ -92,7 +92,7 @@ def lane_layout(blocks: Iterable[tuple[int, int]]) -> tuple[dict[int, int], int]
     offsets, total = {}, 0
     for block_id, nbytes in sorted(blocks):
         offsets[block_id] = total
-        total += _aligned(nbytes)
+        total += aligned(nbytes)
     return offsets, total
 
 
@@ -290,5 +290,5 @@ def lane_name(rank: int, server: int) -> str:
     return f"psf-{os.getpid()}-w{rank}-s{server}-{secrets.token_hex(4)}"
 
 
-__all__ = ["Lane", "ROW_PULLS", "ROW_PUSHES", "RowCursor", "Slots", "create_mapped", "fits_row_area", "lane_layout",
+__all__ = ["Lane", "ROW_PULLS", "ROW_PUSHES", "RowCursor", "Slots", "aligned", "create_mapped", "fits_row_area", "lane_layout",
            "lane_name", "map_checked", "remove_stale_lane_files", "row_areas", "shm_available"]

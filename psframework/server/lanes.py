@@ -136,8 +136,10 @@ class ServerLanes:
             self.io.answer(pending.peer, [P.encode(values)])
             return
         slot = _slot(lane, True, state)
-        if lane.on_device:  # the worker waits for our event, not for our answer, before it reads
+        if lane.on_device:  # the worker waits for our flag or event, not for our answer, before it reads
             self.io.values_into(state, pending.segs, slot, done=lane.written[state.block.block_id])
+            if pending.flag:
+                lane.write_flag(self.io.stream, state.block.block_id, pending.flag)
             self.io.answer(pending.peer, [P.encode(values)])
             return
         self.io.answer(pending.peer, [P.encode(values)], after=self.io.values_into(state, pending.segs, slot))

@@ -37,6 +37,7 @@ class Pending:
     codecs: list = field(default_factory=list)  # of each of ``segs`` in the answer (None: raw; []: all raw)
     shared: bool = False  # the worker reads the answer's values from our shared values, if the block is there
     reader: bool = False  # a reader's (``rank``: the reader): answered once the block's version is ``need_version``
+    flag: int = 0  # a device lane's: the number our stream writes into the block's flag after the values
 
     def segment_codecs(self) -> list[tuple[int, Any]]:
         """(segment, its codec in the answer or None) for each of ``segs``."""

@@ -121,15 +121,19 @@ def _release_sources(exchange: "Exchange") -> None:
 
 
 def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable
-                  ) -> list[LaneCopy]:
+                  ) -> tuple[list[LaneCopy], int]:
     """A lane request of ``block``: its host sources into the push slot, and the copies of its
-    values out of the pull slot once answered. Through a device lane, the push event is then
-    recorded after the copies into the push slot, those from GPUs (``landed``) too: the server
-    waits for it, not we for them."""
+    values out of the pull slot once answered, with the number of the flag the server is to write
+    (``WorkerLanes.flag_for``). Through a device lane, the push event is then recorded after the
+    copies into the push slot, those from GPUs (``landed``) too: the server waits for it, not we
+    for them."""
     copies = [c for c in (exchange.into_lane(lane, block, seg, name) for _, seg, name in parts) if c]
     if lane.on_device and exchange.op is not P.Pull:
         _record_pushed(exchange, lane, block, parts, landed)
-    return copies
+    flag = 0 if exchange.op is P.Push else exchange.worker.lanes.flag_for(lane, block, copies)
+    if flag and exchange._device_ordered:
+        exchange._flagged.append((lane, copies, block, flag))
+    return copies, flag
 
 
 def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable) -> None:
@@ -146,9 +150,33 @@ def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[
     lane.record_pushed(block.block_id, stream)
 
 
+def _reserve_lanes(worker: "Worker", op: type, blocks: dict) -> dict[int, Slots]:
+    """The lanes whose slots the exchange's blocks (``Exchange._blocks``) go through, by block id;
+    first the error of a server's device work that never came (``FlagWatch``), if there is one."""
+    if worker.lanes.flag_watch is not None:
+        worker.lanes.flag_watch.check()
+    lanes = {}
+    for block_id, (block, parts) in blocks.items():
+        if not worker.compression.keeps_off_lane(op, [name for _, _, name in parts]):
+            lane = worker.lanes.reserve(block)
+            if lane is not None:
+                lanes[block_id] = lane
+    return lanes
+
+
+def _queue_flagged(exchange: "Exchange") -> None:
+    """Queue the copies of the flagged blocks' values out of their pull slots now, each behind a
+    wait for its server's flag, and order the caller's streams after them: a ``device_ordered``
+    exchange whose every block went so may be left to complete while the caller goes on."""
+    flagged, exchange._flagged = exchange._flagged, []
+    exchange.worker.lanes.copy_after_flags(exchange.future, flagged)
+    exchange.future.order_streams()
+    exchange.future.ordered_on_device = len(flagged) == len(exchange._blocks)
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
-                 after_caller: bool = True, epoch: Optional[int] = None):
+                 after_caller: bool = True, epoch: Optional[int] = None, device_ordered: bool = False):
         self.worker = worker
         self.op = op
         self.step = step  # which of the worker's pushing steps this is (-1: not a push)
@@ -173,13 +201,9 @@ class Exchange:
         self._sent: set[int] = set()
         self._dropped = False
         self._payloads: dict[tuple[str, int], torch.Tensor] = {}  # encoded sources by (key, segment offset)
+        self._device_ordered, self._flagged = device_ordered, []  # flagged: see _queue_flagged
         if op is not P.Init:
-            for block_id, (block, parts) in self._blocks.items():
-                if worker.compression.keeps_off_lane(op, [name for _, _, name in parts]):
-                    continue
-                lane = worker.lanes.reserve(block)
-                if lane is not None:
-                    self._lane_blocks[block_id] = lane
+            self._lane_blocks = _reserve_lanes(worker, op, self._blocks)
         if op is P.Pull:
             self._ready.extend(self._blocks)
         try:
@@ -355,6 +379,8 @@ class Exchange:
 
     def _seal_if_sent(self) -> None:
         if self.all_sent:
+            if self._flagged and not self._dropped:
+                _queue_flagged(self)
             _release_sources_when_landed(self)
             self.future.seal()
 
@@ -367,7 +393,7 @@ class Exchange:
         lane = self._lane_blocks.get(block.block_id)
         codecs, pull_codecs = (_codec_names(self.worker.compression, self.op, parts, self._payloads, self._absent)
                                if lane is None else ([], []))
-        copies = [] if lane is None else _through_lane(self, lane, block, parts, landed)
+        copies, flag = ([], 0) if lane is None else _through_lane(self, lane, block, parts, landed)
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
@@ -377,10 +403,10 @@ class Exchange:
                          absent=[i for i, _, name in parts if name in self._absent],
                          codecs=codecs, pull_codecs=pull_codecs,
                          shared=lane is not None and not lane.on_device
-                         and self.worker.lanes.reads_shared(block.server, copies))
+                         and self.worker.lanes.reads_shared(block.server, copies), flag=flag)
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if lane is not None:
-            request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block)
+            request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)
             self._sent.add(block.block_id)  # its answer frees its slots from here on
             client.submit(request, req)
             return

@@ -12,6 +12,7 @@ then leave the values there, and the worker copies them straight out of the serv
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -20,8 +21,9 @@ import torch
 
 from .. import protocol as P
 from ..buffers import host_copy
-from ..datapath.cuda_ipc import DeviceLane
+from ..datapath.cuda_ipc import DeviceLane, FlagWatch
 from ..datapath.lane import Lane, Slots, lane_name, remove_stale_lane_files
+from ..datapath.memops import memops
 from ..datapath.values import SharedValues
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
@@ -60,6 +62,7 @@ class WorkerLanes:
         self.shard_map = shard_map
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
         self._cuda_ipc = cuda_ipc
+        self.flag_watch: Optional[FlagWatch] = None  # made with the first device lane, if the driver has flags
         self.lanes: dict[int, Lane] = {}  # by server rank
         self.device_lanes: dict[int, DeviceLane] = {}  # by server rank
         self.values: dict[int, SharedValues] = {}  # the servers' shared values, by server rank
@@ -122,6 +125,8 @@ class WorkerLanes:
                 lane.close()
                 continue
             self.device_lanes[server] = lane
+        if self.device_lanes and memops() is not None:
+            self.flag_watch = FlagWatch(device)
         if self.device_lanes:
             log.info("worker %d: device lanes (CUDA IPC) to servers %s", self.rank, sorted(self.device_lanes))
         if refused:
@@ -176,6 +181,8 @@ class WorkerLanes:
         if old_device is not None:  # offered after the lane, so the server maps it after the lane
             device_lane = DeviceLane.create(old_device.memory.device, self._blocks(server))
             device_lane.copy_push_area(old_device)
+            if self.flag_watch is not None:
+                self.flag_watch.let_go(old_device)
             old_device.close()
             self.device_lanes[server] = device_lane
             offer = self.request_attach(server, device_lane)
@@ -210,6 +217,13 @@ class WorkerLanes:
         if lane is not None:
             lane.release(area)
 
+    def flag_for(self, lane: Slots, block: Block, copies: list[LaneCopy]) -> int:
+        """The number the server is to write into ``block``'s flag in ``lane`` (``DeviceLane.wait_flag``),
+        or 0: not a device lane, no flags in this driver, or values that go to host memory."""
+        if not lane.on_device or self.flag_watch is None or not copies or any(c.stream is None for c in copies):
+            return 0
+        return lane.next_flag(block.block_id)
+
     def reserve(self, block: Block) -> Optional[Slots]:
         """The lane for a request on ``block`` (the device lane, if its server has one), if its
         server has one and the block's slots are free."""
@@ -229,10 +243,11 @@ class WorkerLanes:
         for holder in self._holders(lane, block.server):
             holder.release(block.block_id)
 
-    def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, request: Request, reply: P.Message,
-                 ok: bool) -> Optional[PSError]:
+    def answered(self, lane: Slots, copies: list[LaneCopy], block: Block, flag: int, request: Request,
+                 reply: P.Message, ok: bool) -> Optional[PSError]:
         """A lane request's answer is in: copy its values out of the pull slot, or out of the
-        server's shared values (if it carries values), and free the block's slots."""
+        server's shared values (if it carries values), and free the block's slots. ``flag``: the
+        number the request named (``flag_for``)."""
         # the request's lane, or the one that replaced it for a restarted server: the request was resent
         # through that one, which took over its reservation (renew)
         lane = (self.device_lanes if lane.on_device else self.lanes).get(block.server)
@@ -241,53 +256,79 @@ class WorkerLanes:
         if ok and isinstance(reply, P.Values) and reply.shared:
             lane.release(block.block_id)  # the pull slot was not used, and the push slot is read
             return self._read_shared(copies, block)
+        if isinstance(reply, P.Values) and lane.on_device and ok:
+            self._defer(request.future, lane, copies, block, flag)
+            return None
+        if flag and lane.on_device:  # no flag comes from the server: a copy queued behind it must go on
+            self.flag_watch.release_now(lane, {block.block_id: flag})
         if isinstance(reply, P.Values) and lane.on_device:
-            if ok:
-                self._defer(request.future, lane, copies, block)
-                return None
             # values nobody wants: the server's step may still read the push slot, so it is freed
             # only once the server's work is done
             lane.wait_written(block.block_id, self.client.membership.check, block.server)
-            lane.release(block.block_id)
+            lane.release(block.block_id, request.future.prequeued.get(block.block_id))
             return None
         if lane.on_device:  # refused, maybe before the server read the slot: our copy into it must land
             lane.pushed_landed(block.block_id)
         copied = _copy_out(lane, [(copy, block) for copy in copies] if ok and isinstance(reply, P.Values) else [])
-        lane.release(block.block_id, copied)
+        lane.release(block.block_id, copied or request.future.prequeued.get(block.block_id))
         return None
 
-    def _defer(self, future: Future, lane: DeviceLane, copies: list[LaneCopy], block: Block) -> None:
+    def copy_after_flags(self, future: Future, flagged: list[tuple[DeviceLane, list[LaneCopy], Block, int]]) -> None:
+        """Queue the copies of these requests' values out of their device lanes' pull slots now,
+        before their answers, each stream first waiting for the servers' flags; their events go to
+        ``future.prequeued``, and the answers only free the slots (``_copy_deferred``)."""
+        for lane, server, pieces, flags in _by_lane(flagged).values():
+            with self.client.tracer.span("queued the copies behind the servers' flags", "answer", blocks=len(flags)):
+                copied = _copy_out(lane, pieces, flags)
+            self.flag_watch.watch(lane, server, flags, copied)
+            future.prequeued.update((block_id, copied) for block_id in flags)
+
+    def _defer(self, future: Future, lane: DeviceLane, copies: list[LaneCopy], block: Block, flag: int) -> None:
         """The server answered once it had queued its copy into the pull slot, and the copy out of
-        it waits for the server's event: it is made with those of the exchange's other blocks of
-        device lanes once every answer is in, in one burst of our kernels. Copies of ours between
-        the server's kernels on a shared GPU cost a switch between the two processes each."""
+        it waits for the server's flag (or event): it is made with those of the exchange's other
+        blocks of device lanes once every answer is in, in one burst of our kernels. Copies of ours
+        between the server's kernels on a shared GPU cost a switch between the two processes each."""
         deferred = self._deferred.get(future)
         if deferred is None:
             deferred = self._deferred[future] = []
             future.before_done(lambda: self._copy_deferred(future))
-        deferred.append((lane, copies, block))
+        deferred.append((lane, copies, block, flag))
 
     def _copy_deferred(self, future: Future) -> Optional[PSError]:
-        """Wait for the servers' events of the exchange's device-lane blocks, then copy their values
-        out (unless the exchange failed) and free their slots. Every event is waited for, failed
-        exchange or not: until it completes, the server's step may still read the push slot."""
+        """Queue the copies of the exchange's device-lane blocks out of their pull slots, each after a
+        wait of our stream for the server's flag (unless ``copy_after_flags`` queued them already);
+        blocks without a flag wait for the server's event on the host first. Values nobody wants
+        are not copied, and their slots are freed only once the server's work is done (until then
+        its step may still read the push slot)."""
         deferred = self._deferred.pop(future, [])
+        by_stream = not future.discards
+        error = self._wait_written([entry for entry in deferred if not (entry[3] and by_stream)])
+        if error is not None and by_stream:
+            self._wait_written([entry for entry in deferred if entry[3]])
+        queued = [entry for entry in deferred if entry[2].block_id in future.prequeued]
+        rest = [entry for entry in deferred if entry[2].block_id not in future.prequeued]
+        for lane, server, pieces, flags in _by_lane(rest).values():
+            what = "queued the copies behind the servers' flags" if any(flags.values()) else "queued the copies"
+            with self.client.tracer.span(what, "answer", blocks=len(flags)):
+                copied = [] if error is not None or not by_stream else _copy_out(lane, pieces, flags)
+            if copied and any(flags.values()):
+                self.flag_watch.watch(lane, server, {b: n for b, n in flags.items() if n}, copied)
+            self._release(lane, server, flags, copied)
+        for lane, _, block, _ in queued:
+            self._release(lane, block.server, [block.block_id], future.prequeued[block.block_id])
+        return error
+
+    def _release(self, lane: DeviceLane, server: int, block_ids: Iterable[int], copied: list) -> None:
+        for block_id, holder in itertools.product(block_ids, self._holders(lane, server)):
+            holder.release(block_id, copied)
+
+    def _wait_written(self, deferred: list) -> Optional[PSError]:
+        """Wait on the host for the servers' events of these deferred blocks; the first error."""
         error = None
-        with self.client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
-            for lane, _, block in deferred:
-                failed = lane.wait_written(block.block_id, self.client.membership.check, block.server)
-                error = error or failed
-        by_lane: dict[int, tuple[DeviceLane, int, list, set]] = {}
-        for lane, copies, block in deferred:
-            _, _, pieces, blocks = by_lane.setdefault(id(lane), (lane, block.server, [], set()))
-            pieces.extend((copy, block) for copy in copies)
-            blocks.add(block.block_id)
-        for lane, server, pieces, blocks in by_lane.values():
-            copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
-            holders = self._holders(lane, server)
-            for block_id in blocks:
-                for holder in holders:
-                    holder.release(block_id, copied)
+        if deferred:
+            with self.client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
+                for lane, _, block, _ in deferred:
+                    error = error or lane.wait_written(block.block_id, self.client.membership.check, block.server)
         return error
 
     def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
@@ -306,26 +347,45 @@ class WorkerLanes:
         return None
 
     def close(self) -> None:
+        if self.flag_watch is not None:
+            self.flag_watch.close()
+            self.flag_watch = None
         for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
 
 
-def _copy_out(lane: Slots, pieces: list[tuple[LaneCopy, Block]]) -> list:
+def _by_lane(entries: list[tuple]) -> dict[int, tuple[DeviceLane, int, list, dict[int, int]]]:
+    """(lane, copies, block, flag) entries grouped by lane: the lane, its server, the (copy, block)
+    pieces and the flags by block id."""
+    by_lane: dict[int, tuple[DeviceLane, int, list, dict[int, int]]] = {}
+    for lane, copies, block, flag in entries:
+        _, _, pieces, flags = by_lane.setdefault(id(lane), (lane, block.server, [], {}))
+        pieces.extend((copy, block) for copy in copies)
+        flags[block.block_id] = flag
+    return by_lane
+
+
+def _copy_out(lane: Slots, pieces: list[tuple[LaneCopy, Block]], flags: Optional[dict[int, int]] = None) -> list:
     """Copy values out of the lane's pull slots: host targets at once, device targets with one call
     per stream (a Python copy_ each cost ~20 us, which added up to a millisecond for a block of
-    many small tensors at the end of a step); the events of the device copies."""
-    to_devices: dict["torch.cuda.Stream", tuple[list, list]] = {}
+    many small tensors at the end of a step), each stream first waiting for the flags (block id:
+    number, 0 for none) of the blocks it copies; the events of the device copies."""
+    to_devices: dict["torch.cuda.Stream", tuple[list, list, set]] = {}
     for copy, block in pieces:
         source = slot_piece(lane, True, block, copy.seg, copy.target.dtype)
         if copy.stream is None:
             _copy_to_host(copy.target, source)
         else:
-            targets, sources = to_devices.setdefault(copy.stream, ([], []))
+            targets, sources, blocks = to_devices.setdefault(copy.stream, ([], [], set()))
             targets.append(copy.target)
             sources.append(source)
+            blocks.add(block.block_id)
     copied = []
-    for stream, (targets, sources) in to_devices.items():
+    for stream, (targets, sources, blocks) in to_devices.items():
+        for block_id in sorted(blocks):
+            if flags and flags.get(block_id):
+                lane.wait_flag(stream, block_id, flags[block_id])
         with torch.cuda.stream(stream):
             torch._foreach_copy_(targets, sources, non_blocking=True)
         copied.append(torch.cuda.Event())

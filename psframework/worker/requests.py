@@ -43,6 +43,11 @@ class Future:
         self._on_complete: list[Callable[[], None]] = []
         self._before_done: list[Callable[[], Optional[PSError]]] = []
         self._copy_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # that copied onto GPUs
+        # by block: the events of copies out of device lanes queued behind the servers' flags at once
+        self.prequeued: dict[int, list] = {}
+        # every value's copy was so queued, and the caller's streams ordered after them: the caller
+        # may go on before wait(), which then only reports errors
+        self.ordered_on_device = False
 
     def done(self) -> bool:
         return self._outstanding == 0 and self._sealed

@@ -178,15 +178,17 @@ class Worker:
         """Copy the current values into these tensors (once the mode allows). Returns a Future."""
         return self._send(P.Pull, None, as_dict(tensors, "pull()"))
 
-    def push_pull(self, grads: TensorsLike, into: TensorsLike) -> Future:
+    def push_pull(self, grads: TensorsLike, into: TensorsLike, *, device_ordered: bool = False) -> Future:
         """Push gradients (None: no gradient, see ``push``), then receive the updated values into
-        ``into`` (same names)."""
+        ``into`` (same names). ``device_ordered``: GPU values through device lanes are copied behind
+        the servers' writes on the GPU, the current streams after them; if all were, the future's
+        ``ordered_on_device`` is True: go on before ``wait()``, which only reports errors then."""
         grads = as_dict(grads, "push_pull()", allow_none=True)
         dest = as_dict(into, "push_pull(into=)")
         missing = [k for k in grads if k not in dest]
         if missing:
             raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
-        return self.counted(self._send(P.PushPull, grads, {k: dest[k] for k in grads}))
+        return self.counted(self._send(P.PushPull, grads, {k: dest[k] for k in grads}, device_ordered))
 
     def counted(self, future: Future) -> Future:
         """Count a step once every server has it (a step lost in flight to a dead server is not done)."""
@@ -202,22 +204,22 @@ class Worker:
         """``BadRequestError`` unless ``tensor`` matches what ``name`` was registered with."""
         check_tensor(self._specs, name, tensor, what)
 
-    def _send(self, op: type, sources: Optional[dict], dests: Optional[dict]) -> Future:
+    def _send(self, op: type, sources: Optional[dict], dests: Optional[dict], device_ordered: bool = False) -> Future:
         self._require_registered(op.__name__.lower())
         names = list(sources if sources is not None else dests)
         for name in names if sources is not None else ():  # every tensor is checked before anything is sent
             if sources[name] is not None:
                 self.check_tensor(name, sources[name], op.__name__.lower())
-        return send_whole(self.exchange(op, names, dests), sources)
+        return send_whole(self.exchange(op, names, dests, device_ordered=device_ordered), sources)
 
     def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True,
-                 epoch: Optional[int] = None) -> Exchange:
+                 epoch: Optional[int] = None, device_ordered: bool = False) -> Exchange:
         """Start an exchange (``op``: ``P.Push``, ``P.Pull``, ``P.PushPull``, ``P.Init``) of ``names``;
         its sources are added one by one. With ``after_caller=False``, copies into GPU destinations
         are ordered only after the events given to ``add``, not after all the work queued on the
         caller's current stream. ``epoch``: the rollback epoch its sources were computed in
-        (``RolledBackError`` if the job went back since; default: now). For
-        ``DistributedOptimizer``; a training loop uses push and pull."""
+        (``RolledBackError`` if the job went back since; default: now). ``device_ordered``: see
+        ``push_pull``. For ``DistributedOptimizer``; a training loop uses push and pull."""
         self._require_registered(op.__name__.lower())
         if epoch is not None:
             self.client.same_epoch(epoch)  # before it takes a step number: a dropped step takes none
@@ -225,8 +227,9 @@ class Worker:
             for name in names:
                 self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
         step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
-        return _traced(self.tracer, self.tracer.now_us(), Exchange(self, op, names, dests, step=step,
-                                                                   after_caller=after_caller, epoch=epoch), self.steps)
+        exchange = Exchange(self, op, names, dests, step=step, after_caller=after_caller, epoch=epoch,
+                            device_ordered=device_ordered)
+        return _traced(self.tracer, self.tracer.now_us(), exchange, self.steps)
 
     def next_push_step(self) -> int:
         """The number of the pushing step that starts now (see server/steps.py)."""

@@ -240,15 +240,20 @@ def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path)
     assert torch.equal(params["big"].cpu(), torch.full((4000,), -5.0))
 
 
-def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_device_work(make_cluster, monkeypatch,
-                                                                                         tmp_path):
-    """A GPU server answers through a device lane once it has queued its copy, and the worker waits
-    for the server's events before it reads, once per exchange: the worker's trace has a span for
-    each such wait, so a timeline shows the device's share of a round trip."""
+@pytest.mark.parametrize("flags", [True, False], ids=["flags", "no stream memory operations"])
+def test_a_gpu_jobs_trace_shows_whether_the_worker_waited_for_the_servers_device_work(make_cluster, monkeypatch,
+                                                                                        tmp_path, flags):
+    """A GPU server answers through a device lane once it has queued its copy. With the driver's
+    stream memory operations the worker queues its copies behind the server's flags and never waits
+    on the host: its trace has a span for each such burst, and none of host waits. Without them it
+    waits for the server's events before it reads, once per exchange, and the trace shows each wait."""
     import json
 
     from psframework.trace import merge
+    from psframework.worker import lanes
 
+    if not flags:
+        monkeypatch.setattr(lanes, "memops", lambda: None)
     cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda",
                            trace_dir=tmp_path / "traces")
     for key, val in cluster.env().items():
@@ -262,9 +267,70 @@ def test_a_gpu_jobs_trace_shows_how_long_the_worker_waited_for_the_servers_devic
     assert torch.equal(params["w"].cpu(), torch.full((1 << 20,), -3.0))
     events = json.loads(merge(str(tmp_path / "traces"))[0].read_text())["traceEvents"]
     tracks = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    waited = [e for e in events if e["name"] == "waited for the servers' device work"]
-    assert len(waited) >= 3 and {tracks[e["pid"]] for e in waited} == {"worker 0"}
-    assert all(e["dur"] >= 0 for e in waited)
+    spans = {name: [e for e in events if e["name"] == name]
+             for name in ("waited for the servers' device work", "queued the copies behind the servers' flags")}
+    waited, queued = spans.values()
+    assert len(queued if flags else waited) >= 3 and not (waited if flags else queued)
+    assert {tracks[e["pid"]] for e in waited + queued} == {"worker 0"}
+    assert all(e["dur"] >= 0 for e in waited + queued)
+
+
+def test_a_device_ordered_push_pull_is_read_by_the_callers_next_kernels_without_a_wait(make_cluster):
+    """``push_pull(device_ordered=True)`` of GPU tensors through a device lane queues the copies of
+    the values behind the server's flags and orders the caller's stream after them: kernels queued
+    next read the new values with no ``wait()``, over several steps in a row; a host destination
+    among them makes the future an ordinary one."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda", chunk_bytes=ONE_BLOCK)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        numel = ONE_BLOCK // 4
+        params = {"w": torch.zeros(numel, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        futures, seen = [], []
+        for _ in range(3):
+            if futures:  # the last step's answers free the lane's slots (as DistributedOptimizer does)
+                futures[-1].wait(timeout=30)
+            futures.append(worker.push_pull({"w": torch.ones(numel, device="cuda")}, into=params,
+                                            device_ordered=True))
+            seen.append(params["w"].sum())  # queued on our stream right away: after the copy of the values
+        assert all(future.ordered_on_device for future in futures)
+        assert [float(total) for total in seen] == [-numel, -2.0 * numel, -3.0 * numel]
+        futures[-1].wait(timeout=30)
+        assert worker.steps == 3
+
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(1000, device="cuda"), "h": torch.zeros(10)}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        future = worker.push_pull({k: torch.ones_like(v) for k, v in params.items()}, into=params,
+                                  device_ordered=True)
+        assert not future.ordered_on_device
+        future.wait(timeout=30)
+        assert torch.equal(params["h"], torch.full((10,), -1.0))
+
+
+def test_a_distributed_optimizer_without_overlap_leaves_a_device_ordered_step_to_the_gpu(make_cluster):
+    """Without overlap, ``DistributedOptimizer.step()`` of a GPU model with a GPU server of this host
+    returns once its requests are sent, the values' copies queued behind the server's flags; the
+    next step (or ``step_count``, or ``close``) takes the answers in. The training equals plain
+    torch.optim's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
+    reference.load_state_dict(model.state_dict())
+    local = torch.optim.SGD(reference.parameters(), lr=0.1)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 1, device="cuda")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), worker=worker, overlap=False) as opt:
+            for step in range(4):
+                for net, optimizer in ((model, opt), (reference, local)):
+                    optimizer.zero_grad()
+                    torch.nn.functional.mse_loss(net(x), y).backward()
+                    optimizer.step()
+                assert opt._unfinished is not None and opt._unfinished.ordered_on_device
+            assert opt.step_count == 4 and opt._unfinished is None
+    for mine, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, want, **GPU_VS_CPU)
 
 
 def test_a_push_uploaded_onto_a_held_device_lane_slot_is_summed_once_it_has_landed(make_cluster):
@@ -325,8 +391,8 @@ _SLOT_FLOATS = 1 << 20
 def _server_side(attach: bytes, matmuls: int, conn) -> None:
     """Map the lane, send our answer to it, and on "go" answer as a GPU server does: queue the
     device work (``matmuls`` products of two 16384 x 16384 matrices, about 0.15 s each on an H200,
-    then the values into the pull slot of block 0), record block 0's event, and say "answered" at
-    once, before the device work is done."""
+    then the values into the pull slot of block 0), record block 0's event and write 1 into its
+    flag, and say "answered" at once, before the device work is done."""
     from psframework import protocol as P
     from psframework.datapath.cuda_ipc import DeviceLane
     from psframework.datapath.peer_process import start_time
@@ -348,6 +414,7 @@ def _server_side(attach: bytes, matmuls: int, conn) -> None:
             a = torch.tanh(a @ a)
         slot.fill_(7.0)
         lane.written[0].record(stream)
+        lane.write_flag(stream, 0, 1)
     conn.send("answered")
     conn.recv()  # stay until told (or killed): our context holds the work
     torch.cuda.synchronize()
@@ -393,6 +460,64 @@ def test_a_worker_reads_the_pull_slot_only_once_the_servers_event_completed(lane
     assert lane.wait_written(0, lambda: None, server=0) is None
     assert torch.equal(slot, torch.full_like(slot, 7.0))
     conn.send("exit")
+
+
+def _copy_after_flag(lane, number: int) -> tuple[torch.Tensor, "torch.cuda.Event"]:
+    """Queue, on a stream of ours, a wait for block 0's flag to reach ``number`` and a copy of the
+    pull slot after it; the copy's target and an event recorded after it."""
+    stream = torch.cuda.Stream()
+    target = torch.zeros(_SLOT_FLOATS, device="cuda")
+    lane.wait_flag(stream, 0, number)
+    with torch.cuda.stream(stream):
+        target.copy_(lane.piece(True, 0, 0, _SLOT_FLOATS * 4, torch.float32))
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    return target, copied
+
+
+def test_a_workers_stream_copies_the_pull_slot_only_once_the_servers_flag_is_written(lane_and_server):
+    """The copy out of the pull slot is queued behind a wait for the server's flag as soon as the
+    answer is in: our host goes on at once, and the copy reads the values only once the server's
+    device work (about 0.3 s) wrote them and then the flag."""
+    lane, process, conn = lane_and_server(matmuls=2)
+    conn.send("go")
+    assert conn.poll(30) and conn.recv() == "answered"
+    target, copied = _copy_after_flag(lane, 1)
+    assert not copied.query()  # queued, not done: the server's work is still running
+    copied.synchronize()
+    assert torch.equal(target, torch.full_like(target, 7.0))
+    assert lane.flag_value(0) == 1
+    conn.send("exit")
+
+
+def test_a_server_killed_before_writing_its_flag_leaves_no_stream_of_ours_waiting(lane_and_server):
+    """A server killed with its device work (about 20 s) in flight never writes its flag: the
+    worker's watch writes it instead within seconds of the death, so our stream (and every stream
+    ordered after it) goes on, and the worker's next request raises PeerLostError naming the server."""
+    import time
+
+    from psframework.datapath.cuda_ipc import FlagWatch
+
+    lane, process, conn = lane_and_server(matmuls=130)
+    conn.send("go")
+    assert conn.poll(30) and conn.recv() == "answered"
+    _, copied = _copy_after_flag(lane, 1)
+    watch = FlagWatch(torch.device("cuda"))
+    try:
+        watch.watch(lane, 0, {0: 1}, [copied])
+        time.sleep(0.5)
+        watch.check()  # nothing to report while the server lives
+        assert not copied.query(), "the server's device work ended before it was killed"
+        os.kill(process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not copied.query():
+            assert time.monotonic() - killed < 5, "our stream still waits for a dead server's flag"
+            time.sleep(0.01)
+        with pytest.raises(ps.PeerLostError, match="server 0"):
+            watch.check()
+        watch.check()  # raised once
+    finally:
+        watch.close()
 
 
 def test_a_server_killed_with_device_work_in_flight_is_an_error_within_seconds(lane_and_server):

@@ -1,0 +1,89 @@
+"""Stream memory operations of the CUDA driver: a stream waits for a 32-bit value in memory, or writes one.
+
+An interprocess event orders work between two processes only if one of them waits for it on the
+host, or queues a wait for it on a stream; a stream that waits for the event of a process killed
+with work in flight waits for ever (``benchmarks/ipc_event_death.py``). A *flag* in pinned host
+memory shared by both processes does what neither does: the other process's stream writes a
+sequence number into it when its work is done (``write``), our stream waits for that number
+(``wait``) without our host waiting, and if the other process dies first, our host releases the
+wait by writing the number itself, an ordinary store to memory. The driver's version-2 calls are
+available on every platform (CUDA 11.7 on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Optional
+
+from ..errors import ConfigError
+
+WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, so sequence numbers may wrap
+WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: after the stream's earlier work, with a memory barrier
+HOST_REGISTER_PORTABLE_DEVICEMAP = 0x1 | 0x2  # CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP
+
+
+class MemOps:
+    """The driver's entry points, loaded once per process (``memops()``)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+        self._wait = _entry(lib, "cuStreamWaitValue32_v2", "cuStreamWaitValue32")
+        self._write = _entry(lib, "cuStreamWriteValue32_v2", "cuStreamWriteValue32")
+        for call in (self._wait, self._write):
+            call.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                                                     ctypes.c_uint]
+
+    def register(self, address: int, nbytes: int) -> int:
+        """Pin ``nbytes`` of host memory at ``address`` for every context of the process, mapped
+        into the device's address space; its device address. The calling thread must have a
+        current CUDA context (torch makes one at its first CUDA call on the thread)."""
+        self._check(self._lib.cuMemHostRegister_v2(address, nbytes, HOST_REGISTER_PORTABLE_DEVICEMAP),
+                    "cuMemHostRegister")
+        device_address = ctypes.c_uint64()
+        self._check(self._lib.cuMemHostGetDevicePointer_v2(ctypes.byref(device_address), address, 0),
+                    "cuMemHostGetDevicePointer")
+        return device_address.value
+
+    def unregister(self, address: int) -> None:
+        self._check(self._lib.cuMemHostUnregister(address), "cuMemHostUnregister")
+
+    def wait(self, stream: int, device_address: int, value: int) -> None:
+        """Queue on ``stream`` (a raw handle, ``torch.cuda.Stream.cuda_stream``) a wait until the
+        flag at ``device_address`` reaches ``value``."""
+        self._check(self._wait(stream, device_address, value & 0xFFFFFFFF, WAIT_GEQ), "cuStreamWaitValue32")
+
+    def write(self, stream: int, device_address: int, value: int) -> None:
+        """Queue on ``stream`` the write of ``value`` into the flag at ``device_address``, after
+        the stream's earlier work."""
+        self._check(self._write(stream, device_address, value & 0xFFFFFFFF, WRITE_DEFAULT), "cuStreamWriteValue32")
+
+    def _check(self, result: int, call: str) -> None:
+        if result:
+            text = ctypes.c_char_p()
+            self._lib.cuGetErrorString(result, ctypes.byref(text))
+            raise ConfigError(f"{call} failed: CUDA error {result} "
+                              f"({(text.value or b'unknown').decode()}); set PS_CUDA_IPC=0 to do without")
+
+
+def _entry(lib: ctypes.CDLL, *names: str):
+    for name in names:
+        call = getattr(lib, name, None)
+        if call is not None:
+            return call
+    raise ConfigError(f"the CUDA driver has none of {names}")
+
+
+@functools.lru_cache(maxsize=None)
+def memops() -> Optional[MemOps]:
+    """The driver's stream memory operations, or None where there is no CUDA driver."""
+    try:
+        return MemOps(ctypes.CDLL("libcuda.so.1"))
+    except (OSError, ConfigError, AttributeError):
+        return None
+
+
+__all__ = ["MemOps", "memops"]
