@@ -58,6 +58,12 @@ class DistributedOptimizer:
     ``--resume``): every ``checkpoint_every`` steps ``step()`` saves one; with ``resume`` the
     newest complete one is restored at start, and ``start_step`` says where to continue.
 
+    Without overlap, a GPU model whose every block goes through a device lane (a GPU server of
+    this host) and no tables nor ``checkpoint_every``: ``step()`` returns once the requests are
+    sent, the copies of the new values queued on the GPU behind the servers' writes; the next
+    ``step()``, ``step_count`` or ``close()`` takes the answers in, so an error of a step shows
+    one step later (``Worker.push_pull(device_ordered=True)``).
+
     ``compression``: a ``ps.compress`` codec for the pushed gradients, or a dict of name patterns
     to codecs; ``pull_compression``: ``ps.compress.FP16()``, ``BF16()`` or ``Int8()`` for rounded pulls
     (``Worker.register``). Error-feedback residuals are not in checkpoints: a resumed worker
