@@ -16,13 +16,17 @@ queuing the copy of its gradients into the push slot and sends its header at onc
 travels while the copy runs; the server holds the request while that event is pending, serving
 other workers (``server/held.py``), and checks it on the host (``wait_pushed``) before it reads
 the slot. The server's events travel with its answer to the lane (``Attached.events``):
-it records a block's event on its stream after queuing the copy of the values into the pull slot
-and answers at once; the worker waits on the host for it (``wait_written``) before it queues its
-copy out of the pull slot. Each host wait checks that the other side's process still runs (a
-killed process's events read as complete, or never complete: ``peer_process.py``) and has a
-deadline. No side ever queues a wait for the other process's event on its streams: a peer killed
-with work in flight leaves its events incomplete for ever, and a stream of ours waiting for one
-could never be freed (``benchmarks/ipc_event_death.py`` shows it).
+it records a block's event on its stream after queuing the copy of the values into the pull slot,
+then queues a write of the request's number into the block's flag (``memops.py``), and answers at
+once. The worker's copy stream waits for that number on the GPU before it copies out of the pull
+slot (``wait_flag``), and ``FlagWatch`` writes the number itself if the server dies first; where
+there are no flags (no stream memory operations, values for host memory) the worker waits on the
+host for the server's event (``wait_written``). Each host wait checks that the other side's
+process still runs (a killed process's events read as complete, or never complete:
+``peer_process.py``) and has a deadline. No side ever queues a wait for the other process's event
+on its streams: a peer killed with work in flight leaves its events incomplete for ever, and a
+stream of ours waiting for one could never be freed (``benchmarks/ipc_event_death.py`` shows it);
+a flag is memory of ours, which we can write when its writer is gone.
 
 A worker offers a device lane only to servers that took its shared-memory lane (which shows they
 are on its host) and only where its tensors are on a GPU; the handle travels, with a random token
