@@ -269,7 +269,8 @@ class FlagWatch:
         self._device = device
         self._stream: Optional[torch.cuda.Stream] = None  # never one the waits could be queued on
         self._pending: list[tuple[DeviceLane, int, dict[int, int], list[torch.cuda.Event], float]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending
+        self._sweeping = threading.Lock()  # one look at the waits at a time: none is taken out unseen
         self._wake = threading.Event()
         self._closed = False
         self._failure: Optional[PSError] = None
@@ -302,12 +303,22 @@ class FlagWatch:
     def _sweep(self, final: bool) -> bool:
         """Look at every pending wait once; whether some are still pending. ``final``: release
         those whose server still works too (the worker is closing)."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        left = [entry for entry in pending if not self._settled(entry, final)]
-        with self._lock:
-            self._pending[:0] = left
-            return bool(self._pending)
+        with self._sweeping:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            left = [entry for entry in pending if not self._settled_or_failed(entry, final)]
+            with self._lock:
+                self._pending[:0] = left
+                return bool(self._pending)
+
+    def _settled_or_failed(self, entry: tuple, final: bool) -> bool:
+        try:
+            return self._settled(entry, final)
+        except Exception as exc:  # noqa: BLE001 -- a watch that died would leave every later wait unwatched
+            self._failure = PSError(f"server {entry[1]}: could not watch the device lane's flags ({exc}); the "
+                                    "GPU may be unusable (see nvidia-smi), or set PS_CUDA_IPC=0")
+            log.error("worker: %s", self._failure)
+            return True
 
     def _settled(self, entry: tuple, final: bool) -> bool:
         lane, server, numbers, passed, started = entry
@@ -342,25 +353,26 @@ class FlagWatch:
     def let_go(self, lane: DeviceLane) -> None:
         """``lane`` is about to be closed (its server restarted): release our waits on its flags now,
         before its memory can go back to the allocator."""
-        with self._lock:
-            mine = [entry for entry in self._pending if entry[0] is lane]
-            self._pending = [entry for entry in self._pending if entry[0] is not lane]
-        for entry in mine:
-            self._settled(entry, final=True)
-            for event in entry[3]:
-                event.synchronize()  # the copies behind the waits have read the lane
+        with self._sweeping:
+            with self._lock:
+                mine = [entry for entry in self._pending if entry[0] is lane]
+                self._pending = [entry for entry in self._pending if entry[0] is not lane]
+            for entry in mine:
+                self._settled_or_failed(entry, final=True)
+                for event in entry[3]:
+                    event.synchronize()  # the copies behind the waits have read the lane
 
     def close(self) -> None:
         """Stop the thread; waits still pending get a few seconds, then are released."""
         deadline = time.monotonic() + CLOSE_GRACE
         while self._pending and time.monotonic() < deadline and self._sweep(final=False):
             time.sleep(LIVENESS_EVERY)
-        self._sweep(final=True)
         self._closed = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._sweep(final=True)
 
 
 def _never_written(server: int, peer: Optional[PeerProcess], alive: bool, blocks: list[int]) -> PSError:

@@ -1,0 +1,199 @@
+"""The worker's watch over its streams' waits for servers' flags (``datapath/cuda_ipc.py:FlagWatch``):
+when it lets a wait be, when it writes the number itself, and what error it keeps. The GPU tests
+of the whole path are in ``tests/integration/test_cuda_ipc.py``; here its parts stand in for a
+device lane, its server's process, our events, streams and the driver."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+import psframework as ps
+from psframework.datapath import cuda_ipc
+from psframework.datapath.cuda_ipc import FlagWatch
+
+
+class Event:
+    """Completes once ``lane``'s flags hold ``numbers`` (as our stream's copy after its waits would)."""
+
+    def __init__(self, lane: "Lane", numbers: dict[int, int]):
+        self.lane, self.numbers = lane, numbers
+        self.synchronized = 0
+
+    def query(self) -> bool:
+        return all(cuda_ipc._reached(self.lane.flags.get(b, 0), n) for b, n in self.numbers.items())
+
+    def synchronize(self) -> None:
+        assert self.query(), "synchronize() on a wait nobody released would hang"
+        self.synchronized += 1
+
+
+class Process:
+    pid = 4242
+
+    def __init__(self):
+        self.alive = True
+
+    def running(self) -> bool:
+        return self.alive
+
+
+class Lane:
+    def __init__(self):
+        self.flags: dict[int, int] = {}
+        self.peer = Process()
+        self.memory = torch.zeros(8)  # not closed
+
+    def flag_value(self, block_id: int) -> int:
+        return self.flags.get(block_id, 0)
+
+    def flag_address(self, block_id: int) -> int:
+        return 0x1000 + 4 * block_id
+
+
+class Driver:
+    """Stands in for ``memops()``: a write lands in the lane it was aimed at."""
+
+    def __init__(self, lanes: list[Lane]):
+        self.lanes, self.writes = lanes, []
+
+    def write(self, stream: int, address: int, number: int) -> None:
+        self.writes.append((address, number))
+        for lane in self.lanes:
+            lane.flags[(address - 0x1000) // 4] = number
+
+
+class Stream:
+    cuda_stream = 7
+
+    def __init__(self, *args):
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def parts(monkeypatch):
+    lane = Lane()
+    driver = Driver([lane])
+    monkeypatch.setattr(cuda_ipc, "memops", lambda: driver)
+    monkeypatch.setattr(cuda_ipc.torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda_ipc.torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_ipc, "LIVENESS_EVERY", 0.01)
+    monkeypatch.setattr(cuda_ipc, "CLOSE_GRACE", 0.1)
+    watch = FlagWatch("cuda:0")
+    yield watch, lane, driver
+    watch.close()
+
+
+def _until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within 5 s"
+        time.sleep(0.01)
+
+
+def test_a_wait_the_server_answers_is_let_be(parts):
+    watch, lane, driver = parts
+    passed = Event(lane, {0: 1, 3: 1})
+    watch.watch(lane, 0, {0: 1, 3: 1}, [passed])
+    time.sleep(0.05)
+    lane.flags.update({0: 1, 3: 1})  # the server's stream wrote them
+    _until(lambda: not watch._pending)
+    watch.check()
+    assert driver.writes == []
+
+
+def test_a_server_that_dies_first_has_its_missing_flags_written_and_its_death_raised_once(parts):
+    watch, lane, driver = parts
+    lane.flags[0] = 1  # block 0's values came, block 3's did not
+    passed = Event(lane, {0: 1, 3: 1})
+    watch.watch(lane, 2, {0: 1, 3: 1}, [passed])
+    time.sleep(0.05)
+    watch.check()  # nothing yet: the server lives
+    lane.peer.alive = False
+    _until(passed.query)
+    assert driver.writes == [(lane.flag_address(3), 1)]
+    with pytest.raises(ps.PeerLostError, match=r"server 2 \(pid 4242 on .*\) died while writing the values of "
+                                               r"blocks \[3\]"):
+        watch.check()
+    watch.check()
+
+
+def test_a_server_that_wrote_its_flags_and_then_exited_is_no_error(parts):
+    """Its flags were written, but our stream had not passed its waits yet when the watch looked."""
+    watch, lane, driver = parts
+    passed = Event(lane, {0: 2})
+    passed.query = lambda: False  # our stream is still busy with earlier work
+    lane.flags[0] = 2
+    lane.peer.alive = False
+    watch.watch(lane, 0, {0: 2}, [passed])
+    _until(lambda: not watch._pending)
+    watch.check()
+    assert driver.writes == []
+
+
+def test_a_live_server_past_the_deadline_is_a_timeout(parts, monkeypatch):
+    watch, lane, driver = parts
+    monkeypatch.setattr(cuda_ipc, "PEER_EVENT_DEADLINE", 0.1)
+    passed = Event(lane, {1: 5})
+    watch.watch(lane, 0, {1: 5}, [passed])
+    _until(passed.query)
+    with pytest.raises(ps.PSTimeoutError, match="server 0 writing the values of blocks \\[1\\] into the device "
+                                                "lane: not done in 0 s"):
+        watch.check()
+
+
+def test_closing_releases_what_is_still_pending_without_an_error(parts):
+    watch, lane, driver = parts
+    passed = Event(lane, {0: 1})
+    watch.watch(lane, 0, {0: 1}, [passed])
+    watch.close()
+    assert passed.query() and driver.writes == [(lane.flag_address(0), 1)]
+    watch.check()
+    assert watch._thread is None
+
+
+def test_a_lane_let_go_has_its_waits_released_and_passed_before_it_closes(parts):
+    watch, lane, driver = parts
+    other = Lane()
+    driver.lanes.append(other)
+    mine, theirs = Event(lane, {0: 1}), Event(other, {4: 9})
+    watch.watch(lane, 0, {0: 1}, [mine])
+    watch.watch(other, 1, {4: 9}, [theirs])
+    other.flags[0] = 1  # the driver writes into every lane: keep the other lane's own flags apart
+    watch.let_go(lane)
+    assert mine.query() and mine.synchronized == 1
+    assert all(entry[0] is other for entry in watch._pending)
+    watch.check()
+
+
+def test_a_refused_request_has_its_flag_written_at_once(parts):
+    watch, lane, driver = parts
+    watch.release_now(lane, {2: 7})
+    assert driver.writes == [(lane.flag_address(2), 7)] and lane.flags[2] == 7
+
+
+def test_a_wait_the_watch_cannot_look_at_is_an_error_not_a_dead_thread(parts):
+    """Reading a flag fails (the GPU is gone): the error is kept for the next request, and the
+    watch goes on with the other waits."""
+    watch, lane, driver = parts
+    broken = Lane()
+    broken.peer.alive = False
+
+    def unreadable(block_id):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    broken.flag_value = unreadable
+    watch.watch(broken, 1, {0: 1}, [Event(broken, {0: 1})])
+    with pytest.raises(ps.PSError, match="server 1: could not watch the device lane's flags .*illegal memory access"):
+        _until(lambda: watch.check() or False, seconds=5)
+    passed = Event(lane, {0: 1})
+    watch.watch(lane, 0, {0: 1}, [passed])
+    lane.flags[0] = 1
+    _until(lambda: not watch._pending)
+    watch.check()
