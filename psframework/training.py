@@ -107,7 +107,10 @@ class DistributedOptimizer:
     @property
     def step_count(self) -> int:
         """Steps taken, counting those before a resume: the worker's own count."""
-        self._finish_unfinished()
+        try:
+            self._finish_unfinished()
+        except RolledBackError as exc:  # the step was lost: take the restored values, as step() would
+            self._drop_step(exc.step)
         return self.worker.steps
 
     def _finish_unfinished(self) -> None:
@@ -209,6 +212,9 @@ class DistributedOptimizer:
     def close(self) -> None:
         try:
             self._finish_unfinished()
+        except RolledBackError as exc:
+            log.warning("worker %d: the job went back to step %d; the last step is dropped", self.worker.rank,
+                        exc.step)
         finally:
             self._close()
 

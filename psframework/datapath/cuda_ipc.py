@@ -17,11 +17,11 @@ travels while the copy runs; the server holds the request while that event is pe
 other workers (``server/held.py``), and checks it on the host (``wait_pushed``) before it reads
 the slot. The server's events travel with its answer to the lane (``Attached.events``):
 it records a block's event on its stream after queuing the copy of the values into the pull slot,
-then queues a write of the request's number into the block's flag (``memops.py``), and answers at
-once. The worker's copy stream waits for that number on the GPU before it copies out of the pull
-slot (``wait_flag``), and ``FlagWatch`` writes the number itself if the server dies first; where
-there are no flags (no stream memory operations, values for host memory) the worker waits on the
-host for the server's event (``wait_written``). Each host wait checks that the other side's
+and answers at once; the worker waits on the host for it (``wait_written``) before it queues its
+copy out of the pull slot. A device-ordered exchange (``push_pull(device_ordered=True)``) names a
+number in each request instead, which the server's stream writes into the block's flag
+(``memops.py``) after its copy; the worker's copy stream waits for it on the GPU
+(``wait_flag``), and ``FlagWatch`` writes the number itself if the server dies first. Each host wait checks that the other side's
 process still runs (a killed process's events read as complete, or never complete:
 ``peer_process.py``) and has a deadline. No side ever queues a wait for the other process's event
 on its streams: a peer killed with work in flight leaves its events incomplete for ever, and a
@@ -44,6 +44,7 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -258,37 +259,60 @@ class DeviceLane(Slots):
         self.forget_memory()
 
 
+@dataclass
+class _Wait:
+    """Waits of our streams for ``numbers`` (block id: number) in ``lane``'s flags; ``passed``: our
+    events recorded after them. ``answered``: when the server's answers came (None: not yet, and
+    a server may take its time before it answers, a sync step waits for the slowest worker)."""
+    lane: "DeviceLane"
+    server: int
+    numbers: dict[int, int]
+    passed: list
+    answered: Optional[float] = None
+
+
 class FlagWatch:
     """The worker's side: streams of ours that wait for servers' flags (``DeviceLane.wait_flag``),
     watched from a thread of our own until they pass. A server that dies before writing a flag
-    (or whose work takes more than PEER_EVENT_DEADLINE) would leave our stream, and every stream
-    ordered after it, waiting for good: the watch then writes the number into the flag itself,
-    from a stream of its own, and keeps the error for the worker's next request (``check``)."""
+    (or whose device work takes more than PEER_EVENT_DEADLINE after its answer) would leave our
+    stream, and every stream ordered after it, waiting for good: the watch then writes the number
+    into the flag itself, from a stream of its own, and keeps the error for the worker's next
+    exchange (``check``), unless the server is restarted first (``let_go``)."""
 
     def __init__(self, device: torch.device):
         self._device = device
         self._stream: Optional[torch.cuda.Stream] = None  # never one the waits could be queued on
-        self._pending: list[tuple[DeviceLane, int, dict[int, int], list[torch.cuda.Event], float]] = []
-        self._lock = threading.Lock()  # guards _pending
+        self._pending: list[_Wait] = []
+        self._lock = threading.Lock()  # guards _pending and _failures
         self._sweeping = threading.Lock()  # one look at the waits at a time: none is taken out unseen
         self._wake = threading.Event()
         self._closed = False
-        self._failure: Optional[PSError] = None
+        self._failures: dict[int, PSError] = {}  # by server
         self._thread: Optional[threading.Thread] = None
 
-    def watch(self, lane: DeviceLane, server: int, numbers: dict[int, int], passed: list[torch.cuda.Event]) -> None:
-        """The events ``passed`` are recorded after the waits for ``numbers`` (block id: number) of ``lane``."""
+    def watch(self, lane: "DeviceLane", server: int, numbers: dict[int, int], passed: list,
+              answered: bool = True) -> None:
+        """The events ``passed`` are recorded after the waits for ``numbers`` of ``lane``; ``answered``:
+        the server's answers are in (else ``answered()`` says when they are)."""
         with self._lock:
             if self._thread is None:
                 self._stream = torch.cuda.Stream(self._device)
                 self._thread = threading.Thread(target=self._run, name="psframework-flag-watch", daemon=True)
                 self._thread.start()
-            self._pending.append((lane, server, numbers, passed, time.monotonic()))
+            self._pending.append(_Wait(lane, server, numbers, passed, time.monotonic() if answered else None))
         self._wake.set()
+
+    def answered(self, passed: list) -> None:
+        """The answers of the waits whose events are ``passed`` are in: their deadline runs from now."""
+        with self._lock:
+            for wait in self._pending:
+                if wait.passed is passed and wait.answered is None:
+                    wait.answered = time.monotonic()
 
     def check(self) -> None:
         """Raise (once) the error of a wait the watch had to release."""
-        failure, self._failure = self._failure, None
+        with self._lock:
+            failure = self._failures.pop(next(iter(self._failures)), None) if self._failures else None
         if failure is not None:
             raise failure
 
@@ -306,41 +330,45 @@ class FlagWatch:
         with self._sweeping:
             with self._lock:
                 pending, self._pending = self._pending, []
-            left = [entry for entry in pending if not self._settled_or_failed(entry, final)]
+            left = [wait for wait in pending if not self._settled_or_failed(wait, final)]
             with self._lock:
                 self._pending[:0] = left
                 return bool(self._pending)
 
-    def _settled_or_failed(self, entry: tuple, final: bool) -> bool:
+    def _settled_or_failed(self, wait: _Wait, final: bool) -> bool:
         try:
-            return self._settled(entry, final)
+            return self._settled(wait, final)
         except Exception as exc:  # noqa: BLE001 -- a watch that died would leave every later wait unwatched
-            self._failure = PSError(f"server {entry[1]}: could not watch the device lane's flags ({exc}); the "
-                                    "GPU may be unusable (see nvidia-smi), or set PS_CUDA_IPC=0")
-            log.error("worker: %s", self._failure)
+            self._fail(wait.server, PSError(f"server {wait.server}: could not watch the device lane's flags "
+                                            f"({exc}); the GPU may be unusable (see nvidia-smi), or set "
+                                            "PS_CUDA_IPC=0"))
             return True
 
-    def _settled(self, entry: tuple, final: bool) -> bool:
-        lane, server, numbers, passed, started = entry
-        if not lane.memory.numel() or all(event.query() for event in passed):
+    def _settled(self, wait: _Wait, final: bool) -> bool:
+        lane = wait.lane
+        if not lane.memory.numel() or all(event.query() for event in wait.passed):
             return True  # passed (or the lane is closed, its waits released by ``let_go``)
         peer = lane.peer
         alive = peer is not None and peer.running()
-        late = time.monotonic() - started > PEER_EVENT_DEADLINE
+        late = wait.answered is not None and time.monotonic() - wait.answered > PEER_EVENT_DEADLINE
         if alive and not late and not final:
             return False
         with torch.cuda.stream(self._stream):
-            missing = {block_id: number for block_id, number in numbers.items()
+            missing = {block_id: number for block_id, number in wait.numbers.items()
                        if not _reached(lane.flag_value(block_id), number)}
             if missing and not final:  # kept before the release: once released, our streams go on
-                self._failure = _never_written(server, peer, alive, sorted(missing))
-                log.error("worker: releasing our streams' waits for server %d: %s", server, self._failure)
+                self._fail(wait.server, _never_written(wait.server, peer, alive, sorted(missing)))
             for block_id, number in missing.items():
                 memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
             self._stream.synchronize()
         return True
 
-    def release_now(self, lane: DeviceLane, numbers: dict[int, int]) -> None:
+    def _fail(self, server: int, error: PSError) -> None:
+        log.error("worker: %s", error)
+        with self._lock:
+            self._failures.setdefault(server, error)
+
+    def release_now(self, lane: "DeviceLane", numbers: dict[int, int]) -> None:
         """Write these numbers (block id: number) into ``lane``'s flags ourselves: their server
         refused the requests, and a copy of ours queued behind the flags must go on."""
         with self._lock:
@@ -350,17 +378,26 @@ class FlagWatch:
             memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
         self._stream.synchronize()
 
-    def let_go(self, lane: DeviceLane) -> None:
+    def let_go(self, lane: "DeviceLane", server: int) -> None:
         """``lane`` is about to be closed (its server restarted): release our waits on its flags now,
-        before its memory can go back to the allocator."""
+        before its memory can go back to the allocator, and forget the old process's errors (the
+        restart is what follows them). The copies behind the waits are waited for outside the
+        sweep, so that the thread may release another server's flags they queue behind."""
         with self._sweeping:
             with self._lock:
-                mine = [entry for entry in self._pending if entry[0] is lane]
-                self._pending = [entry for entry in self._pending if entry[0] is not lane]
-            for entry in mine:
-                self._settled_or_failed(entry, final=True)
-                for event in entry[3]:
-                    event.synchronize()  # the copies behind the waits have read the lane
+                mine = [wait for wait in self._pending if wait.lane is lane]
+                self._pending = [wait for wait in self._pending if wait.lane is not lane]
+            for wait in mine:
+                self._settled_or_failed(wait, final=True)
+        deadline = time.monotonic() + PEER_EVENT_DEADLINE
+        while not all(event.query() for wait in mine for event in wait.passed):
+            if time.monotonic() > deadline:
+                log.error("worker: copies out of the old device lane of server %d still queued after %.0f s",
+                          server, PEER_EVENT_DEADLINE)
+                break
+            time.sleep(LIVENESS_EVERY)
+        with self._lock:
+            self._failures.pop(server, None)
 
     def close(self) -> None:
         """Stop the thread; waits still pending get a few seconds, then are released."""

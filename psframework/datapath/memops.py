@@ -2,11 +2,13 @@
 
 An interprocess event orders work between two processes only if one of them waits for it on the
 host, or queues a wait for it on a stream; a stream that waits for the event of a process killed
-with work in flight waits for ever (``benchmarks/ipc_event_death.py``). A *flag* in pinned host
-memory shared by both processes does what neither does: the other process's stream writes a
-sequence number into it when its work is done (``write``), our stream waits for that number
-(``wait``) without our host waiting, and if the other process dies first, our host releases the
-wait by writing the number itself, an ordinary store to memory. The driver's version-2 calls are
+with work in flight waits for ever (``benchmarks/ipc_event_death.py``). A *flag* does what neither
+does: the other process's stream writes a sequence number into it when its work is done
+(``write``), our stream waits for that number (``wait``) without our host waiting, and if the
+other process dies first, we write the number ourselves and the wait ends. A device lane's flags
+are in the worker's GPU memory (``cuda_ipc.DeviceLane``); ``register`` maps pinned host memory
+for the device too, where flags there suit better (``benchmarks/ipc_floor.py`` has both sides'
+flags in shared host memory, released by an ordinary store). The driver's version-2 calls are
 available on every platform (CUDA 11.7 on).
 """
 

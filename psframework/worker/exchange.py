@@ -124,14 +124,15 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
                   ) -> tuple[list[LaneCopy], int]:
     """A lane request of ``block``: its host sources into the push slot, and the copies of its
     values out of the pull slot once answered, with the number of the flag the server is to write
-    (``WorkerLanes.flag_for``). Through a device lane, the push event is then recorded after the
+    (``WorkerLanes.flag_for``; a push's copies are none, so it names none). Through a device lane, the push event is then recorded after the
     copies into the push slot, those from GPUs (``landed``) too: the server waits for it, not we
     for them."""
     copies = [c for c in (exchange.into_lane(lane, block, seg, name) for _, seg, name in parts) if c]
     if lane.on_device and exchange.op is not P.Pull:
         _record_pushed(exchange, lane, block, parts, landed)
-    flag = 0 if exchange.op is P.Push else exchange.worker.lanes.flag_for(lane, block, copies)
-    if flag and exchange._device_ordered:
+    # only a device-ordered exchange waits on the GPU: wait() of any other returns once the values are there
+    flag = exchange.worker.lanes.flag_for(lane, block, copies) if exchange._device_ordered else 0
+    if flag:
         exchange._flagged.append((lane, copies, block, flag))
     return copies, flag
 
@@ -151,10 +152,7 @@ def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[
 
 
 def _reserve_lanes(worker: "Worker", op: type, blocks: dict) -> dict[int, Slots]:
-    """The lanes whose slots the exchange's blocks (``Exchange._blocks``) go through, by block id;
-    first the error of a server's device work that never came (``FlagWatch``), if there is one."""
-    if worker.lanes.flag_watch is not None:
-        worker.lanes.flag_watch.check()
+    """The lanes whose slots the exchange's blocks (``Exchange._blocks``) go through, by block id."""
     lanes = {}
     for block_id, (block, parts) in blocks.items():
         if not worker.compression.keeps_off_lane(op, [name for _, _, name in parts]):

@@ -56,18 +56,20 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
                  cuda_ipc: bool = True, row_bytes: int = 0):
-        self.client = client
+        self.client, self.rank, self.shard_map, self._cuda_ipc = client, rank, shard_map, cuda_ipc
         self.row_bytes = row_bytes  # of each row area of a lane (the job has tables), else 0
-        self.rank = rank
-        self.shard_map = shard_map
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
-        self._cuda_ipc = cuda_ipc
         self.flag_watch: Optional[FlagWatch] = None  # made with the first device lane, if the driver has flags
         self.lanes: dict[int, Lane] = {}  # by server rank
         self.device_lanes: dict[int, DeviceLane] = {}  # by server rank
         self.values: dict[int, SharedValues] = {}  # the servers' shared values, by server rank
         # answers through device lanes whose values are copied out once their exchange is answered
-        self._deferred: dict[Future, list[tuple[DeviceLane, list[LaneCopy], Block]]] = {}
+        self._deferred: dict[Future, list[tuple[DeviceLane, list[LaneCopy], Block, int]]] = {}
+
+    def check_device_work(self) -> None:
+        """Raise the error of a server's device work that never came (``FlagWatch``), if there is one."""
+        if self.flag_watch is not None:
+            self.flag_watch.check()
 
     def _blocks(self, server: int) -> list[tuple[int, int]]:
         return [(b.block_id, b.nbytes) for b in self.shard_map.blocks_of_server(server)]
@@ -182,7 +184,7 @@ class WorkerLanes:
             device_lane = DeviceLane.create(old_device.memory.device, self._blocks(server))
             device_lane.copy_push_area(old_device)
             if self.flag_watch is not None:
-                self.flag_watch.let_go(old_device)
+                self.flag_watch.let_go(old_device, server)
             old_device.close()
             self.device_lanes[server] = device_lane
             offer = self.request_attach(server, device_lane)
@@ -218,8 +220,9 @@ class WorkerLanes:
             lane.release(area)
 
     def flag_for(self, lane: Slots, block: Block, copies: list[LaneCopy]) -> int:
-        """The number the server is to write into ``block``'s flag in ``lane`` (``DeviceLane.wait_flag``),
-        or 0: not a device lane, no flags in this driver, or values that go to host memory."""
+        """The number the server is to write into ``block``'s flag in ``lane`` for a device-ordered
+        exchange (``DeviceLane.wait_flag``), or 0: not a device lane, no flags in this driver, or
+        values that go to host memory."""
         if not lane.on_device or self.flag_watch is None or not copies or any(c.stream is None for c in copies):
             return 0
         return lane.next_flag(block.block_id)
@@ -259,7 +262,8 @@ class WorkerLanes:
         if isinstance(reply, P.Values) and lane.on_device and ok:
             self._defer(request.future, lane, copies, block, flag)
             return None
-        if flag and lane.on_device:  # no flag comes from the server: a copy queued behind it must go on
+        if flag and lane.on_device and not isinstance(reply, P.Values):
+            # refused: no flag comes from the server, and a copy queued behind it must go on
             self.flag_watch.release_now(lane, {block.block_id: flag})
         if isinstance(reply, P.Values) and lane.on_device:
             # values nobody wants: the server's step may still read the push slot, so it is freed
@@ -280,7 +284,7 @@ class WorkerLanes:
         for lane, server, pieces, flags in _by_lane(flagged).values():
             with self.client.tracer.span("queued the copies behind the servers' flags", "answer", blocks=len(flags)):
                 copied = _copy_out(lane, pieces, flags)
-            self.flag_watch.watch(lane, server, flags, copied)
+            self.flag_watch.watch(lane, server, flags, copied, answered=False)
             future.prequeued.update((block_id, copied) for block_id in flags)
 
     def _defer(self, future: Future, lane: DeviceLane, copies: list[LaneCopy], block: Block, flag: int) -> None:
@@ -302,9 +306,9 @@ class WorkerLanes:
         its step may still read the push slot)."""
         deferred = self._deferred.pop(future, [])
         by_stream = not future.discards
-        error = self._wait_written([entry for entry in deferred if not (entry[3] and by_stream)])
+        error = _wait_written(self.client, [entry for entry in deferred if not (entry[3] and by_stream)])
         if error is not None and by_stream:
-            self._wait_written([entry for entry in deferred if entry[3]])
+            _wait_written(self.client, [entry for entry in deferred if entry[3]])
         queued = [entry for entry in deferred if entry[2].block_id in future.prequeued]
         rest = [entry for entry in deferred if entry[2].block_id not in future.prequeued]
         for lane, server, pieces, flags in _by_lane(rest).values():
@@ -315,21 +319,13 @@ class WorkerLanes:
                 self.flag_watch.watch(lane, server, {b: n for b, n in flags.items() if n}, copied)
             self._release(lane, server, flags, copied)
         for lane, _, block, _ in queued:
+            self.flag_watch.answered(future.prequeued[block.block_id])
             self._release(lane, block.server, [block.block_id], future.prequeued[block.block_id])
         return error
 
     def _release(self, lane: DeviceLane, server: int, block_ids: Iterable[int], copied: list) -> None:
         for block_id, holder in itertools.product(block_ids, self._holders(lane, server)):
             holder.release(block_id, copied)
-
-    def _wait_written(self, deferred: list) -> Optional[PSError]:
-        """Wait on the host for the servers' events of these deferred blocks; the first error."""
-        error = None
-        if deferred:
-            with self.client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
-                for lane, _, block, _ in deferred:
-                    error = error or lane.wait_written(block.block_id, self.client.membership.check, block.server)
-        return error
 
     def _read_shared(self, copies: list[LaneCopy], block: Block) -> Optional[PSError]:
         values = self.values.get(block.server)
@@ -353,6 +349,16 @@ class WorkerLanes:
         for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
+
+
+def _wait_written(client: Client, deferred: list) -> Optional[PSError]:
+    """Wait on the host for the servers' events of these deferred blocks; the first error."""
+    error = None
+    if deferred:
+        with client.tracer.span("waited for the servers' device work", "answer", blocks=len(deferred)):
+            for lane, _, block, _ in deferred:
+                error = error or lane.wait_written(block.block_id, client.membership.check, block.server)
+    return error
 
 
 def _by_lane(entries: list[tuple]) -> dict[int, tuple[DeviceLane, int, list, dict[int, int]]]:

@@ -183,8 +183,7 @@ class Worker:
         ``into`` (same names). ``device_ordered``: GPU values through device lanes are copied behind
         the servers' writes on the GPU, the current streams after them; if all were, the future's
         ``ordered_on_device`` is True: go on before ``wait()``, which only reports errors then."""
-        grads = as_dict(grads, "push_pull()", allow_none=True)
-        dest = as_dict(into, "push_pull(into=)")
+        grads, dest = as_dict(grads, "push_pull()", allow_none=True), as_dict(into, "push_pull(into=)")
         missing = [k for k in grads if k not in dest]
         if missing:
             raise ConfigError(f"push_pull(): no destination tensor in into= for {missing[:5]}")
@@ -221,6 +220,7 @@ class Worker:
         (``RolledBackError`` if the job went back since; default: now). ``device_ordered``: see
         ``push_pull``. For ``DistributedOptimizer``; a training loop uses push and pull."""
         self._require_registered(op.__name__.lower())
+        self.lanes.check_device_work()  # before the exchange takes a step number
         if epoch is not None:
             self.client.same_epoch(epoch)  # before it takes a step number: a dropped step takes none
         if dests is not None:

@@ -243,10 +243,11 @@ def test_a_restarted_gpu_server_maps_a_fresh_device_lane(make_cluster, tmp_path)
 @pytest.mark.parametrize("flags", [True, False], ids=["flags", "no stream memory operations"])
 def test_a_gpu_jobs_trace_shows_whether_the_worker_waited_for_the_servers_device_work(make_cluster, monkeypatch,
                                                                                         tmp_path, flags):
-    """A GPU server answers through a device lane once it has queued its copy. With the driver's
-    stream memory operations the worker queues its copies behind the server's flags and never waits
-    on the host: its trace has a span for each such burst, and none of host waits. Without them it
-    waits for the server's events before it reads, once per exchange, and the trace shows each wait."""
+    """A GPU server answers through a device lane once it has queued its copy. In a device-ordered
+    push_pull, with the driver's stream memory operations, the worker queues its copies behind the
+    server's flags and never waits on the host: its trace has a span for each such burst, and none
+    of host waits. Without them it waits for the server's events before it reads, once per
+    exchange, and the trace shows each wait."""
     import json
 
     from psframework.trace import merge
@@ -262,7 +263,8 @@ def test_a_gpu_jobs_trace_shows_whether_the_worker_waited_for_the_servers_device
         params = {"w": torch.zeros(1 << 20, device="cuda")}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         for _ in range(3):
-            worker.push_pull({"w": torch.ones(1 << 20, device="cuda")}, into=params).wait(timeout=30)
+            worker.push_pull({"w": torch.ones(1 << 20, device="cuda")}, into=params,
+                             device_ordered=True).wait(timeout=30)
     assert set(cluster.wait(timeout=30).values()) == {0}
     assert torch.equal(params["w"].cpu(), torch.full((1 << 20,), -3.0))
     events = json.loads(merge(str(tmp_path / "traces"))[0].read_text())["traceEvents"]

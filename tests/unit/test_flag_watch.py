@@ -137,12 +137,18 @@ def test_a_server_that_wrote_its_flags_and_then_exited_is_no_error(parts):
     assert driver.writes == []
 
 
-def test_a_live_server_past_the_deadline_is_a_timeout(parts, monkeypatch):
+def test_a_live_server_past_the_deadline_after_its_answer_is_a_timeout(parts, monkeypatch):
+    """The deadline runs from the answer: before it, a sync step may wait for the slowest worker
+    for as long as that one takes."""
     watch, lane, driver = parts
     monkeypatch.setattr(cuda_ipc, "PEER_EVENT_DEADLINE", 0.1)
-    passed = Event(lane, {1: 5})
-    watch.watch(lane, 0, {1: 5}, [passed])
-    _until(passed.query)
+    passed = [Event(lane, {1: 5})]
+    watch.watch(lane, 0, {1: 5}, passed, answered=False)
+    time.sleep(0.5)
+    assert not passed[0].query() and driver.writes == []
+    watch.check()
+    watch.answered(passed)
+    _until(passed[0].query)
     with pytest.raises(ps.PSTimeoutError, match="server 0 writing the values of blocks \\[1\\] into the device "
                                                 "lane: not done in 0 s"):
         watch.check()
@@ -166,9 +172,21 @@ def test_a_lane_let_go_has_its_waits_released_and_passed_before_it_closes(parts)
     watch.watch(lane, 0, {0: 1}, [mine])
     watch.watch(other, 1, {4: 9}, [theirs])
     other.flags[0] = 1  # the driver writes into every lane: keep the other lane's own flags apart
-    watch.let_go(lane)
-    assert mine.query() and mine.synchronized == 1
-    assert all(entry[0] is other for entry in watch._pending)
+    watch.let_go(lane, 0)
+    assert mine.query()
+    assert all(wait.lane is other for wait in watch._pending)
+    watch.check()
+
+
+def test_a_restarted_servers_old_error_is_forgotten(parts):
+    """The old process died with a flag pending: the watch released it and kept the death; the
+    restart that follows (``let_go``) is the answer to it, and the next exchange must not fail."""
+    watch, lane, driver = parts
+    passed = Event(lane, {0: 1})
+    watch.watch(lane, 3, {0: 1}, [passed])
+    lane.peer.alive = False
+    _until(passed.query)
+    watch.let_go(lane, 3)
     watch.check()
 
 
