@@ -109,8 +109,8 @@ class DistributedOptimizer:
         """Steps taken, counting those before a resume: the worker's own count."""
         try:
             self._finish_unfinished()
-        except RolledBackError as exc:  # the step was lost: take the restored values, as step() would
-            self._drop_step(exc.step)
+        except RolledBackError as exc:  # the step was lost: the next step() drops its own too
+            self._rolled_back = exc.step
         return self.worker.steps
 
     def _finish_unfinished(self) -> None:

@@ -38,6 +38,7 @@ device lanes off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -279,24 +280,34 @@ class FlagWatch:
     into the flag itself, from a stream of its own, and keeps the error for the worker's next
     exchange (``check``), unless the server is restarted first (``let_go``)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, epoch: Callable[[], int] = lambda: 0):
         self._device = device
-        self._stream: Optional[torch.cuda.Stream] = None  # never one the waits could be queued on
+        self._epoch = epoch  # the job's rollback epoch as the worker knows it: a rollback voids older errors
+        self._stream: Optional[torch.cuda.Stream] = None
         self._pending: list[_Wait] = []
         self._lock = threading.Lock()  # guards _pending and _failures
         self._sweeping = threading.Lock()  # one look at the waits at a time: none is taken out unseen
         self._wake = threading.Event()
         self._closed = False
-        self._failures: dict[int, PSError] = {}  # by server
+        self._failures: dict[int, tuple[PSError, int]] = {}  # by server: the error, and the epoch it was in
         self._thread: Optional[threading.Thread] = None
+
+    def _own_stream(self) -> "torch.cuda.Stream":
+        """Our stream for writing flags, made once. High priority: torch hands out streams of each
+        priority from a pool in turn, and the waits are queued on streams of the default priority,
+        so a write is never queued behind the very wait it should release."""
+        with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self._device, priority=-1)
+            return self._stream
 
     def watch(self, lane: "DeviceLane", server: int, numbers: dict[int, int], passed: list,
               answered: bool = True) -> None:
         """The events ``passed`` are recorded after the waits for ``numbers`` of ``lane``; ``answered``:
         the server's answers are in (else ``answered()`` says when they are)."""
+        self._own_stream()
         with self._lock:
             if self._thread is None:
-                self._stream = torch.cuda.Stream(self._device)
                 self._thread = threading.Thread(target=self._run, name="psframework-flag-watch", daemon=True)
                 self._thread.start()
             self._pending.append(_Wait(lane, server, numbers, passed, time.monotonic() if answered else None))
@@ -310,11 +321,14 @@ class FlagWatch:
                     wait.answered = time.monotonic()
 
     def check(self) -> None:
-        """Raise (once) the error of a wait the watch had to release."""
+        """Raise (once) the error of a wait the watch had to release, unless the job went back to a
+        checkpoint since (the rollback is what follows a server's death)."""
+        epoch = self._epoch()
         with self._lock:
-            failure = self._failures.pop(next(iter(self._failures)), None) if self._failures else None
-        if failure is not None:
-            raise failure
+            failures = [error for error, when in self._failures.values() if when == epoch]
+            self._failures.clear()
+        if failures:
+            raise failures[0]
 
     def _run(self) -> None:
         while not self._closed:
@@ -342,6 +356,8 @@ class FlagWatch:
             self._fail(wait.server, PSError(f"server {wait.server}: could not watch the device lane's flags "
                                             f"({exc}); the GPU may be unusable (see nvidia-smi), or set "
                                             "PS_CUDA_IPC=0"))
+            with contextlib.suppress(Exception):  # our stream should not wait for good: try the release
+                self.release_now(wait.lane, wait.numbers)
             return True
 
     def _settled(self, wait: _Wait, final: bool) -> bool:
@@ -353,30 +369,28 @@ class FlagWatch:
         late = wait.answered is not None and time.monotonic() - wait.answered > PEER_EVENT_DEADLINE
         if alive and not late and not final:
             return False
-        with torch.cuda.stream(self._stream):
+        stream = self._own_stream()
+        with torch.cuda.stream(stream):
             missing = {block_id: number for block_id, number in wait.numbers.items()
                        if not _reached(lane.flag_value(block_id), number)}
-            if missing and not final:  # kept before the release: once released, our streams go on
-                self._fail(wait.server, _never_written(wait.server, peer, alive, sorted(missing)))
-            for block_id, number in missing.items():
-                memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
-            self._stream.synchronize()
+        if missing and not final:  # kept before the release: once released, our streams go on
+            self._fail(wait.server, _never_written(wait.server, peer, alive, sorted(missing)))
+        self.release_now(lane, missing)
         return True
 
     def _fail(self, server: int, error: PSError) -> None:
         log.error("worker: %s", error)
+        epoch = self._epoch()
         with self._lock:
-            self._failures.setdefault(server, error)
+            self._failures.setdefault(server, (error, epoch))
 
     def release_now(self, lane: "DeviceLane", numbers: dict[int, int]) -> None:
         """Write these numbers (block id: number) into ``lane``'s flags ourselves: their server
-        refused the requests, and a copy of ours queued behind the flags must go on."""
-        with self._lock:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self._device)
+        refused the requests or is gone, and a copy of ours queued behind the flags must go on."""
+        stream = self._own_stream()
         for block_id, number in numbers.items():
-            memops().write(self._stream.cuda_stream, lane.flag_address(block_id), number)
-        self._stream.synchronize()
+            memops().write(stream.cuda_stream, lane.flag_address(block_id), number)
+        stream.synchronize()
 
     def let_go(self, lane: "DeviceLane", server: int) -> None:
         """``lane`` is about to be closed (its server restarted): release our waits on its flags now,

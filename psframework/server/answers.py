@@ -102,6 +102,7 @@ class Answers:
             self.send(unit, pending)
 
     def error(self, pending: Any, error: P.Rejected) -> None:
+        self.lanes.refused_pending(pending)
         self.data.send([P.encode(error.reply(pending.req))], peer=pending.peer)
 
     def fail(self, failed: list[tuple[Any, str]]) -> None:

@@ -144,6 +144,19 @@ class ServerLanes:
             return
         self.io.answer(pending.peer, [P.encode(values)], after=self.io.values_into(state, pending.segs, slot))
 
+    def refused(self, message: P.Message) -> None:
+        """A request that named a flag is refused: write the flag anyway, so that the worker's copy
+        queued behind it goes on (the refusal tells the worker its values did not come)."""
+        if isinstance(message, P.BlockRequest) and message.flag and message.ipc:
+            lane = self.device_lanes.get(message.rank)
+            if lane is not None and message.block in lane.offsets:
+                lane.write_flag(self.io.stream, message.block, message.flag)
+
+    def refused_pending(self, pending: Pending) -> None:
+        """``refused`` for a request already waiting for its values."""
+        if getattr(pending, "flag", 0) and pending.lane is self.device_lanes.get(pending.rank):
+            pending.lane.write_flag(self.io.stream, pending.block, pending.flag)
+
     def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
         """The answer to a lane: with our shared values where the workers of this host may read
         them (a sync server in host memory, on a CPU whose stores are seen in order)."""

@@ -73,7 +73,8 @@ class Requests:
             state.pulls.append(Pending(peer, request.req, request.rank, segs, state.clocks[request.rank],
                                        lane=lane, codecs=pull_codecs,
                                        shared=request.shared and self.policy.shares_values,
-                                       flag=request.flag if lane is not None and lane.on_device else 0))
+                                       flag=request.flag if lane is not None and lane.on_device else 0,
+                                       block=request.block))
         self.answers.ready([state])
 
     def _count_push(self, lane, nbytes: int) -> None:

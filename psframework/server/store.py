@@ -38,6 +38,7 @@ class Pending:
     shared: bool = False  # the worker reads the answer's values from our shared values, if the block is there
     reader: bool = False  # a reader's (``rank``: the reader): answered once the block's version is ``need_version``
     flag: int = 0  # a device lane's: the number our stream writes into the block's flag after the values
+    block: int = -1  # the block a flag is of
 
     def segment_codecs(self) -> list[tuple[int, Any]]:
         """(segment, its codec in the answer or None) for each of ``segs``."""

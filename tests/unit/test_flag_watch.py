@@ -69,8 +69,8 @@ class Driver:
 class Stream:
     cuda_stream = 7
 
-    def __init__(self, *args):
-        pass
+    def __init__(self, *args, **kwargs):
+        assert kwargs.get("priority") == -1, "a stream of the default priority may be the one that waits"
 
     def synchronize(self) -> None:
         pass
@@ -85,7 +85,9 @@ def parts(monkeypatch):
     monkeypatch.setattr(cuda_ipc.torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(cuda_ipc, "LIVENESS_EVERY", 0.01)
     monkeypatch.setattr(cuda_ipc, "CLOSE_GRACE", 0.1)
-    watch = FlagWatch("cuda:0")
+    epoch = [0]
+    watch = FlagWatch("cuda:0", lambda: epoch[0])
+    watch.epoch = epoch  # the test's handle on the job's rollback epoch
     yield watch, lane, driver
     watch.close()
 
@@ -214,4 +216,16 @@ def test_a_wait_the_watch_cannot_look_at_is_an_error_not_a_dead_thread(parts):
     watch.watch(lane, 0, {0: 1}, [passed])
     lane.flags[0] = 1
     _until(lambda: not watch._pending)
+    watch.check()
+
+
+def test_a_dead_servers_error_is_void_once_the_job_went_back(parts):
+    """A rollback follows a server's death (the scheduler raises the epoch before the restarted
+    server's new address is out): the error kept before it must not fail the refresh after it."""
+    watch, lane, driver = parts
+    passed = Event(lane, {0: 1})
+    watch.watch(lane, 3, {0: 1}, [passed])
+    lane.peer.alive = False
+    _until(passed.query)
+    watch.epoch[0] = 1
     watch.check()

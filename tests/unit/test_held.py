@@ -39,6 +39,11 @@ class Lane:
 class Lanes:
     def __init__(self, **lanes):
         self.device_lanes = {int(rank[1:]): lane for rank, lane in lanes.items()}
+        self.refused_requests: list[int] = []
+
+    def refused(self, message: P.Message) -> None:
+        """``ServerLanes.refused``: writes the flag a refused request named."""
+        self.refused_requests.append(message.req)
 
 
 class Requests:
@@ -145,6 +150,7 @@ def test_a_held_push_of_a_live_worker_is_refused_once_the_event_deadline_passed_
     assert requests.handled == [(WORKER, 2, True)]  # its own copies landed: it goes on
     [(peer, error)] = socket.sent
     assert peer == WORKER and error.req == 1 and error.kind == P.TIMEOUT and "have not landed" in error.message
+    assert held._lanes.refused_requests == [1]  # a flag it named is written: the worker's copy goes on
 
 
 def test_a_stranger_s_push_is_refused_not_held(parts):
