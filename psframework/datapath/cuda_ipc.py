@@ -293,12 +293,13 @@ class FlagWatch:
         self._thread: Optional[threading.Thread] = None
 
     def _own_stream(self) -> "torch.cuda.Stream":
-        """Our stream for writing flags, made once. High priority: torch hands out streams of each
-        priority from a pool in turn, and the waits are queued on streams of the default priority,
-        so a write is never queued behind the very wait it should release."""
+        """Our stream for writing and reading flags, made once, outside torch's pool of streams (any
+        of those may be one a wait is queued on, or one ordered after such a wait)."""
         with self._lock:
             if self._stream is None:
-                self._stream = torch.cuda.Stream(self._device, priority=-1)
+                torch.cuda.current_stream(self._device).query()  # the device's context is current here
+                with torch.cuda.device(self._device):
+                    self._stream = torch.cuda.ExternalStream(memops().new_stream(), device=self._device)
             return self._stream
 
     def watch(self, lane: "DeviceLane", server: int, numbers: dict[int, int], passed: list,
@@ -422,8 +423,14 @@ class FlagWatch:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():  # stuck on the device: leave it (a daemon), with its stream
+                log.error("worker: the thread watching device lane flags did not stop within 5 s")
+                return
             self._thread = None
         self._sweep(final=True)
+        if self._stream is not None:
+            memops().destroy_stream(self._stream.cuda_stream)
+            self._stream = None
 
 
 def _never_written(server: int, peer: Optional[PeerProcess], alive: bool, blocks: list[int]) -> PSError:

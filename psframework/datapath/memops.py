@@ -23,6 +23,7 @@ from ..errors import ConfigError
 WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, so sequence numbers may wrap
 WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: after the stream's earlier work, with a memory barrier
 HOST_REGISTER_PORTABLE_DEVICEMAP = 0x1 | 0x2  # CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP
+STREAM_NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING
 
 
 class MemOps:
@@ -38,6 +39,19 @@ class MemOps:
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
                                                      ctypes.c_uint]
+        lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+
+    def new_stream(self) -> int:
+        """A stream of the calling thread's current context that no one else has (torch hands out
+        its streams from a pool in turn: one of them may be the stream a wait is queued on); its
+        raw handle, for ``torch.cuda.ExternalStream``. Not ordered with the legacy default stream."""
+        handle = ctypes.c_void_p()
+        self._check(self._lib.cuStreamCreate(ctypes.byref(handle), STREAM_NON_BLOCKING), "cuStreamCreate")
+        return handle.value
+
+    def destroy_stream(self, handle: int) -> None:
+        self._check(self._lib.cuStreamDestroy_v2(handle), "cuStreamDestroy")
 
     def register(self, address: int, nbytes: int) -> int:
         """Pin ``nbytes`` of host memory at ``address`` for every context of the process, mapped

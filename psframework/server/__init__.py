@@ -299,7 +299,8 @@ class Server:
         except P.Rejected as exc:
             self.data.skip_rest()
             self._garbage_log.warning("rejected %s from %r: %s", type(message).__name__, peer, exc)
-            self.lanes.refused(message)
+            if self._speakers.speaks_for(peer, getattr(message, "rank", None)):
+                self.lanes.refused(message)
             self._send(peer, exc.reply(getattr(message, "req", None)))
 
     def _send(self, peer: bytes, message: P.Message) -> None:

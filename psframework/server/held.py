@@ -107,7 +107,8 @@ class HeldRequests:
             self._requests.on_block(peer, message, bare=True)
         except P.Rejected as exc:
             log.warning("rejected a held %s from %r: %s", type(message).__name__, peer, exc)
-            self._lanes.refused(message)
+            if self._speakers.speaks_for(peer, message.rank):
+                self._lanes.refused(message, lane)
             self._data.send([P.encode(exc.reply(message.req))], peer=peer)
 
     def _lane(self, message: P.BlockRequest) -> Optional[DeviceLane]:

@@ -144,13 +144,16 @@ class ServerLanes:
             return
         self.io.answer(pending.peer, [P.encode(values)], after=self.io.values_into(state, pending.segs, slot))
 
-    def refused(self, message: P.Message) -> None:
-        """A request that named a flag is refused: write the flag anyway, so that the worker's copy
-        queued behind it goes on (the refusal tells the worker its values did not come)."""
-        if isinstance(message, P.BlockRequest) and message.flag and message.ipc:
-            lane = self.device_lanes.get(message.rank)
-            if lane is not None and message.block in lane.offsets:
-                lane.write_flag(self.io.stream, message.block, message.flag)
+    def refused(self, message: P.Message, came_through: Optional[DeviceLane] = None) -> None:
+        """A request of a worker's own connection that named a flag is refused: write the flag
+        anyway, so that the worker's copy queued behind it goes on (the refusal tells the worker
+        its values did not come). Only into the lane it came through (``came_through``, where it
+        is known), while that is still the worker's: a rejoined rank's new lane has numbers of its own."""
+        if not (isinstance(message, P.BlockRequest) and message.flag and message.ipc):
+            return
+        lane = self.device_lanes.get(message.rank)
+        if lane is not None and came_through in (None, lane) and message.block in lane.offsets:
+            lane.write_flag(self.io.stream, message.block, message.flag)
 
     def refused_pending(self, pending: Pending) -> None:
         """``refused`` for a request already waiting for its values."""

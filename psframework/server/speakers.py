@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Callable
+from typing import Callable, Optional
 
 from .. import protocol as P
 from ..logs import RateLimitedLog
@@ -66,6 +66,10 @@ class Speakers:
             self._refusals.warning("refused %s from %r: not a reader's connection", type(message).__name__, peer)
             raise P.Rejected(P.PROTOCOL, "this connection did not introduce itself as this reader of the job")
         return reader
+
+    def speaks_for(self, peer: bytes, rank: Optional[int]) -> bool:
+        """Whether ``peer`` is the connection worker ``rank`` introduced itself on."""
+        return rank is not None and self._bound.get(peer) == rank
 
     def check(self, peer: bytes, message: P.Message) -> None:
         """``Rejected`` unless ``peer`` introduced itself as the worker ``message`` speaks for."""

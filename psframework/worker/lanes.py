@@ -128,7 +128,7 @@ class WorkerLanes:
                 continue
             self.device_lanes[server] = lane
         if self.device_lanes and memops() is not None:
-            self.flag_watch = FlagWatch(device, lambda: self.client.rollback)
+            self.flag_watch = FlagWatch(device, lambda: self.client.membership.rollback[0])
         if self.device_lanes:
             log.info("worker %d: device lanes (CUDA IPC) to servers %s", self.rank, sorted(self.device_lanes))
         if refused:

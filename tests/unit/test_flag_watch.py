@@ -59,6 +59,14 @@ class Driver:
 
     def __init__(self, lanes: list[Lane]):
         self.lanes, self.writes = lanes, []
+        self.streams: list[int] = []  # made and not destroyed
+
+    def new_stream(self) -> int:
+        self.streams.append(100 + len(self.streams))
+        return self.streams[-1]
+
+    def destroy_stream(self, handle: int) -> None:
+        self.streams.remove(handle)
 
     def write(self, stream: int, address: int, number: int) -> None:
         self.writes.append((address, number))
@@ -67,13 +75,16 @@ class Driver:
 
 
 class Stream:
-    cuda_stream = 7
+    """A stream of the driver's own (``MemOps.new_stream``), as torch wraps it."""
 
-    def __init__(self, *args, **kwargs):
-        assert kwargs.get("priority") == -1, "a stream of the default priority may be the one that waits"
+    def __init__(self, handle: int, device=None):
+        self.cuda_stream = handle
 
     def synchronize(self) -> None:
         pass
+
+    def query(self) -> bool:
+        return True
 
 
 @pytest.fixture
@@ -81,7 +92,9 @@ def parts(monkeypatch):
     lane = Lane()
     driver = Driver([lane])
     monkeypatch.setattr(cuda_ipc, "memops", lambda: driver)
-    monkeypatch.setattr(cuda_ipc.torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda_ipc.torch.cuda, "ExternalStream", Stream)
+    monkeypatch.setattr(cuda_ipc.torch.cuda, "current_stream", lambda device=None: Stream(0))
+    monkeypatch.setattr(cuda_ipc.torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(cuda_ipc.torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(cuda_ipc, "LIVENESS_EVERY", 0.01)
     monkeypatch.setattr(cuda_ipc, "CLOSE_GRACE", 0.1)
@@ -160,10 +173,11 @@ def test_closing_releases_what_is_still_pending_without_an_error(parts):
     watch, lane, driver = parts
     passed = Event(lane, {0: 1})
     watch.watch(lane, 0, {0: 1}, [passed])
+    assert driver.streams == [100]  # the watch's own stream, none of torch's pool
     watch.close()
     assert passed.query() and driver.writes == [(lane.flag_address(0), 1)]
     watch.check()
-    assert watch._thread is None
+    assert watch._thread is None and driver.streams == []
 
 
 def test_a_lane_let_go_has_its_waits_released_and_passed_before_it_closes(parts):
@@ -209,9 +223,11 @@ def test_a_wait_the_watch_cannot_look_at_is_an_error_not_a_dead_thread(parts):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     broken.flag_value = unreadable
+    driver.lanes.append(broken)
     watch.watch(broken, 1, {0: 1}, [Event(broken, {0: 1})])
     with pytest.raises(ps.PSError, match="server 1: could not watch the device lane's flags .*illegal memory access"):
         _until(lambda: watch.check() or False, seconds=5)
+    assert (broken.flag_address(0), 1) in driver.writes  # the release is tried all the same
     passed = Event(lane, {0: 1})
     watch.watch(lane, 0, {0: 1}, [passed])
     lane.flags[0] = 1
@@ -227,5 +243,9 @@ def test_a_dead_servers_error_is_void_once_the_job_went_back(parts):
     watch.watch(lane, 3, {0: 1}, [passed])
     lane.peer.alive = False
     _until(passed.query)
+    with pytest.raises(ps.PeerLostError):  # kept while the job has not gone back...
+        watch.check()
+    watch.watch(lane, 3, {1: 1}, [Event(lane, {1: 1})])
+    _until(lambda: not watch._pending)  # ... and kept again
     watch.epoch[0] = 1
-    watch.check()
+    watch.check()  # ... but not once it has

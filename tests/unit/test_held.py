@@ -5,12 +5,14 @@ they are handled, and what lets a held one go. The GPU test of the whole path is
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from psframework import protocol as P
 from psframework.server import held as held_module
 from psframework.server.held import HeldRequests
+from psframework.server.lanes import ServerLanes
 
 WORKER, OTHER = b"worker-0", b"worker-1"
 
@@ -34,16 +36,21 @@ class Process:
 class Lane:
     def __init__(self, events: dict[int, Event]):
         self.pushed, self.peer = events, Process()
+        self.offsets = {block_id: 0 for block_id in events}
+        self.flags_written: list[tuple[int, int]] = []  # (block, number), by our stream
+
+    def write_flag(self, stream, block_id: int, number: int) -> None:
+        self.flags_written.append((block_id, number))
 
 
 class Lanes:
+    """The server's lanes, with ``ServerLanes``'s own ``refused``."""
+
+    refused = ServerLanes.refused
+
     def __init__(self, **lanes):
         self.device_lanes = {int(rank[1:]): lane for rank, lane in lanes.items()}
-        self.refused_requests: list[int] = []
-
-    def refused(self, message: P.Message) -> None:
-        """``ServerLanes.refused``: writes the flag a refused request named."""
-        self.refused_requests.append(message.req)
+        self.io = SimpleNamespace(stream=None)
 
 
 class Requests:
@@ -60,6 +67,9 @@ class Requests:
 
 
 class Speakers:
+    def speaks_for(self, peer: bytes, rank) -> bool:
+        return (peer, rank) in ((WORKER, 0), (OTHER, 1))
+
     def check(self, peer: bytes, message: P.Message) -> None:
         if peer == b"stranger":
             raise P.Rejected(P.PROTOCOL, "this connection did not introduce itself as a worker of the job")
@@ -74,7 +84,8 @@ class Socket:
 
 
 def push(req: int, block: int = 0, rank: int = 0, ipc: bool = True) -> P.PushPull:
-    return P.PushPull(req=req, block=block, rank=rank, ipc=ipc, step=0)
+    """A device-ordered push_pull: it names the flag number ``100 + req``."""
+    return P.PushPull(req=req, block=block, rank=rank, ipc=ipc, step=0, flag=100 + req)
 
 
 @pytest.fixture
@@ -150,7 +161,8 @@ def test_a_held_push_of_a_live_worker_is_refused_once_the_event_deadline_passed_
     assert requests.handled == [(WORKER, 2, True)]  # its own copies landed: it goes on
     [(peer, error)] = socket.sent
     assert peer == WORKER and error.req == 1 and error.kind == P.TIMEOUT and "have not landed" in error.message
-    assert held._lanes.refused_requests == [1]  # a flag it named is written: the worker's copy goes on
+    # the flag it named is written all the same: the worker's copy queued behind it goes on
+    assert held._lanes.device_lanes[0].flags_written == [(0, 101)]
 
 
 def test_a_stranger_s_push_is_refused_not_held(parts):
@@ -163,11 +175,21 @@ def test_a_stranger_s_push_is_refused_not_held(parts):
 def test_a_held_push_whose_device_lane_was_replaced_is_refused_not_read_from_the_new_lane(parts):
     """A new process of the worker's rank attached a lane of its own while the old one's push was
     held: the push must not be read out of the new lane's slot."""
-    held, events, _, requests, socket = parts
+    held, events, old, requests, socket = parts
     assert held.take(WORKER, push(1, block=0), bare=True)
-    held._lanes.device_lanes[0] = Lane({0: Event(done=True)})
+    new = held._lanes.device_lanes[0] = Lane({0: Event(done=True)})
     events[0].done = True
     held.release()
     assert requests.handled == []
     [(peer, error)] = socket.sent
     assert peer == WORKER and error.kind == P.PEER_LOST and "device lane of worker 0 was closed" in error.message
+    assert new.flags_written == [] and old.flags_written == []  # the new lane's numbers are its own
+
+
+def test_a_refused_request_of_a_connection_that_is_not_the_workers_writes_no_flag(parts):
+    held, events, lane, requests, socket = parts
+    requests.refuse.add(0)
+    held._handle(OTHER, push(2, block=0, rank=0), None)  # claims worker 0 on worker 1's connection
+    assert lane.flags_written == []
+    held._handle(WORKER, push(3, block=0, rank=0), None)
+    assert lane.flags_written == [(0, 103)]

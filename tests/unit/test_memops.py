@@ -54,7 +54,8 @@ def test_a_failed_driver_call_names_the_call_the_error_and_the_way_out():
 
         def __init__(self):
             for name in ("cuStreamWaitValue32_v2", "cuStreamWriteValue32_v2", "cuMemHostRegister_v2",
-                         "cuMemHostUnregister", "cuMemHostGetDevicePointer_v2"):
+                         "cuMemHostUnregister", "cuMemHostGetDevicePointer_v2", "cuStreamCreate",
+                         "cuStreamDestroy_v2"):
                 setattr(self, name, _Call(801))
 
         @staticmethod
@@ -66,6 +67,8 @@ def test_a_failed_driver_call_names_the_call_the_error_and_the_way_out():
     with pytest.raises(ConfigError, match=r"cuStreamWaitValue32 failed: CUDA error 801 \(operation not supported\)"
                                           r".*PS_CUDA_IPC=0"):
         ops.wait(0, 0x1000, 1)
+    with pytest.raises(ConfigError, match=r"cuStreamCreate failed: CUDA error 801"):
+        ops.new_stream()
 
 
 class _Call:
