@@ -299,24 +299,17 @@ class WorkerLanes:
         deferred.append((lane, copies, block, flag))
 
     def _copy_deferred(self, future: Future) -> Optional[PSError]:
-        """Queue the copies of the exchange's device-lane blocks out of their pull slots, each after a
-        wait of our stream for the server's flag (unless ``copy_after_flags`` queued them already);
-        blocks without a flag wait for the server's event on the host first. Values nobody wants
-        are not copied, and their slots are freed only once the server's work is done (until then
-        its step may still read the push slot)."""
+        """Copy the values of the exchange's device-lane blocks out of their pull slots, once the
+        servers' events say they are there, and free their slots; blocks whose copies
+        ``copy_after_flags`` queued behind the servers' flags only have their slots freed. Values
+        nobody wants are not copied, and their slots are freed only once the server's work is done
+        (until then its step may still read the push slot)."""
         deferred = self._deferred.pop(future, [])
-        by_stream = not future.discards
-        error = _wait_written(self.client, [entry for entry in deferred if not (entry[3] and by_stream)])
-        if error is not None and by_stream:
-            _wait_written(self.client, [entry for entry in deferred if entry[3]])
         queued = [entry for entry in deferred if entry[2].block_id in future.prequeued]
         rest = [entry for entry in deferred if entry[2].block_id not in future.prequeued]
+        error = _wait_written(self.client, rest)
         for lane, server, pieces, flags in _by_lane(rest).values():
-            what = "queued the copies behind the servers' flags" if any(flags.values()) else "queued the copies"
-            with self.client.tracer.span(what, "answer", blocks=len(flags)):
-                copied = [] if error is not None or not by_stream else _copy_out(lane, pieces, flags)
-            if copied and any(flags.values()):
-                self.flag_watch.watch(lane, server, {b: n for b, n in flags.items() if n}, copied)
+            copied = [] if error is not None or future.discards else _copy_out(lane, pieces)
             self._release(lane, server, flags, copied)
         for lane, _, block, _ in queued:
             self.flag_watch.answered(future.prequeued[block.block_id])
