@@ -21,8 +21,8 @@ and answers at once; the worker waits on the host for it (``wait_written``) befo
 copy out of the pull slot. A device-ordered exchange (``push_pull(device_ordered=True)``) names a
 number in each request instead, which the server's stream writes into the block's flag
 (``memops.py``) after its copy; the worker's copy stream waits for it on the GPU
-(``wait_flag``), and ``FlagWatch`` writes the number itself if the server dies first. Each host wait checks that the other side's
-process still runs (a killed process's events read as complete, or never complete:
+(``wait_flag``), and ``FlagWatch`` writes the number itself if the server dies first. Each host
+wait checks that the other side's process still runs (a killed process's events read as complete, or never complete:
 ``peer_process.py``) and has a deadline. No side ever queues a wait for the other process's event
 on its streams: a peer killed with work in flight leaves its events incomplete for ever, and a
 stream of ours waiting for one could never be freed (``benchmarks/ipc_event_death.py`` shows it);
@@ -140,9 +140,12 @@ class DeviceLane(Slots):
         number = self.flags_sent[block_id] = self.flags_sent.get(block_id, 0) + 1
         return number
 
+    def _flag_offset(self, block_id: int) -> int:
+        return HEADER_BYTES + 4 * self._flag_of[block_id]
+
     def flag_address(self, block_id: int) -> int:
         """The device address of ``block_id``'s flag in this process."""
-        return self.memory.data_ptr() + HEADER_BYTES + 4 * self._flag_of[block_id]
+        return self.memory.data_ptr() + self._flag_offset(block_id)
 
     def write_flag(self, stream: "torch.cuda.Stream", block_id: int, number: int) -> None:
         """The server's side: ``stream`` writes ``number`` into ``block_id``'s flag after its work so far."""
@@ -154,7 +157,7 @@ class DeviceLane(Slots):
 
     def flag_value(self, block_id: int) -> int:
         """What ``block_id``'s flag holds now (a copy to the host: for the rare checks, not a step)."""
-        start = HEADER_BYTES + 4 * self._flag_of[block_id]
+        start = self._flag_offset(block_id)
         return int(self.memory[start:start + 4].view(torch.int32).cpu()) & 0xFFFFFFFF
 
     def make_events(self, device: torch.device) -> list[bytes]:

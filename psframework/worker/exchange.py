@@ -124,9 +124,9 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
                   ) -> tuple[list[LaneCopy], int]:
     """A lane request of ``block``: its host sources into the push slot, and the copies of its
     values out of the pull slot once answered, with the number of the flag the server is to write
-    (``WorkerLanes.flag_for``; a push's copies are none, so it names none). Through a device lane, the push event is then recorded after the
-    copies into the push slot, those from GPUs (``landed``) too: the server waits for it, not we
-    for them."""
+    (``WorkerLanes.flag_for``; a push's copies are none, so it names none). Through a device lane,
+    the push event is then recorded after the copies into the push slot, those from GPUs
+    (``landed``) too: the server waits for it, not we for them."""
     copies = [c for c in (exchange.into_lane(lane, block, seg, name) for _, seg, name in parts) if c]
     if lane.on_device and exchange.op is not P.Pull:
         _record_pushed(exchange, lane, block, parts, landed)

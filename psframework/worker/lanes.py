@@ -288,10 +288,11 @@ class WorkerLanes:
             future.prequeued.update((block_id, copied) for block_id in flags)
 
     def _defer(self, future: Future, lane: DeviceLane, copies: list[LaneCopy], block: Block, flag: int) -> None:
-        """The server answered once it had queued its copy into the pull slot, and the copy out of
-        it waits for the server's flag (or event): it is made with those of the exchange's other
-        blocks of device lanes once every answer is in, in one burst of our kernels. Copies of ours
-        between the server's kernels on a shared GPU cost a switch between the two processes each."""
+        """The server answered once it had queued its copy into the pull slot. The copy out of it,
+        unless ``copy_after_flags`` queued it behind the server's flag already, waits for the
+        server's event: it is made with those of the exchange's other blocks of device lanes once
+        every answer is in, in one burst of our kernels. Copies of ours between the server's kernels
+        on a shared GPU cost a switch between the two processes each."""
         deferred = self._deferred.get(future)
         if deferred is None:
             deferred = self._deferred[future] = []
