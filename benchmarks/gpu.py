@@ -12,7 +12,9 @@
 2. ``pushpull``: ``push_pull(grads, into=params).wait()`` of one tensor of 4, 64 and 256 MiB, one
    worker and one server with its shards on cuda: worker tensors on the host, on the GPU (through
    the device lanes, CUDA IPC), and on the GPU with ``PS_CUDA_IPC=0`` (through the shared-memory
-   lanes). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
+   lanes); "device-ordered" is ``push_pull(..., device_ordered=True)`` through the device lanes
+   (the copies out wait for the server on the GPU, as ``DistributedOptimizer(overlap=False)``
+   does). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
    benchmarks/pushpull.py. A GPU round trip ends after torch.cuda.synchronize(), so its copies are
    included.
 3. ``e2e``: a ResNet-50 (torchvision; ``--model tiny`` is a small CNN for smoke runs) on synthetic
@@ -134,7 +136,7 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
     shared-memory lanes (``PS_CUDA_IPC=0``), each with a cluster of its own; blocks of
     ``chunk_mib`` (default: ``PS_CHUNK_BYTES``'s)."""
     rows = [{"MiB": mib, "blocks MiB": chunk_mib or "default"} for mib in sizes_mib]
-    for where, ipc in (("cpu", "1"), ("cuda", "1"), ("cuda, no IPC", "0")):
+    for where, ipc in (("cpu", "1"), ("cuda", "1"), ("cuda, device-ordered", "1"), ("cuda, no IPC", "0")):
         os.environ["PS_CUDA_IPC"] = ipc  # read by ps.init below
         device = where.split(",")[0]
         with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda",
@@ -144,7 +146,8 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
                                 optimizer=ps.optim.SGD(lr=1e-6))
                 for row, mib in zip(rows, sizes_mib):
                     seconds = statistics.median(round_trip_times(
-                        worker, mib, device, repeats if mib < 256 else max(3, repeats // 2), warmup))
+                        worker, mib, device, repeats if mib < 256 else max(3, repeats // 2), warmup,
+                        device_ordered="device-ordered" in where))
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
     os.environ.pop("PS_CUDA_IPC")
@@ -153,15 +156,19 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
     return rows
 
 
-def round_trip_times(worker, mib: int, device: str, repeats: int, warmup: int) -> list[float]:
+def round_trip_times(worker, mib: int, device: str, repeats: int, warmup: int,
+                     device_ordered: bool = False) -> list[float]:
     """Seconds of each of ``repeats`` timed ``push_pull(grads, into=params).wait()`` of the key
     ``t{mib}`` (``mib`` MiB of float32, registered by the caller), after ``warmup`` untimed ones;
-    on a GPU each ends after ``torch.cuda.synchronize()``, so the copies out are included."""
+    on a GPU each ends after ``torch.cuda.synchronize()``, so the copies out are included.
+    ``device_ordered``: ``push_pull(..., device_ordered=True)``, whose copies out wait for the
+    server on the GPU, so ``wait()`` takes the answers in while the GPU works; each round trip
+    still ends only once both are done."""
     params = {f"t{mib}": torch.zeros(mib * MiB // 4, device=device)}
     grads = {f"t{mib}": torch.randn(mib * MiB // 4, device=device)}
 
     def round_trip():
-        worker.push_pull(grads, into=params).wait(timeout=120)
+        worker.push_pull(grads, into=params, device_ordered=device_ordered).wait(timeout=120)
         if device == "cuda":
             torch.cuda.synchronize()
 
