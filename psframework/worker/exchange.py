@@ -27,7 +27,7 @@ from .. import protocol as P
 from ..buffers import byte_view, host_copy
 from ..compress import Codec
 from ..datapath.lane import Slots
-from ..devices import Staging, copy_pieces
+from ..devices import Staging
 from ..errors import ConfigError
 from ..sharding import Block, Segment
 from .lanes import LaneCopy, slot_piece
@@ -316,7 +316,7 @@ class Exchange:
         for device, (targets, sources, blocks) in self._unlaunched.items():
             stream = self.worker.staging.stream(device, "push")
             with torch.cuda.stream(stream):
-                copy_pieces(targets, sources)
+                torch._foreach_copy_(targets, sources, non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(stream)
             for block_id in blocks:

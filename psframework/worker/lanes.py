@@ -25,7 +25,6 @@ from ..datapath.cuda_ipc import DeviceLane, FlagWatch
 from ..datapath.lane import Lane, Slots, lane_name, remove_stale_lane_files
 from ..datapath.memops import memops
 from ..datapath.values import SharedValues
-from ..devices import copy_pieces
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
 from .requests import Client, Future, Request
@@ -388,7 +387,7 @@ def _copy_out(lane: Slots, pieces: list[tuple[LaneCopy, Block]], flags: Optional
             if flags and flags.get(block_id):
                 lane.wait_flag(stream, block_id, flags[block_id])
         with torch.cuda.stream(stream):
-            copy_pieces(targets, sources)
+            torch._foreach_copy_(targets, sources, non_blocking=True)
         copied.append(torch.cuda.Event())
         copied[-1].record(stream)
     return copied

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-from psframework import devices
 
 from psframework.devices import pick_server_device
 from psframework.errors import ConfigError
@@ -42,24 +39,3 @@ def test_impossible_requests_say_why():
         pick_server_device("cuda:2", 0, ONE_HOST, 2)
     with pytest.raises(ConfigError, match="cuda:N"):
         pick_server_device("gpu", 0, ONE_HOST, 2)
-
-
-def _copy_pieces_on(device: str, monkeypatch) -> None:
-    monkeypatch.setattr(devices, "MEMCPY_BYTES", 64)  # pieces of 16 floats or more are copied alone
-    sizes = [3, 16, 40, 1, 15]
-    sources = [torch.arange(n, dtype=torch.float32, device=device) + 100 * i for i, n in enumerate(sizes)]
-    targets = [torch.full((n,), -1.0, device=device) for n in sizes]
-    devices.copy_pieces(targets, sources)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    for target, source in zip(targets, sources):
-        assert torch.equal(target, source)
-
-
-def test_copy_pieces_copies_large_and_small_pieces_alike(monkeypatch):
-    _copy_pieces_on("cpu", monkeypatch)
-
-
-@pytest.mark.gpu
-def test_copy_pieces_on_a_gpu_copies_large_and_small_pieces_alike(monkeypatch):
-    _copy_pieces_on("cuda", monkeypatch)
