@@ -49,7 +49,7 @@ def segment_of(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
 def _mark_other_servers(worker: "Worker", step: int, pushed_to: dict[int, int]) -> None:
     """In sync mode, tell the servers a step pushes nothing to that it happened, so that a block
     they wait for in vain is reported, not waited for (``server/steps.py``)."""
-    if step < 0 or worker.mode != "sync":
+    if step < 0 or worker.mode != "sync" or len(pushed_to) == worker.num_servers:
         return
     mark = [P.encode(P.Mark(rank=worker.rank, step=step))]
     for server in range(worker.num_servers):
