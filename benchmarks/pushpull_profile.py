@@ -74,7 +74,15 @@ def _profiled_servers(trace_path: str):
 
 def run_trips(mib: int, device: str, trips: int, device_ordered: bool, trace_dir: str) -> list[float]:
     """Warm-ups, then ``trips`` profiled round trips; both traces land in ``trace_dir``."""
+    plain = cluster_module.python_module
     cluster_module.python_module = _profiled_servers(os.path.join(trace_dir, "server.json"))
+    try:
+        return _profiled_trips(mib, device, trips, device_ordered, trace_dir)
+    finally:
+        cluster_module.python_module = plain
+
+
+def _profiled_trips(mib: int, device: str, trips: int, device_ordered: bool, trace_dir: str) -> list[float]:
     n = mib * MiB // 4
     with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=device) as cluster:
         with ps.init(scheduler=cluster.scheduler) as worker:

@@ -160,3 +160,11 @@ def test_round_trip_times_the_ps_beside_raw_zmq_through_lanes_and_tcp():
     for row in rows:
         lane_zmq, lane_ps, _, tcp_zmq, tcp_ps, _ = (float(cell) for cell in row[1:])
         assert min(lane_zmq, lane_ps, tcp_zmq, tcp_ps) > 0, out
+
+
+def test_pushpull_profile_traces_the_worker_and_the_server(tmp_path):
+    out = _run("pushpull_profile.py", "--mib", "1", "--device", "cpu", "--trips", "2", "--out", str(tmp_path),
+               timeout=90)
+    assert "2 profiled round trips" in out, out
+    assert sum(line.startswith("round trip") for line in out.splitlines()) == 2, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.json.gz", "worker.json.gz"]
