@@ -22,10 +22,10 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy between contiguous CPU tensors of equal size in bytes: one plain memcpy, without the
     GIL and without torch's intra-op threads (which on a many-core host spread a copy over all
-    cores and cost more than they give)."""
-    nbytes = dst.numel() * dst.element_size()
-    if not (dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()
-            and src.numel() * src.element_size() == nbytes):
+    cores and cost more than they give). A step copies each of a model's tensors twice through
+    here, so the checks use torch's cheapest accessors (``.device`` alone costs 0.3 us)."""
+    nbytes = dst.nbytes
+    if not (dst.is_cpu and src.is_cpu and src.nbytes == nbytes and dst.is_contiguous() and src.is_contiguous()):
         raise ValueError("host_copy needs contiguous CPU tensors of the same size in bytes")
     if nbytes:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
