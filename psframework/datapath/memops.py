@@ -24,6 +24,13 @@ WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, so sequ
 WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: after the stream's earlier work, with a memory barrier
 HOST_REGISTER_PORTABLE_DEVICEMAP = 0x1 | 0x2  # CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP
 STREAM_NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING
+POINTER_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID: unique to an allocation within the process
+IPC_LAZY_ENABLE_PEER_ACCESS = 0x1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE
+
+
+class IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]
 
 
 class MemOps:
@@ -41,6 +48,13 @@ class MemOps:
                                                      ctypes.c_uint]
         lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
         lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+        lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.c_uint64]
+        lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+        lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(IpcMemHandle), ctypes.c_uint64]
+        self._open_handle = _entry(lib, "cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")
+        self._open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), IpcMemHandle, ctypes.c_uint]
+        lib.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
 
     def new_stream(self) -> int:
         """A stream of the calling thread's current context that no one else has (torch hands out
@@ -77,6 +91,39 @@ class MemOps:
         the stream's earlier work."""
         self._check(self._write(stream, device_address, value & 0xFFFFFFFF, WRITE_DEFAULT), "cuStreamWriteValue32")
 
+    def allocation_of(self, device_address: int) -> tuple[int, int, int]:
+        """The allocation (one ``cudaMalloc``) that ``device_address`` lies in: its base address,
+        its size in bytes, and its buffer id, which no other allocation of this process has had
+        (one freed and made again at the same address has another)."""
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        self._check(self._lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), device_address),
+                    "cuMemGetAddressRange")
+        buffer_id = ctypes.c_uint64()
+        self._check(self._lib.cuPointerGetAttribute(ctypes.byref(buffer_id), POINTER_BUFFER_ID, device_address),
+                    "cuPointerGetAttribute(BUFFER_ID)")
+        return base.value, size.value, buffer_id.value
+
+    def ipc_handle(self, base: int) -> bytes:
+        """The interprocess handle of the allocation at ``base``; ``ConfigError`` where the driver
+        cannot export it (memory of ``cuMemCreate``, as torch's ``expandable_segments`` makes)."""
+        handle = IpcMemHandle()
+        self._check(self._lib.cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+        return bytes(handle)  # the struct's raw bytes
+
+    def open_handle(self, handle: bytes) -> int:
+        """Map another process's allocation into ours (on the calling thread's current device);
+        its address here. Not for an allocation of this process."""
+        if len(handle) != IPC_HANDLE_BYTES:
+            raise ConfigError(f"an interprocess memory handle has {IPC_HANDLE_BYTES} bytes, not {len(handle)}")
+        address = ctypes.c_uint64()
+        self._check(self._open_handle(ctypes.byref(address), IpcMemHandle.from_buffer_copy(handle), IPC_LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle")
+        return address.value
+
+    def close_handle(self, address: int) -> None:
+        """Unmap what ``open_handle`` mapped at ``address`` (no work of ours may still touch it)."""
+        self._check(self._lib.cuIpcCloseMemHandle(address), "cuIpcCloseMemHandle")
+
     def _check(self, result: int, call: str) -> None:
         if result:
             text = ctypes.c_char_p()
@@ -102,4 +149,4 @@ def memops() -> Optional[MemOps]:
         return None
 
 
-__all__ = ["MemOps", "memops"]
+__all__ = ["IPC_HANDLE_BYTES", "MemOps", "memops"]
