@@ -55,16 +55,21 @@ class WorkerExports:
         self._gone: list[int] = []  # ids replaced since the servers last heard
 
     def locate(self, tensor: torch.Tensor) -> Optional[Located]:
-        """Where ``tensor`` (contiguous, on a GPU) lies; None where its allocation cannot be
-        exported (then it goes through the device lane)."""
+        """Where ``tensor`` (contiguous, on a GPU) lies; None where the driver cannot say or cannot
+        export its allocation (then it goes through the device lane)."""
         address = tensor.data_ptr()
-        base, size, buffer_id = self._ops.allocation_of(address)
+        if tensor.numel() == 0 or address == 0:
+            return None
+        try:
+            base, size, buffer_id = self._ops.allocation_of(address)
+        except ConfigError:
+            return None
         if (base, buffer_id) in self._refused:
             return None
         export = self._by_base.get(base)
         if export is None or export.buffer_id != buffer_id or export.size != size:
             if export is not None:
-                self._gone.append(export.id)
+                self._mark_gone(export)
             try:
                 handle = self._ops.ipc_handle(base)
             except ConfigError:
@@ -76,6 +81,23 @@ class WorkerExports:
             raise ConfigError(f"a tensor of {tensor.numel()} elements at {address:#x} runs past its "
                               f"allocation ({size} bytes at {base:#x})")
         return Located(export, address - base)
+
+    def sweep(self) -> None:
+        """Find the exported allocations that were freed (``torch.cuda.empty_cache()``, or the
+        allocator's retry after running out of memory), wherever the next one lands; the servers
+        hear of them with ``take_gone``."""
+        for export in list(self._by_base.values()):
+            try:
+                _, _, buffer_id = self._ops.allocation_of(export.base)
+            except ConfigError:
+                buffer_id = None
+            if buffer_id != export.buffer_id:
+                self._mark_gone(export)
+
+    def _mark_gone(self, export: Export) -> None:
+        self._by_base.pop(export.base, None)
+        if any(export.id in known for known in self._known_by.values()):
+            self._gone.append(export.id)
 
     def introductions(self, server: int, located: list[Located]) -> list[tuple[int, bytes, int]]:
         """(id, handle, size) of the exports among ``located`` that ``server`` was not told of yet;
@@ -90,11 +112,15 @@ class WorkerExports:
         known = self._known_by.get(server, set())
         gone = [export_id for export_id in self._gone if export_id in known]
         known.difference_update(gone)
+        self._gone = [export_id for export_id in self._gone
+                      if any(export_id in ids for ids in self._known_by.values())]
         return gone
 
     def forget_server(self, server: int) -> None:
         """A restarted server knows none of our exports."""
         self._known_by.pop(server, None)
+        self._gone = [export_id for export_id in self._gone
+                      if any(export_id in ids for ids in self._known_by.values())]
 
 
 class _DeviceMemory:
@@ -105,6 +131,15 @@ class _DeviceMemory:
                                          "version": 3, "strides": None, "stream": None}
 
 
+def _mapped_bytes(ops: MemOps, address: int, claimed: int) -> int:
+    """The size of what ``open_handle`` mapped at ``address``, where the driver says (else ``claimed``:
+    the worker is a member of the job, and a view past the mapping would fault the server's context)."""
+    try:
+        return ops.allocation_of(address)[1]
+    except ConfigError:
+        return claimed
+
+
 class MappedExports:
     """One worker's exports that this server opened, on ``device``."""
 
@@ -113,11 +148,23 @@ class MappedExports:
         self._open: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (address here, bytes as uint8)
 
     def introduce(self, export_id: int, handle: bytes, size: int) -> None:
-        """Open an export the worker just told us of (replacing one of the same id)."""
+        """Open an export the worker just told us of (replacing one of the same id); ``ConfigError``
+        if the driver cannot, or if what it maps is smaller than the worker said."""
         self.forget([export_id])
+        torch.cuda.synchronize(self._device)  # the device's context current on this thread, for the driver
         with torch.cuda.device(self._device):
             address = self._ops.open_handle(handle)
-            memory = torch.as_tensor(_DeviceMemory(address, size), device=self._device)
+            try:
+                if _mapped_bytes(self._ops, address, size) < size:
+                    raise ConfigError(f"worker {self._worker}'s export {export_id} maps fewer bytes here "
+                                      f"than the {size} it said")
+                memory = torch.as_tensor(_DeviceMemory(address, size), device=self._device)
+                if memory.data_ptr() != address or memory.device != self._device:
+                    raise ConfigError(f"worker {self._worker}'s export {export_id}: torch made a copy of it on "
+                                      f"{memory.device} instead of a view")
+            except BaseException:
+                self._ops.close_handle(address)
+                raise
         self._open[export_id] = (address, memory)
 
     def view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -127,24 +174,22 @@ class MappedExports:
             raise ConfigError(f"worker {self._worker} named export {export_id}, which it never introduced "
                               "(or which is gone); restart the worker")
         memory = opened[1]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = numel * itemsize
-        if offset < 0 or offset % itemsize or offset + nbytes > memory.numel():
-            raise ConfigError(f"worker {self._worker} named {nbytes} bytes at {offset} of export {export_id}, "
-                              f"which has {memory.numel()} (or a misaligned offset)")
+        nbytes = numel * dtype.itemsize
+        if numel < 0 or offset < 0 or offset % dtype.itemsize or offset + nbytes > memory.numel():
+            raise ConfigError(f"worker {self._worker} named {numel} elements of {dtype} at byte {offset} of "
+                              f"export {export_id}, which has {memory.numel()} bytes")
         return memory[offset:offset + nbytes].view(dtype)
 
     def forget(self, export_ids: list[int]) -> None:
-        """Unmap these exports; the device must be done with every view of them."""
-        for export_id in export_ids:
-            opened = self._open.pop(export_id, None)
-            if opened is not None:
-                self._ops.close_handle(opened[0])
+        """Unmap these exports, once the device is done with what was queued on their views."""
+        opened = [self._open.pop(export_id) for export_id in export_ids if export_id in self._open]
+        if opened:
+            torch.cuda.synchronize(self._device)
+        for address, _ in opened:
+            self._ops.close_handle(address)
 
     def close(self) -> None:
-        """Unmap everything, once the device is done with it (the worker left or died)."""
-        if self._open:
-            torch.cuda.synchronize(self._device)
+        """Unmap everything (the worker left or died)."""
         self.forget(list(self._open))
 
     def __len__(self) -> int:

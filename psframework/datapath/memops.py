@@ -48,13 +48,8 @@ class MemOps:
                                                      ctypes.c_uint]
         lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
         lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
-        lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
-                                                ctypes.c_uint64]
-        lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
-        lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(IpcMemHandle), ctypes.c_uint64]
-        self._open_handle = _entry(lib, "cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")
-        self._open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), IpcMemHandle, ctypes.c_uint]
-        lib.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+        self._ipc = _ipc_entries(lib)  # apart: a driver without them still has the flags
+
 
     def new_stream(self) -> int:
         """A stream of the calling thread's current context that no one else has (torch hands out
@@ -95,11 +90,11 @@ class MemOps:
         """The allocation (one ``cudaMalloc``) that ``device_address`` lies in: its base address,
         its size in bytes, and its buffer id, which no other allocation of this process has had
         (one freed and made again at the same address has another)."""
+        ipc = self._ipc_calls()
         base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._check(self._lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), device_address),
-                    "cuMemGetAddressRange")
+        self._check(ipc["range"](ctypes.byref(base), ctypes.byref(size), device_address), "cuMemGetAddressRange")
         buffer_id = ctypes.c_uint64()
-        self._check(self._lib.cuPointerGetAttribute(ctypes.byref(buffer_id), POINTER_BUFFER_ID, device_address),
+        self._check(ipc["attribute"](ctypes.byref(buffer_id), POINTER_BUFFER_ID, device_address),
                     "cuPointerGetAttribute(BUFFER_ID)")
         return base.value, size.value, buffer_id.value
 
@@ -107,7 +102,7 @@ class MemOps:
         """The interprocess handle of the allocation at ``base``; ``ConfigError`` where the driver
         cannot export it (memory of ``cuMemCreate``, as torch's ``expandable_segments`` makes)."""
         handle = IpcMemHandle()
-        self._check(self._lib.cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+        self._check(self._ipc_calls()["get"](ctypes.byref(handle), base), "cuIpcGetMemHandle")
         return bytes(handle)  # the struct's raw bytes
 
     def open_handle(self, handle: bytes) -> int:
@@ -116,13 +111,18 @@ class MemOps:
         if len(handle) != IPC_HANDLE_BYTES:
             raise ConfigError(f"an interprocess memory handle has {IPC_HANDLE_BYTES} bytes, not {len(handle)}")
         address = ctypes.c_uint64()
-        self._check(self._open_handle(ctypes.byref(address), IpcMemHandle.from_buffer_copy(handle), IPC_LAZY_ENABLE_PEER_ACCESS),
-                    "cuIpcOpenMemHandle")
+        self._check(self._ipc_calls()["open"](ctypes.byref(address), IpcMemHandle.from_buffer_copy(handle),
+                                              IPC_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle")
         return address.value
 
     def close_handle(self, address: int) -> None:
         """Unmap what ``open_handle`` mapped at ``address`` (no work of ours may still touch it)."""
-        self._check(self._lib.cuIpcCloseMemHandle(address), "cuIpcCloseMemHandle")
+        self._check(self._ipc_calls()["close"](address), "cuIpcCloseMemHandle")
+
+    def _ipc_calls(self) -> dict:
+        if self._ipc is None:
+            raise ConfigError("this CUDA driver cannot export or map allocations (no cuIpc* calls)")
+        return self._ipc
 
     def _check(self, result: int, call: str) -> None:
         if result:
@@ -130,6 +130,22 @@ class MemOps:
             self._lib.cuGetErrorString(result, ctypes.byref(text))
             raise ConfigError(f"{call} failed: CUDA error {result} "
                               f"({(text.value or b'unknown').decode()}); set PS_CUDA_IPC=0 to do without")
+
+
+def _ipc_entries(lib: ctypes.CDLL) -> Optional[dict]:
+    """The driver's calls for exporting and mapping allocations (``exports.py``); None if it lacks one."""
+    try:
+        entries = {"range": lib.cuMemGetAddressRange_v2, "attribute": lib.cuPointerGetAttribute,
+                   "get": lib.cuIpcGetMemHandle, "open": _entry(lib, "cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle"),
+                   "close": lib.cuIpcCloseMemHandle}
+    except (AttributeError, ConfigError):
+        return None
+    entries["range"].argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+    entries["attribute"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    entries["get"].argtypes = [ctypes.POINTER(IpcMemHandle), ctypes.c_uint64]
+    entries["open"].argtypes = [ctypes.POINTER(ctypes.c_uint64), IpcMemHandle, ctypes.c_uint]
+    entries["close"].argtypes = [ctypes.c_uint64]
+    return entries
 
 
 def _entry(lib: ctypes.CDLL, *names: str):

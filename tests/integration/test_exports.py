@@ -74,15 +74,17 @@ def test_another_process_reads_and_writes_a_workers_tensors_where_they_lie():
 
 def test_an_allocation_freed_and_made_again_is_a_new_export():
     exports = WorkerExports(memops())
-    first = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # a segment of its own
+    first = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     old = exports.locate(first)
+    if (old.offset, old.export.size) != (0, 64 << 20):
+        pytest.skip("the allocator carved the tensor out of a segment it had: empty_cache cannot free it")
     exports.introductions(0, [old])
     del first
     torch.cuda.empty_cache()
+    exports.sweep()
+    assert exports.take_gone(0) == [old.export.id]
     again = exports.locate(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
     assert again.export.buffer_id != old.export.buffer_id and again.export.id != old.export.id
-    if again.export.base == old.export.base:
-        assert exports.take_gone(0) == [old.export.id]
 
 
 def test_memory_of_expandable_segments_goes_through_the_lane():

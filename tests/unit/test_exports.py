@@ -94,3 +94,38 @@ def test_a_tensor_past_its_allocation_is_an_error(driver):
     driver.allocations[memory.data_ptr()] = (128, 1)  # the driver says the allocation is smaller
     with pytest.raises(ConfigError, match="runs past its allocation"):
         WorkerExports(driver).locate(memory)
+
+
+def test_a_sweep_finds_allocations_freed_wherever_the_next_one_lands(driver):
+    a, b = torch.zeros(64), torch.zeros(64)
+    driver.allocate(a)
+    driver.allocate(b)
+    exports = WorkerExports(driver)
+    located_a, located_b = exports.locate(a), exports.locate(b)
+    exports.introductions(0, [located_a, located_b])
+    exports.introductions(1, [located_a])
+    del driver.allocations[a.data_ptr()]  # freed; nothing made again there
+    exports.sweep()
+    assert exports.take_gone(0) == [located_a.export.id]
+    assert exports.take_gone(1) == [located_a.export.id]
+    assert exports._gone == []  # every server that knew it heard
+    exports.sweep()
+    assert exports.take_gone(0) == []
+    driver.allocate(a)  # made again: a new export, told anew
+    assert exports.locate(a).export.id != located_a.export.id
+
+
+def test_a_gone_export_no_server_knew_is_not_reported(driver):
+    memory = torch.zeros(64)
+    driver.allocate(memory)
+    exports = WorkerExports(driver)
+    exports.locate(memory)
+    driver.allocate(memory)
+    exports.locate(memory)
+    assert exports.take_gone(0) == [] and exports._gone == []
+
+
+def test_what_the_driver_cannot_place_goes_through_the_lane(driver):
+    exports = WorkerExports(driver)
+    assert exports.locate(torch.zeros(64)) is None  # not an allocation the driver knows
+    assert exports.locate(torch.zeros(0)) is None
