@@ -1,0 +1,107 @@
+"""A model's small tensors and gradients as views of flat buffers laid out like the servers' blocks
+(``worker/flat.py``): every packed block becomes one region, values and training unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from psframework.sharding import TensorSpec, assign_shards
+from psframework.worker.flat import FlatViews, flat_layout
+
+CPU32 = (torch.device("cpu"), torch.float32)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 4), torch.nn.Embedding(200, 8))
+
+
+def _blocks(params: dict, chunk_bytes: int = 1024, servers: int = 2):
+    specs = [TensorSpec(name, tuple(p.shape), "float32") for name, p in params.items()]
+    return assign_shards(specs, servers, chunk_bytes).blocks
+
+
+def test_every_packed_block_is_one_region_and_a_large_tensors_pieces_stay_out():
+    params = dict(_model().named_parameters())
+    blocks = _blocks(params)
+    [(place, (size, offsets))] = flat_layout(blocks, {n: CPU32 for n in params}).items()
+    assert place == CPU32
+    packed = [block for block in blocks if len(block.segments) > 1]
+    assert packed and "5.weight" not in offsets  # the embedding (6.4 KB) is cut into blocks of its own
+    regions = []
+    for block in packed:
+        starts = {offsets[seg.key] - seg.block_offset for seg in block.segments}
+        assert len(starts) == 1  # the block's tensors lie one after another, in its order
+        regions.append((starts.pop(), block.numel))
+    regions.sort()
+    assert all(a + n <= b for (a, n), (b, _) in zip(regions, regions[1:]))
+    assert size == sum(n for _, n in regions)
+
+
+def test_blocks_with_a_tensor_not_asked_for_stay_out():
+    params = dict(_model().named_parameters())
+    blocks = _blocks(params)
+    some = {n: CPU32 for n in list(params)[:2]}
+    layout = flat_layout(blocks, some)
+    laid_out = set(layout[CPU32][1]) if layout else set()
+    for block in blocks:
+        keys = {seg.key for seg in block.segments}
+        assert (keys <= laid_out) == (len(block.segments) > 1 and keys <= set(some))
+
+
+def test_views_keep_the_values_and_backward_accumulates_into_the_flat_gradients():
+    model, plain = _model(), _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params))
+    assert views.names
+    for (name, p), q in zip(params.items(), plain.parameters()):
+        assert torch.equal(p, q)
+    [grads] = views.grads.values()
+    pointers = {name: params[name].grad.data_ptr() for name in views.names}
+    x = torch.randn(5, 8)
+    for net in (model, plain):
+        net[:5](x).square().sum().backward()
+        net[5](torch.tensor([1, 2, 3])).sum().backward()
+    for (name, p), q in zip(params.items(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert all(params[name].grad.data_ptr() == pointer for name, pointer in pointers.items())
+    assert all(views.intact(name) for name in views.names)
+    assert float(grads.abs().sum()) > 0
+    views.zero_grad()
+    assert float(grads.abs().sum()) == 0 and all(views.intact(name) for name in views.names)
+
+
+def test_a_gradient_set_to_none_elsewhere_gets_its_view_back_with_what_it_holds():
+    model = _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params))
+    name = views.names[0]
+    model.zero_grad(set_to_none=True)
+    assert not views.intact(name)
+    params[name].grad = torch.ones_like(params[name])
+    views.restore()
+    assert views.intact(name) and torch.equal(params[name].grad, torch.ones_like(params[name]))
+
+
+def test_an_optimizer_steps_the_views_like_the_plain_tensors():
+    model = _model()
+    plain = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params))
+    opts = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for net in (model, plain)]
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        for net, opt in zip((model, plain), opts):
+            net[:5](x).square().sum().backward()
+            opt.step()
+        views.zero_grad()  # the views' gradients; the others are the caller's
+        for name, param in params.items():
+            if name not in views.names:
+                param.grad = None
+        plain.zero_grad()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    assert all(views.intact(name) for name in views.names)
