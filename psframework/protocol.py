@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 11  # 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 12  # 12: the direct exchange: a lane request may name where its gradients and destination lie in the worker's memory (BlockRequest.direct, exports, gone; Attach/AttachDevice/Attached.direct); 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -232,7 +232,11 @@ class BlockRequest(Message):
     a lane request whose answer may leave the values in the server's shared values
     (``datapath/values.py``) instead of the lane's pull slot. ``flag``: a device-lane request's
     number, which the server's stream writes into the block's flag in the lane once the values
-    are in the pull slot (0: the worker waits for the server's event instead)."""
+    are in the pull slot (0: the worker waits for the server's event instead). ``direct``: a lane
+    ``PushPull`` of a whole block whose gradients and destination each lie in one region of worker
+    memory that the server maps (``datapath/exports.py``): [gradient's export, byte offset,
+    destination's export, byte offset]; the lane's slots are not used. ``exports``: (id, handle,
+    bytes) of the exports it names (each opened once), ``gone``: ids the server is to unmap."""
     req: int
     block: int
     rank: int
@@ -248,6 +252,9 @@ class BlockRequest(Message):
     pull_codecs: list[str] = []
     shared: bool = False
     flag: int = 0
+    direct: list[int] = []
+    exports: list[tuple[int, bytes, int]] = []
+    gone: list[int] = []
 
 
 class Push(BlockRequest, tag="push"):
@@ -338,12 +345,14 @@ class RowValues(Message, tag="row_values"):
 
 class Attach(Message, tag="attach"):
     """Map my shared-memory lane (a worker on the server's host); ``row_bytes``: of each of its
-    row areas, after the blocks' slots (0: none)."""
+    row areas, after the blocks' slots (0: none); ``direct``: the worker may name regions of its
+    shared host memory in its requests (``BlockRequest.direct``)."""
     req: int
     rank: int
     path: str
     token: bytes
     row_bytes: int = 0
+    direct: bool = False
 
 
 class AttachDevice(Message, tag="attach_device"):
@@ -351,7 +360,10 @@ class AttachDevice(Message, tag="attach_device"):
     fields of torch's sharing of a CUDA storage, the lane's size and the token at its start;
     ``events``: the handles of the interprocess events the worker records once a block's gradients
     are in its push slot, by block id in ascending order (``datapath/cuda_ipc.py``), and the
-    worker's ``pid`` and its ``started`` time (``datapath/peer_process.py``)."""
+    worker's ``pid`` and its ``started`` time (``datapath/peer_process.py``). ``direct``: the worker
+    may name regions of its GPU memory in its requests (``BlockRequest.direct``); ``probe``: the
+    handle, size and offset of a small allocation of its with ``token`` at that offset, for the
+    server to check that it can map the worker's memory."""
     req: int
     rank: int
     token: bytes
@@ -367,6 +379,8 @@ class AttachDevice(Message, tag="attach_device"):
     events: list[bytes] = []
     pid: int = 0
     started: int = 0
+    direct: bool = False
+    probe: tuple[bytes, int, int] = (b"", 0, 0)
 
 
 class Ack(Message, tag="ack"):
@@ -378,13 +392,15 @@ class Attached(Message, tag="attached"):
     server's block values (``datapath/values.py``), with the token at their start. For a device
     lane, ``events``: the handles of the interprocess events the server records once a block's
     values are in its pull slot, by block id in ascending order (``datapath/cuda_ipc.py``), and
-    the server's ``pid`` and its ``started`` time (``datapath/peer_process.py``)."""
+    the server's ``pid`` and its ``started`` time (``datapath/peer_process.py``). ``direct``: the
+    server maps the worker's memory that requests name (``BlockRequest.direct``)."""
     req: int
     values: str = ""
     token: bytes = b""
     events: list[bytes] = []
     pid: int = 0
     started: int = 0
+    direct: bool = False
 
 
 class Values(Message, tag="values"):

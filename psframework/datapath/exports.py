@@ -1,29 +1,30 @@
-"""A worker's GPU allocations that a GPU server of its host maps, to read and write its tensors where they lie.
+"""A worker's memory that a server of its host maps, to read and write its tensors where they lie.
 
 The plan and its reasons are in ``docs/direct-device-exchange.md``: a server that steps by a
-worker's gradients where they lie and copies its values straight into the worker's tensors makes
-two passes over them in its own context, where the device lanes make four in two contexts. This
-module is its memory: the worker exports whole allocations (each ``cudaMalloc`` of torch's caching
+worker's gradients where they lie and writes its values straight into the worker's tensors makes
+two passes over them, where the lanes make four (on a GPU, in two contexts). This module is its
+memory. On a GPU the worker exports whole allocations (each ``cudaMalloc`` of torch's caching
 allocator, which keeps them for the life of the process and hands their blocks out again), so a
-model's parameters and every step's gradients lie in a few of them, each mapped once.
+model's parameters and every step's gradients lie in a few of them, each mapped once. In host
+memory only tensors made by ``SharedHostMemory`` (memory files, as the lanes') can be mapped.
 
 ``WorkerExports`` (the worker's side) says where a tensor lies: an export id and a byte offset,
 with the export's handle the first time a server is told of it. An allocation freed and made again
 at the same address has another buffer id: it is a new export, and the old id is listed as gone.
-``MappedExports`` (the server's side, one per worker) opens the handles it is given and makes
-views of the regions a request names, checked against the export's size.
-
-Not wired into the exchanges yet; ``tests/integration/test_exports.py`` (GPU) checks both sides.
+``MappedExports`` (the server's side, one per worker) opens the handles it is given (``HostOpener``,
+``DeviceOpener``) and makes views of the regions a request names, checked against the export's size.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import ConfigError
+from .lane import TOKEN_BYTES, create_mapped, map_checked
 from .memops import MemOps
 
 
@@ -123,6 +124,62 @@ class WorkerExports:
                       if any(export_id in ids for ids in self._known_by.values())]
 
 
+class SharedHostMemory:
+    """Host tensors in memory files that servers of this host may map: the host memory of the
+    direct exchange. Each ``empty`` is one allocation (a memory file, as the lanes'), kept mapped
+    and open until ``close``, so that a server's mapping never outlives the memory; its handle is
+    its token and the path another process opens it by. The same calls as the driver's
+    (``allocation_of``, ``ipc_handle``), so ``WorkerExports`` places host tensors too."""
+
+    def __init__(self):
+        self._files: dict[int, tuple[int, int, bytes, torch.Tensor]] = {}  # base -> (fd, size, handle, memory)
+        self._next_id = 1
+
+    def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor of ``numel`` elements of ``dtype`` in a memory file of its own (zeroed);
+        OSError if the memory is not there."""
+        nbytes = max(numel * dtype.itemsize, 1)
+        fd, path, memory = create_mapped(f"psf-{os.getpid()}-export-{self._next_id}", TOKEN_BYTES + nbytes)
+        token = bytes(memory[:TOKEN_BYTES].numpy())
+        data = memory[TOKEN_BYTES:]
+        self._files[data.data_ptr()] = (fd, nbytes, token + str(path).encode(), memory)
+        self._next_id += 1
+        return data[:numel * dtype.itemsize].view(dtype)
+
+    def allocation_of(self, address: int) -> tuple[int, int, int]:
+        """The file ``address`` lies in: its data's base, size, and an id (its descriptor)."""
+        for base, (fd, size, _, _) in self._files.items():
+            if base <= address < base + size:
+                return base, size, fd
+        raise ConfigError(f"host address {address:#x} is not in a shared allocation")
+
+    def ipc_handle(self, base: int) -> bytes:
+        return self._files[base][2]
+
+    def close(self) -> None:
+        """Let the files go (their tensors stay valid while referenced; servers keep their mappings)."""
+        for fd, _, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+class HostOpener:
+    """A server's side of ``SharedHostMemory``: maps a worker's memory file, checking its token."""
+
+    on_device = False
+
+    def open(self, handle: bytes, size: int) -> tuple[int, torch.Tensor]:
+        token, path = handle[:TOKEN_BYTES], handle[TOKEN_BYTES:].decode(errors="replace")
+        memory = map_checked(path, TOKEN_BYTES + size, token, "shared allocation")
+        return memory.data_ptr(), memory[TOKEN_BYTES:]
+
+    def close(self, key: int) -> None:
+        pass  # unmapped once no view of it is left
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _DeviceMemory:
     """A mapped region as an object torch can view (``__cuda_array_interface__``, no stream)."""
 
@@ -140,32 +197,51 @@ def _mapped_bytes(ops: MemOps, address: int, claimed: int) -> int:
         return claimed
 
 
-class MappedExports:
-    """One worker's exports that this server opened, on ``device``."""
+class DeviceOpener:
+    """A GPU server's side of a worker's GPU allocations: maps them by CUDA IPC on ``device``."""
 
-    def __init__(self, ops: MemOps, device: torch.device, worker: int):
-        self._ops, self._device, self._worker = ops, device, worker
-        self._open: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (address here, bytes as uint8)
+    on_device = True
 
-    def introduce(self, export_id: int, handle: bytes, size: int) -> None:
-        """Open an export the worker just told us of (replacing one of the same id); ``ConfigError``
-        if the driver cannot, or if what it maps is smaller than the worker said."""
-        self.forget([export_id])
+    def __init__(self, ops: MemOps, device: torch.device):
+        self._ops, self._device = ops, device
+
+    def open(self, handle: bytes, size: int) -> tuple[int, torch.Tensor]:
         torch.cuda.synchronize(self._device)  # the device's context current on this thread, for the driver
         with torch.cuda.device(self._device):
             address = self._ops.open_handle(handle)
             try:
                 if _mapped_bytes(self._ops, address, size) < size:
-                    raise ConfigError(f"worker {self._worker}'s export {export_id} maps fewer bytes here "
-                                      f"than the {size} it said")
+                    raise ConfigError(f"maps fewer bytes here than the {size} it said")
                 memory = torch.as_tensor(_DeviceMemory(address, size), device=self._device)
                 if memory.data_ptr() != address or memory.device != self._device:
-                    raise ConfigError(f"worker {self._worker}'s export {export_id}: torch made a copy of it on "
-                                      f"{memory.device} instead of a view")
+                    raise ConfigError(f"torch made a copy of it on {memory.device} instead of a view")
             except BaseException:
                 self._ops.close_handle(address)
                 raise
-        self._open[export_id] = (address, memory)
+        return address, memory
+
+    def close(self, key: int) -> None:
+        self._ops.close_handle(key)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self._device)
+
+
+class MappedExports:
+    """One worker's exports that this server opened (with ``opener``: ``HostOpener`` or ``DeviceOpener``)."""
+
+    def __init__(self, opener, worker: int):
+        self._opener, self._worker = opener, worker
+        self._open: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (opener's key, bytes as uint8)
+
+    def introduce(self, export_id: int, handle: bytes, size: int) -> None:
+        """Open an export the worker just told us of (replacing one of the same id); ``ConfigError``
+        if we cannot, or if what it maps is smaller than the worker said."""
+        self.forget([export_id])
+        try:
+            self._open[export_id] = self._opener.open(handle, size)
+        except (ConfigError, OSError, RuntimeError) as exc:
+            raise ConfigError(f"worker {self._worker}'s export {export_id} ({size} bytes): {exc}") from None
 
     def view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """``numel`` elements of ``dtype`` at ``offset`` bytes into export ``export_id``."""
@@ -184,9 +260,9 @@ class MappedExports:
         """Unmap these exports, once the device is done with what was queued on their views."""
         opened = [self._open.pop(export_id) for export_id in export_ids if export_id in self._open]
         if opened:
-            torch.cuda.synchronize(self._device)
-        for address, _ in opened:
-            self._ops.close_handle(address)
+            self._opener.synchronize()
+        for key, _ in opened:
+            self._opener.close(key)
 
     def close(self) -> None:
         """Unmap everything (the worker left or died)."""
@@ -195,5 +271,8 @@ class MappedExports:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __contains__(self, export_id: int) -> bool:
+        return export_id in self._open
 
-__all__ = ["Export", "Located", "MappedExports", "WorkerExports"]
+
+__all__ = ["DeviceOpener", "Export", "HostOpener", "Located", "MappedExports", "SharedHostMemory", "WorkerExports"]

@@ -339,7 +339,7 @@ class Server:
                 self._send(peer, self.lanes.attach_device(message, blocks, workers, rank))
                 return
             self.lanes.attach(message, blocks, workers, rank)
-            self._send(peer, self.lanes.attached(message.req, self.store, self.policy.shares_values, rank))
+            self._send(peer, self.lanes.attached(message, self.store, self.policy.shares_values, rank))
         else:
             raise P.Rejected(P.PROTOCOL, f"a server does not handle {type(message).__name__} messages")
 
@@ -348,7 +348,9 @@ class Server:
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
                 "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
                 "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
-                "shared_answers": self.lanes.shared_answers, "reads": self.reads.count,
+                "shared_answers": self.lanes.shared_answers,
+                "direct_requests": self.lanes.direct_requests,
+                "mapped_exports": sum(len(mapped) for mapped in self.lanes.mapped.values()), "reads": self.reads.count,
                 "waiting_reads": self.reads.waiting(),
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,

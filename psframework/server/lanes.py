@@ -5,6 +5,11 @@ lane with an ``AttachDevice``; a request that says ``shm`` (or ``ipc``) then car
 gradients are in the worker's push slot of the block, and its values are written into the pull
 slot before the answer (a bare header) goes out. Row requests of tables do the same in the lane's
 row areas.
+
+A worker that offers the direct exchange (``direct`` in its ``Attach``/``AttachDevice``) may name
+in a ``PushPull`` of a whole block where its gradients and destination lie in its memory
+(``BlockRequest.direct``): we step by a view of its gradients where they lie and write our values
+straight into its destination, and the block's slots are not used (``datapath/exports.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import torch
 
 from .. import protocol as P
 from ..datapath.cuda_ipc import DeviceLane
-from ..datapath.lane import ROW_PULLS, Lane, Slots
+from ..datapath.exports import DeviceOpener, HostOpener, MappedExports
+from ..datapath.lane import ROW_PULLS, TOKEN_BYTES, Lane, Slots
+from ..datapath.memops import memops
 from ..datapath.peer_process import start_time
 from ..datapath.values import ordered_stores, values_name
-from ..errors import PSTimeoutError
+from ..errors import ConfigError, PSTimeoutError
 from .device import DeviceIO
 from .store import BlockState, DenseStore, Pending, Pushed
 
@@ -36,6 +43,9 @@ class ServerLanes:
         self.requests = 0  # that came through a lane
         self.ipc_requests = 0  # that came through a device lane
         self.shared_answers = 0  # that left the values in our shared values
+        self.direct_requests = 0  # that named regions of the worker's memory (``direct_views``)
+        # the workers' memory we mapped, by (worker rank, on a GPU): host and device exports are apart
+        self.mapped: dict[tuple[int, bool], MappedExports] = {}
 
     def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
         """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
@@ -48,6 +58,9 @@ class ServerLanes:
         except Exception as exc:  # whatever the reason, the worker goes on over the socket
             raise P.Rejected(P.BAD_REQUEST, f"server {server} cannot map lane {message.path}: {exc}") from None
         _replace(self.lanes, message.rank, lane)
+        self._close_mapped(message.rank, on_device=False)
+        if message.direct:  # a file of its we could map as the lane: its shared memory maps the same way
+            self.mapped[(message.rank, False)] = MappedExports(HostOpener(), message.rank)
 
     def attach_device(self, message: P.AttachDevice, blocks: list[tuple[int, int]], num_workers: int,
                       server: int) -> P.Attached:
@@ -67,7 +80,59 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"server {server} on {self.device} cannot map the device lane of "
                                             f"worker {message.rank}: {exc}") from None
         _replace(self.device_lanes, message.rank, lane)
-        return P.Attached(req=message.req, events=events, pid=os.getpid(), started=start_time(os.getpid()) or 0)
+        self._close_mapped(message.rank, on_device=True)
+        direct = message.direct and self._probe(message, server)
+        if direct:
+            self.mapped[(message.rank, True)] = MappedExports(DeviceOpener(memops(), self.device), message.rank)
+        return P.Attached(req=message.req, events=events, pid=os.getpid(), started=start_time(os.getpid()) or 0,
+                          direct=direct)
+
+    def _probe(self, message: P.AttachDevice, server: int) -> bool:
+        """Whether we can map the worker's GPU memory: its probe allocation holds its token where it said."""
+        handle, size, offset = message.probe
+        if memops() is None or not handle or not 0 <= offset <= size - TOKEN_BYTES:
+            return False
+        probe = MappedExports(DeviceOpener(memops(), self.device), message.rank)
+        try:
+            probe.introduce(0, handle, size)
+            found = bytes(probe.view(0, offset, TOKEN_BYTES, torch.uint8).cpu().numpy())
+        except ConfigError as exc:
+            log.info("server %d: cannot map the GPU memory of worker %d (%s); its blocks go through its "
+                     "device lane", server, message.rank, exc)
+            return False
+        finally:
+            probe.close()
+        return found == message.token
+
+    def direct_views(self, request: P.BlockRequest, lane: Optional[Slots], state: BlockState
+                     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The worker's exports that ``request`` names or lets go, then the views of its block's
+        gradients and destination in the worker's memory that it names (None, None: none named)."""
+        if not (request.direct or request.exports or request.gone):
+            return None, None
+        mapped = None if lane is None else self.mapped.get((request.rank, lane.on_device))
+        if mapped is None:
+            raise P.Rejected(P.BAD_REQUEST, f"worker {request.rank} named regions of its memory, but did not "
+                                            f"offer its {'GPU' if lane is not None and lane.on_device else 'host'} "
+                                            "memory with its lane")
+        what = f"{type(request).__name__} of {state.describe()}"
+        try:
+            if request.gone:
+                mapped.forget(request.gone)
+            for export_id, handle, size in request.exports:
+                if export_id not in mapped:  # every request names its exports; each is opened once
+                    mapped.introduce(export_id, handle, size)
+            if not request.direct:
+                return None, None
+            if not isinstance(request, P.PushPull) or len(request.direct) != 4 or request.segs is not None \
+                    or request.absent or request.shared:
+                raise ConfigError("regions of worker memory are for a PushPull of a whole block only")
+            numel, dtype = state.flat.numel(), state.flat.dtype
+            source, destination = (mapped.view(request.direct[i], request.direct[i + 1], numel, dtype) for i in (0, 2))
+        except ConfigError as exc:
+            raise P.Rejected(P.BAD_REQUEST, f"{what}: {exc}") from None
+        self.direct_requests += 1
+        return source, destination
 
     def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Slots]:
         """The lane a request came through, or None for a socket request."""
@@ -112,14 +177,19 @@ class ServerLanes:
         write_rows([cursor.take(count * dim * 4, torch.float32).view(count, dim) for count, dim in shapes])
         self.io.answer(pending.peer, [P.encode(P.RowValues(req=pending.req, version=version, shm=True))])
 
-    def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool, rank: int) -> Pushed:
+    def pushed(self, state: BlockState, segs: list[int], lane: Slots, held: bool, rank: int,
+               source: Optional[torch.Tensor] = None) -> Pushed:
         """A lane push's gradients: views of the worker's push slot (host shards), or device copies
-        of it (GPU shards). ``held``: the worker leaves the slot alone until we answer. A device
-        lane's push may come before the worker's copy into the slot is done: we wait for it here."""
+        of it (GPU shards); of ``source`` instead, where the request named where they lie in the
+        worker's memory. ``held``: the worker leaves them alone until we answer. A device lane's
+        push may come before the worker's gradients are there: we wait for it here."""
         if lane.on_device:
             _wait_pushed(lane, state, rank)
-        slot = _slot(lane, False, state)
-        views = lane.views(False, state.block.block_id, (slot, state.block), lambda: state.split(slot))
+        if source is not None:
+            slot, views = source, state.split(source)
+        else:
+            slot = _slot(lane, False, state)
+            views = lane.views(False, state.block.block_id, (slot, state.block), lambda: state.split(slot))
         pushed = self.io.from_host(state, segs, slot, held=held, views=views)
         pushed.held = held
         return pushed
@@ -135,7 +205,7 @@ class ServerLanes:
             self.shared_answers += 1
             self.io.answer(pending.peer, [P.encode(values)])
             return
-        slot = _slot(lane, True, state)
+        slot = _slot(lane, True, state) if pending.into is None else pending.into
         if lane.on_device:  # the worker waits for our flag or event, not for our answer, before it reads
             self.io.values_into(state, pending.segs, slot, done=lane.written[state.block.block_id])
             if pending.flag:
@@ -160,17 +230,18 @@ class ServerLanes:
         if getattr(pending, "flag", 0) and pending.lane is self.device_lanes.get(pending.rank):
             pending.lane.write_flag(self.io.stream, pending.block, pending.flag)
 
-    def attached(self, req: int, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
+    def attached(self, message: P.Attach, store: DenseStore, shares_values: bool, server: int) -> P.Attached:
         """The answer to a lane: with our shared values where the workers of this host may read
         them (a sync server in host memory, on a CPU whose stores are seen in order)."""
+        direct = (message.rank, False) in self.mapped
         if not shares_values or self.device.type != "cpu" or not store.blocks or not ordered_stores():
-            return P.Attached(req=req)
+            return P.Attached(req=message.req, direct=direct)
         try:
             shared = store.share(values_name(server))
         except OSError as exc:
             log.warning("server %d: no shared values (%s); answers go through each worker's lane", server, exc)
-            return P.Attached(req=req)
-        return P.Attached(req=req, values=str(shared.path), token=shared.token)
+            return P.Attached(req=message.req, direct=direct)
+        return P.Attached(req=message.req, values=str(shared.path), token=shared.token, direct=direct)
 
     def forget(self, workers: Iterable[int]) -> None:
         """Unmap the lanes of workers that closed or died: their memory goes back to the system
@@ -184,12 +255,20 @@ class ServerLanes:
                 lane = lanes.pop(rank, None)
                 if lane is not None:
                     lane.close()
+            for on_device in (False, True):
+                self._close_mapped(rank, on_device)
+
+    def _close_mapped(self, rank: int, on_device: bool) -> None:
+        mapped = self.mapped.pop((rank, on_device), None)
+        if mapped is not None:
+            mapped.close()
 
     def close(self) -> None:
-        for lane in [*self.lanes.values(), *self.device_lanes.values()]:
+        for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.mapped.values()]:
             lane.close()
         self.lanes.clear()
         self.device_lanes.clear()
+        self.mapped.clear()
 
 
 def _replace(lanes: dict, rank: int, lane: Slots) -> None:

@@ -56,10 +56,12 @@ class Requests:
         if isinstance(request, P.Init):
             self._init(peer, state, segs, request)
             return
+        source, into = self.lanes.direct_views(request, lane, state)
         pushed = None
         if pushes:
             before = self.io.push_bytes
-            pushed = (self.lanes.pushed(state, present, lane, held=isinstance(request, P.PushPull), rank=request.rank)
+            pushed = (self.lanes.pushed(state, present, lane, held=isinstance(request, P.PushPull), rank=request.rank,
+                                        source=source)
                       if lane is not None else self.io.receive_frames(state, present, codecs))
             self._count_push(lane, sum(state.nbytes[i] for i in present) if lane is not None
                              else self.io.push_bytes - before)
@@ -74,7 +76,7 @@ class Requests:
                                        lane=lane, codecs=pull_codecs,
                                        shared=request.shared and self.policy.shares_values,
                                        flag=request.flag if lane is not None and lane.on_device else 0,
-                                       block=request.block))
+                                       block=request.block, into=into))
         self.answers.ready([state])
 
     def _count_push(self, lane, nbytes: int) -> None:

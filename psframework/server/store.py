@@ -39,6 +39,7 @@ class Pending:
     reader: bool = False  # a reader's (``rank``: the reader): answered once the block's version is ``need_version``
     flag: int = 0  # a device lane's: the number our stream writes into the block's flag after the values
     block: int = -1  # the block a flag is of
+    into: Optional[Any] = None  # the view of the worker's memory to write the values into (a direct request's)
 
     def segment_codecs(self) -> list[tuple[int, Any]]:
         """(segment, its codec in the answer or None) for each of ``segs``."""

@@ -16,6 +16,7 @@ the blocks that go over the socket; the payloads are its frames, and the header 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import Counter, deque
@@ -30,6 +31,7 @@ from ..datapath.lane import Slots
 from ..devices import Staging
 from ..errors import ConfigError
 from ..sharding import Block, Segment
+from .direct import Regions
 from .lanes import LaneCopy, slot_piece
 from .plans import Part
 from .requests import Future, Request
@@ -127,17 +129,66 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     (``WorkerLanes.flag_for``; a push's copies are none, so it names none). Through a device lane,
     the push event is then recorded after the copies into the push slot, those from GPUs
     (``landed``) too: the server waits for it, not we for them."""
-    copies = [c for c in (exchange.into_lane(lane, block, seg, name) for _, seg, name in parts) if c]
+    regions = _direct_regions(exchange, lane, block, parts)
+    if regions is not None:  # the server reads and writes our tensors where they lie: no copies
+        copies = [dataclasses.replace(exchange._dests[name].from_lane(block, seg), direct=True) for _, seg, name in parts]
+    else:
+        copies = [c for c in (_into_lane(exchange, lane, block, seg, name) for _, seg, name in parts) if c]
     if lane.on_device and exchange.op is not P.Pull:
-        _record_pushed(exchange, lane, block, parts, landed)
+        _record_pushed(exchange, lane, block, parts, landed, after_caller=regions is not None)
     # only a device-ordered exchange waits on the GPU: wait() of any other returns once the values are there
     flag = exchange.worker.lanes.flag_for(lane, block, copies) if exchange._device_ordered else 0
     if flag:
         exchange._flagged.append((lane, copies, block, flag))
-    return copies, flag
+    return copies, flag, regions
 
 
-def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable) -> None:
+def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
+    """One segment of a lane request: its source into the push slot (a GPU source is there
+    already), and the copy of its values out of the pull slot once the answer is in."""
+    if exchange.op is not P.Pull and name not in exchange._from_device and name not in exchange._absent:
+        source = segment_of(exchange._sources[name], seg)
+        slot = slot_piece(lane, False, block, seg, source.dtype)
+        if lane.on_device:
+            slot.copy_(source)  # a host tensor pushed through a device lane: waits for the copy
+        else:
+            host_copy(slot, source)
+    return exchange._dests[name].from_lane(block, seg) if exchange._dests else None
+
+
+def _direct_regions(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part]) -> Optional[Regions]:
+    """Where ``block``'s gradients and destination lie, if its server is to read and write them
+    there (``worker/direct.py``): a ``PushPull`` of the whole block, every gradient present. A GPU
+    block was placed when its tensor was added (``_direct_on_device``), before any copy of it."""
+    if lane.on_device:
+        return exchange._direct.get(block.block_id, (None,))[0]
+    if exchange.op is not P.PushPull or not exchange._dests or len(parts) != len(block.segments) \
+            or any(name in exchange._absent for _, _, name in parts):
+        return None
+    sources = [segment_of(exchange._sources[name], seg) for _, seg, name in parts]
+    dests = [exchange._dests[name].target_of(seg) for _, seg, name in parts]
+    return exchange.worker.lanes.direct.regions(block.server, False, sources, dests)
+
+
+def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor) -> bool:
+    """Whether a block of a GPU tensor being added (``source``: its flat view) goes direct: then
+    nothing is copied into its push slot. Only a block of one segment, for now (one of several
+    would need every tensor of it before the first copy)."""
+    lane = exchange._lane_blocks.get(block.block_id)
+    parts = exchange._blocks[block.block_id][1]
+    if lane is None or not lane.on_device or exchange.op is not P.PushPull or not exchange._dests \
+            or len(parts) != 1 or len(block.segments) != 1:
+        return False
+    _, seg, name = parts[0]
+    regions = exchange.worker.lanes.direct.regions(block.server, True, [segment_of(source, seg)],
+                                                   [exchange._dests[name].target_of(seg)])
+    if regions is not None:
+        exchange._direct[block.block_id] = (regions, source)  # the source stays ours until answered
+    return regions is not None
+
+
+def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable,
+                   after_caller: bool = False) -> None:
     """Record ``block``'s push event after its copies from GPUs (``landed``) and, if it has host
     sources, after the caller's stream (a copy from pageable memory may return before its DMA is
     done). It is recorded on a stream of its own: the copy stream may already wait for gradients
@@ -146,7 +197,10 @@ def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[
     stream = exchange.worker.staging.stream(device, "signal")
     for event in landed:
         stream.wait_event(event)
-    if any(name not in exchange._from_device and name not in exchange._absent for _, _, name in parts):
+    # a direct block's server reads the gradients and writes the destination where they lie: after
+    # everything queued so far, which made the one and may read the other
+    if after_caller or any(name not in exchange._from_device and name not in exchange._absent
+                           for _, _, name in parts):
         stream.wait_stream(torch.cuda.current_stream(device))
     lane.record_pushed(block.block_id, stream)
 
@@ -200,6 +254,9 @@ class Exchange:
         self._dropped = False
         self._payloads: dict[tuple[str, int], torch.Tensor] = {}  # encoded sources by (key, segment offset)
         self._device_ordered, self._flagged = device_ordered, []  # flagged: see _queue_flagged
+        self._direct: dict[int, tuple] = {}  # GPU blocks placed for the direct exchange (_direct_on_device)
+        if op is P.PushPull:
+            worker.lanes.direct.sweep()
         if op is not P.Init:
             self._lane_blocks = _reserve_lanes(worker, op, self._blocks)
         if op is P.Pull:
@@ -295,6 +352,8 @@ class Exchange:
             with torch.cuda.stream(stream):  # entering a stream costs more than a small copy: only here
                 source = source.contiguous()
         source = source.view(-1)
+        if tensor.is_contiguous():
+            pieces = [p for p in pieces if not _direct_on_device(self, p[0], source)]
         unlaunched = self._unlaunched.get(device)
         if unlaunched is None:
             unlaunched = self._unlaunched[device] = ([], [], set())
@@ -391,7 +450,7 @@ class Exchange:
         lane = self._lane_blocks.get(block.block_id)
         codecs, pull_codecs = (_codec_names(self.worker.compression, self.op, parts, self._payloads, self._absent)
                                if lane is None else ([], []))
-        copies, flag = ([], 0) if lane is None else _through_lane(self, lane, block, parts, landed)
+        copies, flag, regions = ([], 0, None) if lane is None else _through_lane(self, lane, block, parts, landed)
         header = self.op(req=req, block=block.block_id, rank=self.worker.rank, dtype=block.dtype,
                          segs=None if len(segs) == len(block.segments) else segs,
                          # more pushes of this exchange follow: a GPU server may wait for them
@@ -400,9 +459,13 @@ class Exchange:
                          step=self.step, rollback=client.rollback,
                          absent=[i for i, _, name in parts if name in self._absent],
                          codecs=codecs, pull_codecs=pull_codecs,
-                         shared=lane is not None and not lane.on_device
-                         and self.worker.lanes.reads_shared(block.server, copies), flag=flag)
+                         shared=lane is not None and not lane.on_device and regions is None
+                         and self.worker.lanes.reads_shared(block.server, copies), flag=flag,
+                         **({} if regions is None else dataclasses.asdict(regions)))
         request = Request(self.future, block.server, frames=[P.encode(header)])
+        if regions is not None:  # the server reads them where they lie: they stay ours until answered
+            request.keep.extend([self._direct.get(block.block_id, (None, None))[1],
+                                 *(self._sources.get(name) for _, _, name in parts), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)
             self._sent.add(block.block_id)  # its answer frees its slots from here on
@@ -427,18 +490,6 @@ class Exchange:
         tracker = client.submit(request, req, track=bool(staged))
         for buffer in staged.values():
             buffer.sent(tracker)  # reused only once ZeroMQ is done reading it
-
-    def into_lane(self, lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
-        """One segment of a lane request: its source into the push slot (a GPU source is there
-        already), and the copy of its values out of the pull slot once the answer is in."""
-        if self.op is not P.Pull and name not in self._from_device and name not in self._absent:
-            source = segment_of(self._sources[name], seg)
-            slot = slot_piece(lane, False, block, seg, source.dtype)
-            if lane.on_device:
-                slot.copy_(source)  # a host tensor pushed through a device lane: waits for the copy
-            else:
-                host_copy(slot, source)
-        return self._dests[name].from_lane(block, seg) if self._dests else None
 
     def _destination(self, name: str, tensor: torch.Tensor, after_caller: bool) -> "Destination":
         target = tensor.detach()
@@ -509,12 +560,16 @@ class Destination:
 
         return byte_view(payload), unpack
 
+    def target_of(self, seg: Segment) -> torch.Tensor:
+        """Where one segment's values land: in the caller's tensor (or in a staging buffer)."""
+        return segment_of(self.host if self.device is None else self.device, seg)
+
     def from_lane(self, block: Block, seg: Segment) -> LaneCopy:
         """The copy of one segment out of a lane's pull slot."""
         key = (block.block_id, seg.offset)
         copy = self._lane_copies.get(key)
         if copy is None:
-            target = segment_of(self.host if self.device is None else self.device, seg)
+            target = self.target_of(seg)
             copy = self._lane_copies[key] = LaneCopy(target, block, seg, None if self.device is None else self.stream)
         return copy
 

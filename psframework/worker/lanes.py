@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+import msgspec
 import torch
 
 from .. import protocol as P
@@ -27,6 +28,7 @@ from ..datapath.memops import memops
 from ..datapath.values import SharedValues
 from ..errors import PSError
 from ..sharding import Block, Segment, ShardMap
+from .direct import DirectExchange
 from .requests import Client, Future, Request
 
 log = logging.getLogger("psframework.worker")
@@ -39,6 +41,7 @@ class LaneCopy:
     block: Block
     seg: Segment
     stream: Optional["torch.cuda.Stream"]
+    direct: bool = False  # the server writes the values into ``target`` itself: nothing to copy
 
 
 def values_piece(values: SharedValues, block: Block, seg: Segment, dtype: torch.dtype) -> torch.Tensor:
@@ -55,8 +58,9 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
 
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
-                 cuda_ipc: bool = True, row_bytes: int = 0):
+                 cuda_ipc: bool = True, row_bytes: int = 0, direct: bool = True):
         self.client, self.rank, self.shard_map, self._cuda_ipc = client, rank, shard_map, cuda_ipc
+        self.direct = DirectExchange(rank, enabled=direct)  # blocks exchanged where our tensors lie
         self.row_bytes = row_bytes  # of each row area of a lane (the job has tables), else 0
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
         self.flag_watch: Optional[FlagWatch] = None  # made with the first device lane, if the driver has flags
@@ -100,6 +104,7 @@ class WorkerLanes:
             lane.mapped()  # both have it mapped: the descriptor the server opened it by can go
             self.lanes[server] = lane
             self._map_values(server, request.reply)
+            self.direct.answered(server, False, getattr(request.reply, "direct", False))
             if device is not None:
                 lane.pin(device)
         if offers:
@@ -127,6 +132,7 @@ class WorkerLanes:
                 lane.close()
                 continue
             self.device_lanes[server] = lane
+            self.direct.answered(server, True, request.reply.direct)
         if self.device_lanes and memops() is not None:
             self.flag_watch = FlagWatch(device, lambda: self.client.membership.rollback[0])
         if self.device_lanes:
@@ -138,9 +144,13 @@ class WorkerLanes:
     def request_attach(self, server: int, lane: Slots) -> Request:
         req = self.client.next_id()
         if isinstance(lane, DeviceLane):
+            probe = self.direct.probe(lane.memory) if self.direct.enabled else None
             attach = lane.export(self.rank, req)
+            if probe is not None:
+                attach = msgspec.structs.replace(attach, direct=True, probe=probe)
         else:
-            attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token, row_bytes=lane.row_bytes)
+            attach = P.Attach(req=req, rank=self.rank, path=str(lane.path), token=lane.token,
+                              row_bytes=lane.row_bytes, direct=self.direct.enabled)
         request = Request(Future(self.client), server, frames=[P.encode(attach)])
         self.client.submit(request, req)
         return request
@@ -199,6 +209,7 @@ class WorkerLanes:
         """A restarted server mapped our new device lane: open its events."""
         try:
             lane.open_events(offer.reply, server)
+            self.direct.answered(server, True, offer.reply.direct)
         except (PSError, RuntimeError, OSError) as exc:  # its answers then fail, each with the reason
             log.warning("worker %d: cannot open the events of the restarted server %d's device lane: %s",
                         self.rank, server, exc)
@@ -206,6 +217,7 @@ class WorkerLanes:
     def _renewed(self, server: int, lane: Lane, request: Request) -> None:
         lane.mapped()
         self._map_values(server, request.reply)
+        self.direct.answered(server, False, getattr(request.reply, "direct", False))
 
     def reserve_rows(self, server: int, area: int) -> Optional[Lane]:
         """The lane to ``server`` for a row request, if it has row areas and ``area`` is free."""
@@ -340,7 +352,7 @@ class WorkerLanes:
         if self.flag_watch is not None:
             self.flag_watch.close()
             self.flag_watch = None
-        for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values()]:
+        for lane in [*self.lanes.values(), *self.device_lanes.values(), *self.values.values(), self.direct]:
             lane.close()
         self.lanes, self.device_lanes, self.values = {}, {}, {}
 
@@ -373,21 +385,23 @@ def _copy_out(lane: Slots, pieces: list[tuple[LaneCopy, Block]], flags: Optional
     number, 0 for none) of the blocks it copies; the events of the device copies."""
     to_devices: dict["torch.cuda.Stream", tuple[list, list, set]] = {}
     for copy, block in pieces:
-        source = slot_piece(lane, True, block, copy.seg, copy.target.dtype)
         if copy.stream is None:
-            _copy_to_host(copy.target, source)
-        else:
-            targets, sources, blocks = to_devices.setdefault(copy.stream, ([], [], set()))
+            if not copy.direct:
+                _copy_to_host(copy.target, slot_piece(lane, True, block, copy.seg, copy.target.dtype))
+            continue
+        targets, sources, blocks = to_devices.setdefault(copy.stream, ([], [], set()))
+        blocks.add(block.block_id)  # a direct block's values are in place once its flag or event says so
+        if not copy.direct:
             targets.append(copy.target)
-            sources.append(source)
-            blocks.add(block.block_id)
+            sources.append(slot_piece(lane, True, block, copy.seg, copy.target.dtype))
     copied = []
     for stream, (targets, sources, blocks) in to_devices.items():
         for block_id in sorted(blocks):
             if flags and flags.get(block_id):
                 lane.wait_flag(stream, block_id, flags[block_id])
-        with torch.cuda.stream(stream):
-            torch._foreach_copy_(targets, sources, non_blocking=True)
+        if targets:
+            with torch.cuda.stream(stream):
+                torch._foreach_copy_(targets, sources, non_blocking=True)
         copied.append(torch.cuda.Event())
         copied[-1].record(stream)
     return copied

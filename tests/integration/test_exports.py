@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 SERVER_SIDE = textwrap.dedent("""
     import json, sys, torch
-    from psframework.datapath.exports import MappedExports
+    from psframework.datapath.exports import DeviceOpener, MappedExports
     from psframework.datapath.memops import memops
     torch.zeros(1, device="cuda")  # a context on this thread for the driver's calls
     asked = json.loads(sys.stdin.readline())
-    mapped = MappedExports(memops(), torch.device("cuda:0"), worker=0)
+    mapped = MappedExports(DeviceOpener(memops(), torch.device("cuda:0")), worker=0)
     mapped.introduce(asked["id"], bytes.fromhex(asked["handle"]), asked["size"])
     source = mapped.view(asked["id"], asked["read_at"], asked["numel"], torch.float32)
     target = mapped.view(asked["id"], asked["write_at"], asked["numel"], torch.float32)

@@ -129,3 +129,45 @@ def test_what_the_driver_cannot_place_goes_through_the_lane(driver):
     exports = WorkerExports(driver)
     assert exports.locate(torch.zeros(64)) is None  # not an allocation the driver knows
     assert exports.locate(torch.zeros(0)) is None
+
+
+def test_shared_host_tensors_are_mapped_by_their_handle_and_written_where_they_lie():
+    from psframework.datapath.exports import HostOpener, MappedExports, SharedHostMemory
+    memory = SharedHostMemory()
+    try:
+        values = memory.empty(1000, torch.float32)
+        values.copy_(torch.arange(1000, dtype=torch.float32))
+        exports = WorkerExports(memory)
+        located = exports.locate(values[100:200])
+        assert located.offset == 400
+        [(export_id, handle, size)] = exports.introductions(0, [located])
+        assert size == 4000
+        mapped = MappedExports(HostOpener(), worker=3)
+        mapped.introduce(export_id, handle, size)
+        view = mapped.view(export_id, located.offset, 100, torch.float32)
+        assert torch.equal(view, torch.arange(100, 200, dtype=torch.float32))
+        view.mul_(-1)  # the worker's tensor, not a copy
+        assert values[150].item() == -150
+        with pytest.raises(ConfigError, match="export .* has 4000 bytes"):
+            mapped.view(export_id, 3996, 2, torch.float32)
+        mapped.close()
+        assert len(mapped) == 0
+    finally:
+        memory.close()
+
+
+def test_host_tensors_not_made_shared_are_not_exported_and_a_wrong_token_is_refused():
+    from psframework.datapath.exports import HostOpener, MappedExports, SharedHostMemory
+    memory = SharedHostMemory()
+    try:
+        exports = WorkerExports(memory)
+        assert exports.locate(torch.zeros(10)) is None  # ordinary memory: the lane instead
+        shared = memory.empty(10, torch.float32)
+        [(export_id, handle, size)] = exports.introductions(0, [exports.locate(shared)])
+        forged = bytes(16) + handle[16:]
+        with pytest.raises(ConfigError, match="worker 1's export .*another token"):
+            MappedExports(HostOpener(), worker=1).introduce(export_id, forged, size)
+        with pytest.raises(ConfigError, match="not a psframework process's file"):
+            MappedExports(HostOpener(), worker=1).introduce(export_id, handle[:16] + b"/etc/passwd", size)
+    finally:
+        memory.close()

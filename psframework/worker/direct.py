@@ -1,0 +1,128 @@
+"""Which blocks a worker exchanges with a server of its host where its tensors lie (the direct exchange).
+
+A ``PushPull`` of a whole block through a lane whose gradients, and whose destination, each lie in
+one region of memory that the block's server has mapped (``datapath/exports.py``) names those
+regions in its header: the server steps by the gradients where they lie and writes its values
+straight into the destination, and the lane's slots carry nothing. Host tensors qualify when
+``shared_empty`` made them (memory files), GPU tensors when the driver can export their allocation
+and the server said at attach that it can map ours. Every other block goes through the lane as
+before. See ``docs/direct-device-exchange.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..datapath.exports import Located, SharedHostMemory, WorkerExports
+from ..datapath.memops import memops
+from ..errors import ConfigError
+
+log = logging.getLogger("psframework.worker")
+
+
+@dataclass(frozen=True)
+class Regions:
+    """What a direct request's header carries (``BlockRequest.direct``, ``exports``, ``gone``)."""
+    direct: list[int]
+    exports: list[tuple[int, bytes, int]]
+    gone: list[int]
+
+
+def one_region(pieces: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The first of ``pieces`` if they lie one after another in memory, in order, each contiguous
+    and of one dtype and device (a block's segments, then one region); else None."""
+    first = pieces[0]
+    end = first.data_ptr()
+    for piece in pieces:
+        if not piece.is_contiguous() or piece.dtype != first.dtype or piece.device != first.device \
+                or piece.data_ptr() != end:
+            return None
+        end += piece.numel() * piece.element_size()
+    return first
+
+
+class DirectExchange:
+    """The worker's exports, host and GPU, and which servers said they map them."""
+
+    def __init__(self, rank: int, enabled: bool = True):
+        self.rank, self.enabled = rank, enabled
+        self.host_memory = SharedHostMemory()
+        self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
+        self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
+
+    def shared_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor that servers of this host may read and write where it lies."""
+        return self.host_memory.empty(numel, dtype)
+
+    def device_exports(self) -> Optional[WorkerExports]:
+        """The exports of our GPU allocations, if this driver can make them."""
+        if self._exports[True] is None and self.enabled and memops() is not None:
+            self._exports[True] = WorkerExports(memops())
+        return self._exports[True]
+
+    def probe(self, memory: torch.Tensor) -> Optional[tuple[bytes, int, int]]:
+        """(handle, size, offset) of the allocation of ``memory`` (a device lane, its token at its
+        start) for a GPU server to check that it maps our memory (``AttachDevice.probe``)."""
+        exports = self.device_exports()
+        located = None if exports is None else exports.locate(memory)
+        if located is None:
+            return None
+        return located.export.handle, located.export.size, located.offset
+
+    def answered(self, server: int, on_device: bool, accepted: bool) -> None:
+        """A server answered our lane (``on_device``: our device lane): whether it maps our memory.
+        A server that answers anew (it restarted) knows none of our exports."""
+        exports = self._exports[on_device]
+        if exports is not None:
+            exports.forget_server(server)
+        if accepted and self.enabled:
+            self._accepted.add((server, on_device))
+        else:
+            self._accepted.discard((server, on_device))
+
+    def sweep(self) -> None:
+        """Before an exchange: find GPU allocations freed since the last (their servers unmap them)."""
+        if self._exports[True] is not None and any(on_device for _, on_device in self._accepted):
+            self._exports[True].sweep()
+
+    def regions(self, server: int, on_device: bool, sources: list[torch.Tensor], dests: list[torch.Tensor]
+                ) -> Optional[Regions]:
+        """The regions of a block's gradients (``sources``) and destination (``dests``, by segment)
+        if ``server`` maps them; None: the block goes through the lane."""
+        if (server, on_device) not in self._accepted or any(piece.is_cuda != on_device for piece in [*sources, *dests]):
+            return None
+        exports = self._exports[on_device]
+        located = [self._locate(exports, pieces) for pieces in (sources, dests)]
+        if None in located:
+            return None
+        source, dest = located
+        exports.introductions(server, located)  # told from now on: it hears when they are gone
+        # every request names its exports' handles: one resent to a restarted server stands alone
+        named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
+        return Regions([source.export.id, source.offset, dest.export.id, dest.offset], list(named.values()),
+                       exports.take_gone(server))
+
+    def _locate(self, exports: WorkerExports, pieces: list[torch.Tensor]) -> Optional[Located]:
+        first = one_region(pieces) if pieces else None
+        if first is None:
+            return None
+        try:
+            located = exports.locate(first)
+        except ConfigError as exc:  # the driver says the tensor runs past its allocation: not ours to map
+            log.debug("worker %d: %s", self.rank, exc)
+            return None
+        nbytes = sum(piece.numel() * piece.element_size() for piece in pieces)
+        if located is None or located.offset + nbytes > located.export.size:
+            return None
+        return located
+
+    def close(self) -> None:
+        self._accepted.clear()
+        self.host_memory.close()
+
+
+__all__ = ["DirectExchange", "Regions", "one_region"]
