@@ -83,10 +83,11 @@ class WorkerExports:
                               f"allocation ({size} bytes at {base:#x})")
         return Located(export, address - base)
 
-    def sweep(self) -> None:
+    def sweep(self) -> bool:
         """Find the exported allocations that were freed (``torch.cuda.empty_cache()``, or the
         allocator's retry after running out of memory), wherever the next one lands; the servers
-        hear of them with ``take_gone``."""
+        hear of them with ``take_gone``. Whether any was."""
+        found = False
         for export in list(self._by_base.values()):
             try:
                 _, _, buffer_id = self._ops.allocation_of(export.base)
@@ -94,6 +95,8 @@ class WorkerExports:
                 buffer_id = None
             if buffer_id != export.buffer_id:
                 self._mark_gone(export)
+                found = True
+        return found
 
     def _mark_gone(self, export: Export) -> None:
         self._by_base.pop(export.base, None)
@@ -233,6 +236,7 @@ class MappedExports:
     def __init__(self, opener, worker: int):
         self._opener, self._worker = opener, worker
         self._open: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (opener's key, bytes as uint8)
+        self._views: dict[tuple, torch.Tensor] = {}  # made once: a worker names the same regions every step
 
     def introduce(self, export_id: int, handle: bytes, size: int) -> None:
         """Open an export the worker just told us of (replacing one of the same id); ``ConfigError``
@@ -245,6 +249,13 @@ class MappedExports:
 
     def view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """``numel`` elements of ``dtype`` at ``offset`` bytes into export ``export_id``."""
+        key = (export_id, offset, numel, dtype)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._view(export_id, offset, numel, dtype)
+        return view
+
+    def _view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         opened = self._open.get(export_id)
         if opened is None:
             raise ConfigError(f"worker {self._worker} named export {export_id}, which it never introduced "
@@ -260,6 +271,7 @@ class MappedExports:
         """Unmap these exports, once the device is done with what was queued on their views."""
         opened = [self._open.pop(export_id) for export_id in export_ids if export_id in self._open]
         if opened:
+            self._views = {key: view for key, view in self._views.items() if key[0] in self._open}
             self._opener.synchronize()
         for key, _ in opened:
             self._opener.close(key)

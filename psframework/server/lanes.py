@@ -115,7 +115,6 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"worker {request.rank} named regions of its memory, but did not "
                                             f"offer its {'GPU' if lane is not None and lane.on_device else 'host'} "
                                             "memory with its lane")
-        what = f"{type(request).__name__} of {state.describe()}"
         try:
             if request.gone:
                 mapped.forget(request.gone)
@@ -130,7 +129,7 @@ class ServerLanes:
             numel, dtype = state.flat.numel(), state.flat.dtype
             source, destination = (mapped.view(request.direct[i], request.direct[i + 1], numel, dtype) for i in (0, 2))
         except ConfigError as exc:
-            raise P.Rejected(P.BAD_REQUEST, f"{what}: {exc}") from None
+            raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} of {state.describe()}: {exc}") from None
         self.direct_requests += 1
         return source, destination
 

@@ -31,6 +31,9 @@ class Regions:
     exports: list[tuple[int, bytes, int]]
     gone: list[int]
 
+    def fields(self) -> dict:
+        return {"direct": self.direct, "exports": self.exports, "gone": self.gone}
+
 
 def one_region(pieces: list[torch.Tensor]) -> Optional[torch.Tensor]:
     """The first of ``pieces`` if they lie one after another in memory, in order, each contiguous
@@ -53,6 +56,9 @@ class DirectExchange:
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
+        # regions and exports named, by (on a GPU, where the pieces start, their bytes): placing a
+        # tensor asks the driver; made anew once an allocation is found gone
+        self._placed: dict[tuple, Optional[tuple[list[int], list]]] = {}
 
     def shared_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A host tensor that servers of this host may read and write where it lies."""
@@ -87,7 +93,8 @@ class DirectExchange:
     def sweep(self) -> None:
         """Before an exchange: find GPU allocations freed since the last (their servers unmap them)."""
         if self._exports[True] is not None and any(on_device for _, on_device in self._accepted):
-            self._exports[True].sweep()
+            if self._exports[True].sweep():
+                self._placed.clear()
 
     def regions(self, server: int, on_device: bool, sources: list[torch.Tensor], dests: list[torch.Tensor]
                 ) -> Optional[Regions]:
@@ -96,15 +103,21 @@ class DirectExchange:
         if (server, on_device) not in self._accepted or any(piece.is_cuda != on_device for piece in [*sources, *dests]):
             return None
         exports = self._exports[on_device]
-        located = [self._locate(exports, pieces) for pieces in (sources, dests)]
-        if None in located:
-            return None
-        source, dest = located
+        key = (on_device, *(p.data_ptr() for p in (sources[0], dests[0])),
+               *(sum(p.numel() * p.element_size() for p in pieces) for pieces in (sources, dests)))
+        placed = self._placed.get(key)
+        if placed is None:
+            located = [self._locate(exports, pieces) for pieces in (sources, dests)]
+            if None in located:
+                return None
+            source, dest = located
+            named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
+            placed = self._placed[key] = ([source.export.id, source.offset, dest.export.id, dest.offset],
+                                          located, list(named.values()))
+        direct, located, named = placed
         exports.introductions(server, located)  # told from now on: it hears when they are gone
         # every request names its exports' handles: one resent to a restarted server stands alone
-        named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
-        return Regions([source.export.id, source.offset, dest.export.id, dest.offset], list(named.values()),
-                       exports.take_gone(server))
+        return Regions(direct, named, exports.take_gone(server))
 
     def _locate(self, exports: WorkerExports, pieces: list[torch.Tensor]) -> Optional[Located]:
         first = one_region(pieces) if pieces else None

@@ -16,7 +16,6 @@ the blocks that go over the socket; the payloads are its frames, and the header 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections import Counter, deque
@@ -131,7 +130,7 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     (``landed``) too: the server waits for it, not we for them."""
     regions = _direct_regions(exchange, lane, block, parts)
     if regions is not None:  # the server reads and writes our tensors where they lie: no copies
-        copies = [dataclasses.replace(exchange._dests[name].from_lane(block, seg), direct=True) for _, seg, name in parts]
+        copies = [exchange._dests[name].from_lane(block, seg, direct=True) for _, seg, name in parts]
     else:
         copies = [c for c in (_into_lane(exchange, lane, block, seg, name) for _, seg, name in parts) if c]
     if lane.on_device and exchange.op is not P.Pull:
@@ -461,7 +460,7 @@ class Exchange:
                          codecs=codecs, pull_codecs=pull_codecs,
                          shared=lane is not None and not lane.on_device and regions is None
                          and self.worker.lanes.reads_shared(block.server, copies), flag=flag,
-                         **({} if regions is None else dataclasses.asdict(regions)))
+                         **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if regions is not None:  # the server reads them where they lie: they stay ours until answered
             request.keep.extend([self._direct.get(block.block_id, (None, None))[1],
@@ -529,7 +528,7 @@ class Destination:
     def __init__(self, host: Optional[torch.Tensor], device: Optional[torch.Tensor] = None,
                  staging: Optional[Staging] = None, stream: Optional["torch.cuda.Stream"] = None):
         self.host, self.device, self.staging, self.stream = host, device, staging, stream
-        self._lane_copies: dict[tuple[int, int], LaneCopy] = {}  # by (block, segment offset): made once
+        self._lane_copies: dict[tuple[int, int, bool], LaneCopy] = {}  # by (block, segment offset, direct): made once
 
     def piece(self, seg: Segment, keep: list) -> tuple[memoryview, Optional[Callable[[], None]]]:
         end = seg.offset + seg.numel
@@ -564,13 +563,14 @@ class Destination:
         """Where one segment's values land: in the caller's tensor (or in a staging buffer)."""
         return segment_of(self.host if self.device is None else self.device, seg)
 
-    def from_lane(self, block: Block, seg: Segment) -> LaneCopy:
-        """The copy of one segment out of a lane's pull slot."""
-        key = (block.block_id, seg.offset)
+    def from_lane(self, block: Block, seg: Segment, direct: bool = False) -> LaneCopy:
+        """The copy of one segment out of a lane's pull slot (``direct``: none, the server writes
+        the values into place; ``LaneCopy.direct``)."""
+        key = (block.block_id, seg.offset, direct)
         copy = self._lane_copies.get(key)
         if copy is None:
-            target = self.target_of(seg)
-            copy = self._lane_copies[key] = LaneCopy(target, block, seg, None if self.device is None else self.stream)
+            copy = self._lane_copies[key] = LaneCopy(self.target_of(seg), block, seg,
+                                                     None if self.device is None else self.stream, direct)
         return copy
 
 

@@ -3,6 +3,9 @@ writes its values where they lie, in host memory that ``shared_empty`` made, aga
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ import psframework as ps
 from psframework.datapath.lane import shm_available
 from tests.integration import models
 from tests.integration.test_core import CHUNK
+from tests.threads import run_in_threads
 
 pytestmark = pytest.mark.skipif(not shm_available(), reason="no memfd_create or /proc/PID/fd on this system")
 STEPS = 3
@@ -21,6 +25,17 @@ def _shared_like(worker, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for name, tensor in tensors.items():
         out[name] = worker.lanes.direct.shared_empty(tensor.numel(), tensor.dtype).view(tensor.shape)
         out[name].copy_(tensor)
+    return out
+
+
+def _packed_like(worker, block, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of ``tensors`` as views of one shared buffer laid out like ``block`` (its segments'
+    offsets): the block is then one region of the worker's memory."""
+    flat = worker.lanes.direct.shared_empty(block.numel, torch.float32)
+    out = {}
+    for seg in block.segments:
+        out[seg.key] = flat[seg.block_offset:seg.block_offset + seg.numel].view(tensors[seg.key].shape)
+        out[seg.key].copy_(tensors[seg.key])
     return out
 
 
@@ -83,3 +98,104 @@ def test_ordinary_tensors_still_go_through_the_lanes(make_cluster):
         assert sum(s["lane_requests"] for s in stats) == len(worker.shard_map.blocks)
     for key in params:
         torch.testing.assert_close(params[key], start[key] - 0.5)
+
+
+def _mapped_exports(pid: int) -> set[str]:
+    """The shared allocations of workers (``memfd:psf-PID-export-N``) that process ``pid`` maps."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split()[-2] for line in maps.splitlines() if "memfd:psf-" in line and "-export-" in line}
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.05)
+
+
+def test_the_exports_of_a_dead_worker_are_unmapped_by_the_server(make_cluster, worker_procs, tmp_path):
+    """An elastic job goes on without a worker that died; its server lets go of the memory of that
+    worker it mapped for the direct exchange (the survivor's stays mapped)."""
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="async", elastic=True)
+    server = cluster.processes()["server-0"]
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    procs = worker_procs(cluster, "direct_then_die", 2, flag_dir=str(flags), victim=1)
+    _wait_for(lambda: all((flags / f"done-{rank}").exists() for rank in (0, 1)), 30,
+              "both workers pushed")
+    pids = {rank: procs.procs[rank].pid for rank in (0, 1)}
+    mapped = _mapped_exports(server.pid)
+    assert all(any(f"psf-{pid}-export-" in name for name in mapped) for pid in pids.values()), (pids, mapped)
+    (flags / "die").touch()
+    assert procs.procs[1].wait(timeout=10) == 17
+    _wait_for(lambda: not any(f"psf-{pids[1]}-export-" in name for name in _mapped_exports(server.pid)), 30,
+              "the dead worker's memory unmapped")
+    assert any(f"psf-{pids[0]}-export-" in name for name in _mapped_exports(server.pid))
+    (flags / "finish").touch()
+    assert procs.join_one(0, timeout=30)["direct"] >= 4  # both workers' pushes went direct
+    procs.join(expect_ok=False)
+
+
+def test_a_restarted_server_maps_the_workers_memory_anew(make_cluster, tmp_path):
+    """Server 1 is killed and started again: the job goes back to the checkpoint, and requests
+    resent to the new process, and new ones, name the handles of the exports they use, which it
+    opens once; the values are those of the checkpoint plus the steps after it."""
+    from tests.integration.test_chaos_bugs import restart_server, restartable
+    cluster = restartable(make_cluster, tmp_path)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"big": torch.zeros(4000)}, optimizer=ps.optim.SGD(lr=1.0))
+        param, grad = (worker.lanes.direct.shared_empty(4000, torch.float32) for _ in range(2))
+        grad.fill_(1.0)
+        for _ in range(2):
+            worker.push_pull({"big": grad}, into={"big": param}).wait(timeout=30)
+        worker.save_checkpoint(tmp_path / "ckpt")
+        restart_server(cluster, 1)
+        done = 0
+        deadline = time.monotonic() + 30
+        while done < 2:
+            try:
+                worker.push_pull({"big": grad}, into={"big": param}).wait(timeout=30)
+                done += 1
+            except ps.RolledBackError:
+                assert time.monotonic() < deadline
+        stats = worker.server_stats()
+        assert stats[1]["direct_requests"] >= 2 and stats[1]["mapped_exports"] == 2, stats[1]
+    torch.testing.assert_close(param, torch.full((4000,), -4.0))
+
+
+def test_two_workers_in_sync_whose_gradients_the_server_holds_where_they_lie_get_torchs_bits(make_cluster):
+    """The server keeps views of both workers' gradients in their memory until the step, and writes
+    the values into both workers' parameters: the bits of torch's fused SGD on the sum."""
+    sizes = {"w": ps.optim.TILE_BYTES // 4 * 2 + 13, "b": 7}
+    spec = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    start = {k: torch.randn(n, generator=torch.Generator().manual_seed(5)) for k, n in sizes.items()}
+
+    def grads(rank: int, step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(100 * rank + step)
+        return {k: torch.randn(n, generator=g) for k, n in sizes.items()}
+
+    cluster = make_cluster(num_servers=1, num_workers=2, mode="sync")
+
+    def work(_):
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            worker.register(start, optimizer=ps.optim.SGD(**spec))
+            [block] = worker.shard_map.blocks  # both tensors packed into one block: one region each way
+            params, pushed = (_packed_like(worker, block, start) for _ in range(2))
+            for step in range(3):
+                for k, g in grads(worker.rank, step).items():
+                    pushed[k].copy_(g)
+                worker.push_pull(pushed, into=params).wait()
+            return {k: v.clone() for k, v in params.items()}, worker.server_stats()
+
+    results = run_in_threads(2, work)
+    want = {k: v.clone() for k, v in start.items()}
+    reference = torch.optim.SGD(list(want.values()), **spec, fused=True)
+    reference.grad_scale = torch.tensor(2.0)  # the mean of two workers, as the server's fused kernel takes it
+    for step in range(3):
+        for k, p in want.items():
+            p.grad = grads(0, step)[k] + grads(1, step)[k]
+        reference.step()
+    for params, stats in results:
+        assert stats[0]["direct_requests"] == 2 * 3  # two workers, three steps, one block
+        for k in sizes:
+            assert torch.equal(params[k], want[k]), k

@@ -380,10 +380,35 @@ def count_up(out: str, steps: int, numel: int) -> None:
         torch.save(params, out)
 
 
+def direct_then_die(out: str, flag_dir: str, victim: int) -> None:
+    """Two push_pulls of a tensor in shared memory (the direct exchange), then ``done-RANK``; the
+    victim exits abruptly once ``die`` exists, the others close once ``finish`` exists."""
+    from pathlib import Path
+
+    flags = Path(flag_dir)
+    worker = ps.init()
+    worker.register({"w": torch.zeros(1000)}, optimizer=ps.optim.SGD(lr=1.0))
+    param, grad = (worker.lanes.direct.shared_empty(1000, torch.float32) for _ in range(2))
+    grad.fill_(1.0)
+    for _ in range(2):
+        worker.push_pull({"w": grad}, into={"w": param}).wait(timeout=30)
+    (flags / f"done-{worker.rank}").touch()
+    deadline = time.monotonic() + 60
+    awaited = "die" if worker.rank == victim else "finish"
+    while not (flags / awaited).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if worker.rank == victim:
+        os._exit(17)
+    torch.save({"direct": sum(s["direct_requests"] for s in worker.server_stats()), "w": param.clone()}, out)
+    worker.close()
+
+
 TASKS = {f.__name__: f for f in (count_up, sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
-                                  stop_myself, held_then_killed, checkpoint_part, emb_train, emb_checkpointed, compressed_train)}
+                                  stop_myself, held_then_killed, checkpoint_part, emb_train, emb_checkpointed, compressed_train,
+                                  direct_then_die)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     TASKS[task](out, **kwargs)
+
