@@ -155,13 +155,19 @@ class NodeConfig:
     resume: bool = False
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
     cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
-    direct: bool = True  # workers: servers of their host read and write mapped tensors where they lie
+    direct: bool = True  # workers: servers of their host read and write shared host tensors where they lie
+    direct_gpu: bool = False  # workers: and GPU tensors, by CUDA IPC (not yet run on a GPU: off by default)
     row_lane_bytes: int = DEFAULT_ROW_LANE_BYTES  # workers: of each row area of a lane (datapath/lane.py)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
     compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
     compress_local: bool = False  # workers: compress to servers of their own host too (not through lanes)
     trace_dir: Optional[str] = None  # psframework/trace.py
     trace_steps: Optional[tuple[int, int]] = None
+
+    @property
+    def direct_paths(self) -> tuple[bool, bool]:
+        """Whether workers exchange shared host tensors, and GPU tensors, where they lie."""
+        return self.direct, self.direct_gpu
 
     def __post_init__(self) -> None:
         check_address(self.scheduler)
@@ -368,6 +374,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         shm=_flag(env, "PS_SHM", default=True),
         cuda_ipc=_flag(env, "PS_CUDA_IPC", default=True),
         direct=_flag(env, "PS_DIRECT", default=True),
+        direct_gpu=_flag(env, "PS_DIRECT_GPU", default=False),
         row_lane_bytes=_env(env, "PS_ROW_LANE_BYTES", int, DEFAULT_ROW_LANE_BYTES),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
         compress_min_bytes=_env(env, "PS_COMPRESS_MIN_BYTES", int, DEFAULT_COMPRESS_MIN_BYTES),

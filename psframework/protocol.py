@@ -235,7 +235,8 @@ class BlockRequest(Message):
     are in the pull slot (0: the worker waits for the server's event instead). ``direct``: a lane
     ``PushPull`` of a whole block whose gradients and destination each lie in one region of worker
     memory that the server maps (``datapath/exports.py``): [gradient's export, byte offset,
-    destination's export, byte offset]; the lane's slots are not used. ``exports``: (id, handle,
+    destination's export, byte offset], the lane's slots not used; or the gradient's two alone,
+    the values answered as any lane request's. ``exports``: (id, handle,
     bytes) of the exports it names (each opened once), ``gone``: ids the server is to unmap."""
     req: int
     block: int

@@ -38,6 +38,7 @@ from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
+from .worker.flat import FlatViews
 from .worker.requests import Future
 
 log = logging.getLogger("psframework.training")
@@ -81,6 +82,7 @@ class DistributedOptimizer:
         tables = tables_of(model)
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
+        self._shared: Optional[_SharedGrads] = None
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
         # a step whose values are ordered on the GPU (``push_pull(device_ordered=True)``), not waited for yet
         self._unfinished: Optional[Future] = None
@@ -98,6 +100,7 @@ class DistributedOptimizer:
                     module.bind(self._tables, name)
             if (config.resume if resume is None else resume) and self.checkpoint_dir:
                 self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
+            self._shared = _SharedGrads.make(self.worker, self.params)
             if overlap:
                 self._overlap = _Overlap(self.worker, self.params)
         except BaseException:
@@ -120,7 +123,12 @@ class DistributedOptimizer:
             future.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params.values():
+        """As torch's; gradients in shared memory (``_SharedGrads``) are zeroed in place instead and
+        count as none until backward reaches them."""
+        shared = self._shared.zero_grad() if self._shared is not None else ()
+        for name, p in self.params.items():
+            if name in shared:
+                continue
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
@@ -130,6 +138,8 @@ class DistributedOptimizer:
         # None: no gradient this step. The servers do not step a parameter no worker has a gradient
         # for (as torch.optim skips a None grad); where some workers have one, the others count as
         # zero in the mean (DDP's rule)
+        if self._shared is not None and not self._shared.has_grad(name):
+            return None
         return self.params[name].grad
 
     def prefetch(self, inputs) -> None:
@@ -161,7 +171,17 @@ class DistributedOptimizer:
             if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                 self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
         except RolledBackError as exc:  # also a checkpoint abandoned because the job went back meanwhile
+            self._after_failed_step()
             self._drop_step(exc.step)
+        except BaseException:
+            self._after_failed_step()
+            raise
+
+    def _after_failed_step(self) -> None:
+        """A server may still read the gradients of a step that failed where they lie: they move
+        to new buffers, and the old ones keep what was pushed."""
+        if self._shared is not None:
+            self._shared.views.renew_grads()
 
     def _note_rollback(self, step: int) -> None:
         self._rolled_back = step
@@ -222,6 +242,9 @@ class DistributedOptimizer:
         if self._overlap is not None:
             self._overlap.close()
             self._overlap = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         if self._owns_worker:
             self.worker.close()
 
@@ -230,6 +253,58 @@ class DistributedOptimizer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _SharedGrads:
+    """The gradients of host parameters as views of memory that the servers of this host map
+    (``worker/direct.py``): the servers read them where they lie, with no copy into the lanes
+    (DDP's ``gradient_as_bucket_view``, in shared memory). The values still come back through the
+    lanes: a server's late answer to a failed step must never write the parameters. ``zero_grad``
+    zeroes the gradients in place; a hook on each notes which got a gradient since, so that one
+    backward did not reach still counts as no gradient (torch's ``set_to_none``). A gradient
+    replaced by another tensor (``model.zero_grad()``) takes the lane until ``zero_grad`` puts
+    the view back."""
+
+    def __init__(self, views: FlatViews, reached: set[str]):
+        self.views = views
+        self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
+        self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
+                       for name in views.names]
+
+    @classmethod
+    def make(cls, worker: Worker, params: dict[str, torch.Tensor]) -> Optional["_SharedGrads"]:
+        """For the host parameters, if a server of this host maps our memory; else None."""
+        direct = worker.lanes.direct
+        on_host = {name: p for name, p in params.items() if p.device.type == "cpu"}
+        if not on_host or not direct.accepted_by_any(on_device=False):
+            return None
+        reached = {name for name, p in on_host.items() if p.grad is not None}
+        try:
+            views = FlatViews(on_host, worker.shard_map.blocks, lambda numel, dtype, _: direct.shared_empty(numel, dtype),
+                              whole=True, values=False)
+        except OSError as exc:
+            log.info("worker %d: no shared memory for the parameters (%s); they go through the lanes", worker.rank, exc)
+            return None
+        return cls(views, reached & set(views.names))
+
+    def _reach(self, name: str):
+        def reached(_: torch.Tensor) -> None:
+            self._reached.add(name)
+        return reached
+
+    def has_grad(self, name: str) -> bool:
+        return name in self._reached or name not in self.views.params
+
+    def zero_grad(self) -> list[str]:
+        """Zero the gradients in place (views put back); the names of the parameters they are of."""
+        self.views.zero_grad()
+        self._reached.clear()
+        return self.views.names
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 _READY, _FINISH, _STOP = "ready", "finish", "stop"

@@ -123,11 +123,12 @@ class ServerLanes:
                     mapped.introduce(export_id, handle, size)
             if not request.direct:
                 return None, None
-            if not isinstance(request, P.PushPull) or len(request.direct) != 4 or request.segs is not None \
-                    or request.absent or request.shared:
+            if not isinstance(request, P.PushPull) or len(request.direct) not in (2, 4) or request.segs is not None \
+                    or request.absent or (request.shared and len(request.direct) == 4):
                 raise ConfigError("regions of worker memory are for a PushPull of a whole block only")
             numel, dtype = state.flat.numel(), state.flat.dtype
-            source, destination = (mapped.view(request.direct[i], request.direct[i + 1], numel, dtype) for i in (0, 2))
+            source, destination = (mapped.view(request.direct[i], request.direct[i + 1], numel, dtype)
+                                   if i < len(request.direct) else None for i in (0, 2))
         except ConfigError as exc:
             raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} of {state.describe()}: {exc}") from None
         self.direct_requests += 1

@@ -24,12 +24,21 @@ from ..errors import ConfigError
 log = logging.getLogger("psframework.worker")
 
 
+def _nbytes(pieces: list[torch.Tensor]) -> int:
+    return sum(piece.numel() * piece.element_size() for piece in pieces)
+
+
 @dataclass(frozen=True)
 class Regions:
     """What a direct request's header carries (``BlockRequest.direct``, ``exports``, ``gone``)."""
     direct: list[int]
     exports: list[tuple[int, bytes, int]]
     gone: list[int]
+
+    @property
+    def writes(self) -> bool:
+        """The server writes the values into the destination itself."""
+        return len(self.direct) == 4
 
     def fields(self) -> dict:
         return {"direct": self.direct, "exports": self.exports, "gone": self.gone}
@@ -51,8 +60,8 @@ def one_region(pieces: list[torch.Tensor]) -> Optional[torch.Tensor]:
 class DirectExchange:
     """The worker's exports, host and GPU, and which servers said they map them."""
 
-    def __init__(self, rank: int, enabled: bool = True):
-        self.rank, self.enabled = rank, enabled
+    def __init__(self, rank: int, enabled: bool = True, on_gpu: bool = False):
+        self.rank, self.enabled, self.on_gpu = rank, enabled, enabled and on_gpu
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
@@ -66,7 +75,7 @@ class DirectExchange:
 
     def device_exports(self) -> Optional[WorkerExports]:
         """The exports of our GPU allocations, if this driver can make them."""
-        if self._exports[True] is None and self.enabled and memops() is not None:
+        if self._exports[True] is None and self.on_gpu and memops() is not None:
             self._exports[True] = WorkerExports(memops())
         return self._exports[True]
 
@@ -85,10 +94,14 @@ class DirectExchange:
         exports = self._exports[on_device]
         if exports is not None:
             exports.forget_server(server)
-        if accepted and self.enabled:
+        if accepted and (self.on_gpu if on_device else self.enabled):
             self._accepted.add((server, on_device))
         else:
             self._accepted.discard((server, on_device))
+
+    def accepted_by_any(self, on_device: bool) -> bool:
+        """Whether some server maps our host (``on_device``: GPU) memory."""
+        return any(device == on_device for _, device in self._accepted)
 
     def sweep(self) -> None:
         """Before an exchange: find GPU allocations freed since the last (their servers unmap them)."""
@@ -96,23 +109,26 @@ class DirectExchange:
             if self._exports[True].sweep():
                 self._placed.clear()
 
-    def regions(self, server: int, on_device: bool, sources: list[torch.Tensor], dests: list[torch.Tensor]
-                ) -> Optional[Regions]:
-        """The regions of a block's gradients (``sources``) and destination (``dests``, by segment)
-        if ``server`` maps them; None: the block goes through the lane."""
-        if (server, on_device) not in self._accepted or any(piece.is_cuda != on_device for piece in [*sources, *dests]):
+    def regions(self, server: int, on_device: bool, sources: list[torch.Tensor],
+                dests: Optional[list[torch.Tensor]]) -> Optional[Regions]:
+        """The regions of a block's gradients (``sources``, by segment) and of its destination
+        (``dests``) if ``server`` maps them; the gradients' alone where the destination is not
+        mapped (or not given); None: the block goes through the lane."""
+        if (server, on_device) not in self._accepted or any(p.is_cuda != on_device for p in sources):
             return None
         exports = self._exports[on_device]
-        key = (on_device, *(p.data_ptr() for p in (sources[0], dests[0])),
-               *(sum(p.numel() * p.element_size() for p in pieces) for pieces in (sources, dests)))
+        mapped_dests = dests if dests and all(p.is_cuda == on_device for p in dests) else None
+        key = (on_device, sources[0].data_ptr(), _nbytes(sources),
+               *((mapped_dests[0].data_ptr(), _nbytes(mapped_dests)) if mapped_dests else ()))
         placed = self._placed.get(key)
         if placed is None:
-            located = [self._locate(exports, pieces) for pieces in (sources, dests)]
-            if None in located:
+            located = [self._locate(exports, sources)]
+            if located[0] is None:
                 return None
-            source, dest = located
+            dest = self._locate(exports, mapped_dests) if mapped_dests else None
+            located += [dest] if dest is not None else []
             named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
-            placed = self._placed[key] = ([source.export.id, source.offset, dest.export.id, dest.offset],
+            placed = self._placed[key] = ([n for item in located for n in (item.export.id, item.offset)],
                                           located, list(named.values()))
         direct, located, named = placed
         exports.introductions(server, located)  # told from now on: it hears when they are gone
@@ -128,8 +144,7 @@ class DirectExchange:
         except ConfigError as exc:  # the driver says the tensor runs past its allocation: not ours to map
             log.debug("worker %d: %s", self.rank, exc)
             return None
-        nbytes = sum(piece.numel() * piece.element_size() for piece in pieces)
-        if located is None or located.offset + nbytes > located.export.size:
+        if located is None or located.offset + _nbytes(pieces) > located.export.size:
             return None
         return located
 

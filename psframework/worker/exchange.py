@@ -129,10 +129,11 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     the push event is then recorded after the copies into the push slot, those from GPUs
     (``landed``) too: the server waits for it, not we for them."""
     regions = _direct_regions(exchange, lane, block, parts)
-    if regions is not None:  # the server reads and writes our tensors where they lie: no copies
-        copies = [exchange._dests[name].from_lane(block, seg, direct=True) for _, seg, name in parts]
-    else:
+    if regions is None:
         copies = [c for c in (_into_lane(exchange, lane, block, seg, name) for _, seg, name in parts) if c]
+    else:  # the server reads the gradients where they lie, and writes the values there too if it maps them
+        copies = [exchange._dests[name].from_lane(block, seg, direct=regions.writes)
+                  for _, seg, name in parts] if exchange._dests else []
     if lane.on_device and exchange.op is not P.Pull:
         _record_pushed(exchange, lane, block, parts, landed, after_caller=regions is not None)
     # only a device-ordered exchange waits on the GPU: wait() of any other returns once the values are there
@@ -156,16 +157,16 @@ def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, na
 
 
 def _direct_regions(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part]) -> Optional[Regions]:
-    """Where ``block``'s gradients and destination lie, if its server is to read and write them
+    """Where ``block``'s gradients (and destination) lie, if its server is to read (and write) them
     there (``worker/direct.py``): a ``PushPull`` of the whole block, every gradient present. A GPU
     block was placed when its tensor was added (``_direct_on_device``), before any copy of it."""
     if lane.on_device:
         return exchange._direct.get(block.block_id, (None,))[0]
-    if exchange.op is not P.PushPull or not exchange._dests or len(parts) != len(block.segments) \
+    if exchange.op is not P.PushPull or len(parts) != len(block.segments) \
             or any(name in exchange._absent for _, _, name in parts):
         return None
     sources = [segment_of(exchange._sources[name], seg) for _, seg, name in parts]
-    dests = [exchange._dests[name].target_of(seg) for _, seg, name in parts]
+    dests = [exchange._dests[name].target_of(seg) for _, seg, name in parts] if exchange._dests else None
     return exchange.worker.lanes.direct.regions(block.server, False, sources, dests)
 
 
@@ -175,12 +176,12 @@ def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor) 
     would need every tensor of it before the first copy)."""
     lane = exchange._lane_blocks.get(block.block_id)
     parts = exchange._blocks[block.block_id][1]
-    if lane is None or not lane.on_device or exchange.op is not P.PushPull or not exchange._dests \
-            or len(parts) != 1 or len(block.segments) != 1:
+    if lane is None or not lane.on_device or exchange.op is not P.PushPull or len(parts) != 1 \
+            or len(block.segments) != 1:
         return False
     _, seg, name = parts[0]
     regions = exchange.worker.lanes.direct.regions(block.server, True, [segment_of(source, seg)],
-                                                   [exchange._dests[name].target_of(seg)])
+                                                   [exchange._dests[name].target_of(seg)] if exchange._dests else None)
     if regions is not None:
         exchange._direct[block.block_id] = (regions, source)  # the source stays ours until answered
     return regions is not None
@@ -458,7 +459,7 @@ class Exchange:
                          step=self.step, rollback=client.rollback,
                          absent=[i for i, _, name in parts if name in self._absent],
                          codecs=codecs, pull_codecs=pull_codecs,
-                         shared=lane is not None and not lane.on_device and regions is None
+                         shared=lane is not None and not lane.on_device and (regions is None or not regions.writes)
                          and self.worker.lanes.reads_shared(block.server, copies), flag=flag,
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])

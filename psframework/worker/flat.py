@@ -12,7 +12,7 @@ where it lies (``docs/direct-device-exchange.md``). Not wired into the exchanges
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -41,39 +41,72 @@ def flat_layout(blocks: Iterable[Block], places: Mapping[str, Place]) -> dict[Pl
     return layout
 
 
+def _torch_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, device=device, dtype=dtype)
+
+
 class FlatViews:
     """The tensors of ``params`` that ``flat_layout`` places, made views of flat buffers (values
-    copied), with gradients that are views of zeroed flat buffers of the same layout."""
+    copied), with gradients that are views of zeroed flat buffers of the same layout. ``allocate``
+    makes the buffers (``numel, dtype, device``; torch's by default); ``whole``: the other tensors
+    get buffers of their own too (host tensors the servers are to map need it: ``shared_empty``);
+    ``values=False``: only the gradients become views, the parameters stay where they are."""
 
-    def __init__(self, params: Mapping[str, torch.Tensor], blocks: Iterable[Block]):
+    def __init__(self, params: Mapping[str, torch.Tensor], blocks: Iterable[Block],
+                 allocate: Callable[[int, torch.dtype, torch.device], torch.Tensor] = _torch_empty,
+                 whole: bool = False, values: bool = True):
         self.params = dict(params)
+        self._allocate, self._values = allocate, values
         places = {name: (p.device, p.dtype) for name, p in self.params.items()}
-        self.values: dict[Place, torch.Tensor] = {}
-        self.grads: dict[Place, torch.Tensor] = {}
-        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (value view, grad view)
-        for place, (size, offsets) in flat_layout(blocks, places).items():
-            device, dtype = place
-            values = self.values[place] = torch.empty(size, device=device, dtype=dtype)
-            grads = self.grads[place] = torch.zeros(size, device=device, dtype=dtype)
-            for name, offset in offsets.items():
+        # (device, dtype, elements, [(name, element offset)]) of each buffer
+        self._layout = [(device, dtype, size, list(offsets.items()))
+                        for (device, dtype), (size, offsets) in flat_layout(blocks, places).items()]
+        placed = {name for *_, offsets in self._layout for name, _ in offsets}
+        self._layout += [(p.device, p.dtype, p.numel(), [(name, 0)])
+                         for name, p in self.params.items() if whole and name not in placed]
+        self._views: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # name -> (value view, grad view)
+        self._grad_buffers: list[torch.Tensor] = []
+        for device, dtype, size, offsets in self._layout:
+            buffer = self._allocate(size, dtype, device) if values else None
+            for name, offset in offsets:
                 param = self.params[name]
-                end = offset + param.numel()
-                value, grad = values[offset:end].view(param.shape), grads[offset:end].view(param.shape)
-                value.copy_(param.detach())
-                param.data = value
-                self._views[name] = (value, grad)
+                if buffer is not None:
+                    value = buffer[offset:offset + param.numel()].view(param.shape)
+                    value.copy_(param.detach())
+                    param.data = value
+                self._views[name] = (param.data if buffer is not None else None, param.data)  # grad: below
+        self._new_grads(copy=False)
         self.restore()
+
+    def _new_grads(self, copy: bool) -> None:
+        """Gradient views in new buffers (holding what the old views hold, with ``copy``)."""
+        self._grad_buffers = []
+        for device, dtype, size, offsets in self._layout:
+            grads = self._allocate(size, dtype, device)
+            grads.zero_()
+            self._grad_buffers.append(grads)
+            for name, offset in offsets:
+                param = self.params[name]
+                grad = grads[offset:offset + param.numel()].view(param.shape)
+                old = self._views[name][1]
+                if copy:
+                    grad.copy_(old)
+                self._views[name] = (self._views[name][0], grad)
 
     @property
     def names(self) -> list[str]:
         return list(self._views)
+
+    @property
+    def grad_buffers(self) -> list[torch.Tensor]:
+        return list(self._grad_buffers)
 
     def intact(self, name: str) -> bool:
         """Whether ``name``'s value and gradient are still the views (``p.data = ...`` or a
         ``zero_grad(set_to_none=True)`` elsewhere breaks them)."""
         value, grad = self._views[name]
         param = self.params[name]
-        return param.data_ptr() == value.data_ptr() and param.grad is not None and \
+        return (value is None or param.data_ptr() == value.data_ptr()) and param.grad is not None and \
             param.grad.data_ptr() == grad.data_ptr()
 
     def restore(self) -> None:
@@ -90,9 +123,19 @@ class FlatViews:
 
     def zero_grad(self) -> None:
         """Zero the views' gradients in place, views kept (the other tensors' are the caller's)."""
-        for grads in self.grads.values():
+        for grads in self._grad_buffers:
             grads.zero_()
         self.restore()
+
+    def renew_grads(self) -> None:
+        """Move the gradients to new buffers, with what they hold: the old ones are left to
+        whoever may still read them (a server that has yet to read a failed step's push)."""
+        olds = {name: grad for name, (_, grad) in self._views.items()}
+        self._new_grads(copy=True)
+        for name, old in olds.items():
+            param = self.params[name]
+            if param.grad is not None and param.grad.data_ptr() == old.data_ptr():
+                param.grad = self._views[name][1]
 
 
 __all__ = ["FlatViews", "flat_layout"]

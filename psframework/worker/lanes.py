@@ -58,9 +58,9 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
 
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
-                 cuda_ipc: bool = True, row_bytes: int = 0, direct: bool = True):
+                 cuda_ipc: bool = True, row_bytes: int = 0, direct: tuple[bool, bool] = (True, False)):
         self.client, self.rank, self.shard_map, self._cuda_ipc = client, rank, shard_map, cuda_ipc
-        self.direct = DirectExchange(rank, enabled=direct)  # blocks exchanged where our tensors lie
+        self.direct = DirectExchange(rank, *direct)  # blocks exchanged where our tensors lie
         self.row_bytes = row_bytes  # of each row area of a lane (the job has tables), else 0
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
         self.flag_watch: Optional[FlagWatch] = None  # made with the first device lane, if the driver has flags
@@ -144,7 +144,7 @@ class WorkerLanes:
     def request_attach(self, server: int, lane: Slots) -> Request:
         req = self.client.next_id()
         if isinstance(lane, DeviceLane):
-            probe = self.direct.probe(lane.memory) if self.direct.enabled else None
+            probe = self.direct.probe(lane.memory)
             attach = lane.export(self.rank, req)
             if probe is not None:
                 attach = msgspec.structs.replace(attach, direct=True, probe=probe)

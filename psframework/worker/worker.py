@@ -129,7 +129,7 @@ class Worker:
         self.plans = ExchangePlans(self.shard_map, tensors)
         self.lanes = WorkerLanes(self.client, self.rank, self.shard_map, self.staging.synchronize,
                                  self.config.cuda_ipc and self.membership.welcome.server_device != "cpu",
-                                 self.config.row_lane_bytes if self.shard_map.tables else 0, self.config.direct)
+                                 self.config.row_lane_bytes if self.shard_map.tables else 0, self.config.direct_paths)
         self.client.on_server_moved = self.lanes.renew
         self.client.on_rolled_back = self._rolled_back
         self.rows = RowClient(self)

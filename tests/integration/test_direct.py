@@ -199,3 +199,154 @@ def test_two_workers_in_sync_whose_gradients_the_server_holds_where_they_lie_get
         assert stats[0]["direct_requests"] == 2 * 3  # two workers, three steps, one block
         for k in sizes:
             assert torch.equal(params[k], want[k]), k
+
+
+# ------------------------------------------------------------------------------ GPU tensors (CUDA IPC)
+
+GPU_BLOCK = 1 << 20  # bytes: the GPU tests' tensors are a few blocks of one segment each
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_gpu_sync_through_the_direct_exchange_equals_the_device_lanes_bitwise(make_cluster, monkeypatch, optimizer):
+    """Two GPU workers in sync with two GPU servers, with and without the direct exchange
+    (``PS_DIRECT_GPU``): the same bits, equal to one process's training; while one worker's
+    gradients are applied the other's pulls are answered (never torn: both runs agree)."""
+    from tests.integration.test_cuda_ipc import GPU_VS_CPU, _sync_train
+    steps, runs = 5, {}
+    for direct in ("1", "0"):
+        monkeypatch.setenv("PS_DIRECT_GPU", direct)
+        cluster = make_cluster(num_servers=2, num_workers=2, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
+        runs[direct] = _sync_train(cluster, 2, optimizer, steps)
+    want = models.reference(optimizer, steps)
+    for (direct, _), (lanes, _) in zip(runs["1"], runs["0"]):
+        assert all(torch.equal(direct[k], lanes[k]) for k in want)
+        for key, value in want.items():
+            torch.testing.assert_close(direct[key], value, **GPU_VS_CPU)
+    assert sum(s["direct_requests"] for s in runs["1"][0][1]) > 0
+    assert sum(s["direct_requests"] for s in runs["0"][0][1]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("empty_cache", [False, True])
+def test_gpu_async_pushes_through_the_direct_exchange_are_each_applied_once(make_cluster, worker_procs, empty_cache):
+    """Every push of a GPU worker lands once through the direct exchange; with the allocator's cache
+    emptied between steps the exports are made anew and the server lets the old ones go."""
+    steps, numel = 20, 3 * GPU_BLOCK // 4
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=GPU_BLOCK, server_device="cuda")
+    [result] = worker_procs(cluster, "gpu_count_up", 1, env={"PS_DIRECT_GPU": "1"}, steps=steps, numel=numel,
+                            empty_cache=empty_cache).join()
+    assert torch.equal(result["w"], torch.full((numel,), float(steps)))
+    [stats] = result["stats"]
+    assert stats["direct_requests"] == 3 * steps
+    assert stats["mapped_exports"] <= 4  # the live allocations of w and of the last gradient
+
+
+@pytest.mark.gpu
+def test_gpu_memory_the_driver_cannot_export_goes_through_the_device_lane(make_cluster, worker_procs):
+    """``expandable_segments`` allocates with ``cuMemCreate``, which legacy CUDA IPC cannot export:
+    the same results through the device lane, and no direct request."""
+    steps, numel = 5, 3 * GPU_BLOCK // 4
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=GPU_BLOCK, server_device="cuda")
+    env = {"PS_DIRECT_GPU": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    [result] = worker_procs(cluster, "gpu_count_up", 1, env=env, steps=steps, numel=numel).join()
+    assert torch.equal(result["w"], torch.full((numel,), float(steps)))
+    [stats] = result["stats"]
+    assert stats["direct_requests"] == 0 and stats["ipc_requests"] == 3 * steps
+
+
+@pytest.mark.gpu
+def test_gpu_device_ordered_steps_through_the_direct_exchange(make_cluster, monkeypatch):
+    """``push_pull(device_ordered=True)`` through the direct exchange: the caller's next kernels
+    see the new values without a wait on the host (the server's flag orders them)."""
+    monkeypatch.setenv("PS_DIRECT_GPU", "1")
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=GPU_BLOCK, server_device="cuda")
+    numel = 3 * GPU_BLOCK // 4
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(numel, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        grads = {"w": torch.full((numel,), -1.0, device="cuda")}
+        seen = []
+        for _ in range(5):
+            future = worker.push_pull(grads, into=params, device_ordered=True)
+            seen.append(params["w"].sum())  # queued behind the server's write, not waited for
+            future.wait(timeout=30)
+        stats = worker.server_stats()
+    assert [float(s) for s in seen] == [float(numel * (i + 1)) for i in range(5)]
+    assert stats[0]["direct_requests"] == 3 * 5
+
+
+def _adam_reference(steps: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = models.overlap_batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster, overlap):
+    """``DistributedOptimizer`` keeps a host model's gradients in shared memory: every block with a
+    gradient is read by its server where it lies; the unused layer's gradient counts as none (Adam
+    leaves it alone, as torch's with ``set_to_none``); the values equal torch's."""
+    steps = 4
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=overlap) as opt:
+        pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+        for step in range(steps):
+            opt.zero_grad()
+            x, y = models.overlap_batch(step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        stats = opt.worker.server_stats()
+        # a block holding the unused layer has a segment without a gradient: it takes the lane
+        whole = [b for b in opt.worker.shard_map.blocks if not any(s.key.startswith("unused") for s in b.segments)]
+        assert sum(s["direct_requests"] for s in stats) == steps * len(whole)
+        assert all(p.data_ptr() == pointers[name] for name, p in model.named_parameters())  # values stay put
+    want = _adam_reference(steps)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch):
+    """A step fails after some blocks were pushed: the gradients move to new buffers with their
+    values, the old buffers keep what was pushed while the caller zeroes the new ones, and the
+    next steps go direct again."""
+    from psframework.worker.exchange import Exchange
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                 overlap=False) as opt:
+        add = Exchange.add
+
+        def failing_add(self, name, tensor, after=None, checked=False):
+            if name == "last.bias":
+                raise RuntimeError("injected failure")
+            return add(self, name, tensor, after, checked)
+
+        x, y = models.overlap_batch(0)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        pushed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        kept = {name: g.clone() for name, g in pushed.items()}
+        monkeypatch.setattr(Exchange, "add", failing_add)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            opt.step()
+        monkeypatch.setattr(Exchange, "add", add)
+        for name, p in model.named_parameters():
+            if name in pushed:
+                assert p.grad.data_ptr() != pushed[name].data_ptr() and torch.equal(p.grad, kept[name]), name
+        opt.zero_grad()
+        assert all(torch.equal(pushed[name], kept[name]) for name in pushed)  # the old buffers as pushed
+        before = sum(s["direct_requests"] for s in opt.worker.server_stats())
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        assert sum(s["direct_requests"] for s in opt.worker.server_stats()) > before

@@ -380,6 +380,21 @@ def count_up(out: str, steps: int, numel: int) -> None:
         torch.save(params, out)
 
 
+def gpu_count_up(out: str, steps: int, numel: int, empty_cache: bool = False) -> None:
+    """``count_up`` with GPU tensors, and the servers' counters; ``empty_cache``: the gradients and
+    the allocator's cache are let go between steps, so the worker's exports are made anew."""
+    with ps.init() as worker:
+        params = {"w": torch.zeros(numel, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        for _ in range(steps):
+            grads = {"w": torch.full_like(params["w"], -1.0)}
+            worker.push_pull(grads, into=params).wait(timeout=30)
+            if empty_cache:
+                del grads
+                torch.cuda.empty_cache()
+        torch.save({"w": params["w"].cpu(), "stats": worker.server_stats()}, out)
+
+
 def direct_then_die(out: str, flag_dir: str, victim: int) -> None:
     """Two push_pulls of a tensor in shared memory (the direct exchange), then ``done-RANK``; the
     victim exits abruptly once ``die`` exists, the others close once ``finish`` exists."""
@@ -406,7 +421,7 @@ def direct_then_die(out: str, flag_dir: str, victim: int) -> None:
 TASKS = {f.__name__: f for f in (count_up, sync_train, overlap_train, train_with_optimizer, die_after, checkpointed_train,
                                   elastic_train, count_steps, routed_train, stop_while_pulling,
                                   stop_myself, held_then_killed, checkpoint_part, emb_train, emb_checkpointed, compressed_train,
-                                  direct_then_die)}
+                                  direct_then_die, gpu_count_up)}
 
 if __name__ == "__main__":
     task, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -59,7 +59,7 @@ def test_views_keep_the_values_and_backward_accumulates_into_the_flat_gradients(
     assert views.names
     for (name, p), q in zip(params.items(), plain.parameters()):
         assert torch.equal(p, q)
-    [grads] = views.grads.values()
+    [grads] = views.grad_buffers
     pointers = {name: params[name].grad.data_ptr() for name in views.names}
     x = torch.randn(5, 8)
     for net in (model, plain):
@@ -105,3 +105,32 @@ def test_an_optimizer_steps_the_views_like_the_plain_tensors():
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)
     assert all(views.intact(name) for name in views.names)
+
+
+def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold():
+    """``values=False, whole=True``: the parameters stay where they are; every gradient is a view
+    (a large tensor's of a buffer of its own); ``renew_grads`` moves them to new buffers with their
+    values, and the old buffers keep what they held."""
+    model = _model()
+    params = dict(model.named_parameters())
+    pointers = {name: p.data_ptr() for name, p in params.items()}
+    made = []
+
+    def allocate(numel, dtype, device):
+        made.append(torch.full((numel,), float("nan"), dtype=dtype, device=device))
+        return made[-1]
+
+    views = FlatViews(params, _blocks(params), allocate, whole=True, values=False)
+    assert sorted(views.names) == sorted(params)
+    assert all(p.data_ptr() == pointers[name] for name, p in params.items())
+    assert len(made) == len(views.grad_buffers)  # gradients only
+    model[:5](torch.randn(5, 8)).square().sum().backward()
+    model[5](torch.tensor([1, 2])).sum().backward()
+    before = {name: p.grad.clone() for name, p in params.items()}
+    old = views.grad_buffers
+    views.renew_grads()
+    assert all(views.intact(name) for name in views.names)
+    assert all(torch.equal(p.grad, before[name]) for name, p in params.items())
+    assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(old, views.grad_buffers))
+    views.zero_grad()
+    assert all(float(buffer.abs().sum()) > 0 for buffer in old if buffer.numel() > 1)  # left as they were
