@@ -100,6 +100,7 @@ class DistributedOptimizer:
                     module.bind(self._tables, name)
             if (config.resume if resume is None else resume) and self.checkpoint_dir:
                 self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
+            self.worker.lanes.direct.write_values = False  # see _SharedGrads
             self._shared = _SharedGrads.make(self.worker, self.params)
             if overlap:
                 self._overlap = _Overlap(self.worker, self.params)

@@ -65,6 +65,9 @@ class DirectExchange:
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
+        # whether servers may write values into mapped destinations; DistributedOptimizer says no:
+        # a server's late answer to a failed step must never write its parameters
+        self.write_values = True
         # regions and exports named, by (on a GPU, where the pieces start, their bytes): placing a
         # tensor asks the driver; made anew once an allocation is found gone
         self._placed: dict[tuple, Optional[tuple[list[int], list]]] = {}
@@ -117,7 +120,7 @@ class DirectExchange:
         if (server, on_device) not in self._accepted or any(p.is_cuda != on_device for p in sources):
             return None
         exports = self._exports[on_device]
-        mapped_dests = dests if dests and all(p.is_cuda == on_device for p in dests) else None
+        mapped_dests = dests if self.write_values and dests and all(p.is_cuda == on_device for p in dests) else None
         key = (on_device, sources[0].data_ptr(), _nbytes(sources),
                *((mapped_dests[0].data_ptr(), _nbytes(mapped_dests)) if mapped_dests else ()))
         placed = self._placed.get(key)
