@@ -126,7 +126,7 @@ class DistributedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; gradients in shared memory (``_SharedGrads``) are zeroed in place instead and
         count as none until backward reaches them."""
-        shared = self._shared.zero_grad() if self._shared is not None else ()
+        shared = self._shared.zero_grad(set_to_none) if self._shared is not None else ()
         for name, p in self.params.items():
             if name in shared:
                 continue
@@ -169,6 +169,8 @@ class DistributedOptimizer:
                 self._step_without_overlap(push_rows)
             else:
                 self._overlap.finish(self._grad, push_rows)
+            if self._shared is not None and self._unfinished is None:
+                self._shared.completed()
             if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                 self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
         except RolledBackError as exc:  # also a checkpoint abandoned because the job went back meanwhile
@@ -180,9 +182,10 @@ class DistributedOptimizer:
 
     def _after_failed_step(self) -> None:
         """A server may still read the gradients of a step that failed where they lie: they move
-        to new buffers, and the old ones keep what was pushed."""
-        if self._shared is not None:
-            self._shared.views.renew_grads()
+        to new buffers, and the old ones keep what was pushed (let go after the next step)."""
+        if self._shared is not None and not self._shared.renew():
+            self._shared.close()
+            self._shared = None
 
     def _note_rollback(self, step: int) -> None:
         self._rolled_back = step
@@ -261,13 +264,14 @@ class _SharedGrads:
     (``worker/direct.py``): the servers read them where they lie, with no copy into the lanes
     (DDP's ``gradient_as_bucket_view``, in shared memory). The values still come back through the
     lanes: a server's late answer to a failed step must never write the parameters. ``zero_grad``
-    zeroes the gradients in place; a hook on each notes which got a gradient since, so that one
-    backward did not reach still counts as no gradient (torch's ``set_to_none``). A gradient
-    replaced by another tensor (``model.zero_grad()``) takes the lane until ``zero_grad`` puts
-    the view back."""
+    zeroes the gradients in place, so ``p.grad`` stays a tensor; a hook on each notes which got a
+    gradient since, so that one backward did not reach still counts as no gradient (torch's
+    ``set_to_none``). A gradient replaced by another tensor (``model.zero_grad()``, or one the
+    caller assigned) counts as given and takes the lane until ``zero_grad`` puts the view back."""
 
-    def __init__(self, views: FlatViews, reached: set[str]):
-        self.views = views
+    def __init__(self, worker: Worker, views: FlatViews, reached: set[str]):
+        self.worker, self.views = worker, views
+        self._retired: list[torch.Tensor] = []  # gradient buffers of failed steps (``renew``)
         self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
         self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
                        for name in views.names]
@@ -286,7 +290,7 @@ class _SharedGrads:
         except OSError as exc:
             log.info("worker %d: no shared memory for the parameters (%s); they go through the lanes", worker.rank, exc)
             return None
-        return cls(views, reached & set(views.names))
+        return cls(worker, views, reached & set(views.names))
 
     def _reach(self, name: str):
         def reached(_: torch.Tensor) -> None:
@@ -294,13 +298,39 @@ class _SharedGrads:
         return reached
 
     def has_grad(self, name: str) -> bool:
-        return name in self._reached or name not in self.views.params
+        """Backward reached it since ``zero_grad``, or the caller gave it a gradient of its own."""
+        return name in self._reached or name not in self.views.params or not self.views.grad_is_view(name)
 
-    def zero_grad(self) -> list[str]:
-        """Zero the gradients in place (views put back); the names of the parameters they are of."""
+    def zero_grad(self, set_to_none: bool) -> list[str]:
+        """Zero the gradients in place (views put back); the names of the parameters they are of.
+        Without ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
         self.views.zero_grad()
-        self._reached.clear()
+        if set_to_none:
+            self._reached = set()
         return self.views.names
+
+    def renew(self) -> bool:
+        """After a failed step: move the gradients to new buffers; the old ones are let go after
+        the next step that completes (``completed``), when every server has answered what came
+        before it. False, with the gradients made ordinary tensors, if there is no memory for them."""
+        old = self.views.grad_buffers
+        try:
+            self.views.renew_grads()
+        except OSError as exc:
+            log.warning("worker %d: no shared memory for new gradients (%s); they go through the lanes from now on",
+                        self.worker.rank, exc)
+            for name in self.views.names:
+                grad = self.views.params[name].grad
+                self.views.params[name].grad = None if grad is None else grad.clone()
+            return False
+        self._retired += old
+        return True
+
+    def completed(self) -> None:
+        """A step completed: the buffers of failed steps before it are read by no server any more."""
+        if self._retired:
+            self.worker.lanes.direct.free(self._retired)
+            self._retired = []
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -54,6 +54,7 @@ class WorkerExports:
         self._next_id = 1
         self._known_by: dict[int, set[int]] = {}  # server rank -> export ids it was given
         self._gone: list[int] = []  # ids replaced since the servers last heard
+        self.generation = 0  # counts the exports found gone: what was placed before may be stale
 
     def locate(self, tensor: torch.Tensor) -> Optional[Located]:
         """Where ``tensor`` (contiguous, on a GPU) lies; None where the driver cannot say or cannot
@@ -99,6 +100,7 @@ class WorkerExports:
         return found
 
     def _mark_gone(self, export: Export) -> None:
+        self.generation += 1
         self._by_base.pop(export.base, None)
         if any(export.id in known for known in self._known_by.values()):
             self._gone.append(export.id)
@@ -135,8 +137,10 @@ class SharedHostMemory:
     (``allocation_of``, ``ipc_handle``), so ``WorkerExports`` places host tensors too."""
 
     def __init__(self):
-        self._files: dict[int, tuple[int, int, bytes, torch.Tensor]] = {}  # base -> (fd, size, handle, memory)
+        # base -> (descriptor, size, id, handle, mapping); an id is never used twice
+        self._files: dict[int, tuple[int, int, int, bytes, torch.Tensor]] = {}
         self._next_id = 1
+        self.freed = 0  # allocations let go of (``free``): their exports are gone
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A new tensor of ``numel`` elements of ``dtype`` in a memory file of its own (zeroed);
@@ -145,23 +149,32 @@ class SharedHostMemory:
         fd, path, memory = create_mapped(f"psf-{os.getpid()}-export-{self._next_id}", TOKEN_BYTES + nbytes)
         token = bytes(memory[:TOKEN_BYTES].numpy())
         data = memory[TOKEN_BYTES:]
-        self._files[data.data_ptr()] = (fd, nbytes, token + str(path).encode(), memory)
+        self._files[data.data_ptr()] = (fd, nbytes, self._next_id, token + str(path).encode(), memory)
         self._next_id += 1
         return data[:numel * dtype.itemsize].view(dtype)
 
     def allocation_of(self, address: int) -> tuple[int, int, int]:
-        """The file ``address`` lies in: its data's base, size, and an id (its descriptor)."""
-        for base, (fd, size, _, _) in self._files.items():
+        """The file ``address`` lies in: its data's base, size, and its id."""
+        for base, (_, size, buffer_id, _, _) in self._files.items():
             if base <= address < base + size:
-                return base, size, fd
+                return base, size, buffer_id
         raise ConfigError(f"host address {address:#x} is not in a shared allocation")
 
     def ipc_handle(self, base: int) -> bytes:
-        return self._files[base][2]
+        return self._files[base][3]
+
+    def free(self, tensors: list[torch.Tensor]) -> None:
+        """Let go of the allocations of ``tensors`` (made by ``empty``): their files close, and the
+        memory goes back once no tensor of this process or mapping of a server's uses it."""
+        for tensor in tensors:
+            entry = self._files.pop(tensor.data_ptr(), None) if tensor.numel() else None
+            if entry is not None:
+                os.close(entry[0])
+                self.freed += 1
 
     def close(self) -> None:
         """Let the files go (their tensors stay valid while referenced; servers keep their mappings)."""
-        for fd, _, _, _ in self._files.values():
+        for fd, *_ in self._files.values():
             os.close(fd)
         self._files.clear()
 

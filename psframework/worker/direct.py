@@ -24,6 +24,13 @@ from ..errors import ConfigError
 log = logging.getLogger("psframework.worker")
 
 
+MAX_PLACED = 4096  # placements remembered; more (a loop of ever new tensors) starts afresh
+
+
+def _where(piece: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    return piece.data_ptr(), piece.numel(), piece.dtype
+
+
 def _nbytes(pieces: list[torch.Tensor]) -> int:
     return sum(piece.numel() * piece.element_size() for piece in pieces)
 
@@ -68,9 +75,10 @@ class DirectExchange:
         # whether servers may write values into mapped destinations; DistributedOptimizer says no:
         # a server's late answer to a failed step must never write its parameters
         self.write_values = True
-        # regions and exports named, by (on a GPU, where the pieces start, their bytes): placing a
-        # tensor asks the driver; made anew once an allocation is found gone
-        self._placed: dict[tuple, Optional[tuple[list[int], list]]] = {}
+        # regions and exports named (or None: not mapped), by where every piece lies: placing a
+        # tensor asks the driver; forgotten once an allocation is found gone
+        self._placed: dict[tuple, Optional[tuple[list[int], list, list]]] = {}
+        self._generations = (0, 0, 0)  # of both exports and of the host memory's frees, when placed
 
     def shared_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A host tensor that servers of this host may read and write where it lies."""
@@ -106,11 +114,25 @@ class DirectExchange:
         """Whether some server maps our host (``on_device``: GPU) memory."""
         return any(device == on_device for _, device in self._accepted)
 
+    def accepts(self, server: int, on_device: bool) -> bool:
+        return (server, on_device) in self._accepted
+
     def sweep(self) -> None:
-        """Before an exchange: find GPU allocations freed since the last (their servers unmap them)."""
-        if self._exports[True] is not None and any(on_device for _, on_device in self._accepted):
-            if self._exports[True].sweep():
-                self._placed.clear()
+        """Before an exchange: find the allocations freed since the last (GPU memory the allocator
+        gave back, host memory let go of after a failed step): their servers unmap them."""
+        if self._exports[True] is not None and self.accepted_by_any(on_device=True):
+            self._exports[True].sweep()
+        if self.host_memory.freed != self._generations[2]:
+            self._exports[False].sweep()
+        generations = (self._exports[False].generation, getattr(self._exports[True], "generation", 0),
+                       self.host_memory.freed)
+        if generations != self._generations or len(self._placed) > MAX_PLACED:
+            self._placed.clear()
+            self._generations = generations
+
+    def free(self, tensors: list[torch.Tensor]) -> None:
+        """Let go of shared host tensors (``shared_empty``'s); the servers hear at the next exchange."""
+        self.host_memory.free(tensors)
 
     def regions(self, server: int, on_device: bool, sources: list[torch.Tensor],
                 dests: Optional[list[torch.Tensor]]) -> Optional[Regions]:
@@ -121,22 +143,26 @@ class DirectExchange:
             return None
         exports = self._exports[on_device]
         mapped_dests = dests if self.write_values and dests and all(p.is_cuda == on_device for p in dests) else None
-        key = (on_device, sources[0].data_ptr(), _nbytes(sources),
-               *((mapped_dests[0].data_ptr(), _nbytes(mapped_dests)) if mapped_dests else ()))
-        placed = self._placed.get(key)
+        key = (on_device, *(_where(p) for p in sources), None, *(_where(p) for p in mapped_dests or ()))
+        if key not in self._placed:
+            self._placed[key] = self._place(exports, sources, mapped_dests)
+        placed = self._placed[key]
         if placed is None:
-            located = [self._locate(exports, sources)]
-            if located[0] is None:
-                return None
-            dest = self._locate(exports, mapped_dests) if mapped_dests else None
-            located += [dest] if dest is not None else []
-            named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
-            placed = self._placed[key] = ([n for item in located for n in (item.export.id, item.offset)],
-                                          located, list(named.values()))
+            return None
         direct, located, named = placed
         exports.introductions(server, located)  # told from now on: it hears when they are gone
         # every request names its exports' handles: one resent to a restarted server stands alone
         return Regions(direct, named, exports.take_gone(server))
+
+    def _place(self, exports: WorkerExports, sources: list[torch.Tensor], dests: Optional[list[torch.Tensor]]
+               ) -> Optional[tuple[list[int], list[Located], list]]:
+        located = [self._locate(exports, sources)]
+        if located[0] is None:
+            return None
+        dest = self._locate(exports, dests) if dests else None
+        located += [dest] if dest is not None else []
+        named = {item.export.id: (item.export.id, item.export.handle, item.export.size) for item in located}
+        return [n for item in located for n in (item.export.id, item.offset)], located, list(named.values())
 
     def _locate(self, exports: WorkerExports, pieces: list[torch.Tensor]) -> Optional[Located]:
         first = one_region(pieces) if pieces else None

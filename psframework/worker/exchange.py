@@ -135,7 +135,7 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
         copies = [exchange._dests[name].from_lane(block, seg, direct=regions.writes)
                   for _, seg, name in parts] if exchange._dests else []
     if lane.on_device and exchange.op is not P.Pull:
-        _record_pushed(exchange, lane, block, parts, landed, after_caller=regions is not None)
+        _record_pushed(exchange, lane, block, parts, landed, direct=exchange._direct.get(block.block_id))
     # only a device-ordered exchange waits on the GPU: wait() of any other returns once the values are there
     flag = exchange.worker.lanes.flag_for(lane, block, copies) if exchange._device_ordered else 0
     if flag:
@@ -162,15 +162,16 @@ def _direct_regions(exchange: "Exchange", lane: Slots, block: Block, parts: list
     block was placed when its tensor was added (``_direct_on_device``), before any copy of it."""
     if lane.on_device:
         return exchange._direct.get(block.block_id, (None,))[0]
-    if exchange.op is not P.PushPull or len(parts) != len(block.segments) \
-            or any(name in exchange._absent for _, _, name in parts):
-        return None
+    direct = exchange.worker.lanes.direct
+    if exchange.op is not P.PushPull or not direct.accepts(block.server, False) or len(parts) != len(block.segments) \
+            or any(name in exchange._absent or exchange._sources.get(name) is None for _, _, name in parts):
+        return None  # a GPU tensor's gradient through a host lane is in the push slot already
     sources = [segment_of(exchange._sources[name], seg) for _, seg, name in parts]
     dests = [exchange._dests[name].target_of(seg) for _, seg, name in parts] if exchange._dests else None
-    return exchange.worker.lanes.direct.regions(block.server, False, sources, dests)
+    return direct.regions(block.server, False, sources, dests)
 
 
-def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor) -> bool:
+def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor, after) -> bool:
     """Whether a block of a GPU tensor being added (``source``: its flat view) goes direct: then
     nothing is copied into its push slot. Only a block of one segment, for now (one of several
     would need every tensor of it before the first copy)."""
@@ -182,13 +183,13 @@ def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor) 
     _, seg, name = parts[0]
     regions = exchange.worker.lanes.direct.regions(block.server, True, [segment_of(source, seg)],
                                                    [exchange._dests[name].target_of(seg)] if exchange._dests else None)
-    if regions is not None:
-        exchange._direct[block.block_id] = (regions, source)  # the source stays ours until answered
+    if regions is not None:  # the source stays ours until answered; the server reads it after ``after``
+        exchange._direct[block.block_id] = (regions, source, after)
     return regions is not None
 
 
 def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable,
-                   after_caller: bool = False) -> None:
+                   direct: Optional[tuple] = None) -> None:
     """Record ``block``'s push event after its copies from GPUs (``landed``) and, if it has host
     sources, after the caller's stream (a copy from pageable memory may return before its DMA is
     done). It is recorded on a stream of its own: the copy stream may already wait for gradients
@@ -197,10 +198,12 @@ def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[
     stream = exchange.worker.staging.stream(device, "signal")
     for event in landed:
         stream.wait_event(event)
-    # a direct block's server reads the gradients and writes the destination where they lie: after
-    # everything queued so far, which made the one and may read the other
-    if after_caller or any(name not in exchange._from_device and name not in exchange._absent
-                           for _, _, name in parts):
+    # a direct block's server reads the gradient where it lies, once what made it is done (``after``
+    # of ``add``), and writes the destination after all queued so far, which may read it
+    if direct is not None and direct[2] is not None:
+        stream.wait_event(direct[2])
+    after_caller = direct is not None and (direct[0].writes or direct[2] is None)
+    if after_caller or any(name not in exchange._from_device and name not in exchange._absent for _, _, name in parts):
         stream.wait_stream(torch.cuda.current_stream(device))
     lane.record_pushed(block.block_id, stream)
 
@@ -353,7 +356,7 @@ class Exchange:
                 source = source.contiguous()
         source = source.view(-1)
         if tensor.is_contiguous():
-            pieces = [p for p in pieces if not _direct_on_device(self, p[0], source)]
+            pieces = [p for p in pieces if not _direct_on_device(self, p[0], source, after)]
         unlaunched = self._unlaunched.get(device)
         if unlaunched is None:
             unlaunched = self._unlaunched[device] = ([], [], set())
@@ -389,7 +392,8 @@ class Exchange:
             stream.wait_stream(torch.cuda.current_stream(device))
 
     def abandon(self) -> None:
-        """Drop the exchange (its step failed): nothing more is sent, late answers write nowhere, its
+        """Drop the exchange (its step failed): nothing more is sent, late answers write nowhere (but
+        a server writes destinations in shared memory itself: ``worker/direct.py``), its
         unsent blocks' lane slots are freed once the copies into them landed, a sync step's unsent
         blocks are pushed without a gradient (``_push_nothing``), and the future completes without
         counting as done (``Future.abandon``). Never raises; a second call does nothing."""
@@ -464,7 +468,7 @@ class Exchange:
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if regions is not None:  # the server reads them where they lie: they stay ours until answered
-            request.keep.extend([self._direct.get(block.block_id, (None, None))[1],
+            request.keep.extend([self._direct.get(block.block_id, (None, None, None))[1],
                                  *(self._sources.get(name) for _, _, name in parts), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)

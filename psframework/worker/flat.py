@@ -101,6 +101,10 @@ class FlatViews:
     def grad_buffers(self) -> list[torch.Tensor]:
         return list(self._grad_buffers)
 
+    def grad_is_view(self, name: str) -> bool:
+        grad = self.params[name].grad
+        return grad is not None and grad.data_ptr() == self._views[name][1].data_ptr()
+
     def intact(self, name: str) -> bool:
         """Whether ``name``'s value and gradient are still the views (``p.data = ...`` or a
         ``zero_grad(set_to_none=True)`` elsewhere breaks them)."""
@@ -122,10 +126,12 @@ class FlatViews:
             param.grad = grad
 
     def zero_grad(self) -> None:
-        """Zero the views' gradients in place, views kept (the other tensors' are the caller's)."""
+        """Zero the views' gradients in place and give every parameter its view back (a gradient
+        that is another tensor now is dropped, as torch's ``zero_grad`` drops it)."""
         for grads in self._grad_buffers:
             grads.zero_()
-        self.restore()
+        for name, (_, grad) in self._views.items():
+            self.params[name].grad = grad
 
     def renew_grads(self) -> None:
         """Move the gradients to new buffers, with what they hold: the old ones are left to

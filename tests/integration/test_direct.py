@@ -317,8 +317,9 @@ def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster
 
 def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch):
     """A step fails after some blocks were pushed: the gradients move to new buffers with their
-    values, the old buffers keep what was pushed while the caller zeroes the new ones, and the
-    next steps go direct again."""
+    values, the old buffers keep what was pushed while the caller zeroes the new ones, the next
+    steps go direct again, and once one completed the old buffers are let go (the servers unmap
+    them)."""
     from psframework.worker.exchange import Exchange
     cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
     torch.manual_seed(0)
@@ -335,6 +336,10 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         x, y = models.overlap_batch(0)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        mapped = sum(s["mapped_exports"] for s in opt.worker.server_stats())
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
         pushed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         kept = {name: g.clone() for name, g in pushed.items()}
         monkeypatch.setattr(Exchange, "add", failing_add)
@@ -347,6 +352,39 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         opt.zero_grad()
         assert all(torch.equal(pushed[name], kept[name]) for name in pushed)  # the old buffers as pushed
         before = sum(s["direct_requests"] for s in opt.worker.server_stats())
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        assert sum(s["direct_requests"] for s in opt.worker.server_stats()) > before
+        for _ in range(2):  # the old buffers are let go after the first, the servers hear with the second
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        stats = opt.worker.server_stats()
+        assert sum(s["direct_requests"] for s in stats) > before
+        assert sum(s["mapped_exports"] for s in stats) == mapped  # the failed step's buffers unmapped
+
+
+def test_zeroed_and_hand_made_gradients_count_as_torch_counts_them(make_cluster):
+    """``zero_grad(set_to_none=False)`` keeps the gradients that were there, zeroed, and a layer
+    that never had one without (as torch's); a gradient the caller assigns is pushed though no
+    hook saw it. The values equal torch's SGD with weight decay, which moves whatever has a gradient."""
+    def train(model, opt, zero_grad):
+        for step in range(2):
+            zero_grad(set_to_none=step != 0)
+            x, y = models.overlap_batch(step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if step == 1:
+                model.unused.weight.grad = torch.ones_like(model.unused.weight)
+            opt.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(0)
+    reference = models.OverlapNet()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, weight_decay=0.1)
+    want = train(reference, opt, opt.zero_grad)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1, weight_decay=0.1), ps.init(scheduler=cluster.scheduler),
+                                 overlap=False) as opt:
+        got = train(model, opt, opt.zero_grad)
+        assert sum(s["direct_requests"] for s in opt.worker.server_stats()) > 0
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)

@@ -134,3 +134,17 @@ def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold(
     assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(old, views.grad_buffers))
     views.zero_grad()
     assert all(float(buffer.abs().sum()) > 0 for buffer in old if buffer.numel() > 1)  # left as they were
+
+
+def test_zero_grad_drops_a_gradient_that_replaced_the_view():
+    """``model.zero_grad()`` (set_to_none) and a backward leave ``p.grad`` a tensor of torch's; the
+    next ``zero_grad`` of the views gives the view back zeroed, not holding that gradient."""
+    model = _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params), whole=True, values=False)
+    model.zero_grad()  # set_to_none
+    model[:5](torch.randn(5, 8)).square().sum().backward()
+    assert not views.intact("0.weight")
+    views.zero_grad()
+    assert all(views.intact(name) for name in views.names)
+    assert all(float(p.grad.abs().sum()) == 0 for p in params.values())
