@@ -53,8 +53,8 @@ def test_every_process_is_a_track_and_only_the_chosen_steps_are_kept(tmp_path):
     names = sorted(e["args"]["name"] for e in events if e["name"] == "process_name")
     assert names == ["server 1", "worker 0", "worker 1"]
     spans = [e for e in events if e["ph"] == "X"]
-    assert sorted((e["args"]["step"], e["pid"]) for e in spans if e["name"] == "PushPull") == [
-        (1, 999)] + [(step, worker._pid) for step in (1, 2)]
+    assert sorted((e["args"]["step"], e["pid"]) for e in spans if e["name"] == "PushPull") == sorted(
+        [(1, 999)] + [(step, worker._pid) for step in (1, 2)])  # pids: the killed one's may be the larger
     assert "cut" not in {e["name"] for e in events}  # the batch a killed process left half-written
     apply = next(e for e in spans if e["name"] == "apply")
     assert apply["args"] == {"blocks": [0]} and apply["dur"] >= 0 and apply["pid"] != 999
