@@ -166,38 +166,27 @@ def test_a_restarted_server_maps_the_workers_memory_anew(make_cluster, tmp_path)
 def test_two_workers_in_sync_whose_gradients_the_server_holds_where_they_lie_get_torchs_bits(make_cluster):
     """The server keeps views of both workers' gradients in their memory until the step, and writes
     the values into both workers' parameters: the bits of torch's fused SGD on the sum."""
-    sizes = {"w": ps.optim.TILE_BYTES // 4 * 2 + 13, "b": 7}
-    spec = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
-    start = {k: torch.randn(n, generator=torch.Generator().manual_seed(5)) for k, n in sizes.items()}
-
-    def grads(rank: int, step: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(100 * rank + step)
-        return {k: torch.randn(n, generator=g) for k, n in sizes.items()}
-
+    from tests.integration.test_shm import (TWO_WORKERS_SGD, TWO_WORKERS_SIZES, fused_sgd_on_the_sum,
+                                            two_workers_grads, two_workers_start)
     cluster = make_cluster(num_servers=1, num_workers=2, mode="sync")
 
     def work(_):
         with ps.init(scheduler=cluster.scheduler) as worker:
-            worker.register(start, optimizer=ps.optim.SGD(**spec))
+            start = two_workers_start()
+            worker.register(start, optimizer=ps.optim.SGD(**TWO_WORKERS_SGD))
             [block] = worker.shard_map.blocks  # both tensors packed into one block: one region each way
             params, pushed = (_packed_like(worker, block, start) for _ in range(2))
             for step in range(3):
-                for k, g in grads(worker.rank, step).items():
+                for k, g in two_workers_grads(worker.rank, step).items():
                     pushed[k].copy_(g)
                 worker.push_pull(pushed, into=params).wait()
             return {k: v.clone() for k, v in params.items()}, worker.server_stats()
 
     results = run_in_threads(2, work)
-    want = {k: v.clone() for k, v in start.items()}
-    reference = torch.optim.SGD(list(want.values()), **spec, fused=True)
-    reference.grad_scale = torch.tensor(2.0)  # the mean of two workers, as the server's fused kernel takes it
-    for step in range(3):
-        for k, p in want.items():
-            p.grad = grads(0, step)[k] + grads(1, step)[k]
-        reference.step()
+    want = fused_sgd_on_the_sum(3)
     for params, stats in results:
         assert stats[0]["direct_requests"] == 2 * 3  # two workers, three steps, one block
-        for k in sizes:
+        for k in TWO_WORKERS_SIZES:
             assert torch.equal(params[k], want[k]), k
 
 

@@ -321,36 +321,47 @@ def test_the_lanes_of_a_dead_worker_are_unmapped_by_the_servers(make_cluster, wo
     procs.join(expect_ok=False)
 
 
+TWO_WORKERS_SIZES = {"w": ps.optim.TILE_BYTES // 4 * 2 + 13, "b": 7}  # a block of three tiles, packed with b
+TWO_WORKERS_SGD = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+def two_workers_start() -> dict[str, torch.Tensor]:
+    return {k: torch.randn(n, generator=torch.Generator().manual_seed(5)) for k, n in TWO_WORKERS_SIZES.items()}
+
+
+def two_workers_grads(rank: int, step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return {k: torch.randn(n, generator=g) for k, n in TWO_WORKERS_SIZES.items()}
+
+
+def fused_sgd_on_the_sum(steps: int) -> dict[str, torch.Tensor]:
+    """torch's fused SGD stepping the sum of both workers' gradients, from ``two_workers_start``."""
+    want = two_workers_start()
+    reference = torch.optim.SGD(list(want.values()), **TWO_WORKERS_SGD, fused=True)
+    reference.grad_scale = torch.tensor(2.0)  # the mean of two workers, as the server's fused kernel takes it
+    for step in range(steps):
+        for k, p in want.items():
+            p.grad = two_workers_grads(0, step)[k] + two_workers_grads(1, step)[k]
+        reference.step()
+    return want
+
+
 def test_two_workers_sync_sgd_through_lanes_equals_torchs_step_on_the_whole_sum(make_cluster):
     """The server sums the two workers' lane slots a tile at a time as it steps them; the values
     have the same bits as torch's fused SGD stepping the whole sum, over a block of three tiles."""
-    sizes = {"w": ps.optim.TILE_BYTES // 4 * 2 + 13, "b": 7}
-    spec = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
-    start = {k: torch.randn(n, generator=torch.Generator().manual_seed(5)) for k, n in sizes.items()}
-
-    def grads(rank: int, step: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(100 * rank + step)
-        return {k: torch.randn(n, generator=g) for k, n in sizes.items()}
-
     cluster = make_cluster(num_servers=1, num_workers=2, mode="sync")
 
     def work(_):
         with ps.init(scheduler=cluster.scheduler) as worker:
-            params = {k: v.clone() for k, v in start.items()}
-            worker.register(params, optimizer=ps.optim.SGD(**spec))
+            params = two_workers_start()
+            worker.register(params, optimizer=ps.optim.SGD(**TWO_WORKERS_SGD))
             for step in range(3):
-                worker.push_pull(grads(worker.rank, step), into=params).wait()
+                worker.push_pull(two_workers_grads(worker.rank, step), into=params).wait()
             return params, worker.server_stats()
 
     results = run_in_threads(2, work)
-    want = {k: v.clone() for k, v in start.items()}
-    reference = torch.optim.SGD(list(want.values()), **spec, fused=True)
-    reference.grad_scale = torch.tensor(2.0)  # the mean of two workers, as the server's fused kernel takes it
-    for step in range(3):
-        for k, p in want.items():
-            p.grad = grads(0, step)[k] + grads(1, step)[k]
-        reference.step()
+    want = fused_sgd_on_the_sum(3)
     for params, stats in results:
         assert sum(s["lane_requests"] for s in stats) > 0
-        for k in sizes:
+        for k in TWO_WORKERS_SIZES:
             assert torch.equal(params[k], want[k]), k
