@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -301,13 +301,13 @@ class _SharedGrads:
         """Backward reached it since ``zero_grad``, or the caller gave it a gradient of its own."""
         return name in self._reached or name not in self.views.params or not self.views.grad_is_view(name)
 
-    def zero_grad(self, set_to_none: bool) -> list[str]:
-        """Zero the gradients in place (views put back); the names of the parameters they are of.
+    def zero_grad(self, set_to_none: bool) -> Mapping[str, torch.Tensor]:
+        """Zero the gradients in place (views put back); the parameters they are of, by name.
         Without ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
         self.views.zero_grad()
         if set_to_none:
             self._reached = set()
-        return self.views.names
+        return self.views.params
 
     def renew(self) -> bool:
         """After a failed step: move the gradients to new buffers; the old ones are let go after

@@ -182,8 +182,6 @@ class SharedHostMemory:
 class HostOpener:
     """A server's side of ``SharedHostMemory``: maps a worker's memory file, checking its token."""
 
-    on_device = False
-
     def open(self, handle: bytes, size: int) -> tuple[int, torch.Tensor]:
         token, path = handle[:TOKEN_BYTES], handle[TOKEN_BYTES:].decode(errors="replace")
         memory = map_checked(path, TOKEN_BYTES + size, token, "shared allocation")
@@ -215,8 +213,6 @@ def _mapped_bytes(ops: MemOps, address: int, claimed: int) -> int:
 
 class DeviceOpener:
     """A GPU server's side of a worker's GPU allocations: maps them by CUDA IPC on ``device``."""
-
-    on_device = True
 
     def __init__(self, ops: MemOps, device: torch.device):
         self._ops, self._device = ops, device

@@ -139,7 +139,7 @@ class DirectExchange:
         """The regions of a block's gradients (``sources``, by segment) and of its destination
         (``dests``) if ``server`` maps them; the gradients' alone where the destination is not
         mapped (or not given); None: the block goes through the lane."""
-        if (server, on_device) not in self._accepted or any(p.is_cuda != on_device for p in sources):
+        if not self.accepts(server, on_device) or any(p.is_cuda != on_device for p in sources):
             return None
         exports = self._exports[on_device]
         mapped_dests = dests if self.write_values and dests and all(p.is_cuda == on_device for p in dests) else None

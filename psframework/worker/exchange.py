@@ -468,8 +468,8 @@ class Exchange:
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if regions is not None:  # the server reads them where they lie: they stay ours until answered
-            request.keep.extend([self._direct.get(block.block_id, (None, None, None))[1],
-                                 *(self._sources.get(name) for _, _, name in parts), *(c.target for c in copies)])
+            kept = [self._direct.get(block.block_id, (None, None, None))[1], *(self._sources.get(n) for _, _, n in parts)]
+            request.keep.extend([*(t for t in kept if t is not None), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)
             self._sent.add(block.block_id)  # its answer frees its slots from here on

@@ -6,8 +6,9 @@ packed block is one region only if its tensors lie one after another in memory, 
 order. ``FlatViews`` makes that so: the tensors of the packed blocks become views of one flat
 buffer per device and dtype, block after block, and their gradients views of a second one, which
 backward accumulates into in place (as DDP's ``gradient_as_bucket_view``). Every block is then one
-region each way: one copy through a lane, and one region that a GPU server may read and write
-where it lies (``docs/direct-device-exchange.md``). Not wired into the exchanges yet.
+region each way: one copy through a lane, and one region that a server may read (and write)
+where it lies (``docs/direct-device-exchange.md``; ``DistributedOptimizer`` keeps its host
+gradients so, in shared memory).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class FlatViews:
                  allocate: Callable[[int, torch.dtype, torch.device], torch.Tensor] = _torch_empty,
                  whole: bool = False, values: bool = True):
         self.params = dict(params)
-        self._allocate, self._values = allocate, values
+        self._allocate = allocate
         places = {name: (p.device, p.dtype) for name, p in self.params.items()}
         # (device, dtype, elements, [(name, element offset)]) of each buffer
         self._layout = [(device, dtype, size, list(offsets.items()))
@@ -88,9 +89,8 @@ class FlatViews:
             for name, offset in offsets:
                 param = self.params[name]
                 grad = grads[offset:offset + param.numel()].view(param.shape)
-                old = self._views[name][1]
                 if copy:
-                    grad.copy_(old)
+                    grad.copy_(self._views[name][1])
                 self._views[name] = (self._views[name][0], grad)
 
     @property
@@ -108,10 +108,8 @@ class FlatViews:
     def intact(self, name: str) -> bool:
         """Whether ``name``'s value and gradient are still the views (``p.data = ...`` or a
         ``zero_grad(set_to_none=True)`` elsewhere breaks them)."""
-        value, grad = self._views[name]
-        param = self.params[name]
-        return (value is None or param.data_ptr() == value.data_ptr()) and param.grad is not None and \
-            param.grad.data_ptr() == grad.data_ptr()
+        value = self._views[name][0]
+        return (value is None or self.params[name].data_ptr() == value.data_ptr()) and self.grad_is_view(name)
 
     def restore(self) -> None:
         """Give every gradient its view back (with what it holds, if it is another tensor now)."""
