@@ -14,7 +14,8 @@
    the device lanes, CUDA IPC), and on the GPU with ``PS_CUDA_IPC=0`` (through the shared-memory
    lanes); "device-ordered" is ``push_pull(..., device_ordered=True)`` through the device lanes
    (the copies out wait for the server on the GPU, as ``DistributedOptimizer(overlap=False)``
-   does). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
+   does); "direct" is the direct exchange (``PS_DIRECT_GPU=1``: the server reads the gradient and
+   writes its values where the worker's tensors lie, ``docs/direct-device-exchange.md``). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
    benchmarks/pushpull.py. A GPU round trip ends after torch.cuda.synchronize(), so its copies are
    included.
 3. ``e2e``: a ResNet-50 (torchvision; ``--model tiny`` is a small CNN for smoke runs) on synthetic
@@ -31,7 +32,8 @@
 4. ``onegpu``: one worker and one server on the same GPU against single-process torch, for the
    models of ``--onegpu-models`` (``benchmarks/_one_gpu.py``: a GPT-like 106M-parameter language
    model with bf16 autocast and Adam, ResNet-50 with SGD): PS sync with overlap on and off, and
-   without CUDA IPC (``PS_CUDA_IPC=0``, the shared-memory lanes). samples/s = batch x timed steps /
+   without CUDA IPC (``PS_CUDA_IPC=0``, the shared-memory lanes), and without overlap through the
+   direct exchange (``PS_DIRECT_GPU=1``). samples/s = batch x timed steps /
    time; the loss of every step against the single process's (largest relative difference).
    ``--rounds 3`` runs the setups three times, one after another, and adds a table of the medians
    of each setup's ratio to the single process of its round: the shared machine's speed moves by a
@@ -136,8 +138,10 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
     shared-memory lanes (``PS_CUDA_IPC=0``), each with a cluster of its own; blocks of
     ``chunk_mib`` (default: ``PS_CHUNK_BYTES``'s)."""
     rows = [{"MiB": mib, "blocks MiB": chunk_mib or "default"} for mib in sizes_mib]
-    for where, ipc in (("cpu", "1"), ("cuda", "1"), ("cuda, device-ordered", "1"), ("cuda, no IPC", "0")):
+    for where, ipc in (("cpu", "1"), ("cuda", "1"), ("cuda, device-ordered", "1"), ("cuda, direct", "1"),
+                       ("cuda, no IPC", "0")):
         os.environ["PS_CUDA_IPC"] = ipc  # read by ps.init below
+        os.environ["PS_DIRECT_GPU"] = "1" if "direct" in where else "0"
         device = where.split(",")[0]
         with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device="cuda",
                              chunk_bytes=chunk_mib * MiB if chunk_mib else None) as cluster:
@@ -150,7 +154,10 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
                         device_ordered="device-ordered" in where))
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
+                if "direct" in where:  # the round trips that really went direct
+                    rows[-1]["direct requests"] = sum(s["direct_requests"] for s in worker.server_stats())
     os.environ.pop("PS_CUDA_IPC")
+    os.environ.pop("PS_DIRECT_GPU")
     for row in rows:
         row["IPC/no IPC"] = row["cuda GB/s"] / row["cuda, no IPC GB/s"]
     return rows
@@ -458,7 +465,8 @@ def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_d
     setups = [("single process, torch.optim", "local1", {}),
               ("PS sync, overlap on", "ps1", {"overlap": True, "ipc": "1"}),
               ("PS sync, overlap off", "ps1", {"overlap": False, "ipc": "1"}),
-              ("PS sync, overlap on, no CUDA IPC", "ps1", {"overlap": True, "ipc": "0"})]
+              ("PS sync, overlap on, no CUDA IPC", "ps1", {"overlap": True, "ipc": "0"}),
+              ("PS sync, overlap off, direct", "ps1", {"overlap": False, "ipc": "1", "direct": "1"})]
     for mib in chunk_mibs:
         setups += [(f"PS sync, overlap {'on' if overlap else 'off'}, {mib} MiB blocks", "ps1",
                     {"overlap": overlap, "ipc": "1", "chunk_mib": mib}) for overlap in (True, False)]
@@ -493,6 +501,7 @@ def _one_gpu_round(model: str, setups: list, round_: Optional[int], steps: int, 
         row["loss diff"] = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
         if "stats" in result:
             row["IPC requests"] = sum(s["ipc_requests"] for s in result["stats"])
+            row["direct requests"] = sum(s["direct_requests"] for s in result["stats"])
             row["server busy ms/step"] = result["busy_s"] * 1e3 / result["steps"]
         rows.append(row)
     return rows
@@ -520,7 +529,7 @@ def _one_gpu_child(kind: str, args: dict, log_dir: Path, timeout: float) -> dict
     trace = str(Path(args["trace"]) / "ps" / args["label"]) if args.get("trace") else None
     with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=args["device"],
                          chunk_bytes=chunk * MiB if chunk else None, trace_dir=trace) as cluster:
-        env = {**cluster.env(), "PS_CUDA_IPC": args["ipc"]}
+        env = {**cluster.env(), "PS_CUDA_IPC": args["ipc"], "PS_DIRECT_GPU": args.get("direct", "0")}
         return _spawn_children(kind, 1, args, env, timeout, log_dir)[0]
 
 
