@@ -17,6 +17,7 @@ at the same address has another buffer id: it is a new export, and the old id is
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +28,7 @@ from ..errors import ConfigError
 from .lane import TOKEN_BYTES, create_mapped, map_checked
 from .memops import MemOps
 
+log = logging.getLogger("psframework.exports")
 
 @dataclass(frozen=True)
 class Export:
@@ -182,24 +184,26 @@ class SharedHostMemory:
 class HostOpener:
     """A server's side of ``SharedHostMemory``: maps a worker's memory file, checking its token."""
 
-    def open(self, handle: bytes, size: int) -> tuple[int, torch.Tensor]:
+    def open(self, handle: bytes, size: int) -> torch.Tensor:
+        """The worker's file as bytes; unmapped once no view of it is left."""
         token, path = handle[:TOKEN_BYTES], handle[TOKEN_BYTES:].decode(errors="replace")
-        memory = map_checked(path, TOKEN_BYTES + size, token, "shared allocation")
-        return memory.data_ptr(), memory[TOKEN_BYTES:]
-
-    def close(self, key: int) -> None:
-        pass  # unmapped once no view of it is left
-
-    def synchronize(self) -> None:
-        pass
+        return map_checked(path, TOKEN_BYTES + size, token, "shared allocation")[TOKEN_BYTES:]
 
 
 class _DeviceMemory:
-    """A mapped region as an object torch can view (``__cuda_array_interface__``, no stream)."""
+    """A mapped region as an object torch can view (``__cuda_array_interface__``, no stream). Every
+    view torch makes of it keeps it alive; once the last is gone it unmaps the region (``release``),
+    so a view that a sync step still holds never outlives its mapping."""
 
     def __init__(self, address: int, nbytes: int):
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
                                          "version": 3, "strides": None, "stream": None}
+        self.address, self.release = address, None
+
+    def __del__(self):
+        release, self.release = self.release, None
+        if release is not None:
+            release(self.address)
 
 
 def _mapped_bytes(ops: MemOps, address: int, claimed: int) -> int:
@@ -217,26 +221,32 @@ class DeviceOpener:
     def __init__(self, ops: MemOps, device: torch.device):
         self._ops, self._device = ops, device
 
-    def open(self, handle: bytes, size: int) -> tuple[int, torch.Tensor]:
+    def open(self, handle: bytes, size: int) -> torch.Tensor:
+        """The allocation as bytes on our device; unmapped once no view of it is left (``_unmap``)."""
         torch.cuda.synchronize(self._device)  # the device's context current on this thread, for the driver
         with torch.cuda.device(self._device):
             address = self._ops.open_handle(handle)
             try:
                 if _mapped_bytes(self._ops, address, size) < size:
                     raise ConfigError(f"maps fewer bytes here than the {size} it said")
-                memory = torch.as_tensor(_DeviceMemory(address, size), device=self._device)
+                owner = _DeviceMemory(address, size)
+                memory = torch.as_tensor(owner, device=self._device)
                 if memory.data_ptr() != address or memory.device != self._device:
                     raise ConfigError(f"torch made a copy of it on {memory.device} instead of a view")
             except BaseException:
                 self._ops.close_handle(address)
                 raise
-        return address, memory
+        owner.release = self._unmap
+        return memory
 
-    def close(self, key: int) -> None:
-        self._ops.close_handle(key)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self._device)
+    def _unmap(self, address: int) -> None:
+        """The last view of a mapping is gone: unmap it once the work queued on its views is done."""
+        try:
+            with torch.cuda.device(self._device):
+                torch.cuda.synchronize(self._device)
+                self._ops.close_handle(address)
+        except Exception as exc:  # noqa: BLE001 -- a broken context, or the interpreter's exit: nothing to do
+            log.warning("could not unmap a worker's GPU memory at %#x: %s", address, exc)
 
 
 class MappedExports:
@@ -244,7 +254,7 @@ class MappedExports:
 
     def __init__(self, opener, worker: int):
         self._opener, self._worker = opener, worker
-        self._open: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (opener's key, bytes as uint8)
+        self._open: dict[int, torch.Tensor] = {}  # id -> its bytes (uint8): mapped while any view of it lives
         self._views: dict[tuple, torch.Tensor] = {}  # made once: a worker names the same regions every step
 
     def introduce(self, export_id: int, handle: bytes, size: int) -> None:
@@ -265,11 +275,10 @@ class MappedExports:
         return view
 
     def _view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        opened = self._open.get(export_id)
-        if opened is None:
+        memory = self._open.get(export_id)
+        if memory is None:
             raise ConfigError(f"worker {self._worker} named export {export_id}, which it never introduced "
                               "(or which is gone); restart the worker")
-        memory = opened[1]
         nbytes = numel * dtype.itemsize
         if numel < 0 or offset < 0 or offset % dtype.itemsize or offset + nbytes > memory.numel():
             raise ConfigError(f"worker {self._worker} named {numel} elements of {dtype} at byte {offset} of "
@@ -277,13 +286,10 @@ class MappedExports:
         return memory[offset:offset + nbytes].view(dtype)
 
     def forget(self, export_ids: list[int]) -> None:
-        """Unmap these exports, once the device is done with what was queued on their views."""
-        opened = [self._open.pop(export_id) for export_id in export_ids if export_id in self._open]
-        if opened:
+        """Let these exports go: each is unmapped once no view of it is left (a sync step that is
+        not applied yet may still hold one), after the work queued on its views."""
+        if any([self._open.pop(export_id, None) is not None for export_id in export_ids]):
             self._views = {key: view for key, view in self._views.items() if key[0] in self._open}
-            self._opener.synchronize()
-        for key, _ in opened:
-            self._opener.close(key)
 
     def close(self) -> None:
         """Unmap everything (the worker left or died)."""

@@ -36,8 +36,17 @@ SERVER_SIDE = textwrap.dedent("""
         past_end = "allowed"
     except Exception as exc:
         past_end = type(exc).__name__
+    address = source.data_ptr() - asked["read_at"]
     mapped.close()
-    print(json.dumps({"sum": total, "open": len(mapped), "past_end": past_end}), flush=True)
+    after_close = float(source.sum())  # a view held past close: still mapped
+    del source, target
+    try:
+        memops().allocation_of(address)
+        after_views = "mapped"
+    except Exception:
+        after_views = "unmapped"
+    print(json.dumps({"sum": total, "open": len(mapped), "past_end": past_end, "after_close": after_close,
+                      "after_views": after_views}), flush=True)
 """)
 
 WORKER_WITH_EXPANDABLE_SEGMENTS = textwrap.dedent("""
@@ -56,7 +65,7 @@ def _python(code: str, stdin: str = "", **env: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_another_process_reads_and_writes_a_workers_tensors_where_they_lie():
+def test_another_process_reads_and_writes_a_workers_tensors_where_they_lie_while_it_holds_views():
     n = 1 << 20
     memory = torch.arange(2 * n, dtype=torch.float32, device="cuda")
     exports = WorkerExports(memops())
@@ -69,6 +78,8 @@ def test_another_process_reads_and_writes_a_workers_tensors_where_they_lie():
         "write_at": target.offset, "numel": n}) + "\n"))
     assert answer["sum"] == float(memory[:n].sum())
     assert answer["open"] == 0 and answer["past_end"] == "ConfigError"
+    # a view that outlives close (a sync step's held push) keeps the mapping; the last one unmaps it
+    assert answer["after_close"] == answer["sum"] and answer["after_views"] == "unmapped"
     assert torch.equal(memory[n:], memory[:n] * 2)
 
 
