@@ -94,6 +94,7 @@ _KINDS = {
     "protocol": ProtocolError,
     "config": ConfigError,
     "checkpoint": CheckpointError,
+    "unmapped": ConfigError,
 }
 
 

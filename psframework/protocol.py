@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 12  # 12: the direct exchange: a lane request may name where its gradients and destination lie in the worker's memory (BlockRequest.direct, exports, gone; Attach/AttachDevice/Attached.direct); 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 13  # 13: a server that cannot map a worker's export says so (Error kind unmapped); 12: the direct exchange: a lane request may name where its gradients and destination lie in the worker's memory (BlockRequest.direct, exports, gone; Attach/AttachDevice/Attached.direct); 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -37,6 +37,7 @@ PROTOCOL = "protocol"
 CONFIG = "config"
 CHECKPOINT_ERROR = "checkpoint"
 ROLLED_BACK = "rolled_back"
+UNMAPPED = "unmapped"  # a server cannot map memory a direct request named: send it through the lane
 
 
 class Message(msgspec.Struct, tag_field="op", kw_only=True, omit_defaults=True, frozen=True):
@@ -513,6 +514,6 @@ __all__ = [
     "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
     "Hello", "Init", "InitRows", "Introduce", "IntroduceReader", "Read", "ReadRows", "ReaderWelcome", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
-    "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "VERSION", "Values", "Welcome",
+    "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "UNMAPPED", "VERSION", "Values", "Welcome",
     "check_version", "decode", "encode", "reader_token", "request_id", "token_key",
 ]

@@ -101,6 +101,12 @@ class WorkerExports:
                 found = True
         return found
 
+    def refuse(self, export_ids: list[int]) -> None:
+        """A server could not map these exports: their allocations go through the lanes from now on."""
+        for export in [export for export in self._by_base.values() if export.id in export_ids]:
+            self._refused.add((export.base, export.buffer_id))
+            self._mark_gone(export)
+
     def _mark_gone(self, export: Export) -> None:
         self.generation += 1
         self._by_base.pop(export.base, None)

@@ -46,6 +46,7 @@ class ServerLanes:
         self.direct_requests = 0  # that named regions of the worker's memory (``direct_views``)
         # the workers' memory we mapped, by (worker rank, on a GPU): host and device exports are apart
         self.mapped: dict[tuple[int, bool], MappedExports] = {}
+        self.exports_opened = 0  # of the workers' memory, since we started
 
     def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
         """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
@@ -115,12 +116,17 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"worker {request.rank} named regions of its memory, but did not "
                                             f"offer its {'GPU' if lane is not None and lane.on_device else 'host'} "
                                             "memory with its lane")
-        try:
-            if request.gone:
-                mapped.forget(request.gone)
-            for export_id, handle, size in request.exports:
-                if export_id not in mapped:  # every request names its exports; each is opened once
+        if request.gone:
+            mapped.forget(request.gone)
+        for export_id, handle, size in request.exports:
+            if export_id not in mapped:  # every request names its exports; each is opened once
+                try:
                     mapped.introduce(export_id, handle, size)
+                    self.exports_opened += 1
+                except ConfigError as exc:  # the worker sends it through its lane from now on
+                    raise P.Rejected(P.UNMAPPED, f"{type(request).__name__} of {state.describe()}: server "
+                                                 f"cannot map {exc}; it goes through the lane from the next exchange") from None
+        try:
             if not request.direct:
                 return None, None
             if not isinstance(request, P.PushPull) or len(request.direct) not in (2, 4) or request.segs is not None \

@@ -121,7 +121,8 @@ class DirectExchange:
         """Before an exchange: find the allocations freed since the last (GPU memory the allocator
         gave back, host memory let go of after a failed step): their servers unmap them."""
         if self._exports[True] is not None and self.accepted_by_any(on_device=True):
-            self._exports[True].sweep()
+            torch.cuda.current_stream().query()  # a thread's first CUDA call makes the device's context current
+            self._exports[True].sweep()  # the driver's calls need it: without, every export would look freed
         if self.host_memory.freed != self._generations[2]:
             self._exports[False].sweep()
         generations = (self._exports[False].generation, getattr(self._exports[True], "generation", 0),
@@ -129,6 +130,12 @@ class DirectExchange:
         if generations != self._generations or len(self._placed) > MAX_PLACED:
             self._placed.clear()
             self._generations = generations
+
+    def refused(self, on_device: bool, regions: Regions) -> None:
+        """A server could not map the exports ``regions`` named (``UNMAPPED``): from the next
+        exchange on, what lies in them goes through the lanes."""
+        self._exports[on_device].refuse(regions.direct[0::2])
+        self._placed.clear()
 
     def free(self, tensors: list[torch.Tensor]) -> None:
         """Let go of shared host tensors (``shared_empty``'s); the servers hear at the next exchange."""

@@ -140,7 +140,29 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     flag = exchange.worker.lanes.flag_for(lane, block, copies) if exchange._device_ordered else 0
     if flag:
         exchange._flagged.append((lane, copies, block, flag))
+        if regions is not None and lane.on_device:
+            _held_until_flag(exchange, block, copies)
     return copies, flag, regions
+
+
+def _direct_answered(direct, regions: Regions, on_device: bool, answered, request, reply, ok: bool):
+    """A direct request's answer: a server that could not map what it named refused it
+    (``UNMAPPED``), and those exports go through the lanes from now on."""
+    if isinstance(reply, P.Error) and reply.kind == P.UNMAPPED:
+        direct.refused(on_device, regions)
+    return answered(request, reply, ok)
+
+
+def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy]) -> None:
+    """A flagged direct block's gradient and destination, which the server reads and writes on its
+    GPU while no host of ours waits for it: once freed, the allocator gives their memory out again
+    only after the work queued on the streams that wait for the server's flag."""
+    source = exchange._direct.get(block.block_id, (None, None))[1]
+    for copy in copies:
+        if copy.stream is not None:
+            for tensor in (source, copy.target):
+                if tensor is not None and tensor.is_cuda:
+                    tensor.record_stream(copy.stream)
 
 
 def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
@@ -467,11 +489,14 @@ class Exchange:
                          and self.worker.lanes.reads_shared(block.server, copies), flag=flag,
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
-        if regions is not None:  # the server reads them where they lie: they stay ours until answered
+        if regions is not None:  # the server reads them where they lie: ours until its work is done
             kept = [self._direct.get(block.block_id, (None, None, None))[1], *(self._sources.get(n) for _, _, n in parts)]
-            request.keep.extend([*(t for t in kept if t is not None), *(c.target for c in copies)])
+            self.future.kept.extend([*(t for t in kept if t is not None), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)
+            if regions is not None:
+                request.on_answer = functools.partial(_direct_answered, self.worker.lanes.direct, regions,
+                                                      lane.on_device, request.on_answer)
             self._sent.add(block.block_id)  # its answer frees its slots from here on
             client.submit(request, req)
             return

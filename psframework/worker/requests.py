@@ -48,6 +48,9 @@ class Future:
         # every value's copy was so queued, and the caller's streams ordered after them: the caller
         # may go on before wait(), which then only reports errors
         self.ordered_on_device = False
+        # tensors that servers read or write where they lie (the direct exchange): held until every
+        # answer is in and the ``before_done`` callbacks waited for the servers' device work
+        self.kept: list[torch.Tensor] = []
 
     def done(self) -> bool:
         return self._outstanding == 0 and self._sealed
@@ -100,6 +103,8 @@ class Future:
                 error = callback()
                 if error is not None and self._error is None:
                     self._error = error
+        if self.done():
+            self.kept = []
         if self.done() and self._error is None and not self._abandoned and self._on_complete:
             callbacks, self._on_complete = self._on_complete, []
             for callback in callbacks:

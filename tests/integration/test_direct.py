@@ -100,6 +100,26 @@ def test_ordinary_tensors_still_go_through_the_lanes(make_cluster):
         torch.testing.assert_close(params[key], start[key] - 0.5)
 
 
+def test_an_export_the_server_cannot_map_fails_one_exchange_and_then_goes_through_the_lane(make_cluster, monkeypatch):
+    """A server that cannot map a region a request names refuses it (``UNMAPPED``), naming the
+    export; the worker then sends what lies there through its lane, and nothing was applied twice."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async", chunk_bytes=1 << 20)
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"w": torch.zeros(1000)}, optimizer=ps.optim.SGD(lr=1.0))
+        memory = worker.lanes.direct.host_memory
+        param, grad = (memory.empty(1000, torch.float32) for _ in range(2))
+        grad.fill_(-1.0)
+        real = memory.ipc_handle
+        monkeypatch.setattr(memory, "ipc_handle", lambda base: b"\0" * 16 + real(base)[16:])  # a wrong token
+        with pytest.raises(ps.ConfigError, match="cannot map worker 0's export .*through the lane"):
+            worker.push_pull({"w": grad}, into={"w": param}).wait(timeout=30)
+        for _ in range(2):
+            worker.push_pull({"w": grad}, into={"w": param}).wait(timeout=30)
+        [stats] = worker.server_stats()
+    assert torch.equal(param, torch.full((1000,), 2.0))
+    assert stats["direct_requests"] == 0 and stats["mapped_exports"] == 0 and stats["lane_requests"] == 3
+
+
 def _mapped_exports(pid: int) -> set[str]:
     """The shared allocations of workers (``memfd:psf-PID-export-N``) that process ``pid`` maps."""
     maps = Path(f"/proc/{pid}/maps").read_text()
@@ -220,15 +240,18 @@ def test_gpu_sync_through_the_direct_exchange_equals_the_device_lanes_bitwise(ma
 @pytest.mark.parametrize("empty_cache", [False, True])
 def test_gpu_async_pushes_through_the_direct_exchange_are_each_applied_once(make_cluster, worker_procs, empty_cache):
     """Every push of a GPU worker lands once through the direct exchange; with the allocator's cache
-    emptied between steps the exports are made anew and the server lets the old ones go."""
-    steps, numel = 20, 3 * GPU_BLOCK // 4
+    emptied between steps the exports are made anew and the server lets the old ones go. The
+    tensors are 16 MiB: the allocator gives each a segment of its own, which empty_cache frees."""
+    steps, numel = 10, 16 * GPU_BLOCK // 4
     cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=GPU_BLOCK, server_device="cuda")
     [result] = worker_procs(cluster, "gpu_count_up", 1, env={"PS_DIRECT_GPU": "1"}, steps=steps, numel=numel,
                             empty_cache=empty_cache).join()
     assert torch.equal(result["w"], torch.full((numel,), float(steps)))
     [stats] = result["stats"]
-    assert stats["direct_requests"] == 3 * steps
-    assert stats["mapped_exports"] <= 4  # the live allocations of w and of the last gradient
+    assert stats["direct_requests"] == 16 * steps
+    # w's allocation and the gradients': two that take turns, or a new one each step, the old let go
+    assert stats["exports_opened"] >= steps if empty_cache else stats["exports_opened"] <= 3
+    assert stats["mapped_exports"] <= 3
 
 
 @pytest.mark.gpu
@@ -241,7 +264,8 @@ def test_gpu_memory_the_driver_cannot_export_goes_through_the_device_lane(make_c
     [result] = worker_procs(cluster, "gpu_count_up", 1, env=env, steps=steps, numel=numel).join()
     assert torch.equal(result["w"], torch.full((numel,), float(steps)))
     [stats] = result["stats"]
-    assert stats["direct_requests"] == 0 and stats["ipc_requests"] == 3 * steps
+    # the device lane itself is in such memory: torch shares it another way, which may be refused too
+    assert stats["direct_requests"] == 0 and stats["ipc_requests"] == (3 * steps if stats["device_lanes"] else 0)
 
 
 @pytest.mark.gpu

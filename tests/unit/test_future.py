@@ -51,3 +51,24 @@ class _Done:
 
     def wait_until(self, done, timeout):
         assert done()
+
+
+def test_tensors_servers_use_where_they_lie_are_kept_until_the_waits_for_their_device_work_ran():
+    """A direct request's tensors (``Future.kept``) outlive the answers: a GPU server answers once
+    its work is queued, and ``before_done`` waits for that work; only then may they be freed."""
+    import weakref
+
+    import torch
+
+    future = Future(client=None).unsealed()
+    gradient = torch.ones(4)
+    alive = weakref.ref(gradient)
+    future.kept.append(gradient)
+    del gradient
+    seen = []
+    future.before_done(lambda: seen.append(alive() is not None))
+    future.expect()
+    future.resolve()
+    assert alive() is not None  # answered, but not sealed: more requests may join
+    future.seal()
+    assert seen == [True] and alive() is None
