@@ -76,7 +76,9 @@ class WorkerExports:
                 self._mark_gone(export)
             try:
                 handle = self._ops.ipc_handle(base)
-            except ConfigError:
+            except ConfigError as exc:
+                log.info("an allocation of %d bytes cannot be exported (%s): what lies in it goes through "
+                         "the lanes", size, exc)
                 self._refused.add((base, buffer_id))
                 return None
             export = self._by_base[base] = Export(self._next_id, base, size, buffer_id, handle)
@@ -104,6 +106,8 @@ class WorkerExports:
     def refuse(self, export_ids: list[int]) -> None:
         """A server could not map these exports: their allocations go through the lanes from now on."""
         for export in [export for export in self._by_base.values() if export.id in export_ids]:
+            log.info("a server cannot map export %d (%d bytes): what lies in it goes through the lanes",
+                     export.id, export.size)
             self._refused.add((export.base, export.buffer_id))
             self._mark_gone(export)
 
