@@ -393,11 +393,12 @@ class Exchange:
         return flat
 
     def _launch_copies(self) -> None:
-        """Launch the copies from GPUs queued since the last launch, one call and one event per
-        device: launching a copy per tensor cost more host time than the copies themselves (a
-        100M-parameter model's step spent milliseconds on it). The copy stream already waits
-        for what ``add`` was told to wait for."""
+        """Launch the copies from GPUs queued since the last launch (none for pieces that went direct),
+        one call and one event per device: a copy per tensor cost a 100M-parameter model's step
+        milliseconds of host time. The copy stream already waits for what ``add`` was told to."""
         for device, (targets, sources, blocks) in self._unlaunched.items():
+            if not targets:
+                continue
             stream = self.worker.staging.stream(device, "push")
             with torch.cuda.stream(stream):
                 torch._foreach_copy_(targets, sources, non_blocking=True)
