@@ -30,6 +30,7 @@ from .memops import MemOps
 
 log = logging.getLogger("psframework.exports")
 
+
 @dataclass(frozen=True)
 class Export:
     id: int
