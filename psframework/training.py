@@ -22,6 +22,7 @@ several backward passes use ``overlap=False``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -82,7 +83,7 @@ class DistributedOptimizer:
         tables = tables_of(model)
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
-        self._shared: Optional[_SharedGrads] = None
+        self._shared: Optional[_MappedParams] = None
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
         # a step whose values are ordered on the GPU (``push_pull(device_ordered=True)``), not waited for yet
         self._unfinished: Optional[Future] = None
@@ -100,8 +101,8 @@ class DistributedOptimizer:
                     module.bind(self._tables, name)
             if (config.resume if resume is None else resume) and self.checkpoint_dir:
                 self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
-            self.worker.lanes.direct.write_values = False  # see _SharedGrads
-            self._shared = _SharedGrads.make(self.worker, self.params)
+            self.worker.lanes.direct.write_values = False  # see _MappedParams
+            self._shared = _MappedParams.make(self.worker, self.params)
             if overlap:
                 self._overlap = _Overlap(self.worker, self.params)
         except BaseException:
@@ -117,14 +118,15 @@ class DistributedOptimizer:
             self._rolled_back = exc.step
         return self.worker.steps
 
-    def _finish_unfinished(self) -> None:
-        """Wait for the last step if it was left to complete on the GPU; raises its error."""
+    def _finish_unfinished(self) -> bool:
+        """Wait for the last step if it was left to complete on the GPU (True); raises its error."""
         future, self._unfinished = self._unfinished, None
         if future is not None:
             future.wait()
+        return future is not None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; gradients in shared memory (``_SharedGrads``) are zeroed in place instead and
+        """As torch's; gradients in shared memory (``_MappedParams``) are zeroed in place instead and
         count as none until backward reaches them."""
         shared = self._shared.zero_grad(set_to_none) if self._shared is not None else ()
         for name, p in self.params.items():
@@ -153,26 +155,8 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        push_rows = self._tables.push if self._tables is not None else None
         try:
-            self._finish_unfinished()
-        except RolledBackError as exc:  # this step's forward ran on the model before the rollback
-            self._drop_step(exc.step)
-            return
-        if self._rolled_back is not None and self._overlap is None:
-            # heard of after this step's forward: its gradients belong to the old model (with overlap
-            # the communication thread finds out by the step's rollback epoch, and must end the step)
-            self._drop_step(self._rolled_back)
-            return
-        try:
-            if self._overlap is None:
-                self._step_without_overlap(push_rows)
-            else:
-                self._overlap.finish(self._grad, push_rows)
-            if self._shared is not None and self._unfinished is None:
-                self._shared.completed()
-            if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-                self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+            self._step()
         except RolledBackError as exc:  # also a checkpoint abandoned because the job went back meanwhile
             self._after_failed_step()
             self._drop_step(exc.step)
@@ -180,9 +164,30 @@ class DistributedOptimizer:
             self._after_failed_step()
             raise
 
+    def _step(self) -> None:
+        # a step left to complete on the GPU fails here, at the next one, after its forward ran on
+        # the model before the failure (or the rollback): this step is dropped with it
+        if self._finish_unfinished() and self._shared is not None:
+            self._shared.completed()
+        if self._rolled_back is not None and self._overlap is None:
+            # heard of after this step's forward: its gradients belong to the old model (with overlap
+            # the communication thread finds out by the step's rollback epoch, and must end the step)
+            self._drop_step(self._rolled_back)
+            return
+        push_rows = self._tables.push if self._tables is not None else None
+        if self._overlap is None:
+            self._step_without_overlap(push_rows)
+        else:
+            self._overlap.finish(self._grad, push_rows)
+        if self._shared is not None and self._unfinished is None:
+            self._shared.completed()
+        if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+            self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+
     def _after_failed_step(self) -> None:
-        """A server may still read the gradients of a step that failed where they lie: they move
-        to new buffers, and the old ones keep what was pushed (let go after the next step)."""
+        """A server may still read the gradients of a step that failed where they lie, and write
+        its values there: both move to new buffers, and the old ones are left to it (let go after
+        the next step that completes)."""
         if self._shared is not None and not self._shared.renew():
             self._shared.close()
             self._shared = None
@@ -259,36 +264,42 @@ class DistributedOptimizer:
         self.close()
 
 
-class _SharedGrads:
-    """The gradients of host parameters as views of memory that the servers of this host map
-    (``worker/direct.py``): the servers read them where they lie, with no copy into the lanes
-    (DDP's ``gradient_as_bucket_view``, in shared memory). The values still come back through the
-    lanes: a server's late answer to a failed step must never write the parameters. ``zero_grad``
-    zeroes the gradients in place, so ``p.grad`` stays a tensor; a hook on each notes which got a
-    gradient since, so that one backward did not reach still counts as no gradient (torch's
-    ``set_to_none``). A gradient replaced by another tensor (``model.zero_grad()``, or one the
-    caller assigned) counts as given and takes the lane until ``zero_grad`` puts the view back."""
+class _MappedParams:
+    """The parameters that servers of this host map where they lie (``worker/direct.py``), and
+    their gradients, as views of flat buffers (``FlatViews``; host ones in memory files, GPU ones
+    in allocations held for the whole job, so that none is freed while a server maps it): the
+    servers read the gradients and write the new values in place, with no copy through the lanes
+    (DDP's ``gradient_as_bucket_view``, and its values too). A server's late answer to a failed
+    step must never write the parameters, so after one both move to new buffers (``renew``) and
+    the old are let go only once a later step completed. ``zero_grad`` zeroes the gradients in
+    place, so ``p.grad`` stays a tensor; a hook on each notes which got a gradient since, so that
+    one backward did not reach still counts as no gradient (torch's ``set_to_none``). A gradient
+    replaced by another tensor (``model.zero_grad()``, or one the caller assigned) counts as given
+    and takes the lane until ``zero_grad`` puts the view back."""
 
     def __init__(self, worker: Worker, views: FlatViews, reached: set[str]):
         self.worker, self.views = worker, views
-        self._retired: list[torch.Tensor] = []  # gradient buffers of failed steps (``renew``)
+        self._retired: list[torch.Tensor] = []  # buffers of failed steps (``renew``)
         self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
         self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
                        for name in views.names]
+        worker.lanes.direct.write_values = True  # every parameter a server could map is a view
 
     @classmethod
-    def make(cls, worker: Worker, params: dict[str, torch.Tensor]) -> Optional["_SharedGrads"]:
-        """For the host parameters, if a server of this host maps our memory; else None."""
+    def make(cls, worker: Worker, params: dict[str, torch.Tensor]) -> Optional["_MappedParams"]:
+        """For the parameters in memory a server of this host maps (host memory, GPU memory); None
+        if there are none."""
         direct = worker.lanes.direct
-        on_host = {name: p for name, p in params.items() if p.device.type == "cpu"}
-        if not on_host or not direct.accepted_by_any(on_device=False):
+        mapped = {name: p for name, p in params.items()
+                  if p.device.type in ("cpu", "cuda") and direct.accepted_by_any(on_device=p.is_cuda)}
+        if not mapped:
             return None
-        reached = {name for name, p in on_host.items() if p.grad is not None}
+        reached = {name for name, p in mapped.items() if p.grad is not None}
         try:
-            views = FlatViews(on_host, worker.shard_map.blocks, lambda numel, dtype, _: direct.shared_empty(numel, dtype),
-                              whole=True, values=False)
-        except OSError as exc:
-            log.info("worker %d: no shared memory for the parameters (%s); they go through the lanes", worker.rank, exc)
+            views = FlatViews(mapped, worker.shard_map.blocks, functools.partial(_mapped_empty, direct), whole=True)
+        except (OSError, torch.OutOfMemoryError) as exc:
+            log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
+                     "through the lanes", worker.rank, exc)
             return None
         return cls(worker, views, reached & set(views.names))
 
@@ -310,32 +321,39 @@ class _SharedGrads:
         return self.views.params
 
     def renew(self) -> bool:
-        """After a failed step: move the gradients to new buffers; the old ones are let go after
-        the next step that completes (``completed``), when every server has answered what came
-        before it. False, with the gradients made ordinary tensors, if there is no memory for them."""
-        old = self.views.grad_buffers
+        """After a failed step: move the parameters and gradients to new buffers; the old ones are
+        let go after the next step that completes (``completed``), when every server has answered
+        what came before it. False, with them made ordinary tensors, if there is no memory."""
         try:
-            self.views.renew_grads()
-        except OSError as exc:
-            log.warning("worker %d: no shared memory for new gradients (%s); they go through the lanes from now on",
-                        self.worker.rank, exc)
-            for name in self.views.names:
-                grad = self.views.params[name].grad
-                self.views.params[name].grad = None if grad is None else grad.clone()
-            return False
-        self._retired += old
-        return True
+            self._retired += self.views.renew()
+            return True
+        except (OSError, torch.OutOfMemoryError) as exc:
+            log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the lanes "
+                        "from now on", self.worker.rank, exc)
+        self.worker.lanes.direct.write_values = False
+        for param in self.views.params.values():
+            param.data = param.data.clone()
+            if param.grad is not None:
+                param.grad = param.grad.clone()
+        return False
 
     def completed(self) -> None:
         """A step completed: the buffers of failed steps before it are read by no server any more."""
         if self._retired:
-            self.worker.lanes.direct.free(self._retired)
+            self.worker.lanes.direct.free(self._retired)  # GPU ones go back to the allocator as we drop them
             self._retired = []
 
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _mapped_empty(direct, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of ``FlatViews`` that servers of this host may map: a memory file for the host."""
+    if device.type == "cpu":
+        return direct.shared_empty(numel, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 _READY, _FINISH, _STOP = "ready", "finish", "stop"

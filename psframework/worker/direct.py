@@ -72,8 +72,9 @@ class DirectExchange:
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
-        # whether servers may write values into mapped destinations; DistributedOptimizer says no:
-        # a server's late answer to a failed step must never write its parameters
+        # whether servers may write values into mapped destinations: a server's late answer to a
+        # failed exchange then writes them too; DistributedOptimizer allows it only for parameters it
+        # moves to new memory after a failed step
         self.write_values = True
         # regions and exports named (or None: not mapped), by where every piece lies: placing a
         # tensor asks the driver; forgotten once an allocation is found gone

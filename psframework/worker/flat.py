@@ -66,29 +66,40 @@ class FlatViews:
         self._layout += [(p.device, p.dtype, p.numel(), [(name, 0)])
                          for name, p in self.params.items() if whole and name not in placed]
         self._views: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # name -> (value view, grad view)
+        self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
-        for device, dtype, size, offsets in self._layout:
-            buffer = self._allocate(size, dtype, device) if values else None
-            for name, offset in offsets:
-                param = self.params[name]
-                if buffer is not None:
-                    value = buffer[offset:offset + param.numel()].view(param.shape)
-                    value.copy_(param.detach())
-                    param.data = value
-                self._views[name] = (param.data if buffer is not None else None, param.data)  # grad: below
-        self._new_grads(copy=False)
+        if values:
+            self._new_values(self._allocate_all())
+        else:
+            self._views = {name: (None, self.params[name].data) for *_, offsets in self._layout for name, _ in offsets}
+        self._new_grads(self._allocate_all(), copy=False)
         self.restore()
 
-    def _new_grads(self, copy: bool) -> None:
-        """Gradient views in new buffers (holding what the old views hold, with ``copy``)."""
-        self._grad_buffers = []
-        for device, dtype, size, offsets in self._layout:
-            grads = self._allocate(size, dtype, device)
+    def _allocate_all(self) -> list[torch.Tensor]:
+        """One new buffer per place of the layout (all made before any is used: a failure leaves
+        the views as they were)."""
+        return [self._allocate(size, dtype, device) for device, dtype, size, _ in self._layout]
+
+    def _views_in(self, buffer: torch.Tensor, offsets: list[tuple[str, int]]):
+        for name, offset in offsets:
+            param = self.params[name]
+            yield name, param, buffer[offset:offset + param.numel()].view(param.shape)
+
+    def _new_values(self, buffers: list[torch.Tensor]) -> None:
+        """The parameters made views of ``buffers``, holding the values they hold now."""
+        self._value_buffers = buffers
+        for buffer, (*_, offsets) in zip(buffers, self._layout):
+            for name, param, value in self._views_in(buffer, offsets):
+                value.copy_(param.detach())
+                param.data = value
+                self._views[name] = (value, self._views.get(name, (None, value))[1])
+
+    def _new_grads(self, buffers: list[torch.Tensor], copy: bool) -> None:
+        """Gradient views in ``buffers`` (holding what the old views hold, with ``copy``)."""
+        self._grad_buffers = buffers
+        for grads, (*_, offsets) in zip(buffers, self._layout):
             grads.zero_()
-            self._grad_buffers.append(grads)
-            for name, offset in offsets:
-                param = self.params[name]
-                grad = grads[offset:offset + param.numel()].view(param.shape)
+            for name, _, grad in self._views_in(grads, offsets):
                 if copy:
                     grad.copy_(self._views[name][1])
                 self._views[name] = (self._views[name][0], grad)
@@ -131,15 +142,23 @@ class FlatViews:
         for name, (_, grad) in self._views.items():
             self.params[name].grad = grad
 
-    def renew_grads(self) -> None:
-        """Move the gradients to new buffers, with what they hold: the old ones are left to
-        whoever may still read them (a server that has yet to read a failed step's push)."""
-        olds = {name: grad for name, (_, grad) in self._views.items()}
-        self._new_grads(copy=True)
-        for name, old in olds.items():
+    def renew(self) -> list[torch.Tensor]:
+        """Move the gradients, and the values where they are views, to new buffers with what they
+        hold; the old buffers, returned, are left to whoever may still read or write them (a
+        server that has yet to answer a failed step). Raises what ``allocate`` raises, with every
+        view as it was."""
+        values = self._allocate_all() if self._value_buffers else None
+        grads = self._allocate_all()
+        old = self._value_buffers + self._grad_buffers
+        old_grads = {name: grad for name, (_, grad) in self._views.items()}
+        if values is not None:
+            self._new_values(values)
+        self._new_grads(grads, copy=True)
+        for name, grad in old_grads.items():
             param = self.params[name]
-            if param.grad is not None and param.grad.data_ptr() == old.data_ptr():
+            if param.grad is not None and param.grad.data_ptr() == grad.data_ptr():
                 param.grad = self._views[name][1]
+        return old
 
 
 __all__ = ["FlatViews", "flat_layout"]

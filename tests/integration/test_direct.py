@@ -303,9 +303,10 @@ def _adam_reference(steps: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster, overlap):
-    """``DistributedOptimizer`` keeps a host model's gradients in shared memory: every block with a
-    gradient is read by its server where it lies; the unused layer's gradient counts as none (Adam
-    leaves it alone, as torch's with ``set_to_none``); the values equal torch's."""
+    """``DistributedOptimizer`` keeps a host model's parameters and gradients in shared memory: every
+    block with a gradient is read by its server where it lies, and its new values are written there
+    (not answered through the server's shared values); the unused layer's gradient counts as none
+    (Adam leaves it alone, as torch's with ``set_to_none``); the values equal torch's."""
     steps = 4
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
     torch.manual_seed(0)
@@ -322,6 +323,7 @@ def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster
         # a block holding the unused layer has a segment without a gradient: it takes the lane
         whole = [b for b in opt.worker.shard_map.blocks if not any(s.key.startswith("unused") for s in b.segments)]
         assert sum(s["direct_requests"] for s in stats) == steps * len(whole)
+        assert sum(s["shared_answers"] for s in stats) == steps * (len(opt.worker.shard_map.blocks) - len(whole))
         assert all(p.data_ptr() == pointers[name] for name, p in model.named_parameters())  # values stay put
     want = _adam_reference(steps)
     for key, value in model.state_dict().items():

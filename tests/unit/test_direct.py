@@ -42,7 +42,7 @@ def test_a_destination_not_mapped_or_not_to_be_written_leaves_the_gradients_alon
         grad, value = direct.shared_empty(100, torch.float32), direct.shared_empty(100, torch.float32)
         assert len(direct.regions(0, False, [grad], [torch.zeros(100)]).direct) == 2
         assert len(direct.regions(0, False, [grad], None).direct) == 2
-        direct.write_values = False  # DistributedOptimizer's rule
+        direct.write_values = False  # a DistributedOptimizer whose parameters are not all views
         assert not direct.regions(0, False, [grad], [value]).writes
     finally:
         direct.close()

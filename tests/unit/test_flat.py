@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from psframework.sharding import TensorSpec, assign_shards
@@ -109,8 +110,8 @@ def test_an_optimizer_steps_the_views_like_the_plain_tensors():
 
 def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold():
     """``values=False, whole=True``: the parameters stay where they are; every gradient is a view
-    (a large tensor's of a buffer of its own); ``renew_grads`` moves them to new buffers with their
-    values, and the old buffers keep what they held."""
+    (a large tensor's of a buffer of its own); ``renew`` moves them to new buffers with their
+    values, and the old buffers, which it returns, keep what they held."""
     model = _model()
     params = dict(model.named_parameters())
     pointers = {name: p.data_ptr() for name, p in params.items()}
@@ -128,7 +129,7 @@ def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold(
     model[5](torch.tensor([1, 2])).sum().backward()
     before = {name: p.grad.clone() for name, p in params.items()}
     old = views.grad_buffers
-    views.renew_grads()
+    assert [b.data_ptr() for b in views.renew()] == [b.data_ptr() for b in old]
     assert all(views.intact(name) for name in views.names)
     assert all(torch.equal(p.grad, before[name]) for name, p in params.items())
     assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(old, views.grad_buffers))
@@ -148,3 +149,38 @@ def test_zero_grad_drops_a_gradient_that_replaced_the_view():
     views.zero_grad()
     assert all(views.intact(name) for name in views.names)
     assert all(float(p.grad.abs().sum()) == 0 for p in params.values())
+
+
+def test_values_and_gradients_renewed_together_and_a_failed_allocation_leaves_both_as_they_were():
+    """``whole=True`` with values: ``renew`` moves every parameter and its gradient to new buffers
+    with what they hold (the model computes the same), and returns the old ones, which a late
+    writer may still write without touching the parameters; an allocation that fails half-way
+    leaves every view where it was."""
+    model = _model()
+    params = dict(model.named_parameters())
+    fail = []
+
+    def allocate(numel, dtype, device):
+        if fail:
+            raise OSError("no memory left")
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    views = FlatViews(params, _blocks(params), allocate, whole=True)
+    x = torch.randn(5, 8)
+    model[:5](x).square().sum().backward()
+    values = {name: p.detach().clone() for name, p in params.items()}
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    pointers = {name: (p.data_ptr(), p.grad.data_ptr()) for name, p in params.items()}
+    fail.append(True)
+    with pytest.raises(OSError):
+        views.renew()
+    assert {name: (p.data_ptr(), p.grad.data_ptr()) for name, p in params.items()} == pointers
+    fail.clear()
+    old = views.renew()
+    assert all(views.intact(name) for name in views.names)
+    for name, p in params.items():
+        assert torch.equal(p, values[name]) and torch.equal(p.grad, grads[name]), name
+        assert p.data_ptr() != pointers[name][0] and p.grad.data_ptr() != pointers[name][1], name
+    for buffer in old:
+        buffer.fill_(7.0)  # a late write into the old buffers
+    assert all(torch.equal(p, values[name]) and torch.equal(p.grad, grads[name]) for name, p in params.items())
