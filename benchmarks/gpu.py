@@ -149,13 +149,16 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
                 worker.register({f"t{m}": torch.zeros(m * MiB // 4, device=device) for m in sizes_mib},
                                 optimizer=ps.optim.SGD(lr=1e-6))
                 for row, mib in zip(rows, sizes_mib):
-                    seconds = statistics.median(round_trip_times(
-                        worker, mib, device, repeats if mib < 256 else max(3, repeats // 2), warmup,
-                        device_ordered="device-ordered" in where))
+                    timed = repeats if mib < 256 else max(3, repeats // 2)
+                    round_trip_times(worker, mib, device, warmup, 0, device_ordered="device-ordered" in where)
+                    before = sum(s["direct_requests"] for s in worker.server_stats())
+                    seconds = statistics.median(round_trip_times(worker, mib, device, timed, 0,
+                                                                 device_ordered="device-ordered" in where))
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
-                if "direct" in where:  # the round trips that really went direct
-                    rows[-1]["direct requests"] = sum(s["direct_requests"] for s in worker.server_stats())
+                    if "direct" in where:  # of the timed requests, those that really went direct
+                        direct = sum(s["direct_requests"] for s in worker.server_stats()) - before
+                        row["direct requests"] = f"{direct} of {timed * len(worker.shard_map.segments_of(f't{mib}'))}"
     os.environ.pop("PS_CUDA_IPC")
     os.environ.pop("PS_DIRECT_GPU")
     for row in rows:
