@@ -157,11 +157,11 @@ def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy])
     """A flagged direct block's gradient and destination, which the server reads and writes on its
     GPU while no host of ours waits for it: once freed, the allocator gives their memory out again
     only after the work queued on the streams that wait for the server's flag."""
-    source = exchange._direct.get(block.block_id, (None, None))[1]
+    sources = exchange._direct.get(block.block_id, (None, ()))[1]
     for copy in copies:
         if copy.stream is not None:
-            for tensor in (source, copy.target):
-                if tensor is not None and tensor.is_cuda:
+            for tensor in (*sources, copy.target):
+                if tensor.is_cuda:
                     tensor.record_stream(copy.stream)
 
 
@@ -193,21 +193,72 @@ def _direct_regions(exchange: "Exchange", lane: Slots, block: Block, parts: list
     return direct.regions(block.server, False, sources, dests)
 
 
-def _direct_on_device(exchange: "Exchange", block: Block, source: torch.Tensor, after) -> bool:
-    """Whether a block of a GPU tensor being added (``source``: its flat view) goes direct: then
-    nothing is copied into its push slot. Only a block of one segment, for now (one of several
-    would need every tensor of it before the first copy)."""
+def _direct_on_device(exchange: "Exchange", block: Block, seg: Segment, source: torch.Tensor, after) -> bool:
+    """Whether a piece of a GPU tensor being added (``source``: its flat view) goes direct, or may:
+    then nothing is copied into its push slot now. A piece of a block of several segments is
+    gathered until the block is complete (``_settle_gathered``)."""
     lane = exchange._lane_blocks.get(block.block_id)
     parts = exchange._blocks[block.block_id][1]
-    if lane is None or not lane.on_device or exchange.op is not P.PushPull or len(parts) != 1 \
-            or len(block.segments) != 1:
+    if lane is None or not lane.on_device or exchange.op is not P.PushPull or len(parts) != len(block.segments) \
+            or not exchange.worker.lanes.direct.accepts(block.server, True):
         return False
-    _, seg, name = parts[0]
+    if len(block.segments) > 1:
+        exchange._gathered.setdefault(block.block_id, []).append((seg, source, after))
+        return True
+    name = parts[0][2]
     regions = exchange.worker.lanes.direct.regions(block.server, True, [segment_of(source, seg)],
                                                    [exchange._dests[name].target_of(seg)] if exchange._dests else None)
     if regions is not None:  # the source stays ours until answered; the server reads it after ``after``
-        exchange._direct[block.block_id] = (regions, source, after)
+        exchange._direct[block.block_id] = (regions, [source], [after])
     return regions is not None
+
+
+def _settle_gathered(exchange: "Exchange", block_id: int) -> None:
+    """A block of several segments is complete: it goes direct if every piece was gathered and
+    they lie one after another in memory the server maps (``DistributedOptimizer``'s gradients do,
+    ``worker/flat.py``); else the gathered pieces are queued for their copies into its push slot
+    (the copy stream waits for what made them since they were added)."""
+    gathered = exchange._gathered.pop(block_id, None)
+    if not gathered:
+        return
+    block, parts = exchange._blocks[block_id]
+    if len(gathered) == len(block.segments):
+        gathered.sort(key=lambda piece: piece[0].block_offset)
+        sources = [segment_of(source, seg) for seg, source, _ in gathered]
+        dests = [exchange._dests[name].target_of(seg) for _, seg, name in sorted(parts, key=lambda part: part[0])] \
+            if exchange._dests else None
+        regions = exchange.worker.lanes.direct.regions(block.server, True, sources, dests)
+        if regions is not None:
+            exchange._direct[block_id] = (regions, sources, [after for *_, after in gathered])
+            return
+    lane = exchange._lane_blocks[block_id]
+    for seg, source, _ in gathered:
+        _queue_copy(exchange, slot_piece(lane, False, block, seg, source.dtype), segment_of(source, seg), block_id)
+
+
+def _queue_copy(exchange: "Exchange", target: torch.Tensor, source: torch.Tensor, block_id: int) -> None:
+    """A copy from a GPU for ``_launch_copies``."""
+    targets, sources, blocks = exchange._unlaunched.setdefault(source.device, ([], [], set()))
+    targets.append(target)
+    sources.append(source)
+    blocks.add(block_id)
+
+
+def _launch_copies(exchange: "Exchange") -> None:
+    """Launch the copies from GPUs queued since the last launch (none for pieces that went direct),
+    one call and one event per device: a copy per tensor cost a 100M-parameter model's step
+    milliseconds of host time. The copy stream already waits for what ``add`` was told to."""
+    for device, (targets, sources, blocks) in exchange._unlaunched.items():
+        if not targets:
+            continue
+        stream = exchange.worker.staging.stream(device, "push")
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(targets, sources, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record(stream)
+        for block_id in blocks:
+            exchange._landed.setdefault(block_id, []).append(landed)
+    exchange._unlaunched.clear()
 
 
 def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[Part], landed: Iterable,
@@ -222,9 +273,10 @@ def _record_pushed(exchange: "Exchange", lane: Slots, block: Block, parts: list[
         stream.wait_event(event)
     # a direct block's server reads the gradient where it lies, once what made it is done (``after``
     # of ``add``), and writes the destination after all queued so far, which may read it
-    if direct is not None and direct[2] is not None:
-        stream.wait_event(direct[2])
-    after_caller = direct is not None and (direct[0].writes or direct[2] is None)
+    for event in direct[2] if direct is not None else ():
+        if event is not None:
+            stream.wait_event(event)
+    after_caller = direct is not None and (direct[0].writes or any(event is None for event in direct[2]))
     if after_caller or any(name not in exchange._from_device and name not in exchange._absent for _, _, name in parts):
         stream.wait_stream(torch.cuda.current_stream(device))
     lane.record_pushed(block.block_id, stream)
@@ -280,6 +332,7 @@ class Exchange:
         self._payloads: dict[tuple[str, int], torch.Tensor] = {}  # encoded sources by (key, segment offset)
         self._device_ordered, self._flagged = device_ordered, []  # flagged: see _queue_flagged
         self._direct: dict[int, tuple] = {}  # GPU blocks placed for the direct exchange (_direct_on_device)
+        self._gathered: dict[int, list] = {}  # pieces of GPU blocks of several segments that may go direct
         if op is P.PushPull:
             worker.lanes.direct.sweep()
         if op is not P.Init:
@@ -333,7 +386,8 @@ class Exchange:
             self._missing[block.block_id] -= 1
             if self._missing[block.block_id] == 0:
                 self._ready.append(block.block_id)
-                self._launch_copies()
+                _settle_gathered(self, block.block_id)
+                _launch_copies(self)
 
     def _encode(self, name: str, tensor: torch.Tensor, pieces: list, after) -> list:
         """Encode the pieces that go compressed over the socket (on the tensor's device, after
@@ -378,35 +432,14 @@ class Exchange:
                 source = source.contiguous()
         source = source.view(-1)
         if tensor.is_contiguous():
-            pieces = [p for p in pieces if not _direct_on_device(self, p[0], source, after)]
-        unlaunched = self._unlaunched.get(device)
-        if unlaunched is None:
-            unlaunched = self._unlaunched[device] = ([], [], set())
-        targets, sources, blocks = unlaunched
+            pieces = [p for p in pieces if not _direct_on_device(self, p[0], p[2], source, after)]
         for block, _, seg in pieces:
-            end = seg.offset + seg.numel
             lane = self._lane_blocks.get(block.block_id)
-            targets.append(flat[seg.offset:end] if lane is None else slot_piece(lane, False, block, seg, tensor.dtype))
-            sources.append(segment_of(source, seg))
-            blocks.add(block.block_id)
+            target = flat[seg.offset:seg.offset + seg.numel] if lane is None else \
+                slot_piece(lane, False, block, seg, tensor.dtype)
+            _queue_copy(self, target, segment_of(source, seg), block.block_id)
         self._keep.append(source)
         return flat
-
-    def _launch_copies(self) -> None:
-        """Launch the copies from GPUs queued since the last launch (none for pieces that went direct),
-        one call and one event per device: a copy per tensor cost a 100M-parameter model's step
-        milliseconds of host time. The copy stream already waits for what ``add`` was told to."""
-        for device, (targets, sources, blocks) in self._unlaunched.items():
-            if not targets:
-                continue
-            stream = self.worker.staging.stream(device, "push")
-            with torch.cuda.stream(stream):
-                torch._foreach_copy_(targets, sources, non_blocking=True)
-            landed = torch.cuda.Event()
-            landed.record(stream)
-            for block_id in blocks:
-                self._landed.setdefault(block_id, []).append(landed)
-        self._unlaunched.clear()
 
     def _after_caller(self, stream: "torch.cuda.Stream", device: torch.device, direction: str) -> None:
         """Order a copy stream after the work queued so far on the caller's stream (once per exchange)."""
@@ -425,6 +458,7 @@ class Exchange:
         self._dropped = True
         self.future.abandon()
         self._unlaunched.clear()
+        self._gathered.clear()
         try:
             for events in self._landed.values():
                 for event in events:
@@ -491,7 +525,7 @@ class Exchange:
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if regions is not None:  # the server reads them where they lie: ours until its work is done
-            kept = [self._direct.get(block.block_id, (None, None, None))[1], *(self._sources.get(n) for _, _, n in parts)]
+            kept = [*self._direct.get(block.block_id, (None, ()))[1], *(self._sources.get(n) for _, _, n in parts)]
             self.future.kept.extend([*(t for t in kept if t is not None), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)

@@ -330,6 +330,34 @@ def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_cluster, monkeypatch, overlap):
+    """With ``PS_DIRECT_GPU=1`` ``DistributedOptimizer`` lays a GPU model's parameters and gradients
+    out block by block: every block with a gradient, those packing several small tensors too, is
+    read and written by its server where it lies, and the values equal torch's Adam."""
+    from tests.integration.test_cuda_ipc import GPU_VS_CPU
+    monkeypatch.setenv("PS_DIRECT_GPU", "1")
+    steps = 4
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK, server_device="cuda")
+    torch.manual_seed(0)
+    model = models.OverlapNet().cuda()
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=overlap) as opt:
+        for step in range(steps):
+            opt.zero_grad()
+            x, y = (t.cuda() for t in models.overlap_batch(step))
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        stats = opt.worker.server_stats()
+        whole = [b for b in opt.worker.shard_map.blocks if not any(s.key.startswith("unused") for s in b.segments)]
+        assert any(len(block.segments) > 1 for block in whole)
+        assert sum(s["direct_requests"] for s in stats) == steps * len(whole)
+    want = _adam_reference(steps)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value.cpu(), want[key], **GPU_VS_CPU)
+
+
 def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch):
     """A step fails after some blocks were pushed: the gradients move to new buffers with their
     values, the old buffers keep what was pushed while the caller zeroes the new ones, the next

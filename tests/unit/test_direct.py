@@ -63,3 +63,72 @@ def test_nothing_is_named_to_a_server_that_did_not_accept_or_for_ordinary_gradie
         off.close()
     finally:
         direct.close()
+
+
+class _Regions:
+    """``DirectExchange.regions`` as a GPU worker's would answer: regions where the pieces are one."""
+
+    def __init__(self):
+        self.asked = []
+
+    def regions(self, server, on_device, sources, dests):
+        self.asked.append((server, on_device, sources, dests))
+        return "regions" if one_region(sources) is not None and one_region(dests) is not None else None
+
+
+def _gathering_exchange(tensors: dict[str, torch.Tensor], dests: dict[str, torch.Tensor]):
+    """A packed block of ``tensors`` (in order) and an exchange's state, as ``Exchange`` keeps it,
+    with every piece gathered in reverse order (the order a backward pass hands them over)."""
+    from types import SimpleNamespace
+
+    from psframework.sharding import Block, Segment
+    from psframework.worker.exchange import Destination
+
+    segments, filled = [], 0
+    for name, tensor in tensors.items():
+        segments.append(Segment(name, 0, tensor.numel(), filled))
+        filled += tensor.numel()
+    block = Block(7, 0, "float32", filled, tuple(segments))
+    parts = [(i, seg, seg.key) for i, seg in enumerate(segments)]
+    exchange = SimpleNamespace(
+        _blocks={7: (block, parts)}, _dests={name: Destination(d) for name, d in dests.items()}, _direct={},
+        _lane_blocks={7: "lane"}, _unlaunched={}, worker=SimpleNamespace(lanes=SimpleNamespace(direct=_Regions())),
+        _gathered={7: [(seg, tensors[seg.key].view(-1), f"after {seg.key}") for seg in reversed(segments)]})
+    return exchange, block
+
+
+def test_a_packed_block_gathered_in_one_region_goes_direct_in_the_blocks_order(monkeypatch):
+    """The pieces of a GPU block of several segments are gathered as they are added; once the block
+    is complete it goes direct if its gradients (and destination) lie one after another, naming
+    them in the block's order with each piece's event, and nothing is copied."""
+    from psframework.worker import exchange as exchange_mod
+
+    grads, values = torch.arange(6.0), torch.zeros(6)
+    exchange, block = _gathering_exchange({"a": grads[:2], "b": grads[2:5], "c": grads[5:]},
+                                          {"a": values[:2], "b": values[2:5], "c": values[5:]})
+    exchange_mod._settle_gathered(exchange, 7)
+    regions, sources, afters = exchange._direct[7]
+    assert regions == "regions" and afters == ["after a", "after b", "after c"]
+    assert [s.data_ptr() for s in sources] == [grads[:2].data_ptr(), grads[2:5].data_ptr(), grads[5:].data_ptr()]
+    assert exchange._unlaunched == {} and exchange._gathered == {}
+
+
+def test_a_packed_block_not_in_one_region_or_not_whole_is_copied_into_its_push_slot(monkeypatch):
+    """Gradients that do not lie one after another, or a block one of whose pieces was not gathered
+    (no gradient, or host memory), take the lane: the gathered pieces are queued for their copies
+    into the push slot, in one launch with the rest."""
+    from psframework.worker import exchange as exchange_mod
+
+    monkeypatch.setattr(exchange_mod, "slot_piece", lambda lane, pull, block, seg, dtype: torch.empty(seg.numel))
+    apart = {"a": torch.ones(2), "b": torch.ones(3)}
+    exchange, _ = _gathering_exchange(apart, {"a": torch.zeros(2), "b": torch.zeros(3)})
+    exchange_mod._settle_gathered(exchange, 7)
+    targets, sources, blocks = exchange._unlaunched[torch.device("cpu")]
+    assert len(targets) == len(sources) == 2 and blocks == {7} and exchange._direct == {}
+
+    grads = torch.arange(5.0)
+    exchange, _ = _gathering_exchange({"a": grads[:2], "b": grads[2:]}, {})
+    exchange._gathered[7].pop()  # "a" had no gradient
+    exchange_mod._settle_gathered(exchange, 7)
+    assert exchange.worker.lanes.direct.asked == [] and exchange._direct == {}
+    assert len(exchange._unlaunched[torch.device("cpu")][0]) == 1
