@@ -10,8 +10,9 @@ Prints the medians in microseconds and their ratio as a Markdown table, and chec
 counters: every round of the shared tensors went direct, none of the ordinary ones did.
 
 Then ``DistributedOptimizer.step()`` of an MLP (``--width``, 4 layers: 64 MiB at 2048) on the CPU,
-whose gradients it keeps in shared memory for the servers to read where they lie, against the same
-job with ``PS_DIRECT=0`` (the gradients copied into the lanes); jobs alternate ``--rounds`` times.
+whose parameters and gradients it keeps in shared memory for the servers to read the gradients and
+write the values where they lie, against the same job with ``PS_DIRECT=0`` (the gradients copied
+into the lanes, the values out of the server's shared values); jobs alternate ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main(sizes_kib: str, repeats: int, warmup: int, width: int, steps: int, roun
     megabytes = 4 * (width * width + width) * 4 / 1e6
     print(f"\nDistributedOptimizer.step() of a 4-layer MLP of width {width} ({megabytes:.0f} MB), SGD, "
           f"overlap off; median ms of {steps} steps per job, jobs alternating\n")
-    print("| round | gradients through the lanes | gradients read where they lie | direct / lanes |")
+    print("| round | through the lanes | where they lie | direct / lanes |")
     print("|---|---|---|---|")
     ratios = []
     for r in range(rounds):
