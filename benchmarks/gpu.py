@@ -469,7 +469,8 @@ def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_d
               ("PS sync, overlap on", "ps1", {"overlap": True, "ipc": "1"}),
               ("PS sync, overlap off", "ps1", {"overlap": False, "ipc": "1"}),
               ("PS sync, overlap on, no CUDA IPC", "ps1", {"overlap": True, "ipc": "0"}),
-              ("PS sync, overlap off, direct", "ps1", {"overlap": False, "ipc": "1", "direct": "1"})]
+              ("PS sync, overlap off, direct", "ps1", {"overlap": False, "ipc": "1", "direct": "1"}),
+              ("PS sync, overlap on, direct", "ps1", {"overlap": True, "ipc": "1", "direct": "1"})]
     for mib in chunk_mibs:
         setups += [(f"PS sync, overlap {'on' if overlap else 'off'}, {mib} MiB blocks", "ps1",
                     {"overlap": overlap, "ipc": "1", "chunk_mib": mib}) for overlap in (True, False)]

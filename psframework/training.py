@@ -22,7 +22,6 @@ several backward passes use ``overlap=False``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -84,6 +83,7 @@ class DistributedOptimizer:
         self._tables: Optional[TableLookups] = None
         self._overlap: Optional[_Overlap] = None
         self._shared: Optional[_MappedParams] = None
+        self._given_up: list[_MappedParams] = []  # see _after_failed_step
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
         # a step whose values are ordered on the GPU (``push_pull(device_ordered=True)``), not waited for yet
         self._unfinished: Optional[Future] = None
@@ -118,12 +118,19 @@ class DistributedOptimizer:
             self._rolled_back = exc.step
         return self.worker.steps
 
-    def _finish_unfinished(self) -> bool:
-        """Wait for the last step if it was left to complete on the GPU (True); raises its error."""
+    def _finish_unfinished(self) -> None:
+        """Wait for the last step if it was left to complete on the GPU; raises its error, after
+        moving the parameters away from where late answers to it may write (``_after_failed_step``)."""
         future, self._unfinished = self._unfinished, None
-        if future is not None:
+        if future is None:
+            return
+        try:
             future.wait()
-        return future is not None
+        except BaseException:
+            self._after_failed_step()
+            raise
+        if self._shared is not None:
+            self._shared.completed()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; gradients in shared memory (``_MappedParams``) are zeroed in place instead and
@@ -156,24 +163,31 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         try:
-            self._step()
-        except RolledBackError as exc:  # also a checkpoint abandoned because the job went back meanwhile
-            self._after_failed_step()
+            self._finish_unfinished()
+        except RolledBackError as exc:  # this step's forward ran on the model before the rollback
             self._drop_step(exc.step)
-        except BaseException:
-            self._after_failed_step()
-            raise
-
-    def _step(self) -> None:
-        # a step left to complete on the GPU fails here, at the next one, after its forward ran on
-        # the model before the failure (or the rollback): this step is dropped with it
-        if self._finish_unfinished() and self._shared is not None:
-            self._shared.completed()
+            return
         if self._rolled_back is not None and self._overlap is None:
             # heard of after this step's forward: its gradients belong to the old model (with overlap
             # the communication thread finds out by the step's rollback epoch, and must end the step)
             self._drop_step(self._rolled_back)
             return
+        try:
+            self._exchange()
+        except RolledBackError as exc:
+            self._after_failed_step()
+            self._drop_step(exc.step)
+            return
+        except BaseException:
+            self._after_failed_step()
+            raise
+        try:
+            if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+                self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
+        except RolledBackError as exc:  # a checkpoint abandoned because the job went back meanwhile
+            self._drop_step(exc.step)
+
+    def _exchange(self) -> None:
         push_rows = self._tables.push if self._tables is not None else None
         if self._overlap is None:
             self._step_without_overlap(push_rows)
@@ -181,15 +195,21 @@ class DistributedOptimizer:
             self._overlap.finish(self._grad, push_rows)
         if self._shared is not None and self._unfinished is None:
             self._shared.completed()
-        if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-            self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
 
     def _after_failed_step(self) -> None:
         """A server may still read the gradients of a step that failed where they lie, and write
         its values there: both move to new buffers, and the old ones are left to it (let go after
         the next step that completes)."""
-        if self._shared is not None and not self._shared.renew():
+        if self._shared is None:
+            return
+        try:
+            moved = self._shared.renew()
+        except Exception as exc:  # noqa: BLE001 -- the step's own error is the one to raise
+            log.error("worker %d: could not move the parameters after a failed step: %s", self.worker.rank, exc)
+            moved = False
+        if not moved:
             self._shared.close()
+            self._given_up.append(self._shared)  # its buffers, which late answers may write, stay allocated
             self._shared = None
 
     def _note_rollback(self, step: int) -> None:
@@ -277,8 +297,8 @@ class _MappedParams:
     replaced by another tensor (``model.zero_grad()``, or one the caller assigned) counts as given
     and takes the lane until ``zero_grad`` puts the view back."""
 
-    def __init__(self, worker: Worker, views: FlatViews, reached: set[str]):
-        self.worker, self.views = worker, views
+    def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
+        self.worker, self.views, self._buffers = worker, views, buffers
         self._retired: list[torch.Tensor] = []  # buffers of failed steps (``renew``)
         self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
         self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
@@ -295,13 +315,14 @@ class _MappedParams:
         if not mapped:
             return None
         reached = {name for name, p in mapped.items() if p.grad is not None}
+        buffers = _MappedBuffers(direct)
         try:
-            views = FlatViews(mapped, worker.shard_map.blocks, functools.partial(_mapped_empty, direct), whole=True)
+            views = FlatViews(mapped, worker.shard_map.blocks, buffers, whole=True)
         except (OSError, torch.OutOfMemoryError) as exc:
             log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
                      "through the lanes", worker.rank, exc)
             return None
-        return cls(worker, views, reached & set(views.names))
+        return cls(worker, views, reached & set(views.names), buffers)
 
     def _reach(self, name: str):
         def reached(_: torch.Tensor) -> None:
@@ -323,7 +344,8 @@ class _MappedParams:
     def renew(self) -> bool:
         """After a failed step: move the parameters and gradients to new buffers; the old ones are
         let go after the next step that completes (``completed``), when every server has answered
-        what came before it. False, with them made ordinary tensors, if there is no memory."""
+        what came before it. False if there is no memory: then the parameters become ordinary
+        tensors where there is memory for them, and the old buffers stay (this object keeps them)."""
         try:
             self._retired += self.views.renew()
             return True
@@ -331,16 +353,21 @@ class _MappedParams:
             log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the lanes "
                         "from now on", self.worker.rank, exc)
         self.worker.lanes.direct.write_values = False
-        for param in self.views.params.values():
-            param.data = param.data.clone()
-            if param.grad is not None:
-                param.grad = param.grad.clone()
+        self._retired += self.views.buffers
+        for name, param in self.views.params.items():
+            try:
+                param.data = param.data.clone()
+                if param.grad is not None:
+                    param.grad = param.grad.clone()
+            except torch.OutOfMemoryError:
+                log.error("worker %d: no memory to move %r away from where a failed step's late answers may "
+                          "write it", self.worker.rank, name)
         return False
 
     def completed(self) -> None:
         """A step completed: the buffers of failed steps before it are read by no server any more."""
         if self._retired:
-            self.worker.lanes.direct.free(self._retired)  # GPU ones go back to the allocator as we drop them
+            self._buffers.take_back(self._retired)
             self._retired = []
 
     def close(self) -> None:
@@ -349,11 +376,30 @@ class _MappedParams:
         self._hooks = []
 
 
-def _mapped_empty(direct, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer of ``FlatViews`` that servers of this host may map: a memory file for the host."""
-    if device.type == "cpu":
-        return direct.shared_empty(numel, dtype)
-    return torch.empty(numel, dtype=dtype, device=device)
+class _MappedBuffers:
+    """The buffers of ``_MappedParams``' ``FlatViews``: host ones in memory files, let go once no
+    server uses them; GPU ones torch's, never given back to its allocator while the job lasts: one
+    that no server uses any more waits for the next ``renew`` (the driver documents freeing an
+    exported allocation that another process maps as undefined behaviour, and torch's allocator
+    frees its cached segments in ``empty_cache`` or when it runs out of memory)."""
+
+    def __init__(self, direct):
+        self._direct = direct
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # (numel, dtype, device) -> GPU buffers
+
+    def __call__(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        spare = self._spare.get((numel, dtype, device))
+        if spare:
+            return spare.pop()
+        if device.type == "cpu":
+            return self._direct.shared_empty(numel, dtype)
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def take_back(self, buffers: list[torch.Tensor]) -> None:
+        self._direct.free([buffer for buffer in buffers if not buffer.is_cuda])
+        for buffer in buffers:
+            if buffer.is_cuda:
+                self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
 
 _READY, _FINISH, _STOP = "ready", "finish", "stop"

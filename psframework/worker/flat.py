@@ -68,11 +68,13 @@ class FlatViews:
         self._views: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # name -> (value view, grad view)
         self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
-        if values:
-            self._new_values(self._allocate_all())
+        value_buffers = self._allocate_all() if values else None
+        grad_buffers = self._allocate_all()
+        if value_buffers is not None:
+            self._new_values(value_buffers)
         else:
             self._views = {name: (None, self.params[name].data) for *_, offsets in self._layout for name, _ in offsets}
-        self._new_grads(self._allocate_all(), copy=False)
+        self._new_grads(grad_buffers, copy=False)
         self.restore()
 
     def _allocate_all(self) -> list[torch.Tensor]:
@@ -111,6 +113,11 @@ class FlatViews:
     @property
     def grad_buffers(self) -> list[torch.Tensor]:
         return list(self._grad_buffers)
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer the views are in now: the values' (if views), then the gradients'."""
+        return self._value_buffers + self._grad_buffers
 
     def grad_is_view(self, name: str) -> bool:
         grad = self.params[name].grad

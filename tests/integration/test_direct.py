@@ -358,17 +358,23 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
         torch.testing.assert_close(value.cpu(), want[key], **GPU_VS_CPU)
 
 
+def _async_sgd_optimizer(make_cluster) -> tuple[torch.nn.Module, ps.DistributedOptimizer]:
+    """The test model and its ``DistributedOptimizer`` (SGD, no overlap) with two async CPU servers."""
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
+    torch.manual_seed(0)
+    model = models.OverlapNet()
+    return model, ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
+                                          overlap=False)
+
+
 def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch):
     """A step fails after some blocks were pushed: the gradients move to new buffers with their
     values, the old buffers keep what was pushed while the caller zeroes the new ones, the next
     steps go direct again, and once one completed the old buffers are let go (the servers unmap
     them)."""
     from psframework.worker.exchange import Exchange
-    cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
-    torch.manual_seed(0)
-    model = models.OverlapNet()
-    with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
-                                 overlap=False) as opt:
+    model, opt = _async_sgd_optimizer(make_cluster)
+    with opt:
         add = Exchange.add
 
         def failing_add(self, name, tensor, after=None, checked=False):
@@ -402,6 +408,50 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         stats = opt.worker.server_stats()
         assert sum(s["direct_requests"] for s in stats) > before
         assert sum(s["mapped_exports"] for s in stats) == mapped  # the failed step's buffers unmapped
+
+
+def test_with_no_memory_for_new_buffers_a_failed_step_leaves_the_old_to_the_servers_and_trains_through_the_lanes(
+        make_cluster, monkeypatch):
+    """A step fails and there is no shared memory left to move the parameters to: they become
+    ordinary tensors with their values, the old buffers stay allocated (a late answer may still
+    write them), and training goes on through the lanes with torch's numbers."""
+    from psframework.training import _MappedBuffers
+    from psframework.worker.exchange import Exchange
+    model, opt = _async_sgd_optimizer(make_cluster)
+    with opt:
+        mapped = opt._shared
+        old = mapped.views.buffers
+        add = Exchange.add
+
+        def failing_add(self, name, tensor, after=None, checked=False):
+            raise RuntimeError("injected failure")
+
+        def no_memory(self, numel, dtype, device):
+            raise OSError("no space left on the shared memory file system")
+
+        x, y = models.overlap_batch(0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        values = {name: p.detach().clone() for name, p in model.named_parameters()}
+        monkeypatch.setattr(Exchange, "add", failing_add)
+        monkeypatch.setattr(_MappedBuffers, "__call__", no_memory)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            opt.step()
+        monkeypatch.setattr(Exchange, "add", add)
+        assert opt._shared is None and opt._given_up == [mapped]
+        for name, p in model.named_parameters():
+            assert torch.equal(p, values[name]), name
+        for buffer in old:
+            buffer.fill_(5.0)  # a late answer
+        assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
+        before = sum(s["direct_requests"] for s in opt.worker.server_stats())
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        assert sum(s["direct_requests"] for s in opt.worker.server_stats()) == before
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p, values[name] - 0.1 * grads[name])
 
 
 def test_zeroed_and_hand_made_gradients_count_as_torch_counts_them(make_cluster):

@@ -5,6 +5,7 @@ Stand-ins for the worker and the step's future: no cluster, no GPU."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from psframework.errors import RolledBackError
@@ -48,7 +49,7 @@ def _optimizer(unfinished) -> DistributedOptimizer:
     opt.worker, opt._owns_worker = _Worker(), False
     opt.params = {"w": torch.zeros(2, requires_grad=True)}
     opt._tables, opt._overlap, opt._rolled_back, opt._unfinished = None, None, None, unfinished
-    opt._shared = None  # no gradients in shared memory
+    opt._shared, opt._given_up = None, []  # no parameters in mapped memory (``_shared``: see _Mapped)
     opt.checkpoint_dir, opt.checkpoint_every, opt.start_step = None, None, 0
     return opt
 
@@ -86,3 +87,98 @@ def test_a_finished_step_is_waited_for_once():
     opt = _optimizer(unfinished)
     assert opt.step_count == 7 and opt.step_count == 7
     assert unfinished.waited == 1 and opt._rolled_back is None
+
+
+class _Mapped:
+    """A stand-in for ``_MappedParams``: counts renews and completions."""
+
+    def __init__(self, renews: bool = True):
+        self.renewed, self.completions, self.closed, self._renews = 0, 0, False, renews
+
+    def renew(self):
+        self.renewed += 1
+        return self._renews
+
+    def completed(self):
+        self.completions += 1
+
+    def has_grad(self, name):
+        return True
+
+    def close(self):
+        self.closed = True
+
+
+def _mapped(unfinished, renews: bool = True) -> tuple[DistributedOptimizer, _Mapped]:
+    opt = _optimizer(unfinished)
+    opt._shared = _Mapped(renews)
+    return opt, opt._shared
+
+
+def test_a_failed_step_found_by_step_count_moves_the_parameters_before_raising():
+    """Late answers to a step left to the GPU may still write the parameters where they lie:
+    whichever call takes its failure in (``step_count`` here), they move first."""
+    opt, mapped = _mapped(_Future(RuntimeError("server 0 died")))
+    try:
+        opt.step_count
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the step's error was not raised")
+    assert mapped.renewed == 1 and mapped.completions == 0
+
+
+def test_a_rollback_found_by_step_count_moves_the_parameters_before_the_restored_values_are_pulled():
+    opt, mapped = _mapped(_Future(RolledBackError("went back", step=4)))
+    assert opt.step_count == 7
+    opt.step()
+    assert mapped.renewed == 1 and opt.worker.pulls == 1
+
+
+def test_a_step_completed_on_the_gpu_and_taken_in_by_step_count_lets_the_old_buffers_go():
+    opt, mapped = _mapped(_Future())
+    assert opt.step_count == 7
+    assert mapped.completions == 1 and mapped.renewed == 0
+
+
+def test_a_failed_checkpoint_after_a_completed_step_moves_nothing(tmp_path):
+    opt, mapped = _mapped(None)
+    opt._unfinished = None
+    opt.checkpoint_dir, opt.checkpoint_every = str(tmp_path), 1
+
+    def fail(directory, step):
+        raise OSError("disk full")
+    opt.worker.save_checkpoint = fail
+    opt.worker.push_pull = lambda grads, into, device_ordered=False: _Future()
+    try:
+        opt.step()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the checkpoint's error was not raised")
+    assert mapped.renewed == 0
+
+
+def test_when_the_parameters_cannot_move_their_buffers_are_kept_for_the_job():
+    opt, mapped = _mapped(_Future(RuntimeError("server 0 died")), renews=False)
+    try:
+        opt.step()
+    except RuntimeError:
+        pass
+    assert opt._shared is None and mapped.closed and opt._given_up == [mapped]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_buffers_no_server_uses_are_kept_for_the_next_renew_not_given_back():
+    """An exported GPU allocation must not be freed while a server may still map it: buffers of
+    failed steps wait for the next ``renew`` instead of going back to torch's allocator."""
+    from psframework.training import _MappedBuffers
+    from psframework.worker.direct import DirectExchange
+
+    buffers = _MappedBuffers(DirectExchange(rank=0))
+    device = torch.device("cuda", torch.cuda.current_device())
+    first = buffers(1000, torch.float32, device)
+    buffers.take_back([first])
+    assert buffers(1000, torch.float32, device) is first
+    assert buffers(1000, torch.float32, device) is not first
