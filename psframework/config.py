@@ -156,7 +156,7 @@ class NodeConfig:
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
     cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
     direct: bool = True  # workers: servers of their host read and write shared host tensors where they lie
-    direct_gpu: bool = False  # workers: and GPU tensors, by CUDA IPC (not yet run on a GPU: off by default)
+    direct_gpu: bool = False  # workers: and GPU tensors, by CUDA IPC (off by default until the one-GPU model rows ran with it)
     row_lane_bytes: int = DEFAULT_ROW_LANE_BYTES  # workers: of each row area of a lane (datapath/lane.py)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
     compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
