@@ -156,7 +156,7 @@ class FlatViews:
         view as it was."""
         values = self._allocate_all() if self._value_buffers else None
         grads = self._allocate_all()
-        old = self._value_buffers + self._grad_buffers
+        old = self.buffers
         old_grads = {name: grad for name, (_, grad) in self._views.items()}
         if values is not None:
             self._new_values(values)
