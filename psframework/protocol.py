@@ -25,7 +25,7 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = 13  # 13: a server that cannot map a worker's export says so (Error kind unmapped); 12: the direct exchange: a lane request may name where its gradients and destination lie in the worker's memory (BlockRequest.direct, exports, gone; Attach/AttachDevice/Attached.direct); 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
+VERSION = 14  # 14: a worker introduces its exports before any request names them (MapExports, ExportsMapped); 13: a server that cannot map a worker's export says so (Error kind unmapped); 12: the direct exchange: a lane request may name where its gradients and destination lie in the worker's memory (BlockRequest.direct, exports, gone; Attach/AttachDevice/Attached.direct); 11: a device lane request names the number the server writes into its block's flag (BlockRequest.flag); 10: a worker sends a device lane's push before its copy into the slot is done (AttachDevice.events); 9: a server answers a device lane with its events (Attached.events) and answers through it before its device work is done; 8: readers (ReaderWelcome, IntroduceReader, Read, ReadRows); 7: rows of tables through the lanes (row areas); 6: Registered names the initialising worker; 5: a server offers its values in shared memory (Attached, shared answers)
 MAX_HEADER_BYTES = 1 << 20
 
 # error kinds carried in Error messages, mapped back to exception classes by the receiver
@@ -385,6 +385,23 @@ class AttachDevice(Message, tag="attach_device"):
     probe: tuple[bytes, int, int] = (b"", 0, 0)
 
 
+class MapExports(Message, tag="map_exports"):
+    """Map these exports of my memory (``device``: GPU, else host), each (id, handle, size), before
+    any request names them: a worker sends what the server cannot map through its lane instead."""
+    req: int
+    rank: int
+    device: bool
+    exports: list[tuple[int, bytes, int]]
+
+
+class ExportsMapped(Message, tag="exports_mapped"):
+    """The exports of a ``MapExports`` that the server could not map (``reason``: why the first
+    of them could not); it maps the others."""
+    req: int
+    refused: list[int] = []
+    reason: str = ""
+
+
 class Ack(Message, tag="ack"):
     req: int
 
@@ -437,7 +454,7 @@ class Error(Message, tag="error"):
 ALL = (Hello, Welcome, Heartbeat, HeartbeatAck, Register, Registered, Setup, SetupDone, Barrier, BarrierDone,
        Bye, ByeAck, Checkpoint, CheckpointDone, Restore, RestoreDone, Save, Saved, Load, Loaded, Activate,
        Activated, Push, Pull, PushPull, Init, PullRows, PushRows, InitRows, RowValues, Introduce, Mark,
-       ReaderWelcome, IntroduceReader, Read, ReadRows, Attach, AttachDevice, Ack, Attached, Values, Stats, StatsReply, Error)
+       ReaderWelcome, IntroduceReader, Read, ReadRows, Attach, AttachDevice, MapExports, ExportsMapped, Ack, Attached, Values, Stats, StatsReply, Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Union[ALL])  # type: ignore[valid-type]
@@ -511,8 +528,8 @@ def check_version(peer_version: int, peer: str, me: str) -> None:
 
 __all__ = [
     "ALL", "Ack", "Activate", "Activated", "Attach", "AttachDevice", "Attached", "BAD_REQUEST", "Barrier", "BarrierDone", "BlockRequest", "Bye",
-    "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "Heartbeat", "HeartbeatAck",
-    "Hello", "Init", "InitRows", "Introduce", "IntroduceReader", "Read", "ReadRows", "ReaderWelcome", "Load", "Loaded", "MAX_HEADER_BYTES", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
+    "ByeAck", "CHECKPOINT_ERROR", "CONFIG", "Checkpoint", "CheckpointDone", "Error", "ExportsMapped", "Heartbeat", "HeartbeatAck",
+    "Hello", "Init", "InitRows", "Introduce", "IntroduceReader", "Read", "ReadRows", "ReaderWelcome", "Load", "Loaded", "MAX_HEADER_BYTES", "MapExports", "Mark", "Message", "NodeInfo", "PEER_LOST", "PROTOCOL", "Pull", "PullRows", "PushRows", "RowRequest", "RowValues",
     "Push", "PushPull", "REGISTRATION", "ROLLED_BACK", "Register", "Registered", "Rejected", "Restore", "RestoreDone", "Save",
     "Saved", "Setup", "SetupDone", "Stats", "StatsReply", "TIMEOUT", "TensorInfo", "UNMAPPED", "VERSION", "Values", "Welcome",
     "check_version", "decode", "encode", "reader_token", "request_id", "token_key",

@@ -331,6 +331,9 @@ class Server:
         elif isinstance(message, P.Stats):
             self.data.skip_rest()
             self._send(peer, P.StatsReply(req=message.req, counters=self.counters()))
+        elif isinstance(message, P.MapExports):
+            self.data.skip_rest()
+            self._send(peer, self.lanes.map_exports(message, self.membership.rank))
         elif isinstance(message, (P.Attach, P.AttachDevice)):
             self.data.skip_rest()
             blocks = [(b.block.block_id, b.block.nbytes) for b in self.store.blocks.values()]
@@ -346,11 +349,7 @@ class Server:
     def counters(self) -> dict:
         """What ``Worker.server_stats()`` reports."""
         return {"applied": self.store.applied, "pushes": self.policy.pushes, "blocks": len(self.store.blocks),
-                "device": str(self.device), "lanes": sorted(self.lanes.lanes), "lane_requests": self.lanes.requests,
-                "device_lanes": sorted(self.lanes.device_lanes), "ipc_requests": self.lanes.ipc_requests,
-                "shared_answers": self.lanes.shared_answers, "direct_requests": self.lanes.direct_requests,
-                "mapped_exports": sum(len(mapped) for mapped in self.lanes.mapped.values()),
-                "exports_opened": self.lanes.exports_opened, "reads": self.reads.count,
+                "device": str(self.device), **self.lanes.counters(), "reads": self.reads.count,
                 "waiting_reads": self.reads.waiting(),
                 "apply_bursts": 0, "timed_applies": 0, "deferred_replies": self.credits.deferrals,
                 "dropped_replies": self.data.dropped, "tables": self.rows.counters(), "busy_s": self._busy_s,

@@ -47,6 +47,7 @@ class ServerLanes:
         # the workers' memory we mapped, by (worker rank, on a GPU): host and device exports are apart
         self.mapped: dict[tuple[int, bool], MappedExports] = {}
         self.exports_opened = 0  # of the workers' memory, since we started
+        self.exports_refused = 0  # that we could not map
 
     def attach(self, message: P.Attach, blocks: list[tuple[int, int]], num_workers: int, server: int) -> None:
         """Map a worker's lane; ``Rejected`` (the worker goes on over the socket) if we cannot."""
@@ -118,14 +119,11 @@ class ServerLanes:
                                             "memory with its lane")
         if request.gone:
             mapped.forget(request.gone)
-        for export_id, handle, size in request.exports:
-            if export_id not in mapped:  # every request names its exports; each is opened once
-                try:
-                    mapped.introduce(export_id, handle, size)
-                    self.exports_opened += 1
-                except ConfigError as exc:  # the worker sends it through its lane from now on
-                    raise P.Rejected(P.UNMAPPED, f"{type(request).__name__} of {state.describe()}: server "
-                                                 f"cannot map {exc}; it goes through the lane from the next exchange") from None
+        # every request names its exports, for a restarted server; the worker introduced them (map_exports)
+        refused, why = self._introduce(mapped, request.exports)
+        if refused:  # the worker sends what lies there through its lane from now on
+            raise P.Rejected(P.UNMAPPED, f"{type(request).__name__} of {state.describe()}: server cannot map "
+                                         f"{why}; it goes through the lane from the next exchange")
         try:
             if not request.direct:
                 return None, None
@@ -139,6 +137,34 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"{type(request).__name__} of {state.describe()}: {exc}") from None
         self.direct_requests += 1
         return source, destination
+
+    def map_exports(self, message: P.MapExports, server: int) -> P.ExportsMapped:
+        """Map the exports a worker introduces before naming them; those we cannot map it sends
+        through its lane."""
+        mapped = self.mapped.get((message.rank, message.device))
+        if mapped is None:
+            raise P.Rejected(P.BAD_REQUEST, f"worker {message.rank} introduced exports of its "
+                                            f"{'GPU' if message.device else 'host'} memory, which server {server} "
+                                            "does not map: it did not offer them with its lane")
+        refused, why = self._introduce(mapped, message.exports)
+        if refused:
+            log.info("server %d: cannot map %s; what lies there goes through the lane", server, why)
+        return P.ExportsMapped(req=message.req, refused=refused, reason=why)
+
+    def _introduce(self, mapped: MappedExports, exports: list[tuple[int, bytes, int]]) -> tuple[list[int], str]:
+        """Open the exports not open yet: the ids of those we cannot open, and why the first could not."""
+        refused, why = [], ""
+        for export_id, handle, size in exports:
+            if export_id in mapped:
+                continue
+            try:
+                mapped.introduce(export_id, handle, size)
+                self.exports_opened += 1
+            except ConfigError as exc:
+                refused.append(export_id)
+                why = why or str(exc)
+        self.exports_refused += len(refused)
+        return refused, why
 
     def lane_for(self, request: P.BlockRequest, more_frames: bool, server: int) -> Optional[Slots]:
         """The lane a request came through, or None for a socket request."""
@@ -248,6 +274,14 @@ class ServerLanes:
             log.warning("server %d: no shared values (%s); answers go through each worker's lane", server, exc)
             return P.Attached(req=message.req, direct=direct)
         return P.Attached(req=message.req, values=str(shared.path), token=shared.token, direct=direct)
+
+    def counters(self) -> dict:
+        """The lanes' part of ``Worker.server_stats()``."""
+        return {"lanes": sorted(self.lanes), "lane_requests": self.requests, "device_lanes": sorted(self.device_lanes),
+                "ipc_requests": self.ipc_requests, "shared_answers": self.shared_answers,
+                "direct_requests": self.direct_requests, "exports_opened": self.exports_opened,
+                "mapped_exports": sum(len(mapped) for mapped in self.mapped.values()),
+                "exports_refused": self.exports_refused}
 
     def forget(self, workers: Iterable[int]) -> None:
         """Unmap the lanes of workers that closed or died: their memory goes back to the system

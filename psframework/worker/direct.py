@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,8 +67,11 @@ def one_region(pieces: list[torch.Tensor]) -> Optional[torch.Tensor]:
 class DirectExchange:
     """The worker's exports, host and GPU, and which servers said they map them."""
 
-    def __init__(self, rank: int, enabled: bool = True, on_gpu: bool = False):
+    def __init__(self, rank: int, enabled: bool = True, on_gpu: bool = False,
+                 introduce: Optional[Callable[[int, bool, list], list[int]]] = None):
         self.rank, self.enabled, self.on_gpu = rank, enabled, enabled and on_gpu
+        # (server, on a GPU, exports) -> the ids it cannot map: asked before a request names them
+        self._introduce = introduce
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
@@ -132,10 +135,9 @@ class DirectExchange:
             self._placed.clear()
             self._generations = generations
 
-    def refused(self, on_device: bool, regions: Regions) -> None:
-        """A server could not map the exports ``regions`` named (``UNMAPPED``): from the next
-        exchange on, what lies in them goes through the lanes."""
-        self._exports[on_device].refuse(regions.direct[0::2])
+    def refused(self, on_device: bool, export_ids: list[int]) -> None:
+        """A server could not map these exports: what lies in them goes through the lanes."""
+        self._exports[on_device].refuse(export_ids)
         self._placed.clear()
 
     def free(self, tensors: list[torch.Tensor]) -> None:
@@ -158,7 +160,12 @@ class DirectExchange:
         if placed is None:
             return None
         direct, located, named = placed
-        exports.introductions(server, located)  # told from now on: it hears when they are gone
+        fresh = exports.introductions(server, located)  # told from now on: it hears when they are gone
+        if fresh and self._introduce is not None:
+            refused = self._introduce(server, on_device, fresh)
+            if refused:  # placed anew without them: the gradients may still go direct
+                self.refused(on_device, refused)
+                return self.regions(server, on_device, sources, dests)
         # every request names its exports' handles: one resent to a restarted server stands alone
         return Regions(direct, named, exports.take_gone(server))
 

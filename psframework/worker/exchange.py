@@ -149,7 +149,7 @@ def _direct_answered(direct, regions: Regions, on_device: bool, answered, reques
     """A direct request's answer: a server that could not map what it named refused it
     (``UNMAPPED``), and those exports go through the lanes from now on."""
     if isinstance(reply, P.Error) and reply.kind == P.UNMAPPED:
-        direct.refused(on_device, regions)
+        direct.refused(on_device, regions.direct[0::2])
     return answered(request, reply, ok)
 
 

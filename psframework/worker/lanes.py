@@ -12,6 +12,7 @@ then leave the values there, and the worker copies them straight out of the serv
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .direct import DirectExchange
 from .requests import Client, Future, Request
 
 log = logging.getLogger("psframework.worker")
+
+MAP_TIMEOUT = 30.0  # seconds a server may take to map the exports a worker introduces (as to map its lane)
 
 
 @dataclass
@@ -56,11 +59,24 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
     return lane.piece(pull, block.block_id, seg.block_offset * size, seg.numel * size, dtype)
 
 
+def map_exports(client: Client, rank: int, server: int, on_device: bool, exports: list[tuple[int, bytes, int]]
+                ) -> list[int]:
+    """Introduce exports of worker ``rank``'s memory to ``server`` before any request names them:
+    the ids of those it cannot map, whose tensors go through the lanes (``DirectExchange``)."""
+    reply = client.ask(server, lambda req: P.MapExports(req=req, rank=rank, device=on_device, exports=exports),
+                       timeout=MAP_TIMEOUT)
+    if reply.refused:
+        log.info("worker %d: server %d cannot map %d of our %s exports (%s); what lies in them goes "
+                 "through the lanes", rank, server, len(reply.refused), "GPU" if on_device else "host", reply.reason)
+    return list(reply.refused)
+
+
 class WorkerLanes:
     def __init__(self, client: Client, rank: int, shard_map: ShardMap, sync_copies: Callable[[], None],
                  cuda_ipc: bool = True, row_bytes: int = 0, direct: tuple[bool, bool] = (True, False)):
         self.client, self.rank, self.shard_map, self._cuda_ipc = client, rank, shard_map, cuda_ipc
-        self.direct = DirectExchange(rank, *direct)  # blocks exchanged where our tensors lie
+        # blocks exchanged where our tensors lie
+        self.direct = DirectExchange(rank, *direct, introduce=functools.partial(map_exports, client, rank))
         self.row_bytes = row_bytes  # of each row area of a lane (the job has tables), else 0
         self._sync_copies = sync_copies  # waits until no copy into a push area is in flight
         self.flag_watch: Optional[FlagWatch] = None  # made with the first device lane, if the driver has flags

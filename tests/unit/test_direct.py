@@ -65,6 +65,31 @@ def test_nothing_is_named_to_a_server_that_did_not_accept_or_for_ordinary_gradie
         direct.close()
 
 
+def test_exports_are_introduced_once_before_named_and_those_refused_are_placed_without():
+    """A server is asked to map each export before a request names it; one that refuses the
+    destination's leaves the gradients named alone, and one that refuses both leaves the lane."""
+    asked = []
+
+    def introduce(server, on_device, exports):
+        asked.append((server, [export_id for export_id, _, _ in exports]))
+        return [export_id for export_id, _, _ in exports if export_id in refuse]
+
+    direct = DirectExchange(rank=0, introduce=introduce)
+    direct.answered(0, on_device=False, accepted=True)
+    try:
+        grad, value = direct.shared_empty(100, torch.float32), direct.shared_empty(100, torch.float32)
+        refuse = {2}  # the destination's
+        regions = direct.regions(0, False, [grad], [value])
+        assert asked == [(0, [1, 2])] and not regions.writes and len(regions.direct) == 2
+        assert direct.regions(0, False, [grad], [value]).direct == regions.direct and len(asked) == 1
+        other = direct.shared_empty(100, torch.float32)
+        refuse = {3}
+        assert direct.regions(0, False, [other], None) is None and asked[-1] == (0, [3])
+        assert direct.regions(0, False, [other], None) is None and len(asked) == 2  # not asked again
+    finally:
+        direct.close()
+
+
 class _Regions:
     """``DirectExchange.regions`` as a GPU worker's would answer: regions where the pieces are one."""
 
