@@ -284,14 +284,27 @@ class DistributedOptimizer:
         self.close()
 
 
+def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]]:
+    """The parameters and gradients of ``views`` by the servers that hold blocks of them."""
+    tensors: dict[int, list[torch.Tensor]] = {}
+    for name in views.names:
+        param = views.params[name]
+        for server in {block.server for block, _ in worker.shard_map.segments_of(name)}:
+            tensors.setdefault(server, []).extend(t for t in (param.detach(), param.grad) if t is not None)
+    return tensors
+
+
+MAX_RENEWS_IN_A_ROW = 2  # failed steps in a row after which the parameters leave mapped memory
+
+
 class _MappedParams:
     """The parameters that servers of this host map where they lie (``worker/direct.py``), and
     their gradients, as views of flat buffers (``FlatViews``; host ones in memory files, GPU ones
     in allocations held for the whole job, so that none is freed while a server maps it): the
     servers read the gradients and write the new values in place, with no copy through the lanes
     (DDP's ``gradient_as_bucket_view``, and its values too). A server's late answer to a failed
-    step must never write the parameters, so after one both move to new buffers (``renew``) and
-    the old are let go only once a later step completed. ``zero_grad`` zeroes the gradients in
+    step must never write the parameters, so after one both move to new buffers (``renew``); the
+    old are let go at once on the host and, on a GPU, once a later step completed. ``zero_grad`` zeroes the gradients in
     place, so ``p.grad`` stays a tensor; a hook on each notes which got a gradient since, so that
     one backward did not reach still counts as no gradient (torch's ``set_to_none``). A gradient
     replaced by another tensor (``model.zero_grad()``, or one the caller assigned) counts as given
@@ -299,7 +312,8 @@ class _MappedParams:
 
     def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
         self.worker, self.views, self._buffers = worker, views, buffers
-        self._retired: list[torch.Tensor] = []  # buffers of failed steps (``renew``)
+        self._retired: list[torch.Tensor] = []  # GPU buffers of failed steps (``renew``)
+        self._renews_in_a_row = 0  # failed steps since the last that completed
         self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
         self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
                        for name in views.names]
@@ -322,6 +336,8 @@ class _MappedParams:
             log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
                      "through the lanes", worker.rank, exc)
             return None
+        for server, tensors in _by_server(worker, views).items():  # mapped now, not in the first step
+            direct.offer(server, tensors)
         return cls(worker, views, reached & set(views.names), buffers)
 
     def _reach(self, name: str):
@@ -342,18 +358,26 @@ class _MappedParams:
         return self.views.params
 
     def renew(self) -> bool:
-        """After a failed step: move the parameters and gradients to new buffers; the old ones are
-        let go after the next step that completes (``completed``), when every server has answered
-        what came before it. False if there is no memory: then the parameters become ordinary
-        tensors where there is memory for them, and the old buffers stay (this object keeps them)."""
-        try:
-            self._retired += self.views.renew()
-            return True
-        except (OSError, torch.OutOfMemoryError) as exc:
-            log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the lanes "
-                        "from now on", self.worker.rank, exc)
+        """After a failed step: move the parameters and gradients to new buffers. The old host ones
+        are let go at once (what a late answer writes there then lies only in the server's mapping),
+        the old GPU ones after the next step that completes (``completed``), when every server has
+        answered what came before it. False if there is no memory, or after ``MAX_RENEWS_IN_A_ROW``
+        failed steps in a row (each would hold more GPU memory): then the parameters become
+        ordinary tensors where there is memory for them, and the old buffers stay (this object
+        keeps them)."""
+        self._renews_in_a_row += 1
+        if self._renews_in_a_row > MAX_RENEWS_IN_A_ROW:
+            log.warning("worker %d: %d steps failed in a row; the parameters leave the memory the servers map "
+                        "and go through the lanes from now on", self.worker.rank, self._renews_in_a_row)
+        else:
+            try:
+                self._let_go(self.views.renew())
+                return True
+            except (OSError, torch.OutOfMemoryError) as exc:
+                log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the "
+                            "lanes from now on", self.worker.rank, exc)
         self.worker.lanes.direct.write_values = False
-        self._retired += self.views.buffers
+        self._let_go(self.views.buffers)
         for name, param in self.views.params.items():
             try:
                 param.data = param.data.clone()
@@ -364,8 +388,13 @@ class _MappedParams:
                           "write it", self.worker.rank, name)
         return False
 
+    def _let_go(self, buffers: list[torch.Tensor]) -> None:
+        self._buffers.take_back([buffer for buffer in buffers if not buffer.is_cuda])
+        self._retired += [buffer for buffer in buffers if buffer.is_cuda]
+
     def completed(self) -> None:
         """A step completed: the buffers of failed steps before it are read by no server any more."""
+        self._renews_in_a_row = 0
         if self._retired:
             self._buffers.take_back(self._retired)
             self._retired = []

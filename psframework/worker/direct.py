@@ -160,14 +160,30 @@ class DirectExchange:
         if placed is None:
             return None
         direct, located, named = placed
-        fresh = exports.introductions(server, located)  # told from now on: it hears when they are gone
-        if fresh and self._introduce is not None:
-            refused = self._introduce(server, on_device, fresh)
-            if refused:  # placed anew without them: the gradients may still go direct
-                self.refused(on_device, refused)
-                return self.regions(server, on_device, sources, dests)
+        if not self._introduced(server, on_device, exports, located):
+            return self.regions(server, on_device, sources, dests)  # placed anew without what it refused
         # every request names its exports' handles: one resent to a restarted server stands alone
         return Regions(direct, named, exports.take_gone(server))
+
+    def offer(self, server: int, tensors: list[torch.Tensor]) -> None:
+        """Introduce the exports ``tensors`` lie in to ``server`` now, if it maps memory of their
+        kind, so that no exchange waits for that (a worker's set-up, as its lanes' is). Tensors
+        it cannot map are marked, and go through the lanes."""
+        for on_device in (False, True):
+            exports = self.device_exports() if on_device else self._exports[False]
+            kind = [tensor for tensor in tensors if tensor.is_cuda == on_device]
+            if kind and exports is not None and self.accepts(server, on_device):
+                located = [item for item in (self._locate(exports, [tensor]) for tensor in kind) if item is not None]
+                self._introduced(server, on_device, exports, located)
+
+    def _introduced(self, server: int, on_device: bool, exports: WorkerExports, located: list[Located]) -> bool:
+        """Introduce to ``server`` the exports among ``located`` it was not told of (it hears from
+        then on when they are gone); False if it refused some (they are marked)."""
+        fresh = exports.introductions(server, located)
+        refused = self._introduce(server, on_device, fresh) if fresh and self._introduce is not None else []
+        if refused:
+            self.refused(on_device, refused)
+        return not refused
 
     def _place(self, exports: WorkerExports, sources: list[torch.Tensor], dests: Optional[list[torch.Tensor]]
                ) -> Optional[tuple[list[int], list[Located], list]]:

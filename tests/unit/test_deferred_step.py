@@ -182,3 +182,67 @@ def test_gpu_buffers_no_server_uses_are_kept_for_the_next_renew_not_given_back()
     buffers.take_back([first])
     assert buffers(1000, torch.float32, device) is first
     assert buffers(1000, torch.float32, device) is not first
+
+
+def _mapped_params():
+    """A real ``_MappedParams`` of a small model in shared host memory (no cluster)."""
+    from types import SimpleNamespace
+
+    from psframework.sharding import TensorSpec, assign_shards
+    from psframework.training import _MappedBuffers, _MappedParams
+    from psframework.worker.direct import DirectExchange
+    from psframework.worker.flat import FlatViews
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    params = dict(model.named_parameters())
+    specs = [TensorSpec(name, tuple(p.shape), "float32") for name, p in params.items()]
+    direct = DirectExchange(rank=0)
+    buffers = _MappedBuffers(direct)
+    views = FlatViews(params, assign_shards(specs, 1, 1 << 20).blocks, buffers, whole=True)
+    worker = SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct))
+    model(torch.randn(3, 8)).sum().backward()
+    return _MappedParams(worker, views, set(params), buffers), params, direct
+
+
+def _in_shared_memory(direct, tensor: torch.Tensor) -> bool:
+    try:
+        direct.host_memory.allocation_of(tensor.data_ptr())
+        return True
+    except Exception:
+        return False
+
+
+def test_host_buffers_of_a_failed_step_are_let_go_at_once():
+    """A late answer writes host buffers that only the server still maps once the worker let them
+    go: nothing of the worker's lies there, so they need not wait for a completed step."""
+    mapped, params, direct = _mapped_params()
+    try:
+        old = mapped.views.buffers
+        values = {name: p.detach().clone() for name, p in params.items()}
+        assert mapped.renew()
+        assert direct.host_memory.freed == len(old)
+        assert not any(_in_shared_memory(direct, buffer) for buffer in old)
+        assert all(_in_shared_memory(direct, p) and torch.equal(p, values[name]) for name, p in params.items())
+    finally:
+        direct.close()
+
+
+def test_after_steps_failing_in_a_row_the_parameters_leave_the_mapped_memory():
+    """Each failed step moves the parameters to new buffers and a GPU's old ones stay allocated
+    until a step completes; so that steps failing in a row do not take ever more memory, after
+    ``MAX_RENEWS_IN_A_ROW`` of them the parameters become ordinary tensors and go through the lanes."""
+    from psframework.training import MAX_RENEWS_IN_A_ROW
+    mapped, params, direct = _mapped_params()
+    try:
+        for _ in range(MAX_RENEWS_IN_A_ROW):
+            assert mapped.renew()
+            mapped.completed()  # a step in between starts the count again
+        for _ in range(MAX_RENEWS_IN_A_ROW):
+            assert mapped.renew()
+        values = {name: p.detach().clone() for name, p in params.items()}
+        assert not mapped.renew()
+        assert not direct.write_values
+        assert all(not _in_shared_memory(direct, p) and torch.equal(p, values[name]) for name, p in params.items())
+    finally:
+        direct.close()
