@@ -150,20 +150,32 @@ def bench_pushpull(sizes_mib: list[int], repeats: int, warmup: int, chunk_mib: O
                                 optimizer=ps.optim.SGD(lr=1e-6))
                 for row, mib in zip(rows, sizes_mib):
                     timed = repeats if mib < 256 else max(3, repeats // 2)
+                    blocks = len(worker.shard_map.segments_of(f"t{mib}"))
+                    start = _path_counts(worker)
                     round_trip_times(worker, mib, device, warmup, 0, device_ordered="device-ordered" in where)
-                    before = sum(s["direct_requests"] for s in worker.server_stats())
+                    before = _path_counts(worker)
                     seconds = statistics.median(round_trip_times(worker, mib, device, timed, 0,
                                                                  device_ordered="device-ordered" in where))
                     row[f"{where} ms"] = seconds * 1e3
                     row[f"{where} GB/s"] = 2 * mib * MiB / seconds / GB
-                    if "direct" in where:  # of the timed requests, those that really went direct
-                        direct = sum(s["direct_requests"] for s in worker.server_stats()) - before
-                        row["direct requests"] = f"{direct} of {timed * len(worker.shard_map.segments_of(f't{mib}'))}"
+                    if "direct" in where:  # of the requests, those that really went direct (and through the device lane)
+                        after = _path_counts(worker)
+                        row["direct requests"] = (f"timed {after[0] - before[0]} of {timed * blocks} (through device "
+                                                  f"lanes {after[1] - before[1]}, direct ones included), warm-up "
+                                                  f"{before[0] - start[0]} of {warmup * blocks}, exports refused "
+                                                  f"{after[2] - start[2]}")
     os.environ.pop("PS_CUDA_IPC")
     os.environ.pop("PS_DIRECT_GPU")
     for row in rows:
         row["IPC/no IPC"] = row["cuda GB/s"] / row["cuda, no IPC GB/s"]
     return rows
+
+
+def _path_counts(worker) -> tuple[int, int, int]:
+    """The servers' counts of direct requests, of requests through device lanes (direct ones
+    included), and of exports they could not map."""
+    stats = worker.server_stats()
+    return tuple(sum(s[key] for s in stats) for key in ("direct_requests", "ipc_requests", "exports_refused"))
 
 
 def round_trip_times(worker, mib: int, device: str, repeats: int, warmup: int,

@@ -32,13 +32,14 @@ import torch
 from . import protocol as P
 from .compress import Codec
 from .datapath.compression import CompressionArg
-from .errors import ClosedError, ConfigError, RolledBackError
+from .errors import ClosedError, ConfigError, PeerLostError, PSError, RolledBackError
 from .lookups import TableLookups
 from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange
 from .worker.flat import FlatViews
+from .worker.lanes import MAP_TIMEOUT
 from .worker.requests import Future
 
 log = logging.getLogger("psframework.training")
@@ -198,8 +199,8 @@ class DistributedOptimizer:
 
     def _after_failed_step(self) -> None:
         """A server may still read the gradients of a step that failed where they lie, and write
-        its values there: both move to new buffers, and the old ones are left to it (let go after
-        the next step that completes)."""
+        its values there: both move to new buffers, and the old ones are left to it
+        (``_MappedParams.renew``)."""
         if self._shared is None:
             return
         try:
@@ -209,7 +210,7 @@ class DistributedOptimizer:
             moved = False
         if not moved:
             self._shared.close()
-            self._given_up.append(self._shared)  # its buffers, which late answers may write, stay allocated
+            self._given_up.append(self._shared)  # its GPU buffers, which late answers may write, stay allocated
             self._shared = None
 
     def _note_rollback(self, step: int) -> None:
@@ -294,7 +295,21 @@ def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]
     return tensors
 
 
-MAX_RENEWS_IN_A_ROW = 2  # failed steps in a row after which the parameters leave mapped memory
+def _await_maps(worker: Worker, futures: list[Future]) -> None:
+    """Wait for the servers to say they map the buffers (``DirectExchange.offer``), so that the
+    blocks go direct from the first step; a server that does not answer in time leaves them to
+    the lanes until it does."""
+    for future in futures:
+        try:
+            future.wait(timeout=MAP_TIMEOUT)
+        except (PeerLostError, ClosedError):
+            raise
+        except PSError as exc:
+            log.warning("worker %d: a server did not say that it maps the parameters' memory (%s); their blocks "
+                        "go through the lanes until it does", worker.rank, exc)
+
+
+MAX_RENEWS_IN_A_ROW = 2  # moves of GPU buffers in a row, after which a failed step ends the mapped memory
 
 
 class _MappedParams:
@@ -313,7 +328,7 @@ class _MappedParams:
     def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
         self.worker, self.views, self._buffers = worker, views, buffers
         self._retired: list[torch.Tensor] = []  # GPU buffers of failed steps (``renew``)
-        self._renews_in_a_row = 0  # failed steps since the last that completed
+        self._gpu_renews_in_a_row = 0  # moves of GPU buffers since a step last completed
         self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
         self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
                        for name in views.names]
@@ -336,8 +351,8 @@ class _MappedParams:
             log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
                      "through the lanes", worker.rank, exc)
             return None
-        for server, tensors in _by_server(worker, views).items():  # mapped now, not in the first step
-            direct.offer(server, tensors)
+        _await_maps(worker, [future for server, tensors in _by_server(worker, views).items()
+                             for future in direct.offer(server, tensors)])
         return cls(worker, views, reached & set(views.names), buffers)
 
     def _reach(self, name: str):
@@ -361,14 +376,13 @@ class _MappedParams:
         """After a failed step: move the parameters and gradients to new buffers. The old host ones
         are let go at once (what a late answer writes there then lies only in the server's mapping),
         the old GPU ones after the next step that completes (``completed``), when every server has
-        answered what came before it. False if there is no memory, or after ``MAX_RENEWS_IN_A_ROW``
-        failed steps in a row (each would hold more GPU memory): then the parameters become
-        ordinary tensors where there is memory for them, and the old buffers stay (this object
-        keeps them)."""
-        self._renews_in_a_row += 1
-        if self._renews_in_a_row > MAX_RENEWS_IN_A_ROW:
-            log.warning("worker %d: %d steps failed in a row; the parameters leave the memory the servers map "
-                        "and go through the lanes from now on", self.worker.rank, self._renews_in_a_row)
+        answered what came before it. False if there is no memory, or if GPU buffers moved
+        ``MAX_RENEWS_IN_A_ROW`` times since a step last completed (each move holds more GPU
+        memory): then the parameters become ordinary tensors where there is memory for them, and
+        the old GPU buffers stay (this object keeps them)."""
+        if self._gpu_renews_in_a_row >= MAX_RENEWS_IN_A_ROW:
+            log.warning("worker %d: %d steps failed in a row; the parameters leave the GPU memory the servers map "
+                        "and go through the lanes from now on", self.worker.rank, self._gpu_renews_in_a_row + 1)
         else:
             try:
                 self._let_go(self.views.renew())
@@ -389,12 +403,14 @@ class _MappedParams:
         return False
 
     def _let_go(self, buffers: list[torch.Tensor]) -> None:
+        gpu = [buffer for buffer in buffers if buffer.is_cuda]
         self._buffers.take_back([buffer for buffer in buffers if not buffer.is_cuda])
-        self._retired += [buffer for buffer in buffers if buffer.is_cuda]
+        self._retired += gpu
+        self._gpu_renews_in_a_row += bool(gpu)
 
     def completed(self) -> None:
         """A step completed: the buffers of failed steps before it are read by no server any more."""
-        self._renews_in_a_row = 0
+        self._gpu_renews_in_a_row = 0
         if self._retired:
             self._buffers.take_back(self._retired)
             self._retired = []
@@ -406,8 +422,8 @@ class _MappedParams:
 
 
 class _MappedBuffers:
-    """The buffers of ``_MappedParams``' ``FlatViews``: host ones in memory files, let go once no
-    server uses them; GPU ones torch's, never given back to its allocator while the job lasts: one
+    """The buffers of ``_MappedParams``' ``FlatViews``: host ones in memory files, whose memory goes
+    back once no server maps them; GPU ones torch's, never given back to its allocator while the job lasts: one
     that no server uses any more waits for the next ``renew`` (the driver documents freeing an
     exported allocation that another process maps as undefined behaviour, and torch's allocator
     frees its cached segments in ``empty_cache`` or when it runs out of memory)."""

@@ -56,6 +56,7 @@ class WorkerExports:
         self._refused: set[tuple[int, int]] = set()  # (base, buffer id) the driver cannot export
         self._next_id = 1
         self._known_by: dict[int, set[int]] = {}  # server rank -> export ids it was given
+        self._mapped_by: dict[int, set[int]] = {}  # server rank -> export ids it said it maps (``confirm``)
         self._gone: list[int] = []  # ids replaced since the servers last heard
         self.generation = 0  # counts the exports found gone: what was placed before may be stale
 
@@ -126,11 +127,28 @@ class WorkerExports:
         known.update(fresh)
         return [(export.id, export.handle, export.size) for export in fresh.values()]
 
+    def confirm(self, server: int, export_ids: list[int]) -> None:
+        """``server`` answered their introduction: it maps these exports (those it still knows of:
+        it may have restarted since)."""
+        known = self._known_by.get(server, set())
+        self._mapped_by.setdefault(server, set()).update(export_id for export_id in export_ids if export_id in known)
+
+    def withdraw(self, server: int, export_ids: list[int]) -> None:
+        """No answer came to their introduction (the worker closed, the job rolled back): they are
+        introduced again when next placed."""
+        self._known_by.get(server, set()).difference_update(export_ids)
+
+    def mapped_by(self, server: int, located: list[Located]) -> bool:
+        """Whether ``server`` said it maps every export of ``located``."""
+        mapped = self._mapped_by.get(server, set())
+        return all(item.export.id in mapped for item in located)
+
     def take_gone(self, server: int) -> list[int]:
         """The ids ``server`` knows that were replaced since; forgotten for it from now on."""
         known = self._known_by.get(server, set())
         gone = [export_id for export_id in self._gone if export_id in known]
         known.difference_update(gone)
+        self._mapped_by.get(server, set()).difference_update(gone)
         self._gone = [export_id for export_id in self._gone
                       if any(export_id in ids for ids in self._known_by.values())]
         return gone
@@ -138,6 +156,7 @@ class WorkerExports:
     def forget_server(self, server: int) -> None:
         """A restarted server knows none of our exports."""
         self._known_by.pop(server, None)
+        self._mapped_by.pop(server, None)
         self._gone = [export_id for export_id in self._gone
                       if any(export_id in ids for ids in self._known_by.values())]
 

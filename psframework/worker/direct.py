@@ -11,9 +11,10 @@ before. See ``docs/direct-device-exchange.md``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,6 +24,10 @@ from ..errors import ConfigError
 
 log = logging.getLogger("psframework.worker")
 
+
+# (server, on a GPU, [(id, handle, size)], answered) -> the future of the server's answer; ``answered``
+# gets the ids it cannot map, or None if no answer came (``WorkerLanes``' ``map_exports``)
+Introduce = Callable[[int, bool, list, Callable[[Optional[list[int]]], None]], Any]
 
 MAX_PLACED = 4096  # placements remembered; more (a loop of ever new tensors) starts afresh
 
@@ -67,11 +72,9 @@ def one_region(pieces: list[torch.Tensor]) -> Optional[torch.Tensor]:
 class DirectExchange:
     """The worker's exports, host and GPU, and which servers said they map them."""
 
-    def __init__(self, rank: int, enabled: bool = True, on_gpu: bool = False,
-                 introduce: Optional[Callable[[int, bool, list], list[int]]] = None):
+    def __init__(self, rank: int, enabled: bool = True, on_gpu: bool = False, introduce: Optional[Introduce] = None):
         self.rank, self.enabled, self.on_gpu = rank, enabled, enabled and on_gpu
-        # (server, on a GPU, exports) -> the ids it cannot map: asked before a request names them
-        self._introduce = introduce
+        self._introduce = introduce  # None: servers map what requests name as they come (no answer awaited)
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
@@ -160,30 +163,46 @@ class DirectExchange:
         if placed is None:
             return None
         direct, located, named = placed
-        if not self._introduced(server, on_device, exports, located):
-            return self.regions(server, on_device, sources, dests)  # placed anew without what it refused
+        self._introduce_new(server, on_device, exports, located)
+        if self._introduce is not None and not exports.mapped_by(server, located):
+            return None  # through the lane until the server said that it maps them
         # every request names its exports' handles: one resent to a restarted server stands alone
         return Regions(direct, named, exports.take_gone(server))
 
-    def offer(self, server: int, tensors: list[torch.Tensor]) -> None:
+    def offer(self, server: int, tensors: list[torch.Tensor]) -> list:
         """Introduce the exports ``tensors`` lie in to ``server`` now, if it maps memory of their
-        kind, so that no exchange waits for that (a worker's set-up, as its lanes' is). Tensors
-        it cannot map are marked, and go through the lanes."""
+        kind (a head start: their blocks go direct from the first exchange once it answered);
+        the futures of its answers."""
+        futures = []
         for on_device in (False, True):
             exports = self.device_exports() if on_device else self._exports[False]
             kind = [tensor for tensor in tensors if tensor.is_cuda == on_device]
             if kind and exports is not None and self.accepts(server, on_device):
                 located = [item for item in (self._locate(exports, [tensor]) for tensor in kind) if item is not None]
-                self._introduced(server, on_device, exports, located)
+                futures.append(self._introduce_new(server, on_device, exports, located))
+        return [future for future in futures if future is not None]
 
-    def _introduced(self, server: int, on_device: bool, exports: WorkerExports, located: list[Located]) -> bool:
+    def _introduce_new(self, server: int, on_device: bool, exports: WorkerExports, located: list[Located]):
         """Introduce to ``server`` the exports among ``located`` it was not told of (it hears from
-        then on when they are gone); False if it refused some (they are marked)."""
+        then on when they are gone), without waiting: the future of its answer, if any was asked."""
         fresh = exports.introductions(server, located)
-        refused = self._introduce(server, on_device, fresh) if fresh and self._introduce is not None else []
+        if not fresh or self._introduce is None:
+            return None
+        ids = [export_id for export_id, _, _ in fresh]
+        return self._introduce(server, on_device, fresh, functools.partial(self._answered_introduction,
+                                                                           server, on_device, ids))
+
+    def _answered_introduction(self, server: int, on_device: bool, ids: list[int], refused: Optional[list[int]]
+                               ) -> None:
+        """``server``'s answer to the introduction of ``ids``: those it ``refused`` go through the
+        lanes from now on, the others may go direct (None: no answer came; introduced again)."""
+        exports = self._exports[on_device]
+        if refused is None:
+            exports.withdraw(server, ids)
+            return
+        exports.confirm(server, [export_id for export_id in ids if export_id not in refused])
         if refused:
             self.refused(on_device, refused)
-        return not refused
 
     def _place(self, exports: WorkerExports, sources: list[torch.Tensor], dests: Optional[list[torch.Tensor]]
                ) -> Optional[tuple[list[int], list[Located], list]]:

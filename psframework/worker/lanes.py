@@ -34,7 +34,7 @@ from .requests import Client, Future, Request
 
 log = logging.getLogger("psframework.worker")
 
-MAP_TIMEOUT = 30.0  # seconds a server may take to map the exports a worker introduces (as to map its lane)
+MAP_TIMEOUT = 30.0  # seconds a DistributedOptimizer waits at its start for the servers to map its buffers
 
 
 @dataclass
@@ -59,16 +59,23 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
     return lane.piece(pull, block.block_id, seg.block_offset * size, seg.numel * size, dtype)
 
 
-def map_exports(client: Client, rank: int, server: int, on_device: bool, exports: list[tuple[int, bytes, int]]
-                ) -> list[int]:
-    """Introduce exports of worker ``rank``'s memory to ``server`` before any request names them:
-    the ids of those it cannot map, whose tensors go through the lanes (``DirectExchange``)."""
-    reply = client.ask(server, lambda req: P.MapExports(req=req, rank=rank, device=on_device, exports=exports),
-                       timeout=MAP_TIMEOUT)
-    if reply.refused:
-        log.info("worker %d: server %d cannot map %d of our %s exports (%s); what lies in them goes "
-                 "through the lanes", rank, server, len(reply.refused), "GPU" if on_device else "host", reply.reason)
-    return list(reply.refused)
+def map_exports(client: Client, rank: int, server: int, on_device: bool, exports: list[tuple[int, bytes, int]],
+                answered: Callable[[Optional[list[int]]], None]) -> Future:
+    """Introduce exports of worker ``rank``'s memory to ``server`` (``MapExports``) without waiting:
+    ``answered`` gets the ids it cannot map once it answers (all of them if it refuses the
+    message), or None if no answer comes (``DirectExchange``)."""
+    def on_answer(request: Request, reply: Optional[P.Message], ok: bool) -> None:
+        if isinstance(reply, P.Error):
+            log.warning("worker %d: server %d refused the exports we introduced (%s); what lies in them goes "
+                        "through the lanes", rank, server, reply.message)
+        answered(list(reply.refused) if isinstance(reply, P.ExportsMapped)
+                 else None if reply is None else [export_id for export_id, _, _ in exports])
+
+    req = client.next_id()
+    request = Request(Future(client), server, frames=[P.encode(P.MapExports(req=req, rank=rank, device=on_device,
+                                                                          exports=exports))], on_answer=on_answer)
+    client.submit(request, req)
+    return request.future
 
 
 class WorkerLanes:

@@ -265,14 +265,6 @@ class Client:
         log.warning("worker %d: the job went back to step %d (a server was restarted)", self.membership.rank, step)
         self.on_rolled_back(step)
 
-    def ask(self, server: int, make: Callable[[int], P.Message], timeout: float) -> P.Message:
-        """Send ``server`` the message ``make(req)`` makes and wait for its answer (an error answer raises)."""
-        req = self.next_id()
-        request = Request(Future(self), server, frames=[P.encode(make(req))])
-        self.submit(request, req)
-        request.future.wait(timeout=timeout)
-        return request.reply
-
     def stats(self) -> list[dict]:
         """Every server's counters, by rank (``Worker.server_stats``)."""
         future = Future(self)

@@ -380,15 +380,17 @@ def count_up(out: str, steps: int, numel: int) -> None:
         torch.save(params, out)
 
 
-def gpu_count_up(out: str, steps: int, numel: int, empty_cache: bool = False) -> None:
+def gpu_count_up(out: str, steps: int, numel: int, empty_cache: bool = False, repeats: int = 1) -> None:
     """``count_up`` with GPU tensors, and the servers' counters; ``empty_cache``: the gradients and
-    the allocator's cache are let go between steps, so the worker's exports are made anew."""
+    the allocator's cache are let go between steps, so the worker's exports are made anew; each
+    step's gradients are pushed ``repeats`` times."""
     with ps.init() as worker:
         params = {"w": torch.zeros(numel, device="cuda")}
         worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
         for _ in range(steps):
             grads = {"w": torch.full_like(params["w"], -1.0)}
-            worker.push_pull(grads, into=params).wait(timeout=30)
+            for _ in range(repeats):
+                worker.push_pull(grads, into=params).wait(timeout=30)
             if empty_cache:
                 del grads
                 torch.cuda.empty_cache()
@@ -396,7 +398,7 @@ def gpu_count_up(out: str, steps: int, numel: int, empty_cache: bool = False) ->
 
 
 def direct_then_die(out: str, flag_dir: str, victim: int) -> None:
-    """Two push_pulls of a tensor in shared memory (the direct exchange), then ``done-RANK``; the
+    """Three push_pulls of a tensor in shared memory (the direct exchange), then ``done-RANK``; the
     victim exits abruptly once ``die`` exists, the others close once ``finish`` exists."""
     from pathlib import Path
 
@@ -405,7 +407,7 @@ def direct_then_die(out: str, flag_dir: str, victim: int) -> None:
     worker.register({"w": torch.zeros(1000)}, optimizer=ps.optim.SGD(lr=1.0))
     param, grad = (worker.lanes.direct.shared_empty(1000, torch.float32) for _ in range(2))
     grad.fill_(1.0)
-    for _ in range(2):
+    for _ in range(3):  # the first introduces the memory to the server, and goes through the lane
         worker.push_pull({"w": grad}, into={"w": param}).wait(timeout=30)
     (flags / f"done-{worker.rank}").touch()
     deadline = time.monotonic() + 60

@@ -5,6 +5,8 @@ Stand-ins for the worker and the step's future: no cluster, no GPU."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -186,8 +188,6 @@ def test_gpu_buffers_no_server_uses_are_kept_for_the_next_renew_not_given_back()
 
 def _mapped_params():
     """A real ``_MappedParams`` of a small model in shared host memory (no cluster)."""
-    from types import SimpleNamespace
-
     from psframework.sharding import TensorSpec, assign_shards
     from psframework.training import _MappedBuffers, _MappedParams
     from psframework.worker.direct import DirectExchange
@@ -228,21 +228,56 @@ def test_host_buffers_of_a_failed_step_are_let_go_at_once():
         direct.close()
 
 
-def test_after_steps_failing_in_a_row_the_parameters_leave_the_mapped_memory():
-    """Each failed step moves the parameters to new buffers and a GPU's old ones stay allocated
-    until a step completes; so that steps failing in a row do not take ever more memory, after
-    ``MAX_RENEWS_IN_A_ROW`` of them the parameters become ordinary tensors and go through the lanes."""
-    from psframework.training import MAX_RENEWS_IN_A_ROW
+def test_host_parameters_move_after_every_failed_step_in_a_row():
+    """Host buffers of failed steps are let go at once: however many steps fail in a row, the
+    parameters keep moving to new mapped memory and stay there."""
     mapped, params, direct = _mapped_params()
+    try:
+        for _ in range(5):
+            assert mapped.renew()
+        assert direct.write_values and all(_in_shared_memory(direct, p) for p in params.values())
+    finally:
+        direct.close()
+
+
+class _GpuLikeViews:
+    """``FlatViews`` as ``_MappedParams.renew`` sees it, with buffers that say they are on a GPU."""
+
+    names, params = [], {}
+
+    def __init__(self):
+        self.buffers = [SimpleNamespace(is_cuda=True)]
+
+    def renew(self):
+        old, self.buffers = self.buffers, [SimpleNamespace(is_cuda=True)]
+        return old
+
+
+class _Buffers:
+    def __init__(self):
+        self.taken_back = []
+
+    def take_back(self, buffers):
+        self.taken_back += buffers
+
+
+def test_after_gpu_buffers_moved_twice_in_a_row_a_failed_step_leaves_the_mapped_memory():
+    """A GPU's buffers of failed steps stay allocated until a step completes; so that steps failing
+    in a row do not take ever more GPU memory, after ``MAX_RENEWS_IN_A_ROW`` moves the next failed
+    step makes the parameters ordinary tensors (through the lanes from then on)."""
+    from psframework.training import MAX_RENEWS_IN_A_ROW, _MappedParams
+    from psframework.worker.direct import DirectExchange
+    direct = DirectExchange(rank=0)
+    buffers = _Buffers()
+    mapped = _MappedParams(SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct)), _GpuLikeViews(), set(),
+                           buffers)
     try:
         for _ in range(MAX_RENEWS_IN_A_ROW):
             assert mapped.renew()
-            mapped.completed()  # a step in between starts the count again
+        mapped.completed()  # a step in between starts the count again, and lets the old buffers go
+        assert len(buffers.taken_back) == MAX_RENEWS_IN_A_ROW
         for _ in range(MAX_RENEWS_IN_A_ROW):
             assert mapped.renew()
-        values = {name: p.detach().clone() for name, p in params.items()}
-        assert not mapped.renew()
-        assert not direct.write_values
-        assert all(not _in_shared_memory(direct, p) and torch.equal(p, values[name]) for name, p in params.items())
+        assert direct.write_values and not mapped.renew() and not direct.write_values
     finally:
         direct.close()

@@ -65,27 +65,33 @@ def test_nothing_is_named_to_a_server_that_did_not_accept_or_for_ordinary_gradie
         direct.close()
 
 
-def test_exports_are_introduced_once_before_named_and_those_refused_are_placed_without():
-    """A server is asked to map each export before a request names it; one that refuses the
-    destination's leaves the gradients named alone, and one that refuses both leaves the lane."""
+def test_exports_go_direct_once_their_server_said_it_maps_them_and_those_it_refused_never():
+    """Each export is introduced to a server once, without waiting, before a request names it; its
+    blocks go through the lane until the server answered that it maps it. A refused destination
+    leaves the gradients named alone; an introduction that got no answer (a rollback) is made
+    again, and so is every one to a restarted server."""
     asked = []
 
-    def introduce(server, on_device, exports):
-        asked.append((server, [export_id for export_id, _, _ in exports]))
-        return [export_id for export_id, _, _ in exports if export_id in refuse]
+    def introduce(server, on_device, exports, answered):
+        asked.append(([export_id for export_id, _, _ in exports], answered))
 
     direct = DirectExchange(rank=0, introduce=introduce)
     direct.answered(0, on_device=False, accepted=True)
     try:
         grad, value = direct.shared_empty(100, torch.float32), direct.shared_empty(100, torch.float32)
-        refuse = {2}  # the destination's
+        assert direct.regions(0, False, [grad], [value]) is None and [ids for ids, _ in asked] == [[1, 2]]
+        assert direct.regions(0, False, [grad], [value]) is None and len(asked) == 1  # asked once
+        asked[0][1]([2])  # it maps the gradients' export, not the destination's
         regions = direct.regions(0, False, [grad], [value])
-        assert asked == [(0, [1, 2])] and not regions.writes and len(regions.direct) == 2
-        assert direct.regions(0, False, [grad], [value]).direct == regions.direct and len(asked) == 1
+        assert not regions.writes and len(regions.direct) == 2 and len(asked) == 1
         other = direct.shared_empty(100, torch.float32)
-        refuse = {3}
-        assert direct.regions(0, False, [other], None) is None and asked[-1] == (0, [3])
-        assert direct.regions(0, False, [other], None) is None and len(asked) == 2  # not asked again
+        assert direct.regions(0, False, [other], None) is None and asked[-1][0] == [3]
+        asked[-1][1](None)  # no answer came
+        assert direct.regions(0, False, [other], None) is None and len(asked) == 3 and asked[-1][0] == [3]
+        asked[-1][1]([])
+        assert direct.regions(0, False, [other], None).direct[1] == 0
+        direct.answered(0, on_device=False, accepted=True)  # the server restarted
+        assert direct.regions(0, False, [other], None) is None and asked[-1][0] == [3]
     finally:
         direct.close()
 
