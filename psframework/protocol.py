@@ -387,11 +387,13 @@ class AttachDevice(Message, tag="attach_device"):
 
 class MapExports(Message, tag="map_exports"):
     """Map these exports of my memory (``device``: GPU, else host), each (id, handle, size), before
-    any request names them: a worker sends what the server cannot map through its lane instead."""
+    any request names them: a worker sends what the server cannot map through its lane instead;
+    ``gone``: let go of these (as ``BlockRequest.gone``)."""
     req: int
     rank: int
     device: bool
     exports: list[tuple[int, bytes, int]]
+    gone: list[int] = []
 
 
 class ExportsMapped(Message, tag="exports_mapped"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Mapping, Optional
 
 import torch
@@ -299,9 +300,12 @@ def _await_maps(worker: Worker, futures: list[Future]) -> None:
     """Wait for the servers to say they map the buffers (``DirectExchange.offer``), so that the
     blocks go direct from the first step; a server that does not answer in time leaves them to
     the lanes until it does."""
+    deadline = time.monotonic() + MAP_TIMEOUT
     for future in futures:
         try:
-            future.wait(timeout=MAP_TIMEOUT)
+            future.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except RolledBackError:
+            continue  # a server restarted: it is asked again at the first step
         except (PeerLostError, ClosedError):
             raise
         except PSError as exc:
@@ -386,6 +390,7 @@ class _MappedParams:
         else:
             try:
                 self._let_go(self.views.renew())
+                self._offer()
                 return True
             except (OSError, torch.OutOfMemoryError) as exc:
                 log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the "
@@ -401,6 +406,16 @@ class _MappedParams:
                 log.error("worker %d: no memory to move %r away from where a failed step's late answers may "
                           "write it", self.worker.rank, name)
         return False
+
+    def _offer(self) -> None:
+        """Introduce the new buffers to the servers now, without waiting (a failed step's servers
+        may not answer): the first blocks of the next step that find them not mapped yet take the lanes."""
+        try:
+            for server, tensors in _by_server(self.worker, self.views).items():
+                self.worker.lanes.direct.offer(server, tensors)
+        except PSError as exc:
+            log.info("worker %d: could not introduce the parameters' new memory to the servers yet (%s)",
+                     self.worker.rank, exc)
 
     def _let_go(self, buffers: list[torch.Tensor]) -> None:
         gpu = [buffer for buffer in buffers if buffer.is_cuda]

@@ -56,6 +56,7 @@ class WorkerExports:
         self._refused: set[tuple[int, int]] = set()  # (base, buffer id) the driver cannot export
         self._next_id = 1
         self._known_by: dict[int, set[int]] = {}  # server rank -> export ids it was given
+        self._asked_by: dict[int, set[int]] = {}  # server rank -> export ids whose introduction awaits its answer
         self._mapped_by: dict[int, set[int]] = {}  # server rank -> export ids it said it maps (``confirm``)
         self._gone: list[int] = []  # ids replaced since the servers last heard
         self.generation = 0  # counts the exports found gone: what was placed before may be stale
@@ -120,23 +121,27 @@ class WorkerExports:
             self._gone.append(export.id)
 
     def introductions(self, server: int, located: list[Located]) -> list[tuple[int, bytes, int]]:
-        """(id, handle, size) of the exports among ``located`` that ``server`` was not told of yet;
-        they count as told from now on."""
-        known = self._known_by.setdefault(server, set())
-        fresh = {item.export.id: item.export for item in located if item.export.id not in known}
-        known.update(fresh)
+        """(id, handle, size) of the exports among ``located`` that ``server`` neither said it maps
+        nor is being asked to: they count as told from now on (it hears when they are gone), and
+        as asked until ``confirm`` or ``withdraw``."""
+        asked, mapped = self._asked_by.setdefault(server, set()), self._mapped_by.get(server, set())
+        fresh = {item.export.id: item.export for item in located
+                 if item.export.id not in asked and item.export.id not in mapped}
+        asked.update(fresh)
+        self._known_by.setdefault(server, set()).update(fresh)
         return [(export.id, export.handle, export.size) for export in fresh.values()]
 
     def confirm(self, server: int, export_ids: list[int]) -> None:
         """``server`` answered their introduction: it maps these exports (those it still knows of:
         it may have restarted since)."""
+        self._asked_by.get(server, set()).difference_update(export_ids)
         known = self._known_by.get(server, set())
         self._mapped_by.setdefault(server, set()).update(export_id for export_id in export_ids if export_id in known)
 
     def withdraw(self, server: int, export_ids: list[int]) -> None:
         """No answer came to their introduction (the worker closed, the job rolled back): they are
-        introduced again when next placed."""
-        self._known_by.get(server, set()).difference_update(export_ids)
+        asked again when next placed (and still count as told: the server may have mapped them)."""
+        self._asked_by.get(server, set()).difference_update(export_ids)
 
     def mapped_by(self, server: int, located: list[Located]) -> bool:
         """Whether ``server`` said it maps every export of ``located``."""
@@ -147,16 +152,16 @@ class WorkerExports:
         """The ids ``server`` knows that were replaced since; forgotten for it from now on."""
         known = self._known_by.get(server, set())
         gone = [export_id for export_id in self._gone if export_id in known]
-        known.difference_update(gone)
-        self._mapped_by.get(server, set()).difference_update(gone)
+        for ids in (known, self._asked_by.get(server, set()), self._mapped_by.get(server, set())):
+            ids.difference_update(gone)
         self._gone = [export_id for export_id in self._gone
                       if any(export_id in ids for ids in self._known_by.values())]
         return gone
 
     def forget_server(self, server: int) -> None:
         """A restarted server knows none of our exports."""
-        self._known_by.pop(server, None)
-        self._mapped_by.pop(server, None)
+        for ids in (self._known_by, self._asked_by, self._mapped_by):
+            ids.pop(server, None)
         self._gone = [export_id for export_id in self._gone
                       if any(export_id in ids for ids in self._known_by.values())]
 

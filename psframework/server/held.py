@@ -52,7 +52,7 @@ class HeldRequests:
     def take(self, peer: bytes, message: P.Message, bare: bool) -> bool:
         """Whether ``message`` (its header read, ``bare`` if nothing more of it is on the socket)
         is held; if not, the requests held before it from ``peer`` have been handled."""
-        if isinstance(message, P.MapExports):
+        if isinstance(message, P.MapExports) and not message.gone:
             return False  # it concerns later requests only: the held ones need not go first
         queue = self._queues.get(peer)
         holdable = bare and _holdable(message)

@@ -146,6 +146,7 @@ class ServerLanes:
             raise P.Rejected(P.BAD_REQUEST, f"worker {message.rank} introduced exports of its "
                                             f"{'GPU' if message.device else 'host'} memory, which server {server} "
                                             "does not map: it did not offer them with its lane")
+        mapped.forget(message.gone)
         refused, why = self._introduce(mapped, message.exports)
         if refused:
             log.info("server %d: cannot map %s; what lies there goes through the lane", server, why)

@@ -25,9 +25,10 @@ from ..errors import ConfigError
 log = logging.getLogger("psframework.worker")
 
 
-# (server, on a GPU, [(id, handle, size)], answered) -> the future of the server's answer; ``answered``
-# gets the ids it cannot map, or None if no answer came (``WorkerLanes``' ``map_exports``)
-Introduce = Callable[[int, bool, list, Callable[[Optional[list[int]]], None]], Any]
+# (server, on a GPU, [(id, handle, size)], ids gone, answered) -> the future of the server's answer;
+# ``answered`` gets the ids it cannot map, or None and whether it took the message if no answer
+# came (``WorkerLanes``' ``map_exports``)
+Introduce = Callable[[int, bool, list, list, Callable[..., None]], Any]
 
 MAX_PLACED = 4096  # placements remembered; more (a loop of ever new tensors) starts afresh
 
@@ -183,22 +184,29 @@ class DirectExchange:
         return [future for future in futures if future is not None]
 
     def _introduce_new(self, server: int, on_device: bool, exports: WorkerExports, located: list[Located]):
-        """Introduce to ``server`` the exports among ``located`` it was not told of (it hears from
-        then on when they are gone), without waiting: the future of its answer, if any was asked."""
+        """Introduce to ``server`` the exports among ``located`` it neither maps nor is asked about
+        (telling it of those gone), without waiting: the future of its answer, if one was asked."""
         fresh = exports.introductions(server, located)
         if not fresh or self._introduce is None:
             return None
         ids = [export_id for export_id, _, _ in fresh]
-        return self._introduce(server, on_device, fresh, functools.partial(self._answered_introduction,
-                                                                           server, on_device, ids))
+        try:
+            return self._introduce(server, on_device, fresh, exports.take_gone(server),
+                                   functools.partial(self._answered_introduction, server, on_device, ids))
+        except BaseException:
+            exports.withdraw(server, ids)
+            raise
 
-    def _answered_introduction(self, server: int, on_device: bool, ids: list[int], refused: Optional[list[int]]
-                               ) -> None:
+    def _answered_introduction(self, server: int, on_device: bool, ids: list[int], refused: Optional[list[int]],
+                               accepted: bool = True) -> None:
         """``server``'s answer to the introduction of ``ids``: those it ``refused`` go through the
-        lanes from now on, the others may go direct (None: no answer came; introduced again)."""
+        lanes from now on, the others may go direct (None: no answer came; asked again). A server
+        that refused the message itself (``accepted`` False) maps none of our memory of that kind."""
         exports = self._exports[on_device]
         if refused is None:
             exports.withdraw(server, ids)
+            if not accepted:
+                self._accepted.discard((server, on_device))
             return
         exports.confirm(server, [export_id for export_id in ids if export_id not in refused])
         if refused:

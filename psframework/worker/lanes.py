@@ -60,20 +60,22 @@ def slot_piece(lane: Slots, pull: bool, block: Block, seg: Segment, dtype: torch
 
 
 def map_exports(client: Client, rank: int, server: int, on_device: bool, exports: list[tuple[int, bytes, int]],
-                answered: Callable[[Optional[list[int]]], None]) -> Future:
-    """Introduce exports of worker ``rank``'s memory to ``server`` (``MapExports``) without waiting:
-    ``answered`` gets the ids it cannot map once it answers (all of them if it refuses the
-    message), or None if no answer comes (``DirectExchange``)."""
+                gone: list[int], answered: Callable[..., None]) -> Future:
+    """Introduce exports of worker ``rank``'s memory to ``server`` (``MapExports``, with the ids
+    ``gone`` since) without waiting: ``answered`` gets the ids it cannot map once it answers, or
+    None if no answer comes, with ``accepted=False`` if it refused the message (``DirectExchange``)."""
     def on_answer(request: Request, reply: Optional[P.Message], ok: bool) -> None:
+        if isinstance(reply, P.ExportsMapped):
+            answered(list(reply.refused))
+            return
         if isinstance(reply, P.Error):
-            log.warning("worker %d: server %d refused the exports we introduced (%s); what lies in them goes "
-                        "through the lanes", rank, server, reply.message)
-        answered(list(reply.refused) if isinstance(reply, P.ExportsMapped)
-                 else None if reply is None else [export_id for export_id, _, _ in exports])
+            log.warning("worker %d: server %d refused the exports we introduced (%s); what we send it in %s "
+                        "memory goes through the lanes", rank, server, reply.message, "GPU" if on_device else "host")
+        answered(None, accepted=not isinstance(reply, P.Error))
 
     req = client.next_id()
-    request = Request(Future(client), server, frames=[P.encode(P.MapExports(req=req, rank=rank, device=on_device,
-                                                                          exports=exports))], on_answer=on_answer)
+    request = Request(Future(client), server, on_answer=on_answer, frames=[
+        P.encode(P.MapExports(req=req, rank=rank, device=on_device, exports=exports, gone=gone))])
     client.submit(request, req)
     return request.future
 

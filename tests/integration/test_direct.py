@@ -124,6 +124,25 @@ def test_an_export_the_server_cannot_map_goes_through_the_lane_and_no_exchange_f
     assert stats["exports_refused"] == 2  # introduced together, the gradients' and the destination's
 
 
+def test_memory_made_anew_every_step_is_let_go_by_the_server_though_none_goes_direct(make_cluster):
+    """Gradients in new shared memory every step: each step's goes through the lane while the
+    server is told of it, and the server lets go of the last step's, told with that introduction."""
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="async")
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        worker.register({"w": torch.zeros(1000)}, optimizer=ps.optim.SGD(lr=1.0))
+        direct = worker.lanes.direct
+        param = direct.shared_empty(1000, torch.float32)
+        for _ in range(5):
+            grad = direct.shared_empty(1000, torch.float32)
+            grad.fill_(-1.0)
+            worker.push_pull({"w": grad}, into={"w": param}).wait(timeout=30)
+            direct.free([grad])
+        [stats] = worker.server_stats()
+    assert torch.equal(param, torch.full((1000,), 5.0))
+    assert stats["direct_requests"] == 0 and stats["exports_opened"] == 6
+    assert stats["mapped_exports"] == 2  # the parameters' and the last gradients'
+
+
 def _mapped_exports(pid: int) -> set[str]:
     """The shared allocations of workers (``memfd:psf-PID-export-N``) that process ``pid`` maps."""
     maps = Path(f"/proc/{pid}/maps").read_text()

@@ -199,8 +199,9 @@ def _mapped_params():
     specs = [TensorSpec(name, tuple(p.shape), "float32") for name, p in params.items()]
     direct = DirectExchange(rank=0)
     buffers = _MappedBuffers(direct)
-    views = FlatViews(params, assign_shards(specs, 1, 1 << 20).blocks, buffers, whole=True)
-    worker = SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct))
+    shard_map = assign_shards(specs, 1, 1 << 20)
+    views = FlatViews(params, shard_map.blocks, buffers, whole=True)
+    worker = SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct), shard_map=shard_map)
     model(torch.randn(3, 8)).sum().backward()
     return _MappedParams(worker, views, set(params), buffers), params, direct
 

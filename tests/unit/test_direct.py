@@ -72,7 +72,7 @@ def test_exports_go_direct_once_their_server_said_it_maps_them_and_those_it_refu
     again, and so is every one to a restarted server."""
     asked = []
 
-    def introduce(server, on_device, exports, answered):
+    def introduce(server, on_device, exports, gone, answered):
         asked.append(([export_id for export_id, _, _ in exports], answered))
 
     direct = DirectExchange(rank=0, introduce=introduce)
@@ -92,6 +92,32 @@ def test_exports_go_direct_once_their_server_said_it_maps_them_and_those_it_refu
         assert direct.regions(0, False, [other], None).direct[1] == 0
         direct.answered(0, on_device=False, accepted=True)  # the server restarted
         assert direct.regions(0, False, [other], None) is None and asked[-1][0] == [3]
+    finally:
+        direct.close()
+
+
+def test_memory_let_go_is_told_with_the_next_introduction_even_if_nothing_goes_direct():
+    """Memory made anew every step goes through the lane each time (its introduction is answered
+    only later), yet the server hears of what was let go with the next introduction, also of an
+    export whose introduction got no answer (the server may have mapped it); a server that
+    refuses the message itself is not named our memory again."""
+    asked = []
+
+    def introduce(server, on_device, exports, gone, answered):
+        asked.append(([export_id for export_id, _, _ in exports], gone, answered))
+
+    direct = DirectExchange(rank=0, introduce=introduce)
+    direct.answered(0, on_device=False, accepted=True)
+    try:
+        first = direct.shared_empty(100, torch.float32)
+        assert direct.regions(0, False, [first], None) is None
+        asked[-1][2](None)  # no answer came: a rollback
+        direct.free([first])
+        direct.sweep()
+        second = direct.shared_empty(100, torch.float32)
+        assert direct.regions(0, False, [second], None) is None and asked[-1][:2] == ([2], [1])
+        asked[-1][2](None, accepted=False)  # the server refused the message
+        assert not direct.accepts(0, False) and direct.regions(0, False, [second], None) is None and len(asked) == 2
     finally:
         direct.close()
 
