@@ -162,6 +162,16 @@ def test_round_trip_times_the_ps_beside_raw_zmq_through_lanes_and_tcp():
         assert min(lane_zmq, lane_ps, tcp_zmq, tcp_ps) > 0, out
 
 
+def test_direct_times_shared_tensors_and_the_optimizers_step_beside_the_lanes():
+    """It checks itself that every timed round trip of shared tensors went direct."""
+    out = _run("direct.py", "--sizes-kib", "4", "--repeats", "3", "--warmup", "1", "--width", "64", "--steps", "3",
+               "--rounds", "1", timeout=90)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row[0].strip() for row in rows] == ["4", "1"], out  # the size's row, then the round's
+    assert all(float(cell) > 0 for row in rows for cell in row[1:]), out
+    assert "median ratio" in out, out
+
+
 def test_pushpull_profile_traces_the_worker_and_the_server(tmp_path):
     out = _run("pushpull_profile.py", "--mib", "1", "--device", "cpu", "--trips", "2", "--out", str(tmp_path),
                timeout=90)
