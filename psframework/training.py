@@ -296,6 +296,13 @@ def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]
     return tensors
 
 
+def _introduce(worker: Worker, views: FlatViews) -> list[Future]:
+    """Introduce the buffers of ``views`` to the servers that hold their blocks, without waiting
+    (``DirectExchange.offer``); the futures of their answers."""
+    return [future for server, tensors in _by_server(worker, views).items()
+            for future in worker.lanes.direct.offer(server, tensors)]
+
+
 def _await_maps(worker: Worker, futures: list[Future]) -> None:
     """Wait for the servers to say they map the buffers (``DirectExchange.offer``), so that the
     blocks go direct from the first step; a server that does not answer in time leaves them to
@@ -323,11 +330,11 @@ class _MappedParams:
     servers read the gradients and write the new values in place, with no copy through the lanes
     (DDP's ``gradient_as_bucket_view``, and its values too). A server's late answer to a failed
     step must never write the parameters, so after one both move to new buffers (``renew``); the
-    old are let go at once on the host and, on a GPU, once a later step completed. ``zero_grad`` zeroes the gradients in
-    place, so ``p.grad`` stays a tensor; a hook on each notes which got a gradient since, so that
-    one backward did not reach still counts as no gradient (torch's ``set_to_none``). A gradient
-    replaced by another tensor (``model.zero_grad()``, or one the caller assigned) counts as given
-    and takes the lane until ``zero_grad`` puts the view back."""
+    old are let go at once on the host and, on a GPU, once a later step completed. ``zero_grad``
+    zeroes the gradients in place, so ``p.grad`` stays a tensor; a hook on each notes which got a
+    gradient since, so that one backward did not reach still counts as no gradient (torch's
+    ``set_to_none``). A gradient replaced by another tensor (``model.zero_grad()``, or one the
+    caller assigned) counts as given and takes the lane until ``zero_grad`` puts the view back."""
 
     def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
         self.worker, self.views, self._buffers = worker, views, buffers
@@ -355,8 +362,7 @@ class _MappedParams:
             log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
                      "through the lanes", worker.rank, exc)
             return None
-        _await_maps(worker, [future for server, tensors in _by_server(worker, views).items()
-                             for future in direct.offer(server, tensors)])
+        _await_maps(worker, _introduce(worker, views))
         return cls(worker, views, reached & set(views.names), buffers)
 
     def _reach(self, name: str):
@@ -411,8 +417,7 @@ class _MappedParams:
         """Introduce the new buffers to the servers now, without waiting (a failed step's servers
         may not answer): the first blocks of the next step that find them not mapped yet take the lanes."""
         try:
-            for server, tensors in _by_server(self.worker, self.views).items():
-                self.worker.lanes.direct.offer(server, tensors)
+            _introduce(self.worker, self.views)
         except PSError as exc:
             log.info("worker %d: could not introduce the parameters' new memory to the servers yet (%s)",
                      self.worker.rank, exc)

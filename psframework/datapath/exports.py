@@ -158,6 +158,11 @@ class WorkerExports:
                       if any(export_id in ids for ids in self._known_by.values())]
         return gone
 
+    def untake_gone(self, server: int, gone: list[int]) -> None:
+        """``take_gone``'s ids never reached ``server``: it is told of them with the next."""
+        self._known_by.setdefault(server, set()).update(gone)
+        self._gone += [export_id for export_id in gone if export_id not in self._gone]
+
     def forget_server(self, server: int) -> None:
         """A restarted server knows none of our exports."""
         for ids in (self._known_by, self._asked_by, self._mapped_by):

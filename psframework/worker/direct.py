@@ -189,12 +189,13 @@ class DirectExchange:
         fresh = exports.introductions(server, located)
         if not fresh or self._introduce is None:
             return None
-        ids = [export_id for export_id, _, _ in fresh]
+        ids, gone = [export_id for export_id, _, _ in fresh], exports.take_gone(server)
         try:
-            return self._introduce(server, on_device, fresh, exports.take_gone(server),
+            return self._introduce(server, on_device, fresh, gone,
                                    functools.partial(self._answered_introduction, server, on_device, ids))
         except BaseException:
             exports.withdraw(server, ids)
+            exports.untake_gone(server, gone)
             raise
 
     def _answered_introduction(self, server: int, on_device: bool, ids: list[int], refused: Optional[list[int]],

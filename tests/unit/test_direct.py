@@ -3,6 +3,7 @@ memory: the regions a request names, and when it names none."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from psframework.worker.direct import DirectExchange, one_region
@@ -118,6 +119,32 @@ def test_memory_let_go_is_told_with_the_next_introduction_even_if_nothing_goes_d
         assert direct.regions(0, False, [second], None) is None and asked[-1][:2] == ([2], [1])
         asked[-1][2](None, accepted=False)  # the server refused the message
         assert not direct.accepts(0, False) and direct.regions(0, False, [second], None) is None and len(asked) == 2
+    finally:
+        direct.close()
+
+
+def test_memory_let_go_is_still_told_after_an_introduction_that_could_not_be_sent():
+    """An introduction that raised (its message never left) keeps the exports gone for the next."""
+    asked, fail = [], [False]
+
+    def introduce(server, on_device, exports, gone, answered):
+        if fail[0]:
+            fail[0] = False
+            raise OSError("the socket is gone")
+        asked.append(([export_id for export_id, _, _ in exports], gone))
+
+    direct = DirectExchange(rank=0, introduce=introduce)
+    direct.answered(0, on_device=False, accepted=True)
+    try:
+        first = direct.shared_empty(100, torch.float32)
+        assert direct.regions(0, False, [first], None) is None and asked[-1] == ([1], [])
+        direct.free([first])
+        direct.sweep()
+        fail[0] = True
+        second = direct.shared_empty(100, torch.float32)
+        with pytest.raises(OSError):
+            direct.regions(0, False, [second], None)
+        assert direct.regions(0, False, [second], None) is None and asked[-1] == ([2], [1])
     finally:
         direct.close()
 
