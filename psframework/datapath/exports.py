@@ -296,6 +296,7 @@ class MappedExports:
         self._opener, self._worker = opener, worker
         self._open: dict[int, torch.Tensor] = {}  # id -> its bytes (uint8): mapped while any view of it lives
         self._views: dict[tuple, torch.Tensor] = {}  # made once: a worker names the same regions every step
+        self._splits: dict[tuple, tuple] = {}  # (view, layout, its split) by their ids: see ``split``
 
     def introduce(self, export_id: int, handle: bytes, size: int) -> None:
         """Open an export the worker just told us of (replacing one of the same id); ``ConfigError``
@@ -314,6 +315,16 @@ class MappedExports:
             view = self._views[key] = self._view(export_id, offset, numel, dtype)
         return view
 
+    def split(self, view: torch.Tensor, state) -> dict[int, torch.Tensor]:
+        """``state.split(view)`` (a view per segment of its block), made once per view and block
+        rather than on every request: a block of a hundred tensors took longer to split than to
+        step on a GPU."""
+        key = (id(view), id(state.block))
+        kept = self._splits.get(key)
+        if kept is None or kept[0] is not view or kept[1] is not state.block:
+            kept = self._splits[key] = (view, state.block, state.split(view))
+        return kept[2]
+
     def _view(self, export_id: int, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         memory = self._open.get(export_id)
         if memory is None:
@@ -330,6 +341,7 @@ class MappedExports:
         not applied yet may still hold one), after the work queued on its views."""
         if any([self._open.pop(export_id, None) is not None for export_id in export_ids]):
             self._views = {key: view for key, view in self._views.items() if key[0] in self._open}
+            self._splits = {}
 
     def close(self) -> None:
         """Unmap everything (the worker left or died)."""

@@ -219,7 +219,7 @@ class ServerLanes:
         if lane.on_device:
             _wait_pushed(lane, state, rank)
         if source is not None:
-            slot, views = source, state.split(source)
+            slot, views = source, self.mapped[(rank, lane.on_device)].split(source, state)
         else:
             slot = _slot(lane, False, state)
             views = lane.views(False, state.block.block_id, (slot, state.block), lambda: state.split(slot))

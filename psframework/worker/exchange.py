@@ -158,11 +158,13 @@ def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy])
     GPU while no host of ours waits for it: once freed, the allocator gives their memory out again
     only after the work queued on the streams that wait for the server's flag."""
     sources = exchange._direct.get(block.block_id, (None, ()))[1]
-    for copy in copies:
-        if copy.stream is not None:
-            for tensor in (*sources, copy.target):
-                if tensor.is_cuda:
-                    tensor.record_stream(copy.stream)
+    streams = {copy.stream.cuda_stream: copy.stream for copy in copies if copy.stream is not None}
+    # one record per allocation and stream: a block's many segments are views of a few allocations
+    allocations = {tensor.untyped_storage().data_ptr(): tensor
+                   for tensor in (*sources, *(copy.target for copy in copies)) if tensor.is_cuda}
+    for stream in streams.values():
+        for tensor in allocations.values():
+            tensor.record_stream(stream)
 
 
 def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:

@@ -3,10 +3,13 @@ memory: the regions a request names, and when it names none."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from psframework.worker.direct import DirectExchange, one_region
+from psframework.worker.exchange import _held_until_flag
 
 
 def _accepting(server: int = 0) -> DirectExchange:
@@ -216,3 +219,32 @@ def test_a_packed_block_not_in_one_region_or_not_whole_is_copied_into_its_push_s
     exchange_mod._settle_gathered(exchange, 7)
     assert exchange.worker.lanes.direct.asked == [] and exchange._direct == {}
     assert len(exchange._unlaunched[torch.device("cpu")][0]) == 1
+
+
+class _FakeCudaTensor:
+    """A GPU tensor as ``_held_until_flag`` sees it: which storage it views, and its records."""
+
+    is_cuda = True
+
+    def __init__(self, storage: int, recorded: list):
+        self._storage, self._recorded = storage, recorded
+
+    def untyped_storage(self):
+        return SimpleNamespace(data_ptr=lambda: self._storage)
+
+    def record_stream(self, stream) -> None:
+        self._recorded.append((self._storage, stream.cuda_stream))
+
+
+def test_a_flagged_direct_block_records_each_allocation_on_each_stream_once():
+    """A block of many segments, all views of one gradient buffer and one parameter buffer, copied
+    on one stream: each allocation is recorded once, not once per segment and source (the GPT
+    step's worker spent more time in ``record_stream`` than in the rest of its step)."""
+    recorded: list = []
+    segments = 200
+    stream = SimpleNamespace(cuda_stream=7)
+    sources = [_FakeCudaTensor(1, recorded) for _ in range(segments)]
+    copies = [SimpleNamespace(stream=stream, target=_FakeCudaTensor(2, recorded)) for _ in range(segments)]
+    exchange = SimpleNamespace(_direct={5: (None, sources, [])})
+    _held_until_flag(exchange, SimpleNamespace(block_id=5), copies)
+    assert sorted(recorded) == [(1, 7), (2, 7)]

@@ -3,6 +3,8 @@ for the driver over host tensors: which exports each server is told of, and whic
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -150,6 +152,14 @@ def test_shared_host_tensors_are_mapped_by_their_handle_and_written_where_they_l
         assert values[150].item() == -150
         with pytest.raises(ConfigError, match="export .* has 4000 bytes"):
             mapped.view(export_id, 3996, 2, torch.float32)
+        block = SimpleNamespace(segments=[SimpleNamespace(block_offset=0, numel=60),
+                                          SimpleNamespace(block_offset=60, numel=40)])
+        state = SimpleNamespace(block=block, split=lambda whole: {i: whole[s.block_offset:s.block_offset + s.numel]
+                                                                  for i, s in enumerate(block.segments)})
+        split = mapped.split(view, state)  # made once per view and block: a request must not split it again
+        assert mapped.split(view, state) is split and split[1][0].item() == -160
+        mapped.forget([export_id])
+        assert mapped.split(view, state) is not split
         mapped.close()
         assert len(mapped) == 0
     finally:
