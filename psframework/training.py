@@ -3,7 +3,8 @@
 >>> opt = ps.DistributedOptimizer(model, ps.optim.Adam(lr=1e-3))   # doctest: +SKIP
 >>> opt.zero_grad(); loss.backward(); opt.step()                   # doctest: +SKIP
 
-With ``overlap=True`` (the default) communication overlaps the backward pass: a hook on every
+With ``overlap=True`` (the default, except where every block goes through a device lane: see
+``overlap_by_default``) communication overlaps the backward pass: a hook on every
 parameter hands its gradient to a communication thread as soon as autograd has accumulated it, and
 each shard block goes to its server (as one push_pull) once all the gradients in it are there, so
 the blocks of the shard map, at most ``PS_CHUNK_BYTES`` (4 MiB) each, are the buckets. Since the
@@ -61,8 +62,11 @@ class DistributedOptimizer:
     ``--resume``): every ``checkpoint_every`` steps ``step()`` saves one; with ``resume`` the
     newest complete one is restored at start, and ``start_step`` says where to continue.
 
-    Without overlap, a GPU model whose every block goes through a device lane (a GPU server of
-    this host) and no tables nor ``checkpoint_every``: ``step()`` returns once the requests are
+    ``overlap``: send each block from gradient hooks during backward (see the module's doc);
+    default on, except for a GPU model whose every block goes through a device lane, where it
+    costs more than it gives (``overlap_by_default``). Without overlap, a GPU model whose every
+    block goes through a device lane (a GPU server of this host) and no tables nor
+    ``checkpoint_every``: ``step()`` returns once the requests are
     sent, the copies of the new values queued on the GPU behind the servers' writes; the next
     ``step()``, ``step_count`` or ``close()`` takes the answers in, so an error of a step shows
     one step later (``Worker.push_pull(device_ordered=True)``).
@@ -74,7 +78,7 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, worker: Optional[Worker] = None, *,
-                 sparse_optimizer: Optional[OptimizerSpec] = None, overlap: bool = True,
+                 sparse_optimizer: Optional[OptimizerSpec] = None, overlap: Optional[bool] = None,
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
                  resume: Optional[bool] = None, compression: CompressionArg = None,
                  pull_compression: Optional[Codec] = None):
@@ -105,6 +109,8 @@ class DistributedOptimizer:
                 self.start_step = self.worker.load_checkpoint(self.checkpoint_dir) or 0
             self.worker.lanes.direct.write_values = False  # see _MappedParams
             self._shared = _MappedParams.make(self.worker, self.params)
+            if overlap is None:
+                overlap = overlap_by_default(self.worker, self.params)
             if overlap:
                 self._overlap = _Overlap(self.worker, self.params)
         except BaseException:
@@ -284,6 +290,22 @@ class DistributedOptimizer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def overlap_by_default(worker: Worker, params: Mapping[str, torch.Tensor]) -> bool:
+    """``DistributedOptimizer``'s ``overlap`` when none is given: on, except for parameters that all
+    lie on GPUs whose every block goes through a device lane (a GPU server of this host). There a
+    step without overlap is ordered on the GPU and never waits on the host, while overlap's
+    communication thread takes host time from the training loop, whose launches bound the step:
+    on one GPU the GPT trained at 0.53-0.88 of one process's speed with overlap and 0.72-1.17
+    without, ResNet-50 at 0.83 and 0.95 (benchmarks/RESULTS_GPU.md)."""
+    if not params or not all(p.is_cuda for p in params.values()):
+        return True
+    servers = {block.server for name in params for block, _ in worker.shard_map.segments_of(name)}
+    on = not servers <= set(worker.lanes.device_lanes)
+    log.info("worker %d: DistributedOptimizer overlap %s by default (%s)", worker.rank, "on" if on else "off",
+             "servers without a device lane" if on else "every block through a device lane")
+    return on
 
 
 def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]]:

@@ -260,6 +260,24 @@ def test_overlap_equals_plain_on_gpu(make_cluster, worker_procs):
     _check_overlap_equals_plain(runs, exact={"rtol": 1e-6, "atol": 1e-7}, reference=GPU_VS_CPU)
 
 
+@gpu
+def test_a_gpu_model_whose_blocks_all_go_through_device_lanes_steps_without_overlap_by_default(make_cluster):
+    """Where every block goes through a device lane the step is ordered on the GPU, and overlap's
+    thread only takes host time from the training loop: off by default there, so two backward
+    passes may feed one step; a GPU model with a host server keeps overlap."""
+    for server_device, overlaps in (("cuda", False), ("cpu", True)):
+        cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK, server_device=server_device)
+        with ps.init(scheduler=cluster.scheduler) as worker:
+            model = models.OverlapNet().cuda()
+            with ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), worker=worker) as opt:
+                assert (opt._overlap is not None) == overlaps
+                x, y = (t.cuda() for t in models.overlap_batch(0))
+                for _ in range(1 if overlaps else 2):
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                assert opt.step_count == 1
+
+
 def test_overlap_refuses_a_second_backward_before_step(make_cluster):
     cluster = make_cluster(num_servers=1, num_workers=1, chunk_bytes=CHUNK)
     with ps.init(scheduler=cluster.scheduler) as worker:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from psframework.errors import RolledBackError
-from psframework.training import DistributedOptimizer
+from psframework.training import DistributedOptimizer, overlap_by_default
 
 
 class _Future:
@@ -282,3 +282,18 @@ def test_after_gpu_buffers_moved_twice_in_a_row_a_failed_step_leaves_the_mapped_
         assert direct.write_values and not mapped.renew() and not direct.write_values
     finally:
         direct.close()
+
+
+def _laid_out(device_lane_servers: set[int]):
+    """A worker whose two tensors lie in blocks of servers 0 and 1, with device lanes to some."""
+    blocks = {"a": [(SimpleNamespace(server=0), None)], "b": [(SimpleNamespace(server=1), None)]}
+    return SimpleNamespace(rank=0, shard_map=SimpleNamespace(segments_of=blocks.__getitem__),
+                           lanes=SimpleNamespace(device_lanes=dict.fromkeys(device_lane_servers)))
+
+
+def test_overlap_is_on_by_default_unless_every_block_of_a_gpu_model_goes_through_a_device_lane():
+    on_gpu = {name: SimpleNamespace(is_cuda=True) for name in "ab"}
+    assert not overlap_by_default(_laid_out({0, 1}), on_gpu)  # steps ordered on the GPU: no overlap
+    assert overlap_by_default(_laid_out({0}), on_gpu)  # server 1 has no device lane: it waits on the host
+    assert overlap_by_default(_laid_out({0, 1}), {"a": on_gpu["a"], "b": torch.zeros(1)})  # a host tensor
+    assert overlap_by_default(_laid_out({0, 1}), {"a": torch.zeros(1), "b": torch.zeros(1)})
