@@ -110,7 +110,7 @@ class DistributedOptimizer:
             self.worker.lanes.direct.write_values = False  # see _MappedParams
             self._shared = _MappedParams.make(self.worker, self.params)
             if overlap is None:
-                overlap = overlap_by_default(self.worker, self.params)
+                overlap = overlap_by_default(self.worker, self.params, bool(tables), self.checkpoint_every)
             if overlap:
                 self._overlap = _Overlap(self.worker, self.params)
         except BaseException:
@@ -292,20 +292,25 @@ class DistributedOptimizer:
         self.close()
 
 
-def overlap_by_default(worker: Worker, params: Mapping[str, torch.Tensor]) -> bool:
-    """``DistributedOptimizer``'s ``overlap`` when none is given: on, except for parameters that all
-    lie on GPUs whose every block goes through a device lane (a GPU server of this host). There a
-    step without overlap is ordered on the GPU and never waits on the host, while overlap's
-    communication thread takes host time from the training loop, whose launches bound the step:
-    on one GPU the GPT trained at 0.53-0.88 of one process's speed with overlap and 0.72-1.17
-    without, ResNet-50 at 0.83 and 0.95 (benchmarks/RESULTS_GPU.md)."""
-    if not params or not all(p.is_cuda for p in params.values()):
-        return True
+def overlap_by_default(worker: Worker, params: Mapping[str, torch.Tensor], tables: bool = False,
+                       checkpoint_every: int = 0) -> bool:
+    """``DistributedOptimizer``'s ``overlap`` when none is given: on, except where a step without it
+    is left to complete on the GPU (``_step_without_overlap``): every parameter on one GPU, every
+    block of them through a device lane whose server writes flags, none kept off the lanes by
+    compression, no tables and no ``checkpoint_every``. There overlap's communication thread only
+    takes host time from the training loop, whose launches bound the step: on one GPU the GPT
+    trained at 0.53-0.88 of one process's speed with overlap and 0.72-1.17 without, ResNet-50 at
+    0.83 and 0.95 (benchmarks/RESULTS_GPU.md)."""
+    devices = {p.device for p in params.values()}
     servers = {block.server for name in params for block, _ in worker.shard_map.segments_of(name)}
-    on = not servers <= set(worker.lanes.device_lanes)
-    log.info("worker %d: DistributedOptimizer overlap %s by default (%s)", worker.rank, "on" if on else "off",
-             "servers without a device lane" if on else "every block through a device lane")
-    return on
+    ordered_on_gpu = (not tables and not checkpoint_every and len(devices) == 1 and devices.pop().type == "cuda"
+                      and worker.lanes.flag_watch is not None and bool(servers)
+                      and servers <= set(worker.lanes.device_lanes)
+                      and not worker.compression.keeps_off_lane(P.PushPull, list(params)))
+    if ordered_on_gpu:
+        log.info("worker %d: DistributedOptimizer without overlap by default: every block goes through a "
+                 "device lane and each step is ordered on the GPU (overlap=True to have it)", worker.rank)
+    return not ordered_on_gpu
 
 
 def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]]:

@@ -158,7 +158,7 @@ def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy])
     GPU while no host of ours waits for it: once freed, the allocator gives their memory out again
     only after the work queued on the streams that wait for the server's flag."""
     sources = exchange._direct.get(block.block_id, (None, ()))[1]
-    streams = {copy.stream.cuda_stream: copy.stream for copy in copies if copy.stream is not None}
+    streams = {(copy.stream.device, copy.stream.cuda_stream): copy.stream for copy in copies if copy.stream is not None}
     # one record per allocation and stream: a block's many segments are views of a few allocations
     allocations = {tensor.untyped_storage().data_ptr(): tensor
                    for tensor in (*sources, *(copy.target for copy in copies)) if tensor.is_cuda}

@@ -284,16 +284,28 @@ def test_after_gpu_buffers_moved_twice_in_a_row_a_failed_step_leaves_the_mapped_
         direct.close()
 
 
-def _laid_out(device_lane_servers: set[int]):
+def _laid_out(device_lane_servers: set[int], flags: bool = True, compressed: bool = False):
     """A worker whose two tensors lie in blocks of servers 0 and 1, with device lanes to some."""
     blocks = {"a": [(SimpleNamespace(server=0), None)], "b": [(SimpleNamespace(server=1), None)]}
     return SimpleNamespace(rank=0, shard_map=SimpleNamespace(segments_of=blocks.__getitem__),
-                           lanes=SimpleNamespace(device_lanes=dict.fromkeys(device_lane_servers)))
+                           lanes=SimpleNamespace(device_lanes=dict.fromkeys(device_lane_servers),
+                                                 flag_watch=object() if flags else None),
+                           compression=SimpleNamespace(keeps_off_lane=lambda op, names: compressed))
 
 
-def test_overlap_is_on_by_default_unless_every_block_of_a_gpu_model_goes_through_a_device_lane():
-    on_gpu = {name: SimpleNamespace(is_cuda=True) for name in "ab"}
-    assert not overlap_by_default(_laid_out({0, 1}), on_gpu)  # steps ordered on the GPU: no overlap
-    assert overlap_by_default(_laid_out({0}), on_gpu)  # server 1 has no device lane: it waits on the host
+def test_overlap_is_on_by_default_unless_each_step_of_a_gpu_model_would_be_ordered_on_the_gpu():
+    """Off only where a step without overlap is left to complete on the GPU: every block of a
+    model on one GPU through a device lane with flags, nothing compressed off the lanes, no
+    tables, no ``checkpoint_every``; anywhere else a step waits on the host, and overlap hides it."""
+    gpu = torch.device("cuda", 0)
+    on_gpu = {name: SimpleNamespace(device=gpu) for name in "ab"}
+    assert not overlap_by_default(_laid_out({0, 1}), on_gpu)
+    assert overlap_by_default(_laid_out({0}), on_gpu)  # server 1 has no device lane
     assert overlap_by_default(_laid_out({0, 1}), {"a": on_gpu["a"], "b": torch.zeros(1)})  # a host tensor
     assert overlap_by_default(_laid_out({0, 1}), {"a": torch.zeros(1), "b": torch.zeros(1)})
+    other_gpu = SimpleNamespace(device=torch.device("cuda", 1))
+    assert overlap_by_default(_laid_out({0, 1}), {"a": on_gpu["a"], "b": other_gpu})  # lanes of one GPU only
+    assert overlap_by_default(_laid_out({0, 1}, flags=False), on_gpu)  # no flags: steps wait on the host
+    assert overlap_by_default(_laid_out({0, 1}, compressed=True), on_gpu)
+    assert overlap_by_default(_laid_out({0, 1}), on_gpu, tables=True)
+    assert overlap_by_default(_laid_out({0, 1}), on_gpu, checkpoint_every=10)

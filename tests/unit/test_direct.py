@@ -242,7 +242,7 @@ def test_a_flagged_direct_block_records_each_allocation_on_each_stream_once():
     step's worker spent more time in ``record_stream`` than in the rest of its step)."""
     recorded: list = []
     segments = 200
-    stream = SimpleNamespace(cuda_stream=7)
+    stream = SimpleNamespace(cuda_stream=7, device=torch.device("cuda", 0))
     sources = [_FakeCudaTensor(1, recorded) for _ in range(segments)]
     copies = [SimpleNamespace(stream=stream, target=_FakeCudaTensor(2, recorded)) for _ in range(segments)]
     exchange = SimpleNamespace(_direct={5: (None, sources, [])})
