@@ -144,6 +144,12 @@ class DirectExchange:
         self._exports[on_device].refuse(export_ids)
         self._placed.clear()
 
+    def untake_gone(self, server: int, on_device: bool, gone: list[int]) -> None:
+        """The request that carried these exports gone failed or never left: the next tells again."""
+        exports = self._exports[on_device]
+        if gone and exports is not None:
+            exports.untake_gone(server, gone)
+
     def free(self, tensors: list[torch.Tensor]) -> None:
         """Let go of shared host tensors (``shared_empty``'s); the servers hear at the next exchange."""
         self.host_memory.free(tensors)

@@ -147,10 +147,22 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
 
 def _direct_answered(direct, regions: Regions, on_device: bool, answered, request, reply, ok: bool):
     """A direct request's answer: a server that could not map what it named refused it
-    (``UNMAPPED``), and those exports go through the lanes from now on."""
+    (``UNMAPPED``), and those exports go through the lanes from now on. After any failure the
+    exports it told gone are told again (the server may not have read them; it ignores ids it
+    does not know)."""
+    if not ok or isinstance(reply, P.Error):
+        direct.untake_gone(request.server, on_device, regions.gone)
     if isinstance(reply, P.Error) and reply.kind == P.UNMAPPED:
         direct.refused(on_device, regions.direct[0::2])
     return answered(request, reply, ok)
+
+
+def _tell_gone_again(exchange: "Exchange") -> None:
+    """A dropped exchange's GPU blocks placed for the direct exchange but never sent: the exports
+    gone their requests were to tell are told by the next."""
+    for block_id, (regions, *_) in exchange._direct.items():
+        if block_id not in exchange._sent:
+            exchange.worker.lanes.direct.untake_gone(exchange._blocks[block_id][0].server, True, regions.gone)
 
 
 def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy]) -> None:
@@ -472,6 +484,7 @@ class Exchange:
                 if block_id not in self._sent:
                     self.worker.lanes.release_unsent(lane, self._blocks[block_id][0])
         _push_nothing(self)
+        _tell_gone_again(self)
         self._unsent_to.clear()  # send_ready sends nothing more of a dropped exchange
         self._seal_if_sent()
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from psframework.worker.direct import DirectExchange, one_region
-from psframework.worker.exchange import _held_until_flag
+from psframework import protocol as P
+from psframework.worker.exchange import _direct_answered, _held_until_flag, _tell_gone_again
 
 
 def _accepting(server: int = 0) -> DirectExchange:
@@ -248,3 +249,33 @@ def test_a_flagged_direct_block_records_each_allocation_on_each_stream_once():
     exchange = SimpleNamespace(_direct={5: (None, sources, [])})
     _held_until_flag(exchange, SimpleNamespace(block_id=5), copies)
     assert sorted(recorded) == [(1, 7), (2, 7)]
+
+
+def test_memory_let_go_is_told_again_when_the_request_that_carried_it_failed_or_never_left():
+    """The exports gone ride on the next direct request; if it failed (the server may not have
+    read them) or was dropped unsent, the one after carries them again (a server forgets ids it
+    does not know), so the server never keeps mapping memory we let go of."""
+    direct = DirectExchange(rank=0, introduce=lambda server, on_device, exports, gone, answered: answered([]))
+    direct.answered(0, on_device=False, accepted=True)
+    try:
+        first, second = direct.shared_empty(100, torch.float32), direct.shared_empty(100, torch.float32)
+        for tensor in (first, second):  # introduced, and answered at once
+            assert direct.regions(0, False, [tensor], None).gone == []
+        direct.free([first])
+        direct.sweep()
+        carried = direct.regions(0, False, [second], None)
+        assert carried.gone == [1]
+        error = P.Error(kind=P.BAD_REQUEST, message="refused", req=1)
+        _direct_answered(direct, carried, False, lambda *_: None, SimpleNamespace(server=0), error, False)
+        again = direct.regions(0, False, [second], None)
+        assert again.gone == [1]
+        _direct_answered(direct, again, False, lambda *_: None, SimpleNamespace(server=0), P.Ack(req=2), True)
+        assert direct.regions(0, False, [second], None).gone == []
+        told = []  # a GPU block placed for the direct exchange (``Exchange._direct``), dropped unsent
+        dropped = SimpleNamespace(worker=SimpleNamespace(lanes=SimpleNamespace(direct=SimpleNamespace(
+            untake_gone=lambda *args: told.append(args)))), _sent={5}, _direct={4: (carried, [], []), 5: (again, [], [])},
+            _blocks={4: (SimpleNamespace(server=0), []), 5: (SimpleNamespace(server=0), [])})
+        _tell_gone_again(dropped)
+        assert told == [(0, True, [1])]
+    finally:
+        direct.close()
