@@ -15,7 +15,8 @@ parameters are pushed as "no gradient", as without overlap), waits for every blo
 of its own.
 
 Threads: while a step is in flight the communication thread alone uses the worker's sockets (the
-hooks, which run on autograd's threads, only enqueue), and it is idle between ``step()`` and the
+hooks, which run on autograd's threads, only enqueue, after copying a gradient where its server
+reads it if the servers map the parameters: ``_MappedParams``), and it is idle between ``step()`` and the
 next backward, when the worker may be used directly. With overlap every ``backward()`` commits its
 gradients, so it needs one ``step()`` after each ``backward()``; for gradient accumulation over
 several backward passes use ``overlap=False``.
@@ -27,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -112,7 +113,7 @@ class DistributedOptimizer:
             if overlap is None:
                 overlap = overlap_by_default(self.worker, self.params, bool(tables), self.checkpoint_every)
             if overlap:
-                self._overlap = _Overlap(self.worker, self.params)
+                self._overlap = _Overlap(self.worker, self.params, self._grad)
         except BaseException:
             self.close()
             raise
@@ -141,24 +142,29 @@ class DistributedOptimizer:
             self._shared.completed()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; gradients in shared memory (``_MappedParams``) are zeroed in place instead and
-        count as none until backward reaches them."""
-        shared = self._shared.zero_grad(set_to_none) if self._shared is not None else ()
-        for name, p in self.params.items():
-            if name in shared:
-                continue
+        """As torch's."""
+        for p in self.params.values():
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
 
+    def _grads(self) -> dict[str, Optional[torch.Tensor]]:
+        """Each parameter's gradient to push (None: no gradient this step; the servers do not step
+        a parameter no worker has a gradient for, as torch.optim skips a None grad, and where some
+        workers have one the others count as zero in the mean, DDP's rule); those of parameters in
+        memory the servers map are copied where the servers read them (``_MappedParams.stage``)."""
+        grads = {name: p.grad for name, p in self.params.items()}
+        if self._shared is not None:
+            grads.update(self._shared.stage(grads))
+        return grads
+
     def _grad(self, name: str) -> Optional[torch.Tensor]:
-        # None: no gradient this step. The servers do not step a parameter no worker has a gradient
-        # for (as torch.optim skips a None grad); where some workers have one, the others count as
-        # zero in the mean (DDP's rule)
-        if self._shared is not None and not self._shared.has_grad(name):
-            return None
-        return self.params[name].grad
+        """``_grads`` of one parameter (overlap's hooks hand them over one by one)."""
+        grad = self.params[name].grad
+        if self._shared is not None:
+            return self._shared.stage({name: grad}).get(name, grad)
+        return grad
 
     def prefetch(self, inputs) -> None:
         """Start pulling the next batch's rows now (``inputs``: a module, or its table's name, to the
@@ -200,7 +206,7 @@ class DistributedOptimizer:
         if self._overlap is None:
             self._step_without_overlap(push_rows)
         else:
-            self._overlap.finish(self._grad, push_rows)
+            self._overlap.finish(push_rows)
         if self._shared is not None and self._unfinished is None:
             self._shared.completed()
 
@@ -216,7 +222,6 @@ class DistributedOptimizer:
             log.error("worker %d: could not move the parameters after a failed step: %s", self.worker.rank, exc)
             moved = False
         if not moved:
-            self._shared.close()
             self._given_up.append(self._shared)  # its GPU buffers, which late answers may write, stay allocated
             self._shared = None
 
@@ -251,7 +256,7 @@ class DistributedOptimizer:
             self.worker.pull(self.params).wait()
 
     def _step_without_overlap(self, push_rows) -> None:
-        futures = [self.worker.push_pull({n: self._grad(n) for n in self.params}, into=self.params,
+        futures = [self.worker.push_pull(self._grads(), into=self.params,
                                          device_ordered=push_rows is None)] if self.params else []
         if push_rows is not None:
             futures.append(push_rows() if futures else self.worker.counted(push_rows()))
@@ -279,9 +284,7 @@ class DistributedOptimizer:
         if self._overlap is not None:
             self._overlap.close()
             self._overlap = None
-        if self._shared is not None:
-            self._shared.close()
-            self._shared = None
+        self._shared = None
         if self._owns_worker:
             self.worker.close()
 
@@ -314,12 +317,11 @@ def overlap_by_default(worker: Worker, params: Mapping[str, torch.Tensor], table
 
 
 def _by_server(worker: Worker, views: FlatViews) -> dict[int, list[torch.Tensor]]:
-    """The parameters and gradients of ``views`` by the servers that hold blocks of them."""
+    """The parameters of ``views`` and their gradient views by the servers that hold blocks of them."""
     tensors: dict[int, list[torch.Tensor]] = {}
     for name in views.names:
-        param = views.params[name]
         for server in {block.server for block, _ in worker.shard_map.segments_of(name)}:
-            tensors.setdefault(server, []).extend(t for t in (param.detach(), param.grad) if t is not None)
+            tensors.setdefault(server, []).extend((views.params[name].detach(), views.grad_view(name)))
     return tensors
 
 
@@ -351,25 +353,21 @@ MAX_RENEWS_IN_A_ROW = 2  # moves of GPU buffers in a row, after which a failed s
 
 
 class _MappedParams:
-    """The parameters that servers of this host map where they lie (``worker/direct.py``), and
-    their gradients, as views of flat buffers (``FlatViews``; host ones in memory files, GPU ones
-    in allocations held for the whole job, so that none is freed while a server maps it): the
-    servers read the gradients and write the new values in place, with no copy through the lanes
-    (DDP's ``gradient_as_bucket_view``, and its values too). A server's late answer to a failed
-    step must never write the parameters, so after one both move to new buffers (``renew``); the
-    old are let go at once on the host and, on a GPU, once a later step completed. ``zero_grad``
-    zeroes the gradients in place, so ``p.grad`` stays a tensor; a hook on each notes which got a
-    gradient since, so that one backward did not reach still counts as no gradient (torch's
-    ``set_to_none``). A gradient replaced by another tensor (``model.zero_grad()``, or one the
-    caller assigned) counts as given and takes the lane until ``zero_grad`` puts the view back."""
+    """The parameters that servers of this host map where they lie (``worker/direct.py``), as views
+    of flat buffers (``FlatViews``; host ones in memory files, GPU ones in allocations held for the
+    whole job, so that none is freed while a server maps it), and a gradient buffer of the same
+    layout that the step copies their gradients into (``stage``): the servers read the gradients
+    and write the new values in place, with one copy where the lanes take three. The gradients
+    themselves stay torch's (``zero_grad(set_to_none=True)`` leaves None, backward's
+    ``AccumulateGrad`` keeps what it got). A server's late answer to a failed step must never
+    write the parameters, nor read gradients of a later step, so after one both move to new
+    buffers (``renew``); the old are let go at once on the host and, on a GPU, once a later step
+    completed."""
 
-    def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
+    def __init__(self, worker: Worker, views: FlatViews, buffers: "_MappedBuffers"):
         self.worker, self.views, self._buffers = worker, views, buffers
         self._retired: list[torch.Tensor] = []  # GPU buffers of failed steps (``renew``)
         self._gpu_renews_in_a_row = 0  # moves of GPU buffers since a step last completed
-        self._reached = reached  # got a gradient since zero_grad (the caller's, before the first)
-        self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
-                       for name in views.names]
         worker.lanes.direct.write_values = True  # every parameter a server could map is a view
 
     @classmethod
@@ -381,7 +379,6 @@ class _MappedParams:
                   if p.device.type in ("cpu", "cuda") and direct.accepted_by_any(on_device=p.is_cuda)}
         if not mapped:
             return None
-        reached = {name for name, p in mapped.items() if p.grad is not None}
         buffers = _MappedBuffers(direct)
         try:
             views = FlatViews(mapped, worker.shard_map.blocks, buffers, whole=True)
@@ -390,27 +387,15 @@ class _MappedParams:
                      "through the lanes", worker.rank, exc)
             return None
         _await_maps(worker, _introduce(worker, views))
-        return cls(worker, views, reached & set(views.names), buffers)
+        return cls(worker, views, buffers)
 
-    def _reach(self, name: str):
-        def reached(_: torch.Tensor) -> None:
-            self._reached.add(name)
-        return reached
-
-    def has_grad(self, name: str) -> bool:
-        """Backward reached it since ``zero_grad``, or the caller gave it a gradient of its own."""
-        return name in self._reached or name not in self.views.params or not self.views.grad_is_view(name)
-
-    def zero_grad(self, set_to_none: bool) -> Mapping[str, torch.Tensor]:
-        """Zero the gradients in place (views put back); the parameters they are of, by name.
-        Without ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
-        self.views.zero_grad()
-        if set_to_none:
-            self._reached = set()
-        return self.views.params
+    def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+        """The gradients of mapped parameters whose values are still the views, copied where the
+        servers read them (``FlatViews.stage``); the others are left out."""
+        return self.views.stage(grads)
 
     def renew(self) -> bool:
-        """After a failed step: move the parameters and gradients to new buffers. The old host ones
+        """After a failed step: move the parameters and the gradient buffers to new buffers. The old host ones
         are let go at once (what a late answer writes there then lies only in the server's mapping),
         the old GPU ones after the next step that completes (``completed``), when every server has
         answered what came before it. False if there is no memory, or if GPU buffers moved
@@ -433,8 +418,6 @@ class _MappedParams:
         for name, param in self.views.params.items():
             try:
                 param.data = param.data.clone()
-                if param.grad is not None:
-                    param.grad = param.grad.clone()
             except torch.OutOfMemoryError:
                 log.error("worker %d: no memory to move %r away from where a failed step's late answers may "
                           "write it", self.worker.rank, name)
@@ -461,11 +444,6 @@ class _MappedParams:
         if self._retired:
             self._buffers.take_back(self._retired)
             self._retired = []
-
-    def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
 
 class _MappedBuffers:
@@ -500,9 +478,11 @@ _READY, _FINISH, _STOP = "ready", "finish", "stop"
 class _Overlap:
     """The hooks and the communication thread of one DistributedOptimizer with overlap."""
 
-    def __init__(self, worker: Worker, params: dict[str, torch.Tensor]):
+    def __init__(self, worker: Worker, params: dict[str, torch.Tensor],
+                 grad_of: Callable[[str], Optional[torch.Tensor]]):
         self.worker = worker
         self.params = params
+        self._grad_of = grad_of  # the gradient to push (``DistributedOptimizer._grad``)
         self.early_blocks = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -532,10 +512,10 @@ class _Overlap:
         return guard
 
     def _hook(self, name: str):
-        def hook(param: torch.Tensor) -> None:
+        def hook(_: torch.Tensor) -> None:
             with self._lock:
                 self._handed.add(name)
-            grad = param.grad
+            grad = self._grad_of(name)
             ready = None
             if grad.is_cuda:
                 ready = torch.cuda.Event()
@@ -543,13 +523,13 @@ class _Overlap:
             self._queue.put((_READY, name, grad, ready))
         return hook
 
-    def finish(self, grad_of, push_rows=None) -> None:
+    def finish(self, push_rows=None) -> None:
         """Hand over the gradients no hook saw (and ``push_rows``, which the thread calls once they
         are sent), then wait for the step's new values."""
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
         with self._lock:
-            rest = {name: grad_of(name) for name in self.params if name not in self._handed}
+            rest = {name: self._grad_of(name) for name in self.params if name not in self._handed}
             self._handed = set()
         ready = {}
         for grad in rest.values():

@@ -1,14 +1,21 @@
-"""A model's small tensors and their gradients as views of flat buffers laid out like the servers' blocks.
+"""A model's small tensors as views of flat buffers laid out like the servers' blocks, and their gradients' buffers.
 
 ``sharding.assign_shards`` packs whole small tensors into blocks and cuts a large one into blocks
 of one piece each. A large tensor's block is one contiguous region of the tensor already; a
 packed block is one region only if its tensors lie one after another in memory, in the block's
 order. ``FlatViews`` makes that so: the tensors of the packed blocks become views of one flat
-buffer per device and dtype, block after block, and their gradients views of a second one, which
-backward accumulates into in place (as DDP's ``gradient_as_bucket_view``). Every block is then one
-region each way: one copy through a lane, and one region that a server may read (and write)
-where it lies (``docs/direct-device-exchange.md``; ``DistributedOptimizer`` keeps its host
-gradients so, in shared memory).
+buffer per device and dtype, block after block, and a second buffer of the same layout holds
+their gradients for the servers (``stage``: one fused copy per device at the step). Every block
+is then one region each way: one copy through a lane, and one region that a server may read (and
+write) where it lies (``docs/direct-device-exchange.md``; ``DistributedOptimizer`` keeps them so
+in memory the servers map).
+
+The gradients are staged rather than accumulated in place (DDP's ``gradient_as_bucket_view``):
+in place, every backward adds each gradient into its zeroed view, one kernel and one Python hook
+per tensor on autograd's thread, and a zeroing per step, where torch's own ``AccumulateGrad``
+keeps the gradient it got. For a GPT of about 100 tensors on one GPU that was about 3 ms of host
+time a step (profiled, ``benchmarks/RESULTS_GPU.md``, twentieth round), on the critical path of a
+model whose step waits on its host, and more device traffic than the one copy it saved.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ def _torch_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 class FlatViews:
     """The tensors of ``params`` that ``flat_layout`` places, made views of flat buffers (values
-    copied), with gradients that are views of zeroed flat buffers of the same layout. ``allocate``
-    makes the buffers (``numel, dtype, device``; torch's by default); ``whole``: the other tensors
-    get buffers of their own too (host tensors the servers are to map need it: ``shared_empty``);
-    ``values=False``: only the gradients become views, the parameters stay where they are."""
+    copied), and a gradient view of each in flat buffers of the same layout, which ``stage``
+    fills. ``allocate`` makes the buffers (``numel, dtype, device``; torch's by default);
+    ``whole``: the other tensors get buffers of their own too (host tensors the servers are to map
+    need it: ``shared_empty``); ``values=False``: the parameters stay where they are."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], blocks: Iterable[Block],
                  allocate: Callable[[int, torch.dtype, torch.device], torch.Tensor] = _torch_empty,
@@ -65,17 +72,15 @@ class FlatViews:
         placed = {name for *_, offsets in self._layout for name, _ in offsets}
         self._layout += [(p.device, p.dtype, p.numel(), [(name, 0)])
                          for name, p in self.params.items() if whole and name not in placed]
-        self._views: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}  # name -> (value view, grad view)
+        self._values: dict[str, torch.Tensor] = {}  # name -> value view (with ``values``)
+        self._grads: dict[str, torch.Tensor] = {}  # name -> gradient view
         self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
         value_buffers = self._allocate_all() if values else None
         grad_buffers = self._allocate_all()
         if value_buffers is not None:
             self._new_values(value_buffers)
-        else:
-            self._views = {name: (None, self.params[name].data) for *_, offsets in self._layout for name, _ in offsets}
-        self._new_grads(grad_buffers, copy=False)
-        self.restore()
+        self._new_grads(grad_buffers)
 
     def _allocate_all(self) -> list[torch.Tensor]:
         """One new buffer per place of the layout (all made before any is used: a failure leaves
@@ -94,21 +99,17 @@ class FlatViews:
             for name, param, value in self._views_in(buffer, offsets):
                 value.copy_(param.detach())
                 param.data = value
-                self._views[name] = (value, self._views.get(name, (None, value))[1])
+                self._values[name] = value
 
-    def _new_grads(self, buffers: list[torch.Tensor], copy: bool) -> None:
-        """Gradient views in ``buffers`` (holding what the old views hold, with ``copy``)."""
+    def _new_grads(self, buffers: list[torch.Tensor]) -> None:
         self._grad_buffers = buffers
         for grads, (*_, offsets) in zip(buffers, self._layout):
-            grads.zero_()
             for name, _, grad in self._views_in(grads, offsets):
-                if copy:
-                    grad.copy_(self._views[name][1])
-                self._views[name] = (self._views[name][0], grad)
+                self._grads[name] = grad
 
     @property
     def names(self) -> list[str]:
-        return list(self._views)
+        return list(self._grads)
 
     @property
     def grad_buffers(self) -> list[torch.Tensor]:
@@ -119,52 +120,43 @@ class FlatViews:
         """Every buffer the views are in now: the values' (if views), then the gradients'."""
         return self._value_buffers + self._grad_buffers
 
-    def grad_is_view(self, name: str) -> bool:
-        grad = self.params[name].grad
-        return grad is not None and grad.data_ptr() == self._views[name][1].data_ptr()
+    def grad_view(self, name: str) -> torch.Tensor:
+        return self._grads[name]
 
-    def intact(self, name: str) -> bool:
-        """Whether ``name``'s value and gradient are still the views (``p.data = ...`` or a
-        ``zero_grad(set_to_none=True)`` elsewhere breaks them)."""
-        value = self._views[name][0]
-        return (value is None or self.params[name].data_ptr() == value.data_ptr()) and self.grad_is_view(name)
-
-    def restore(self) -> None:
-        """Give every gradient its view back (with what it holds, if it is another tensor now)."""
-        for name, (_, grad) in self._views.items():
-            param = self.params[name]
-            if param.grad is None:
-                grad.zero_()
-            elif param.grad.data_ptr() != grad.data_ptr():
-                grad.copy_(param.grad)
-            else:
+    def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+        """Copy the gradients of the views' tensors into their gradient views, in one fused copy per
+        device; each one's view, or None where it has no gradient. Names that are not views are
+        left out."""
+        staged: dict[str, Optional[torch.Tensor]] = {}
+        copies: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, grad in grads.items():
+            view = self._grads.get(name)
+            if view is None:
                 continue
-            param.grad = grad
-
-    def zero_grad(self) -> None:
-        """Zero the views' gradients in place and give every parameter its view back (a gradient
-        that is another tensor now is dropped, as torch's ``zero_grad`` drops it)."""
-        for grads in self._grad_buffers:
-            grads.zero_()
-        for name, (_, grad) in self._views.items():
-            self.params[name].grad = grad
+            staged[name] = view if grad is not None else None
+            if grad is None:
+                continue
+            if grad.layout != torch.strided:
+                grad = grad.to_dense()  # a sparse gradient (``nn.Embedding(sparse=True)``)
+            if grad.data_ptr() != view.data_ptr():
+                into, sources = copies.setdefault(view.device, ([], []))
+                into.append(view)
+                sources.append(grad.detach())
+        for into, sources in copies.values():
+            torch._foreach_copy_(into, sources)
+        return staged
 
     def renew(self) -> list[torch.Tensor]:
-        """Move the gradients, and the values where they are views, to new buffers with what they
-        hold; the old buffers, returned, are left to whoever may still read or write them (a
-        server that has yet to answer a failed step). Raises what ``allocate`` raises, with every
-        view as it was."""
+        """Move the values, where they are views, to new buffers with what they hold, and the
+        gradient views to new buffers; the old buffers, returned, are left to whoever may still
+        read or write them (a server that has yet to answer a failed step). Raises what
+        ``allocate`` raises, with every view as it was."""
         values = self._allocate_all() if self._value_buffers else None
         grads = self._allocate_all()
         old = self.buffers
-        old_grads = {name: grad for name, (_, grad) in self._views.items()}
         if values is not None:
             self._new_values(values)
-        self._new_grads(grads, copy=True)
-        for name, grad in old_grads.items():
-            param = self.params[name]
-            if param.grad is not None and param.grad.data_ptr() == grad.data_ptr():
-                param.grad = self._views[name][1]
+        self._new_grads(grads)
         return old
 
 

@@ -53,38 +53,48 @@ def test_blocks_with_a_tensor_not_asked_for_stay_out():
         assert (keys <= laid_out) == (len(block.segments) > 1 and keys <= set(some))
 
 
-def test_views_keep_the_values_and_backward_accumulates_into_the_flat_gradients():
+def _views_of(views: FlatViews, params: dict) -> bool:
+    """Whether every laid-out parameter is still a view of the values' buffers."""
+    return all(any(b.data_ptr() <= params[name].data_ptr() < b.data_ptr() + b.numel() * b.element_size()
+                   for b in views.buffers[:len(views.grad_buffers)]) for name in views.names)
+
+
+def test_views_keep_the_values_and_stage_copies_the_gradients_into_the_flat_buffer():
     model, plain = _model(), _model()
     params = dict(model.named_parameters())
     views = FlatViews(params, _blocks(params))
-    assert views.names
+    assert views.names and _views_of(views, params)
     for (name, p), q in zip(params.items(), plain.parameters()):
         assert torch.equal(p, q)
     [grads] = views.grad_buffers
-    pointers = {name: params[name].grad.data_ptr() for name in views.names}
+    grads.fill_(float("nan"))
     x = torch.randn(5, 8)
     for net in (model, plain):
         net[:5](x).square().sum().backward()
-        net[5](torch.tensor([1, 2, 3])).sum().backward()
+    given = {name: p.grad for name, p in params.items()}
+    given[views.names[0]] = None  # as if backward had not reached it
+    staged = views.stage(given)
+    assert set(staged) == set(views.names)
+    for name in views.names:
+        if given[name] is None:  # no gradient: none staged, and nothing copied there
+            assert staged[name] is None and torch.isnan(views.grad_view(name)).all()
+        else:
+            assert staged[name].data_ptr() == views.grad_view(name).data_ptr()
+            assert torch.equal(staged[name], given[name]), name
     for (name, p), q in zip(params.items(), plain.parameters()):
-        assert torch.equal(p.grad, q.grad), name
-    assert all(params[name].grad.data_ptr() == pointer for name, pointer in pointers.items())
-    assert all(views.intact(name) for name in views.names)
-    assert float(grads.abs().sum()) > 0
-    views.zero_grad()
-    assert float(grads.abs().sum()) == 0 and all(views.intact(name) for name in views.names)
+        assert p.grad is None or torch.equal(p.grad, q.grad), name  # torch's own, untouched
 
 
-def test_a_gradient_set_to_none_elsewhere_gets_its_view_back_with_what_it_holds():
+def test_a_sparse_gradient_is_staged_dense_and_names_not_laid_out_are_left_out():
     model = _model()
+    model[5] = torch.nn.Embedding(200, 8, sparse=True)
     params = dict(model.named_parameters())
-    views = FlatViews(params, _blocks(params))
-    name = views.names[0]
-    model.zero_grad(set_to_none=True)
-    assert not views.intact(name)
-    params[name].grad = torch.ones_like(params[name])
-    views.restore()
-    assert views.intact(name) and torch.equal(params[name].grad, torch.ones_like(params[name]))
+    views = FlatViews(params, _blocks(params), whole=True, values=False)
+    model[5](torch.tensor([1, 2, 2])).sum().backward()
+    grad = params["5.weight"].grad
+    assert grad.is_sparse
+    staged = views.stage({"5.weight": grad, "not a parameter": torch.ones(1)})
+    assert list(staged) == ["5.weight"] and torch.equal(staged["5.weight"], grad.to_dense())
 
 
 def test_an_optimizer_steps_the_views_like_the_plain_tensors():
@@ -98,20 +108,16 @@ def test_an_optimizer_steps_the_views_like_the_plain_tensors():
         for net, opt in zip((model, plain), opts):
             net[:5](x).square().sum().backward()
             opt.step()
-        views.zero_grad()  # the views' gradients; the others are the caller's
-        for name, param in params.items():
-            if name not in views.names:
-                param.grad = None
-        plain.zero_grad()
+            net.zero_grad()
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)
-    assert all(views.intact(name) for name in views.names)
+    assert _views_of(views, params)
 
 
-def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold():
-    """``values=False, whole=True``: the parameters stay where they are; every gradient is a view
-    (a large tensor's of a buffer of its own); ``renew`` moves them to new buffers with their
-    values, and the old buffers, which it returns, keep what they held."""
+def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_was_staged_left_behind():
+    """``values=False, whole=True``: the parameters stay where they are; every parameter has a
+    gradient view (a large tensor's in a buffer of its own); ``renew`` moves the views to new
+    buffers, and the old buffers, which it returns, keep what was staged in them."""
     model = _model()
     params = dict(model.named_parameters())
     pointers = {name: p.data_ptr() for name, p in params.items()}
@@ -127,35 +133,18 @@ def test_gradients_only_in_buffers_of_their_own_and_renewed_with_what_they_hold(
     assert len(made) == len(views.grad_buffers)  # gradients only
     model[:5](torch.randn(5, 8)).square().sum().backward()
     model[5](torch.tensor([1, 2])).sum().backward()
-    before = {name: p.grad.clone() for name, p in params.items()}
+    views.stage({name: p.grad for name, p in params.items()})
     old = views.grad_buffers
     assert [b.data_ptr() for b in views.renew()] == [b.data_ptr() for b in old]
-    assert all(views.intact(name) for name in views.names)
-    assert all(torch.equal(p.grad, before[name]) for name, p in params.items())
     assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(old, views.grad_buffers))
-    views.zero_grad()
-    assert all(float(buffer.abs().sum()) > 0 for buffer in old if buffer.numel() > 1)  # left as they were
-
-
-def test_zero_grad_drops_a_gradient_that_replaced_the_view():
-    """``model.zero_grad()`` (set_to_none) and a backward leave ``p.grad`` a tensor of torch's; the
-    next ``zero_grad`` of the views gives the view back zeroed, not holding that gradient."""
-    model = _model()
-    params = dict(model.named_parameters())
-    views = FlatViews(params, _blocks(params), whole=True, values=False)
-    model.zero_grad()  # set_to_none
-    model[:5](torch.randn(5, 8)).square().sum().backward()
-    assert not views.intact("0.weight")
-    views.zero_grad()
-    assert all(views.intact(name) for name in views.names)
-    assert all(float(p.grad.abs().sum()) == 0 for p in params.values())
+    assert all(not torch.isnan(buffer).any() for buffer in old)  # left as they were: every gradient staged
 
 
 def test_values_and_gradients_renewed_together_and_a_failed_allocation_leaves_both_as_they_were():
-    """``whole=True`` with values: ``renew`` moves every parameter and its gradient to new buffers
-    with what they hold (the model computes the same), and returns the old ones, which a late
-    writer may still write without touching the parameters; an allocation that fails half-way
-    leaves every view where it was."""
+    """``whole=True`` with values: ``renew`` moves every parameter to new buffers with what it
+    holds (the model computes the same) and the gradient views to new buffers, and returns the old
+    ones, which a late writer may still write without touching the parameters; an allocation that
+    fails half-way leaves every view where it was."""
     model = _model()
     params = dict(model.named_parameters())
     fail = []
@@ -166,21 +155,17 @@ def test_values_and_gradients_renewed_together_and_a_failed_allocation_leaves_bo
         return torch.empty(numel, dtype=dtype, device=device)
 
     views = FlatViews(params, _blocks(params), allocate, whole=True)
-    x = torch.randn(5, 8)
-    model[:5](x).square().sum().backward()
     values = {name: p.detach().clone() for name, p in params.items()}
-    grads = {name: p.grad.clone() for name, p in params.items()}
-    pointers = {name: (p.data_ptr(), p.grad.data_ptr()) for name, p in params.items()}
+    pointers = {name: (p.data_ptr(), views.grad_view(name).data_ptr()) for name, p in params.items()}
     fail.append(True)
     with pytest.raises(OSError):
         views.renew()
-    assert {name: (p.data_ptr(), p.grad.data_ptr()) for name, p in params.items()} == pointers
+    assert {name: (p.data_ptr(), views.grad_view(name).data_ptr()) for name, p in params.items()} == pointers
     fail.clear()
     old = views.renew()
-    assert all(views.intact(name) for name in views.names)
     for name, p in params.items():
-        assert torch.equal(p, values[name]) and torch.equal(p.grad, grads[name]), name
-        assert p.data_ptr() != pointers[name][0] and p.grad.data_ptr() != pointers[name][1], name
+        assert torch.equal(p, values[name]), name
+        assert p.data_ptr() != pointers[name][0] and views.grad_view(name).data_ptr() != pointers[name][1], name
     for buffer in old:
         buffer.fill_(7.0)  # a late write into the old buffers
-    assert all(torch.equal(p, values[name]) and torch.equal(p.grad, grads[name]) for name, p in params.items())
+    assert all(torch.equal(p, values[name]) for name, p in params.items())
