@@ -12,7 +12,8 @@ last layers finish their backward first, their blocks are on the wire, applied a
 back while the first layers still compute. ``step()`` hands over what no hook saw (unused
 parameters are pushed as "no gradient", as without overlap), waits for every block's new values and returns: after
 ``step()`` the parameters hold exactly what the plain path gives, so the next forward needs no wait
-of its own.
+of its own. A gradient goes as autograd left it: to clip or unscale gradients between
+``backward()`` and ``step()`` (``clip_grad_norm_``, ``GradScaler.unscale_``), use ``overlap=False``.
 
 Threads: while a step is in flight the communication thread alone uses the worker's sockets (the
 hooks, which run on autograd's threads, only enqueue, after copying a gradient where its server
@@ -28,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -113,7 +114,7 @@ class DistributedOptimizer:
             if overlap is None:
                 overlap = overlap_by_default(self.worker, self.params, bool(tables), self.checkpoint_every)
             if overlap:
-                self._overlap = _Overlap(self.worker, self.params, self._grad)
+                self._overlap = _Overlap(self.worker, self.params, self._grads)
         except BaseException:
             self.close()
             raise
@@ -149,22 +150,16 @@ class DistributedOptimizer:
             elif p.grad is not None:
                 p.grad.zero_()
 
-    def _grads(self) -> dict[str, Optional[torch.Tensor]]:
-        """Each parameter's gradient to push (None: no gradient this step; the servers do not step
-        a parameter no worker has a gradient for, as torch.optim skips a None grad, and where some
-        workers have one the others count as zero in the mean, DDP's rule); those of parameters in
-        memory the servers map are copied where the servers read them (``_MappedParams.stage``)."""
-        grads = {name: p.grad for name, p in self.params.items()}
+    def _grads(self, names: Optional[Iterable[str]] = None) -> dict[str, Optional[torch.Tensor]]:
+        """The gradient to push of each parameter (of ``names``; None: no gradient this step. The
+        servers do not step a parameter no worker has a gradient for, as torch.optim skips a None
+        grad, and where some workers have one the others count as zero in the mean, DDP's rule);
+        those of parameters in memory the servers map are copied where the servers read them
+        (``_MappedParams.stage``)."""
+        grads = {name: self.params[name].grad for name in (self.params if names is None else names)}
         if self._shared is not None:
             grads.update(self._shared.stage(grads))
         return grads
-
-    def _grad(self, name: str) -> Optional[torch.Tensor]:
-        """``_grads`` of one parameter (overlap's hooks hand them over one by one)."""
-        grad = self.params[name].grad
-        if self._shared is not None:
-            return self._shared.stage({name: grad}).get(name, grad)
-        return grad
 
     def prefetch(self, inputs) -> None:
         """Start pulling the next batch's rows now (``inputs``: a module, or its table's name, to the
@@ -479,10 +474,10 @@ class _Overlap:
     """The hooks and the communication thread of one DistributedOptimizer with overlap."""
 
     def __init__(self, worker: Worker, params: dict[str, torch.Tensor],
-                 grad_of: Callable[[str], Optional[torch.Tensor]]):
+                 grads_of: Callable[[Iterable[str]], dict[str, Optional[torch.Tensor]]]):
         self.worker = worker
         self.params = params
-        self._grad_of = grad_of  # the gradient to push (``DistributedOptimizer._grad``)
+        self._grads_of = grads_of  # the gradients to push, by name (``DistributedOptimizer._grads``)
         self.early_blocks = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -513,9 +508,9 @@ class _Overlap:
 
     def _hook(self, name: str):
         def hook(_: torch.Tensor) -> None:
+            grad = self._grads_of([name])[name]  # before it counts as handed: this may raise
             with self._lock:
                 self._handed.add(name)
-            grad = self._grad_of(name)
             ready = None
             if grad.is_cuda:
                 ready = torch.cuda.Event()
@@ -529,7 +524,7 @@ class _Overlap:
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
         with self._lock:
-            rest = {name: self._grad_of(name) for name in self.params if name not in self._handed}
+            rest = self._grads_of([name for name in self.params if name not in self._handed])
             self._handed = set()
         ready = {}
         for grad in rest.values():

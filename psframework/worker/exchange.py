@@ -229,7 +229,7 @@ def _direct_on_device(exchange: "Exchange", block: Block, seg: Segment, source: 
 
 def _settle_gathered(exchange: "Exchange", block_id: int) -> None:
     """A block of several segments is complete: it goes direct if every piece was gathered and
-    they lie one after another in memory the server maps (``DistributedOptimizer``'s gradients do,
+    they lie one after another in memory the server maps (``DistributedOptimizer``'s staged gradients do,
     ``worker/flat.py``); else the gathered pieces are queued for their copies into its push slot
     (the copy stream waits for what made them since they were added)."""
     gathered = exchange._gathered.pop(block_id, None)

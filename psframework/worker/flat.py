@@ -125,26 +125,35 @@ class FlatViews:
 
     def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
         """Copy the gradients of the views' tensors into their gradient views, in one fused copy per
-        device; each one's view, or None where it has no gradient. Names that are not views are
-        left out."""
+        device and dtypes; each one's view, or None where it has no gradient. Left out: names that
+        are not views, and those whose parameter no longer lies in its value view (``p.data = ...``)
+        or whose gradient has another shape, dtype or device than its view (the caller pushes those
+        as they are, and its checks say what is wrong)."""
         staged: dict[str, Optional[torch.Tensor]] = {}
-        copies: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, grad in grads.items():
             view = self._grads.get(name)
-            if view is None:
+            if view is None or not self._value_intact(name):
                 continue
-            staged[name] = view if grad is not None else None
             if grad is None:
+                staged[name] = None
+                continue
+            if grad.shape != view.shape or grad.dtype != view.dtype or grad.device != view.device:
                 continue
             if grad.layout != torch.strided:
                 grad = grad.to_dense()  # a sparse gradient (``nn.Embedding(sparse=True)``)
+            staged[name] = view
             if grad.data_ptr() != view.data_ptr():
-                into, sources = copies.setdefault(view.device, ([], []))
+                into, sources = copies.setdefault((view.device, view.dtype), ([], []))
                 into.append(view)
                 sources.append(grad.detach())
         for into, sources in copies.values():
             torch._foreach_copy_(into, sources)
         return staged
+
+    def _value_intact(self, name: str) -> bool:
+        value = self._values.get(name)
+        return value is None or self.params[name].data_ptr() == value.data_ptr()
 
     def renew(self) -> list[torch.Tensor]:
         """Move the values, where they are views, to new buffers with what they hold, and the

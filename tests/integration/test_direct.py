@@ -336,10 +336,11 @@ def _in_views(opt, tensor: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster, overlap):
-    """``DistributedOptimizer`` keeps a host model's parameters and gradients in shared memory: every
-    block with a gradient is read by its server where it lies, and its new values are written there
-    (not answered through the server's shared values); the unused layer's gradient counts as none
-    (Adam leaves it alone, as torch's with ``set_to_none``); the values equal torch's."""
+    """``DistributedOptimizer`` keeps a host model's parameters, and a copy of its gradients made at
+    the step, in shared memory: every block with a gradient is read by its server where it lies,
+    and its new values are written there (not answered through the server's shared values); the
+    unused layer's gradient counts as none (Adam leaves it alone, as torch's with
+    ``set_to_none``); the values equal torch's."""
     steps = 4
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK)
     torch.manual_seed(0)
@@ -401,23 +402,25 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
         torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
 
 
-def _async_sgd_optimizer(make_cluster) -> tuple[torch.nn.Module, ps.DistributedOptimizer]:
-    """The test model and its ``DistributedOptimizer`` (SGD, no overlap) with two async CPU servers."""
+def _async_sgd_optimizer(make_cluster, overlap: bool = False) -> tuple[torch.nn.Module, ps.DistributedOptimizer]:
+    """The test model and its ``DistributedOptimizer`` (SGD) with two async CPU servers."""
     cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
     torch.manual_seed(0)
     model = models.OverlapNet()
     return model, ps.DistributedOptimizer(model, ps.optim.SGD(lr=0.1), ps.init(scheduler=cluster.scheduler),
-                                          overlap=False)
+                                          overlap=overlap)
 
 
-def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch, overlap):
     """A step fails after some blocks were pushed: the parameters and the gradient buffers the
     servers read move to new buffers, the old gradient buffers keep what was pushed while the
     next step stages its own, the caller's gradients are left as torch's, the next steps go
     direct again, and the old buffers, let go at once, are unmapped by the servers."""
     from psframework.worker.exchange import Exchange
     clusters = []
-    model, opt = _async_sgd_optimizer(lambda **kwargs: clusters.append(make_cluster(**kwargs)) or clusters[-1])
+    model, opt = _async_sgd_optimizer(lambda **kwargs: clusters.append(make_cluster(**kwargs)) or clusters[-1],
+                                      overlap)
     servers = [p.pid for name, p in clusters[0].processes().items() if name.startswith("server")]
     with opt:
         memory = opt.worker.lanes.direct.host_memory
@@ -436,11 +439,11 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+        monkeypatch.setattr(Exchange, "add", failing_add)  # with overlap, adds start in backward
         torch.nn.functional.mse_loss(model(x), y).backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         kept = {name: g.clone() for name, g in grads.items()}
         staged = {name: opt._shared.views.grad_view(name) for name in grads}
-        monkeypatch.setattr(Exchange, "add", failing_add)
         with pytest.raises(RuntimeError, match="injected failure"):
             opt.step()
         monkeypatch.setattr(Exchange, "add", add)
@@ -533,3 +536,23 @@ def test_zeroed_and_hand_made_gradients_count_as_torch_counts_them(make_cluster)
         assert sum(s["direct_requests"] for s in opt.worker.server_stats()) > 0
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_accumulated_over_two_backward_passes_are_staged_whole(make_cluster):
+    """``zero_grad(set_to_none=False)`` and two backward passes a step: torch accumulates into the
+    caller's gradients, the step copies the sums where the servers read them, and the values
+    equal torch's SGD on the same sums."""
+    model, opt = _async_sgd_optimizer(make_cluster)
+    reference = copy.deepcopy(model)
+    local = torch.optim.SGD(reference.parameters(), lr=0.1)
+    with opt:
+        for step in range(3):
+            for net, optimizer in ((model, opt), (reference, local)):
+                optimizer.zero_grad(set_to_none=False)
+                for half in range(2):
+                    x, y = models.overlap_batch(2 * step + half)
+                    torch.nn.functional.mse_loss(net(x), y).backward()
+                optimizer.step()
+        assert sum(s["direct_requests"] for s in opt.worker.server_stats()) > 0
+    for mine, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6)

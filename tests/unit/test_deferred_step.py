@@ -305,3 +305,25 @@ def test_overlap_is_on_by_default_unless_each_step_of_a_gpu_model_would_be_order
     assert overlap_by_default(_laid_out({0, 1}, compressed=True), on_gpu)
     assert overlap_by_default(_laid_out({0, 1}), on_gpu, tables=True)
     assert overlap_by_default(_laid_out({0, 1}), on_gpu, checkpoint_every=10)
+
+
+def test_a_gradient_that_could_not_be_staged_does_not_count_as_handed_over():
+    """With overlap a hook copies its gradient where the servers read it before handing it over;
+    if that raises, the gradient must not count as handed over, or ``step()`` would wait for
+    ever for a block that never gets it."""
+    from psframework.training import _Overlap
+    model = torch.nn.Linear(2, 1)
+    params = dict(model.named_parameters())
+
+    def grads_of(names):
+        if "bias" in names:
+            raise RuntimeError("no memory to stage the gradient")
+        return {name: params[name].grad for name in names}
+
+    overlap = _Overlap(SimpleNamespace(rank=0, client=SimpleNamespace(rollback=0)), params, grads_of)
+    try:
+        with pytest.raises(RuntimeError, match="no memory to stage"):
+            model(torch.ones(1, 2)).sum().backward()
+        assert "bias" not in overlap._handed
+    finally:
+        overlap.close()

@@ -169,3 +169,21 @@ def test_values_and_gradients_renewed_together_and_a_failed_allocation_leaves_bo
     for buffer in old:
         buffer.fill_(7.0)  # a late write into the old buffers
     assert all(torch.equal(p, values[name]) for name, p in params.items())
+
+
+def test_gradients_that_do_not_fit_their_view_and_parameters_moved_elsewhere_are_not_staged():
+    """A gradient of another dtype or shape than its parameter's view, or a parameter whose
+    ``.data`` the caller replaced, is left out (pushed as it is, where the checks say what is
+    wrong) instead of cast or broadcast into the buffer the servers read."""
+    model = _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params), whole=True)
+    model[:5](torch.randn(5, 8)).square().sum().backward()
+    grads = {name: p.grad for name, p in params.items() if p.grad is not None}
+    wrong_dtype, wrong_shape, moved, fine = list(grads)[:4]
+    grads[wrong_dtype] = grads[wrong_dtype].double()
+    grads[wrong_shape] = grads[wrong_shape].reshape(-1)[:1]
+    params[moved].data = params[moved].data.clone()
+    staged = views.stage(grads)
+    assert not {wrong_dtype, wrong_shape, moved} & set(staged)
+    assert torch.equal(staged[fine], grads[fine])
