@@ -9,10 +9,13 @@ One worker (this process) and one CPU server in sync mode with SGD, started by `
 Prints the medians in microseconds and their ratio as a Markdown table, and checks the server's
 counters: every round of the shared tensors went direct, none of the ordinary ones did.
 
-Then ``DistributedOptimizer.step()`` of an MLP (``--width``, 4 layers: 64 MiB at 2048) on the CPU,
-whose parameters and gradients it keeps in shared memory for the servers to read the gradients and
-write the values where they lie, against the same job with ``PS_DIRECT=0`` (the gradients copied
-into the lanes, the values out of the server's shared values); jobs alternate ``--rounds`` times.
+Then training iterations (``zero_grad``, forward, backward, ``step()``) of an MLP (``--width``, 4
+layers: 64 MiB at 2048) with ``DistributedOptimizer`` on the CPU, which keeps the parameters in
+shared memory and copies the gradients there at the step, for the servers to read the gradients
+and write the values where they lie, against the same job with ``PS_DIRECT=0`` (the gradients
+copied into the lanes, the values out of the server's shared values); jobs alternate ``--rounds``
+times. The whole iteration is timed: where the gradients go into the servers' memory (in backward
+or in the step) is part of what is compared.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def measure(kib: int, repeats: int, warmup: int) -> tuple[float, float]:
 
 
 def step_ms(direct: bool, width: int, steps: int, warmup: int) -> float:
-    """Median ms of ``DistributedOptimizer.step()`` (after backward) of the MLP, in a job of its own."""
+    """Median ms of a training iteration of the MLP (``zero_grad``, forward, backward, ``step()``), in a
+    job of its own."""
     os.environ["PS_DIRECT"] = "1" if direct else "0"  # read by ps.init below
     try:
         torch.manual_seed(0)
@@ -80,9 +84,9 @@ def step_ms(direct: bool, width: int, steps: int, warmup: int) -> float:
                                          overlap=False) as opt:
                 times = []
                 for i in range(warmup + steps):
+                    start = time.perf_counter()
                     opt.zero_grad()
                     model(x).square().mean().backward()
-                    start = time.perf_counter()
                     opt.step()
                     if i >= warmup:
                         times.append(time.perf_counter() - start)
@@ -111,8 +115,8 @@ def main(sizes_kib: str, repeats: int, warmup: int, width: int, steps: int, roun
         lanes, direct = medians[kib]
         print(f"| {kib} | {lanes * 1e6:.0f} | {direct * 1e6:.0f} | {direct / lanes:.2f} |")
     megabytes = 4 * (width * width + width) * 4 / 1e6
-    print(f"\nDistributedOptimizer.step() of a 4-layer MLP of width {width} ({megabytes:.0f} MB), SGD, "
-          f"overlap off; median ms of {steps} steps per job, jobs alternating\n")
+    print(f"\nDistributedOptimizer: iterations (zero_grad, forward, backward, step) of a 4-layer MLP of width "
+          f"{width} ({megabytes:.0f} MB), SGD, overlap off; median ms of {steps} per job, jobs alternating\n")
     print("| round | through the lanes | where they lie | direct / lanes |")
     print("|---|---|---|---|")
     ratios = []

@@ -143,8 +143,12 @@ class DistributedOptimizer:
             self._shared.completed()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's."""
-        for p in self.params.values():
+        """As torch's; host gradients in memory the servers map (``_MappedParams``) are zeroed in
+        place instead and count as none until backward reaches them."""
+        in_place = self._shared.zero_grad(set_to_none) if self._shared is not None else ()
+        for name, p in self.params.items():
+            if name in in_place:
+                continue
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
@@ -217,6 +221,7 @@ class DistributedOptimizer:
             log.error("worker %d: could not move the parameters after a failed step: %s", self.worker.rank, exc)
             moved = False
         if not moved:
+            self._shared.close()
             self._given_up.append(self._shared)  # its GPU buffers, which late answers may write, stay allocated
             self._shared = None
 
@@ -279,7 +284,9 @@ class DistributedOptimizer:
         if self._overlap is not None:
             self._overlap.close()
             self._overlap = None
-        self._shared = None
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         if self._owns_worker:
             self.worker.close()
 
@@ -350,19 +357,24 @@ MAX_RENEWS_IN_A_ROW = 2  # moves of GPU buffers in a row, after which a failed s
 class _MappedParams:
     """The parameters that servers of this host map where they lie (``worker/direct.py``), as views
     of flat buffers (``FlatViews``; host ones in memory files, GPU ones in allocations held for the
-    whole job, so that none is freed while a server maps it), and a gradient buffer of the same
-    layout that the step copies their gradients into (``stage``): the servers read the gradients
-    and write the new values in place, with one copy where the lanes take three. The gradients
-    themselves stay torch's (``zero_grad(set_to_none=True)`` leaves None, backward's
-    ``AccumulateGrad`` keeps what it got). A server's late answer to a failed step must never
-    write the parameters, nor read gradients of a later step, so after one both move to new
-    buffers (``renew``); the old are let go at once on the host and, on a GPU, once a later step
-    completed."""
+    whole job, so that none is freed while a server maps it), and gradient buffers of the same
+    layout that the servers read: the servers read the gradients and write the new values in
+    place, with no copy through the lanes. GPU gradients stay torch's and the step copies them
+    there (``stage``: one copy where the lanes take three); host gradients are views of it,
+    accumulated in place (``FlatViews.in_place``): ``zero_grad`` zeroes them in place, so ``p.grad``
+    stays a tensor, and a hook on each notes which got a gradient since, so that one backward did
+    not reach still counts as none (torch's ``set_to_none``). A server's late answer to a failed
+    step must never write the parameters, nor read gradients of a later step, so after one both
+    move to new buffers (``renew``); the old are let go at once on the host and, on a GPU, once a
+    later step completed."""
 
-    def __init__(self, worker: Worker, views: FlatViews, buffers: "_MappedBuffers"):
+    def __init__(self, worker: Worker, views: FlatViews, reached: set[str], buffers: "_MappedBuffers"):
         self.worker, self.views, self._buffers = worker, views, buffers
         self._retired: list[torch.Tensor] = []  # GPU buffers of failed steps (``renew``)
         self._gpu_renews_in_a_row = 0  # moves of GPU buffers since a step last completed
+        self._reached = reached  # in place: got a gradient since zero_grad (the caller's, before the first)
+        self._hooks = [views.params[name].register_post_accumulate_grad_hook(self._reach(name))
+                       for name in views.in_place]
         worker.lanes.direct.write_values = True  # every parameter a server could map is a view
 
     @classmethod
@@ -374,20 +386,37 @@ class _MappedParams:
                   if p.device.type in ("cpu", "cuda") and direct.accepted_by_any(on_device=p.is_cuda)}
         if not mapped:
             return None
+        reached = {name for name, p in mapped.items() if p.grad is not None}
         buffers = _MappedBuffers(direct)
         try:
-            views = FlatViews(mapped, worker.shard_map.blocks, buffers, whole=True)
+            views = FlatViews(mapped, worker.shard_map.blocks, buffers, whole=True, host_in_place=True)
         except (OSError, torch.OutOfMemoryError) as exc:
             log.info("worker %d: no memory to lay the parameters out for the servers to map (%s); they go "
                      "through the lanes", worker.rank, exc)
             return None
         _await_maps(worker, _introduce(worker, views))
-        return cls(worker, views, buffers)
+        return cls(worker, views, reached, buffers)
+
+    def _reach(self, name: str):
+        def reached(_: torch.Tensor) -> None:
+            self._reached.add(name)
+        return reached
 
     def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
-        """The gradients of mapped parameters whose values are still the views, copied where the
-        servers read them (``FlatViews.stage``); the others are left out."""
-        return self.views.stage(grads)
+        """The gradients of mapped parameters whose values are still the views, where the servers
+        read them (``FlatViews.stage``; a gradient in place that backward did not reach since
+        ``zero_grad`` is none); the others are left out."""
+        unreached = {name: None for name in grads
+                     if name in self.views.in_place and name not in self._reached and self.views.grad_is_view(name)}
+        return self.views.stage({**grads, **unreached})
+
+    def zero_grad(self, set_to_none: bool) -> set[str]:
+        """Zero the gradients in place (views put back); their parameters' names. Without
+        ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
+        self.views.zero_grad()
+        if set_to_none:
+            self._reached = set()
+        return self.views.in_place
 
     def renew(self) -> bool:
         """After a failed step: move the parameters and the gradient buffers to new buffers. The old host ones
@@ -413,6 +442,8 @@ class _MappedParams:
         for name, param in self.views.params.items():
             try:
                 param.data = param.data.clone()
+                if name in self.views.in_place and param.grad is not None:
+                    param.grad = param.grad.clone()
             except torch.OutOfMemoryError:
                 log.error("worker %d: no memory to move %r away from where a failed step's late answers may "
                           "write it", self.worker.rank, name)
@@ -439,6 +470,11 @@ class _MappedParams:
         if self._retired:
             self._buffers.take_back(self._retired)
             self._retired = []
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 class _MappedBuffers:

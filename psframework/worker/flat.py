@@ -10,12 +10,16 @@ is then one region each way: one copy through a lane, and one region that a serv
 write) where it lies (``docs/direct-device-exchange.md``; ``DistributedOptimizer`` keeps them so
 in memory the servers map).
 
-The gradients are staged rather than accumulated in place (DDP's ``gradient_as_bucket_view``):
+GPU gradients are staged rather than accumulated in place (DDP's ``gradient_as_bucket_view``):
 in place, every backward adds each gradient into its zeroed view, one kernel and one Python hook
 per tensor on autograd's thread, and a zeroing per step, where torch's own ``AccumulateGrad``
 keeps the gradient it got. For a GPT of about 100 tensors on one GPU that was about 3 ms of host
 time a step (profiled, ``benchmarks/RESULTS_GPU.md``, twentieth round), on the critical path of a
-model whose step waits on its host, and more device traffic than the one copy it saved.
+model whose step waits on its host, and more device traffic than the one copy it saved. Host
+gradients (``host_in_place``) are the views themselves, accumulated in place: there a gradient
+torch makes anew each step costs page faults on fresh memory (a 67 MB MLP's backward took 12 ms
+longer, and its iteration 1.02-1.14 of the lanes' time against 0.82-0.86 in place;
+``benchmarks/RESULTS.md``), and an add costs no launch.
 """
 
 from __future__ import annotations
@@ -58,11 +62,13 @@ class FlatViews:
     copied), and a gradient view of each in flat buffers of the same layout, which ``stage``
     fills. ``allocate`` makes the buffers (``numel, dtype, device``; torch's by default);
     ``whole``: the other tensors get buffers of their own too (host tensors the servers are to map
-    need it: ``shared_empty``); ``values=False``: the parameters stay where they are."""
+    need it: ``shared_empty``); ``values=False``: the parameters stay where they are;
+    ``host_in_place``: the gradients of host tensors are their views (``in_place``), which backward
+    accumulates into and ``zero_grad`` zeroes."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], blocks: Iterable[Block],
                  allocate: Callable[[int, torch.dtype, torch.device], torch.Tensor] = _torch_empty,
-                 whole: bool = False, values: bool = True):
+                 whole: bool = False, values: bool = True, host_in_place: bool = False):
         self.params = dict(params)
         self._allocate = allocate
         places = {name: (p.device, p.dtype) for name, p in self.params.items()}
@@ -74,6 +80,8 @@ class FlatViews:
                          for name, p in self.params.items() if whole and name not in placed]
         self._values: dict[str, torch.Tensor] = {}  # name -> value view (with ``values``)
         self._grads: dict[str, torch.Tensor] = {}  # name -> gradient view
+        self.in_place = {name for device, *_, offsets in self._layout for name, _ in offsets
+                         if host_in_place and device.type == "cpu"}
         self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
         value_buffers = self._allocate_all() if values else None
@@ -102,10 +110,32 @@ class FlatViews:
                 self._values[name] = value
 
     def _new_grads(self, buffers: list[torch.Tensor]) -> None:
+        """Gradient views in ``buffers``; those ``in_place`` become their parameters' gradients,
+        holding what those hold now."""
         self._grad_buffers = buffers
         for grads, (*_, offsets) in zip(buffers, self._layout):
-            for name, _, grad in self._views_in(grads, offsets):
+            for name, param, grad in self._views_in(grads, offsets):
                 self._grads[name] = grad
+                if name not in self.in_place:
+                    continue
+                if param.grad is None:
+                    grad.zero_()
+                else:
+                    grad.copy_(param.grad)
+                param.grad = grad
+
+    def grad_is_view(self, name: str) -> bool:
+        grad = self.params[name].grad
+        return grad is not None and grad.data_ptr() == self._grads[name].data_ptr()
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffers ``in_place`` and give each of their parameters its view back
+        (a gradient that is another tensor now is dropped, as torch's ``zero_grad`` drops it)."""
+        for grads, (device, *_) in zip(self._grad_buffers, self._layout):
+            if device.type == "cpu" and self.in_place:
+                grads.zero_()
+        for name in self.in_place:
+            self.params[name].grad = self._grads[name]
 
     @property
     def names(self) -> list[str]:

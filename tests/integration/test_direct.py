@@ -336,8 +336,8 @@ def _in_views(opt, tensor: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster, overlap):
-    """``DistributedOptimizer`` keeps a host model's parameters, and a copy of its gradients made at
-    the step, in shared memory: every block with a gradient is read by its server where it lies,
+    """``DistributedOptimizer`` keeps a host model's parameters and gradients in shared memory (the
+    gradients accumulated in place): every block with a gradient is read by its server where it lies,
     and its new values are written there (not answered through the server's shared values); the
     unused layer's gradient counts as none (Adam leaves it alone, as torch's with
     ``set_to_none``); the values equal torch's."""
@@ -350,14 +350,11 @@ def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster
         pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
         for step in range(steps):
             opt.zero_grad()
-            assert all(p.grad is None for p in model.parameters())  # torch's set_to_none
             x, y = models.overlap_batch(step)
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-        # backward keeps torch's own gradients, with no hook of ours per parameter without overlap
-        # (the step copies them where the servers read them at once: ``FlatViews.stage``)
-        assert all(p.grad is None or not _in_views(opt, p.grad) for p in model.parameters())
-        assert overlap or not any(p._post_accumulate_grad_hooks for p in model.parameters())
+        # host gradients are accumulated where the servers read them (``FlatViews.in_place``)
+        assert all(_in_views(opt, p.grad) for p in model.parameters())
         stats = opt.worker.server_stats()
         # a block holding the unused layer has a segment without a gradient: it takes the lane
         whole = [b for b in opt.worker.shard_map.blocks if not any(s.key.startswith("unused") for s in b.segments)]
@@ -398,6 +395,10 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
         blocks = opt.worker.shard_map.blocks
         assert any(len(block.segments) > 1 for block in blocks)
         assert sum(s["direct_requests"] for s in opt.worker.server_stats()) == steps * len(blocks)
+        # GPU gradients stay torch's, and the step copies them where the servers read them
+        # (``FlatViews.stage``), with no hook of ours on a parameter without overlap
+        assert not any(_in_views(opt, p.grad) for p in model.parameters())
+        assert overlap or not any(p._post_accumulate_grad_hooks for p in model.parameters())
     for mine, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
 
@@ -413,10 +414,9 @@ def _async_sgd_optimizer(make_cluster, overlap: bool = False) -> tuple[torch.nn.
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cluster, monkeypatch, overlap):
-    """A step fails after some blocks were pushed: the parameters and the gradient buffers the
-    servers read move to new buffers, the old gradient buffers keep what was pushed while the
-    next step stages its own, the caller's gradients are left as torch's, the next steps go
-    direct again, and the old buffers, let go at once, are unmapped by the servers."""
+    """A step fails after some blocks were pushed: the gradients move to new buffers with their
+    values, the old buffers keep what was pushed while the caller zeroes the new ones, the next
+    steps go direct again, and the old buffers, let go at once, are unmapped by the servers."""
     from psframework.worker.exchange import Exchange
     clusters = []
     model, opt = _async_sgd_optimizer(lambda **kwargs: clusters.append(make_cluster(**kwargs)) or clusters[-1],
@@ -441,20 +441,16 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         opt.zero_grad()
         monkeypatch.setattr(Exchange, "add", failing_add)  # with overlap, adds start in backward
         torch.nn.functional.mse_loss(model(x), y).backward()
-        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        kept = {name: g.clone() for name, g in grads.items()}
-        staged = {name: opt._shared.views.grad_view(name) for name in grads}
+        pushed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        kept = {name: g.clone() for name, g in pushed.items()}
         with pytest.raises(RuntimeError, match="injected failure"):
             opt.step()
         monkeypatch.setattr(Exchange, "add", add)
         for name, p in model.named_parameters():
-            if name in grads:  # the caller's gradients as they were; the servers' copies moved
-                assert p.grad is grads[name] and torch.equal(p.grad, kept[name]), name
-                assert opt._shared.views.grad_view(name).data_ptr() != staged[name].data_ptr(), name
+            if name in pushed:
+                assert p.grad.data_ptr() != pushed[name].data_ptr() and torch.equal(p.grad, kept[name]), name
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x * 2), y).backward()
-        opt.step()
-        assert all(torch.equal(staged[name], kept[name]) for name in staged)  # the old buffers as pushed
+        assert all(torch.equal(pushed[name], kept[name]) for name in pushed)  # the old buffers as pushed
         before = sum(s["direct_requests"] for s in opt.worker.server_stats())
         for _ in range(2):
             opt.zero_grad()

@@ -95,7 +95,7 @@ class _Mapped:
     """A stand-in for ``_MappedParams``: counts renews and completions."""
 
     def __init__(self, renews: bool = True):
-        self.renewed, self.completions, self._renews = 0, 0, renews
+        self.renewed, self.completions, self.closed, self._renews = 0, 0, False, renews
 
     def renew(self):
         self.renewed += 1
@@ -106,6 +106,9 @@ class _Mapped:
 
     def stage(self, grads):
         return {}
+
+    def close(self):
+        self.closed = True
 
 
 def _mapped(unfinished, renews: bool = True) -> tuple[DistributedOptimizer, _Mapped]:
@@ -164,7 +167,7 @@ def test_when_the_parameters_cannot_move_their_buffers_are_kept_for_the_job():
         opt.step()
     except RuntimeError:
         pass
-    assert opt._shared is None and opt._given_up == [mapped]
+    assert opt._shared is None and mapped.closed and opt._given_up == [mapped]
 
 
 @pytest.mark.gpu
@@ -197,10 +200,10 @@ def _mapped_params():
     direct = DirectExchange(rank=0)
     buffers = _MappedBuffers(direct)
     shard_map = assign_shards(specs, 1, 1 << 20)
-    views = FlatViews(params, shard_map.blocks, buffers, whole=True)
+    views = FlatViews(params, shard_map.blocks, buffers, whole=True, host_in_place=True)
     worker = SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct), shard_map=shard_map)
     model(torch.randn(3, 8)).sum().backward()
-    return _MappedParams(worker, views, buffers), params, direct
+    return _MappedParams(worker, views, set(params), buffers), params, direct
 
 
 def _in_shared_memory(direct, tensor: torch.Tensor) -> bool:
@@ -241,7 +244,7 @@ def test_host_parameters_move_after_every_failed_step_in_a_row():
 class _GpuLikeViews:
     """``FlatViews`` as ``_MappedParams.renew`` sees it, with buffers that say they are on a GPU."""
 
-    names, params = [], {}
+    names, params, in_place = [], {}, set()
 
     def __init__(self):
         self.buffers = [SimpleNamespace(is_cuda=True)]
@@ -267,7 +270,8 @@ def test_after_gpu_buffers_moved_twice_in_a_row_a_failed_step_leaves_the_mapped_
     from psframework.worker.direct import DirectExchange
     direct = DirectExchange(rank=0)
     buffers = _Buffers()
-    mapped = _MappedParams(SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct)), _GpuLikeViews(), buffers)
+    mapped = _MappedParams(SimpleNamespace(rank=0, lanes=SimpleNamespace(direct=direct)), _GpuLikeViews(), set(),
+                           buffers)
     try:
         for _ in range(MAX_RENEWS_IN_A_ROW):
             assert mapped.renew()

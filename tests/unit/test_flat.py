@@ -187,3 +187,43 @@ def test_gradients_that_do_not_fit_their_view_and_parameters_moved_elsewhere_are
     staged = views.stage(grads)
     assert not {wrong_dtype, wrong_shape, moved} & set(staged)
     assert torch.equal(staged[fine], grads[fine])
+
+
+def test_host_gradients_in_place_are_their_views_accumulated_by_backward():
+    """``host_in_place``: each host gradient is its view, which backward accumulates into (torch's
+    numbers) and ``stage`` leaves where it is; a gradient that replaced the view is copied into it,
+    and ``zero_grad`` gives the views back, zeroed."""
+    model, plain = _model(), _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params), whole=True, host_in_place=True)
+    assert views.in_place == set(params) and all(views.grad_is_view(name) for name in params)
+    x = torch.randn(5, 8)
+    for net in (model, plain):
+        net[:5](x).square().sum().backward()
+    for (name, p), q in zip(params.items(), plain.parameters()):
+        assert views.grad_is_view(name) and (q.grad is None or torch.equal(p.grad, q.grad)), name
+    staged = views.stage({name: p.grad for name, p in params.items()})
+    assert all(staged[name].data_ptr() == p.grad.data_ptr() for name, p in params.items())
+    model.zero_grad()  # set_to_none: torch's own gradients next
+    model[:5](x).square().sum().backward()
+    replaced = next(name for name, p in params.items() if p.grad is not None)
+    assert not views.grad_is_view(replaced)
+    assert torch.equal(views.stage({replaced: params[replaced].grad})[replaced], params[replaced].grad)
+    views.zero_grad()
+    assert all(views.grad_is_view(name) and float(p.grad.abs().sum()) == 0 for name, p in params.items())
+
+
+def test_gradients_in_place_move_with_what_they_hold_when_renewed():
+    model = _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params), whole=True, host_in_place=True)
+    model[:5](torch.randn(5, 8)).square().sum().backward()
+    before = {name: p.grad.clone() for name, p in params.items()}
+    pointers = {name: p.grad.data_ptr() for name, p in params.items()}
+    old = views.renew()
+    for name, p in params.items():
+        assert views.grad_is_view(name) and p.grad.data_ptr() != pointers[name], name
+        assert torch.equal(p.grad, before[name]), name
+    for buffer in old:
+        buffer.fill_(7.0)  # a late write into the old buffers
+    assert all(torch.equal(p.grad, before[name]) for name, p in params.items())
