@@ -404,18 +404,25 @@ class _MappedParams:
 
     def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
         """The gradients of mapped parameters whose values are still the views, where the servers
-        read them (``FlatViews.stage``; a gradient in place that backward did not reach since
-        ``zero_grad`` is none); the others are left out."""
-        unreached = {name: None for name in grads
-                     if name in self.views.in_place and name not in self._reached and self.views.grad_is_view(name)}
-        return self.views.stage({**grads, **unreached})
+        read them (``FlatViews.stage``); the others are left out, but a gradient in place that
+        counts as none (``_given``) is None."""
+        given = self._given()
+        none = {name: None for name in grads if name in self.views.in_place and name not in given}
+        return {**self.views.stage({name: grad for name, grad in grads.items() if name not in none}), **none}
+
+    def _given(self) -> set[str]:
+        """The gradients in place that count as given, as torch's would not be None: backward
+        reached them since ``zero_grad``, or the caller assigned one."""
+        views = self.views
+        return {name for name in views.in_place if views.params[name].grad is not None
+                and (name in self._reached or not views.grad_is_view(name))}
 
     def zero_grad(self, set_to_none: bool) -> set[str]:
         """Zero the gradients in place (views put back); their parameters' names. Without
         ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
+        given = set() if set_to_none else self._given()
         self.views.zero_grad()
-        if set_to_none:
-            self._reached = set()
+        self._reached = given
         return self.views.in_place
 
     def renew(self) -> bool:
@@ -430,8 +437,10 @@ class _MappedParams:
             log.warning("worker %d: %d steps failed in a row; the parameters leave the GPU memory the servers map "
                         "and go through the lanes from now on", self.worker.rank, self._gpu_renews_in_a_row + 1)
         else:
+            given = self._given()
             try:
-                self._let_go(self.views.renew())
+                self._let_go(self.views.renew())  # gradients in place move with what they hold
+                self._reached = given
                 self._offer()
                 return True
             except (OSError, torch.OutOfMemoryError) as exc:
@@ -439,11 +448,12 @@ class _MappedParams:
                             "lanes from now on", self.worker.rank, exc)
         self.worker.lanes.direct.write_values = False
         self._let_go(self.views.buffers)
+        given = self._given()
         for name, param in self.views.params.items():
             try:
                 param.data = param.data.clone()
-                if name in self.views.in_place and param.grad is not None:
-                    param.grad = param.grad.clone()
+                if name in self.views.in_place:
+                    param.grad = param.grad.clone() if name in given else None
             except torch.OutOfMemoryError:
                 log.error("worker %d: no memory to move %r away from where a failed step's late answers may "
                           "write it", self.worker.rank, name)

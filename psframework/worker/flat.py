@@ -155,7 +155,7 @@ class FlatViews:
 
     def stage(self, grads: Mapping[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
         """Copy the gradients of the views' tensors into their gradient views, in one fused copy per
-        device and dtypes; each one's view, or None where it has no gradient. Left out: names that
+        device and dtype; each one's view, or None where it has no gradient. Left out: names that
         are not views, and those whose parameter no longer lies in its value view (``p.data = ...``)
         or whose gradient has another shape, dtype or device than its view (the caller pushes those
         as they are, and its checks say what is wrong)."""

@@ -331,3 +331,62 @@ def test_a_gradient_that_could_not_be_staged_does_not_count_as_handed_over():
         assert "bias" not in overlap._handed
     finally:
         overlap.close()
+
+
+def _staged(mapped, params) -> dict:
+    """What ``DistributedOptimizer._grads`` would push for each parameter (None: no gradient)."""
+    grads = {name: p.grad for name, p in params.items()}
+    grads.update(mapped.stage(grads))
+    return grads
+
+
+def test_host_gradients_in_place_count_as_torch_counts_them_across_renew_and_zero_grad():
+    """A host gradient in place counts as given once backward reached it or the caller assigned
+    one, and as none where torch's would be None: after ``renew`` (a failed step), after
+    ``zero_grad(set_to_none=False)`` and after the caller's own ``model.zero_grad()``."""
+    mapped, params, direct = _mapped_params()
+    try:
+        first, second, third = list(params)[:3]
+        mapped.zero_grad(set_to_none=True)
+        params[first].grad = torch.full_like(params[first], 2.0)  # assigned by hand, never reached
+        assert mapped.renew()
+        grads = _staged(mapped, params)
+        assert grads[first] is not None and float(grads[first].flatten()[0]) == 2.0  # not lost in the move
+        assert grads[second] is None
+        mapped.zero_grad(set_to_none=False)  # torch: the gradient it had stays, zeroed
+        grads = _staged(mapped, params)
+        assert grads[first] is not None and float(grads[first].abs().sum()) == 0 and grads[second] is None
+        mapped._reached.add(third)  # backward reached it, then the caller's model.zero_grad() dropped it
+        params[third].grad = None
+        mapped.zero_grad(set_to_none=False)
+        assert _staged(mapped, params)[third] is None
+    finally:
+        direct.close()
+
+
+def test_a_host_gradient_not_reached_counts_as_none_after_its_parameter_left_its_view():
+    mapped, params, direct = _mapped_params()
+    try:
+        name = next(iter(params))
+        mapped.zero_grad(set_to_none=True)
+        params[name].data = params[name].data.clone()
+        assert _staged(mapped, params)[name] is None
+    finally:
+        direct.close()
+
+
+def test_with_no_memory_to_move_unreached_host_gradients_become_none_not_zeros(monkeypatch):
+    """The parameters leave the mapped memory: a gradient in place that counts as none becomes
+    None (torch's), one that counts as given a tensor of its own with its values."""
+    mapped, params, direct = _mapped_params()
+    try:
+        first, second = list(params)[:2]
+        mapped.zero_grad(set_to_none=True)
+        mapped._reached.add(first)
+        params[first].grad.fill_(3.0)
+        monkeypatch.setattr(mapped.views, "renew", lambda: (_ for _ in ()).throw(OSError("no memory left")))
+        assert not mapped.renew()
+        assert params[second].grad is None
+        assert not _in_shared_memory(direct, params[first].grad) and float(params[first].grad.min()) == 3.0
+    finally:
+        direct.close()
