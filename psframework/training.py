@@ -429,7 +429,7 @@ class _MappedParams:
         """After a failed step: move the parameters and the gradient buffers to new buffers. The old host ones
         are let go at once (what a late answer writes there then lies only in the server's mapping),
         the old GPU ones after the next step that completes (``completed``), when every server has
-        answered what came before it. False if there is no memory, or if GPU buffers moved
+        answered what came before it. False if that fails (no memory, mostly), or if GPU buffers moved
         ``MAX_RENEWS_IN_A_ROW`` times since a step last completed (each move holds more GPU
         memory): then the parameters become ordinary tensors where there is memory for them, and
         the old GPU buffers stay (this object keeps them)."""
@@ -443,8 +443,8 @@ class _MappedParams:
                 self._reached = given
                 self._offer()
                 return True
-            except (OSError, torch.OutOfMemoryError) as exc:
-                log.warning("worker %d: no memory for new buffers of the parameters (%s); they go through the "
+            except Exception as exc:  # noqa: BLE001 -- whatever failed, do not stay where late answers write
+                log.warning("worker %d: could not move the parameters to new buffers (%s); they go through the "
                             "lanes from now on", self.worker.rank, exc)
         self.worker.lanes.direct.write_values = False
         self._let_go(self.views.buffers)

@@ -390,3 +390,17 @@ def test_with_no_memory_to_move_unreached_host_gradients_become_none_not_zeros(m
         assert not _in_shared_memory(direct, params[first].grad) and float(params[first].grad.min()) == 3.0
     finally:
         direct.close()
+
+
+def test_parameters_that_cannot_move_for_any_reason_leave_the_mapped_memory(monkeypatch):
+    """Whatever stops the move after a failed step (here a copy that raises), the parameters must
+    not stay where a late answer may write them: they become ordinary tensors with their values."""
+    mapped, params, direct = _mapped_params()
+    try:
+        values = {name: p.detach().clone() for name, p in params.items()}
+        monkeypatch.setattr(mapped.views, "renew", lambda: (_ for _ in ()).throw(RuntimeError("copy failed")))
+        assert not mapped.renew()
+        assert not direct.write_values
+        assert all(not _in_shared_memory(direct, p) and torch.equal(p, values[name]) for name, p in params.items())
+    finally:
+        direct.close()
