@@ -406,21 +406,21 @@ class _MappedParams:
         """The gradients of mapped parameters whose values are still the views, where the servers
         read them (``FlatViews.stage``); the others are left out, but a gradient in place that
         counts as none (``_given``) is None."""
-        given = self._given()
+        given = self._given(grads)  # only the names asked for: overlap's hooks ask one at a time
         none = {name: None for name in grads if name in self.views.in_place and name not in given}
         return {**self.views.stage({name: grad for name, grad in grads.items() if name not in none}), **none}
 
-    def _given(self) -> set[str]:
-        """The gradients in place that count as given, as torch's would not be None: backward
-        reached them since ``zero_grad``, or the caller assigned one."""
+    def _given(self, names: Iterable[str]) -> set[str]:
+        """Those of ``names`` whose gradients in place count as given, as torch's would not be None:
+        backward reached them since ``zero_grad``, or the caller assigned one."""
         views = self.views
-        return {name for name in views.in_place if views.params[name].grad is not None
+        return {name for name in names if name in views.in_place and views.params[name].grad is not None
                 and (name in self._reached or not views.grad_is_view(name))}
 
     def zero_grad(self, set_to_none: bool) -> set[str]:
         """Zero the gradients in place (views put back); their parameters' names. Without
         ``set_to_none`` those that had a gradient keep it, zeroed, as torch's do."""
-        given = set() if set_to_none else self._given()
+        given = set() if set_to_none else self._given(self.views.in_place)
         self.views.zero_grad()
         self._reached = given
         return self.views.in_place
@@ -437,7 +437,7 @@ class _MappedParams:
             log.warning("worker %d: %d steps failed in a row; the parameters leave the GPU memory the servers map "
                         "and go through the lanes from now on", self.worker.rank, self._gpu_renews_in_a_row + 1)
         else:
-            given = self._given()
+            given = self._given(self.views.in_place)
             try:
                 self._let_go(self.views.renew())  # gradients in place move with what they hold
                 self._reached = given
@@ -448,7 +448,7 @@ class _MappedParams:
                             "lanes from now on", self.worker.rank, exc)
         self.worker.lanes.direct.write_values = False
         self._let_go(self.views.buffers)
-        given = self._given()
+        given = self._given(self.views.in_place)
         for name, param in self.views.params.items():
             try:
                 param.data = param.data.clone()
