@@ -10,6 +10,9 @@ autocast, Adam(lr=3e-4), batch 16 x 256 tokens of a fixed random sequence per st
 
 from __future__ import annotations
 
+import os
+import threading
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -104,12 +107,63 @@ def train(name: str, model: torch.nn.Module, opt, data: list, warmup: int, synch
         step(x, y)
     synchronize()
     before_timing()
+    threads_before = thread_times()
     start = time.perf_counter()
     for x, y in data[warmup:]:
         step(x, y)
     synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": len(data) - warmup, "losses": [float(v) for v in torch.stack(losses).cpu()]}
+    steps = len(data) - warmup
+    return {"seconds": seconds, "steps": steps, "losses": [float(v) for v in torch.stack(losses).cpu()],
+            "threads": thread_use(threads_before, thread_times(), steps)}
+
+
+def thread_times() -> dict[int, tuple[str, float, float, int]]:
+    """Each thread of this process: its name, the CPU seconds it ran, the seconds it waited for a
+    CPU while it could run (from schedstat, where the kernel keeps it; else 0), and how often the
+    kernel took the CPU from it (involuntary context switches). Linux only (empty elsewhere): tells
+    a thread whose work got slower from one that waited for a CPU."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+            status = (task / "status").read_text()
+            schedstat = (task / "schedstat").read_text().split() if (task / "schedstat").exists() else []
+        except OSError:  # the thread ended while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        preempted = next(int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith("nonvoluntary_ctxt_switches"))
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if schedstat:
+            ran, waited = int(schedstat[0]) / 1e9, int(schedstat[1]) / 1e9
+        else:
+            ran, waited = (int(fields[11]) + int(fields[12])) / tick, 0.0
+        times[int(task.name)] = (name, ran, waited, preempted)
+    return times
+
+
+def thread_use(before: dict, after: dict, steps: int) -> dict:
+    """Per step between two ``thread_times``: the main thread's CPU ms, ms waiting for a CPU and
+    preemptions, the same for the busiest other thread (autograd's, on a GPU), and the process's
+    CPU ms."""
+    used = {}
+    for tid, (name, ran, waited, preempted) in after.items():
+        _, ran0, waited0, preempted0 = before.get(tid, (name, 0.0, 0.0, 0))
+        used[tid] = (name, ran - ran0, waited - waited0, preempted - preempted0)
+    if not used:
+        return {}
+    main_id = threading.main_thread().native_id
+    main = used.get(main_id, ("main", 0.0, 0.0, 0))
+    busiest = max((u for tid, u in used.items() if tid != main_id), key=lambda u: u[1], default=("-", 0.0, 0.0, 0))
+    row = {}
+    for label, (name, ran, waited, preempted) in (("main", main), ("other", busiest)):
+        row.update({f"{label} cpu ms/step": ran * 1e3 / steps, f"{label} runqueue ms/step": waited * 1e3 / steps,
+                    f"{label} preempted/step": preempted / steps})
+    row["busiest other"] = busiest[0]
+    row["process cpu ms/step"] = sum(u[1] for u in used.values()) * 1e3 / steps
+    return row
 
 
 def profile(name: str, model: torch.nn.Module, opt, data: list, path: str) -> None:
@@ -119,9 +173,10 @@ def profile(name: str, model: torch.nn.Module, opt, data: list, path: str) -> No
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch_profile(activities=activities) as prof:
         for x, y in data[:3]:
-            opt.zero_grad(set_to_none=True)
-            loss_of(name, model, x, y).backward()
-            opt.step()
+            with torch.profiler.record_function("step"):
+                opt.zero_grad(set_to_none=True)
+                loss_of(name, model, x, y).backward()
+                opt.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     prof.export_chrome_trace(path)

@@ -42,6 +42,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -478,6 +479,7 @@ def bench_one_gpu(models: list[str], steps: int, warmup: int, device: str, log_d
     times, each round's ratios against that round's single process (the shared machine's speed
     moves between minutes: ``one_gpu_summary`` takes the medians)."""
     setups = [("single process, torch.optim", "local1", {}),
+              ("single process, beside an idle CUDA process", "local1", {"beside": True}),
               ("PS sync, overlap on", "ps1", {"overlap": True, "ipc": "1"}),
               ("PS sync, overlap off", "ps1", {"overlap": False, "ipc": "1"}),
               ("PS sync, overlap on, no CUDA IPC", "ps1", {"overlap": True, "ipc": "0"}),
@@ -515,6 +517,7 @@ def _one_gpu_round(model: str, setups: list, round_: Optional[int], steps: int, 
                     "step ms": result["seconds"] / result["steps"] * 1e3})
         row["vs single process"] = row["samples/s"] / (batch * reference["steps"] / reference["seconds"])
         row["loss diff"] = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
+        row.update(result.get("threads", {}))
         if "stats" in result:
             row["IPC requests"] = sum(s["ipc_requests"] for s in result["stats"])
             row["direct requests"] = sum(s["direct_requests"] for s in result["stats"])
@@ -539,14 +542,57 @@ def one_gpu_summary(rows: list[dict]) -> list[dict]:
 
 
 def _one_gpu_child(kind: str, args: dict, log_dir: Path, timeout: float) -> dict:
+    if kind == "local1" and args.get("beside"):
+        with _idle_cuda_process(args["device"]):
+            return _spawn_children(kind, 1, args, {}, timeout, log_dir)[0]
     if kind == "local1":
         return _spawn_children(kind, 1, args, {}, timeout, log_dir)[0]
     chunk = args.get("chunk_mib")
     trace = str(Path(args["trace"]) / "ps" / args["label"]) if args.get("trace") else None
-    with ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=args["device"],
-                         chunk_bytes=chunk * MiB if chunk else None, trace_dir=trace) as cluster:
+    with _server_profiled(str(Path(trace) / "server.json") if trace else None), \
+            ps.LocalCluster(num_servers=1, num_workers=1, mode="sync", server_device=args["device"],
+                            chunk_bytes=chunk * MiB if chunk else None, trace_dir=trace) as cluster:
         env = {**cluster.env(), "PS_CUDA_IPC": args["ipc"], "PS_DIRECT_GPU": args.get("direct", "0")}
-        return _spawn_children(kind, 1, args, env, timeout, log_dir)[0]
+        result = _spawn_children(kind, 1, args, env, timeout, log_dir)[0]
+        if trace:
+            cluster.wait(60)  # the server writes its profile as it exits
+        return result
+
+
+@contextlib.contextmanager
+def _server_profiled(path: Optional[str]):
+    """With ``--trace``: the server's process runs under torch.profiler, its timeline written to
+    ``path`` as it exits (pushpull_profile.py's wrapper), to line up with the worker's."""
+    if path is None:
+        yield
+        return
+    import psframework.cluster as cluster_module
+    from benchmarks.pushpull_profile import _profiled_servers
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plain = cluster_module.python_module
+    cluster_module.python_module = _profiled_servers(path)
+    try:
+        yield
+    finally:
+        cluster_module.python_module = plain
+
+
+@contextlib.contextmanager
+def _idle_cuda_process(device: str):
+    """Another process with a context on the GPU that does nothing, as a server between steps:
+    whether a second context alone slows the single process."""
+    code = ("import sys, time, torch; torch.zeros(1, device=sys.argv[1]).sum().item(); "
+            "print('up', flush=True); time.sleep(3600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, device], stdout=subprocess.PIPE)
+    try:
+        if proc.stdout.readline().strip() != b"up":
+            raise RuntimeError(f"the idle CUDA process did not start (exit {proc.poll()})")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 # ------------------------------------------------------------------------------------------ report
