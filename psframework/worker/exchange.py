@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..sharding import Block, Segment
 from .direct import Regions
 from .lanes import LaneCopy, slot_piece
-from .plans import Part
+from .plans import PackedBlock, Part, packed_names, whole_segment
 from .requests import Future, Request
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,8 +62,10 @@ def send_whole(exchange: "Exchange", sources: Optional[dict]) -> Future:
     """Add every source of an exchange made at once (push, pull, push_pull) and send all of it;
     if that fails half-way, the exchange is dropped (``Exchange.abandon``) and the error raised."""
     try:
+        _add_packed(exchange)
         for name, tensor in (sources or {}).items():
-            exchange.add(name, tensor, checked=True)
+            if name not in exchange.packed_names:
+                exchange.add(name, tensor, checked=True)
         exchange.send_ready(wait=True)
     except BaseException:
         exchange.abandon()
@@ -129,7 +131,10 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     the push event is then recorded after the copies into the push slot, those from GPUs
     (``landed``) too: the server waits for it, not we for them."""
     regions = _direct_regions(exchange, lane, block, parts)
-    if regions is None:
+    packed = exchange._packed.get(block.block_id)
+    if packed is not None:
+        copies = _packed_through_lane(exchange, lane, block, packed, regions)
+    elif regions is None:
         copies = [c for c in (_into_lane(exchange, lane, block, seg, name) for _, seg, name in parts) if c]
     else:  # the server reads the gradients where they lie, and writes the values there too if it maps them
         copies = [exchange._dests[name].from_lane(block, seg, direct=regions.writes)
@@ -179,6 +184,54 @@ def _held_until_flag(exchange: "Exchange", block: Block, copies: list[LaneCopy])
             tensor.record_stream(stream)
 
 
+def _packed_through_lane(exchange: "Exchange", lane: Slots, block: Block, packed: PackedBlock,
+                         regions: Optional[Regions]) -> list[LaneCopy]:
+    """``_into_lane`` of a packed block, all of it in one piece: host gradients into its push slot
+    unless its server reads them where they lie (GPU ones were queued when added), and the one
+    copy of its values out of the pull slot (none if its server writes them in place)."""
+    whole = whole_segment(block)
+    if regions is None and not packed.grads.is_cuda:
+        slot = slot_piece(lane, False, block, whole, packed.grads.dtype)
+        if lane.on_device:
+            slot.copy_(packed.grads)  # host gradients through a device lane: waits for the copy
+        else:
+            host_copy(slot, packed.grads)
+    stream = exchange.worker.staging.stream(packed.values.device, "pull") if packed.values.is_cuda else None
+    return [LaneCopy(packed.values, block, whole, stream, regions is not None and regions.writes)]
+
+
+def _packed_direct_on_device(exchange: "Exchange", block: Block, packed: PackedBlock) -> bool:
+    """``_direct_on_device`` of a packed block's GPU gradients: whether its server reads them where
+    they lie (once the work queued on the caller's stream, which staged them, is done)."""
+    direct = exchange.worker.lanes.direct
+    if not exchange._lane_blocks[block.block_id].on_device or not direct.accepts(block.server, True):
+        return False
+    regions = direct.regions(block.server, True, [packed.grads], [packed.values])
+    if regions is not None:
+        exchange._direct[block.block_id] = (regions, [packed.grads], [None])
+    return regions is not None
+
+
+def _add_packed(exchange: "Exchange") -> None:
+    """Hand over the gradients of the packed blocks (``PackedBlock``), a block at a time: a GPU
+    block's server reads them where they lie, or they are copied into its push slot in one copy
+    (host ones once the block is sent, as ``add``'s)."""
+    for block_id, packed in exchange._packed.items():
+        block = exchange._blocks[block_id][0]
+        exchange._sources.update(dict.fromkeys(packed.names))
+        if packed.grads.is_cuda:
+            exchange._from_device.update(packed.names)
+            if not _packed_direct_on_device(exchange, block, packed):
+                device = packed.grads.device
+                exchange._after_caller(exchange.worker.staging.stream(device, "push"), device, "push")
+                _queue_copy(exchange, slot_piece(exchange._lane_blocks[block_id], False, block, whole_segment(block),
+                                                 packed.grads.dtype), packed.grads, block_id)
+                exchange._keep.append(packed.grads)
+        exchange._missing[block_id] = 0
+        exchange._ready.append(block_id)
+    _launch_copies(exchange)
+
+
 def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
     """One segment of a lane request: its source into the push slot (a GPU source is there
     already), and the copy of its values out of the pull slot once the answer is in."""
@@ -199,6 +252,10 @@ def _direct_regions(exchange: "Exchange", lane: Slots, block: Block, parts: list
     if lane.on_device:
         return exchange._direct.get(block.block_id, (None,))[0]
     direct = exchange.worker.lanes.direct
+    packed = exchange._packed.get(block.block_id)
+    if packed is not None:  # host gradients and values (GPU ones are refused here)
+        return direct.regions(block.server, False, [packed.grads], [packed.values]) \
+            if direct.accepts(block.server, False) else None
     if exchange.op is not P.PushPull or not direct.accepts(block.server, False) or len(parts) != len(block.segments) \
             or any(name in exchange._absent or exchange._sources.get(name) is None for _, _, name in parts):
         return None  # a GPU tensor's gradient through a host lane is in the push slot already
@@ -317,9 +374,20 @@ def _queue_flagged(exchange: "Exchange") -> None:
     exchange.future.ordered_on_device = len(flagged) == len(exchange._blocks)
 
 
+def _pull_stream(exchange: "Exchange", device: torch.device, after_caller: bool) -> "torch.cuda.Stream":
+    """The stream that copies values onto ``device``, after the caller's work queued so far (which
+    may read the destinations) unless ``after_caller`` is False; ``wait()`` orders the caller after it."""
+    stream = exchange.worker.staging.stream(device, "pull")
+    if after_caller:
+        exchange._after_caller(stream, device, "pull")
+    exchange.future.copies_on(device, stream)
+    return stream
+
+
 class Exchange:
     def __init__(self, worker: "Worker", op: type, names: list[str], dests: Optional[dict], *, step: int = -1,
-                 after_caller: bool = True, epoch: Optional[int] = None, device_ordered: bool = False):
+                 after_caller: bool = True, epoch: Optional[int] = None, device_ordered: bool = False,
+                 packed: Optional[dict[int, PackedBlock]] = None):
         self.worker = worker
         self.op = op
         self.step = step  # which of the worker's pushing steps this is (-1: not a push)
@@ -353,11 +421,18 @@ class Exchange:
             self._lane_blocks = _reserve_lanes(worker, op, self._blocks)
         if op is P.Pull:
             self._ready.extend(self._blocks)
+        # blocks that go as one piece each way (``_add_packed``): whole blocks of a push_pull with a lane
+        self._packed = {block_id: block for block_id, block in (packed or {}).items()
+                        if op is P.PushPull and block_id in self._lane_blocks
+                        and len(self._blocks[block_id][1]) == len(self._blocks[block_id][0].segments)}
+        self.packed_names = packed_names(self._packed)
         try:
             if dests is not None:
                 worker.plans.drop_moved()
-            self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names}
-                           if dests is not None else {})
+            self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names
+                            if name not in self.packed_names} if dests is not None else {})
+            for device in {block.values.device for block in self._packed.values() if block.values.is_cuda}:
+                _pull_stream(self, device, after_caller)
             _mark_other_servers(worker, step, self._unsent_to)
         except BaseException:
             self.abandon()  # frees the slots reserved above
@@ -540,7 +615,9 @@ class Exchange:
                          **({} if regions is None else regions.fields()))
         request = Request(self.future, block.server, frames=[P.encode(header)])
         if regions is not None:  # the server reads them where they lie: ours until its work is done
-            kept = [*self._direct.get(block.block_id, (None, ()))[1], *(self._sources.get(n) for _, _, n in parts)]
+            packed = self._packed.get(block.block_id)
+            kept = [packed.grads] if packed is not None else \
+                [*self._direct.get(block.block_id, (None, ()))[1], *(self._sources.get(n) for _, _, n in parts)]
             self.future.kept.extend([*(t for t in kept if t is not None), *(c.target for c in copies)])
         if lane is not None:
             request.on_answer = functools.partial(self.worker.lanes.answered, lane, copies, block, flag)
@@ -579,10 +656,7 @@ class Exchange:
             self.future.add_finalizer(lambda: target.copy_(staging.view(target.shape)))
             return Destination(staging)
         device = target.device
-        stream = self.worker.staging.stream(device, "pull")
-        if after_caller:
-            self._after_caller(stream, device, "pull")  # work queued on it may read target
-        self.future.copies_on(device, stream)
+        stream = _pull_stream(self, device, after_caller)
         if target.is_contiguous() and all(block.block_id in self._lane_blocks
                                           for block, _, _ in self.worker.shard_map.pieces_of(name)):
             # straight from the lanes' pull slots

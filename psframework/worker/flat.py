@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 
 from ..sharding import Block
+from .plans import PackedBlock
 
 Place = tuple  # (device, dtype) of a tensor
 
@@ -53,6 +54,27 @@ def flat_layout(blocks: Iterable[Block], places: Mapping[str, Place]) -> dict[Pl
     return layout
 
 
+def _packable(blocks: Iterable[Block], offsets: Mapping[str, int], buffers: list[set[str]]
+              ) -> dict[int, tuple[int, int, int, tuple[str, ...]]]:
+    """The blocks laid out by ``flat_layout`` whose segments fill them with no gap, each with
+    where it starts in its buffer, its size, the buffer's index and its tensors in order (one
+    region of ``block.numel`` elements then holds the block as the server does)."""
+    packable = {}
+    for block in blocks:
+        keys = {seg.key for seg in block.segments}
+        index = next((i for i, names in enumerate(buffers) if keys <= names), None)
+        if len(block.segments) < 2 or index is None:
+            continue
+        segments = sorted(block.segments, key=lambda seg: seg.block_offset)
+        ends = [seg.block_offset + seg.numel for seg in segments]
+        if segments[0].block_offset != 0 or ends[-1] != block.numel or \
+                any(seg.block_offset != end for seg, end in zip(segments[1:], ends)):
+            continue
+        packable[block.block_id] = (offsets[segments[0].key], block.numel, index,
+                                    tuple(seg.key for seg in segments))
+    return packable
+
+
 def _torch_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(numel, device=device, dtype=dtype)
 
@@ -69,6 +91,7 @@ class FlatViews:
     def __init__(self, params: Mapping[str, torch.Tensor], blocks: Iterable[Block],
                  allocate: Callable[[int, torch.dtype, torch.device], torch.Tensor] = _torch_empty,
                  whole: bool = False, values: bool = True, host_in_place: bool = False):
+        blocks = list(blocks)
         self.params = dict(params)
         self._allocate = allocate
         places = {name: (p.device, p.dtype) for name, p in self.params.items()}
@@ -84,6 +107,10 @@ class FlatViews:
                          if host_in_place and device.type == "cpu"}
         self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
+        self._packable = _packable(blocks, {name: offset for *_, offsets in self._layout for name, offset in offsets},
+                                   [{name for name, _ in offsets} for *_, offsets in self._layout])
+        # block id -> the gradient views of its tensors, and the block as one region each way (``packed``)
+        self._packed: dict[int, tuple[tuple[tuple[str, torch.Tensor], ...], PackedBlock]] = {}
         value_buffers = self._allocate_all() if values else None
         grad_buffers = self._allocate_all()
         if value_buffers is not None:
@@ -123,6 +150,25 @@ class FlatViews:
                 else:
                     grad.copy_(param.grad)
                 param.grad = grad
+        self._pack()
+
+    def _pack(self) -> None:
+        """Each packable block as one region of the gradient buffers and one of the value buffers
+        (once the values are views; the buffers are new after ``renew``)."""
+        self._packed = {}
+        if not self._value_buffers:
+            return
+        for block_id, (start, numel, index, names) in self._packable.items():
+            views = tuple((name, self._grads[name]) for name in names)
+            self._packed[block_id] = (views, PackedBlock(frozenset(names), self._grad_buffers[index][start:start + numel],
+                                                         self._value_buffers[index][start:start + numel]))
+
+    def packed(self, staged: Mapping[str, Optional[torch.Tensor]]) -> dict[int, PackedBlock]:
+        """The blocks whose every tensor's gradient ``stage`` staged into its view (``staged``, its
+        answer: a parameter moved off its view, a gradient that does not fit or is None leave
+        their block out), each as one region of gradients and one of values."""
+        return {block_id: packed for block_id, (views, packed) in self._packed.items()
+                if all(staged.get(name) is view for name, view in views)}
 
     def grad_is_view(self, name: str) -> bool:
         grad = self.params[name].grad

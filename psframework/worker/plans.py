@@ -9,6 +9,7 @@ cost a 100M-parameter model of ~100 tensors milliseconds of Python per step (a G
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -20,6 +21,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Part = tuple[int, Segment, str]  # (index of the segment in its block, the segment, its key)
 Layout = dict[int, tuple[Block, list[Part]]]  # block id -> the block and its parts, in segment order
+
+
+@dataclass(frozen=True)
+class PackedBlock:
+    """A block of several tensors whose gradients lie one after another in one region, in the
+    block's order, and whose values are views of one region of the same layout
+    (``worker/flat.py``): exchanged as one piece each way, with no work per tensor."""
+    names: frozenset[str]
+    grads: torch.Tensor  # the block's gradients, flat
+    values: torch.Tensor  # where its values go, flat
+
+
+def packed_names(packed: Optional[Mapping[int, PackedBlock]]) -> frozenset[str]:
+    """The tensors of ``packed``'s blocks."""
+    return frozenset().union(*(block.names for block in packed.values())) if packed else frozenset()
+
+
+def whole_segment(block: Block) -> Segment:
+    """All of ``block`` as one segment (of a ``PackedBlock``: ``slot_piece``, ``LaneCopy``)."""
+    return Segment(key="", offset=0, numel=block.numel, block_offset=0)
+
 
 _MAX_LAYOUTS = 64  # a loop that exchanges ever new subsets of its tensors does not grow us for good
 
@@ -76,4 +98,4 @@ class ExchangePlans:
         return destination
 
 
-__all__ = ["ExchangePlans", "Layout", "Part", "layout_of"]
+__all__ = ["ExchangePlans", "Layout", "PackedBlock", "Part", "layout_of", "packed_names", "whole_segment"]

@@ -26,7 +26,7 @@ from ..transport import Transport, ZmqTransport
 from .checks import TensorsLike, as_dict, check_dense, check_tensor, table_specs_of
 from .exchange import Exchange, send_whole
 from .lanes import WorkerLanes
-from .plans import ExchangePlans
+from .plans import ExchangePlans, PackedBlock, packed_names
 from .requests import Client, Future
 from .rows import RowClient, RowsFuture
 from .staging import DeviceStaging
@@ -203,32 +203,32 @@ class Worker:
         """``BadRequestError`` unless ``tensor`` matches what ``name`` was registered with."""
         check_tensor(self._specs, name, tensor, what)
 
-    def _send(self, op: type, sources: Optional[dict], dests: Optional[dict], device_ordered: bool = False) -> Future:
+    def _send(self, op: type, sources: Optional[dict], dests: Optional[dict], device_ordered: bool = False,
+              packed: Optional[dict[int, PackedBlock]] = None) -> Future:
         self._require_registered(op.__name__.lower())
         names = list(sources if sources is not None else dests)
-        for name in names if sources is not None else ():  # every tensor is checked before anything is sent
-            if sources[name] is not None:
-                self.check_tensor(name, sources[name], op.__name__.lower())
-        return send_whole(self.exchange(op, names, dests, device_ordered=device_ordered), sources)
+        if sources is not None:  # every tensor is checked before anything is sent
+            _check_all(self, sources, names, op.__name__.lower(), packed)
+        return send_whole(self.exchange(op, names, dests, device_ordered=device_ordered, packed=packed), sources)
 
-    def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True,
-                 epoch: Optional[int] = None, device_ordered: bool = False) -> Exchange:
+    def exchange(self, op: type, names: list[str], dests: Optional[dict], *, after_caller: bool = True, epoch:
+                 Optional[int] = None, device_ordered: bool = False, packed: Optional[dict] = None) -> Exchange:
         """Start an exchange (``op``: ``P.Push``, ``P.Pull``, ``P.PushPull``, ``P.Init``) of ``names``;
         its sources are added one by one. With ``after_caller=False``, copies into GPU destinations
         are ordered only after the events given to ``add``, not after all the work queued on the
         caller's current stream. ``epoch``: the rollback epoch its sources were computed in
         (``RolledBackError`` if the job went back since; default: now). ``device_ordered``: see
-        ``push_pull``. For ``DistributedOptimizer``; a training loop uses push and pull."""
+        ``push_pull``; ``packed``: see ``push_pull_packed``. For ``DistributedOptimizer``; a training
+        loop uses push and pull."""
         self._require_registered(op.__name__.lower())
         self.lanes.check_device_work()  # before the exchange takes a step number
         if epoch is not None:
             self.client.same_epoch(epoch)  # before it takes a step number: a dropped step takes none
         if dests is not None:
-            for name in names:
-                self.check_tensor(name, dests[name], f"{op.__name__.lower()} destination")
+            _check_all(self, dests, names, f"{op.__name__.lower()} destination", packed)
         step = self.next_push_step() if op in (P.Push, P.PushPull) else -1
         exchange = Exchange(self, op, names, dests, step=step, after_caller=after_caller, epoch=epoch,
-                            device_ordered=device_ordered)
+                            device_ordered=device_ordered, packed=packed)
         return _traced(self.tracer, self.tracer.now_us(), exchange, self.steps)
 
     def next_push_step(self) -> int:
@@ -346,6 +346,24 @@ class Worker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def push_pull_packed(worker: Worker, grads: dict, into: dict, packed: dict[int, PackedBlock], *,
+                     device_ordered: bool = False) -> Future:
+    """``push_pull`` of ``DistributedOptimizer``'s gradients and parameters (``into`` holds a
+    destination for every name of ``grads``), the blocks of ``packed`` each as one region each
+    way; their tensors are views of the registered ones' layout (``worker/flat.py``) and are not
+    checked one by one."""
+    return worker.counted(worker._send(P.PushPull, grads, into, device_ordered, packed))
+
+
+def _check_all(worker: Worker, tensors: dict, names: list[str], what: str,
+               packed: Optional[dict[int, PackedBlock]]) -> None:
+    """Check the tensors of ``names`` (not those of ``packed`` blocks, nor None) against their keys."""
+    unchecked = packed_names(packed)
+    for name in names:
+        if tensors[name] is not None and name not in unchecked:
+            worker.check_tensor(name, tensors[name], what)
 
 
 def _offers_device_lanes(config: NodeConfig, welcome: P.Welcome, tensors: dict) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import psframework as ps
+from psframework import protocol as P
 from psframework.datapath.lane import shm_available
 from tests.integration import models
 from tests.integration.test_core import CHUNK
@@ -364,6 +365,65 @@ def test_distributed_optimizer_pushes_host_gradients_where_they_lie(make_cluster
     want = _adam_reference(steps)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6)
+
+
+def _small_stack() -> torch.nn.Module:
+    """Tensors small enough that several share a block (``CHUNK``), and a large one cut in blocks."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 40), torch.nn.Tanh(), torch.nn.Linear(40, 4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 1))
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster, monkeypatch, mapped):
+    """Without overlap, a block of several tensors whose gradients were all given goes as one
+    region each way (``FlatViews.packed``), with none of its tensors added one by one: read and
+    written where it lies, or, where the server cannot map the memory (a wrong token), copied
+    through the lane in one piece each way; the values equal torch's either way."""
+    import psframework.worker.exchange as exchange_module
+    steps = 4
+    through_lane, added = [], []
+    packed_through_lane, plain_add = exchange_module._packed_through_lane, exchange_module.Exchange.add
+
+    def spy_lane(exchange, lane, block, packed, regions):
+        through_lane.append((block.block_id, regions is not None))
+        return packed_through_lane(exchange, lane, block, packed, regions)
+
+    def spy_add(exchange, name, *args, **kwargs):
+        if exchange.op is P.PushPull:  # not the values registration sends
+            added.append(name)
+        return plain_add(exchange, name, *args, **kwargs)
+    monkeypatch.setattr(exchange_module, "_packed_through_lane", spy_lane)
+    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    torch.manual_seed(0)
+    model = _small_stack()
+    reference = copy.deepcopy(model)
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
+    for x, y in batches:
+        local.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        local.step()
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4)
+    if not mapped:
+        from psframework.datapath.exports import SharedHostMemory
+        real = SharedHostMemory.ipc_handle
+        monkeypatch.setattr(SharedHostMemory, "ipc_handle", lambda memory, base: b"\0" * 16 + real(memory, base)[16:])
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=False) as opt:
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        blocks = opt.worker.shard_map.blocks
+        stats = opt.worker.server_stats()
+    packable = [block for block in blocks if len(block.segments) > 1]
+    assert packable and len(packable) < len(blocks)
+    assert sorted(through_lane) == sorted((block.block_id, mapped) for block in packable for _ in range(steps))
+    packed_names = {seg.key for block in packable for seg in block.segments}
+    assert added and not packed_names & set(added)  # the other tensors, one by one
+    assert sum(s["direct_requests"] for s in stats) == (steps * len(blocks) if mapped else 0)
+    for mine, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

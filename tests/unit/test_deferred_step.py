@@ -107,6 +107,9 @@ class _Mapped:
     def stage(self, grads):
         return {}
 
+    def packed(self, staged):
+        return {}
+
     def close(self):
         self.closed = True
 

@@ -227,3 +227,49 @@ def test_gradients_in_place_move_with_what_they_hold_when_renewed():
     for buffer in old:
         buffer.fill_(7.0)  # a late write into the old buffers
     assert all(torch.equal(p.grad, before[name]) for name, p in params.items())
+
+
+def test_a_block_whose_every_gradient_was_staged_is_one_region_of_gradients_and_of_values():
+    model = _model()
+    params = dict(model.named_parameters())
+    blocks = _blocks(params)
+    views = FlatViews(params, blocks)
+    model[:5](torch.randn(3, 8)).sum().backward()
+    packed = views.packed(views.stage({name: p.grad for name, p in params.items()}))
+    several = {block.block_id: block for block in blocks if len(block.segments) > 1}
+    assert several and set(packed) <= set(several)
+    for block_id, region in packed.items():
+        block = several[block_id]
+        assert region.names == {seg.key for seg in block.segments}
+        assert region.grads.numel() == region.values.numel() == block.numel
+        for seg in block.segments:  # the region holds the block as its server does
+            piece = slice(seg.block_offset, seg.block_offset + seg.numel)
+            assert torch.equal(region.grads[piece], params[seg.key].grad.reshape(-1))
+            assert torch.equal(region.values[piece], params[seg.key].detach().reshape(-1))
+            assert region.values[piece].data_ptr() == params[seg.key].data_ptr()
+    assert set(packed) == set(several)  # every block of the layout fills its region with no gap here
+    first = next(iter(packed.values()))
+    name = sorted(first.names)[0]
+    grads = {n: p.grad for n, p in params.items()}
+    left_out = [block_id for block_id, region in packed.items() if name in region.names]
+    # a gradient that is None, or a parameter moved off its view, leaves its block out
+    assert not set(left_out) & set(views.packed(views.stage({**grads, name: None})))
+    params[name].data = params[name].data.clone()
+    assert not set(left_out) & set(views.packed(views.stage(grads)))
+    assert set(views.packed(views.stage(grads))) == set(packed) - set(left_out)
+
+
+def test_packed_regions_follow_the_buffers_when_they_are_renewed():
+    model = _model()
+    params = dict(model.named_parameters())
+    views = FlatViews(params, _blocks(params))
+    model[:5](torch.randn(3, 8)).sum().backward()
+    grads = {name: p.grad for name, p in params.items()}
+    before = views.packed(views.stage(grads))
+    views.renew()
+    after = views.packed(views.stage(grads))
+    assert set(after) == set(before)
+    for block_id, region in after.items():
+        for tensor, old in ((region.grads, before[block_id].grads), (region.values, before[block_id].values)):
+            assert tensor.data_ptr() != old.data_ptr()
+            assert any(b.data_ptr() <= tensor.data_ptr() < b.data_ptr() + b.numel() * 4 for b in views.buffers)
