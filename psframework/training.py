@@ -162,10 +162,16 @@ class DistributedOptimizer:
         grad, and where some workers have one the others count as zero in the mean, DDP's rule);
         those of parameters in memory the servers map are copied where the servers read them
         (``_MappedParams.stage``)."""
+        return self._staged_grads(names)[0]
+
+    def _staged_grads(self, names: Optional[Iterable[str]] = None) -> tuple[dict, dict]:
+        """``_grads``, and what ``_MappedParams.stage`` answered (the gradients staged where the
+        servers read them; a host gradient in place is its view even where its parameter moved off
+        its view, and is then pushed tensor by tensor)."""
         grads = {name: self.params[name].grad for name in (self.params if names is None else names)}
-        if self._shared is not None:
-            grads.update(self._shared.stage(grads))
-        return grads
+        staged = self._shared.stage(grads) if self._shared is not None else {}
+        grads.update(staged)
+        return grads, staged
 
     def prefetch(self, inputs) -> None:
         """Start pulling the next batch's rows now (``inputs``: a module, or its table's name, to the
@@ -271,8 +277,8 @@ class DistributedOptimizer:
         """The step's push_pull of every parameter; the blocks whose gradients were all staged where
         the servers read them go as one region each way (``FlatViews.packed``), with no work per
         tensor: for a model of ~100 tensors that work was most of a step's host time."""
-        grads = self._grads()
-        packed = self._shared.packed(grads) if self._shared is not None else {}
+        grads, staged = self._staged_grads()
+        packed = self._shared.packed(staged) if self._shared is not None else {}
         if not packed:
             return self.worker.push_pull(grads, into=self.params, device_ordered=device_ordered)
         return push_pull_packed(self.worker, grads, self.params, packed, device_ordered=device_ordered)

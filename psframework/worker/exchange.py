@@ -422,7 +422,7 @@ class Exchange:
         if op is P.Pull:
             self._ready.extend(self._blocks)
         # blocks that go as one piece each way (``_add_packed``): whole blocks of a push_pull with a lane
-        self._packed = {block_id: block for block_id, block in (packed or {}).items()
+        self._packed = {block_id: region for block_id, region in (packed or {}).items()
                         if op is P.PushPull and block_id in self._lane_blocks
                         and len(self._blocks[block_id][1]) == len(self._blocks[block_id][0].segments)}
         self.packed_names = packed_names(self._packed)
@@ -431,7 +431,7 @@ class Exchange:
                 worker.plans.drop_moved()
             self._dests = ({name: self._destination(name, dests[name], after_caller) for name in names
                             if name not in self.packed_names} if dests is not None else {})
-            for device in {block.values.device for block in self._packed.values() if block.values.is_cuda}:
+            for device in {region.values.device for region in self._packed.values() if region.values.is_cuda}:
                 _pull_stream(self, device, after_caller)
             _mark_other_servers(worker, step, self._unsent_to)
         except BaseException:

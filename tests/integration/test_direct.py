@@ -426,6 +426,29 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
         torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_parameter_moved_off_its_view_leaves_its_block_to_the_tensor_by_tensor_way(make_cluster):
+    """``p.data = ...`` on a host parameter of a packed block: the parameter no longer lies where
+    the server writes the block's values, so that block goes tensor by tensor from then on, and
+    every parameter, the moved one too, keeps training as torch's does."""
+    torch.manual_seed(0)
+    model = _small_stack()
+    reference = copy.deepcopy(model)
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4)
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=False) as opt:
+        for step in range(5):
+            x, y = torch.randn(16, 8), torch.randn(16, 1)
+            for net, optimizer in ((reference, local), (model, opt)):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(net(x), y).backward()
+                optimizer.step()
+            if step == 1:
+                model[2].bias.data = model[2].bias.data.clone()  # "2.bias" shares a block with others
+            for (name, mine), want in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [True, False])
 def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_cluster, monkeypatch, overlap):
