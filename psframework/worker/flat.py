@@ -54,15 +54,16 @@ def flat_layout(blocks: Iterable[Block], places: Mapping[str, Place]) -> dict[Pl
     return layout
 
 
-def _packable(blocks: Iterable[Block], offsets: Mapping[str, int], buffers: list[set[str]]
-              ) -> dict[int, tuple[int, int, int, tuple[str, ...]]]:
-    """The blocks laid out by ``flat_layout`` whose segments fill them with no gap, each with
-    where it starts in its buffer, its size, the buffer's index and its tensors in order (one
-    region of ``block.numel`` elements then holds the block as the server does)."""
+def _packable(blocks: Iterable[Block], layout: list[tuple]) -> dict[int, tuple[int, int, int, tuple[str, ...]]]:
+    """The blocks laid out in ``layout`` (``FlatViews._layout``: a buffer's device, dtype, size and
+    each tensor's offset) whose segments fill them with no gap, each with where it starts in its
+    buffer, its size, the buffer's index and its tensors in order (one region of ``block.numel``
+    elements then holds the block as the server does)."""
+    offsets = [dict(placed) for *_, placed in layout]
     packable = {}
     for block in blocks:
         keys = {seg.key for seg in block.segments}
-        index = next((i for i, names in enumerate(buffers) if keys <= names), None)
+        index = next((i for i, placed in enumerate(offsets) if keys <= placed.keys()), None)
         if len(block.segments) < 2 or index is None:
             continue
         segments = sorted(block.segments, key=lambda seg: seg.block_offset)
@@ -70,7 +71,7 @@ def _packable(blocks: Iterable[Block], offsets: Mapping[str, int], buffers: list
         if segments[0].block_offset != 0 or ends[-1] != block.numel or \
                 any(seg.block_offset != end for seg, end in zip(segments[1:], ends)):
             continue
-        packable[block.block_id] = (offsets[segments[0].key], block.numel, index,
+        packable[block.block_id] = (offsets[index][segments[0].key], block.numel, index,
                                     tuple(seg.key for seg in segments))
     return packable
 
@@ -107,8 +108,7 @@ class FlatViews:
                          if host_in_place and device.type == "cpu"}
         self._value_buffers: list[torch.Tensor] = []
         self._grad_buffers: list[torch.Tensor] = []
-        self._packable = _packable(blocks, {name: offset for *_, offsets in self._layout for name, offset in offsets},
-                                   [{name for name, _ in offsets} for *_, offsets in self._layout])
+        self._packable = _packable(blocks, self._layout)
         # block id -> the gradient views of its tensors, and the block as one region each way (``packed``)
         self._packed: dict[int, tuple[tuple[tuple[str, torch.Tensor], ...], PackedBlock]] = {}
         value_buffers = self._allocate_all() if values else None
