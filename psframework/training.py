@@ -423,6 +423,8 @@ class _MappedParams:
         """The gradients of mapped parameters whose values are still the views, where the servers
         read them (``FlatViews.stage``); the others are left out, but a gradient in place that
         counts as none (``_given``) is None."""
+        if not self.views.in_place:  # GPU tensors only: every gradient is torch's own
+            return self.views.stage(grads)
         given = self._given(grads)  # only the names asked for: overlap's hooks ask one at a time
         none = {name: None for name in grads if name in self.views.in_place and name not in given}
         return {**self.views.stage({name: grad for name, grad in grads.items() if name not in none}), **none}

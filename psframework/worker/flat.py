@@ -111,6 +111,7 @@ class FlatViews:
         self._packable = _packable(blocks, self._layout)
         # block id -> the gradient views of its tensors, and the block as one region each way (``packed``)
         self._packed: dict[int, tuple[tuple[tuple[str, torch.Tensor], ...], PackedBlock]] = {}
+        self._staging: dict[str, tuple] = {}  # name -> what ``stage`` checks (``_index_staging``)
         value_buffers = self._allocate_all() if values else None
         grad_buffers = self._allocate_all()
         if value_buffers is not None:
@@ -151,6 +152,7 @@ class FlatViews:
                     grad.copy_(param.grad)
                 param.grad = grad
         self._pack()
+        self._index_staging()
 
     def _pack(self) -> None:
         """Each packable block as one region of the gradient buffers and one of the value buffers
@@ -162,6 +164,17 @@ class FlatViews:
             views = tuple((name, self._grads[name]) for name in names)
             self._packed[block_id] = (views, PackedBlock(frozenset(names), self._grad_buffers[index][start:start + numel],
                                                          self._value_buffers[index][start:start + numel]))
+
+    def _index_staging(self) -> None:
+        """Per tensor, what ``stage`` reads: its gradient view and that view's address, its parameter
+        and its value view's address (None: the values are not views), its buffer's index, and the
+        shape, dtype and device a gradient must have to be staged."""
+        self._staging = {}
+        for index, (device, dtype, _, offsets) in enumerate(self._layout):
+            for name, _ in offsets:
+                view, value = self._grads[name], self._values.get(name)
+                self._staging[name] = (view, view.data_ptr(), self.params[name],
+                                       None if value is None else value.data_ptr(), index, view.shape, dtype, device)
 
     def packed(self, staged: Mapping[str, Optional[torch.Tensor]]) -> dict[int, PackedBlock]:
         """The blocks whose every tensor's gradient ``stage`` staged into its view (``staged``, its
@@ -204,32 +217,34 @@ class FlatViews:
         device and dtype; each one's view, or None where it has no gradient. Left out: names that
         are not views, and those whose parameter no longer lies in its value view (``p.data = ...``)
         or whose gradient has another shape, dtype or device than its view (the caller pushes those
-        as they are, and its checks say what is wrong)."""
+        as they are, and its checks say what is wrong). Runs every step over every tensor: what it
+        checks is read from ``_staging``, worked out once per layout."""
         staged: dict[str, Optional[torch.Tensor]] = {}
-        copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        copies: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        staging = self._staging
         for name, grad in grads.items():
-            view = self._grads.get(name)
-            if view is None or not self._value_intact(name):
+            entry = staging.get(name)
+            if entry is None:
+                continue
+            view, view_ptr, param, value_ptr, buffer, shape, dtype, device = entry
+            if value_ptr is not None and param.data_ptr() != value_ptr:
                 continue
             if grad is None:
                 staged[name] = None
                 continue
-            if grad.shape != view.shape or grad.dtype != view.dtype or grad.device != view.device:
+            if grad.dtype is not dtype or grad.shape != shape or grad.device != device:
                 continue
-            if grad.layout != torch.strided:
+            if grad.layout is not torch.strided:
                 grad = grad.to_dense()  # a sparse gradient (``nn.Embedding(sparse=True)``)
             staged[name] = view
-            if grad.data_ptr() != view.data_ptr():
-                into, sources = copies.setdefault((view.device, view.dtype), ([], []))
+            if grad.data_ptr() != view_ptr:
+                into, sources = copies.setdefault(buffer, ([], []))
                 into.append(view)
-                sources.append(grad.detach())
-        for into, sources in copies.values():
-            torch._foreach_copy_(into, sources)
+                sources.append(grad)
+        with torch.no_grad():  # a gradient made with create_graph requires grad; its copy records nothing
+            for into, sources in copies.values():
+                torch._foreach_copy_(into, sources)
         return staged
-
-    def _value_intact(self, name: str) -> bool:
-        value = self._values.get(name)
-        return value is None or self.params[name].data_ptr() == value.data_ptr()
 
     def renew(self) -> list[torch.Tensor]:
         """Move the values, where they are views, to new buffers with what they hold, and the

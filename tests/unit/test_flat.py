@@ -97,6 +97,20 @@ def test_a_sparse_gradient_is_staged_dense_and_names_not_laid_out_are_left_out()
     assert list(staged) == ["5.weight"] and torch.equal(staged["5.weight"], grad.to_dense())
 
 
+def test_a_gradient_unlike_its_view_is_left_out_and_one_made_with_create_graph_is_copied_alone():
+    params = dict(_model().named_parameters())
+    views = FlatViews(params, _blocks(params))
+    first, second, third = views.names[:3]
+    made = params[third].detach().clone().requires_grad_()
+    with_graph = (made * 2).detach().requires_grad_() * 1  # requires grad, as a create_graph gradient does
+    grads = {first: torch.ones(params[first].numel() + 1), second: torch.ones_like(params[second], dtype=torch.float64),
+             third: with_graph}
+    staged = views.stage(grads)
+    assert set(staged) == {third}  # the caller pushes the others as they are, and its checks say what is wrong
+    assert torch.equal(views.grad_view(third), with_graph.detach())
+    assert not views.grad_view(third).requires_grad and views.grad_view(third).grad_fn is None
+
+
 def test_an_optimizer_steps_the_views_like_the_plain_tensors():
     model = _model()
     plain = copy.deepcopy(model)
