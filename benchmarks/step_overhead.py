@@ -11,19 +11,24 @@ tiny (width 32, 500 tokens), on the CPU, and what is timed is the step alone, af
 wall time, and the CPU time of the calling thread (the worker's own Python and copies, not the
 server's or ZeroMQ's threads). One server on the CPU, one worker (this process), sync, lanes as the
 job's default. The baseline is ``torch.optim.Adam(foreach=True).step()`` of the same model.
-Prints medians of ``--steps`` timed steps as a Markdown table.
+Prints medians of ``--steps`` timed steps as a Markdown table, then the time ``FlatViews.stage``
+takes for every gradient of the model (the per-tensor part of a GPU model's ``step()``).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+import timeit
 
 import click
 import torch
 
 import psframework as ps
 from _one_gpu import GPT
+from psframework.sharding import TensorSpec, assign_shards
+from psframework.worker.flat import FlatViews
 
 
 def _timed_steps(model: torch.nn.Module, step, steps: int, warmup: int) -> tuple[float, float]:
@@ -40,6 +45,21 @@ def _timed_steps(model: torch.nn.Module, step, steps: int, warmup: int) -> tuple
             wall.append(time.perf_counter() - started)
             cpu.append(time.thread_time() - thread_started)
     return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+def _stage_us(model: torch.nn.Module) -> tuple[float, float]:
+    """Best-of-seven microseconds of ``FlatViews.stage`` of every gradient of (a copy of) ``model``,
+    laid out in one block, and of its one fused copy alone: the per-tensor Python staging costs."""
+    params = dict(copy.deepcopy(model).named_parameters())
+    specs = [TensorSpec(name, tuple(p.shape), "float32") for name, p in params.items()]
+    views = FlatViews(params, assign_shards(specs, 1, 1 << 30).blocks, whole=True)
+    grads = {name: torch.randn_like(p) for name, p in params.items()}
+    into, sources = [views.grad_view(name) for name in grads], list(grads.values())
+
+    def best_us(call) -> float:
+        return min(timeit.repeat(call, number=200, repeat=7)) / 200 * 1e6
+    with torch.no_grad():
+        return best_us(lambda: views.stage(grads)), best_us(lambda: torch._foreach_copy_(into, sources))
 
 
 @click.command()
@@ -63,6 +83,8 @@ def main(layers: int, steps: int, warmup: int) -> None:
     print("|---|---|---|---|")
     for label, wall, cpu in rows:
         print(f"| {label} | {wall:.3f} | {cpu:.3f} | {cpu / rows[0][2]:.1f}x |")
+    staged, copied = _stage_us(model)
+    print(f"\nFlatViews.stage of the {tensors} gradients: {staged:.0f} us, of which its fused copy {copied:.0f} us")
 
 
 if __name__ == "__main__":

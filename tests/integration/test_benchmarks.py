@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,8 @@ def test_step_overhead_times_the_workers_step_beside_torchs():
                                                 "ps.DistributedOptimizer, sync, 1 server"], out
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
     assert "17 tensors" in out, out  # 12 per layer and 5 around them
+    staged, copied = re.search(r"stage of the 17 gradients: (\d+) us, of which its fused copy (\d+) us", out).groups()
+    assert int(staged) >= int(copied) > 0, out
 
 
 def test_round_trip_times_the_ps_beside_raw_zmq_through_lanes_and_tcp():
