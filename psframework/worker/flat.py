@@ -167,14 +167,18 @@ class FlatViews:
 
     def _index_staging(self) -> None:
         """Per tensor, what ``stage`` reads: its gradient view and that view's address, its parameter
-        and its value view's address (None: the values are not views), its buffer's index, and the
-        shape, dtype and device a gradient must have to be staged."""
-        self._staging = {}
-        for index, (device, dtype, _, offsets) in enumerate(self._layout):
+        and its value view's address (None: the values are not views), the number of its place
+        (device and dtype: one fused copy each), and the shape, dtype and device a gradient must
+        have to be staged. Made whole, then swapped in."""
+        staging: dict[str, tuple] = {}
+        places: dict[tuple, int] = {}
+        for device, dtype, _, offsets in self._layout:
+            place = places.setdefault((device, dtype), len(places))
             for name, _ in offsets:
                 view, value = self._grads[name], self._values.get(name)
-                self._staging[name] = (view, view.data_ptr(), self.params[name],
-                                       None if value is None else value.data_ptr(), index, view.shape, dtype, device)
+                staging[name] = (view, view.data_ptr(), self.params[name],
+                                 None if value is None else value.data_ptr(), place, view.shape, dtype, device)
+        self._staging = staging
 
     def packed(self, staged: Mapping[str, Optional[torch.Tensor]]) -> dict[int, PackedBlock]:
         """The blocks whose every tensor's gradient ``stage`` staged into its view (``staged``, its
@@ -226,7 +230,7 @@ class FlatViews:
             entry = staging.get(name)
             if entry is None:
                 continue
-            view, view_ptr, param, value_ptr, buffer, shape, dtype, device = entry
+            view, view_ptr, param, value_ptr, place, shape, dtype, device = entry
             if value_ptr is not None and param.data_ptr() != value_ptr:
                 continue
             if grad is None:
@@ -238,7 +242,7 @@ class FlatViews:
                 grad = grad.to_dense()  # a sparse gradient (``nn.Embedding(sparse=True)``)
             staged[name] = view
             if grad.data_ptr() != view_ptr:
-                into, sources = copies.setdefault(buffer, ([], []))
+                into, sources = copies.setdefault(place, ([], []))
                 into.append(view)
                 sources.append(grad)
         with torch.no_grad():  # a gradient made with create_graph requires grad; its copy records nothing

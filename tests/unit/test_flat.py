@@ -111,6 +111,19 @@ def test_a_gradient_unlike_its_view_is_left_out_and_one_made_with_create_graph_i
     assert not views.grad_view(third).requires_grad and views.grad_view(third).grad_fn is None
 
 
+def test_stage_copies_every_gradient_of_a_device_and_dtype_in_one_fused_copy(monkeypatch):
+    params = dict(_model().named_parameters())
+    views = FlatViews(params, _blocks(params), whole=True)  # tensors outside packed blocks: buffers of their own
+    assert len(views.grad_buffers) > 2
+    calls = []
+    copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda into, sources: calls.append(len(into)) or copy(into, sources))
+    grads = {name: torch.randn_like(p) for name, p in params.items()}
+    staged = views.stage(grads)
+    assert calls == [len(params)]
+    assert all(torch.equal(staged[name], grad) for name, grad in grads.items())
+
+
 def test_an_optimizer_steps_the_views_like_the_plain_tensors():
     model = _model()
     plain = copy.deepcopy(model)
