@@ -15,6 +15,9 @@ parameters are pushed as "no gradient", as without overlap), waits for every blo
 of its own. A gradient goes as autograd left it: to clip or unscale gradients between
 ``backward()`` and ``step()`` (``clip_grad_norm_``, ``GradScaler.unscale_``), use ``overlap=False``.
 
+Where the servers map the parameters (``_MappedParams``), a block of several host tensors goes
+whole, once the hook of its last tensor has run (``_Packing``), with no work per tensor.
+
 Threads: while a step is in flight the communication thread alone uses the worker's sockets (the
 hooks, which run on autograd's threads, only enqueue, after copying a gradient where its server
 reads it if the servers map the parameters: ``_MappedParams``), and it is idle between ``step()`` and the
@@ -41,7 +44,7 @@ from .lookups import TableLookups
 from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
-from .worker.exchange import Exchange
+from .worker.exchange import Exchange, add_packed_block, unpack_block
 from .worker.flat import FlatViews
 from .worker.lanes import MAP_TIMEOUT
 from .worker.plans import PackedBlock
@@ -116,7 +119,8 @@ class DistributedOptimizer:
             if overlap is None:
                 overlap = overlap_by_default(self.worker, self.params, bool(tables), self.checkpoint_every)
             if overlap:
-                self._overlap = _Overlap(self.worker, self.params, self._grads)
+                self._overlap = _Overlap(self.worker, self.params, self._grads,
+                                         _Packing(lambda: self._shared, self._staged_grads))
         except BaseException:
             self.close()
             raise
@@ -536,17 +540,67 @@ class _MappedBuffers:
                 self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
 
-_READY, _FINISH, _STOP = "ready", "finish", "stop"
+_READY, _BLOCK, _TENSORS, _FINISH, _STOP = "ready", "block", "tensors", "finish", "stop"
+
+
+class _Packing:
+    """Overlap's packed blocks of host tensors (``FlatViews.packed``): each tensor's hook counts its
+    block down, and the last one hands the whole block over as one region, with no work per tensor
+    (tensor by tensor, a model of a hundred small tensors took twice the host time in its
+    backward; ``benchmarks/RESULTS.md``). GPU blocks go tensor by tensor under overlap, as
+    before, until this has run on a GPU. ``shared``: the optimizer's ``_MappedParams`` now (None
+    once the parameters left the memory the servers map); ``staged_of``: ``_staged_grads``."""
+
+    def __init__(self, shared: Callable[[], Optional["_MappedParams"]], staged_of: Callable):
+        mapped = shared()
+        regions = mapped.views.regions if mapped is not None else {}
+        self._shared, self._staged_of = shared, staged_of
+        self.names_of = {block_id: tuple(region.names) for block_id, region in regions.items()
+                         if not region.grads.is_cuda}
+        self.block_of = {name: block_id for block_id, names in self.names_of.items() for name in names}
+        self._waiting: dict[int, set[str]] = {}  # this step's blocks, each with the tensors it still waits for
+
+    def regions(self) -> dict[int, PackedBlock]:
+        """The blocks an exchange may send packed now."""
+        mapped = self._shared()
+        return {} if mapped is None else \
+            {block_id: region for block_id, region in mapped.views.regions.items() if block_id in self.names_of}
+
+    def reached(self, name: str) -> Optional[int]:
+        """``name``'s gradient is in (under overlap's lock): its block's id if it was its block's last."""
+        block_id = self.block_of[name]
+        waiting = self._waiting.get(block_id)
+        if waiting is None:
+            waiting = self._waiting[block_id] = set(self.names_of[block_id])
+        waiting.discard(name)
+        if waiting:
+            return None
+        del self._waiting[block_id]
+        return block_id
+
+    def take(self, block_id: int) -> tuple[bool, dict[str, Optional[torch.Tensor]]]:
+        """Stage a block's gradients: whether every one went into the block's region, and the gradients."""
+        grads, staged = self._staged_of(self.names_of[block_id])
+        mapped = self._shared()
+        return mapped is not None and mapped.views.packed_block(block_id, staged) is not None, grads
+
+    def unfinished(self) -> list[str]:
+        """The tensors that came of the blocks some of whose tensors did not (under overlap's lock,
+        at the step); those blocks go tensor by tensor."""
+        waiting, self._waiting = self._waiting, {}
+        return [name for block_id, left in waiting.items() for name in self.names_of[block_id] if name not in left]
 
 
 class _Overlap:
     """The hooks and the communication thread of one DistributedOptimizer with overlap."""
 
     def __init__(self, worker: Worker, params: dict[str, torch.Tensor],
-                 grads_of: Callable[[Iterable[str]], dict[str, Optional[torch.Tensor]]]):
+                 grads_of: Callable[[Iterable[str]], dict[str, Optional[torch.Tensor]]],
+                 packing: Optional[_Packing] = None):
         self.worker = worker
         self.params = params
         self._grads_of = grads_of  # the gradients to push, by name (``DistributedOptimizer._grads``)
+        self._packing = packing if packing is not None else _Packing(lambda: None, grads_of)
         self.early_blocks = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -576,6 +630,9 @@ class _Overlap:
         return guard
 
     def _hook(self, name: str):
+        if name in self._packing.block_of:
+            return lambda _: self._block_reached(name)
+
         def hook(_: torch.Tensor) -> None:
             grad = self._grads_of([name])[name]  # before it counts as handed: this may raise
             with self._lock:
@@ -587,13 +644,30 @@ class _Overlap:
             self._queue.put((_READY, name, grad, ready))
         return hook
 
+    def _block_reached(self, name: str) -> None:
+        """The hook of a tensor of a packed block: the block goes once its last tensor is in, whole
+        if its every gradient went into its region, else tensor by tensor."""
+        with self._lock:
+            self._handed.add(name)
+            block_id = self._packing.reached(name)
+        if block_id is None:
+            return
+        try:
+            whole, grads = self._packing.take(block_id)
+        except BaseException:  # not handed over: step() hands these over itself, or raises
+            with self._lock:
+                self._handed.difference_update(self._packing.names_of[block_id])
+            raise
+        self._queue.put((_BLOCK, block_id, grads) if whole else (_TENSORS, grads))
+
     def finish(self, push_rows=None) -> None:
         """Hand over the gradients no hook saw (and ``push_rows``, which the thread calls once they
         are sent), then wait for the step's new values."""
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
         with self._lock:
-            rest = self._grads_of([name for name in self.params if name not in self._handed])
+            rest = self._grads_of([name for name in self.params if name not in self._handed] +
+                                  self._packing.unfinished())
             self._handed = set()
         ready = {}
         for grad in rest.values():
@@ -654,14 +728,13 @@ class _Overlap:
                     try:
                         if exchange is None:
                             exchange = self.worker.exchange(P.PushPull, list(self.params), self.params,
-                                                            after_caller=False, epoch=self.epoch)
+                                                            after_caller=False, epoch=self.epoch,
+                                                            packed=self._packing.regions())
                             self.worker.counted(exchange.future)
-                        if item[0] == _READY:
-                            _, name, grad, ready = item
-                            exchange.add(name, grad, after=ready)
-                            exchange.send_ready(wait=False)
-                        else:
+                        if item[0] == _FINISH:
                             self._finish(exchange, *item[1:])
+                        else:
+                            self._take(exchange, item)
                     except BaseException as exc:  # handed to step(), which raises it
                         error = exc
                         if exchange is not None:
@@ -677,10 +750,28 @@ class _Overlap:
                     error = exc
                     exchange.abandon()
 
+    def _take(self, exchange: Exchange, item: tuple) -> None:
+        """Add what a hook handed over: a tensor, a packed block whole, or a packed block's tensors."""
+        if item[0] == _READY:
+            _, name, grad, ready = item
+            self._add(exchange, name, grad, ready)
+        elif item[0] == _BLOCK and add_packed_block(exchange, item[1]):
+            pass
+        else:  # a block not staged whole, or one this exchange sends tensor by tensor (no lane)
+            for name, grad in item[-1].items():
+                self._add(exchange, name, grad, None)
+        exchange.send_ready(wait=False)
+
+    def _add(self, exchange: Exchange, name: str, grad: Optional[torch.Tensor], ready) -> None:
+        """``exchange.add``; a tensor of a block the exchange was to send packed sends that block tensor by tensor."""
+        if name in exchange.packed_names:
+            unpack_block(exchange, self._packing.block_of[name], self.params)
+        exchange.add(name, grad, after=ready)
+
     def _finish(self, exchange: Exchange, rest: dict[str, torch.Tensor], ready: dict, push_rows) -> None:
         self.early_blocks = exchange.sent_blocks
         for name, grad in rest.items():
-            exchange.add(name, grad, after=ready.get(grad.device) if grad is not None else None)
+            self._add(exchange, name, grad, ready.get(grad.device) if grad is not None else None)
         while not exchange.all_sent:
             # take in the replies that are here before waiting for the next block's copy, so their
             # copies onto the GPU overlap the rest of the backward pass instead of following it

@@ -200,15 +200,16 @@ def _packed_through_lane(exchange: "Exchange", lane: Slots, block: Block, packed
     return [LaneCopy(packed.values, block, whole, stream, regions is not None and regions.writes)]
 
 
-def _packed_direct_on_device(exchange: "Exchange", block: Block, packed: PackedBlock) -> bool:
+def _packed_direct_on_device(exchange: "Exchange", block: Block, packed: PackedBlock,
+                             after: Optional["torch.cuda.Event"] = None) -> bool:
     """``_direct_on_device`` of a packed block's GPU gradients: whether its server reads them where
-    they lie (once the work queued on the caller's stream, which staged them, is done)."""
+    they lie (once ``after`` is done, or the work queued on the caller's stream, which staged them)."""
     direct = exchange.worker.lanes.direct
     if not exchange._lane_blocks[block.block_id].on_device or not direct.accepts(block.server, True):
         return False
     regions = direct.regions(block.server, True, [packed.grads], [packed.values])
     if regions is not None:
-        exchange._direct[block.block_id] = (regions, [packed.grads], [None])
+        exchange._direct[block.block_id] = (regions, [packed.grads], [after])
     return regions is not None
 
 
@@ -217,19 +218,53 @@ def _add_packed(exchange: "Exchange") -> None:
     block's server reads them where they lie, or they are copied into its push slot in one copy
     (host ones once the block is sent, as ``add``'s)."""
     for block_id, packed in exchange._packed.items():
-        block = exchange._blocks[block_id][0]
-        exchange._sources.update(dict.fromkeys(packed.names))
-        if packed.grads.is_cuda:
-            exchange._from_device.update(packed.names)
-            if not _packed_direct_on_device(exchange, block, packed):
-                device = packed.grads.device
-                exchange._after_caller(exchange.worker.staging.stream(device, "push"), device, "push")
-                _queue_copy(exchange, slot_piece(exchange._lane_blocks[block_id], False, block, whole_segment(block),
-                                                 packed.grads.dtype), packed.grads, block_id)
-                exchange._keep.append(packed.grads)
-        exchange._missing[block_id] = 0
-        exchange._ready.append(block_id)
+        _add_one_packed(exchange, block_id, packed)
     _launch_copies(exchange)
+
+
+def _add_one_packed(exchange: "Exchange", block_id: int, packed: PackedBlock,
+                    after: Optional["torch.cuda.Event"] = None) -> None:
+    block = exchange._blocks[block_id][0]
+    exchange._sources.update(dict.fromkeys(packed.names))
+    if packed.grads.is_cuda:
+        exchange._from_device.update(packed.names)
+        if not _packed_direct_on_device(exchange, block, packed, after):
+            device = packed.grads.device
+            stream = exchange.worker.staging.stream(device, "push")
+            if after is not None:
+                stream.wait_event(after)
+            else:
+                exchange._after_caller(stream, device, "push")
+            _queue_copy(exchange, slot_piece(exchange._lane_blocks[block_id], False, block, whole_segment(block),
+                                             packed.grads.dtype), packed.grads, block_id)
+            exchange._keep.append(packed.grads)
+    exchange._missing[block_id] = 0
+    exchange._ready.append(block_id)
+
+
+def add_packed_block(exchange: "Exchange", block_id: int, after: Optional["torch.cuda.Event"] = None) -> bool:
+    """Hand over one packed block's gradients, the block whole (overlap: its last gradient is in,
+    and all of them were staged into the block's region; ``after``: a GPU event they are ready
+    after). False where the exchange sends that block tensor by tensor (it has no lane for it):
+    the caller adds its tensors one by one."""
+    packed = exchange._packed.get(block_id)
+    if packed is None:
+        return False
+    _add_one_packed(exchange, block_id, packed, after)
+    _launch_copies(exchange)
+    return True
+
+
+def unpack_block(exchange: "Exchange", block_id: int, dests: dict) -> None:
+    """A block the exchange was to send packed goes tensor by tensor after all (overlap: one of its
+    gradients was not staged into its view, or never came): its tensors get their destinations in
+    ``dests``, as the others got theirs, and are added one by one."""
+    packed = exchange._packed.pop(block_id, None)
+    if packed is None:
+        return
+    exchange.packed_names = packed_names(exchange._packed)
+    exchange._dests.update({name: exchange._destination(name, dests[name], after_caller=False)
+                            for name in packed.names})
 
 
 def _into_lane(exchange: "Exchange", lane: Slots, block: Block, seg: Segment, name: str) -> Optional[LaneCopy]:
@@ -728,4 +763,4 @@ class Destination:
         return copy
 
 
-__all__ = ["Destination", "Exchange", "send_whole"]
+__all__ = ["Destination", "Exchange", "add_packed_block", "send_whole", "unpack_block"]

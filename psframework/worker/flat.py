@@ -187,6 +187,16 @@ class FlatViews:
         return {block_id: packed for block_id, (views, packed) in self._packed.items()
                 if all(staged.get(name) is view for name, view in views)}
 
+    def packed_block(self, block_id: int, staged: Mapping[str, Optional[torch.Tensor]]) -> Optional[PackedBlock]:
+        """``packed`` of one block: its regions if ``stage`` staged its every gradient into its view."""
+        views, packed = self._packed.get(block_id, ((), None))
+        return packed if packed is not None and all(staged.get(name) is view for name, view in views) else None
+
+    @property
+    def regions(self) -> dict[int, PackedBlock]:
+        """Every block ``packed`` may give, whatever is staged."""
+        return {block_id: packed for block_id, (_, packed) in self._packed.items()}
+
     def grad_is_view(self, name: str) -> bool:
         grad = self.params[name].grad
         return grad is not None and grad.data_ptr() == self._grads[name].data_ptr()

@@ -149,8 +149,9 @@ def test_step_overhead_times_the_workers_step_beside_torchs():
     out = _run("step_overhead.py", "--layers", "1", "--steps", "5", "--warmup", "1", timeout=90)
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| torch", "| ps."))]
     assert [row[0].strip() for row in rows] == ["torch.optim.Adam, one process",
-                                                "ps.DistributedOptimizer, sync, 1 server"], out
-    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
+                                                "ps.DistributedOptimizer, sync, 1 server, overlap off",
+                                                "ps.DistributedOptimizer, sync, 1 server, overlap on"], out
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) >= float(row[1]) for row in rows), out
     assert "17 tensors" in out, out  # 12 per layer and 5 around them
     staged, copied = re.search(r"stage of the 17 gradients: (\d+) us, of which its fused copy (\d+) us", out).groups()
     assert int(staged) >= int(copied) > 0, out

@@ -373,12 +373,14 @@ def _small_stack() -> torch.nn.Module:
                                torch.nn.Linear(4, 1))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("mapped", [True, False])
-def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster, monkeypatch, mapped):
-    """Without overlap, a block of several tensors whose gradients were all given goes as one
-    region each way (``FlatViews.packed``), with none of its tensors added one by one: read and
-    written where it lies, or, where the server cannot map the memory (a wrong token), copied
-    through the lane in one piece each way; the values equal torch's either way."""
+def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster, monkeypatch, mapped, overlap):
+    """A block of several tensors whose gradients were all given goes as one region each way
+    (``FlatViews.packed``), with none of its tensors added one by one: read and written where it
+    lies, or, where the server cannot map the memory (a wrong token), copied through the lane in
+    one piece each way; the values equal torch's either way. With overlap the block goes from the
+    hook of its last tensor (``_Packing``)."""
     import psframework.worker.exchange as exchange_module
     steps = 4
     through_lane, added = [], []
@@ -409,7 +411,7 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
         real = SharedHostMemory.ipc_handle
         monkeypatch.setattr(SharedHostMemory, "ipc_handle", lambda memory, base: b"\0" * 16 + real(memory, base)[16:])
     with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
-                                 overlap=False) as opt:
+                                 overlap=overlap) as opt:
         for x, y in batches:
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -426,17 +428,13 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
         torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_parameter_moved_off_its_view_leaves_its_block_to_the_tensor_by_tensor_way(make_cluster):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_parameter_moved_off_its_view_leaves_its_block_to_the_tensor_by_tensor_way(make_cluster, overlap):
     """``p.data = ...`` on a host parameter of a packed block: the parameter no longer lies where
     the server writes the block's values, so that block goes tensor by tensor from then on, and
     every parameter, the moved one too, keeps training as torch's does."""
-    torch.manual_seed(0)
-    model = _small_stack()
-    reference = copy.deepcopy(model)
-    local = torch.optim.Adam(reference.parameters(), lr=0.01)
-    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4)
-    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
-                                 overlap=False) as opt:
+    model, reference, local, opt = _stack_beside_torch(make_cluster, overlap)
+    with opt:
         for step in range(5):
             x, y = torch.randn(16, 8), torch.randn(16, 1)
             for net, optimizer in ((reference, local), (model, opt)):
@@ -445,8 +443,45 @@ def test_a_parameter_moved_off_its_view_leaves_its_block_to_the_tensor_by_tensor
                 optimizer.step()
             if step == 1:
                 model[2].bias.data = model[2].bias.data.clone()  # "2.bias" shares a block with others
-            for (name, mine), want in zip(model.named_parameters(), reference.parameters()):
-                torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            _assert_same(model, reference)
+
+
+def _stack_beside_torch(make_cluster, overlap: bool):
+    """``_small_stack`` and a copy of it under torch's Adam, and a DistributedOptimizer over the
+    first (two servers, blocks small enough that several of them pack several tensors)."""
+    torch.manual_seed(0)
+    model = _small_stack()
+    reference = copy.deepcopy(model)
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4)
+    opt = ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler), overlap=overlap)
+    return model, reference, local, opt
+
+
+def _assert_same(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    for (name, mine), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_with_overlap_a_packed_block_with_a_tensor_backward_did_not_reach_goes_tensor_by_tensor(make_cluster):
+    """With overlap, a packed block one of whose tensors gets no gradient in a step (a branch the
+    forward did not take) never hears from that tensor's hook: ``step()`` sends the block tensor by
+    tensor, that tensor pushed as "no gradient", and every parameter trains as torch's does (Adam
+    leaves a parameter without a gradient alone)."""
+    model, reference, local, opt = _stack_beside_torch(make_cluster, overlap=True)
+    with opt:
+        packed = [block for block in opt.worker.shard_map.blocks if len(block.segments) > 1]
+        assert any(seg.key == "4.weight" for block in packed for seg in block.segments)
+        for step in range(4):
+            x, y = torch.randn(16, 8), torch.randn(16, 1)
+            skip_last = step % 2 == 1  # the last layer's weight gets no gradient in these steps
+            for net, optimizer in ((reference, local), (model, opt)):
+                optimizer.zero_grad()
+                hidden = net[:4](x)
+                out = hidden.sum(dim=1, keepdim=True) + net[4].bias if skip_last else net[4](hidden)
+                torch.nn.functional.mse_loss(out, y).backward()
+                optimizer.step()
+            _assert_same(model, reference)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ import torch
 
 from psframework.errors import RolledBackError
 from psframework.training import DistributedOptimizer, overlap_by_default
+from psframework.worker.plans import PackedBlock
 
 
 class _Future:
@@ -332,6 +333,30 @@ def test_a_gradient_that_could_not_be_staged_does_not_count_as_handed_over():
         with pytest.raises(RuntimeError, match="no memory to stage"):
             model(torch.ones(1, 2)).sum().backward()
         assert "bias" not in overlap._handed
+    finally:
+        overlap.close()
+
+
+def test_a_packed_block_that_could_not_be_staged_does_not_count_as_handed_over():
+    """The same for a packed block under overlap (``_Packing``): its last tensor's hook stages the
+    whole block; if that raises, none of the block's tensors counts as handed over."""
+    from psframework.training import _Overlap, _Packing
+    model = torch.nn.Linear(2, 1)
+    params = dict(model.named_parameters())
+    shared = SimpleNamespace(views=SimpleNamespace(regions={7: PackedBlock(frozenset(params), torch.zeros(3),
+                                                                           torch.zeros(3))}))
+
+    def staged_of(names):
+        raise RuntimeError("no memory to stage the gradients")
+
+    packing = _Packing(lambda: shared, staged_of)
+    assert packing.block_of == {"weight": 7, "bias": 7}
+    overlap = _Overlap(SimpleNamespace(rank=0, client=SimpleNamespace(rollback=0)), params,
+                       lambda names: {name: params[name].grad for name in names}, packing)
+    try:
+        with pytest.raises(RuntimeError, match="no memory to stage"):
+            model(torch.ones(1, 2)).sum().backward()
+        assert not overlap._handed
     finally:
         overlap.close()
 
