@@ -546,8 +546,8 @@ _READY, _BLOCK, _TENSORS, _FINISH, _STOP = "ready", "block", "tensors", "finish"
 class _Packing:
     """Overlap's packed blocks of host tensors (``FlatViews.packed``): each tensor's hook counts its
     block down, and the last one hands the whole block over as one region, with no work per tensor
-    (tensor by tensor, a model of a hundred small tensors took twice the host time in its
-    backward; ``benchmarks/RESULTS.md``). GPU blocks go tensor by tensor under overlap, as
+    (tensor by tensor, backward and ``step()`` of a model of a hundred small tensors took three
+    times torch's; ``benchmarks/RESULTS.md``). GPU blocks go tensor by tensor under overlap, as
     before, until this has run on a GPU. ``shared``: the optimizer's ``_MappedParams`` now (None
     once the parameters left the memory the servers map); ``staged_of``: ``_staged_grads``."""
 
@@ -586,9 +586,12 @@ class _Packing:
 
     def unfinished(self) -> list[str]:
         """The tensors that came of the blocks some of whose tensors did not (under overlap's lock,
-        at the step); those blocks go tensor by tensor."""
-        waiting, self._waiting = self._waiting, {}
-        return [name for block_id, left in waiting.items() for name in self.names_of[block_id] if name not in left]
+        at the step); those blocks go tensor by tensor. ``forget`` them once handed over."""
+        return [name for block_id, left in self._waiting.items() for name in self.names_of[block_id]
+                if name not in left]
+
+    def forget(self) -> None:
+        self._waiting = {}
 
 
 class _Overlap:
@@ -665,10 +668,11 @@ class _Overlap:
         are sent), then wait for the step's new values."""
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
-        with self._lock:
+        with self._lock:  # if staging raises, a step() called again hands the same over
             rest = self._grads_of([name for name in self.params if name not in self._handed] +
                                   self._packing.unfinished())
             self._handed = set()
+            self._packing.forget()
         ready = {}
         for grad in rest.values():
             if grad is not None and grad.is_cuda and grad.device not in ready:

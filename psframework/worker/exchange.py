@@ -250,6 +250,9 @@ def add_packed_block(exchange: "Exchange", block_id: int, after: Optional["torch
     packed = exchange._packed.get(block_id)
     if packed is None:
         return False
+    if exchange._dropped or not exchange._missing[block_id]:
+        raise ConfigError(f"{exchange.op.__name__}: block {block_id} was given twice, or to an exchange that was "
+                          "dropped; start a new one")
     _add_one_packed(exchange, block_id, packed, after)
     _launch_copies(exchange)
     return True
@@ -489,6 +492,9 @@ class Exchange:
         caller's current stream). ``checked``: the caller checked ``tensor`` against its key."""
         if name in self._sources:
             raise ConfigError(f"{self.op.__name__}: {name!r} was given twice")
+        if name in self.packed_names:
+            raise ConfigError(f"{self.op.__name__}: {name!r} goes with its block, whole (add_packed_block); "
+                              "unpack_block it to add its tensors one by one")
         if self._dropped:
             raise ConfigError(f"{self.op.__name__}: {name!r} was given to an exchange that was dropped; "
                               "start a new one")

@@ -14,6 +14,7 @@ import torch
 import psframework as ps
 from psframework import protocol as P
 from psframework.datapath.lane import shm_available
+from psframework.errors import ConfigError
 from tests.integration import models
 from tests.integration.test_core import CHUNK
 from tests.threads import run_in_threads
@@ -482,6 +483,70 @@ def test_with_overlap_a_packed_block_with_a_tensor_backward_did_not_reach_goes_t
                 torch.nn.functional.mse_loss(out, y).backward()
                 optimizer.step()
             _assert_same(model, reference)
+
+
+def test_a_packed_block_is_given_once_and_its_tensors_only_with_it_until_unpacked(make_cluster):
+    """``add_packed_block`` refuses a block given already; ``Exchange.add`` refuses a tensor of a
+    block planned whole until ``unpack_block``, which lets the block go tensor by tensor."""
+    from psframework.worker.exchange import add_packed_block, unpack_block
+    model, _, _, opt = _stack_beside_torch(make_cluster, overlap=True)
+    with opt:
+        regions = opt._overlap._packing.regions()
+        block = min(regions)
+        name = sorted(regions[block].names)[0]
+        for unpack in (False, True):
+            exchange = opt.worker.exchange(P.PushPull, list(opt.params), opt.params, after_caller=False,
+                                           packed=regions)
+            try:
+                with pytest.raises(ConfigError, match="goes with its block"):
+                    exchange.add(name, torch.zeros_like(opt.params[name]))
+                if unpack:
+                    unpack_block(exchange, block, opt.params)
+                    assert not add_packed_block(exchange, block)
+                    exchange.add(name, torch.zeros_like(opt.params[name]))
+                else:
+                    assert add_packed_block(exchange, block)
+                    with pytest.raises(ConfigError, match="given twice"):
+                        add_packed_block(exchange, block)
+            finally:
+                exchange.abandon()
+
+
+def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begun(make_cluster):
+    """``step()`` fails while handing over the gradients no hook saw (their staging raised), in a
+    step where backward reached part of a packed block: called again, ``step()`` hands over the
+    block's tensors the hooks saw too and completes (never waits for ever for them), and the
+    servers hold torch's values after that step: every gradient applied once. (The failed step
+    moved the parameters away from where its answers write, so they get those values at the next
+    step's pull.)"""
+    import threading
+    model, reference, local, opt = _stack_beside_torch(make_cluster, overlap=True)
+    with opt:
+        for net, optimizer in ((reference, local), (model, opt)):  # the second step leaves 4.weight out
+            for skip_last in (False, True):
+                x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(int(skip_last))), torch.ones(16, 1)
+                optimizer.zero_grad()
+                hidden = net[:4](x)
+                out = hidden.sum(dim=1, keepdim=True) + net[4].bias if skip_last else net[4](hidden)
+                torch.nn.functional.mse_loss(out, y).backward()
+                if net is reference or not skip_last:
+                    optimizer.step()
+        real = opt._overlap._grads_of
+
+        def failing(names):
+            opt._overlap._grads_of = real
+            raise RuntimeError("no memory to stage the gradients")
+        opt._overlap._grads_of = failing
+        with pytest.raises(RuntimeError, match="no memory to stage"):
+            opt.step()
+        again = threading.Thread(target=opt.step, daemon=True)
+        again.start()
+        again.join(timeout=30)
+        assert not again.is_alive(), "step() waits for tensors of a block that its failed step lost"
+        held = {name: torch.empty_like(p) for name, p in opt.params.items()}
+        opt.worker.pull(held).wait(timeout=30)
+        for (name, _), want in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(held[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.gpu
