@@ -547,16 +547,15 @@ class _Packing:
     """Overlap's packed blocks of host tensors (``FlatViews.packed``): each tensor's hook counts its
     block down, and the last one hands the whole block over as one region, with no work per tensor
     (tensor by tensor, backward and ``step()`` of a model of a hundred small tensors took three
-    times torch's; ``benchmarks/RESULTS.md``). GPU blocks go tensor by tensor under overlap, as
-    before, until this has run on a GPU. ``shared``: the optimizer's ``_MappedParams`` now (None
-    once the parameters left the memory the servers map); ``staged_of``: ``_staged_grads``."""
+    times torch's; ``benchmarks/RESULTS.md``). A GPU block is handed over with an event recorded
+    after its staging. ``shared``: the optimizer's ``_MappedParams`` now (None once the parameters
+    left the memory the servers map); ``staged_of``: ``_staged_grads``."""
 
     def __init__(self, shared: Callable[[], Optional["_MappedParams"]], staged_of: Callable):
         mapped = shared()
         regions = mapped.views.regions if mapped is not None else {}
         self._shared, self._staged_of = shared, staged_of
-        self.names_of = {block_id: tuple(region.names) for block_id, region in regions.items()
-                         if not region.grads.is_cuda}
+        self.names_of = {block_id: tuple(region.names) for block_id, region in regions.items()}
         self.block_of = {name: block_id for block_id, names in self.names_of.items() for name in names}
         self._waiting: dict[int, set[str]] = {}  # this step's blocks, each with the tensors it still waits for
 
@@ -578,11 +577,18 @@ class _Packing:
         del self._waiting[block_id]
         return block_id
 
-    def take(self, block_id: int) -> tuple[bool, dict[str, Optional[torch.Tensor]]]:
-        """Stage a block's gradients: whether every one went into the block's region, and the gradients."""
+    def take(self, block_id: int) -> tuple[bool, dict[str, Optional[torch.Tensor]], Optional["torch.cuda.Event"]]:
+        """Stage a block's gradients: whether every one went into the block's region, the gradients,
+        and for GPU gradients an event recorded after them and their staging (on the current stream)."""
         grads, staged = self._staged_of(self.names_of[block_id])
         mapped = self._shared()
-        return mapped is not None and mapped.views.packed_block(block_id, staged) is not None, grads
+        whole = mapped is not None and mapped.views.packed_block(block_id, staged) is not None
+        on_gpu = next((grad.device for grad in grads.values() if grad is not None and grad.is_cuda), None)
+        staged_after = None
+        if on_gpu is not None:
+            staged_after = torch.cuda.Event()
+            staged_after.record(torch.cuda.current_stream(on_gpu))
+        return whole, grads, staged_after
 
     def unfinished(self) -> list[str]:
         """The tensors that came of the blocks some of whose tensors did not (under overlap's lock,
@@ -656,12 +662,12 @@ class _Overlap:
         if block_id is None:
             return
         try:
-            whole, grads = self._packing.take(block_id)
+            whole, grads, staged_after = self._packing.take(block_id)
         except BaseException:  # not handed over: step() hands these over itself, or raises
             with self._lock:
                 self._handed.difference_update(self._packing.names_of[block_id])
             raise
-        self._queue.put((_BLOCK, block_id, grads) if whole else (_TENSORS, grads))
+        self._queue.put((_BLOCK if whole else _TENSORS, block_id, staged_after, grads))
 
     def finish(self, push_rows=None) -> None:
         """Hand over the gradients no hook saw (and ``push_rows``, which the thread calls once they
@@ -759,11 +765,10 @@ class _Overlap:
         if item[0] == _READY:
             _, name, grad, ready = item
             self._add(exchange, name, grad, ready)
-        elif item[0] == _BLOCK and add_packed_block(exchange, item[1]):
-            pass
-        else:  # a block not staged whole, or one this exchange sends tensor by tensor (no lane)
-            for name, grad in item[-1].items():
-                self._add(exchange, name, grad, None)
+        elif not (item[0] == _BLOCK and add_packed_block(exchange, item[1], after=item[2])):
+            # a block not staged whole, or one this exchange sends tensor by tensor (no lane)
+            for name, grad in item[3].items():
+                self._add(exchange, name, grad, item[2])
         exchange.send_ready(wait=False)
 
     def _add(self, exchange: Exchange, name: str, grad: Optional[torch.Tensor], ready) -> None:

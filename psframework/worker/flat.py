@@ -184,8 +184,8 @@ class FlatViews:
         """The blocks whose every tensor's gradient ``stage`` staged into its view (``staged``, its
         answer: a parameter moved off its view, a gradient that does not fit or is None leave
         their block out), each as one region of gradients and one of values."""
-        return {block_id: packed for block_id, (views, packed) in self._packed.items()
-                if all(staged.get(name) is view for name, view in views)}
+        whole = {block_id: self.packed_block(block_id, staged) for block_id in self._packed}
+        return {block_id: packed for block_id, packed in whole.items() if packed is not None}
 
     def packed_block(self, block_id: int, staged: Mapping[str, Optional[torch.Tensor]]) -> Optional[PackedBlock]:
         """``packed`` of one block: its regions if ``stage`` staged its every gradient into its view."""

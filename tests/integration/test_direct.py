@@ -554,9 +554,18 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
 def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_cluster, monkeypatch, overlap):
     """With ``PS_DIRECT_GPU=1`` ``DistributedOptimizer`` lays a GPU model's parameters and gradients
     out block by block: every block, those packing several small tensors too, is read and written
-    by its server where it lies, and the values equal torch's Adam."""
+    by its server where it lies, and the values equal torch's Adam. With overlap a packed block
+    goes whole from its last tensor's hook, after an event recorded behind its staging."""
     from tests.integration.test_cuda_ipc import GPU_VS_CPU
+    import psframework.worker.exchange as exchange_module
     monkeypatch.setenv("PS_DIRECT_GPU", "1")
+    added, plain_add = [], exchange_module.Exchange.add
+
+    def spy_add(exchange, name, *args, **kwargs):
+        if exchange.op is P.PushPull:
+            added.append(name)
+        return plain_add(exchange, name, *args, **kwargs)
+    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
     steps = 4
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
@@ -576,7 +585,8 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
             torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()).backward()
             opt.step()
         blocks = opt.worker.shard_map.blocks
-        assert any(len(block.segments) > 1 for block in blocks)
+        packed_names = {seg.key for block in blocks if len(block.segments) > 1 for seg in block.segments}
+        assert packed_names and not packed_names & set(added)  # none of a packed block's tensors one by one
         assert sum(s["direct_requests"] for s in opt.worker.server_stats()) == steps * len(blocks)
         # GPU gradients stay torch's, and the step copies them where the servers read them
         # (``FlatViews.stage``), with no hook of ours on a parameter without overlap
