@@ -516,9 +516,9 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
     """``step()`` fails while handing over the gradients no hook saw (their staging raised), in a
     step where backward reached part of a packed block: called again, ``step()`` hands over the
     block's tensors the hooks saw too and completes (never waits for ever for them), and the
-    servers hold torch's values after that step: every gradient applied once. (The failed step
-    moved the parameters away from where its answers write, so they get those values at the next
-    step's pull.)"""
+    servers hold torch's values after that step: every gradient applied once. The failed step
+    moved the parameters away from where that exchange's answers write; the model gets the
+    values all the same when the step called again returns, before the next forward."""
     import threading
     model, reference, local, opt = _stack_beside_torch(make_cluster, overlap=True)
     with opt:
@@ -545,8 +545,9 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
         assert not again.is_alive(), "step() waits for tensors of a block that its failed step lost"
         held = {name: torch.empty_like(p) for name, p in opt.params.items()}
         opt.worker.pull(held).wait(timeout=30)
-        for (name, _), want in zip(model.named_parameters(), reference.parameters()):
+        for (name, mine), want in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(held[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.gpu
