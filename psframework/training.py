@@ -45,7 +45,7 @@ from .nn import tables_of
 from .optim import OptimizerSpec
 from .worker import Worker, init
 from .worker.exchange import Exchange, add_packed_block, unpack_block
-from .worker.flat import FlatViews
+from .worker.flat import FlatViews, flat_layout
 from .worker.lanes import MAP_TIMEOUT
 from .worker.plans import PackedBlock
 from .worker.requests import Future
@@ -372,6 +372,16 @@ def _await_maps(worker: Worker, futures: list[Future]) -> None:
                         "go through the lanes until it does", worker.rank, exc)
 
 
+def _packed_through_lanes(worker: Worker, params: Mapping[str, torch.Tensor]) -> set[str]:
+    """The GPU tensors of blocks of several tensors whose servers have lanes to this worker: laid
+    out block by block, each such block goes through its lane in one copy each way. Others stay
+    torch's (a large tensor's block is one region already)."""
+    laned = {*worker.lanes.device_lanes, *worker.lanes.lanes}
+    blocks = [block for block in worker.shard_map.blocks if block.server in laned]
+    places = {name: (p.device, p.dtype) for name, p in params.items() if p.is_cuda}
+    return {name for _, offsets in flat_layout(blocks, places).values() for name in offsets}
+
+
 MAX_RENEWS_IN_A_ROW = 2  # moves of GPU buffers in a row, after which a failed step ends the mapped memory
 
 
@@ -381,7 +391,9 @@ class _MappedParams:
     whole job, so that none is freed while a server maps it), and gradient buffers of the same
     layout that the servers read: the servers read the gradients and write the new values in
     place, with no copy through the lanes. GPU gradients stay torch's and the step copies them
-    there (``stage``: one copy where the lanes take three); host gradients are views of it,
+    there (``stage``: one fused copy). GPU parameters that no server maps are laid out so too
+    where they have lanes: each block then goes through its lane in one copy each way, not one
+    per tensor (``FlatViews.packed``). Host gradients are views of their buffer,
     accumulated in place (``FlatViews.in_place``): ``zero_grad`` zeroes them in place, so ``p.grad``
     stays a tensor, and a hook on each notes which got a gradient since, so that one backward did
     not reach still counts as none (torch's ``set_to_none``). A server's late answer to a failed
@@ -400,11 +412,13 @@ class _MappedParams:
 
     @classmethod
     def make(cls, worker: Worker, params: dict[str, torch.Tensor]) -> Optional["_MappedParams"]:
-        """For the parameters in memory a server of this host maps (host memory, GPU memory); None
-        if there are none."""
+        """For the parameters in memory a server of this host maps (host memory, GPU memory), and
+        the GPU ones of packed blocks with lanes where no server maps GPU memory; None if there are none."""
         direct = worker.lanes.direct
+        through_lanes = _packed_through_lanes(worker, params) if not direct.accepted_by_any(on_device=True) else set()
         mapped = {name: p for name, p in params.items()
-                  if p.device.type in ("cpu", "cuda") and direct.accepted_by_any(on_device=p.is_cuda)}
+                  if p.device.type in ("cpu", "cuda") and direct.accepted_by_any(on_device=p.is_cuda)
+                  or name in through_lanes}
         if not mapped:
             return None
         reached = {name for name, p in mapped.items() if p.grad is not None}

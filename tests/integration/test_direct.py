@@ -597,6 +597,65 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
         torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("server_device", ["cuda", "cpu"])
+@pytest.mark.parametrize("overlap", [None, True])
+def test_gpu_packed_blocks_go_through_their_lanes_in_one_piece(make_cluster, monkeypatch, server_device, overlap):
+    """Without the direct exchange on the GPU (``PS_DIRECT_GPU=0``) a GPU model is laid out block
+    by block all the same: a block of several tensors goes through its lane (a device lane to a
+    GPU server, a host lane to a CPU server) in one copy each way, none of its tensors added one
+    by one; with overlap from its last tensor's hook. The values equal torch's Adam."""
+    from tests.integration.test_cuda_ipc import GPU_VS_CPU
+    import psframework.worker.exchange as exchange_module
+    monkeypatch.setenv("PS_DIRECT_GPU", "0")
+    steps = 3
+    through_lane, added = [], []
+    packed_through_lane, plain_add = exchange_module._packed_through_lane, exchange_module.Exchange.add
+
+    def spy_lane(exchange, lane, block, packed, regions):
+        through_lane.append((block.block_id, lane.on_device, regions is not None))
+        return packed_through_lane(exchange, lane, block, packed, regions)
+
+    def spy_add(exchange, name, *args, **kwargs):
+        if exchange.op is P.PushPull:
+            added.append(name)
+        return plain_add(exchange, name, *args, **kwargs)
+    monkeypatch.setattr(exchange_module, "_packed_through_lane", spy_lane)
+    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    torch.manual_seed(0)
+    model = _small_stack()
+    reference = copy.deepcopy(model)
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
+    for x, y in batches:
+        local.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        local.step()
+    model.cuda()
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4,
+                           server_device=server_device)
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=overlap) as opt:
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()).backward()
+            opt.step()
+        blocks = opt.worker.shard_map.blocks
+        stats = opt.worker.server_stats()
+        laid_out = set(opt._shared.views.names)
+    packable = [block for block in blocks if len(block.segments) > 1]
+    assert packable and len(packable) < len(blocks)
+    # only the packed blocks' tensors: a large tensor's blocks are regions of it already
+    assert laid_out == {seg.key for block in packable for seg in block.segments}
+    on_device = server_device == "cuda"
+    assert sorted(through_lane) == sorted((block.block_id, on_device, False) for block in packable for _ in range(steps))
+    packed_names = {seg.key for block in packable for seg in block.segments}
+    assert added and not packed_names & set(added)
+    assert sum(s["direct_requests"] for s in stats) == 0
+    for mine, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
+
+
 def _async_sgd_optimizer(make_cluster, overlap: bool = False) -> tuple[torch.nn.Module, ps.DistributedOptimizer]:
     """The test model and its ``DistributedOptimizer`` (SGD) with two async CPU servers."""
     cluster = make_cluster(num_servers=2, num_workers=1, mode="async", chunk_bytes=CHUNK)
