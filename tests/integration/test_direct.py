@@ -374,6 +374,27 @@ def _small_stack() -> torch.nn.Module:
                                torch.nn.Linear(4, 1))
 
 
+def _spy_packing(monkeypatch) -> tuple[list, list]:
+    """Lists that fill as exchanges go: each packed block sent through its lane (its id, whether
+    the lane is on a GPU, whether its server reads it where it lies), and each tensor a
+    ``PushPull`` added one by one (not the values registration sends)."""
+    import psframework.worker.exchange as exchange_module
+    through_lane, added = [], []
+    packed_through_lane, plain_add = exchange_module._packed_through_lane, exchange_module.Exchange.add
+
+    def spy_lane(exchange, lane, block, packed, regions):
+        through_lane.append((block.block_id, lane.on_device, regions is not None))
+        return packed_through_lane(exchange, lane, block, packed, regions)
+
+    def spy_add(exchange, name, *args, **kwargs):
+        if exchange.op is P.PushPull:
+            added.append(name)
+        return plain_add(exchange, name, *args, **kwargs)
+    monkeypatch.setattr(exchange_module, "_packed_through_lane", spy_lane)
+    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    return through_lane, added
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("mapped", [True, False])
 def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster, monkeypatch, mapped, overlap):
@@ -382,21 +403,8 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
     lies, or, where the server cannot map the memory (a wrong token), copied through the lane in
     one piece each way; the values equal torch's either way. With overlap the block goes from the
     hook of its last tensor (``_Packing``)."""
-    import psframework.worker.exchange as exchange_module
     steps = 4
-    through_lane, added = [], []
-    packed_through_lane, plain_add = exchange_module._packed_through_lane, exchange_module.Exchange.add
-
-    def spy_lane(exchange, lane, block, packed, regions):
-        through_lane.append((block.block_id, regions is not None))
-        return packed_through_lane(exchange, lane, block, packed, regions)
-
-    def spy_add(exchange, name, *args, **kwargs):
-        if exchange.op is P.PushPull:  # not the values registration sends
-            added.append(name)
-        return plain_add(exchange, name, *args, **kwargs)
-    monkeypatch.setattr(exchange_module, "_packed_through_lane", spy_lane)
-    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    through_lane, added = _spy_packing(monkeypatch)
     torch.manual_seed(0)
     model = _small_stack()
     reference = copy.deepcopy(model)
@@ -421,7 +429,7 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
         stats = opt.worker.server_stats()
     packable = [block for block in blocks if len(block.segments) > 1]
     assert packable and len(packable) < len(blocks)
-    assert sorted(through_lane) == sorted((block.block_id, mapped) for block in packable for _ in range(steps))
+    assert sorted(through_lane) == sorted((block.block_id, False, mapped) for block in packable for _ in range(steps))
     packed_names = {seg.key for block in packable for seg in block.segments}
     assert added and not packed_names & set(added)  # the other tensors, one by one
     assert sum(s["direct_requests"] for s in stats) == (steps * len(blocks) if mapped else 0)
@@ -558,15 +566,8 @@ def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_c
     by its server where it lies, and the values equal torch's Adam. With overlap a packed block
     goes whole from its last tensor's hook, after an event recorded behind its staging."""
     from tests.integration.test_cuda_ipc import GPU_VS_CPU
-    import psframework.worker.exchange as exchange_module
     monkeypatch.setenv("PS_DIRECT_GPU", "1")
-    added, plain_add = [], exchange_module.Exchange.add
-
-    def spy_add(exchange, name, *args, **kwargs):
-        if exchange.op is P.PushPull:
-            added.append(name)
-        return plain_add(exchange, name, *args, **kwargs)
-    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    _, added = _spy_packing(monkeypatch)
     steps = 4
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
@@ -606,22 +607,9 @@ def test_gpu_packed_blocks_go_through_their_lanes_in_one_piece(make_cluster, mon
     GPU server, a host lane to a CPU server) in one copy each way, none of its tensors added one
     by one; with overlap from its last tensor's hook. The values equal torch's Adam."""
     from tests.integration.test_cuda_ipc import GPU_VS_CPU
-    import psframework.worker.exchange as exchange_module
     monkeypatch.setenv("PS_DIRECT_GPU", "0")
     steps = 3
-    through_lane, added = [], []
-    packed_through_lane, plain_add = exchange_module._packed_through_lane, exchange_module.Exchange.add
-
-    def spy_lane(exchange, lane, block, packed, regions):
-        through_lane.append((block.block_id, lane.on_device, regions is not None))
-        return packed_through_lane(exchange, lane, block, packed, regions)
-
-    def spy_add(exchange, name, *args, **kwargs):
-        if exchange.op is P.PushPull:
-            added.append(name)
-        return plain_add(exchange, name, *args, **kwargs)
-    monkeypatch.setattr(exchange_module, "_packed_through_lane", spy_lane)
-    monkeypatch.setattr(exchange_module.Exchange, "add", spy_add)
+    through_lane, added = _spy_packing(monkeypatch)
     torch.manual_seed(0)
     model = _small_stack()
     reference = copy.deepcopy(model)
