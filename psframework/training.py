@@ -558,7 +558,7 @@ _READY, _BLOCK, _TENSORS, _FINISH, _STOP = "ready", "block", "tensors", "finish"
 
 
 class _Packing:
-    """Overlap's packed blocks of host tensors (``FlatViews.packed``): each tensor's hook counts its
+    """Overlap's packed blocks (``FlatViews.packed``): each tensor's hook counts its
     block down, and the last one hands the whole block over as one region, with no work per tensor
     (tensor by tensor, backward and ``step()`` of a model of a hundred small tensors took three
     times torch's; ``benchmarks/RESULTS.md``). A GPU block is handed over with an event recorded
