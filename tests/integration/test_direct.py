@@ -374,6 +374,20 @@ def _small_stack() -> torch.nn.Module:
                                torch.nn.Linear(4, 1))
 
 
+def _small_stack_and_torch_adam(steps: int) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    """``_small_stack`` (seeded), a copy of it trained ``steps`` steps by torch's Adam, and the batches."""
+    torch.manual_seed(0)
+    model = _small_stack()
+    reference = copy.deepcopy(model)
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
+    for x, y in batches:
+        local.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        local.step()
+    return model, reference, batches
+
+
 def _spy_packing(monkeypatch) -> tuple[list, list]:
     """Lists that fill as exchanges go: each packed block sent through its lane (its id, whether
     the lane is on a GPU, whether its server reads it where it lies), and each tensor a
@@ -405,15 +419,7 @@ def test_distributed_optimizer_sends_each_packed_block_as_one_piece(make_cluster
     hook of its last tensor (``_Packing``)."""
     steps = 4
     through_lane, added = _spy_packing(monkeypatch)
-    torch.manual_seed(0)
-    model = _small_stack()
-    reference = copy.deepcopy(model)
-    local = torch.optim.Adam(reference.parameters(), lr=0.01)
-    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
-    for x, y in batches:
-        local.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        local.step()
+    model, reference, batches = _small_stack_and_torch_adam(steps)
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4)
     if not mapped:
         from psframework.datapath.exports import SharedHostMemory
@@ -610,15 +616,7 @@ def test_gpu_packed_blocks_go_through_their_lanes_in_one_piece(make_cluster, mon
     monkeypatch.setenv("PS_DIRECT_GPU", "0")
     steps = 3
     through_lane, added = _spy_packing(monkeypatch)
-    torch.manual_seed(0)
-    model = _small_stack()
-    reference = copy.deepcopy(model)
-    local = torch.optim.Adam(reference.parameters(), lr=0.01)
-    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
-    for x, y in batches:
-        local.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        local.step()
+    model, reference, batches = _small_stack_and_torch_adam(steps)
     model.cuda()
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4,
                            server_device=server_device)
