@@ -530,13 +530,15 @@ class _MappedParams:
 
 class _MappedBuffers:
     """The buffers of ``_MappedParams``' ``FlatViews``: host ones in memory files, whose memory goes
-    back once no server maps them; GPU ones torch's, never given back to its allocator while the job lasts: one
-    that no server uses any more waits for the next ``renew`` (the driver documents freeing an
-    exported allocation that another process maps as undefined behaviour, and torch's allocator
-    frees its cached segments in ``empty_cache`` or when it runs out of memory)."""
+    back once no server maps them; GPU ones torch's. Where servers may map GPU memory, a GPU one is
+    never given back to torch's allocator while the job lasts: one that no server uses any more
+    waits for the next ``renew`` (the driver documents freeing an exported allocation that another
+    process maps as undefined behaviour, and torch's allocator frees its cached segments in
+    ``empty_cache`` or when it runs out of memory). Laid out for the lanes only, they go back to it."""
 
     def __init__(self, direct):
         self._direct = direct
+        self._may_be_mapped = direct.accepted_by_any(on_device=True)
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (numel, dtype, device) -> GPU buffers
 
     def __call__(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -549,8 +551,9 @@ class _MappedBuffers:
 
     def take_back(self, buffers: list[torch.Tensor]) -> None:
         self._direct.free([buffer for buffer in buffers if not buffer.is_cuda])
+        self._may_be_mapped = self._may_be_mapped or self._direct.accepted_by_any(on_device=True)
         for buffer in buffers:
-            if buffer.is_cuda:
+            if buffer.is_cuda and self._may_be_mapped:
                 self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
 

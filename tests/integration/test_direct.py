@@ -631,13 +631,66 @@ def test_gpu_packed_blocks_go_through_their_lanes_in_one_piece(make_cluster, mon
         laid_out = set(opt._shared.views.names)
     packable = [block for block in blocks if len(block.segments) > 1]
     assert packable and len(packable) < len(blocks)
-    # only the packed blocks' tensors: a large tensor's blocks are regions of it already
-    assert laid_out == {seg.key for block in packable for seg in block.segments}
+    packed_names = {seg.key for block in packable for seg in block.segments}
+    assert laid_out == packed_names  # a large tensor's blocks are regions of it already
     on_device = server_device == "cuda"
     assert sorted(through_lane) == sorted((block.block_id, on_device, False) for block in packable for _ in range(steps))
-    packed_names = {seg.key for block in packable for seg in block.segments}
     assert added and not packed_names & set(added)
     assert sum(s["direct_requests"] for s in stats) == 0
+    for mine, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("server_device", ["cuda", "cpu"])
+def test_a_failed_step_of_a_gpu_model_laid_out_for_its_lanes_moves_it_and_keeps_no_spare(
+        make_cluster, monkeypatch, server_device):
+    """Overlap off, ``PS_DIRECT_GPU=0``: a step fails before it sends anything; the laid-out GPU
+    tensors move to new buffers with their values, and once a later step completed the old ones go
+    back to torch's allocator (no server maps them, so none is kept as a spare). Training goes on
+    through the lanes in one piece per block, with torch's Adam's values for the steps that completed."""
+    from psframework.training import _MappedParams
+    from tests.integration.test_cuda_ipc import GPU_VS_CPU
+    monkeypatch.setenv("PS_DIRECT_GPU", "0")
+    through_lane, _ = _spy_packing(monkeypatch)
+    model, reference, _ = _small_stack_and_torch_adam(0)
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(4)]
+    failing = 1
+    local = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for step, (x, y) in enumerate(batches):
+        if step != failing:
+            local.zero_grad()
+            torch.nn.functional.mse_loss(reference(x), y).backward()
+            local.step()
+    model.cuda()
+    cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4,
+                           server_device=server_device)
+    stage = _MappedParams.stage
+
+    def failing_stage(self, grads):
+        raise RuntimeError("injected failure")
+
+    with ps.DistributedOptimizer(model, ps.optim.Adam(lr=0.01), ps.init(scheduler=cluster.scheduler),
+                                 overlap=False) as opt:
+        mapped = opt._shared
+        for step, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()).backward()
+            if step != failing:
+                opt.step()
+                continue
+            before = {name: (p.data_ptr(), p.detach().clone()) for name, p in mapped.views.params.items()}
+            monkeypatch.setattr(_MappedParams, "stage", failing_stage)
+            with pytest.raises(RuntimeError, match="injected failure"):
+                opt.step()
+            monkeypatch.setattr(_MappedParams, "stage", stage)
+            assert opt._shared is mapped and mapped._retired
+            for name, p in mapped.views.params.items():
+                assert p.data_ptr() != before[name][0] and torch.equal(p, before[name][1]), name
+        assert not mapped._retired and not mapped._buffers._spare  # given back to torch's allocator
+        packed = [block for block in opt.worker.shard_map.blocks if len(block.segments) > 1]
+    assert sorted(through_lane) == sorted((block.block_id, server_device == "cuda", False)
+                                          for block in packed for _ in range(len(batches) - 1))
     for mine, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(mine.detach().cpu(), want.detach(), **GPU_VS_CPU)
 

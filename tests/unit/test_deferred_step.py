@@ -176,17 +176,21 @@ def test_when_the_parameters_cannot_move_their_buffers_are_kept_for_the_job():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_buffers_no_server_uses_are_kept_for_the_next_renew_not_given_back():
-    """An exported GPU allocation must not be freed while a server may still map it: buffers of
-    failed steps wait for the next ``renew`` instead of going back to torch's allocator."""
+@pytest.mark.parametrize("server_maps_gpu_memory", [True, False])
+def test_gpu_buffers_no_server_uses_are_kept_for_the_next_renew_where_servers_map_gpu_memory(server_maps_gpu_memory):
+    """An exported GPU allocation must not be freed while a server may still map it: where a
+    server maps our GPU memory, buffers of failed steps wait for the next ``renew`` instead of
+    going back to torch's allocator. Laid out for the lanes only, they go back to it."""
     from psframework.training import _MappedBuffers
     from psframework.worker.direct import DirectExchange
 
-    buffers = _MappedBuffers(DirectExchange(rank=0))
+    direct = DirectExchange(rank=0, on_gpu=True)
+    direct.answered(0, on_device=True, accepted=server_maps_gpu_memory)
+    buffers = _MappedBuffers(direct)
     device = torch.device("cuda", torch.cuda.current_device())
     first = buffers(1000, torch.float32, device)
     buffers.take_back([first])
-    assert buffers(1000, torch.float32, device) is first
+    assert (buffers(1000, torch.float32, device) is first) == server_maps_gpu_memory
     assert buffers(1000, torch.float32, device) is not first
 
 
