@@ -14,7 +14,8 @@
    the device lanes, CUDA IPC), and on the GPU with ``PS_CUDA_IPC=0`` (through the shared-memory
    lanes); "device-ordered" is ``push_pull(..., device_ordered=True)`` through the device lanes
    (the copies out wait for the server on the GPU, as ``DistributedOptimizer(overlap=False)``
-   does); "direct" is the direct exchange (``PS_DIRECT_GPU=1``: the server reads the gradient and
+   does), all three with ``PS_DIRECT_GPU=0``; "direct" is the direct exchange (``PS_DIRECT_GPU=1``,
+   the default: the server reads the gradient and
    writes its values where the worker's tensors lie, ``docs/direct-device-exchange.md``). GB/s = 2 x tensor bytes / median round trip (1 GB = 1e9 bytes), as
    benchmarks/pushpull.py. A GPU round trip ends after torch.cuda.synchronize(), so its copies are
    included.
@@ -33,7 +34,8 @@
    models of ``--onegpu-models`` (``benchmarks/_one_gpu.py``: a GPT-like 106M-parameter language
    model with bf16 autocast and Adam, ResNet-50 with SGD): PS sync with overlap on and off, and
    without CUDA IPC (``PS_CUDA_IPC=0``, the shared-memory lanes), and without overlap through the
-   direct exchange (``PS_DIRECT_GPU=1``). samples/s = batch x timed steps /
+   direct exchange (``PS_DIRECT_GPU=1``, the default since the twenty-third GPU round; the rows
+   without "direct" set ``PS_DIRECT_GPU=0``, the device lanes). samples/s = batch x timed steps /
    time; the loss of every step against the single process's (largest relative difference).
    ``--rounds 3`` runs the setups three times, one after another, and adds a table of the medians
    of each setup's ratio to the single process of its round: the shared machine's speed moves by a

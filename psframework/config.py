@@ -156,7 +156,7 @@ class NodeConfig:
     shm: bool = True  # workers: shared-memory lanes to the servers of their own host
     cuda_ipc: bool = True  # workers on a GPU: device lanes to GPU servers of their host (CUDA IPC)
     direct: bool = True  # workers: servers of their host read and write shared host tensors where they lie
-    direct_gpu: bool = False  # workers: and GPU tensors, by CUDA IPC (off by default until the one-GPU model rows ran with it)
+    direct_gpu: bool = True  # workers: and GPU tensors, by CUDA IPC
     row_lane_bytes: int = DEFAULT_ROW_LANE_BYTES  # workers: of each row area of a lane (datapath/lane.py)
     peer_buffer_bytes: int = DEFAULT_PEER_BUFFER_BYTES  # servers: unread answers held for one peer
     compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES  # workers: smaller tensors go as they are
@@ -374,7 +374,7 @@ def node_config_from_env(environ: Optional[Mapping[str, str]] = None, **override
         shm=_flag(env, "PS_SHM", default=True),
         cuda_ipc=_flag(env, "PS_CUDA_IPC", default=True),
         direct=_flag(env, "PS_DIRECT", default=True),
-        direct_gpu=_flag(env, "PS_DIRECT_GPU", default=False),
+        direct_gpu=_flag(env, "PS_DIRECT_GPU", default=True),
         row_lane_bytes=_env(env, "PS_ROW_LANE_BYTES", int, DEFAULT_ROW_LANE_BYTES),
         peer_buffer_bytes=_env(env, "PS_PEER_BUFFER_BYTES", int, DEFAULT_PEER_BUFFER_BYTES),
         compress_min_bytes=_env(env, "PS_COMPRESS_MIN_BYTES", int, DEFAULT_COMPRESS_MIN_BYTES),

@@ -89,6 +89,12 @@ def test_env_config():
         NodeConfig(scheduler="h:1")
 
 
+def test_gpu_tensors_go_direct_by_default_and_ps_direct_gpu_0_turns_it_off():
+    env = {"PS_SCHEDULER": "tcp://h:1", "PS_RANK": "0"}
+    assert node_config_from_env(env).direct_paths == (True, True)
+    assert node_config_from_env({**env, "PS_DIRECT_GPU": "0"}).direct_paths == (True, False)
+
+
 def test_readme_lists_every_environment_variable():
     from pathlib import Path
 
