@@ -97,6 +97,7 @@ class DistributedOptimizer:
         self._overlap: Optional[_Overlap] = None
         self._shared: Optional[_MappedParams] = None
         self._given_up: list[_MappedParams] = []  # see _after_failed_step
+        self._moved_mid_step: set[str] = set()  # see _after_failed_step
         self._rolled_back: Optional[int] = None  # the step the job went back to, not yet acted on
         # a step whose values are ordered on the GPU (``push_pull(device_ordered=True)``), not waited for yet
         self._unfinished: Optional[Future] = None
@@ -218,8 +219,16 @@ class DistributedOptimizer:
             self._step_without_overlap(push_rows)
         else:
             self._overlap.finish(push_rows)
+            self._pull_moved()
         if self._shared is not None and self._unfinished is None:
             self._shared.completed()
+
+    def _pull_moved(self) -> None:
+        """After a step called again whose first call failed and moved the parameters: that
+        exchange, begun before the move, wrote some of their values where they were."""
+        if self._moved_mid_step:
+            self.worker.pull({name: self.params[name] for name in self._moved_mid_step}).wait()
+            self._moved_mid_step = set()
 
     def _after_failed_step(self) -> None:
         """A server may still read the gradients of a step that failed where they lie, and write
@@ -227,6 +236,8 @@ class DistributedOptimizer:
         (``_MappedParams.renew``)."""
         if self._shared is None:
             return
+        if self._overlap is not None:  # its exchange goes on when step() is called again
+            self._moved_mid_step |= set(self._shared.views.params)
         try:
             moved = self._shared.renew()
         except Exception as exc:  # noqa: BLE001 -- the step's own error is the one to raise

@@ -526,20 +526,33 @@ def test_a_packed_block_is_given_once_and_its_tensors_only_with_it_until_unpacke
                 exchange.abandon()
 
 
-def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begun(make_cluster):
+def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begun(make_cluster, monkeypatch):
     """``step()`` fails while handing over the gradients no hook saw (their staging raised), in a
     step where backward reached part of a packed block: called again, ``step()`` hands over the
     block's tensors the hooks saw too and completes (never waits for ever for them), and the
     servers hold torch's values after that step: every gradient applied once. The failed step
     moved the parameters away from where that exchange's answers write; the model gets the
-    values all the same when the step called again returns, before the next forward."""
+    values all the same when the step called again returns, before the next forward, also those
+    of tensors its hooks handed over before the failure and sent only after the move."""
     import threading
+
+    from psframework.worker.exchange import Exchange
+    sent_after_the_move, armed = threading.Event(), threading.Event()
+    send_ready = Exchange.send_ready
+
+    def held_back(exchange, *args, **kwargs):  # the communication thread, behind a busy host
+        if armed.is_set():
+            sent_after_the_move.wait(timeout=10)
+        return send_ready(exchange, *args, **kwargs)
+    monkeypatch.setattr(Exchange, "send_ready", held_back)
     model, reference, local, opt = _stack_beside_torch(make_cluster, overlap=True)
     with opt:
         for net, optimizer in ((reference, local), (model, opt)):  # the second step leaves 4.weight out
             for skip_last in (False, True):
                 x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(int(skip_last))), torch.ones(16, 1)
                 optimizer.zero_grad()
+                if net is model and skip_last:
+                    armed.set()
                 hidden = net[:4](x)
                 out = hidden.sum(dim=1, keepdim=True) + net[4].bias if skip_last else net[4](hidden)
                 torch.nn.functional.mse_loss(out, y).backward()
@@ -553,6 +566,7 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
         opt._overlap._grads_of = failing
         with pytest.raises(RuntimeError, match="no memory to stage"):
             opt.step()
+        sent_after_the_move.set()
         again = threading.Thread(target=opt.step, daemon=True)
         again.start()
         again.join(timeout=30)
