@@ -56,6 +56,8 @@ ENV_VARS = {
     "PS_TRACE_STEPS": "a:b: trace the workers' steps a to b-1 only (default all)",
     "PS_METRICS_PORT": "the scheduler serves the job's Prometheus metrics on this port (0: a free one, printed); default off",
     "PS_CUDA_IPC": "0: GPU workers and GPU servers of one host use the shared-memory lanes, not device lanes by CUDA IPC (default 1)",
+    "PS_DIRECT": "0: servers of a worker's host neither read its host gradients nor write its values where they lie (default 1)",
+    "PS_DIRECT_GPU": "0: nor its GPU tensors (by CUDA IPC); they go through the device lanes (default 1)",
     "PS_COMPRESS_MIN_BYTES": "workers: tensors smaller than this are pushed as they are, whatever compression= says (default 64 KiB)",
     "PS_COMPRESS_LOCAL": "1: workers compress pushes to servers of their own host too, over the socket instead of the lanes (default 0)",
 }

@@ -207,6 +207,7 @@ class DistributedOptimizer:
         except BaseException:
             self._after_failed_step()
             raise
+        self._pull_moved()
         try:
             if self.checkpoint_dir and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                 self.worker.save_checkpoint(self.checkpoint_dir, step=self.step_count)
@@ -219,16 +220,27 @@ class DistributedOptimizer:
             self._step_without_overlap(push_rows)
         else:
             self._overlap.finish(push_rows)
-            self._pull_moved()
         if self._shared is not None and self._unfinished is None:
             self._shared.completed()
 
     def _pull_moved(self) -> None:
-        """After a step called again whose first call failed and moved the parameters: that
-        exchange, begun before the move, wrote some of their values where they were."""
-        if self._moved_mid_step:
-            self.worker.pull({name: self.params[name] for name in self._moved_mid_step}).wait()
-            self._moved_mid_step = set()
+        """After a step called again whose first call failed and moved the parameters: the exchange
+        it went on with, begun before the move, wrote some of their values where they were. The
+        step is applied already, so a failure here is not a failed step: the values are read again
+        after the next one."""
+        names, self._moved_mid_step = self._moved_mid_step, set()
+        if not names:
+            return
+        try:
+            self.worker.pull({name: self.params[name] for name in names}).wait()
+        except RolledBackError as exc:
+            self._drop_step(exc.step)
+        except BaseException:
+            self._moved_mid_step = names
+            log.error("worker %d: step %d was applied, but the new values of the parameters its first call moved "
+                      "could not be read back; they are read again after the next step", self.worker.rank,
+                      self.worker.steps)
+            raise
 
     def _after_failed_step(self) -> None:
         """A server may still read the gradients of a step that failed where they lie, and write
@@ -236,7 +248,7 @@ class DistributedOptimizer:
         (``_MappedParams.renew``)."""
         if self._shared is None:
             return
-        if self._overlap is not None:  # its exchange goes on when step() is called again
+        if self._overlap is not None and self._overlap.exchange_goes_on:
             self._moved_mid_step |= set(self._shared.views.params)
         try:
             moved = self._shared.renew()
@@ -277,6 +289,7 @@ class DistributedOptimizer:
             pass  # the values pulled now are the restored ones
         if self.params:
             self.worker.pull(self.params).wait()
+            self._moved_mid_step = set()
 
     def _step_without_overlap(self, push_rows) -> None:
         futures = [self._push_pull(device_ordered=push_rows is None)] if self.params else []
@@ -549,7 +562,6 @@ class _MappedBuffers:
 
     def __init__(self, direct):
         self._direct = direct
-        self._may_be_mapped = direct.accepted_by_any(on_device=True)
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (numel, dtype, device) -> GPU buffers
 
     def __call__(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -562,9 +574,8 @@ class _MappedBuffers:
 
     def take_back(self, buffers: list[torch.Tensor]) -> None:
         self._direct.free([buffer for buffer in buffers if not buffer.is_cuda])
-        self._may_be_mapped = self._may_be_mapped or self._direct.accepted_by_any(on_device=True)
         for buffer in buffers:
-            if buffer.is_cuda and self._may_be_mapped:
+            if buffer.is_cuda and self._direct.gpu_memory_mapped:
                 self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
 
@@ -639,6 +650,8 @@ class _Overlap:
         self._grads_of = grads_of  # the gradients to push, by name (``DistributedOptimizer._grads``)
         self._packing = packing if packing is not None else _Packing(lambda: None, grads_of)
         self.early_blocks = 0
+        # the last finish() failed handing over: the exchange under way goes on when step() is called again
+        self.exchange_goes_on = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -703,8 +716,10 @@ class _Overlap:
         if not self._thread.is_alive():
             raise ClosedError("the communication thread of this DistributedOptimizer has stopped")
         with self._lock:  # if staging raises, a step() called again hands the same over
+            self.exchange_goes_on = True
             rest = self._grads_of([name for name in self.params if name not in self._handed] +
                                   self._packing.unfinished())
+            self.exchange_goes_on = False
             self._handed = set()
             self._packing.forget()
         ready = {}

@@ -79,6 +79,7 @@ class DirectExchange:
         self.host_memory = SharedHostMemory()
         self._exports: dict[bool, Optional[WorkerExports]] = {False: WorkerExports(self.host_memory), True: None}
         self._accepted: set[tuple[int, bool]] = set()  # (server, on a GPU) that map our memory
+        self.gpu_memory_mapped = False  # whether a server ever said that it maps our GPU memory
         # whether servers may write values into mapped destinations: a server's late answer to a
         # failed exchange then writes them too; DistributedOptimizer allows it only for parameters it
         # moves to new memory after a failed step
@@ -115,6 +116,7 @@ class DirectExchange:
             exports.forget_server(server)
         if accepted and (self.on_gpu if on_device else self.enabled):
             self._accepted.add((server, on_device))
+            self.gpu_memory_mapped = self.gpu_memory_mapped or on_device
         else:
             self._accepted.discard((server, on_device))
 

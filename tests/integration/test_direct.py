@@ -538,11 +538,11 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
 
     from psframework.worker.exchange import Exchange
     sent_after_the_move, armed = threading.Event(), threading.Event()
-    send_ready = Exchange.send_ready
+    send_ready, held = Exchange.send_ready, []
 
     def held_back(exchange, *args, **kwargs):  # the communication thread, behind a busy host
-        if armed.is_set():
-            sent_after_the_move.wait(timeout=10)
+        if armed.is_set() and not sent_after_the_move.is_set():
+            held.append(sent_after_the_move.wait(timeout=10))
         return send_ready(exchange, *args, **kwargs)
     monkeypatch.setattr(Exchange, "send_ready", held_back)
     model, reference, local, opt = _stack_beside_torch(make_cluster, overlap=True)
@@ -566,15 +566,18 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
         opt._overlap._grads_of = failing
         with pytest.raises(RuntimeError, match="no memory to stage"):
             opt.step()
+        assert opt._moved_mid_step  # their values are read back once the step called again is done
         sent_after_the_move.set()
         again = threading.Thread(target=opt.step, daemon=True)
         again.start()
         again.join(timeout=30)
         assert not again.is_alive(), "step() waits for tensors of a block that its failed step lost"
-        held = {name: torch.empty_like(p) for name, p in opt.params.items()}
-        opt.worker.pull(held).wait(timeout=30)
+        assert not opt._moved_mid_step
+        assert held and all(held)  # sends were held back, each until the move (none timed out)
+        on_servers = {name: torch.empty_like(p) for name, p in opt.params.items()}
+        opt.worker.pull(on_servers).wait(timeout=30)
         for (name, mine), want in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(held[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(on_servers[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
             torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -752,6 +755,7 @@ def test_a_failed_step_leaves_its_gradients_to_the_servers_and_trains_on(make_cl
         with pytest.raises(RuntimeError, match="injected failure"):
             opt.step()
         monkeypatch.setattr(Exchange, "add", add)
+        assert not opt._moved_mid_step  # that exchange was abandoned: the next step is a new one
         for name, p in model.named_parameters():
             if name in pushed:
                 assert p.grad.data_ptr() != pushed[name].data_ptr() and torch.equal(p.grad, kept[name]), name
