@@ -374,14 +374,16 @@ def _small_stack() -> torch.nn.Module:
                                torch.nn.Linear(4, 1))
 
 
-def _small_stack_and_torch_adam(steps: int) -> tuple[torch.nn.Module, torch.nn.Module, list]:
-    """``_small_stack`` (seeded), a copy of it trained ``steps`` steps by torch's Adam, and the batches."""
+def _small_stack_and_torch_adam(steps: int, skipped: frozenset = frozenset()
+                                ) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    """``_small_stack`` (seeded), a copy of it trained by torch's Adam on ``steps`` batches but
+    those ``skipped`` (by index), and the batches."""
     torch.manual_seed(0)
     model = _small_stack()
     reference = copy.deepcopy(model)
     local = torch.optim.Adam(reference.parameters(), lr=0.01)
     batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(steps)]
-    for x, y in batches:
+    for x, y in (batch for step, batch in enumerate(batches) if step not in skipped):
         local.zero_grad()
         torch.nn.functional.mse_loss(reference(x), y).backward()
         local.step()
@@ -670,15 +672,8 @@ def test_a_failed_step_of_a_gpu_model_laid_out_for_its_lanes_moves_it_and_keeps_
     from tests.integration.test_cuda_ipc import GPU_VS_CPU
     monkeypatch.setenv("PS_DIRECT_GPU", "0")
     through_lane, _ = _spy_packing(monkeypatch)
-    model, reference, _ = _small_stack_and_torch_adam(0)
-    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(4)]
     failing = 1
-    local = torch.optim.Adam(reference.parameters(), lr=0.01)
-    for step, (x, y) in enumerate(batches):
-        if step != failing:
-            local.zero_grad()
-            torch.nn.functional.mse_loss(reference(x), y).backward()
-            local.step()
+    model, reference, batches = _small_stack_and_torch_adam(4, skipped=frozenset({failing}))
     model.cuda()
     cluster = make_cluster(num_servers=2, num_workers=1, mode="sync", chunk_bytes=CHUNK // 4,
                            server_device=server_device)

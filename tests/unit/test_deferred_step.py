@@ -52,7 +52,8 @@ def _optimizer(unfinished) -> DistributedOptimizer:
     opt.worker, opt._owns_worker = _Worker(), False
     opt.params = {"w": torch.zeros(2, requires_grad=True)}
     opt._tables, opt._overlap, opt._rolled_back, opt._unfinished = None, None, None, unfinished
-    opt._shared, opt._given_up, opt._moved_mid_step = None, [], set()  # no parameters in mapped memory (``_shared``: see _Mapped)
+    opt._shared, opt._given_up = None, []  # no parameters in mapped memory (``_shared``: see _Mapped)
+    opt._moved_mid_step = set()
     opt.checkpoint_dir, opt.checkpoint_every, opt.start_step = None, None, 0
     return opt
 
