@@ -653,7 +653,8 @@ class _Overlap:
         # the last finish() failed handing over: the exchange under way goes on when step() is called again
         self.exchange_goes_on = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (the finish() it answers, its result)
+        self._finishes = 0  # finish() calls, numbered: one interrupted while waiting leaves its result behind
         self._lock = threading.Lock()
         self._handed: set[str] = set()  # keys whose gradients went to the thread in this step
         # the rollback epoch this step's forward ran in: a step begun before a rollback is dropped
@@ -727,17 +728,28 @@ class _Overlap:
             if grad is not None and grad.is_cuda and grad.device not in ready:
                 ready[grad.device] = torch.cuda.Event()
                 ready[grad.device].record(torch.cuda.current_stream(grad.device))
-        self._queue.put((_FINISH, rest, ready, push_rows))
-        while True:
-            try:
-                result = self._done.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise ClosedError("the communication thread of this DistributedOptimizer died") from None
+        self._finishes += 1
+        self._queue.put((_FINISH, self._finishes, rest, ready, push_rows))
+        result = self._result_of(self._finishes)
         if isinstance(result, BaseException):
             raise result
         result.order_streams()  # our current streams wait for the copies onto the parameters
+
+    def _result_of(self, finish: int):
+        """The thread's result for the ``finish``-th finish(); those of earlier ones that were
+        interrupted while waiting (Ctrl-C) are dropped, their errors logged."""
+        while True:
+            try:
+                answered, result = self._done.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise ClosedError("the communication thread of this DistributedOptimizer died") from None
+                continue
+            if answered == finish:
+                return result
+            if isinstance(result, BaseException):
+                log.warning("worker %d: a step interrupted while waiting for its exchange failed after: %s",
+                            self.worker.rank, result)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the communication thread. If it is waiting on a peer that lives but does not
@@ -785,7 +797,7 @@ class _Overlap:
                                                             packed=self._packing.regions())
                             self.worker.counted(exchange.future)
                         if item[0] == _FINISH:
-                            self._finish(exchange, *item[1:])
+                            self._finish(exchange, *item[2:])
                         else:
                             self._take(exchange, item)
                     except BaseException as exc:  # handed to step(), which raises it
@@ -793,7 +805,7 @@ class _Overlap:
                         if exchange is not None:
                             exchange.abandon()  # late answers must not write the parameters
                 if item[0] == _FINISH:
-                    self._done.put(error if error is not None else exchange.future)
+                    self._done.put((item[1], error if error is not None else exchange.future))
                     exchange, error = None, None
             if exchange is not None and error is None:
                 try:

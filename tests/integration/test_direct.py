@@ -583,6 +583,68 @@ def test_with_overlap_a_step_whose_finish_failed_loses_no_tensor_of_a_block_begu
             torch.testing.assert_close(mine.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _InterruptedOnce:
+    """Overlap's queue of results, whose first ``get`` raises KeyboardInterrupt (Ctrl-C while
+    ``step()`` waits for the communication thread)."""
+
+    def __init__(self, results):
+        self._results, self.interrupted = results, False
+
+    def get(self, *args, **kwargs):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return self._results.get(*args, **kwargs)
+
+    def put(self, item) -> None:
+        self._results.put(item)
+
+
+def test_with_overlap_a_step_interrupted_while_waiting_hands_its_result_to_no_later_step(make_cluster, monkeypatch):
+    """Ctrl-C while ``step()`` waits for the communication thread: the interrupted step's result,
+    which the thread gives after, is not taken for the next step's. The next ``step()`` returns
+    only once its own exchange is done, with the servers' values in the model, and so do the
+    steps after it."""
+    import threading
+
+    from psframework.training import _Overlap
+    release, finish, finished = threading.Event(), _Overlap._finish, []
+
+    def held_back(overlap, *args, **kwargs):  # the second step's exchange, behind a slow server
+        finished.append(None)
+        if len(finished) == 2:
+            assert release.wait(timeout=10)
+        return finish(overlap, *args, **kwargs)
+    monkeypatch.setattr(_Overlap, "_finish", held_back)
+    model, _, _, opt = _stack_beside_torch(make_cluster, overlap=True)
+    with opt:
+        opt._overlap._done = _InterruptedOnce(opt._overlap._done)
+
+        def backward(seed: int) -> None:
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(seed))
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), torch.ones(16, 1)).backward()
+        backward(0)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+        backward(1)
+        step = threading.Thread(target=opt.step, daemon=True)
+        step.start()
+        step.join(timeout=1.0)
+        returned_before_its_exchange = not step.is_alive()
+        release.set()
+        step.join(timeout=30)
+        assert not step.is_alive()
+        assert not returned_before_its_exchange, "step() took the interrupted step's result for its own"
+        for seed in (2, 3):
+            backward(seed)
+            opt.step()
+            on_servers = {name: torch.empty_like(p) for name, p in opt.params.items()}
+            opt.worker.pull(on_servers).wait(timeout=30)
+            for name, mine in model.named_parameters():
+                torch.testing.assert_close(mine.detach(), on_servers[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [True, False])
 def test_gpu_distributed_optimizer_exchanges_packed_blocks_where_they_lie(make_cluster, monkeypatch, overlap):
