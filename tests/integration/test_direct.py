@@ -318,6 +318,41 @@ def test_gpu_device_ordered_steps_through_the_direct_exchange(make_cluster, monk
     assert stats[0]["direct_requests"] == 3 * 4  # the first introduces the exports (MapExports)
 
 
+@pytest.mark.gpu
+def test_gpu_a_direct_push_records_its_event_only_behind_unfinished_device_work(make_cluster, monkeypatch):
+    """A direct request's push event is recorded (work in the worker's CUDA context, which the GPU
+    switches to before the server's kernels) only where the gradient or the caller's stream still
+    has work queued: after a synchronize none is, and the server goes at once; behind about 0.3 s
+    of device work it is, and the server steps by the gradient made after that work."""
+    from psframework.datapath.cuda_ipc import DeviceLane
+    from tests.integration.worker_tasks import gradient_behind_device_work
+    monkeypatch.setenv("PS_DIRECT_GPU", "1")
+    record, recorded = DeviceLane.record_pushed, []
+
+    def counted(lane, block_id, stream):
+        recorded.append(block_id)
+        record(lane, block_id, stream)
+    monkeypatch.setattr(DeviceLane, "record_pushed", counted)
+    cluster = make_cluster(num_servers=1, num_workers=1, mode="sync", chunk_bytes=GPU_BLOCK, server_device="cuda")
+    numel = GPU_BLOCK // 4
+    with ps.init(scheduler=cluster.scheduler) as worker:
+        params = {"w": torch.zeros(numel, device="cuda")}
+        worker.register(params, optimizer=ps.optim.SGD(lr=1.0))
+        gradient_behind_device_work(1, seconds=0.001)  # loads the kernel's module (see its docstring)
+        grad = torch.ones(numel, device="cuda")
+        for _ in range(2):  # the first introduces the allocations (MapExports) and goes through the lane
+            worker.push_pull({"w": grad}, into=params).wait(timeout=30)
+        direct_before = worker.server_stats()[0]["direct_requests"]
+        torch.cuda.synchronize()
+        recorded.clear()
+        worker.push_pull({"w": grad}, into=params).wait(timeout=30)
+        assert recorded == [] and torch.equal(params["w"].cpu(), torch.full((numel,), -3.0))
+        grad.copy_(gradient_behind_device_work(numel, seconds=0.3))
+        worker.push_pull({"w": grad}, into=params).wait(timeout=30)
+        assert recorded == [0] and torch.equal(params["w"].cpu(), torch.full((numel,), -5.0))
+        assert worker.server_stats()[0]["direct_requests"] == direct_before + 2
+
+
 def _adam_reference(steps: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = models.OverlapNet()
