@@ -15,7 +15,9 @@ with its offer (``AttachDevice.events``): it records a block's event on its copy
 queuing the copy of its gradients into the push slot and sends its header at once, so the header
 travels while the copy runs; the server holds the request while that event is pending, serving
 other workers (``server/held.py``), and checks it on the host (``wait_pushed``) before it reads
-the slot. The server's events travel with its answer to the lane (``Attached.events``):
+the slot. A direct request (``worker/direct.py``) whose gradient was done before it went records
+no event: the event's last record, done too, lets the server go at once, and the GPU is spared a
+switch to the worker's context. The server's events travel with its answer to the lane (``Attached.events``):
 it records a block's event on its stream after queuing the copy of the values into the pull slot,
 and answers at once; the worker waits on the host for it (``wait_written``) before it queues its
 copy out of the pull slot. A device-ordered exchange (``push_pull(device_ordered=True)``) names a

@@ -129,7 +129,7 @@ def _through_lane(exchange: "Exchange", lane: Slots, block: Block, parts: list[P
     values out of the pull slot once answered, with the number of the flag the server is to write
     (``WorkerLanes.flag_for``; a push's copies are none, so it names none). Through a device lane,
     the push event is then recorded after the copies into the push slot, those from GPUs
-    (``landed``) too: the server waits for it, not we for them."""
+    (``landed``) too: the server waits for it, not we for them (``_record_pushed``)."""
     regions = _direct_regions(exchange, lane, block, parts)
     packed = exchange._packed.get(block.block_id)
     if packed is not None:
